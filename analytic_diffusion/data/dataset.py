@@ -1,0 +1,363 @@
+"""A training set held once, resident on one device: uint8 + an affine map to [-1, 1] when 8-bit (DESIGN.md §2)."""
+from __future__ import annotations
+
+from typing import Dict, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+
+from ..ops.keys import KeyBank
+from . import cache as stats_cache
+
+UINT8_SCALE, UINT8_SHIFT = 2.0 / 255.0, -1.0
+# Float input may overshoot [-1, 1] by rounding (x / 127.5 - 1 in float32); beyond this it is a real error.
+RANGE_TOLERANCE = 1e-5
+# Rows per chunk in the statistics passes: ~32 MiB of float64 per chunk whatever D is.
+STATS_CHUNK_ELEMENTS = 1 << 22
+
+ArrayLike = Union[np.ndarray, torch.Tensor]
+
+
+class Dataset:
+    """N images (N, C, H, W) stored once, plus labels and the metadata that names them in cache keys.
+
+    ``images`` is uint8 (value = 2/255·v − 1) for 8-bit sources, else float32 already in [-1, 1].
+    ``flips=True`` adds every image mirrored left-right as a candidate without copying anything: retrieval ops
+    take the flag, ``n`` counts 2N, index i ≥ N in :meth:`images_float` means image i − N mirrored, and the
+    statistics are those of the augmented set.
+    """
+
+    def __init__(self, images: torch.Tensor, labels: Optional[torch.Tensor] = None, *, source: str = "array",
+                 split: Optional[str] = None, transform: str = "none", subset: str = "all", flips: bool = False,
+                 class_names: Optional[Sequence[str]] = None, device=None):
+        _check_images(images, source)
+        if device is not None:
+            images = images.to(device)
+        self._images = images.contiguous()
+        self._labels = _check_labels(labels, images.shape[0], source, self._images.device)
+        self.source, self.split, self.transform, self.subset_desc = str(source), split, transform, subset
+        self.class_names = tuple(class_names) if class_names is not None else None
+        self._flips = bool(flips)
+        self._keys: Optional[KeyBank] = None
+        self._fingerprint: Optional[str] = None
+        self._stats: Dict[str, Dict[str, torch.Tensor]] = {}
+
+    # ---------------------------------------------------------------- construction
+    @classmethod
+    def from_array(cls, array: ArrayLike, labels: Optional[ArrayLike] = None, *, source: str = "array",
+                   value_range: Optional[Tuple[float, float]] = None, split: Optional[str] = None,
+                   transform: str = "none", class_names: Optional[Sequence[str]] = None,
+                   device="cpu") -> "Dataset":
+        """Images as NCHW, NHWC (last dim in 1/3/4 and dim 1 not) or NHW (grayscale); numpy or torch.
+
+        uint8 is stored as is, sharing the caller's memory when already NCHW and contiguous (no second copy of a
+        large set). Other input is float in [-1, 1], or in ``value_range`` (e.g. (0, 1), (0, 255)) and rescaled.
+        Integer input within 0..255 and no other range is stored as uint8.
+        """
+        x = standardize_images(array, source, value_range)
+        if labels is not None:
+            labels = torch.as_tensor(np.asarray(labels) if not torch.is_tensor(labels) else labels)
+        return cls(x, labels, source=source, split=split, transform=transform,
+                   class_names=class_names, device=device)
+
+    def _derive(self, images: torch.Tensor, labels: Optional[torch.Tensor], subset: Optional[str] = None,
+                flips: Optional[bool] = None) -> "Dataset":
+        """A new Dataset over (already validated) tensors, inheriting the metadata."""
+        out = object.__new__(Dataset)
+        out.__dict__.update(self.__dict__)
+        out._images, out._labels = images.contiguous(), labels
+        out.subset_desc = self.subset_desc if subset is None else subset
+        out._flips = self._flips if flips is None else flips
+        out._keys, out._stats = None, {}
+        if images is not self._images:
+            out._fingerprint = None
+        return out
+
+    # ---------------------------------------------------------------- properties
+    @property
+    def images(self) -> torch.Tensor:
+        """The stored (N, C, H, W) tensor (uint8 or float32); mirrored copies are never stored."""
+        return self._images
+
+    @property
+    def labels(self) -> Optional[torch.Tensor]:
+        return self._labels
+
+    @property
+    def num_stored(self) -> int:
+        return self._images.shape[0]
+
+    @property
+    def n(self) -> int:
+        """Number of candidate images: 2N with flips."""
+        return self.num_stored * (2 if self._flips else 1)
+
+    def __len__(self) -> int:
+        return self.n
+
+    @property
+    def image_shape(self) -> Tuple[int, int, int]:
+        return tuple(self._images.shape[1:])
+
+    @property
+    def dim(self) -> int:
+        c, h, w = self.image_shape
+        return c * h * w
+
+    @property
+    def device(self) -> torch.device:
+        return self._images.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self._images.dtype
+
+    @property
+    def flips(self) -> bool:
+        return self._flips
+
+    @property
+    def scale(self) -> float:
+        return UINT8_SCALE if self._images.dtype == torch.uint8 else 1.0
+
+    @property
+    def shift(self) -> float:
+        return UINT8_SHIFT if self._images.dtype == torch.uint8 else 0.0
+
+    @property
+    def classes(self) -> Optional[list]:
+        return None if self._labels is None else torch.unique(self._labels).tolist()
+
+    def __repr__(self) -> str:
+        split = f", split={self.split!r}" if self.split else ""
+        subset = f", subset={self.subset_desc!r}" if self.subset_desc != "all" else ""
+        return (f"Dataset(source={self.source!r}{split}, N={self.num_stored}, shape={self.image_shape}, "
+                f"dtype={str(self.dtype).replace('torch.', '')}, flips={self._flips}, "
+                f"labels={'yes' if self._labels is not None else 'no'}{subset}, device={self.device})")
+
+    # ---------------------------------------------------------------- access
+    def keys(self) -> KeyBank:
+        """The retrieval ops' view of the stored rows (no copy); cached so its ``center`` is computed once."""
+        if self._keys is None:
+            self._keys = KeyBank(values=self._images.reshape(self.num_stored, self.dim), scale=self.scale,
+                                 shift=self.shift, labels=self._labels, image_shape=self.image_shape)
+        return self._keys
+
+    def images_float(self, index=None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Float images in [-1, 1]: all ``n`` candidates (index None) or those at ``index`` (int, list, tensor).
+
+        Index i ≥ N (flips on) is image i − N mirrored left-right.
+        """
+        if index is None:
+            out = self._to_float(self._images, dtype, copy=True)  # never hand out the stored tensor itself
+            return torch.cat([out, out.flip(-1)]) if self._flips else out
+        idx = torch.as_tensor(index, dtype=torch.long, device=self.device)
+        if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= self.n):
+            raise IndexError(f"images_float: index out of range [0, {self.n}) "
+                             f"(N = {self.num_stored}, flips = {self._flips})")
+        mirrored = idx >= self.num_stored
+        out = self._to_float(self._images[torch.where(mirrored, idx - self.num_stored, idx)], dtype)
+        return torch.where(mirrored.reshape(*idx.shape, 1, 1, 1), out.flip(-1), out)
+
+    def _to_float(self, x: torch.Tensor, dtype: torch.dtype, copy: bool = False) -> torch.Tensor:
+        x = x.to(dtype, copy=copy)
+        # Same affine map as KeyBank.rows so both views of a row agree bit for bit.
+        return x * self.scale + self.shift if self._images.dtype == torch.uint8 else x
+
+    # ---------------------------------------------------------------- derived datasets
+    def subset(self, n: int, *, random: bool = False, seed: int = 0) -> "Dataset":
+        """The first ``n`` stored images (a view), or ``n`` drawn without replacement by ``seed`` (kept sorted)."""
+        if not 1 <= int(n) <= self.num_stored:
+            raise ValueError(f"subset: n must be in [1, {self.num_stored}], got {n}")
+        n = int(n)
+        if not random:
+            return self._derive(self._images[:n], _take(self._labels, slice(0, n)),
+                                self._chain(f"first{n}"))
+        gen = torch.Generator().manual_seed(int(seed))
+        idx = torch.randperm(self.num_stored, generator=gen)[:n].sort().values.to(self.device)
+        return self._derive(self._images[idx], _take(self._labels, idx), self._chain(f"random{n}@seed{seed}"))
+
+    def filter_classes(self, classes) -> "Dataset":
+        """Only the images whose label is in ``classes`` (an int or a collection of ints)."""
+        if self._labels is None:
+            raise ValueError(f"filter_classes: dataset {self.source!r} has no labels")
+        wanted = sorted({int(c) for c in np.atleast_1d(np.asarray(classes).astype(np.int64))})
+        keep = torch.isin(self._labels, torch.tensor(wanted, device=self.device))
+        if not bool(keep.any()):
+            raise ValueError(f"filter_classes: no image has a label in {wanted} (classes present: {self.classes})")
+        idx = keep.nonzero().squeeze(1)
+        return self._derive(self._images[idx], self._labels[idx], self._chain(f"classes{wanted}"))
+
+    def with_flips(self, on: bool = True) -> "Dataset":
+        """Horizontal-flip augmentation as a flag: nothing is copied."""
+        return self._derive(self._images, self._labels, flips=bool(on))
+
+    def to(self, device) -> "Dataset":
+        out = self._derive(self._images.to(device), _take(self._labels, None, device))
+        out._fingerprint = self._fingerprint  # same bytes, different device
+        return out
+
+    def _chain(self, step: str) -> str:
+        return step if self.subset_desc == "all" else f"{self.subset_desc}|{step}"
+
+    # ---------------------------------------------------------------- statistics
+    def cache_params(self) -> Dict:
+        """Every parameter that changes the statistics; hashed into the cache file name."""
+        if self._fingerprint is None:
+            self._fingerprint = stats_cache.fingerprint(self._images)
+        return {"source": self.source, "split": self.split, "subset": self.subset_desc,
+                "transform": self.transform, "flips": self._flips, "N": self.num_stored,
+                "shape": list(self.image_shape), "dtype": str(self.dtype), "scale": self.scale,
+                "shift": self.shift, "content": self._fingerprint, "version": 1}
+
+    def mean(self, *, cache: bool = True) -> torch.Tensor:
+        """Mean image as a (D,) float64 vector (of the augmented set when flips are on)."""
+        return self._stat("mean", self._compute_mean, cache)["mean"]
+
+    def covariance(self, *, cache: bool = True) -> torch.Tensor:
+        """(D, D) float64 population covariance (1/N), accumulated in chunks: O(D² + chunk·D) memory."""
+        return self._stat("cov", lambda: self._compute_covariance(self.mean(cache=cache)), cache)["cov"]
+
+    def pca(self, rank: Optional[int] = None, *, cache: bool = True):
+        """(mean (D,), eigenvalues descending and ≥ 0, U with eigenvectors as columns), float64.
+
+        ``rank`` keeps the leading ``rank`` components: eigenvalues (rank,), U (D, rank).
+        """
+        out = self._stat("pca", lambda: self._compute_pca(cache), cache)
+        mean, vals, vecs = out["mean"], out["eigvals"], out["U"]
+        if rank is not None:
+            if not 1 <= int(rank) <= self.dim:
+                raise ValueError(f"pca: rank must be in [1, {self.dim}], got {rank}")
+            vals, vecs = vals[:int(rank)], vecs[:, :int(rank)]
+        return mean, vals, vecs
+
+    def _stat(self, kind: str, compute, use_cache: bool) -> Dict[str, torch.Tensor]:
+        if kind not in self._stats:
+            out = stats_cache.cached(kind, self.cache_params(), compute) if use_cache else compute()
+            self._stats[kind] = {k: v.to(self.device) for k, v in out.items()}
+        return self._stats[kind]
+
+    def _chunks(self):
+        step = max(1, STATS_CHUNK_ELEMENTS // self.dim)
+        for s in range(0, self.num_stored, step):
+            yield self._to_float(self._images[s:s + step], torch.float64).reshape(-1, self.dim)
+
+    def _mirror_perm(self) -> torch.Tensor:
+        """Permutation p of the D coordinates with flip(x) = x[p]."""
+        c, h, w = self.image_shape
+        return torch.arange(self.dim, device=self.device).reshape(c, h, w).flip(-1).reshape(-1)
+
+    def _compute_mean(self) -> Dict[str, torch.Tensor]:
+        total = torch.zeros(self.dim, dtype=torch.float64, device=self.device)
+        for rows in self._chunks():
+            total += rows.sum(0)
+        mean = total / self.num_stored
+        if self._flips:  # mean of {x} ∪ {flip x} = (μ + flip μ) / 2
+            mean = 0.5 * (mean + mean[self._mirror_perm()])
+        return {"mean": mean}
+
+    def _compute_covariance(self, mean: torch.Tensor) -> Dict[str, torch.Tensor]:
+        # Centred two-pass accumulation: far more accurate than E[xxᵀ] − μμᵀ when |μ| ≫ spread.
+        scatter = torch.zeros(self.dim, self.dim, dtype=torch.float64, device=self.device)
+        for rows in self._chunks():
+            rows = rows - mean
+            scatter.addmm_(rows.T, rows)
+        if self._flips:
+            # The augmented mean is mirror-symmetric, so flip(x) − μ = P(x − μ) and the mirrored half's scatter
+            # is P S Pᵀ: a permutation of S, no second pass over the data.
+            p = self._mirror_perm()
+            scatter = scatter + scatter[p][:, p]
+        return {"cov": scatter / self.n}
+
+    def _compute_pca(self, use_cache: bool) -> Dict[str, torch.Tensor]:
+        cov = self.covariance(cache=use_cache)
+        vals, vecs = torch.linalg.eigh(cov)  # ascending
+        return {"mean": self.mean(cache=use_cache), "eigvals": vals.flip(0).clamp_min(0.0), "U": vecs.flip(1)}
+
+
+# -------------------------------------------------------------------- validation helpers
+def standardize_images(array: ArrayLike, source: str = "array", value_range=None) -> torch.Tensor:
+    """Any supported layout/dtype -> the stored form: (N, C, H, W) uint8, or float32 in [-1, 1] (validated)."""
+    if isinstance(array, np.ndarray):
+        if array.dtype.kind in "iu" and array.dtype != np.uint8:  # torch lacks most ops on uint16/32/64
+            array = array.astype(np.int64)
+        array = np.ascontiguousarray(array)
+        if not array.flags.writeable:  # np.frombuffer / memmap: torch wants memory it may write
+            array = array.copy()
+        array = torch.from_numpy(array)
+    x = array
+    if not torch.is_tensor(x):
+        raise TypeError(f"{source}: expected a numpy array or torch tensor, got {type(array).__name__}")
+    if x.dim() == 3:
+        x = x.unsqueeze(1)
+    elif x.dim() == 4 and x.shape[-1] in (1, 3, 4) and x.shape[1] not in (1, 3, 4):
+        x = x.permute(0, 3, 1, 2)
+    elif x.dim() != 4:
+        raise ValueError(f"{source}: expected images as NCHW, NHWC or NHW, got shape {tuple(x.shape)}")
+    if x.shape[0] == 0:
+        raise ValueError(f"{source}: the dataset is empty (0 images)")
+    return _to_storage(x, source, value_range).contiguous()
+
+
+def _to_storage(x: torch.Tensor, source: str, value_range) -> torch.Tensor:
+    """uint8 stays uint8; everything else becomes float32 in [-1, 1] after range checks."""
+    if x.dtype == torch.uint8:
+        if value_range is not None and tuple(value_range) != (0, 255):
+            raise ValueError(f"{source}: uint8 images are always in (0, 255), got value_range={value_range}")
+        return x
+    if x.dtype == torch.bool or x.is_complex():
+        raise TypeError(f"{source}: expected uint8 or real-valued images, got {x.dtype}")
+    if not x.is_floating_point():
+        lo, hi = int(x.min()), int(x.max())
+        if value_range is None and 0 <= lo and hi <= 255:
+            return x.to(torch.uint8)
+        x = x.to(torch.float64)
+    if not bool(torch.isfinite(x).all()):
+        bad = int((~torch.isfinite(x)).sum())
+        raise ValueError(f"{source}: {bad} NaN/Inf values in the images")
+    lo, hi = (-1.0, 1.0) if value_range is None else map(float, value_range)
+    if not hi > lo:
+        raise ValueError(f"{source}: value_range must be (low, high) with high > low, got {value_range}")
+    xmin, xmax, tol = float(x.min()), float(x.max()), RANGE_TOLERANCE * (hi - lo)
+    if xmin < lo - tol or xmax > hi + tol:
+        hint = "" if value_range is not None else "; pass value_range=(0, 1) or (0, 255) to rescale"
+        raise ValueError(f"{source}: values in [{xmin:g}, {xmax:g}] are outside the range [{lo:g}, {hi:g}]{hint}")
+    x = x.to(torch.float64)
+    if (lo, hi) != (-1.0, 1.0):
+        x = (x - lo) * (2.0 / (hi - lo)) - 1.0
+    return x.clamp_(-1.0, 1.0).to(torch.float32)
+
+
+def _check_images(images: torch.Tensor, source: str) -> None:
+    if not torch.is_tensor(images) or images.dim() != 4:
+        shape = tuple(images.shape) if torch.is_tensor(images) else type(images).__name__
+        raise ValueError(f"{source}: expected an (N, C, H, W) tensor, got {shape} (use Dataset.from_array)")
+    if images.shape[0] == 0 or images.numel() == 0:
+        raise ValueError(f"{source}: the dataset is empty (shape {tuple(images.shape)})")
+    if images.dtype not in (torch.uint8, torch.float32):
+        raise TypeError(f"{source}: stored images must be uint8 or float32, got {images.dtype} "
+                        f"(use Dataset.from_array to convert)")
+    if images.dtype == torch.float32:
+        if not bool(torch.isfinite(images).all()):
+            raise ValueError(f"{source}: NaN/Inf values in the images")
+        if float(images.abs().max()) > 1.0 + RANGE_TOLERANCE:
+            raise ValueError(f"{source}: float images must lie in [-1, 1], got max |x| = "
+                             f"{float(images.abs().max()):g}")
+
+
+def _check_labels(labels, n: int, source: str, device) -> Optional[torch.Tensor]:
+    if labels is None:
+        return None
+    labels = torch.as_tensor(labels)
+    if labels.dim() != 1 or labels.shape[0] != n:
+        raise ValueError(f"{source}: {n} images but labels have shape {tuple(labels.shape)}")
+    if labels.dtype == torch.bool or (labels.is_floating_point() and not bool((labels == labels.round()).all())):
+        raise ValueError(f"{source}: labels must be integers, got {labels.dtype}")
+    return labels.to(device=device, dtype=torch.int64, copy=True)  # labels are tiny: never alias the caller's
+
+
+def _take(labels: Optional[torch.Tensor], index, device=None) -> Optional[torch.Tensor]:
+    if labels is None:
+        return None
+    out = labels if index is None else labels[index]
+    return out.to(device) if device is not None else out

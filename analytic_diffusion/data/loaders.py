@@ -1,0 +1,405 @@
+"""Loaders for real dataset formats, each returning a :class:`Dataset`; :func:`load_dataset` picks one by path.
+
+Formats: MNIST/Fashion-MNIST idx (gz or raw), CIFAR-10/100 (python pickles or binary batches), image folders
+(PNG/JPEG, class = first subfolder), EDM-style zips (+ dataset.json labels), .npy/.npz, in-memory arrays.
+Every loader takes the same options: ``resolution`` (bilinear resize), ``grayscale`` (True: to one channel,
+False: to RGB), ``pad_to`` (centred black padding), ``labels`` (False drops them), ``device``. Errors name the
+file and the problem.
+"""
+from __future__ import annotations
+
+import gzip
+import io
+import json
+import pickle
+import re
+import zipfile
+from pathlib import Path
+from typing import Callable, Iterable, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .dataset import Dataset, standardize_images
+from .transforms import apply_transforms, as_size, resize, to_rgb
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+GRAY_MODES = ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F")
+IDX_IMAGES_MAGIC, IDX_LABELS_MAGIC = 2051, 2049
+CIFAR_PIXELS = 3 * 32 * 32
+CIFAR_SUBFOLDERS = ("cifar-10-batches-py", "cifar-100-python", "cifar-10-batches-bin", "cifar-100-binary")
+
+
+# ==================================================================== shared finishing step
+def _finish(images, labels, *, source: str, split: Optional[str], resolution=None, grayscale=None,
+            pad_to=None, labels_wanted: bool = True, device="cpu", value_range=None,
+            class_names: Optional[Sequence[str]] = None) -> Dataset:
+    """Validate/standardise, apply the transforms, record them in the metadata, and build the Dataset."""
+    x = standardize_images(images, source, value_range)
+    transform = "none"
+    if resolution is not None or grayscale is not None or pad_to is not None:
+        arr, transform = apply_transforms(x.cpu().numpy(), resolution=resolution, grayscale=grayscale,
+                                          pad_to=pad_to)
+        x = torch.from_numpy(np.ascontiguousarray(arr))
+    keep = labels_wanted and labels is not None
+    labels = torch.from_numpy(np.array(labels)) if keep else None  # np.array copies: read-only buffers are fine
+    return Dataset(x, labels, source=source, split=split, transform=transform,
+                   class_names=class_names if keep else None, device=device)
+
+
+def _options(kw) -> dict:
+    """The user-facing ``labels=`` flag is called labels_wanted inside, so it cannot clash with the data."""
+    kw = dict(kw)
+    if "labels" in kw:
+        kw["labels_wanted"] = bool(kw.pop("labels"))
+    return kw
+
+
+# ==================================================================== MNIST / Fashion-MNIST idx
+def read_idx(path, magic: int) -> np.ndarray:
+    """One idx file (gzip or raw, detected from its bytes) as a uint8 array; checks magic, dims and length."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such idx file")
+    data = path.read_bytes()
+    if data[:2] == b"\x1f\x8b":
+        try:
+            data = gzip.decompress(data)
+        except (EOFError, OSError, gzip.BadGzipFile) as e:
+            raise ValueError(f"{path}: truncated or corrupt gzip data ({e})") from None
+    kind = {IDX_IMAGES_MAGIC: "images (idx3)", IDX_LABELS_MAGIC: "labels (idx1)"}[magic]
+    if len(data) < 4:
+        raise ValueError(f"{path}: truncated: {len(data)} bytes, shorter than the idx header")
+    found = int.from_bytes(data[:4], "big")
+    if found != magic:
+        raise ValueError(f"{path}: wrong magic number {found} (expected {magic} for an idx {kind} file)")
+    ndim = data[3]
+    header = 4 + 4 * ndim
+    if len(data) < header:
+        raise ValueError(f"{path}: truncated inside the idx header")
+    dims = tuple(int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
+    count = int(np.prod(dims))
+    body = len(data) - header
+    if body < count:
+        raise ValueError(f"{path}: truncated: header says {'x'.join(map(str, dims))} = {count} bytes of data, "
+                         f"found {body}")
+    if body > count:
+        raise ValueError(f"{path}: {body - count} unexpected bytes after the {'x'.join(map(str, dims))} data")
+    return np.frombuffer(data, dtype=np.uint8, count=count, offset=header).reshape(dims)
+
+
+def _idx_files(path: Path, split: str) -> Tuple[Path, Optional[Path], str]:
+    """(images file, labels file or None, split) for an idx directory or a direct images file."""
+    if path.is_dir():
+        prefix = {"train": "train", "test": "t10k", "t10k": "t10k"}.get(split)
+        if prefix is None:
+            raise ValueError(f"{path}: split must be 'train' or 'test' for idx files, got {split!r}")
+        images = _first_existing(path, [f"{prefix}-images-idx3-ubyte", f"{prefix}-images.idx3-ubyte"])
+        if images is None:
+            raise FileNotFoundError(f"{path}: no {prefix}-images-idx3-ubyte[.gz] file for split {split!r}")
+        labels = _first_existing(path, [f"{prefix}-labels-idx1-ubyte", f"{prefix}-labels.idx1-ubyte"])
+        return images, labels, split
+    base = re.sub(r"\.gz$", "", path.name)
+    stems = [base.replace("images-idx3", "labels-idx1"), base.replace("images.idx3", "labels.idx1")]
+    labels = _first_existing(path.parent, [s for s in stems if s != base])
+    split = "test" if base.startswith("t10k") else "train" if base.startswith("train") else split
+    return path, labels, split
+
+
+def _first_existing(folder: Path, stems: Iterable[str]) -> Optional[Path]:
+    for stem in stems:
+        for name in (stem + ".gz", stem):
+            if (folder / name).is_file():
+                return folder / name
+    return None
+
+
+def load_idx(path, *, split: str = "train", **options) -> Dataset:
+    """MNIST-format idx data: a folder with {train,t10k}-{images-idx3,labels-idx1}-ubyte[.gz], or an images file.
+
+    The labels file is optional (found next to the images file by name).
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such file or directory")
+    images_path, labels_path, split = _idx_files(path, split)
+    images = read_idx(images_path, IDX_IMAGES_MAGIC)
+    if images.ndim != 3:
+        raise ValueError(f"{images_path}: expected 3 dims (N, H, W), got {images.shape}")
+    labels = None
+    if labels_path is not None and options.get("labels", True):
+        labels = read_idx(labels_path, IDX_LABELS_MAGIC).astype(np.int64)
+        if labels.shape != (images.shape[0],):
+            raise ValueError(f"{labels_path}: {labels.shape[0]} labels for {images.shape[0]} images "
+                             f"in {images_path.name}")
+    return _finish(images, labels, source=str(images_path.resolve()), split=split, **_options(options))
+
+
+# ==================================================================== CIFAR-10 / CIFAR-100
+class _NumpyOnlyUnpickler(pickle.Unpickler):
+    """CIFAR pickles hold numpy arrays, lists and bytes only; refuse anything else (pickles can run code)."""
+
+    ALLOWED = {"_reconstruct", "ndarray", "dtype", "scalar"}
+
+    def find_class(self, module, name):
+        if (module, name) == ("_codecs", "encode"):  # how Python 3 writes bytes in protocol-2 pickles
+            return super().find_class(module, name)
+        if module.split(".")[0] == "numpy" and name in self.ALLOWED:
+            if module.startswith("numpy.core") and hasattr(np, "_core"):  # numpy 1.x pickles under numpy 2
+                module = module.replace("numpy.core", "numpy._core", 1)
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refusing to unpickle {module}.{name}")
+
+
+def _read_cifar_pickle(path: Path) -> Tuple[np.ndarray, np.ndarray]:
+    try:
+        with open(path, "rb") as f:
+            batch = _NumpyOnlyUnpickler(f, encoding="bytes").load()
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, ImportError) as e:
+        raise ValueError(f"{path}: not a readable CIFAR python batch ({e})") from None
+    if not isinstance(batch, dict):
+        raise ValueError(f"{path}: expected a dict in the CIFAR pickle, got {type(batch).__name__}")
+    batch = {k.decode() if isinstance(k, bytes) else k: v for k, v in batch.items()}
+    if "data" not in batch:
+        raise ValueError(f"{path}: no 'data' entry in the CIFAR pickle (keys: {sorted(batch)})")
+    data = np.asarray(batch["data"])
+    if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != CIFAR_PIXELS:
+        raise ValueError(f"{path}: expected uint8 data of shape (N, {CIFAR_PIXELS}), got {data.dtype} {data.shape}")
+    key = "fine_labels" if "fine_labels" in batch else "labels"
+    labels = np.asarray(batch.get(key, []), dtype=np.int64)
+    if labels.shape != (data.shape[0],):
+        raise ValueError(f"{path}: {labels.shape[0]} {key} for {data.shape[0]} images")
+    return data.reshape(-1, 3, 32, 32), labels
+
+
+def _read_cifar_bin(path: Path, label_bytes: int) -> Tuple[np.ndarray, np.ndarray]:
+    """Records of label byte(s) + 3072 pixels; CIFAR-100 has (coarse, fine): the fine label is used."""
+    data = path.read_bytes()
+    record = label_bytes + CIFAR_PIXELS
+    if len(data) == 0 or len(data) % record:
+        raise ValueError(f"{path}: truncated or not a CIFAR-{10 if label_bytes == 1 else 100} binary batch: "
+                         f"{len(data)} bytes is not a multiple of the {record}-byte record")
+    rows = np.frombuffer(data, dtype=np.uint8).reshape(-1, record)
+    return rows[:, label_bytes:].reshape(-1, 3, 32, 32), rows[:, label_bytes - 1].astype(np.int64)
+
+
+def _cifar_files(path: Path, split: str) -> Optional[Tuple[List[Path], str]]:
+    """(batch files, 'pickle' | 'bin10' | 'bin100') for a CIFAR folder or file, or None if it is not one."""
+    if path.is_file():
+        name = path.name
+        if name.endswith(".bin"):
+            return [path], "bin100" if name in ("train.bin", "test.bin") else "bin10"
+        if re.fullmatch(r"data_batch_\d+|test_batch|train|test", name):
+            return [path], "pickle"
+        return None
+    for sub in CIFAR_SUBFOLDERS:  # the folder the official archive extracts to
+        if (path / sub).is_dir():
+            path = path / sub
+            break
+    if split not in ("train", "test"):
+        raise ValueError(f"{path}: split must be 'train' or 'test' for CIFAR, got {split!r}")
+
+    def batches(pattern: str) -> List[Path]:
+        found = [p for p in path.iterdir() if re.fullmatch(pattern, p.name) and p.is_file()]
+        return sorted(found, key=lambda p: int(re.sub(r"\D", "", p.name) or 0))
+
+    for train_pattern, test_name, kind in ((r"data_batch_\d+", "test_batch", "pickle"),
+                                           (r"data_batch_\d+\.bin", "test_batch.bin", "bin10"),
+                                           (r"train\.bin", "test.bin", "bin100"),
+                                           (r"train", "test", "pickle")):
+        train, test = batches(train_pattern), (path / test_name)
+        if train or test.is_file():
+            files = train if split == "train" else [test] if test.is_file() else []
+            if not files:
+                raise FileNotFoundError(f"{path}: no CIFAR batch files for split {split!r}")
+            return files, kind
+    return None
+
+
+def load_cifar(path, *, split: str = "train", **options) -> Dataset:
+    """CIFAR-10/100: a folder (python or binary version, or its parent) or one batch file."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such file or directory")
+    found = _cifar_files(path, split)
+    if found is None:
+        raise ValueError(f"{path}: not a CIFAR batch file or folder (expected data_batch_N/test_batch, "
+                         f"train/test pickles, or *.bin batches)")
+    files, kind = found
+    parts = [_read_cifar_pickle(f) if kind == "pickle" else _read_cifar_bin(f, 1 if kind == "bin10" else 2)
+             for f in files]
+    images, labels = np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+    if path.is_file():
+        split = "test" if path.name.startswith("test") else "train"
+    return _finish(images, labels, source=str(path.resolve()), split=split, **_options(options))
+
+
+# ==================================================================== image folders and EDM zips
+def _decode_images(entries: Sequence[Tuple[str, Callable]], resolution, grayscale) -> np.ndarray:
+    """Decode (name, open-binary-file) entries into (N, C, H, W) uint8, resizing each when asked.
+
+    Grayscale sources stay one channel unless mixed with colour ones (then all become RGB).
+    """
+    size = as_size(resolution) if resolution is not None else None
+    arrays, first = [], None
+    for name, opener in entries:
+        try:
+            with opener() as f, Image.open(f) as im:
+                gray = grayscale if grayscale is not None else im.mode in GRAY_MODES
+                arr = np.asarray(im.convert("L" if gray else "RGB"))
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+            raise ValueError(f"{name}: cannot read image ({e})") from None
+        arr = arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
+        if size is not None:
+            arr = resize(arr[None], size)[0]
+        elif first is None:
+            first = (name, arr.shape[1:])
+        elif arr.shape[1:] != first[1]:
+            raise ValueError(f"{name}: image is {arr.shape[1]}x{arr.shape[2]} but {first[0]} is "
+                             f"{first[1][0]}x{first[1][1]} (height x width); pass resolution= to resize all")
+        arrays.append(arr)
+    if len({a.shape[0] for a in arrays}) > 1:
+        arrays = [to_rgb(a[None])[0] for a in arrays]
+    return np.stack(arrays)
+
+
+def _image_name(name: str) -> bool:
+    parts = name.replace("\\", "/").split("/")
+    return name.lower().endswith(IMAGE_EXTENSIONS) and not any(p.startswith(".") for p in parts)
+
+
+def load_image_folder(path, *, split: Optional[str] = None, resolution=None, grayscale=None, **options) -> Dataset:
+    """PNG/JPEG files found recursively, in sorted order. When every image sits inside a subfolder, the label
+    is the index of its top-level subfolder name in sorted order (``class_names``); otherwise no labels."""
+    root = Path(path)
+    if not root.is_dir():
+        raise FileNotFoundError(f"{root}: no such directory")
+    files = sorted(p for p in root.rglob("*") if p.is_file() and _image_name(str(p.relative_to(root))))
+    if not files:
+        raise ValueError(f"{root}: empty dataset: no image files ({', '.join(IMAGE_EXTENSIONS)}) found")
+    rel = [p.relative_to(root).parts for p in files]
+    class_names = labels = None
+    if all(len(parts) >= 2 for parts in rel):
+        class_names = sorted({parts[0] for parts in rel})
+        labels = np.array([class_names.index(parts[0]) for parts in rel], dtype=np.int64)
+    images = _decode_images([(str(p), lambda p=p: open(p, "rb")) for p in files], resolution, grayscale)
+    return _finish(images, labels, source=str(root.resolve()), split=split, resolution=resolution,
+                   grayscale=grayscale, class_names=class_names, **_options(options))
+
+
+def load_edm_zip(path, *, split: Optional[str] = None, resolution=None, grayscale=None, **options) -> Dataset:
+    """An EDM ``dataset_tool.py`` zip: images inside, labels from ``dataset.json`` {"labels": [[name, label]]}."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such zip file")
+    try:
+        archive = zipfile.ZipFile(path)
+    except zipfile.BadZipFile as e:
+        raise ValueError(f"{path}: not a readable zip file ({e})") from None
+    with archive:
+        names = sorted(n for n in archive.namelist() if _image_name(n) and not n.startswith("__MACOSX"))
+        if not names:
+            raise ValueError(f"{path}: empty dataset: no image files inside the zip")
+        labels = None
+        if "dataset.json" in archive.namelist():
+            try:
+                meta = json.loads(archive.read("dataset.json"))
+            except ValueError as e:
+                raise ValueError(f"{path}: dataset.json is not valid JSON ({e})") from None
+            if meta.get("labels") is not None:
+                table = {name: label for name, label in meta["labels"]}
+                missing = [n for n in names if n not in table]
+                if missing:
+                    raise ValueError(f"{path}: dataset.json has no label for {missing[0]} "
+                                     f"({len(missing)} images unlabelled)")
+                if not all(isinstance(table[n], int) for n in names):
+                    raise ValueError(f"{path}: dataset.json labels must be integers (class indices)")
+                labels = np.array([table[n] for n in names], dtype=np.int64)
+        entries = [(f"{path}:{n}", lambda n=n: io.BytesIO(archive.read(n))) for n in names]
+        images = _decode_images(entries, resolution, grayscale)
+    return _finish(images, labels, source=str(path.resolve()), split=split, resolution=resolution,
+                   grayscale=grayscale, **_options(options))
+
+
+# ==================================================================== numpy files and arrays
+def load_numpy(path, *, split: str = "train", value_range=None, **options) -> Dataset:
+    """.npy (images only) or .npz: images under x_{split}, images_{split}, images, x (else the first array);
+    labels under y_{split}, labels_{split}, labels, y. Float data in [-1, 1] unless ``value_range`` says."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file")
+    try:
+        loaded = np.load(path, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as e:
+        raise ValueError(f"{path}: cannot read as .npy/.npz ({e})") from None
+    labels = None
+    if isinstance(loaded, np.ndarray):
+        images = loaded
+    else:
+        with loaded:
+            keys = loaded.files
+            if not keys:
+                raise ValueError(f"{path}: empty dataset: the .npz holds no arrays")
+            image_key = next((k for k in (f"x_{split}", f"images_{split}", "images", "x") if k in keys), keys[0])
+            label_key = next((k for k in (f"y_{split}", f"labels_{split}", "labels", "y") if k in keys), None)
+            images = loaded[image_key]
+            labels = loaded[label_key] if label_key is not None else None
+    return _finish(images, labels, source=str(path.resolve()), split=split, value_range=value_range,
+                   **_options(options))
+
+
+def load_array(array, labels=None, *, source: str = "array", split: Optional[str] = None, value_range=None,
+               **options) -> Dataset:
+    """In-memory numpy array or tensor (NCHW, NHWC or NHW); see :meth:`Dataset.from_array`."""
+    return _finish(array, labels, source=source, split=split, value_range=value_range, **_options(options))
+
+
+# ==================================================================== dispatch
+def detect_format(path: Path) -> Callable[..., Dataset]:
+    """The loader for a path, from its name (files) or contents (folders)."""
+    if path.is_dir():
+        if any(path.glob("*images*idx3-ubyte*")):
+            return load_idx
+        if _cifar_files(path, "train") is not None or _cifar_files(path, "test") is not None:
+            return load_cifar
+        return load_image_folder  # raises "no image files" itself when there are none
+    name = path.name.lower()
+    if name.endswith((".npy", ".npz")):
+        return load_numpy
+    if name.endswith(".zip"):
+        return load_edm_zip
+    if "idx" in name and "ubyte" in name:
+        return load_idx
+    if _cifar_files(path, "train") is not None:
+        return load_cifar
+    raise ValueError(f"{path}: unknown dataset format (expected an idx file, CIFAR batch, .npy/.npz, "
+                     f".zip, or a folder of images)")
+
+
+def load_dataset(source, *, split: Optional[str] = None, resolution=None, grayscale: Optional[bool] = None,
+                 pad_to=None, labels: bool = True, device="cpu") -> Dataset:
+    """Load a dataset from a path, a built-in name ("mnist": the embedded 10k test set at 28×28, "mnist32":
+    zero-padded to 32×32), or an in-memory array/tensor.
+
+    ``split`` defaults to "train" for files and "test" for the embedded MNIST (the only split shipped).
+    """
+    options = dict(resolution=resolution, grayscale=grayscale, pad_to=pad_to, labels=labels, device=device)
+    if isinstance(source, (np.ndarray, torch.Tensor)):  # unlabelled; use load_array(images, labels) for labels
+        options.pop("labels")
+        return load_array(source, split=split, **options)
+    if not isinstance(source, (str, Path)):
+        raise TypeError(f"source: expected a path, a dataset name or an array, got {type(source).__name__}")
+    from . import embedded  # imported here: embedded builds on this module's readers
+    # A bare built-in name always means the embedded set, whatever the working directory holds ("./mnist" for
+    # a local folder of that name), so that scripts behave the same everywhere.
+    if isinstance(source, str) and source.lower() in embedded.NAMES:
+        return embedded.load_embedded(source.lower(), split=split, **options)
+    path = Path(source).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such file or directory (built-in datasets: "
+                                f"{', '.join(embedded.NAMES)})")
+    loader = detect_format(path)
+    if split is None and loader in (load_idx, load_cifar, load_numpy):
+        split = "train"
+    return loader(path, split=split, **options)

@@ -1,0 +1,45 @@
+"""Analytic denoisers: small classes that configure the retrieval primitive; no kernel code lives here."""
+from __future__ import annotations
+
+import inspect
+
+from .base import Denoiser, Posterior, sigma_rows
+from .neighbours import KNNEstimator, Nearest, TopK
+from .optimal import Optimal, RetrievalDenoiser
+from .smoothed import Smoothed
+from .wiener import Wiener
+
+DENOISERS = {cls.name: cls for cls in (Optimal, TopK, Nearest, Wiener, Smoothed, KNNEstimator)}
+
+
+def denoiser_options(name: str) -> list:
+    """Keyword options a method accepts (its own and its base classes')."""
+    cls = _lookup(name)
+    opts = []
+    for klass in cls.__mro__:
+        if klass in (Denoiser, object):
+            continue
+        for p in list(inspect.signature(klass.__init__).parameters.values())[2:]:
+            if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD) and p.name not in opts:
+                opts.append(p.name)
+    return opts
+
+
+def _lookup(name: str):
+    if name not in DENOISERS:
+        raise ValueError(f"method: unknown method {name!r}; expected one of {', '.join(DENOISERS)}")
+    return DENOISERS[name]
+
+
+def make_denoiser(name: str, dataset, **options) -> Denoiser:
+    """Build a denoiser by name, e.g. ``make_denoiser("topk", ds, k=200)``."""
+    cls = _lookup(name)
+    valid = denoiser_options(name)
+    unknown = sorted(set(options) - set(valid))
+    if unknown:
+        raise TypeError(f"method {name!r}: unknown option(s) {unknown}; valid options: {', '.join(valid)}")
+    return cls(dataset, **options)
+
+
+__all__ = ["Denoiser", "Posterior", "sigma_rows", "Optimal", "RetrievalDenoiser", "TopK", "Nearest",
+           "KNNEstimator", "Wiener", "Smoothed", "DENOISERS", "make_denoiser", "denoiser_options"]

@@ -1,0 +1,76 @@
+"""The denoiser interface: ``D(x, sigma, class_labels=None) -> x0_hat`` in σ-space (x = x0 + σ·ε).
+
+Every denoiser also offers the score and ε forms, and retrieval denoisers the posterior summary that
+memorisation studies use (largest weight, effective number of neighbours 1/Σw²).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Tuple
+
+import torch
+
+from ..ops import sigma_rows
+
+
+@dataclass
+class Posterior:
+    """Posterior mean (B, C, H, W) with per-sample summaries of the weights."""
+    mean: torch.Tensor
+    max_weight: torch.Tensor  # (B,)
+    effective_neighbours: torch.Tensor  # (B,)
+
+
+class Denoiser:
+    """Base class. Subclasses implement :meth:`denoise` on validated inputs."""
+
+    name = "denoiser"
+
+    def __init__(self, image_shape: Tuple[int, int, int]):
+        self.image_shape = tuple(int(v) for v in image_shape)
+
+    # -- subclasses --------------------------------------------------------------------------------------
+    def denoise(self, x: torch.Tensor, sigma: torch.Tensor, class_labels: Optional[torch.Tensor]) -> torch.Tensor:
+        raise NotImplementedError
+
+    def config(self) -> dict:
+        """JSON-serialisable description of the method and its options."""
+        return {"method": self.name}
+
+    # -- public API ------------------------------------------------------------------------------------
+    def _check(self, x: torch.Tensor, sigma, class_labels):
+        if not torch.is_tensor(x) or not x.is_floating_point():
+            raise TypeError(f"x: expected a floating tensor, got {getattr(x, 'dtype', type(x))}")
+        if x.dim() != 4 or tuple(x.shape[1:]) != self.image_shape:
+            raise ValueError(f"x: expected shape (B, {', '.join(map(str, self.image_shape))}), "
+                             f"got {tuple(x.shape)}")
+        if not bool(torch.isfinite(x).all()):
+            raise ValueError("x: contains NaN or Inf")
+        s = sigma_rows(sigma, x.shape[0], x.device)
+        if class_labels is not None:
+            class_labels = torch.as_tensor(class_labels, dtype=torch.long, device=x.device).reshape(-1)
+            if class_labels.numel() == 1 and x.shape[0] > 1:
+                class_labels = class_labels.expand(x.shape[0])
+            if class_labels.shape != (x.shape[0],):
+                raise ValueError(f"class_labels: expected one label per sample ({x.shape[0]}), "
+                                 f"got {tuple(class_labels.shape)}")
+        return s, class_labels
+
+    def __call__(self, x: torch.Tensor, sigma, class_labels=None) -> torch.Tensor:
+        s, labels = self._check(x, sigma, class_labels)
+        return self.denoise(x, s, labels).to(x.dtype)
+
+    def score(self, x: torch.Tensor, sigma, class_labels=None) -> torch.Tensor:
+        """∇ log p_σ(x) = (x̂0 − x) / σ²."""
+        s, labels = self._check(x, sigma, class_labels)
+        s4 = s.to(x.dtype).view(-1, 1, 1, 1)
+        return (self.denoise(x, s, labels).to(x.dtype) - x) / (s4 * s4)
+
+    def eps(self, x: torch.Tensor, sigma, class_labels=None) -> torch.Tensor:
+        """ε̂ = (x − x̂0) / σ."""
+        s, labels = self._check(x, sigma, class_labels)
+        return (x - self.denoise(x, s, labels).to(x.dtype)) / s.to(x.dtype).view(-1, 1, 1, 1)
+
+    def __repr__(self) -> str:
+        opts = ", ".join(f"{k}={v!r}" for k, v in self.config().items() if k != "method")
+        return f"{type(self).__name__}({opts})"

@@ -1,0 +1,48 @@
+"""σ-CFDM (Scarvelis et al., arXiv 2310.12395): the optimal denoiser averaged over perturbed queries."""
+from __future__ import annotations
+
+import torch
+
+from .base import Posterior
+from .optimal import Optimal
+
+
+class Smoothed(Optimal):
+    """x̂0(x) = (1/M) Σ_m D_opt(x + s·ξ_m), ξ_m ~ N(0, I).
+
+    The M perturbations of all B queries go through one scan of the training set. They are drawn from a
+    generator of the denoiser's own (``seed``), so the sampler's random streams, and therefore the initial
+    noise of later batches, stay aligned with any other method run from the same seeds. With s = 0 this is
+    ``optimal``. Samples concentrate near barycentres of M-tuples of training images.
+
+    ``smoothing`` is an absolute per-pixel scale in [-1, 1] units. In high dimension a perturbation only
+    changes which training image a query snaps to once s·√D is comparable to the distance between images, so
+    small s still returns copies: on MNIST (28×28) s = 1 gave 98% copies, s = 2.5 with M = 4 about 2%.
+    """
+
+    name = "smoothed"
+
+    def __init__(self, dataset, *, num_perturbations: int = 4, smoothing: float = 2.5, seed: int = 0, **kw):
+        super().__init__(dataset, **kw)
+        if not isinstance(num_perturbations, int) or num_perturbations < 1:
+            raise ValueError(f"num_perturbations: expected a positive integer, got {num_perturbations!r}")
+        if not smoothing >= 0:
+            raise ValueError(f"smoothing: expected s >= 0, got {smoothing}")
+        self.num_perturbations = num_perturbations
+        self.smoothing = float(smoothing)
+        self.seed = seed
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def _posterior(self, x, s, labels) -> Posterior:
+        B, M = x.shape[0], self.num_perturbations
+        # Drawn in float64 whatever the working dtype, so float32 and float64 runs see the same perturbations.
+        xi = torch.randn((M,) + tuple(x.shape), generator=self.generator, dtype=torch.float64).to(x.device, x.dtype)
+        xs = (x[None] + self.smoothing * xi).reshape(M * B, *x.shape[1:])
+        rep = lambda t: None if t is None else t.repeat(M)  # noqa: E731 - row m*B + b is perturbation m of b
+        p = super()._posterior(xs, rep(s), rep(labels))
+        mean = p.mean.reshape(M, *x.shape).mean(0)
+        return Posterior(mean, p.max_weight.reshape(M, B).mean(0), p.effective_neighbours.reshape(M, B).mean(0))
+
+    def config(self):
+        return {**super().config(), "num_perturbations": self.num_perturbations, "smoothing": self.smoothing,
+                "seed": self.seed}

@@ -1,0 +1,75 @@
+"""Backend ``cpu``: the C++ kernels in csrc/cpu, bound through pybind11 as ``analytic_diffusion._cpu``.
+
+Tensors cross as NumPy views (zero copy for contiguous CPU tensors). The kernels compute direct distances
+Σ (q − y)² (no cancellation), stream the candidates with an online softmax in the query's precision, split
+the candidates into a fixed number of segments independent of the thread count and combine them in order,
+so the result does not depend on how many threads ran it.
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional, Tuple
+
+import numpy as np
+import torch
+
+from .keys import KeyBank
+from .partial import PartialState
+
+try:  # built by setup.py; absent only in a source tree that was never installed
+    from .. import _cpu  # type: ignore[attr-defined]
+    _IMPORT_ERROR: Optional[BaseException] = None
+except ImportError as exc:  # pragma: no cover - exercised only on broken installs
+    _cpu = None
+    _IMPORT_ERROR = exc
+
+SUPPORTED_DTYPES = (torch.float32, torch.float64)
+
+
+def available() -> bool:
+    return _cpu is not None
+
+
+def _require():
+    if _cpu is None:
+        raise RuntimeError("backend 'cpu': the C++ extension analytic_diffusion._cpu is not built "
+                           f"({_IMPORT_ERROR}); reinstall with `pip install -e .` and a C++17 compiler")
+    return _cpu
+
+
+def num_threads() -> int:
+    env = os.environ.get("AD_NUM_THREADS")
+    return int(env) if env else torch.get_num_threads()
+
+
+def _np(t: Optional[torch.Tensor]):
+    return None if t is None else t.detach().contiguous().numpy()
+
+
+def _check(q: torch.Tensor, keys: KeyBank, dtype: torch.dtype):
+    if q.device.type != "cpu" or keys.device.type != "cpu":
+        raise ValueError("backend 'cpu' needs the queries and the dataset on the CPU "
+                         f"(got queries on {q.device}, dataset on {keys.device})")
+    if dtype not in SUPPORTED_DTYPES:
+        raise ValueError(f"backend 'cpu' supports dtype float32 or float64, got {dtype}")
+    if keys.values.dtype not in (torch.uint8, torch.float32, torch.float64):
+        raise ValueError(f"backend 'cpu' supports uint8, float32 or float64 datasets, got {keys.values.dtype}")
+
+
+def softmax_partial(q: torch.Tensor, keys: KeyBank, coef: torch.Tensor, *, query_labels=None,
+                    dtype: torch.dtype) -> PartialState:
+    ext = _require()
+    _check(q, keys, dtype)
+    m, l, l2, o = ext.softmax_retrieval(
+        _np(q.to(dtype)), _np(keys.values), float(keys.scale), float(keys.shift), _np(coef.to(dtype)),
+        _np(keys.labels), _np(query_labels), num_threads())
+    return PartialState(torch.from_numpy(m), torch.from_numpy(l), torch.from_numpy(l2), torch.from_numpy(o))
+
+
+def knn(q: torch.Tensor, keys: KeyBank, k: int, *, query_labels=None, dtype: torch.dtype
+        ) -> Tuple[torch.Tensor, torch.Tensor]:
+    ext = _require()
+    _check(q, keys, dtype)
+    d, i = ext.knn_search(_np(q.to(dtype)), _np(keys.values), float(keys.scale), float(keys.shift), int(k),
+                          _np(keys.labels), _np(query_labels), num_threads())
+    return torch.from_numpy(d), torch.from_numpy(i)

@@ -1,0 +1,78 @@
+"""The candidate set of a retrieval: N training rows stored once, uint8 (+ affine map) or float."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional, Tuple
+
+import torch
+
+
+@dataclass
+class KeyBank:
+    """N candidate rows, flattened to D values each.
+
+    ``values`` is (N, D), uint8 or floating; the candidate row is ``scale * values + shift``. ``labels`` (N,)
+    int64 allows class-conditional retrieval. ``image_shape`` (C, H, W) is only needed for horizontal flips.
+    ``center`` is a D-vector subtracted from queries and keys before expanded-form distances, so that data far
+    from the origin does not cancel catastrophically (‖x−y‖² is translation invariant).
+    """
+
+    values: torch.Tensor
+    scale: float = 1.0
+    shift: float = 0.0
+    labels: Optional[torch.Tensor] = None
+    image_shape: Optional[Tuple[int, int, int]] = None
+    center: Optional[torch.Tensor] = field(default=None, repr=False)
+
+    def __post_init__(self):
+        v = self.values
+        if v.dim() != 2:
+            raise ValueError(f"KeyBank.values: expected a 2-D (N, D) tensor, got shape {tuple(v.shape)}")
+        if v.dtype not in (torch.uint8, torch.float16, torch.bfloat16, torch.float32, torch.float64):
+            raise TypeError(f"KeyBank.values: expected uint8 or a float dtype, got {v.dtype}")
+        if v.shape[0] == 0:
+            raise ValueError("KeyBank.values: the candidate set is empty (N = 0)")
+        if self.labels is not None:
+            if self.labels.shape != (v.shape[0],):
+                raise ValueError(f"KeyBank.labels: expected shape ({v.shape[0]},), got {tuple(self.labels.shape)}")
+        if self.image_shape is not None:
+            c, h, w = self.image_shape
+            if c * h * w != v.shape[1]:
+                raise ValueError(f"KeyBank.image_shape {self.image_shape} does not match D = {v.shape[1]}")
+
+    @property
+    def n(self) -> int:
+        return self.values.shape[0]
+
+    @property
+    def dim(self) -> int:
+        return self.values.shape[1]
+
+    @property
+    def device(self) -> torch.device:
+        return self.values.device
+
+    def rows(self, start: int, stop: int, dtype: torch.dtype, device=None) -> torch.Tensor:
+        """Candidate rows start:stop as float rows in [-1, 1] (affine map applied)."""
+        v = self.values[start:stop]
+        v = v.to(device=device if device is not None else v.device, dtype=dtype)
+        if self.scale != 1.0 or self.shift != 0.0:
+            v = v * self.scale + self.shift
+        return v
+
+    def gather(self, index: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """Rows at an index tensor of any shape -> (*index.shape, D) floats."""
+        v = self.values[index.reshape(-1).to(self.values.device)].to(dtype)
+        if self.scale != 1.0 or self.shift != 0.0:
+            v = v * self.scale + self.shift
+        return v.reshape(*index.shape, self.dim)
+
+    def get_center(self, dtype: torch.dtype) -> torch.Tensor:
+        """Mean candidate row (computed once, in float64, chunked)."""
+        if self.center is None:
+            acc = torch.zeros(self.dim, dtype=torch.float64, device=self.device)
+            step = max(1, (1 << 24) // max(1, self.dim))
+            for s in range(0, self.n, step):
+                acc += self.rows(s, min(s + step, self.n), torch.float64).sum(0)
+            self.center = acc / self.n
+        return self.center.to(dtype)

@@ -1,0 +1,174 @@
+"""Entry points of the global retrieval primitive, with one signature each and a ``backend=`` switch.
+
+    logit_bj = −‖x_b − y_j‖² / (2 σ_b² T)      over candidates y_j (± horizontal flips, ± class filter)
+    out_b    = Σ_j softmax_j(logit_b) · y_j
+
+Backends: ``torch`` (the reference oracle, any device and dtype), ``cpu`` (C++), ``auto`` (the fastest
+correct one available; :func:`choose_backend` tells which and why).
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Optional, Tuple, Union
+
+import torch
+
+from . import cpu_backend, torch_backend
+from .keys import KeyBank
+from .partial import PartialState
+
+BACKENDS = ("auto", "torch", "cpu")
+DEFAULT_MEMORY_BUDGET = int(os.environ.get("AD_MEMORY_BUDGET", 256 * 2**20))
+# Below this batch the C++ kernel (direct distances, one pass over the data) beats the chunked GEMM on CPU.
+CPU_KERNEL_MAX_BATCH = 64
+
+
+@dataclass
+class RetrievalResult:
+    """Posterior mean and the summaries used to study memorisation."""
+    mean: torch.Tensor  # (B, D)
+    max_weight: torch.Tensor  # (B,) largest softmax weight
+    effective_neighbours: torch.Tensor  # (B,) 1 / Σ w²
+
+    @staticmethod
+    def from_partial(state: PartialState) -> "RetrievalResult":
+        return RetrievalResult(state.mean(), state.max_weight(), state.effective_neighbours())
+
+
+def choose_backend(backend: str, x: torch.Tensor, keys: KeyBank, dtype: torch.dtype) -> Tuple[str, str]:
+    """(backend, reason). ``auto`` picks the C++ kernel on CPU for small batches, else the torch backend."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend: expected one of {', '.join(BACKENDS)}, got {backend!r}")
+    if backend != "auto":
+        return backend, "requested"
+    if x.device.type != "cpu" or keys.device.type != "cpu":
+        return "torch", f"device {x.device.type}: no fused GPU kernel in this build"
+    if not cpu_backend.available():
+        return "torch", "C++ extension not built"
+    if dtype not in cpu_backend.SUPPORTED_DTYPES or keys.values.dtype not in (torch.uint8, torch.float32,
+                                                                            torch.float64):
+        return "torch", f"dtype {dtype} / dataset {keys.values.dtype} not supported by the C++ kernel"
+    if x.shape[0] > CPU_KERNEL_MAX_BATCH:
+        return "torch", f"batch {x.shape[0]} > {CPU_KERNEL_MAX_BATCH}: blocked GEMM wins on CPU"
+    return "cpu", f"CPU, batch {x.shape[0]} <= {CPU_KERNEL_MAX_BATCH}"
+
+
+def _validate(x: torch.Tensor, keys: KeyBank, query_labels, flips: bool, dtype) -> torch.dtype:
+    if not isinstance(keys, KeyBank):
+        raise TypeError(f"keys: expected a KeyBank, got {type(keys).__name__}")
+    if not torch.is_tensor(x) or x.dim() != 2:
+        raise ValueError(f"x: expected a (B, D) tensor, got {getattr(x, 'shape', type(x))}")
+    if x.shape[1] != keys.dim:
+        raise ValueError(f"x: expected D = {keys.dim} values per row (the dataset's), got {x.shape[1]}")
+    if x.shape[0] == 0:
+        raise ValueError("x: the query batch is empty")
+    if not x.is_floating_point():
+        raise TypeError(f"x: expected a floating tensor, got {x.dtype}")
+    if not bool(torch.isfinite(x).all()):
+        raise ValueError("x: contains NaN or Inf")
+    if query_labels is not None:
+        if keys.labels is None:
+            raise ValueError("query_labels: class-conditional retrieval needs a dataset with labels")
+        if query_labels.shape != (x.shape[0],):
+            raise ValueError(f"query_labels: expected shape ({x.shape[0]},), got {tuple(query_labels.shape)}")
+    if flips and keys.image_shape is None:
+        raise ValueError("flips=True needs the dataset's image shape (C, H, W)")
+    dtype = dtype or (x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32)
+    if dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+        raise ValueError(f"dtype: expected a float dtype, got {dtype}")
+    return dtype
+
+
+def sigma_rows(sigma, batch: int, device) -> torch.Tensor:
+    """σ as a (B,) float64 tensor; scalars broadcast. Rejects σ ≤ 0, NaN and Inf with a clear error."""
+    s = torch.as_tensor(sigma, dtype=torch.float64).to(device).reshape(-1)
+    if s.numel() == 1:
+        s = s.expand(batch)
+    if s.numel() != batch:
+        raise ValueError(f"sigma: expected a scalar or one value per sample ({batch}), got {s.numel()} values")
+    if not bool(torch.isfinite(s).all()) or bool((s <= 0).any()):
+        raise ValueError(f"sigma: noise levels must be finite and > 0 (got min {float(s.min()):g}); "
+                         "samplers never call a denoiser at σ = 0")
+    return s
+
+
+def hflip_rows(x: torch.Tensor, image_shape) -> torch.Tensor:
+    """Mirror flattened (B, C·H·W) rows left-right."""
+    c, h, w = image_shape
+    return x.reshape(-1, c, h, w).flip(-1).reshape(x.shape[0], -1)
+
+
+def softmax_retrieval(x: torch.Tensor, keys: KeyBank, sigma, *, temperature: float = 1.0,
+                      query_labels: Optional[torch.Tensor] = None, flips: bool = False,
+                      backend: str = "auto", dtype: Optional[torch.dtype] = None,
+                      memory_budget: int = DEFAULT_MEMORY_BUDGET, return_partial: bool = False
+                      ) -> Union[RetrievalResult, PartialState]:
+    """Exact posterior mean over all candidates (``flips`` adds every row mirrored left-right, no copy).
+
+    With ``return_partial=True`` the unnormalised state (m, l, l2, o) comes back instead, so that results over
+    disjoint shards of a dataset combine exactly with :func:`combine_partials`.
+    """
+    dtype = _validate(x, keys, query_labels, flips, dtype)
+    if not temperature > 0:
+        raise ValueError(f"temperature: expected > 0, got {temperature}")
+    s = sigma_rows(sigma, x.shape[0], x.device)
+    coef = 1.0 / (2.0 * s * s * temperature)  # float64, cast by the backend
+    name, _ = choose_backend(backend, x, keys, dtype)
+
+    def run(q: torch.Tensor) -> PartialState:
+        if name == "cpu":
+            return cpu_backend.softmax_partial(q, keys, coef, query_labels=query_labels, dtype=dtype)
+        return torch_backend.softmax_partial(q, keys, coef, query_labels=query_labels, dtype=dtype,
+                                             memory_budget=memory_budget)
+
+    state = run(x)
+    if flips:  # ‖x − flip(y)‖ = ‖flip(x) − y‖: retrieve with the mirrored query, mirror the values back
+        mirrored = run(hflip_rows(x, keys.image_shape)).map_values(lambda o: hflip_rows(o, keys.image_shape))
+        state = state.combine(mirrored)
+    state = state.to(x.device)
+    return state if return_partial else RetrievalResult.from_partial(state)
+
+
+def knn_search(x: torch.Tensor, keys: KeyBank, k: int, *, query_labels: Optional[torch.Tensor] = None,
+               flips: bool = False, backend: str = "auto", dtype: Optional[torch.dtype] = None,
+               memory_budget: int = DEFAULT_MEMORY_BUDGET) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The k nearest candidates by exact squared distance: (dist2 (B, k), index (B, k)), ascending.
+
+    With ``flips`` the candidate set is 2N rows: index i ≥ N is row i − N mirrored (see :func:`gather_rows`).
+    """
+    dtype = _validate(x, keys, query_labels, flips, dtype)
+    total = keys.n * (2 if flips else 1)
+    if not isinstance(k, int) or k < 1:
+        raise ValueError(f"k: expected a positive integer, got {k!r}")
+    if k > total:
+        raise ValueError(f"k: asked for {k} neighbours but the candidate set has only {total}")
+    name, _ = choose_backend(backend, x, keys, dtype)
+
+    def run(q):
+        if name == "cpu":
+            return cpu_backend.knn(q, keys, min(k, keys.n), query_labels=query_labels, dtype=dtype)
+        return torch_backend.knn(q, keys, min(k, keys.n), query_labels=query_labels, dtype=dtype,
+                                 memory_budget=memory_budget)
+
+    d, i = run(x)
+    d, i = d.to(x.device), i.to(x.device)
+    if flips:
+        d2, i2 = run(hflip_rows(x, keys.image_shape))
+        d = torch.cat([d, d2.to(x.device)], 1)
+        i = torch.cat([i, i2.to(x.device) + keys.n], 1)
+        order = torch.argsort(i, dim=1, stable=True)
+        d, i = torch.gather(d, 1, order), torch.gather(i, 1, order)
+        order = torch.argsort(d, dim=1, stable=True)[:, :k]
+        d, i = torch.gather(d, 1, order), torch.gather(i, 1, order)
+    return d, i
+
+
+def gather_rows(keys: KeyBank, index: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Candidate rows for indices from :func:`knn_search` (i ≥ N means row i − N mirrored)."""
+    flipped = index >= keys.n
+    rows = keys.gather(torch.where(flipped, index - keys.n, index), dtype).to(index.device)
+    if bool(flipped.any()):
+        mirrored = hflip_rows(rows.reshape(-1, keys.dim), keys.image_shape).reshape(rows.shape)
+        rows = torch.where(flipped[..., None], mirrored, rows)
+    return rows

@@ -1,0 +1,160 @@
+"""Samplers over σ grids, in the style of k-diffusion (DESIGN.md §2, §7).
+
+A denoiser is any callable ``D(x, sigma, **kwargs) -> x0_hat`` with x of shape (B, C, H, W) and sigma of
+shape (B,). Every sampler has the signature
+
+    fn(denoiser, x, sigmas, *, callback=None, clip_x0=False, generators=None, progress=False,
+       denoiser_kwargs=None) -> x
+
+and steps x from sigmas[0] to sigmas[-1]. ``x`` must already carry the initial noise (see
+``Schedule.init_sigma``). ``sigmas`` is (n+1,) for a grid shared by the batch or (n+1, B) for one grid per
+sample; every entry but the last must be > 0 and each grid non-increasing.
+
+callback(step, x, sigma, x0_hat) runs after the main denoiser evaluation of every step, with the state before
+the update: the step index, x, the (B,) σ and the denoiser's raw (unclipped) x̂0.
+clip_x0 clamps x̂0 to [-1, 1] where the step uses it as x̂0 (diffusers' clip_sample); ε̂ = (x - x̂0)/σ still
+comes from the unclipped x̂0 in DDIM, as in diffusers.
+generators: B torch.Generator, one per sample, for stochastic noise, so that sample i's noise does not depend on
+the batch it runs in (default: the global RNG).
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+__all__ = ["sample_euler", "sample_heun", "sample_ddim", "sample_ddpm", "SAMPLERS", "get_sampler"]
+
+
+def _prepare(x: torch.Tensor, sigmas, generators) -> torch.Tensor:
+    """Validate and return the grid as an (n+1, B) tensor in x's dtype and device."""
+    if not isinstance(x, torch.Tensor) or x.dim() < 1 or x.shape[0] < 1:
+        raise ValueError("x must be a tensor with a non-empty batch dimension")
+    if not x.is_floating_point():
+        raise ValueError(f"x must be a floating-point tensor, got dtype {x.dtype}")
+    B = x.shape[0]
+    s = torch.as_tensor(sigmas, dtype=torch.float64).cpu()
+    if s.dim() == 1:
+        s = s[:, None].expand(-1, B)
+    if s.dim() != 2 or s.shape[1] != B or s.shape[0] < 2:
+        raise ValueError(f"sigmas must have shape (n+1,) or (n+1, B={B}) with n >= 1, got {tuple(s.shape)}")
+    if not torch.isfinite(s).all() or (s[:-1] <= 0).any() or (s[-1] < 0).any():
+        raise ValueError("sigmas must be finite, > 0 except for the last entry, which must be >= 0")
+    if (s[1:] > s[:-1]).any():
+        raise ValueError("sigmas must be non-increasing along the grid")
+    if generators is not None and len(generators) != B:
+        raise ValueError(f"generators must hold one torch.Generator per sample ({B}), got {len(generators)}")
+    return s.to(device=x.device, dtype=x.dtype)
+
+
+def _bcast(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    return v.reshape(-1, *([1] * (x.dim() - 1)))
+
+
+def _noise(x: torch.Tensor, generators: Optional[Sequence[torch.Generator]]) -> torch.Tensor:
+    if generators is None:
+        return torch.randn_like(x)
+    # Per-sample draws on each generator's own device keep a sample's stream independent of the batch.
+    return torch.stack([torch.randn(x.shape[1:], generator=g, device=g.device, dtype=x.dtype)
+                        for g in generators]).to(x.device)
+
+
+def _denoise(denoiser, x, sigma, kwargs):
+    return denoiser(x, sigma, **kwargs).to(x.dtype)
+
+
+def _derivative(denoiser, x, sigma, kw, clip_x0: bool):
+    """(x̂0, dx/dσ) with dx/dσ = (x − x̂0)/σ; x̂0 clipped first when asked (as diffusers' clip_sample)."""
+    x0 = _denoise(denoiser, x, sigma, kw)
+    return x0, (x - (x0.clamp(-1, 1) if clip_x0 else x0)) / _bcast(sigma, x)
+
+
+def _steps(n: int, progress: bool):
+    return tqdm(range(n), disable=not progress, leave=False)
+
+
+@torch.no_grad()
+def sample_euler(denoiser: Callable, x: torch.Tensor, sigmas, *, callback=None, clip_x0: bool = False,
+                 generators=None, progress: bool = False, denoiser_kwargs=None) -> torch.Tensor:
+    """Euler on the probability-flow ODE dx/dσ = (x - x̂0)/σ; n denoiser calls."""
+    s = _prepare(x, sigmas, generators)
+    kw = denoiser_kwargs or {}
+    for i in _steps(len(s) - 1, progress):
+        sigma, sigma_next = s[i], s[i + 1]
+        x0, d = _derivative(denoiser, x, sigma, kw, clip_x0)
+        if callback is not None:
+            callback(i, x, sigma, x0)
+        x = x + d * _bcast(sigma_next - sigma, x)
+    return x
+
+
+@torch.no_grad()
+def sample_heun(denoiser: Callable, x: torch.Tensor, sigmas, *, callback=None, clip_x0: bool = False,
+                generators=None, progress: bool = False, denoiser_kwargs=None) -> torch.Tensor:
+    """EDM Algorithm 1 (Heun, no churn): trapezoidal correction on every step except those ending at σ = 0,
+    where the ODE's derivative is undefined; 2n - 1 denoiser calls on a grid ending at 0."""
+    s = _prepare(x, sigmas, generators)
+    kw = denoiser_kwargs or {}
+    for i in _steps(len(s) - 1, progress):
+        sigma, sigma_next = s[i], s[i + 1]
+        x0, d = _derivative(denoiser, x, sigma, kw, clip_x0)
+        if callback is not None:
+            callback(i, x, sigma, x0)
+        x_euler = x + d * _bcast(sigma_next - sigma, x)
+        last = sigma_next == 0
+        if bool(last.all()):
+            x = x_euler
+            continue
+        # Per-sample grids may mix final and non-final steps: evaluate the final rows at their current point
+        # (a valid σ > 0) and keep their Euler result.
+        sig2 = torch.where(last, sigma, sigma_next)
+        x2 = torch.where(_bcast(last, x), x, x_euler)
+        _, d2 = _derivative(denoiser, x2, sig2, kw, clip_x0)
+        x_heun = x + (d + d2) * _bcast((sigma_next - sigma) / 2, x)
+        x = torch.where(_bcast(last, x), x_euler, x_heun)
+    return x
+
+
+@torch.no_grad()
+def sample_ddim(denoiser: Callable, x: torch.Tensor, sigmas, *, eta: float = 0.0, callback=None,
+                clip_x0: bool = False, generators=None, progress: bool = False,
+                denoiser_kwargs=None) -> torch.Tensor:
+    """DDIM in σ-space; n denoiser calls.
+
+    With ε̂ = (x - x̂0)/σ and s_up = η·σ'·sqrt(1 - σ'²/σ²) for the next level σ':
+        x' = x̂0 + sqrt(σ'² - s_up²)·ε̂ + s_up·z.
+    This is diffusers' DDIM step (variance η²·(1-ᾱ')/(1-ᾱ)·(1-ᾱ/ᾱ')) divided by sqrt(ᾱ'). η = 0 is the
+    deterministic DDIM (algebraically equal to Euler), η = 1 is DDPM ancestral sampling.
+    """
+    if not 0.0 <= float(eta) <= 1.0:
+        raise ValueError(f"eta must be in [0, 1], got {eta!r}")
+    s = _prepare(x, sigmas, generators)
+    kw = denoiser_kwargs or {}
+    for i in _steps(len(s) - 1, progress):
+        sigma, sigma_next = s[i], s[i + 1]
+        x0 = _denoise(denoiser, x, sigma, kw)
+        if callback is not None:
+            callback(i, x, sigma, x0)
+        eps = (x - x0) / _bcast(sigma, x)
+        s_up = eta * sigma_next * (1 - (sigma_next / sigma) ** 2).clamp(min=0).sqrt()
+        s_dir = (sigma_next ** 2 - s_up ** 2).clamp(min=0).sqrt()
+        x = (x0.clamp(-1, 1) if clip_x0 else x0) + _bcast(s_dir, x) * eps
+        if eta > 0:
+            x = x + _bcast(s_up, x) * _noise(x, generators)
+    return x
+
+
+def sample_ddpm(denoiser: Callable, x: torch.Tensor, sigmas, **kw) -> torch.Tensor:
+    """DDPM ancestral sampling: :func:`sample_ddim` with η = 1."""
+    return sample_ddim(denoiser, x, sigmas, eta=1.0, **kw)
+
+
+SAMPLERS = {"euler": sample_euler, "heun": sample_heun, "ddim": sample_ddim, "ddpm": sample_ddpm}
+
+
+def get_sampler(name: str) -> Callable:
+    """Look up a sampler function by name."""
+    if name not in SAMPLERS:
+        raise ValueError(f"unknown sampler {name!r}; valid names: {', '.join(SAMPLERS)}")
+    return SAMPLERS[name]

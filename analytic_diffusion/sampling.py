@@ -1,0 +1,114 @@
+"""One-call sampling: seeds, batching and schedules around the samplers in :mod:`samplers`."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Optional, Union
+
+import torch
+
+from .samplers import SAMPLERS, get_sampler
+from .schedules import Schedule, get_schedule
+
+__all__ = ["SampleResult", "sample"]
+
+
+@dataclass
+class SampleResult:
+    """samples: (n, C, H, W) on CPU; seeds[i] seeded sample i; sigmas: the float64 grid used;
+    config: JSON-serialisable description of the run; elapsed_s: wall time of the sampling loop."""
+    samples: torch.Tensor
+    seeds: list
+    sigmas: torch.Tensor
+    config: dict = field(default_factory=dict)
+    elapsed_s: float = 0.0
+
+
+def _positive_int(name: str, v) -> int:
+    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+        raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
+    return v
+
+
+def sample(denoiser: Callable, n: int = 64, *, steps: int = 18, sampler: str = "heun",
+           schedule: Union[str, Schedule] = "karras", schedule_kwargs: Optional[dict] = None, seed: int = 0,
+           shape=None, batch_size: Optional[int] = None, eta: float = 0.0, clip_x0: bool = False,
+           class_labels=None, callback=None, device=None, dtype: torch.dtype = torch.float32,
+           progress: bool = True) -> SampleResult:
+    """Draw n samples from ``denoiser`` (``D(x, sigma, **kw) -> x0_hat``, DESIGN.md §2).
+
+    Sample i starts from noise drawn (in float32, then cast to ``dtype``) by a CPU torch.Generator seeded with
+    seed + i, scaled by the schedule's initial std (VE: σ_0, VP: sqrt(1 + σ_0²)); the same generator then drives
+    that sample's stochastic steps, so results do not depend on ``batch_size``.
+
+    schedule:      a name for :func:`get_schedule` (built with ``steps`` and ``schedule_kwargs``) or a Schedule
+                   (then ``steps`` and ``schedule_kwargs`` are not used).
+    shape:         (C, H, W); defaults to ``denoiser.image_shape``.
+    eta:           DDIM stochasticity, only for sampler="ddim" ("ddpm" is η = 1).
+    class_labels:  (n,) labels, passed per batch as ``class_labels=`` when given.
+    callback:      callback(step, x, sigma, x0_hat) per step, called batch by batch (batch k holds samples
+                   k*batch_size, ...).
+    device:        defaults to ``denoiser.device`` when it has one, else CPU.
+    """
+    n = _positive_int("n", n)
+    if sampler not in SAMPLERS:
+        raise ValueError(f"sampler must be one of {', '.join(SAMPLERS)}; got {sampler!r}")
+    sampler_fn = get_sampler(sampler)
+    if not 0.0 <= float(eta) <= 1.0:
+        raise ValueError(f"eta must be in [0, 1], got {eta!r}")
+    if eta != 0 and sampler != "ddim":
+        raise ValueError(f"eta applies only to sampler='ddim', got sampler={sampler!r} with eta={eta!r}")
+    if isinstance(schedule, Schedule):
+        if schedule_kwargs:
+            raise ValueError("schedule_kwargs cannot be used with a Schedule instance")
+        sched = schedule
+    elif isinstance(schedule, str):
+        sched = get_schedule(schedule, steps, **(schedule_kwargs or {}))
+    else:
+        raise ValueError(f"schedule must be a name or a Schedule, got {type(schedule).__name__}")
+    if shape is None:
+        shape = getattr(denoiser, "image_shape", None)
+        if shape is None:
+            raise ValueError("shape is required when the denoiser has no image_shape attribute")
+    shape = tuple(int(v) for v in shape)
+    if len(shape) != 3 or min(shape) < 1:
+        raise ValueError(f"shape must be (C, H, W) with positive sizes, got {shape}")
+    batch_size = n if batch_size is None else _positive_int("batch_size", batch_size)
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+    if class_labels is not None:
+        class_labels = torch.as_tensor(class_labels)
+        if class_labels.shape != (n,):
+            raise ValueError(f"class_labels must have shape ({n},), got {tuple(class_labels.shape)}")
+    if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise ValueError(f"dtype must be a floating-point torch.dtype, got {dtype!r}")
+    if device is None:
+        device = getattr(denoiser, "device", None) or "cpu"
+    device = torch.device(device)
+
+    seeds = [seed + i for i in range(n)]
+    init_std = sched.init_sigma
+    out = []
+    t0 = time.perf_counter()
+    for start in range(0, n, batch_size):
+        gens = [torch.Generator().manual_seed(s) for s in seeds[start:start + batch_size]]
+        x = torch.stack([torch.randn(shape, generator=g) for g in gens]).to(device=device, dtype=dtype) * init_std
+        kw = {}
+        if class_labels is not None:
+            kw["class_labels"] = class_labels[start:start + batch_size].to(device)
+        sampler_kw = {"eta": eta} if sampler == "ddim" else {}
+        x = sampler_fn(denoiser, x, sched.sigmas, callback=callback, clip_x0=clip_x0, generators=gens,
+                       progress=progress, denoiser_kwargs=kw, **sampler_kw)
+        out.append(x.cpu())
+    elapsed = time.perf_counter() - t0
+
+    config = {
+        "denoiser": str(getattr(denoiser, "name", None) or getattr(denoiser, "__name__", None)
+                        or type(denoiser).__name__),
+        "n": n, "steps": sched.steps, "sampler": sampler, "schedule": sched.name, "schedule_kind": sched.kind,
+        "schedule_kwargs": dict(schedule_kwargs or {}), "seed": seed, "shape": list(shape),
+        "batch_size": batch_size, "eta": float(eta), "clip_x0": bool(clip_x0),
+        "class_labels": None if class_labels is None else class_labels.tolist(),
+        "device": str(device), "dtype": str(dtype).replace("torch.", ""),
+    }
+    return SampleResult(torch.cat(out), seeds, sched.sigmas.clone(), config, elapsed)

@@ -1,0 +1,175 @@
+// pybind11 bindings of the C++ CPU retrieval kernels: analytic_diffusion._cpu (no torch headers).
+//
+// NumPy arrays in, NumPy arrays out. Arguments are validated here (TypeError for a wrong type or dtype,
+// ValueError for a wrong shape, layout or value, each message naming the argument); the GIL is released while
+// the kernels run. Python side: analytic_diffusion/ops/cpu_backend.py.
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+
+#include <cmath>
+#include <cstdint>
+#include <string>
+
+#include "retrieval.h"
+
+namespace py = pybind11;
+
+namespace {
+
+std::string dtype_name(const py::array& a) { return py::str(a.dtype()).cast<std::string>(); }
+
+py::array as_array(const py::object& obj, const char* name) {
+  if (!py::isinstance<py::array>(obj))
+    throw py::type_error(std::string(name) + ": expected a numpy.ndarray, got " +
+                         py::str(py::type::of(obj).attr("__name__")).cast<std::string>());
+  return py::reinterpret_borrow<py::array>(obj);
+}
+
+void require_layout(const py::array& a, const char* name, py::ssize_t ndim) {
+  if (a.ndim() != ndim)
+    throw py::value_error(std::string(name) + ": expected a " + std::to_string(ndim) + "-D array, got " +
+                          std::to_string(a.ndim()) + "-D");
+  if (!(a.flags() & py::array::c_style))
+    throw py::value_error(std::string(name) + ": expected a C-contiguous array (use np.ascontiguousarray)");
+}
+
+template <class T>
+bool is_dtype(const py::array& a) {
+  return a.dtype().is(py::dtype::of<T>());
+}
+
+struct Common {
+  ad_cpu::Problem p;
+  bool f64 = false;
+};
+
+// Shared validation of (queries, keys, labels); fills the Problem.
+Common validate(const py::object& queries_o, const py::object& keys_o, double key_scale, double key_shift,
+                const py::object& key_labels_o, const py::object& query_labels_o) {
+  Common c;
+  py::array q = as_array(queries_o, "queries");
+  if (!is_dtype<float>(q) && !is_dtype<double>(q))
+    throw py::type_error("queries: expected float32 or float64, got " + dtype_name(q));
+  require_layout(q, "queries", 2);
+  py::array k = as_array(keys_o, "keys");
+  ad_cpu::KeyType kt;
+  if (is_dtype<uint8_t>(k)) kt = ad_cpu::KeyType::U8;
+  else if (is_dtype<float>(k)) kt = ad_cpu::KeyType::F32;
+  else if (is_dtype<double>(k)) kt = ad_cpu::KeyType::F64;
+  else throw py::type_error("keys: expected uint8, float32 or float64, got " + dtype_name(k));
+  require_layout(k, "keys", 2);
+  if (k.shape(1) != q.shape(1))
+    throw py::value_error("keys: expected D = " + std::to_string(q.shape(1)) + " values per row (the queries'), got " +
+                          std::to_string(k.shape(1)));
+  if (!std::isfinite(key_scale) || !std::isfinite(key_shift))
+    throw py::value_error("key_scale, key_shift: expected finite numbers");
+  c.f64 = is_dtype<double>(q);
+  c.p.queries = q.data();
+  c.p.keys = k.data();
+  c.p.key_type = kt;
+  c.p.B = q.shape(0);
+  c.p.N = k.shape(0);
+  c.p.D = q.shape(1);
+  c.p.scale = key_scale;
+  c.p.shift = key_shift;
+  if (!key_labels_o.is_none()) {
+    py::array kl = as_array(key_labels_o, "key_labels");
+    if (!is_dtype<int64_t>(kl)) throw py::type_error("key_labels: expected int64, got " + dtype_name(kl));
+    require_layout(kl, "key_labels", 1);
+    if (kl.shape(0) != c.p.N)
+      throw py::value_error("key_labels: expected shape (" + std::to_string(c.p.N) + ",), got (" +
+                            std::to_string(kl.shape(0)) + ",)");
+    c.p.key_labels = static_cast<const int64_t*>(kl.data());
+  }
+  if (!query_labels_o.is_none()) {
+    if (key_labels_o.is_none())
+      throw py::value_error("query_labels: class-conditional retrieval needs key_labels (got None)");
+    py::array ql = as_array(query_labels_o, "query_labels");
+    if (!is_dtype<int64_t>(ql)) throw py::type_error("query_labels: expected int64, got " + dtype_name(ql));
+    require_layout(ql, "query_labels", 1);
+    if (ql.shape(0) != c.p.B)
+      throw py::value_error("query_labels: expected shape (" + std::to_string(c.p.B) + ",), got (" +
+                            std::to_string(ql.shape(0)) + ",)");
+    c.p.query_labels = static_cast<const int64_t*>(ql.data());
+  }
+  return c;
+}
+
+template <class T>
+py::tuple softmax_impl(Common& c, int num_threads) {
+  const py::ssize_t B = c.p.B, D = c.p.D;
+  py::array_t<T> m({B}), l({B}), l2({B}), o({B, D});
+  T *pm = m.mutable_data(), *pl = l.mutable_data(), *pl2 = l2.mutable_data(), *po = o.mutable_data();
+  {
+    py::gil_scoped_release release;
+    ad_cpu::softmax_retrieval<T>(c.p, num_threads, pm, pl, pl2, po);
+  }
+  return py::make_tuple(m, l, l2, o);
+}
+
+py::tuple softmax_retrieval(const py::object& queries, const py::object& keys, double key_scale,
+                            double key_shift, const py::object& coef_o, const py::object& key_labels,
+                            const py::object& query_labels, int num_threads) {
+  Common c = validate(queries, keys, key_scale, key_shift, key_labels, query_labels);
+  py::array coef = as_array(coef_o, "coef");
+  if (c.f64 ? !is_dtype<double>(coef) : !is_dtype<float>(coef))
+    throw py::type_error(std::string("coef: expected the queries' dtype ") + (c.f64 ? "float64" : "float32") +
+                         ", got " + dtype_name(coef));
+  require_layout(coef, "coef", 1);
+  if (coef.shape(0) != c.p.B)
+    throw py::value_error("coef: expected shape (" + std::to_string(c.p.B) + ",), got (" +
+                          std::to_string(coef.shape(0)) + ",)");
+  c.p.coef = coef.data();
+  return c.f64 ? softmax_impl<double>(c, num_threads) : softmax_impl<float>(c, num_threads);
+}
+
+template <class T>
+py::tuple knn_impl(Common& c, int64_t k, int num_threads) {
+  const py::ssize_t B = c.p.B, K = static_cast<py::ssize_t>(k);
+  py::array_t<T> dist({B, K});
+  py::array_t<int64_t> index({B, K});
+  T* pd = dist.mutable_data();
+  int64_t* pi = index.mutable_data();
+  {
+    py::gil_scoped_release release;
+    ad_cpu::knn_search<T>(c.p, k, num_threads, pd, pi);
+  }
+  return py::make_tuple(dist, index);
+}
+
+py::tuple knn_search(const py::object& queries, const py::object& keys, double key_scale, double key_shift,
+                     int64_t k, const py::object& key_labels, const py::object& query_labels, int num_threads) {
+  Common c = validate(queries, keys, key_scale, key_shift, key_labels, query_labels);
+  if (k < 1) throw py::value_error("k: expected a positive number of neighbours, got " + std::to_string(k));
+  if (k > c.p.N)
+    throw py::value_error("k: asked for " + std::to_string(k) + " neighbours but keys has only " +
+                          std::to_string(c.p.N) + " rows");
+  return c.f64 ? knn_impl<double>(c, k, num_threads) : knn_impl<float>(c, k, num_threads);
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_cpu, mod) {
+  mod.doc() = "C++ CPU kernels of analytic_diffusion: streaming softmax retrieval and exact k-NN "
+              "(direct distances, deterministic for any thread count).";
+  mod.def("softmax_retrieval", &softmax_retrieval, py::arg("queries"), py::arg("keys"), py::arg("key_scale"),
+          py::arg("key_shift"), py::arg("coef"), py::arg("key_labels") = py::none(),
+          py::arg("query_labels") = py::none(), py::arg("num_threads") = 0,
+          R"doc(Partial softmax state over all candidates y_j = key_scale * keys[j] + key_shift.
+
+logit_bj = -coef[b] * sum_d (queries[b, d] - y_jd)^2 (nats); candidates with key_labels[j] != query_labels[b]
+are excluded when both label arrays are given. Returns (m, l, l2, o) in the queries' dtype:
+m = max logit (-inf if no candidate), l = sum exp(logit - m), l2 = sum exp(2 (logit - m)),
+o = sum exp(logit - m) * y_j. num_threads <= 0 uses OpenMP's default. Bitwise independent of num_threads.)doc");
+  mod.def("knn_search", &knn_search, py::arg("queries"), py::arg("keys"), py::arg("key_scale"),
+          py::arg("key_shift"), py::arg("k"), py::arg("key_labels") = py::none(),
+          py::arg("query_labels") = py::none(), py::arg("num_threads") = 0,
+          R"doc(The k nearest candidates by exact squared distance: (dist2 (B, k) queries' dtype, index (B, k) int64),
+ascending, ties by the smaller index; rows with fewer than k allowed candidates are padded with (inf, -1).)doc");
+  mod.def("isa", []() { return std::string(ad_cpu::kernels_selected().isa); },
+          "Instruction set of the kernels in use: 'avx512', 'avx2' or 'base' (the environment variable "
+          "AD_CPU_ISA=base|avx2|avx512 caps it; read at every call).");
+  mod.def("num_segments", &ad_cpu::num_segments, py::arg("n"),
+          "Number of candidate segments combined in order for n candidates (independent of threads).");
+  mod.attr("openmp") = py::bool_(AD_WITH_OPENMP != 0);
+}

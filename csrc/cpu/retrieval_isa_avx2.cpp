@@ -1,0 +1,47 @@
+// Per-task kernels for x86-64 with AVX2 + FMA, selected at run time (retrieval_driver.cpp), so that the module
+// itself needs no -march flag and runs on any x86-64. Elsewhere this file compiles to a null table.
+//
+// Every standard header is included BEFORE the target pragma, and the kernels have internal linkage: no inline
+// function that another translation unit could pick up is ever compiled for AVX2.
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <type_traits>
+#include <utility>
+
+#include "retrieval.h"
+
+#if (defined(__x86_64__) || defined(_M_X64)) && (defined(__GNUC__) || defined(__clang__)) && \
+    !defined(AD_NO_AVX2)
+#define AD_HAVE_AVX2_KERNELS 1
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+#if defined(__clang__)
+#pragma clang attribute push(__attribute__((target("avx2,fma"))), apply_to = function)
+#endif
+#define AD_ISA_NS isa_avx2
+#define AD_LANE_BYTES 32  // one AVX register per (query, row) pair: 8 accumulators in the 2x4 block
+#include "retrieval_isa_impl.h"
+#if defined(__clang__)
+#pragma clang attribute pop
+#endif
+#pragma GCC pop_options
+#else
+#define AD_HAVE_AVX2_KERNELS 0
+#endif
+
+namespace ad_cpu {
+
+const KernelTable* kernels_avx2() {
+#if AD_HAVE_AVX2_KERNELS
+  static const KernelTable table{"avx2", &isa_avx2::softmax_task<float>, &isa_avx2::softmax_task<double>,
+                                 &isa_avx2::knn_task<float>, &isa_avx2::knn_task<double>};
+  return &table;
+#else
+  return nullptr;
+#endif
+}
+
+}  // namespace ad_cpu

@@ -1,0 +1,28 @@
+"""Brute-force float64 references written independently of the package (direct distances, full softmax)."""
+import torch
+
+
+def posterior_bruteforce(x, y, sigma, temperature=1.0, allowed=None):
+    """x (B, D), y (N, D) float64 candidate rows, sigma (B,) -> (mean, max weight, 1/Σw²)."""
+    x, y = x.double(), y.double()
+    d = ((x[:, None, :] - y[None, :, :]) ** 2).sum(-1)
+    logits = -d / (2 * torch.as_tensor(sigma, dtype=torch.float64).reshape(-1, 1) ** 2 * temperature)
+    if allowed is not None:
+        logits = logits.masked_fill(~allowed, float("-inf"))
+    w = torch.softmax(logits, 1)
+    return w @ y, w.max(1).values, 1.0 / (w * w).sum(1)
+
+
+def knn_bruteforce(x, y, k):
+    d = ((x.double()[:, None, :] - y.double()[None]) ** 2).sum(-1)
+    order = torch.argsort(d, dim=1, stable=True)[:, :k]
+    return torch.gather(d, 1, order), order
+
+
+def mirror(images):
+    """(N, C, H, W) -> mirrored left-right."""
+    return images.flip(-1)
+
+
+def rel(a, b):
+    return float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-300))

@@ -58,6 +58,21 @@ def _add_sample_parser(sub) -> None:
     m.add_argument("--perturbations", type=int, default=None, help="smoothed: perturbations M per call (4)")
     m.add_argument("--temperature", type=float, default=None, help="retrieval methods: softmax temperature (1)")
     m.add_argument("--method-seed", type=int, default=None, help="smoothed / knn: seed of the method's own draws")
+    m.add_argument("--patch", type=int, default=None, metavar="K",
+                   help="local methods: one patch side K for every σ (excludes --patch-schedule)")
+    m.add_argument("--patch-schedule", default=None, metavar="NAME_OR_FILE",
+                   help="local methods: patch size per σ, a preset (see `analytic-diffusion schedules`) or a "
+                        "JSON file from `analytic-diffusion calibrate`; checked against the sampler's σ grid")
+    m.add_argument("--masks", default=None, metavar="wiener|FILE.npy",
+                   help="pspc-flex (masks=) / pca_locality (mask=): 'wiener' = masks from the dataset's Wiener "
+                        "filter (pca_locality also takes 'full'), or a saved .npy array (pspc-flex)")
+    m.add_argument("--threshold", type=float, default=None, help="pca_locality: mask threshold τ")
+    m.add_argument("--softmax", default=None, choices=["exact", "chunked"],
+                   help="pca_locality: exact online softmax, or the studio's chunk-averaged one")
+    m.add_argument("--chunk-size", type=int, default=None, help="pca_locality: chunk size of --softmax chunked")
+    m.add_argument("--tau", default=None, metavar="T|SIGMA:T,...",
+                   help="pspc-flex: heatmap mass fraction τ kept, one value or a table of SIGMA:T pairs "
+                        "(nearest σ in log space)")
     e = p.add_argument_group("execution and outputs")
     e.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     e.add_argument("--backend", default="auto", help="auto | torch | cpu")
@@ -70,20 +85,69 @@ def _add_sample_parser(sub) -> None:
 
 # CLI flag -> denoiser keyword.
 _METHOD_FLAGS = {"k": "k", "ref_size": "ref_size", "rank": "rank", "smoothing": "smoothing",
-                 "perturbations": "num_perturbations", "temperature": "temperature", "method_seed": "seed"}
+                 "perturbations": "num_perturbations", "temperature": "temperature", "method_seed": "seed",
+                 "patch": "patch", "patch_schedule": "patch", "masks": ("masks", "mask"), "threshold": "threshold",
+                 "softmax": "softmax", "chunk_size": "chunk_size", "tau": "tau"}
+
+
+def _load_masks(value: str):
+    """A .npy path is loaded as a tensor; any other value is a mask name for the method ('wiener', ...)."""
+    if not value.lower().endswith(".npy"):
+        return value
+    import os
+
+    import numpy as np
+    import torch
+    if not os.path.isfile(value):
+        raise FileNotFoundError(f"--masks: the mask file {value!r} does not exist")
+    try:
+        return torch.from_numpy(np.load(value, allow_pickle=False))
+    except (ValueError, OSError) as e:
+        raise ValueError(f"--masks: cannot read {value!r} as a .npy array ({e})") from None
+
+
+def _parse_tau(value: str):
+    """'0.5' -> 0.5; '80:1,1.0:0.5,0.002:0.3' -> {σ: τ} (looked up at the nearest σ in log space)."""
+    msg = f"--tau: expected a number T or comma-separated SIGMA:T pairs, got {value!r}"
+    parts = [v.strip() for v in value.split(",") if v.strip()]
+    try:
+        if len(parts) == 1 and ":" not in parts[0]:
+            return float(parts[0])
+        table = {}
+        for part in parts:
+            sigma, tau = part.split(":")
+            table[float(sigma)] = float(tau)
+    except ValueError:
+        raise ValueError(msg) from None
+    if not table:
+        raise ValueError(msg)
+    return table
+
+
+def _load_schedule(value: str):
+    from .patch_presets import load_patch_schedule
+    return load_patch_schedule(value)
+
+
+_CONVERT = {"patch_schedule": _load_schedule, "masks": _load_masks, "tau": _parse_tau}
 
 
 def _method_options(args) -> dict:
     from .denoisers import denoiser_options
     valid = set(denoiser_options(args.method))
+    if getattr(args, "patch", None) is not None and getattr(args, "patch_schedule", None) is not None:
+        raise ValueError("give either --patch or --patch-schedule, not both")
     opts, unused = {}, []
     for flag, option in _METHOD_FLAGS.items():
-        value = getattr(args, flag)
+        value = getattr(args, flag, None)
         if value is None:
             continue
-        if option not in valid:
+        # A flag may feed one of several option names (--masks: pspc-flex's masks=, pca_locality's mask=).
+        option = next((o for o in (option if isinstance(option, tuple) else (option,)) if o in valid), None)
+        if option is None:
             unused.append("--" + flag.replace("_", "-"))
-        opts[option] = value
+            continue
+        opts[option] = _CONVERT[flag](value) if flag in _CONVERT else value
     if unused:
         raise ValueError(f"{', '.join(unused)} does not apply to --method {args.method}")
     if "backend" in valid:
@@ -116,6 +180,135 @@ def _cmd_methods(args) -> int:
     return 0
 
 
+def _add_calibrate_parser(sub) -> None:
+    p = sub.add_parser(
+        "calibrate", help="calibrate a local method's patch size per noise level",
+        description="Choose one patch size per σ of a grid so that a local method matches a reference "
+                    "(Kamb & Ganguli's calibration). With a reference denoiser, every seed runs the reference's "
+                    "own deterministic DDIM trajectory and each candidate size is scored on the reference's x_t; "
+                    "with --reference clean, held-out training images noised with a fixed ε per seed are the "
+                    "probes and their clean images the target. Per step and seed the best size wins; the table "
+                    "holds the median over seeds. Writes the schedule JSON to --out (read it back with "
+                    "`sample --patch-schedule FILE`; the full report, metric per size and step, is stored under "
+                    "its 'calibration' key) and a PNG plot beside it.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    from .denoisers import DENOISERS
+    p.add_argument("--method", required=True, choices=sorted(DENOISERS),
+                   help="the local method to calibrate (must take a patch option)")
+    p.add_argument("--dataset", default="mnist32", help="dataset name or path, as for `sample`")
+    p.add_argument("--split", default=None, help="train or test (default: the source's own default)")
+    p.add_argument("--subset", type=int, default=None,
+                   help="use the first N training images as candidates (default: all); with --reference clean "
+                        "the next --n-probe images are the probes (default: the last --n-probe images)")
+    p.add_argument("--resolution", type=int, default=None, help="resize training images to R x R")
+    p.add_argument("--pad-to", type=int, default=None, help="zero-pad training images to P x P")
+    p.add_argument("--flips", action="store_true", help="add horizontally mirrored training images")
+    p.add_argument("--reference", default="optimal",
+                   help="'clean' (held-out images) or a method name whose trajectories are the target")
+    p.add_argument("--sizes", default=None,
+                   help="comma-separated candidate patch sizes (default 3,5,... up to the image height)")
+    p.add_argument("--steps", type=int, default=19, help="number of grid steps (19 = Kamb's t = 0.95 ... 0.05)")
+    p.add_argument("--schedule", default="kamb-cosine", help="karras | vp-linear | vp-cosine | kamb-cosine")
+    p.add_argument("--sigma-min", type=float, default=None, help="karras: smallest σ (default 0.002)")
+    p.add_argument("--sigma-max", type=float, default=None, help="karras: largest σ (default 80)")
+    p.add_argument("--rho", type=float, default=None, help="karras: ρ (default 7)")
+    p.add_argument("--spacing", default=None, help="vp-linear / vp-cosine: leading | trailing | linspace")
+    p.add_argument("--seeds", type=int, default=8, help="number of seeds (trajectories or ε draws)")
+    p.add_argument("--seed", type=int, default=0, help="seed i uses seed + i")
+    p.add_argument("--metric", default="cosine", choices=["cosine", "mse"],
+                   help="cosine similarity of scores (higher is better) or MSE of x̂0 (lower is better)")
+    p.add_argument("--n-probe", type=int, default=16, help="--reference clean: held-out probe images")
+    p.add_argument("--random-classes", action="store_true",
+                   help="class-conditional: a seeded random class per trajectory (clean: each probe's label)")
+    p.add_argument("--temperature", type=float, default=None, help="the method's softmax temperature (1)")
+    p.add_argument("--batch-size", type=int, default=None, help="rows per denoiser call (default: all)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    p.add_argument("--backend", default="auto", help="auto | torch | cpu")
+    p.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="working precision")
+    p.add_argument("--out", default="schedule.json", help="schedule file to write (plot: same name, .png)")
+    p.add_argument("--no-plot", action="store_true", help="do not write the PNG plot")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    p.set_defaults(func=_cmd_calibrate)
+
+
+def _parse_sizes(text):
+    if text is None:
+        return None
+    try:
+        sizes = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise ValueError(f"--sizes: expected comma-separated integers, got {text!r}") from None
+    if not sizes:
+        raise ValueError(f"--sizes: expected comma-separated integers, got {text!r}")
+    return sizes
+
+
+def _cmd_calibrate(args) -> int:
+    import os
+
+    import torch
+
+    from .calibration import calibrate_patch_sizes, plot_calibration
+    from .denoisers import denoiser_options, make_denoiser
+    from .run import prepare_dataset
+    valid = set(denoiser_options(args.method))
+    if "patch" not in valid:
+        raise ValueError(f"--method {args.method} takes no patch size, so there is nothing to calibrate")
+    dtype = {"float32": torch.float32, "float64": torch.float64}[args.dtype]
+    opts = {}
+    for option, value in (("backend", args.backend), ("dtype", dtype), ("temperature", args.temperature)):
+        if value is None:
+            continue
+        if option in valid:
+            opts[option] = value
+        elif option == "temperature":
+            raise ValueError(f"--temperature does not apply to --method {args.method}")
+    sizes = _parse_sizes(args.sizes)
+    clean = args.reference == "clean"
+    subset = args.subset
+    if subset is not None and clean:
+        subset += args.n_probe  # the probes come right after the candidates
+    ds = prepare_dataset(args.dataset, split=args.split, subset=subset, resolution=args.resolution,
+                         pad_to=args.pad_to, flips=args.flips, seed=args.seed, device=args.device)
+    if clean:
+        reference = "clean"
+    else:
+        ref_valid = set(denoiser_options(args.reference))
+        ref_opts = {k: v for k, v in (("backend", args.backend), ("dtype", dtype)) if k in ref_valid}
+        reference = make_denoiser(args.reference, ds, **ref_opts)
+    table, report = calibrate_patch_sizes(
+        args.method, reference, ds, candidate_sizes=sizes, schedule=args.schedule, steps=args.steps,
+        schedule_kwargs=_schedule_kwargs(args), seeds=args.seeds, seed=args.seed, metric=args.metric,
+        n_probe=args.n_probe, class_labels="auto" if args.random_classes else None, method_options=opts,
+        batch_size=args.batch_size, device=args.device, dtype=dtype,
+        name=os.path.splitext(os.path.basename(args.out))[0], progress=not args.no_progress)
+    report["dataset"] = repr(ds)
+    folder = os.path.dirname(os.path.abspath(args.out))
+    os.makedirs(folder, exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump({**table.to_json(), "calibration": report}, f, indent=2)
+    plot = None
+    if not args.no_plot:
+        plot = os.path.splitext(args.out)[0] + ".png"
+        plot_calibration(report, plot)
+    print(f"{args.method} vs {report['reference']} ({args.metric}, {len(report['seeds'])} seeds):")
+    for s, k in zip(report["sigmas"], report["sizes"]):
+        print(f"  σ = {s:9.4g}  k = {k}")
+    print(f"wrote {args.out}" + (f" and {plot}" if plot else ""))
+    return 0
+
+
+def _cmd_schedules(args) -> int:
+    from .patch_presets import ALIASES, PRESET_INFO, PRESETS
+    for name, sch in PRESETS.items():
+        span = f"σ in [{min(sch.sigmas):.4g}, {max(sch.sigmas):.4g}]"
+        order = sorted(zip(sch.sigmas, sch.sizes))
+        print(f"{name}\n    {PRESET_INFO.get(name, '')}\n    {span}, {len(sch.sizes)} points; "
+              f"k (low → high σ): {' '.join(str(k) for _, k in order)}")
+    print("aliases: " + ", ".join(f"{a} = {b}" for a, b in ALIASES.items()))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="analytic-diffusion",
                                      description="Exact, fast training-free (analytic) diffusion.")
@@ -124,6 +317,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sample_parser(sub)
     mp = sub.add_parser("methods", help="list the analytic denoisers and their options")
     mp.set_defaults(func=_cmd_methods)
+    _add_calibrate_parser(sub)
+    sp = sub.add_parser("schedules", help="list the patch-size schedule presets (σ span and sizes)")
+    sp.set_defaults(func=_cmd_schedules)
     return parser
 
 

@@ -13,7 +13,9 @@ from .data import load_dataset
 from .denoisers import make_denoiser
 from .metrics import memorization
 from .ops import gather_rows
+from .patches import PatchSchedule
 from .sampling import sample
+from .schedules import Schedule, get_schedule
 from .viz import save_grid, save_nearest_panel, save_x0_strips
 
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -48,6 +50,24 @@ def class_labels_for(dataset, n: int, *, class_label=None, random_classes=False,
     return torch.as_tensor(classes)[torch.randint(len(classes), (n,), generator=g)]
 
 
+def check_patch_coverage(denoiser_or_schedule, schedule="karras", steps=18, schedule_kwargs=None) -> None:
+    """Raise a clear ValueError up front if a patch-size table does not cover the sampler's σ grid.
+
+    Takes a PatchSchedule or a denoiser with a ``patch`` PatchSchedule (local methods); anything else passes.
+    """
+    patch = denoiser_or_schedule
+    if not isinstance(patch, PatchSchedule):
+        patch = getattr(denoiser_or_schedule, "patch", None)
+    if not isinstance(patch, PatchSchedule) or patch.is_constant:
+        return
+    sched = schedule if isinstance(schedule, Schedule) else get_schedule(schedule, steps, **(schedule_kwargs or {}))
+    try:
+        patch.check_covers(sched.sigmas.tolist())
+    except ValueError as e:
+        raise ValueError(f"{e} ({sched.name} grid, {sched.steps} steps); use a schedule calibrated on this grid "
+                         f"(`analytic-diffusion calibrate`) or a constant --patch") from None
+
+
 def run_sample(*, method="optimal", dataset="mnist", split=None, subset=None, subset_random=False,
                resolution=None, pad_to=None, flips=False, class_label=None, random_classes=False, n=64,
                steps=18, sampler="heun", schedule="karras", schedule_kwargs=None, eta=0.0, clip_x0=False,
@@ -57,9 +77,13 @@ def run_sample(*, method="optimal", dataset="mnist", split=None, subset=None, su
     if dtype not in _DTYPES:
         raise ValueError(f"dtype: expected one of {sorted(_DTYPES)}, got {dtype!r}")
     t0 = time.perf_counter()
+    patch = (method_options or {}).get("patch")
+    if isinstance(patch, PatchSchedule):  # fail before loading any data
+        check_patch_coverage(patch, schedule, steps, schedule_kwargs)
     ds = prepare_dataset(dataset, split=split, subset=subset, subset_random=subset_random, resolution=resolution,
                          pad_to=pad_to, flips=flips, seed=seed, device=device)
     denoiser = make_denoiser(method, ds, dtype=_DTYPES[dtype], **(method_options or {}))
+    check_patch_coverage(denoiser, schedule, steps, schedule_kwargs)
     labels = class_labels_for(ds, n, class_label=class_label, random_classes=random_classes, seed=seed)
     x0_steps = []
 

@@ -4,12 +4,18 @@ from __future__ import annotations
 import inspect
 
 from .base import Denoiser, Posterior, sigma_rows
+from .equivariant import BoundaryBrokenELS, EquivariantLocalScore
+from .local import PSPC, LocalScore, PSPCFlex
+from .local_base import LocalDenoiser
 from .neighbours import KNNEstimator, Nearest, TopK
 from .optimal import Optimal, RetrievalDenoiser
+from .pca_locality import PCALocality
 from .smoothed import Smoothed
 from .wiener import Wiener
 
-DENOISERS = {cls.name: cls for cls in (Optimal, TopK, Nearest, Wiener, Smoothed, KNNEstimator)}
+GLOBAL_METHODS = (Optimal, TopK, Nearest, Wiener, Smoothed, KNNEstimator)
+LOCAL_METHODS = (LocalScore, EquivariantLocalScore, BoundaryBrokenELS, PSPC, PSPCFlex, PCALocality)
+DENOISERS = {cls.name: cls for cls in GLOBAL_METHODS + LOCAL_METHODS}
 
 
 def denoiser_options(name: str) -> list:
@@ -20,7 +26,8 @@ def denoiser_options(name: str) -> list:
         if klass in (Denoiser, object):
             continue
         for p in list(inspect.signature(klass.__init__).parameters.values())[2:]:
-            if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD) and p.name not in opts:
+            if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD) and p.name not in opts \
+                    and p.name not in cls.hidden_options:
                 opts.append(p.name)
     return opts
 
@@ -42,4 +49,6 @@ def make_denoiser(name: str, dataset, **options) -> Denoiser:
 
 
 __all__ = ["Denoiser", "Posterior", "sigma_rows", "Optimal", "RetrievalDenoiser", "TopK", "Nearest",
-           "KNNEstimator", "Wiener", "Smoothed", "DENOISERS", "make_denoiser", "denoiser_options"]
+           "KNNEstimator", "Wiener", "Smoothed", "LocalDenoiser", "LocalScore", "EquivariantLocalScore",
+           "BoundaryBrokenELS", "PSPC", "PSPCFlex", "PCALocality", "DENOISERS", "make_denoiser",
+           "denoiser_options"]

@@ -25,6 +25,8 @@ class Denoiser:
     """Base class. Subclasses implement :meth:`denoise` on validated inputs."""
 
     name = "denoiser"
+    # Options a base class takes that this method does not use (hidden from denoiser_options and the CLI).
+    hidden_options: tuple = ()
 
     def __init__(self, image_shape: Tuple[int, int, int]):
         self.image_shape = tuple(int(v) for v in image_shape)

@@ -1,0 +1,375 @@
+"""Calibrate a patch-size schedule: choose k per σ so that a local method matches a reference.
+
+This is Kamb & Ganguli's procedure (reference/methods.md §1.4), made generic over denoiser objects:
+
+* ``reference`` = a denoiser (or a method name): run the reference's own deterministic trajectory (DDIM η = 0
+  on the σ grid, which in σ-space is x' = x̂0 + σ'/σ·(x − x̂0)) from each seed. At every step evaluate the
+  reference and every candidate method ``make_method(k)`` on the reference's x_t.
+* ``reference = "clean"`` (the studio's ``calibrate_scales``, peer spec §1.6): probes are held-out clean images
+  x0 noised as x = x0 + σ·ε with one fixed ε per seed (and per probe), and the target x̂0 is x0 itself.
+
+metric="cosine" compares scores (x̂0 − x)/σ² by their cosine similarity over the whole image (C·H·W; the 1/σ²
+cancels), higher is better; metric="mse" compares x̂0 by mean squared error, lower is better. For each seed
+and step the best k is picked (ties go to the smaller k); the table's k at that σ is the median of those picks
+over seeds, rounded to the nearest candidate size (ties to the smaller one). With probes, a seed's metric is
+the mean over its probes.
+"""
+from __future__ import annotations
+
+import inspect
+import math
+from typing import Callable, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+
+from .patches import PatchSchedule, check_patch_size
+from .schedules import Schedule, get_schedule
+
+__all__ = ["calibrate_patch_sizes", "split_probes", "plot_calibration", "METRICS"]
+
+METRICS = ("cosine", "mse")
+
+
+def split_probes(dataset, n_probe: int):
+    """(candidates, probes): the first N − n_probe stored images as a Dataset, the last n_probe as float images.
+
+    Probe labels (or None) come third. Flips stay a flag of the candidate set; probes are never mirrored.
+    """
+    n = dataset.num_stored
+    if isinstance(n_probe, bool) or not isinstance(n_probe, int) or not 1 <= n_probe < n:
+        raise ValueError(f"n_probe: expected an integer in [1, {n - 1}] (the dataset holds {n} images), "
+                         f"got {n_probe!r}")
+    idx = torch.arange(n - n_probe, n)
+    probes = dataset.images_float(idx)
+    labels = None if dataset.labels is None else dataset.labels[idx.to(dataset.labels.device)].cpu()
+    return dataset.subset(n - n_probe), probes, labels
+
+
+def _accepts_dataset(fn) -> bool:
+    """Whether make_method takes the dataset: a second required positional parameter, or one named 'dataset'."""
+    try:
+        params = list(inspect.signature(fn).parameters.values())
+    except (TypeError, ValueError):
+        return False
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    required = [p for p in positional if p.default is p.empty]
+    return len(required) >= 2 or any(p.name == "dataset" for p in positional[1:])
+
+
+def _method_factory(make_method, method_options):
+    """make_method as a callable (k) or (k, dataset), or a method name built with ``patch=k``."""
+    if isinstance(make_method, str):
+        from .denoisers import denoiser_options, make_denoiser
+        name = make_method
+        if "patch" not in denoiser_options(name):
+            raise ValueError(f"method {name!r} takes no 'patch' option, so it has no patch size to calibrate")
+        return (lambda k, ds: make_denoiser(name, ds, patch=k, **(method_options or {}))), True, name
+    if method_options:
+        raise ValueError("method_options apply only when make_method is a method name")
+    if not callable(make_method):
+        raise TypeError(f"make_method: expected a callable k -> denoiser or a method name, "
+                        f"got {type(make_method).__name__}")
+    return make_method, _accepts_dataset(make_method), getattr(make_method, "__name__", "method")
+
+
+def _reference_denoiser(reference, dataset):
+    if isinstance(reference, str):
+        from .denoisers import make_denoiser
+        return make_denoiser(reference, dataset), reference
+    if not callable(reference):
+        raise TypeError(f"reference: expected a denoiser, a method name or 'clean', got {type(reference).__name__}")
+    return reference, getattr(reference, "name", None) or type(reference).__name__
+
+
+def _call(den, x, sigma, labels):
+    out = den(x, sigma) if labels is None else den(x, sigma, class_labels=labels)
+    return out.to(x.dtype)
+
+
+def _row_metric(metric: str, x0_hat, target_x0, x):
+    """Per-row metric of x̂0 against the target x̂0, both on the query x (accumulated in float64)."""
+    x0_hat, target_x0, x = x0_hat.double(), target_x0.double(), x.double()
+    if metric == "mse":
+        return (x0_hat - target_x0).pow(2).flatten(1).mean(1)
+    a, b = (x0_hat - x).flatten(1), (target_x0 - x).flatten(1)
+    den = (a.norm(dim=1) * b.norm(dim=1)).clamp_min(torch.finfo(a.dtype).tiny)
+    return (a * b).sum(1) / den
+
+
+def _median_size(picks: Sequence[int], sizes: Sequence[int]) -> int:
+    m = float(np.median(np.asarray(picks, dtype=np.float64)))
+    return min(sizes, key=lambda k: (abs(k - m), k))
+
+
+def _mode_size(picks: Sequence[int]) -> int:
+    vals, counts = np.unique(np.asarray(picks), return_counts=True)
+    return int(vals[np.argmax(counts)])  # smallest k among the most frequent
+
+
+def _seed_list(seeds, seed: int):
+    if isinstance(seeds, bool):
+        raise ValueError(f"seeds: expected a count or a list of seeds, got {seeds!r}")
+    if isinstance(seeds, int):
+        if seeds < 1:
+            raise ValueError(f"seeds: expected at least 1 seed, got {seeds}")
+        return [seed + i for i in range(seeds)]
+    seeds = [int(s) for s in seeds]
+    if not seeds or any(s < 0 for s in seeds):
+        raise ValueError(f"seeds: expected a non-empty list of non-negative seeds, got {seeds}")
+    return seeds
+
+
+def _labels_for(class_labels, rows: int, what: str, dataset, seeds, default):
+    """None, a tensor/list of one label per row, or 'auto' (trajectories: a random class per seed, drawn from
+    that seed; probes: each probe's own label)."""
+    if class_labels is None:
+        return None
+    if isinstance(class_labels, str):
+        if class_labels != "auto":
+            raise ValueError(f"class_labels: expected None, 'auto' or one label per {what}, got {class_labels!r}")
+        if what == "probe":
+            if default is None:
+                raise ValueError("class_labels='auto': the probes have no labels; pass one label per probe")
+            return default
+        classes = getattr(dataset, "classes", None)
+        if not classes:
+            raise ValueError("class_labels='auto': the dataset has no labels")
+        return torch.tensor([classes[int(torch.randint(len(classes), (1,),
+                                                       generator=torch.Generator().manual_seed(s)))]
+                             for s in seeds], dtype=torch.long)
+    labels = torch.as_tensor(class_labels, dtype=torch.long).reshape(-1)
+    if labels.numel() != rows:
+        raise ValueError(f"class_labels: expected one label per {what} ({rows}), got {labels.numel()}")
+    return labels
+
+
+@torch.no_grad()
+def calibrate_patch_sizes(make_method: Union[Callable, str], reference, dataset=None, *,
+                          candidate_sizes: Optional[Sequence[int]] = None,
+                          schedule: Union[str, Schedule] = "kamb-cosine", steps: int = 19,
+                          schedule_kwargs: Optional[dict] = None, seeds: Union[int, Sequence[int]] = 8,
+                          seed: int = 0, metric: str = "cosine", n_probe: int = 16,
+                          probe_images: Optional[torch.Tensor] = None, class_labels=None,
+                          method_options: Optional[dict] = None, batch_size: Optional[int] = None,
+                          device=None, dtype: torch.dtype = torch.float32, name: Optional[str] = None,
+                          progress: bool = True) -> Tuple[PatchSchedule, dict]:
+    """Choose a patch size per σ so that ``make_method(k)`` best matches ``reference``.
+
+    make_method:     ``k -> denoiser``, or ``(k, dataset) -> denoiser`` (a second required parameter, or one
+                     named ``dataset``: given the candidate dataset, the held-out split with
+                     reference="clean"), or a method name (built as
+                     ``make_denoiser(name, dataset, patch=k, **method_options)``). Denoisers are any callables
+                     ``D(x, sigma[, class_labels=]) -> x0_hat``; each k is built once.
+    reference:       a denoiser, a method name (built on ``dataset``) or "clean" (see the module docstring).
+    dataset:         the training Dataset. With reference="clean" and no ``probe_images``, its last
+                     ``n_probe`` stored images are the probes and the candidates are ``dataset.subset(N −
+                     n_probe)`` (see :func:`split_probes`); a one-argument make_method must then be built on
+                     that subset itself (a method built on the full dataset would hold the probes, which is
+                     refused when detectable through its ``dataset`` attribute).
+    candidate_sizes: sizes to try (default 3, 5, …, up to the image height); the table is ``odd`` when they
+                     all are.
+    schedule, steps, schedule_kwargs: the σ grid (a Schedule, or a name for :func:`get_schedule`); every σ > 0
+                     of the grid gets one table entry. Default: Kamb's 19-step cosine grid (t = 0.95 … 0.05).
+    seeds:           a count (seeds ``seed``, ``seed + 1``, …) or a list. Seed s draws the initial noise (or the
+                     probes' ε) from ``torch.Generator().manual_seed(s)``, as :func:`sampling.sample` does.
+    metric:          "cosine" (scores, higher is better) or "mse" (x̂0, lower is better).
+    class_labels:    None (unconditional), one label per seed (trajectories) or per probe ("clean"), or
+                     "auto": a seeded random class per seed, or the probes' own labels.
+    batch_size:      rows per denoiser call (default: all seeds, or all seeds × probes, at once).
+
+    Returns (schedule, report). The report is JSON-serialisable: ``sigmas`` (one per step, high → low),
+    ``timesteps``, ``candidate_sizes``, ``values[step][j]`` (the metric of candidate j, median over seeds),
+    ``values_mean``, ``best_per_seed[step][seed]``, ``sizes`` (the chosen table), ``mode`` (most frequent pick).
+    """
+    if metric not in METRICS:
+        raise ValueError(f"metric: expected one of {', '.join(METRICS)}, got {metric!r}")
+    factory, takes_dataset, method_name = _method_factory(make_method, method_options)
+    seed_list = _seed_list(seeds, seed)
+    if isinstance(schedule, Schedule):
+        if schedule_kwargs:
+            raise ValueError("schedule_kwargs cannot be used with a Schedule instance")
+        sched = schedule
+    else:
+        sched = get_schedule(schedule, steps, **(schedule_kwargs or {}))
+    sig = sched.sigmas.tolist()
+    step_sigmas = [s for s in sig[:-1]]
+    if any(not s > 0 for s in step_sigmas):
+        raise ValueError("schedule: every σ but the last must be > 0")
+    clean = isinstance(reference, str) and reference == "clean"
+
+    # ---- probes / candidate set
+    probes = probe_labels = None
+    cand_ds = dataset
+    if clean:
+        if probe_images is not None:
+            probes = torch.as_tensor(probe_images)
+            if probes.dim() != 4 or not probes.is_floating_point():
+                raise ValueError(f"probe_images: expected a float (P, C, H, W) tensor, got "
+                                 f"{tuple(probes.shape)} {probes.dtype}")
+        else:
+            if dataset is None:
+                raise ValueError("reference='clean' needs probe_images or a dataset to hold out probes from")
+            cand_ds, probes, probe_labels = split_probes(dataset, n_probe)
+    elif dataset is None and isinstance(reference, str):
+        raise ValueError(f"reference={reference!r}: a dataset is needed to build it")
+
+    # ---- shape, device
+    if probes is not None:
+        shape = tuple(probes.shape[1:])
+    elif dataset is not None:
+        shape = tuple(dataset.image_shape)
+    else:
+        shape = tuple(getattr(reference, "image_shape", ()))
+        if len(shape) != 3:
+            raise ValueError("dataset: needed for the image shape (the reference has no image_shape)")
+    if device is None:
+        device = getattr(dataset, "device", None) or "cpu"
+    device = torch.device(device)
+    if candidate_sizes is None:
+        candidate_sizes = list(range(3, shape[1] + 1, 2))
+    # Even sizes are allowed for methods that take them (PSPC crops); the method itself rejects what it cannot use.
+    sizes = sorted({check_patch_size(int(k) if isinstance(k, np.integer) else k, "candidate_sizes", odd=False)
+                    for k in candidate_sizes})
+    if not sizes:
+        raise ValueError("candidate_sizes: give at least one size")
+
+    # ---- denoisers
+    methods = {}
+    for k in sizes:
+        den = factory(k, cand_ds) if takes_dataset else factory(k)
+        if clean and probe_images is None and dataset is not None and getattr(den, "dataset", None) is dataset:
+            raise ValueError("reference='clean' holds out the dataset's last n_probe images as probes, but "
+                             "make_method(k) built its denoiser on the full dataset; accept a second "
+                             "argument (k, dataset) or build it on split_probes(dataset, n_probe)[0]")
+        methods[k] = den
+    ref_den, ref_name = (None, "clean") if clean else _reference_denoiser(reference, dataset)
+
+    # ---- rows: seeds (trajectories) or seeds × probes
+    S = len(seed_list)
+    if clean:
+        P = probes.shape[0]
+        labels = _labels_for(class_labels, P, "probe", dataset, seed_list, probe_labels)
+        x0_rows = probes.to(device=device, dtype=dtype).repeat(S, 1, 1, 1)
+        eps = torch.cat([torch.randn((P, *shape), generator=torch.Generator().manual_seed(s))
+                         for s in seed_list]).to(device=device, dtype=dtype)
+        row_labels = None if labels is None else labels.repeat(S).to(device)
+    else:
+        P = 1
+        labels = _labels_for(class_labels, S, "seed", dataset, seed_list, None)
+        row_labels = None if labels is None else labels.to(device)
+        x = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in seed_list])
+        x = x.to(device=device, dtype=dtype) * sched.init_sigma
+    rows = S * P
+    bs = rows if batch_size is None else int(batch_size)
+    if bs < 1:
+        raise ValueError(f"batch_size: expected >= 1, got {batch_size!r}")
+
+    def run(den, xq, s_rows):
+        outs = []
+        for a in range(0, rows, bs):
+            lab = None if row_labels is None else row_labels[a:a + bs]
+            outs.append(_call(den, xq[a:a + bs], s_rows[a:a + bs], lab))
+        return torch.cat(outs)
+
+    values = torch.empty(len(step_sigmas), len(sizes), S, dtype=torch.float64)
+    iterator = range(len(step_sigmas))
+    if progress:
+        from tqdm.auto import tqdm
+        iterator = tqdm(iterator, desc=f"calibrating {method_name}", leave=False)
+    for i in iterator:
+        s = step_sigmas[i]
+        s_rows = torch.full((rows,), s, device=device, dtype=dtype)
+        if clean:
+            xq = x0_rows + s * eps
+            target = x0_rows
+        else:
+            xq = x
+            target = run(ref_den, xq, s_rows)
+        for j, k in enumerate(sizes):
+            m = _row_metric(metric, run(methods[k], xq, s_rows), target, xq)
+            values[i, j] = m.double().reshape(S, P).mean(1).cpu()
+        if not clean:  # DDIM η = 0 along the reference's own trajectory
+            s_next = sig[i + 1]
+            x = target + (s_next / s) * (x - target)
+
+    if not bool(torch.isfinite(values).all()):
+        raise ValueError("calibration: a candidate or the reference produced NaN/Inf values")
+    best = values.argmax(1) if metric == "cosine" else values.argmin(1)  # (steps, S); ties -> smaller k
+    picks = [[sizes[int(j)] for j in row] for row in best]
+    chosen = [_median_size(p, sizes) for p in picks]
+    table = PatchSchedule(chosen, step_sigmas, name=name or f"calibrated-{method_name}-vs-{ref_name}-{metric}",
+                          odd=all(k % 2 for k in sizes))
+    report = {
+        "method": method_name, "reference": ref_name, "metric": metric,
+        "higher_is_better": metric == "cosine", "schedule": sched.name, "schedule_kind": sched.kind,
+        "sigmas": step_sigmas,
+        "timesteps": None if sched.timesteps is None else [float(t) for t in sched.timesteps.tolist()],
+        "candidate_sizes": sizes, "seeds": seed_list, "n_probe": P if clean else None,
+        "class_labels": None if labels is None else labels.tolist(),
+        "values": values.quantile(0.5, dim=2).tolist(),
+        "values_mean": values.mean(2).tolist(),
+        "best_per_seed": picks, "sizes": chosen, "mode": [_mode_size(p) for p in picks],
+    }
+    return table, report
+
+
+def plot_calibration(report: dict, path, size: Tuple[int, int] = (720, 320)) -> None:
+    """A small PNG: left, the chosen k (line) and every seed's pick (dots) against log σ; right, the metric of
+    each candidate k per step (rows: σ high → low; columns: k), scaled per row, bright = better."""
+    from PIL import Image, ImageDraw
+
+    W, H = size
+    img = Image.new("RGB", (W, H), "white")
+    d = ImageDraw.Draw(img)
+    sig = [float(s) for s in report["sigmas"]]
+    sizes = report["candidate_sizes"]
+    chosen = report["sizes"]
+    # Left panel: k vs log σ.
+    x0, y0, x1, y1 = 40, 20, W // 2 - 10, H - 30
+    d.rectangle([x0, y0, x1, y1], outline="black")
+    ls = [math.log10(s) for s in sig]
+    lo, hi = min(ls), max(ls)
+    kmin, kmax = min(sizes), max(sizes)
+
+    def px(l, k):
+        fx = 0.5 if hi == lo else (l - lo) / (hi - lo)
+        fy = 0.5 if kmax == kmin else (k - kmin) / (kmax - kmin)
+        return x0 + 8 + fx * (x1 - x0 - 16), y1 - 8 - fy * (y1 - y0 - 16)
+
+    for l, ks in zip(ls, report["best_per_seed"]):
+        for k in ks:
+            cx, cy = px(l, k)
+            d.ellipse([cx - 2, cy - 2, cx + 2, cy + 2], fill=(150, 150, 220))
+    pts = [px(l, k) for l, k in sorted(zip(ls, chosen))]
+    if len(pts) > 1:
+        d.line(pts, fill=(200, 30, 30), width=2)
+    for cx, cy in pts:
+        d.ellipse([cx - 3, cy - 3, cx + 3, cy + 3], fill=(200, 30, 30))
+    d.text((x0, 4), f"k vs log10 sigma ({report['metric']} vs {report['reference']})", fill="black")
+    d.text((x0, y1 + 4), f"{10 ** lo:.3g}", fill="black")
+    d.text((x1 - 40, y1 + 4), f"{10 ** hi:.3g}", fill="black")
+    d.text((4, y1 - 12), str(kmin), fill="black")
+    d.text((4, y0), str(kmax), fill="black")
+    # Right panel: per-step metric heat map, normalised per row.
+    vals = np.asarray(report["values"], dtype=np.float64)
+    if report.get("higher_is_better", True) is False:
+        vals = -vals
+    gx0, gy0, gx1, gy1 = W // 2 + 30, 20, W - 10, H - 30
+    nr, nc = vals.shape
+    cw, ch = (gx1 - gx0) / nc, (gy1 - gy0) / nr
+    for r in range(nr):
+        row = vals[r]
+        span = row.max() - row.min()
+        for c in range(nc):
+            v = 1.0 if span == 0 else (row[c] - row.min()) / span
+            g = int(255 * v)
+            d.rectangle([gx0 + c * cw, gy0 + r * ch, gx0 + (c + 1) * cw, gy0 + (r + 1) * ch], fill=(g, g, g))
+        c = sizes.index(chosen[r])
+        d.rectangle([gx0 + c * cw, gy0 + r * ch, gx0 + (c + 1) * cw, gy0 + (r + 1) * ch], outline=(220, 30, 30),
+                    width=2)
+    d.text((gx0, 4), "metric per k (rows: sigma high -> low)", fill="black")
+    step = max(1, math.ceil(nc * 14 / (gx1 - gx0)))  # label every column that fits
+    for c in range(0, nc, step):
+        d.text((gx0 + c * cw + 1, gy1 + 4), str(sizes[c]), fill="black")
+    img.save(path)

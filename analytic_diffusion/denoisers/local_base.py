@@ -1,0 +1,50 @@
+"""Shared machinery of the local denoisers: a patch size per σ, and samples grouped by patch size."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from ..patches import PatchSchedule, as_patch_schedule
+from .optimal import RetrievalDenoiser
+
+
+class LocalDenoiser(RetrievalDenoiser):
+    """A retrieval denoiser whose locality (patch side k) follows a :class:`PatchSchedule`.
+
+    Subclasses implement ``_denoise_k(x, s, labels, k)`` for one patch size and may override
+    ``_check_patch(k)`` to reject sizes the image cannot take. Samples of one batch at different σ may need
+    different k: they are grouped by k, so each group is one exact call.
+    """
+
+    default_patch: Optional[int] = None
+
+    def __init__(self, dataset, *, patch=None, **kw):
+        super().__init__(dataset, **kw)
+        self.patch = as_patch_schedule(patch, self.default_patch)
+        for k in set(self.patch.sizes):
+            self._check_patch(k)
+
+    def _check_patch(self, k: int) -> None:
+        """Raise ValueError naming ``patch`` if k cannot be used on this image size."""
+
+    def _denoise_k(self, x, s, labels, k: int) -> torch.Tensor:
+        raise NotImplementedError
+
+    def patch_sizes(self, s: torch.Tensor) -> torch.Tensor:
+        return torch.tensor([self.patch.k_for(float(v)) for v in s.cpu()], dtype=torch.long)
+
+    def denoise(self, x, s, labels):
+        ks = self.patch_sizes(s)
+        out = torch.empty_like(x, dtype=self.dtype)
+        for k in torch.unique(ks).tolist():
+            rows = (ks == k).nonzero().flatten().to(x.device)
+            out[rows] = self._denoise_k(x[rows], s[rows], None if labels is None else labels[rows], int(k)
+                                        ).to(self.dtype)
+        return out
+
+    def _posterior(self, x, s, labels):
+        raise NotImplementedError(f"{self.name}: per-pixel posteriors have no single summary; use __call__")
+
+    def config(self) -> dict:
+        return {**super().config(), "patch": self.patch.to_json()}

@@ -1,7 +1,7 @@
 """Peak extra memory (and time) of ONE ELS denoiser call at CIFAR-10 shapes. A script, not a test.
 
     python bench/els_memory.py                       # k in {3, 15} × {default budget, 64 GB requested}
-    python bench/els_memory.py --ks 3 --max-keys-chunks 4
+    python bench/els_memory.py --ks 15 --shard-images 2000
 
 Each case runs in a fresh subprocess: N random uint8 images 3×32×32 are built, the dataset's centre vector is
 warmed (a cached D-vector, computed once per dataset), then the RSS is read (VmRSS), the high-water mark is
@@ -10,14 +10,14 @@ one denoiser call runs on a B = 1 query at σ = 1, and peak extra = VmHWM − ba
 
 The patch reference caps its temporaries at PATCH_MEMORY_CAP (2 GiB) whatever budget is requested, so the
 64 GB request shows that the < 4 GB bound holds whatever chunk sizes the budget would allow.
-``--max-keys-chunks n`` stops the call after its first n key chunks (the steady state of the chunk loop:
-every chunk has the same size) and the output says so; without it the call is complete.
+``--shard-images M`` runs the call over the shard of the first M stored images only (``partial(start=0,
+stop=M)``, the way datasets are sharded): the chunk loop's steady state is the same, so the peak memory is the
+full call's, in a fraction of the time; the output says so. Without it the call is complete.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import time
@@ -61,8 +61,8 @@ def child(args) -> None:
     base = _status("VmRSS")
     reset = _reset_hwm()
     t0 = time.perf_counter()
-    if args.max_keys_chunks:
-        st = den.partial(x, 1.0, k=args.k, _max_chunks=args.max_keys_chunks)
+    if args.shard_images:
+        st = den.partial(x, 1.0, k=args.k, start=0, stop=args.shard_images)
         ok = bool(torch.isfinite(st.m).all())
     else:
         out = den(x, 1.0)
@@ -71,7 +71,7 @@ def child(args) -> None:
     peak = _status("VmHWM")
     print(json.dumps({"k": args.k, "requested": den.memory_budget, "effective": effective_budget(den.memory_budget),
                       "base_mb": base / 2**20, "extra_mb": (peak - base) / 2**20, "seconds": dt,
-                      "hwm_reset": reset, "finite": ok, "chunks": args.max_keys_chunks or "all"}))
+                      "hwm_reset": reset, "finite": ok, "images": args.shard_images or "all"}))
 
 
 def main() -> None:
@@ -79,8 +79,8 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=50_000)
     ap.add_argument("--ks", default="3,15")
     ap.add_argument("--budgets", default="default,64e9", help="comma list: 'default' or bytes")
-    ap.add_argument("--max-keys-chunks", type=int, default=0,
-                    help="stop each call after this many key chunks (memory of the steady state only)")
+    ap.add_argument("--shard-images", type=int, default=0,
+                    help="run each call over the first M stored images only (same chunk sizes, less time)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--k", type=int, help=argparse.SUPPRESS)
@@ -93,7 +93,7 @@ def main() -> None:
     for k in [int(v) for v in args.ks.split(",")]:
         for b in args.budgets.split(","):
             cmd = [sys.executable, __file__, "--child", "--k", str(k), "--n", str(args.n),
-                   "--threads", str(args.threads), "--max-keys-chunks", str(args.max_keys_chunks)]
+                   "--threads", str(args.threads), "--shard-images", str(args.shard_images)]
             if b != "default":
                 cmd += ["--budget", b]
             r = subprocess.run(cmd, capture_output=True, text=True)
@@ -104,9 +104,9 @@ def main() -> None:
             res["budget_label"] = b
             rows.append(res)
             print(json.dumps(res), file=sys.stderr, flush=True)
-    partial = args.max_keys_chunks > 0
+    partial = args.shard_images > 0
     print(f"\nELS, one call, B = 1, N = {args.n} random uint8 images 3×32×32, σ = 1, {args.threads} threads"
-          + (f"; PARTIAL: each call stopped after its first {args.max_keys_chunks} key chunks" if partial
+          + (f"; SHARD: each call covers the first {args.shard_images} images (same chunk sizes)" if partial
              else "; complete calls"))
     print("\n| k | requested budget | effective budget | peak extra MB | seconds |")
     print("|---|---|---|---|---|")

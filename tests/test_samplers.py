@@ -8,7 +8,7 @@ import torch
 from analytic_diffusion.samplers import (SAMPLERS, get_sampler, sample_ddim, sample_ddpm, sample_euler,
                                          sample_heun)
 from analytic_diffusion.sampling import SampleResult, sample
-from analytic_diffusion.schedules import get_schedule, karras, vp_linear
+from analytic_diffusion.schedules import karras, vp_linear
 
 SHAPE = (2, 2, 2)  # D = 8
 

@@ -51,7 +51,7 @@ class _PatchScore(LocalDenoiser):
         return F.pad(x, (d, d, d, d), mode="constant", value=0.0)
 
     def partial(self, x: torch.Tensor, sigma, class_labels=None, *, k: Optional[int] = None, start: int = 0,
-                stop: Optional[int] = None, _max_chunks: Optional[int] = None) -> PartialState:
+                stop: Optional[int] = None) -> PartialState:
         """Per-pixel partial state over stored images start:stop: rows ordered (b, i, j), o = (B·H·W, C).
 
         ``k`` defaults to the schedule's patch size at σ (all samples must then share one k).
@@ -63,7 +63,7 @@ class _PatchScore(LocalDenoiser):
                 raise ValueError("k: samples at different σ use different patch sizes; pass k explicitly")
             k = int(ks[0])
         self._check_patch(k)
-        return self._partial_k(x, s, labels, k, start=start, stop=stop, max_chunks=_max_chunks)
+        return self._partial_k(x, s, labels, k, start=start, stop=stop)
 
     def from_partial(self, state: PartialState, batch: int) -> torch.Tensor:
         """(B, C, H, W) posterior mean from a (combined) per-pixel state."""
@@ -73,8 +73,8 @@ class _PatchScore(LocalDenoiser):
     def _denoise_k(self, x, s, labels, k: int) -> torch.Tensor:
         return self.from_partial(self._partial_k(x, s, labels, k), x.shape[0])
 
-    def _partial_k(self, x, s, labels, k: int, *, start: int = 0, stop: Optional[int] = None,
-                   max_chunks: Optional[int] = None) -> PartialState:
+    def _partial_k(self, x, s, labels, k: int, *, start: int = 0, stop: Optional[int] = None
+                   ) -> PartialState:
         c, h, w = self.image_shape
         B = x.shape[0]
         feat = c * k * k
@@ -100,8 +100,7 @@ class _PatchScore(LocalDenoiser):
                 sub = patch_softmax_partial(
                     q, self.keys, s[b], cpos, k, temperature=self.temperature,
                     query_labels=None if labels is None else labels[b], flips=self.flips, dtype=dt,
-                    memory_budget=max(1, budget - q.numel() * item), start=start, stop=stop,
-                    _max_chunks=max_chunks)
+                    memory_budget=max(1, budget - q.numel() * item), start=start, stop=stop)
                 rows = b * (h * w) + pix[p]
                 state.m[rows], state.l[rows], state.l2[rows], state.o[rows] = sub.m, sub.l, sub.l2, sub.o
                 del q, sub

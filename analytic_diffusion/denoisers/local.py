@@ -251,15 +251,10 @@ class PSPCFlex(LocalDenoiser):
         return self._cache[key]
 
     def denoise(self, x, s, labels):
-        out = torch.empty_like(x, dtype=self.dtype)
-        keys = torch.tensor([sigma_key(v) for v in s.cpu().tolist()], dtype=torch.float64)
-        for key in torch.unique(keys).tolist():
-            rows = (keys == key).nonzero().flatten().to(x.device)
-            out[rows] = mask_composite(x[rows], self.keys, s[rows], self.masks_for(key),
-                                       temperature=self.temperature,
-                                       query_labels=None if labels is None else labels[rows], flips=self.flips,
-                                       dtype=self.dtype, memory_budget=self.memory_budget)
-        return out
+        return self.grouped(x, s, labels, [sigma_key(v) for v in s.cpu().tolist()], lambda xr, sr, lr, key:
+                            mask_composite(xr, self.keys, sr, self.masks_for(key), temperature=self.temperature,
+                                           query_labels=lr, flips=self.flips, dtype=self.dtype,
+                                           memory_budget=self.memory_budget))
 
     def config(self) -> dict:
         cfg = {k: v for k, v in super().config().items() if k != "patch"}

@@ -5,7 +5,7 @@ from typing import Optional
 
 import torch
 
-from ..patches import PatchSchedule, as_patch_schedule
+from ..patches import as_patch_schedule
 from .optimal import RetrievalDenoiser
 
 
@@ -34,14 +34,18 @@ class LocalDenoiser(RetrievalDenoiser):
     def patch_sizes(self, s: torch.Tensor) -> torch.Tensor:
         return torch.tensor([self.patch.k_for(float(v)) for v in s.cpu()], dtype=torch.long)
 
-    def denoise(self, x, s, labels):
-        ks = self.patch_sizes(s)
+    def grouped(self, x, s, labels, group_keys, fn) -> torch.Tensor:
+        """Run ``fn(x, s, labels, key)`` once per distinct key (a patch size, a σ) on the rows that share it."""
         out = torch.empty_like(x, dtype=self.dtype)
-        for k in torch.unique(ks).tolist():
-            rows = (ks == k).nonzero().flatten().to(x.device)
-            out[rows] = self._denoise_k(x[rows], s[rows], None if labels is None else labels[rows], int(k)
-                                        ).to(self.dtype)
+        keys = torch.as_tensor(group_keys, dtype=torch.float64)
+        for key in torch.unique(keys).tolist():
+            rows = (keys == key).nonzero().flatten().to(x.device)
+            out[rows] = fn(x[rows], s[rows], None if labels is None else labels[rows], key).to(self.dtype)
         return out
+
+    def denoise(self, x, s, labels):
+        return self.grouped(x, s, labels, self.patch_sizes(s).tolist(),
+                            lambda xr, sr, lr, k: self._denoise_k(xr, sr, lr, int(k)))
 
     def _posterior(self, x, s, labels):
         raise NotImplementedError(f"{self.name}: per-pixel posteriors have no single summary; use __call__")

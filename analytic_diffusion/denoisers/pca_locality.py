@@ -90,15 +90,11 @@ class PCALocality(LocalDenoiser):
         return self._cache[key]
 
     def denoise(self, x, s, labels):
-        out = torch.empty_like(x, dtype=self.dtype)
-        keys = torch.tensor([sigma_key(v) for v in s.cpu().tolist()], dtype=torch.float64)
-        for key in torch.unique(keys).tolist():
-            rows = (keys == key).nonzero().flatten().to(x.device)
-            out[rows] = coordinate_retrieval(
-                x[rows], self.keys, s[rows], self.mask_for(key), temperature=self.temperature,
-                query_labels=None if labels is None else labels[rows], flips=self.flips, softmax=self.softmax,
-                chunk_size=self.chunk_size, dtype=self.dtype, memory_budget=self.memory_budget)
-        return out
+        return self.grouped(x, s, labels, [sigma_key(v) for v in s.cpu().tolist()], lambda xr, sr, lr, key:
+                            coordinate_retrieval(xr, self.keys, sr, self.mask_for(key),
+                                                 temperature=self.temperature, query_labels=lr, flips=self.flips,
+                                                 softmax=self.softmax, chunk_size=self.chunk_size,
+                                                 dtype=self.dtype, memory_budget=self.memory_budget))
 
     def config(self) -> dict:
         cfg = {k: v for k, v in super().config().items() if k != "patch"}

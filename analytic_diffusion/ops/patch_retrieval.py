@@ -134,7 +134,7 @@ class _Window:
 
 def _partial_rows(qc: torch.Tensor, q2: torch.Tensor, coef: torch.Tensor, keys: KeyBank,
                   image_idx: torch.Tensor, pos: torch.Tensor, k: int, cvec: torch.Tensor, dtype, budget: int,
-                  state: PartialState, max_chunks: Optional[list]) -> PartialState:
+                  state: PartialState) -> PartialState:
     """Fold every candidate (images ``image_idx`` × centres ``pos``) into ``state`` for centred queries qc."""
     dev = qc.device
     item = torch.empty((), dtype=dtype).element_size()
@@ -146,10 +146,6 @@ def _partial_rows(qc: torch.Tensor, q2: torch.Tensor, coef: torch.Tensor, keys: 
     for p0 in range(0, pos.shape[0], n_pos):
         pc = pos[p0:p0 + n_pos]
         for i0 in range(0, image_idx.numel(), n_img):
-            if max_chunks is not None:
-                if max_chunks[0] <= 0:
-                    return state
-                max_chunks[0] -= 1
             win = _Window(keys, image_idx[i0:i0 + n_img], pc, k, dtype, dev)
             # im2col by a 1-D index_select (an (n, P, F) advanced index would expand int64 indices per image)
             y = torch.index_select(win.flat, 1, win.offsets.reshape(-1)).reshape(-1, feat)  # (n·P, F) keys
@@ -173,8 +169,8 @@ def _partial_rows(qc: torch.Tensor, q2: torch.Tensor, coef: torch.Tensor, keys: 
 def patch_softmax_partial(queries: torch.Tensor, keys: KeyBank, sigma, positions: torch.Tensor, k: int, *,
                           temperature: float = 1.0, query_labels: Optional[torch.Tensor] = None,
                           flips: bool = False, dtype: Optional[torch.dtype] = None,
-                          memory_budget: int = DEFAULT_MEMORY_BUDGET, start: int = 0, stop: Optional[int] = None,
-                          _max_chunks: Optional[int] = None) -> PartialState:
+                          memory_budget: int = DEFAULT_MEMORY_BUDGET, start: int = 0, stop: Optional[int] = None
+                          ) -> PartialState:
     """Partial state (rows = query rows, o = (Q, C)) of the patch softmax over stored images start:stop.
 
     ``queries`` (Q, C·k²) float patches; ``sigma`` a scalar or (Q,) per row; ``positions`` (P, 2) candidate
@@ -215,11 +211,9 @@ def patch_softmax_partial(queries: torch.Tensor, keys: KeyBank, sigma, positions
         if query_labels.shape != (Q,):
             raise ValueError(f"query_labels: expected shape ({Q},), got {tuple(query_labels.shape)}")
     budget = effective_budget(memory_budget)
-    item = torch.empty((), dtype=dtype).element_size()
     cvec = channel_center(keys, k, torch.float64).to(dev)
     positions = positions.to(dev)
     mirrored_pos = torch.stack([positions[:, 0], w - 1 - positions[:, 1]], 1)
-    max_chunks = None if _max_chunks is None else [int(_max_chunks)]
 
     state = PartialState.empty(Q, c, dtype=dtype, device=dev)
     all_idx = torch.arange(start, stop, device=keys.device)
@@ -248,7 +242,7 @@ def patch_softmax_partial(queries: torch.Tensor, keys: KeyBank, sigma, positions
                     qc = qm - cv
                     q2 = (qc * qc).sum(1)
                     sub = _partial_rows(qc, q2, coef, keys, image_idx, mirrored_pos if mirror else positions,
-                                        k, cv, work, key_budget, sub, max_chunks)
+                                        k, cv, work, key_budget, sub)
                     del qc, qm
                 sub = sub.to(dtype)
                 state.m[rr], state.l[rr], state.l2[rr], state.o[rr] = sub.m, sub.l, sub.l2, sub.o

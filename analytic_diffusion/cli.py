@@ -309,6 +309,145 @@ def _cmd_schedules(args) -> int:
     return 0
 
 
+def _add_compare_parser(sub) -> None:
+    p = sub.add_parser(
+        "compare", help="compare analytic denoisers with a trained network (r², MSE, Pearson r, memorisation)",
+        description="Run the network (a checkpoint, or method:NAME for an analytic reference) and each analytic "
+                    "method from the same seeds and write a report folder: metrics.json (per step trajectory "
+                    "and single MSE / r² vs the network, single-step MSE / r² / score cosine per σ, Kamb's "
+                    "final-sample Pearson r per seed and its median, memorisation and distance-to-train "
+                    "novelty), r² and MSE vs σ plots, samples.png (one labelled row per model, same seed per "
+                    "column) and summary.md.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--network", required=True, metavar="CKPT|method:NAME",
+                   help="checkpoint file (analytic_diffusion.networks.load_network) or method:NAME")
+    p.add_argument("--methods", default="optimal,wiener", help="comma-separated analytic methods")
+    p.add_argument("--dataset", default="mnist32", help="dataset name or path, as for `sample`")
+    p.add_argument("--split", default=None, help="train or test (default: the source's own default)")
+    p.add_argument("--subset", type=int, default=None,
+                   help="training set = the first N images; the next ones are held out (default: all but the "
+                        "last max(--n-test, --n-single))")
+    p.add_argument("--resolution", type=int, default=None, help="resize images to R x R")
+    p.add_argument("--pad-to", type=int, default=None, help="zero-pad images to P x P")
+    p.add_argument("--flips", action="store_true", help="add horizontally mirrored training images")
+    p.add_argument("--steps", type=int, default=19, help="number of sampler steps")
+    p.add_argument("--sampler", default="ddim", help="euler | heun | ddim | ddpm")
+    p.add_argument("--schedule", default="kamb-cosine", help="karras | vp-linear | vp-cosine | kamb-cosine")
+    p.add_argument("--sigma-min", type=float, default=None, help="karras: smallest σ (default 0.002)")
+    p.add_argument("--sigma-max", type=float, default=None, help="karras: largest σ (default 80)")
+    p.add_argument("--rho", type=float, default=None, help="karras: ρ (default 7)")
+    p.add_argument("--spacing", default=None, help="vp-linear / vp-cosine: leading | trailing | linspace")
+    p.add_argument("--seeds", default="8", help="number of seeds (seed, seed+1, ...) or a comma-separated list")
+    p.add_argument("--seed", type=int, default=0, help="first seed when --seeds is a count")
+    p.add_argument("--n-single", type=int, default=16, help="held-out images for the single-step comparison")
+    p.add_argument("--n-test", type=int, default=256, help="held-out images for the distance-to-train baseline")
+    p.add_argument("--patch", type=int, default=None, metavar="K", help="local methods: one patch side K")
+    p.add_argument("--patch-schedule", default=None, metavar="NAME_OR_FILE",
+                   help="local methods: patch size per σ (preset or calibrate JSON)")
+    p.add_argument("--k", type=int, default=None, help="topk / knn: neighbours")
+    p.add_argument("--rank", type=int, default=None, help="wiener: leading PCA components kept")
+    p.add_argument("--temperature", type=float, default=None, help="retrieval methods: softmax temperature")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    p.add_argument("--backend", default="auto", help="auto | torch | cpu")
+    p.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="working precision")
+    p.add_argument("--batch-size", type=int, default=None, help="samples per denoiser call (default: all)")
+    p.add_argument("--out", default=None, help="report folder (default runs/compare-NETWORK)")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    p.set_defaults(func=_cmd_compare)
+
+
+def _parse_seeds(text: str, first: int):
+    """'8' -> 8 seeds from --seed; '1,5,9' -> those seeds."""
+    msg = f"--seeds: expected a count >= 1 or comma-separated non-negative integers, got {text!r}"
+    parts = [v.strip() for v in str(text).split(",") if v.strip()]
+    try:
+        values = [int(v) for v in parts]
+    except ValueError:
+        raise ValueError(msg) from None
+    if not values or any(v < 0 for v in values) or (len(values) == 1 and "," not in str(text) and values[0] < 1):
+        raise ValueError(msg)
+    if first < 0:
+        raise ValueError(f"--seed: expected a non-negative integer, got {first}")
+    return values[0] if len(values) == 1 and "," not in str(text) else values
+
+
+def _cmd_compare(args) -> int:
+    from .compare import run_compare
+    if args.patch is not None and args.patch_schedule is not None:
+        raise ValueError("give either --patch or --patch-schedule, not both")
+    opts = {k: v for k, v in (("patch", args.patch), ("k", args.k), ("rank", args.rank),
+                              ("temperature", args.temperature)) if v is not None}
+    if args.patch_schedule is not None:
+        opts["patch"] = _load_schedule(args.patch_schedule)
+    run_compare(network=args.network, methods=args.methods, dataset=args.dataset, split=args.split,
+                subset=args.subset, resolution=args.resolution, pad_to=args.pad_to, flips=args.flips,
+                steps=args.steps, sampler=args.sampler, schedule=args.schedule,
+                schedule_kwargs=_schedule_kwargs(args), seeds=_parse_seeds(args.seeds, args.seed), seed=args.seed,
+                n_single=args.n_single, n_test=args.n_test, method_options=opts, backend=args.backend,
+                device=args.device, dtype=args.dtype, batch_size=args.batch_size, out=args.out,
+                progress=not args.no_progress)
+    return 0
+
+
+def _add_train_parser(sub) -> None:
+    p = sub.add_parser(
+        "train", help="train a small reference network (local ResNet or 2-level UNet) as an EDM denoiser",
+        description="Train a LocalResNet (3x3 convolutions only, local receptive field) or a SmallUNet (2 levels, "
+                    "no attention) with the EDM objective (preconditioning, log-normal sigma sampling, loss weight "
+                    "(s^2+sd^2)/(s*sd)^2) and Adam. Writes --out/net.pt (final checkpoint; load it with "
+                    "analytic_diffusion.networks.load_network), stepNNNNNNN.pt every --checkpoint-every steps, "
+                    "losses.json and loss.png.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--arch", default="resnet", choices=["resnet", "unet"], help="network architecture")
+    p.add_argument("--padding", default="zeros", choices=["zeros", "circular"], help="convolution padding")
+    p.add_argument("--channels", type=int, default=64, help="channels (UNet: at full resolution, doubled below)")
+    p.add_argument("--blocks", type=int, default=None,
+                   help="residual blocks (ResNet: total, default 8; UNet: per level, default 2)")
+    p.add_argument("--dataset", default="mnist32", help="dataset name or path, as for `sample`")
+    p.add_argument("--split", default=None, help="train or test (default: the source's own default)")
+    p.add_argument("--subset", type=int, default=None, help="train on the first N images only")
+    p.add_argument("--steps", type=int, default=2000, help="optimiser steps")
+    p.add_argument("--batch-size", type=int, default=128, help="images per step")
+    p.add_argument("--lr", type=float, default=2e-3, help="Adam learning rate (linear warm-up, cosine decay)")
+    p.add_argument("--sigma-sampling", default="lognormal", choices=["lognormal", "loguniform"],
+                   help="training noise levels: EDM log-normal or log-uniform on [0.002, 80]")
+    p.add_argument("--no-ema", action="store_true", help="do not keep an EMA of the weights (default decay 0.999)")
+    p.add_argument("--seed", type=int, default=0, help="seeds the weights, batches and noise")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    p.add_argument("--out", required=True, help="output folder (e.g. runs/NAME)")
+    p.add_argument("--checkpoint-every", type=int, default=None, help="also save a checkpoint every K steps")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads for torch (default: torch's own; 1 is often fastest on a busy shared machine)")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    p.set_defaults(func=_cmd_train)
+
+
+def _cmd_train(args) -> int:
+    import os
+
+    import torch
+
+    from .networks.train import plot_losses, train_network
+    from .run import prepare_dataset
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ValueError(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
+    ds = prepare_dataset(args.dataset, split=args.split, subset=args.subset, device=args.device)
+    blocks = args.blocks if args.blocks is not None else (8 if args.arch == "resnet" else 2)
+    res = train_network(ds, arch=args.arch, padding=args.padding, channels=args.channels, blocks=blocks,
+                        steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed, device=args.device,
+                        sigma_sampling=args.sigma_sampling, ema=None if args.no_ema else 0.999, out_dir=args.out,
+                        checkpoint_every=args.checkpoint_every, progress=not args.no_progress)
+    plot = plot_losses(res.losses, os.path.join(args.out, "loss.png"))
+    k = min(50, len(res.losses))
+    print(f"trained {args.arch} ({args.padding}) for {args.steps} steps in {res.elapsed_s:.1f} s; "
+          f"final loss (mean of last {k}) {sum(res.losses[-k:]) / k:.4f}")
+    print(f"wrote {res.checkpoints[-1]}" + (f" (+{len(res.checkpoints) - 1} intermediate)" if len(res.checkpoints) > 1
+                                            else "") + f", {os.path.join(args.out, 'losses.json')} and {plot}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="analytic-diffusion",
                                      description="Exact, fast training-free (analytic) diffusion.")
@@ -320,6 +459,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_calibrate_parser(sub)
     sp = sub.add_parser("schedules", help="list the patch-size schedule presets (σ span and sizes)")
     sp.set_defaults(func=_cmd_schedules)
+    _add_train_parser(sub)
+    _add_compare_parser(sub)
     return parser
 
 

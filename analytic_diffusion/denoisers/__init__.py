@@ -10,10 +10,11 @@ from .local_base import LocalDenoiser
 from .neighbours import KNNEstimator, Nearest, TopK
 from .optimal import Optimal, RetrievalDenoiser
 from .pca_locality import PCALocality
+from .posterior_sample import PosteriorSampleDenoiser
 from .smoothed import Smoothed
 from .wiener import Wiener
 
-GLOBAL_METHODS = (Optimal, TopK, Nearest, Wiener, Smoothed, KNNEstimator)
+GLOBAL_METHODS = (Optimal, TopK, Nearest, Wiener, Smoothed, KNNEstimator, PosteriorSampleDenoiser)
 LOCAL_METHODS = (LocalScore, EquivariantLocalScore, BoundaryBrokenELS, PSPC, PSPCFlex, PCALocality)
 DENOISERS = {cls.name: cls for cls in GLOBAL_METHODS + LOCAL_METHODS}
 
@@ -50,5 +51,5 @@ def make_denoiser(name: str, dataset, **options) -> Denoiser:
 
 __all__ = ["Denoiser", "Posterior", "sigma_rows", "Optimal", "RetrievalDenoiser", "TopK", "Nearest",
            "KNNEstimator", "Wiener", "Smoothed", "LocalDenoiser", "LocalScore", "EquivariantLocalScore",
-           "BoundaryBrokenELS", "PSPC", "PSPCFlex", "PCALocality", "DENOISERS", "make_denoiser",
+           "BoundaryBrokenELS", "PSPC", "PSPCFlex", "PCALocality", "PosteriorSampleDenoiser", "DENOISERS", "make_denoiser",
            "denoiser_options"]

@@ -2,8 +2,8 @@
 from .keys import KeyBank
 from .partial import PartialState, combine_partials
 from .retrieval import (BACKENDS, DEFAULT_MEMORY_BUDGET, RetrievalResult, choose_backend, gather_rows,
-                        hflip_rows, knn_search, sigma_rows, softmax_retrieval)
+                        hflip_rows, knn_search, posterior_draw, sigma_rows, softmax_retrieval)
 
 __all__ = ["KeyBank", "PartialState", "combine_partials", "BACKENDS", "DEFAULT_MEMORY_BUDGET",
            "RetrievalResult", "choose_backend", "gather_rows", "hflip_rows", "knn_search", "sigma_rows",
-           "softmax_retrieval"]
+           "softmax_retrieval", "posterior_draw"]

@@ -9,6 +9,16 @@ For one query row b over a set of candidates j with logits z_bj and values y_j:
 
 Logits are in nats. Two states combine by rescaling to the larger max; the combine is associative and,
 applied in a fixed order, deterministic.
+
+Optional second moment (``o2``, None unless asked for, so the default path carries nothing extra):
+
+    o2_b = Σ_j exp(z_bj - m_b) · (y_j − μ_b)²,   μ_b = o_b / l_b          (per value coordinate)
+
+i.e. the *centred* unnormalised second moment, so that the posterior variance is o2 / l. It is stored centred
+about the state's own mean (Chan, Golub & LeVeque's pairwise update) rather than as Σ p·y²: the raw second
+moment minus mean² cancels catastrophically when the spread is small next to |y| (data far from the origin,
+or σ → 0 where the variance vanishes), while the centred form combines shards with only well-conditioned
+terms and does not depend on any shard's own reference point (each shard may centre its data differently).
 """
 from __future__ import annotations
 
@@ -24,14 +34,17 @@ class PartialState:
     l: torch.Tensor  # (B,)
     l2: torch.Tensor  # (B,)
     o: torch.Tensor  # (B, D)
+    o2: Optional[torch.Tensor] = None  # (B, D) centred second moment Σ p (y − o/l)², only when asked for
 
     @staticmethod
-    def empty(batch: int, dim: int, *, dtype=torch.float32, device=None) -> "PartialState":
+    def empty(batch: int, dim: int, *, dtype=torch.float32, device=None,
+              second_moment: bool = False) -> "PartialState":
         return PartialState(
             m=torch.full((batch,), float("-inf"), dtype=dtype, device=device),
             l=torch.zeros(batch, dtype=dtype, device=device),
             l2=torch.zeros(batch, dtype=dtype, device=device),
             o=torch.zeros(batch, dim, dtype=dtype, device=device),
+            o2=torch.zeros(batch, dim, dtype=dtype, device=device) if second_moment else None,
         )
 
     def combine(self, other: "PartialState") -> "PartialState":
@@ -41,11 +54,26 @@ class PartialState:
         # A side whose max is -inf contributes nothing; exp(-inf - finite) = 0 already, but -inf - -inf is NaN.
         a = torch.where(finite, torch.exp(self.m - safe_m), torch.zeros_like(m))
         b = torch.where(finite, torch.exp(other.m - safe_m), torch.zeros_like(m))
+        if (self.o2 is None) != (other.o2 is None):
+            raise ValueError("PartialState.combine: one state carries the second moment (o2) and the other "
+                             "does not; compute every shard with second_moment=True")
+        la, lb = self.l * a, other.l * b
+        l = la + lb
+        o2 = None
+        if self.o2 is not None:
+            # Chan et al.: M2 = M2_a + M2_b + (l_a l_b / l) (μ_b − μ_a)², each side rescaled to the common max.
+            # A side with no weight (l = 0) has an undefined mean; its factor l_a l_b / l is 0 then.
+            mu_a = self.o / torch.where(self.l > 0, self.l, torch.ones_like(self.l))[:, None]
+            mu_b = other.o / torch.where(other.l > 0, other.l, torch.ones_like(other.l))[:, None]
+            f = torch.where(l > 0, la * lb / torch.where(l > 0, l, torch.ones_like(l)), torch.zeros_like(l))
+            delta = mu_b - mu_a
+            o2 = self.o2 * a[:, None] + other.o2 * b[:, None] + f[:, None] * delta * delta
         return PartialState(
             m=m,
-            l=self.l * a + other.l * b,
+            l=l,
             l2=self.l2 * a * a + other.l2 * b * b,
             o=self.o * a[:, None] + other.o * b[:, None],
+            o2=o2,
         )
 
     def mean(self) -> torch.Tensor:
@@ -54,6 +82,19 @@ class PartialState:
             raise ValueError("softmax retrieval: some query rows had no allowed candidate "
                              "(empty dataset shard, or no training image of the requested class)")
         return self.o / self.l[:, None]
+
+    def variance(self) -> torch.Tensor:
+        """Posterior variance per value coordinate, Σ_j w_j (y_j − mean)² = o2 / l (needs the second moment).
+
+        Tiny negatives cannot arise from the centred combine itself; the per-chunk moments are clamped at 0
+        where they are made (see torch_backend.softmax_partial), and this clamps once more for safety.
+        """
+        if self.o2 is None:
+            raise ValueError("variance: this state has no second moment; retrieve with second_moment=True")
+        if bool((self.l <= 0).any()):
+            raise ValueError("softmax retrieval: some query rows had no allowed candidate "
+                             "(empty dataset shard, or no training image of the requested class)")
+        return (self.o2 / self.l[:, None]).clamp_min(0.0)
 
     def max_weight(self) -> torch.Tensor:
         """Largest posterior weight: the max logit has unnormalised weight exp(0) = 1."""
@@ -65,11 +106,16 @@ class PartialState:
 
     def to(self, *args, **kwargs) -> "PartialState":
         return PartialState(self.m.to(*args, **kwargs), self.l.to(*args, **kwargs),
-                            self.l2.to(*args, **kwargs), self.o.to(*args, **kwargs))
+                            self.l2.to(*args, **kwargs), self.o.to(*args, **kwargs),
+                            None if self.o2 is None else self.o2.to(*args, **kwargs))
 
     def map_values(self, fn) -> "PartialState":
-        """Apply a linear map to the value sums (e.g. un-flip an image), leaving the weights alone."""
-        return PartialState(self.m, self.l, self.l2, fn(self.o))
+        """Apply a linear map to the value sums (e.g. un-flip an image), leaving the weights alone.
+
+        The second moment, when present, goes through the same ``fn``: that is right for coordinate
+        permutations such as the left-right mirror (the only use here), not for general linear maps.
+        """
+        return PartialState(self.m, self.l, self.l2, fn(self.o), None if self.o2 is None else fn(self.o2))
 
 
 def combine_partials(states: Iterable[PartialState]) -> PartialState:

@@ -30,10 +30,12 @@ class RetrievalResult:
     mean: torch.Tensor  # (B, D)
     max_weight: torch.Tensor  # (B,) largest softmax weight
     effective_neighbours: torch.Tensor  # (B,) 1 / Σ w²
+    variance: Optional[torch.Tensor] = None  # (B, D) posterior variance per coordinate (second_moment=True)
 
     @staticmethod
     def from_partial(state: PartialState) -> "RetrievalResult":
-        return RetrievalResult(state.mean(), state.max_weight(), state.effective_neighbours())
+        return RetrievalResult(state.mean(), state.max_weight(), state.effective_neighbours(),
+                               None if state.o2 is None else state.variance())
 
 
 def choose_backend(backend: str, x: torch.Tensor, keys: KeyBank, dtype: torch.dtype) -> Tuple[str, str]:
@@ -102,12 +104,16 @@ def hflip_rows(x: torch.Tensor, image_shape) -> torch.Tensor:
 def softmax_retrieval(x: torch.Tensor, keys: KeyBank, sigma, *, temperature: float = 1.0,
                       query_labels: Optional[torch.Tensor] = None, flips: bool = False,
                       backend: str = "auto", dtype: Optional[torch.dtype] = None,
-                      memory_budget: int = DEFAULT_MEMORY_BUDGET, return_partial: bool = False
-                      ) -> Union[RetrievalResult, PartialState]:
+                      memory_budget: int = DEFAULT_MEMORY_BUDGET, return_partial: bool = False,
+                      second_moment: bool = False) -> Union[RetrievalResult, PartialState]:
     """Exact posterior mean over all candidates (``flips`` adds every row mirrored left-right, no copy).
 
     With ``return_partial=True`` the unnormalised state (m, l, l2, o) comes back instead, so that results over
     disjoint shards of a dataset combine exactly with :func:`combine_partials`.
+
+    ``second_moment=True`` also accumulates the centred second moment in the same pass (state ``o2``, result
+    ``variance`` = the posterior variance per coordinate). Only the torch backend has it: ``auto`` then uses it,
+    an explicit ``backend="cpu"`` raises.
     """
     dtype = _validate(x, keys, query_labels, flips, dtype)
     if not temperature > 0:
@@ -115,10 +121,18 @@ def softmax_retrieval(x: torch.Tensor, keys: KeyBank, sigma, *, temperature: flo
     s = sigma_rows(sigma, x.shape[0], x.device)
     coef = 1.0 / (2.0 * s * s * temperature)  # float64, cast by the backend
     name, _ = choose_backend(backend, x, keys, dtype)
+    if second_moment and name == "cpu":
+        if backend == "cpu":
+            raise ValueError("second_moment=True: the C++ CPU kernel has no second-moment accumulator; "
+                             "use backend='torch' or 'auto'")
+        name = "torch"
 
     def run(q: torch.Tensor) -> PartialState:
         if name == "cpu":
             return cpu_backend.softmax_partial(q, keys, coef, query_labels=query_labels, dtype=dtype)
+        if second_moment:
+            return torch_backend.softmax_partial(q, keys, coef, query_labels=query_labels, dtype=dtype,
+                                                 memory_budget=memory_budget, second_moment=True)
         return torch_backend.softmax_partial(q, keys, coef, query_labels=query_labels, dtype=dtype,
                                              memory_budget=memory_budget)
 
@@ -162,6 +176,38 @@ def knn_search(x: torch.Tensor, keys: KeyBank, k: int, *, query_labels: Optional
         order = torch.argsort(d, dim=1, stable=True)[:, :k]
         d, i = torch.gather(d, 1, order), torch.gather(i, 1, order)
     return d, i
+
+
+def posterior_draw(x: torch.Tensor, keys: KeyBank, sigma, *, generator: torch.Generator,
+                   temperature: float = 1.0, query_labels: Optional[torch.Tensor] = None, flips: bool = False,
+                   dtype: Optional[torch.dtype] = None, memory_budget: int = DEFAULT_MEMORY_BUDGET
+                   ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """One exact draw from the posterior over candidates per query (Gumbel-max in one streaming scan).
+
+    Returns (index (B,), row (B, D) in ``dtype``); with ``flips`` the candidate set is 2N rows and index i ≥ N
+    is row i − N mirrored (as in :func:`knn_search`), the returned row being the mirrored image. Deterministic
+    given ``generator``'s state (CPU or on x's device); torch backend (the reference) only.
+    """
+    dtype = _validate(x, keys, query_labels, flips, dtype)
+    if not temperature > 0:
+        raise ValueError(f"temperature: expected > 0, got {temperature}")
+    if not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator: expected a torch.Generator, got {type(generator).__name__}")
+    s = sigma_rows(sigma, x.shape[0], x.device)
+    coef = 1.0 / (2.0 * s * s * temperature)
+    score, index = torch_backend.gumbel_argmax(x, keys, coef, generator, query_labels=query_labels,
+                                               dtype=dtype, memory_budget=memory_budget)
+    if flips:  # the mirrored candidates get their own independent Gumbel noise (the next (N, B) draws)
+        s2, i2 = torch_backend.gumbel_argmax(hflip_rows(x, keys.image_shape), keys, coef, generator,
+                                             query_labels=query_labels, dtype=dtype, memory_budget=memory_budget)
+        better = s2 > score
+        index = torch.where(better, i2 + keys.n, index)
+        score = torch.where(better, s2, score)
+    if not bool(torch.isfinite(score).all()):
+        raise ValueError("posterior_draw: some query rows had no allowed candidate "
+                         "(no training image of the requested class)")
+    index = index.to(x.device)
+    return index, gather_rows(keys, index, dtype)
 
 
 def gather_rows(keys: KeyBank, index: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:

@@ -37,16 +37,24 @@ def _label_mask(keys: KeyBank, start: int, stop: int, query_labels: Optional[tor
 
 
 def softmax_partial(q: torch.Tensor, keys: KeyBank, coef: torch.Tensor, *, query_labels=None,
-                    dtype: torch.dtype, memory_budget: int, start: int = 0, stop: Optional[int] = None
-                    ) -> PartialState:
-    """Partial state of logits −coef_b·‖q_b − y_j‖² over candidate rows start:stop."""
+                    dtype: torch.dtype, memory_budget: int, start: int = 0, stop: Optional[int] = None,
+                    second_moment: bool = False) -> PartialState:
+    """Partial state of logits −coef_b·‖q_b − y_j‖² over candidate rows start:stop.
+
+    ``second_moment`` also accumulates o2 (see :class:`PartialState`). Per chunk it is formed around the dataset
+    centre c, where the values are already centred: M2 = Σ p (y−c)² − (Σ p (y−c))² / Σ p, one extra GEMM on
+    the squared centred rows (a temporary of the size the budget already allows for the conversion copy, so
+    the chunking, and hence o, are bit-identical to the default path). Rounding can leave M2 a few ulps of
+    Σ p (y−c)² below 0 where the true value is ~0; those are clamped to 0. Chunks then combine through the
+    centred (Chan) update, which has no cancellation.
+    """
     stop = keys.n if stop is None else stop
     dev = q.device
     c = keys.get_center(dtype).to(dev)
     qc = q.to(dtype) - c
     q2 = (qc * qc).sum(1)
     coef = coef.to(device=dev, dtype=dtype)
-    state = PartialState.empty(q.shape[0], keys.dim, dtype=dtype, device=dev)
+    state = PartialState.empty(q.shape[0], keys.dim, dtype=dtype, device=dev, second_moment=second_moment)
     step = chunk_rows(keys, q.shape[0], dtype, memory_budget)
     for s in range(start, stop, step):
         e = min(s + step, stop)
@@ -60,10 +68,55 @@ def softmax_partial(q: torch.Tensor, keys: KeyBank, coef: torch.Tensor, *, query
         safe = torch.where(finite, m_chunk, torch.zeros_like(m_chunk))
         p = torch.exp(logits - safe[:, None])  # masked entries -> exp(-inf) = 0
         psum = p.sum(1)
-        o = p @ y + psum[:, None] * c[None, :]
-        chunk_state = PartialState(m=m_chunk, l=psum, l2=(p * p).sum(1), o=o)
+        oc = p @ y
+        o = oc + psum[:, None] * c[None, :]
+        o2 = None
+        if second_moment:
+            mu = oc / torch.where(psum > 0, psum, torch.ones_like(psum))[:, None]
+            o2 = (p @ (y * y)).sub_(oc * mu).clamp_min_(0.0)
+        chunk_state = PartialState(m=m_chunk, l=psum, l2=(p * p).sum(1), o=o, o2=o2)
         state = state.combine(chunk_state)
     return state
+
+
+def gumbel_argmax(q: torch.Tensor, keys: KeyBank, coef: torch.Tensor, generator: torch.Generator, *,
+                  query_labels=None, dtype: torch.dtype, memory_budget: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """One exact draw j ~ softmax_j(−coef_b·‖q_b − y_j‖²) per query row, by the Gumbel-max trick.
+
+    argmax_j (logit_j + G_j) with G_j i.i.d. standard Gumbel is distributed as softmax(logit); the argmax runs
+    over chunks, so the whole draw is one streaming scan with O(B) state. Returns (score (B,), index (B,)),
+    score = the winning logit + its Gumbel (float64; −inf where no candidate is allowed), so that draws over
+    disjoint candidate sets (shards, mirrored copies) combine by taking the larger score.
+
+    The noise is float64, drawn from ``generator`` (on its own device) candidate-major, chunk after chunk: one
+    (N, B) stream whatever the chunk size or the working dtype, so the draw is a deterministic function of the
+    generator's state. Ties (probability 0) go to the lower index.
+    """
+    dev = q.device
+    B = q.shape[0]
+    c = keys.get_center(dtype).to(dev)
+    qc = q.to(dtype) - c
+    q2 = (qc * qc).sum(1)
+    coef = coef.to(device=dev, dtype=dtype)
+    best_s = torch.full((B,), float("-inf"), dtype=torch.float64, device=dev)
+    best_i = torch.zeros(B, dtype=torch.long, device=dev)
+    gdev = generator.device
+    tiny = torch.finfo(torch.float64).tiny
+    step = chunk_rows(keys, B, dtype, memory_budget // 2)  # + the float64 noise and scores per chunk
+    for s in range(0, keys.n, step):
+        e = min(s + step, keys.n)
+        logits = _chunk_distances(qc, q2, keys.rows(s, e, dtype, dev) - c).mul_(-coef[:, None])
+        mask = _label_mask(keys, s, e, query_labels)
+        if mask is not None:
+            logits.masked_fill_(mask, float("-inf"))
+        u = torch.rand((e - s, B), generator=generator, dtype=torch.float64, device=gdev).to(dev)
+        g = u.clamp_min_(tiny).log_().neg_().log_().neg_()  # −log(−log u), u ∈ (0, 1)
+        score = logits.to(torch.float64) + g.t()
+        cs, ci = score.max(1)
+        better = cs > best_s  # strict: an earlier chunk keeps ties
+        best_s = torch.where(better, cs, best_s)
+        best_i = torch.where(better, ci + s, best_i)
+    return best_s, best_i
 
 
 def knn(q: torch.Tensor, keys: KeyBank, k: int, *, query_labels=None, dtype: torch.dtype,

@@ -1,0 +1,331 @@
+"""Train the built-in reference networks (:mod:`.models`) as EDM denoisers, and load them back.
+
+Objective (Karras et al. 2022, "EDM"): D(x; σ) = c_skip·x + c_out·F(c_in·x, c_noise) (see
+:class:`~analytic_diffusion.networks.adapters.EDMAdapter`), loss λ(σ)·‖D(x0 + σε; σ) − x0‖² with
+λ(σ) = (σ² + σd²)/(σ·σd)², averaged over pixels and the batch; σd = 0.5.
+
+Noise-level sampling. Default ``sigma_sampling="lognormal"``: EDM's ln σ ~ N(P_mean = −1.2, P_std = 1.2), clipped to
+[sigma_min, sigma_max], so about 95% of draws fall in σ ≈ 0.03 … 3.3. That is where the loss can still be reduced
+(the strokes and shapes of the images). The two ends are cheap: at small σ D ≈ x (c_skip → 1), and at large σ the
+ideal D is close to a smooth function of a heavily averaged x (c_skip → 0, F nearly constant); λ(σ) keeps every σ's
+loss of order one. An 18-step Karras grid (σ 80 → 0.002) has 7 of its 18 levels in [0.03, 3.3], 8 above (where the
+log-normal still draws ~1% of samples above σ = 5) and 3 below. This is EDM's choice for its own short-to-long runs
+and is the reason for the default; it was not benchmarked head to head here. "loguniform" (ln σ uniform on
+[ln sigma_min, ln sigma_max]) spreads the budget evenly over the whole grid and so trains the high-σ end more, which
+may matter for samplers that start at σ = 80 with a network that has seen few such σ.
+
+Everything is seeded: ``torch.manual_seed(seed)`` before the model is built and one CPU ``torch.Generator`` for
+batch indices, σ and noise, so the same seed on the same device gives the same weights.
+
+Checkpoints: one ``torch.save``'d dict of plain types and tensors (loadable with ``weights_only=True``):
+{format, arch, kwargs, image_shape, sigma_data, label_dim, state_dict, ema, step, steps, dataset, seed,
+sigma_range, sigma_sampling, losses, train}. :func:`load_network` rebuilds the model from ``arch`` and ``kwargs``
+alone (no optimiser or trainer state).
+"""
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import time
+import zipfile
+from dataclasses import dataclass, field
+from typing import Callable, List, Optional
+
+import torch
+
+from .adapters import EDMAdapter
+from .models import ARCHITECTURES, build_model
+
+__all__ = ["TrainResult", "train_network", "load_network", "save_checkpoint", "CHECKPOINT_FORMAT",
+           "SIGMA_SAMPLINGS"]
+
+CHECKPOINT_FORMAT = "analytic_diffusion.network/1"
+SIGMA_SAMPLINGS = ("lognormal", "loguniform")
+
+
+@dataclass
+class TrainResult:
+    """denoiser: an EDMAdapter around the trained model (EMA weights when kept); checkpoints: paths written;
+    losses: the training loss per step; model: the raw (non-EMA) model; elapsed_s: training wall time."""
+    denoiser: EDMAdapter
+    checkpoints: List[str] = field(default_factory=list)
+    losses: List[float] = field(default_factory=list)
+    model: Optional[torch.nn.Module] = None
+    elapsed_s: float = 0.0
+    config: dict = field(default_factory=dict)
+
+
+def _positive_int(name, v):
+    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+        raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
+    return v
+
+
+def _images_and_labels(dataset, device):
+    if torch.is_tensor(dataset):
+        x = dataset
+        labels, desc = None, f"tensor{tuple(dataset.shape)}"
+    elif hasattr(dataset, "images_float"):
+        x = dataset.images_float()
+        labels, desc = dataset.labels, repr(dataset)
+    else:
+        raise TypeError(f"dataset: expected an analytic_diffusion Dataset or an (N, C, H, W) tensor, got "
+                        f"{type(dataset).__name__}")
+    if x.dim() != 4 or not x.is_floating_point() or x.shape[0] < 1:
+        raise ValueError(f"dataset: expected float images (N, C, H, W), got {tuple(x.shape)} {x.dtype}")
+    return x.to(device=device, dtype=torch.float32), labels, desc
+
+
+def save_checkpoint(path, *, model, ema, step, meta: dict) -> str:
+    """Write one checkpoint (see the module docstring) atomically; returns the path."""
+    ck = dict(meta)
+    ck.update(format=CHECKPOINT_FORMAT, arch=model.arch, kwargs=dict(model.kwargs), step=int(step),
+              state_dict={k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
+              ema=None if ema is None else {k: v.detach().cpu().clone() for k, v in ema.state_dict().items()})
+    tmp = str(path) + ".tmp"
+    torch.save(ck, tmp)
+    os.replace(tmp, path)
+    return str(path)
+
+
+def train_network(dataset, *, arch: str = "resnet", padding: str = "zeros", channels: int = 64, blocks: int = 8,
+                  steps: int, batch_size: int = 128, lr: float = 2e-3, warmup: Optional[int] = None,
+                  lr_decay: str = "cosine", ema: Optional[float] = 0.999, grad_clip: Optional[float] = 1.0,
+                  seed: int = 0, device="cpu", sigma_sampling: str = "lognormal", sigma_min: float = 0.002,
+                  sigma_max: float = 80.0, P_mean: float = -1.2, P_std: float = 1.2, sigma_data: float = 0.5,
+                  class_conditional: bool = False, model_kwargs: Optional[dict] = None,
+                  out_dir=None, checkpoint_every: Optional[int] = None, progress: bool = True,
+                  callback: Optional[Callable] = None) -> TrainResult:
+    """Train a :class:`~.models.LocalResNet` (``arch="resnet"``) or :class:`~.models.SmallUNet` ("unet") with the
+    EDM objective on ``dataset`` (a Dataset or an (N, C, H, W) float tensor in [-1, 1]).
+
+    steps, batch_size:   optimiser steps and images per step (drawn uniformly with replacement).
+    lr, warmup:          Adam learning rate, reached linearly over ``warmup`` steps (default min(200, steps//20));
+    lr_decay:            "cosine" (to 0.05·lr at the last step) or "constant".
+    ema:                 EMA decay of the weights (None: no EMA); the effective decay min(ema, (1+t)/(10+t)) keeps
+                         early steps from dominating short runs. The returned denoiser uses the EMA weights.
+    grad_clip:           max global gradient norm (None: off).
+    sigma_sampling:      "lognormal" (EDM, P_mean/P_std) or "loguniform" on [sigma_min, sigma_max]; see the module
+                         docstring for why lognormal is the default.
+    class_conditional:   embed the dataset's labels (label_dim = max label + 1).
+    model_kwargs:        extra options for the model (norm, groups, emb_dim).
+    out_dir:             folder for checkpoints: ``step{N:07d}.pt`` every ``checkpoint_every`` steps and ``net.pt``
+                         at the end, plus ``losses.json``.
+    callback:            callback(step, loss, model) after every step (step counts from 1).
+    """
+    if arch not in ARCHITECTURES:
+        raise ValueError(f"arch must be one of {', '.join(map(repr, ARCHITECTURES))}; got {arch!r}")
+    steps = _positive_int("steps", steps)
+    batch_size = _positive_int("batch_size", batch_size)
+    if checkpoint_every is not None:
+        _positive_int("checkpoint_every", checkpoint_every)
+        if out_dir is None:
+            raise ValueError("checkpoint_every needs out_dir")
+    if sigma_sampling not in SIGMA_SAMPLINGS:
+        raise ValueError(f"sigma_sampling must be one of {', '.join(map(repr, SIGMA_SAMPLINGS))}; "
+                         f"got {sigma_sampling!r}")
+    if not 0 < sigma_min < sigma_max:
+        raise ValueError(f"need 0 < sigma_min < sigma_max, got {sigma_min!r}, {sigma_max!r}")
+    if lr_decay not in ("cosine", "constant"):
+        raise ValueError(f"lr_decay must be 'cosine' or 'constant', got {lr_decay!r}")
+    if ema is not None and not 0 <= ema < 1:
+        raise ValueError(f"ema must be in [0, 1) or None, got {ema!r}")
+    if not lr > 0:
+        raise ValueError(f"lr must be > 0, got {lr!r}")
+    device = torch.device(device)
+    data, labels, desc = _images_and_labels(dataset, device)
+    n, image_shape = data.shape[0], tuple(data.shape[1:])
+    label_dim = 0
+    if class_conditional:
+        if labels is None:
+            raise ValueError("class_conditional=True needs a dataset with labels")
+        labels = torch.as_tensor(labels).long().to(device)
+        label_dim = int(labels.max()) + 1
+    warmup = min(200, steps // 20) if warmup is None else int(warmup)
+
+    torch.manual_seed(seed)
+    kwargs = dict(in_channels=image_shape[0], channels=channels, blocks=blocks, padding=padding,
+                  label_dim=label_dim, **(model_kwargs or {}))
+    model = build_model(arch, **kwargs).to(device)
+    ema_model = copy.deepcopy(model).requires_grad_(False) if ema is not None else None
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    gen = torch.Generator().manual_seed(seed)
+    sd = float(sigma_data)
+    meta = dict(image_shape=list(image_shape), sigma_data=sd, label_dim=label_dim, steps=steps, dataset=desc,
+                seed=int(seed), sigma_range=[float(sigma_min), float(sigma_max)], sigma_sampling=sigma_sampling,
+                train=dict(batch_size=batch_size, lr=lr, warmup=warmup, lr_decay=lr_decay, ema=ema,
+                           grad_clip=grad_clip, P_mean=P_mean, P_std=P_std, device=str(device)))
+    if out_dir is not None:
+        os.makedirs(out_dir, exist_ok=True)
+
+    def lr_at(step):  # step counts from 0
+        f = (step + 1) / warmup if warmup > 0 and step < warmup else 1.0
+        if lr_decay == "cosine" and steps > warmup:
+            p = max(0.0, (step - warmup) / max(1, steps - warmup))
+            f *= 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * p))
+        return lr * f
+
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=steps, desc=f"train {arch}", unit="step")
+    losses, checkpoints = [], []
+    t0 = time.time()
+    model.train()
+    for step in range(steps):
+        idx = torch.randint(n, (batch_size,), generator=gen)
+        if sigma_sampling == "lognormal":
+            sigma = (torch.randn(batch_size, generator=gen) * P_std + P_mean).exp()
+        else:
+            u = torch.rand(batch_size, generator=gen)
+            sigma = (math.log(sigma_min) + u * (math.log(sigma_max) - math.log(sigma_min))).exp()
+        sigma = sigma.clamp(sigma_min, sigma_max).to(device)
+        noise = torch.randn((batch_size, *image_shape), generator=gen).to(device)
+        x0 = data[idx.to(device)]
+        y = None if label_dim == 0 else labels[idx.to(device)]
+        s4 = sigma.view(-1, 1, 1, 1)
+        c_skip = sd ** 2 / (s4 ** 2 + sd ** 2)
+        c_out = s4 * sd / (s4 ** 2 + sd ** 2).sqrt()
+        c_in = 1 / (s4 ** 2 + sd ** 2).sqrt()
+        x = x0 + s4 * noise
+        f = model(c_in * x, sigma.log() / 4, y)
+        # λ(σ)·‖c_skip·x + c_out·F − x0‖² with λ = 1/c_out² equals ‖F − (x0 − c_skip·x)/c_out‖².
+        loss = (f - (x0 - c_skip * x) / c_out).square().mean()
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        opt.step()
+        if ema_model is not None:
+            d = min(ema, (1 + step) / (10 + step))
+            with torch.no_grad():
+                for pe, pm in zip(ema_model.parameters(), model.parameters()):
+                    pe.lerp_(pm, 1 - d)
+                for be, bm in zip(ema_model.buffers(), model.buffers()):
+                    be.copy_(bm)
+        lv = float(loss.detach())
+        if not math.isfinite(lv):
+            raise FloatingPointError(f"training diverged at step {step + 1} (loss {lv}); try a smaller lr")
+        losses.append(lv)
+        if bar is not None:
+            bar.update(1)
+            if step % 10 == 0 or step == steps - 1:
+                k = min(50, len(losses))
+                bar.set_postfix(loss=f"{sum(losses[-k:]) / k:.4f}")
+        if callback is not None:
+            callback(step + 1, lv, model)
+        if checkpoint_every is not None and (step + 1) % checkpoint_every == 0 and step + 1 < steps:
+            checkpoints.append(save_checkpoint(os.path.join(out_dir, f"step{step + 1:07d}.pt"), model=model,
+                                               ema=ema_model, step=step + 1, meta={**meta, "losses": losses}))
+    if bar is not None:
+        bar.close()
+    elapsed = time.time() - t0
+    meta["elapsed_s"] = elapsed
+    if out_dir is not None:
+        checkpoints.append(save_checkpoint(os.path.join(out_dir, "net.pt"), model=model, ema=ema_model,
+                                           step=steps, meta={**meta, "losses": losses}))
+        with open(os.path.join(out_dir, "losses.json"), "w") as fh:
+            json.dump({"losses": losses, "elapsed_s": elapsed, "steps": steps}, fh)
+    model.eval()
+    final = ema_model if ema_model is not None else model
+    final.eval()
+    den = EDMAdapter(final, image_shape, sigma_data=sd, label_dim=0, precondition=True)
+    return TrainResult(den, checkpoints, losses, model, elapsed, meta)
+
+
+def _is_torchscript(path) -> bool:
+    try:
+        with zipfile.ZipFile(path) as z:
+            names = z.namelist()
+    except (zipfile.BadZipFile, OSError):
+        return False
+    return any(nm.split("/", 1)[-1].startswith("code/") for nm in names) or \
+        any(nm.endswith("constants.pkl") for nm in names)
+
+
+def load_network(path, device="cpu", use_ema: bool = True, *, image_shape=None, precondition: bool = False,
+                 sigma_data: float = 0.5, allow_pickle: bool = False, batch_size: Optional[int] = None) -> EDMAdapter:
+    """Load a network as an :class:`EDMAdapter`.
+
+    * A checkpoint from :func:`train_network` (loaded with ``weights_only=True``): the model is rebuilt from its
+      ``arch`` and ``kwargs``; ``use_ema`` picks the EMA weights when the checkpoint has them.
+    * A TorchScript file (``torch.jit.save``), or, only with ``allow_pickle=True`` (it runs arbitrary code: trusted
+      files only), a pickled ``nn.Module``: wrapped as ``EDMAdapter(net, image_shape, precondition=precondition,
+      sigma_data=sigma_data)``; ``image_shape`` is then required and ``precondition=False`` means the module
+      returns D(x; σ) itself (EDMPrecond style), True that it is a raw F taking (c_in·x, c_noise).
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: no such checkpoint file")
+    device = torch.device(device)
+    script = _is_torchscript(path)
+    ck, first_error = None, None
+    if not script:
+        try:
+            ck = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # not a plain weights file
+            first_error = e
+    if isinstance(ck, dict) and ck.get("format") == CHECKPOINT_FORMAT:
+        if ck["arch"] not in ARCHITECTURES:
+            raise ValueError(f"{path}: unknown architecture {ck['arch']!r}")
+        model = build_model(ck["arch"], **ck["kwargs"])
+        state = ck["ema"] if use_ema and ck.get("ema") is not None else ck["state_dict"]
+        model.load_state_dict(state)
+        model.to(device).eval().requires_grad_(False)
+        return EDMAdapter(model, tuple(ck["image_shape"]), sigma_data=ck["sigma_data"], label_dim=0,
+                          precondition=True, device=device, batch_size=batch_size)
+    if ck is not None:
+        kind = "a state dict" if isinstance(ck, dict) else type(ck).__name__
+        raise ValueError(f"{path}: holds {kind}, not a train_network checkpoint (no format "
+                         f"{CHECKPOINT_FORMAT!r}); rebuild the module yourself and wrap it with EDMAdapter")
+    net = None
+    if script:
+        net = torch.jit.load(path, map_location=device)
+    elif allow_pickle:
+        try:
+            net = torch.load(path, map_location=device, weights_only=False)
+        except Exception as e:
+            raise ValueError(f"{path}: cannot be read as a checkpoint, TorchScript file or pickle ({e})") from None
+        if not isinstance(net, torch.nn.Module):
+            raise ValueError(f"{path}: the pickle holds {type(net).__name__}, not an nn.Module")
+    else:
+        raise ValueError(f"{path}: not a train_network checkpoint or a TorchScript file ({first_error}). If it is "
+                         "a pickled nn.Module from a trusted source, pass allow_pickle=True")
+    if image_shape is None:
+        raise ValueError(f"{path}: a TorchScript/pickled module needs image_shape=(C, H, W)")
+    net.eval()
+    return EDMAdapter(net, image_shape, sigma_data=sigma_data, precondition=precondition, device=device,
+                      batch_size=batch_size)
+
+
+def plot_losses(losses, path, *, width: int = 640, height: int = 360) -> str:
+    """Loss curve as a PNG (PIL only): raw losses in grey, a moving average in blue, log-scale y axis."""
+    from PIL import Image, ImageDraw
+    vals = [float(v) for v in losses if v > 0 and math.isfinite(v)]
+    img = Image.new("RGB", (width, height), "white")
+    d = ImageDraw.Draw(img)
+    ml, mr, mt, mb = 60, 15, 25, 30
+    d.rectangle([ml, mt, width - mr, height - mb], outline="black")
+    if vals:
+        k = max(1, len(vals) // 50)
+        smooth = [sum(vals[max(0, i - k + 1):i + 1]) / len(vals[max(0, i - k + 1):i + 1]) for i in range(len(vals))]
+        lo, hi = math.log10(min(vals)), math.log10(max(vals))
+        hi = hi if hi > lo else lo + 1
+        n = max(1, len(vals) - 1)
+
+        def xy(i, v):
+            return (ml + (width - ml - mr) * i / n,
+                    height - mb - (height - mt - mb) * (math.log10(v) - lo) / (hi - lo))
+        d.line([xy(i, v) for i, v in enumerate(vals)], fill=(190, 190, 190))
+        d.line([xy(i, v) for i, v in enumerate(smooth)], fill=(30, 80, 200), width=2)
+        for v in (10 ** lo, 10 ** hi):
+            d.text((4, xy(0, v)[1] - 6), f"{v:.3g}", fill="black")
+        d.text((ml, height - mb + 8), "step 1", fill="black")
+        d.text((width - mr - 70, height - mb + 8), f"step {len(vals)}", fill="black")
+        d.text((ml + 5, 5), f"training loss (log scale); last-{k} mean at end: {smooth[-1]:.4f}", fill="black")
+    img.save(path)
+    return str(path)

@@ -11,6 +11,29 @@ from . import __version__
 DTYPES = {"float32", "float64"}
 
 
+DATASET_HELP = ("'mnist' (embedded 10k MNIST test set, 28x28), 'mnist32' (zero-padded to 32x32), or a path: "
+                "idx(.gz) file or folder, CIFAR folder or batch file, image folder, EDM-style .zip, .npy/.npz")
+
+
+def _add_data_args(p, *, default: str, subset_help: str) -> None:
+    """The dataset flags shared by sample, calibrate and compare."""
+    p.add_argument("--dataset", default=default, help=DATASET_HELP)
+    p.add_argument("--split", default=None, help="train or test (default: the source's own default)")
+    p.add_argument("--subset", type=int, default=None, help=subset_help)
+    p.add_argument("--resolution", type=int, default=None, help="resize training images to R x R")
+    p.add_argument("--pad-to", type=int, default=None, help="zero-pad training images to P x P")
+    p.add_argument("--flips", action="store_true", help="add horizontally mirrored training images")
+
+
+def _add_grid_args(p, *, default: str) -> None:
+    """The σ-grid flags shared by sample, calibrate and compare."""
+    p.add_argument("--schedule", default=default, help="karras | vp-linear | vp-cosine | kamb-cosine")
+    p.add_argument("--sigma-min", type=float, default=None, help="karras: smallest σ (0.002)")
+    p.add_argument("--sigma-max", type=float, default=None, help="karras: largest σ (80)")
+    p.add_argument("--rho", type=float, default=None, help="karras: ρ (7)")
+    p.add_argument("--spacing", default=None, help="vp-linear / vp-cosine: leading | trailing | linspace")
+
+
 def _add_sample_parser(sub) -> None:
     p = sub.add_parser(
         "sample", help="generate samples with an analytic denoiser",
@@ -23,16 +46,8 @@ def _add_sample_parser(sub) -> None:
     from .samplers import SAMPLERS
     g = p.add_argument_group("what to run")
     g.add_argument("--method", default="optimal", choices=sorted(DENOISERS), help="analytic denoiser")
-    g.add_argument("--dataset", default="mnist",
-                   help="'mnist' (embedded 10k MNIST test set, 28x28), 'mnist32' (zero-padded to 32x32), or a "
-                        "path: idx(.gz) file or folder, CIFAR folder or batch file, image folder, EDM-style "
-                        ".zip, .npy/.npz")
-    g.add_argument("--split", default=None, help="train or test (default: the source's own default)")
-    g.add_argument("--subset", type=int, default=None, help="use only N training images")
+    _add_data_args(g, default="mnist", subset_help="use only N training images")
     g.add_argument("--subset-random", action="store_true", help="draw the subset at random (seeded by --seed)")
-    g.add_argument("--resolution", type=int, default=None, help="resize training images to R x R")
-    g.add_argument("--pad-to", type=int, default=None, help="zero-pad training images to P x P")
-    g.add_argument("--flips", action="store_true", help="add horizontally mirrored training images")
     g.add_argument("--class-label", type=int, default=None,
                    help="class-conditional: only training images of this class are candidates")
     g.add_argument("--random-classes", action="store_true",
@@ -41,11 +56,7 @@ def _add_sample_parser(sub) -> None:
     s.add_argument("--n", type=int, default=64, help="number of samples")
     s.add_argument("--steps", type=int, default=18, help="number of sampler steps")
     s.add_argument("--sampler", default="heun", choices=sorted(SAMPLERS))
-    s.add_argument("--schedule", default="karras", help="karras | vp-linear | vp-cosine | kamb-cosine")
-    s.add_argument("--sigma-min", type=float, default=None, help="karras: smallest σ (default 0.002)")
-    s.add_argument("--sigma-max", type=float, default=None, help="karras: largest σ (default 80)")
-    s.add_argument("--rho", type=float, default=None, help="karras: ρ (default 7)")
-    s.add_argument("--spacing", default=None, help="vp-linear / vp-cosine: leading | trailing | linspace")
+    _add_grid_args(s, default="karras")
     s.add_argument("--eta", type=float, default=0.0, help="ddim: 0 = deterministic, 1 = DDPM ancestral")
     s.add_argument("--clip-x0", action="store_true", help="clip x̂0 to [-1, 1] inside each step")
     s.add_argument("--seed", type=int, default=0, help="sample i uses seed + i")
@@ -57,7 +68,11 @@ def _add_sample_parser(sub) -> None:
     m.add_argument("--smoothing", type=float, default=None, help="smoothed: per-pixel perturbation scale s (2.5)")
     m.add_argument("--perturbations", type=int, default=None, help="smoothed: perturbations M per call (4)")
     m.add_argument("--temperature", type=float, default=None, help="retrieval methods: softmax temperature (1)")
-    m.add_argument("--method-seed", type=int, default=None, help="smoothed / knn: seed of the method's own draws")
+    m.add_argument("--method-seed", type=int, default=None,
+                   help="smoothed / knn / optimal-draw: seed of the method's own draws")
+    m.add_argument("--draw-mode", choices=["draw", "noise"], default=None,
+                   help="optimal-draw: blend in one posterior draw, or add diagonal posterior noise (draw)")
+    m.add_argument("--scale", type=float, default=None, help="optimal-draw: the knob λ (1)")
     m.add_argument("--patch", type=int, default=None, metavar="K",
                    help="local methods: one patch side K for every σ (excludes --patch-schedule)")
     m.add_argument("--patch-schedule", default=None, metavar="NAME_OR_FILE",
@@ -87,7 +102,8 @@ def _add_sample_parser(sub) -> None:
 _METHOD_FLAGS = {"k": "k", "ref_size": "ref_size", "rank": "rank", "smoothing": "smoothing",
                  "perturbations": "num_perturbations", "temperature": "temperature", "method_seed": "seed",
                  "patch": "patch", "patch_schedule": "patch", "masks": ("masks", "mask"), "threshold": "threshold",
-                 "softmax": "softmax", "chunk_size": "chunk_size", "tau": "tau"}
+                 "softmax": "softmax", "chunk_size": "chunk_size", "tau": "tau", "draw_mode": "mode",
+                 "scale": "scale"}
 
 
 def _load_masks(value: str):
@@ -195,24 +211,15 @@ def _add_calibrate_parser(sub) -> None:
     from .denoisers import DENOISERS
     p.add_argument("--method", required=True, choices=sorted(DENOISERS),
                    help="the local method to calibrate (must take a patch option)")
-    p.add_argument("--dataset", default="mnist32", help="dataset name or path, as for `sample`")
-    p.add_argument("--split", default=None, help="train or test (default: the source's own default)")
-    p.add_argument("--subset", type=int, default=None,
-                   help="use the first N training images as candidates (default: all); with --reference clean "
-                        "the next --n-probe images are the probes (default: the last --n-probe images)")
-    p.add_argument("--resolution", type=int, default=None, help="resize training images to R x R")
-    p.add_argument("--pad-to", type=int, default=None, help="zero-pad training images to P x P")
-    p.add_argument("--flips", action="store_true", help="add horizontally mirrored training images")
+    _add_data_args(p, default="mnist32",
+                   subset_help="use the first N training images as candidates (default: all); with --reference "
+                               "clean the next --n-probe images are the probes (default: the last --n-probe images)")
     p.add_argument("--reference", default="optimal",
                    help="'clean' (held-out images) or a method name whose trajectories are the target")
     p.add_argument("--sizes", default=None,
                    help="comma-separated candidate patch sizes (default 3,5,... up to the image height)")
     p.add_argument("--steps", type=int, default=19, help="number of grid steps (19 = Kamb's t = 0.95 ... 0.05)")
-    p.add_argument("--schedule", default="kamb-cosine", help="karras | vp-linear | vp-cosine | kamb-cosine")
-    p.add_argument("--sigma-min", type=float, default=None, help="karras: smallest σ (default 0.002)")
-    p.add_argument("--sigma-max", type=float, default=None, help="karras: largest σ (default 80)")
-    p.add_argument("--rho", type=float, default=None, help="karras: ρ (default 7)")
-    p.add_argument("--spacing", default=None, help="vp-linear / vp-cosine: leading | trailing | linspace")
+    _add_grid_args(p, default="kamb-cosine")
     p.add_argument("--seeds", type=int, default=8, help="number of seeds (trajectories or ε draws)")
     p.add_argument("--seed", type=int, default=0, help="seed i uses seed + i")
     p.add_argument("--metric", default="cosine", choices=["cosine", "mse"],
@@ -322,21 +329,12 @@ def _add_compare_parser(sub) -> None:
     p.add_argument("--network", required=True, metavar="CKPT|method:NAME",
                    help="checkpoint file (analytic_diffusion.networks.load_network) or method:NAME")
     p.add_argument("--methods", default="optimal,wiener", help="comma-separated analytic methods")
-    p.add_argument("--dataset", default="mnist32", help="dataset name or path, as for `sample`")
-    p.add_argument("--split", default=None, help="train or test (default: the source's own default)")
-    p.add_argument("--subset", type=int, default=None,
-                   help="training set = the first N images; the next ones are held out (default: all but the "
+    _add_data_args(p, default="mnist32",
+                   subset_help="training set = the first N images; the next ones are held out (default: all but the "
                         "last max(--n-test, --n-single))")
-    p.add_argument("--resolution", type=int, default=None, help="resize images to R x R")
-    p.add_argument("--pad-to", type=int, default=None, help="zero-pad images to P x P")
-    p.add_argument("--flips", action="store_true", help="add horizontally mirrored training images")
     p.add_argument("--steps", type=int, default=19, help="number of sampler steps")
     p.add_argument("--sampler", default="ddim", help="euler | heun | ddim | ddpm")
-    p.add_argument("--schedule", default="kamb-cosine", help="karras | vp-linear | vp-cosine | kamb-cosine")
-    p.add_argument("--sigma-min", type=float, default=None, help="karras: smallest σ (default 0.002)")
-    p.add_argument("--sigma-max", type=float, default=None, help="karras: largest σ (default 80)")
-    p.add_argument("--rho", type=float, default=None, help="karras: ρ (default 7)")
-    p.add_argument("--spacing", default=None, help="vp-linear / vp-cosine: leading | trailing | linspace")
+    _add_grid_args(p, default="kamb-cosine")
     p.add_argument("--seeds", default="8", help="number of seeds (seed, seed+1, ...) or a comma-separated list")
     p.add_argument("--seed", type=int, default=0, help="first seed when --seeds is a count")
     p.add_argument("--n-single", type=int, default=16, help="held-out images for the single-step comparison")
@@ -448,6 +446,92 @@ def _cmd_train(args) -> int:
     return 0
 
 
+def _add_dynamics_parser(sub) -> None:
+    p = sub.add_parser(
+        "dynamics", help="track memorisation through training for several training-set sizes",
+        description="For each training-set size N (a seeded random subset), train the built-in network with "
+                    "checkpoints every --checkpoint-every steps; at every checkpoint draw --samples samples from "
+                    "fixed seeds and record the memorisation ratio (share with NN1/NN2 < 1/3) against the subset, "
+                    "the median nearest-image distance and the single-step r2 / MSE against the subset's optimal "
+                    "denoiser (held-out inputs when the dataset has room, at --sigmas). The memorisation onset of "
+                    "a size is the first checkpoint step with ratio >= 0.5. Writes --out/metrics.json, "
+                    "memorization_vs_step.png, agreement_vs_step.png, peak_ratio_vs_size.png, onset_vs_size.png "
+                    "(when some size memorised) and the checkpoints in --out/size_N/.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--dataset", default="mnist32", help="dataset name or path, as for `sample`")
+    p.add_argument("--split", default=None, help="train or test (default: the source's own default)")
+    p.add_argument("--resolution", type=int, default=None, help="resize images to R x R")
+    p.add_argument("--sizes", default="64,256,1024", help="comma-separated training-set sizes")
+    p.add_argument("--steps", type=int, default=2000, help="optimiser steps per size")
+    p.add_argument("--checkpoint-every", type=int, default=None,
+                   help="evaluate every K steps (and at the end); default steps // 10")
+    p.add_argument("--samples", type=int, default=16, help="samples per checkpoint (seeds --sample-seed, ...)")
+    p.add_argument("--sample-steps", type=int, default=18, help="sampler steps (Karras grid)")
+    p.add_argument("--sampler", default="heun", help="euler | heun | ddim | ddpm")
+    p.add_argument("--sample-seed", type=int, default=0, help="first sample seed")
+    p.add_argument("--sigmas", default="0.5,1,2", help="noise levels of the single-step comparison with optimal")
+    p.add_argument("--n-probe", type=int, default=16, help="images for the single-step comparison")
+    p.add_argument("--probe", default="auto", choices=["auto", "heldout", "train"],
+                   help="inputs of the single-step comparison: held-out images, training images, or held-out "
+                        "when the dataset has images outside the largest subset")
+    p.add_argument("--arch", default="resnet", choices=["resnet", "unet"], help="network architecture")
+    p.add_argument("--channels", type=int, default=64, help="channels (UNet: at full resolution)")
+    p.add_argument("--blocks", type=int, default=None,
+                   help="residual blocks (ResNet: total, default 8; UNet: per level, default 2)")
+    p.add_argument("--batch-size", type=int, default=128, help="images per training step")
+    p.add_argument("--lr", type=float, default=2e-3, help="Adam learning rate")
+    p.add_argument("--seed", type=int, default=0, help="seeds the subsets, weights, batches and noise")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
+    p.add_argument("--delete-checkpoints", action="store_true", help="delete each .pt file once evaluated")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    p.set_defaults(func=_cmd_dynamics)
+
+
+def _parse_list(text: str, kind, flag: str) -> list:
+    parts = [v.strip() for v in str(text).split(",") if v.strip()]
+    try:
+        values = [kind(v) for v in parts]
+    except ValueError:
+        raise ValueError(f"{flag}: expected comma-separated {kind.__name__} values, got {text!r}") from None
+    if not values:
+        raise ValueError(f"{flag}: give at least one value, got {text!r}")
+    return values
+
+
+def _cmd_dynamics(args) -> int:
+    import os
+
+    import torch
+
+    from .dynamics import training_dynamics
+    from .run import prepare_dataset
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ValueError(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
+    sizes = _parse_list(args.sizes, int, "--sizes")
+    sigmas = _parse_list(args.sigmas, float, "--sigmas")
+    every = args.checkpoint_every if args.checkpoint_every is not None else max(1, args.steps // 10)
+    ds = prepare_dataset(args.dataset, split=args.split, resolution=args.resolution, device=args.device)
+    blocks = args.blocks if args.blocks is not None else (8 if args.arch == "resnet" else 2)
+    res = training_dynamics(
+        ds, sizes, steps=args.steps, checkpoint_every=every, n_samples=args.samples, sample_steps=args.sample_steps,
+        sampler=args.sampler, sample_seed=args.sample_seed, arch=args.arch, seed=args.seed, out_dir=args.out,
+        train_kwargs=dict(channels=args.channels, blocks=blocks, batch_size=args.batch_size, lr=args.lr),
+        sigmas=sigmas, n_probe=args.n_probe, probe=args.probe, device=args.device,
+        keep_checkpoints=not args.delete_checkpoints, progress=not args.no_progress)
+    for key, entry in res["sizes"].items():
+        last = entry["checkpoints"][-1]
+        onset = entry["onset_step"]
+        print(f"N = {key:>6}: onset {'never' if onset is None else f'step {onset}'}; peak ratio "
+              f"{entry['peak_memorization_ratio']:.2f}; final ratio {last['memorization_ratio']:.2f}, "
+              f"r2 vs optimal {last['r2_mean']:.3f} ({res['probe']['kind']} inputs)")
+    print(f"wrote {os.path.join(args.out, 'metrics.json')} and plots")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="analytic-diffusion",
                                      description="Exact, fast training-free (analytic) diffusion.")
@@ -461,6 +545,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.set_defaults(func=_cmd_schedules)
     _add_train_parser(sub)
     _add_compare_parser(sub)
+    _add_dynamics_parser(sub)
     return parser
 
 

@@ -26,3 +26,17 @@ def mirror(images):
 
 def rel(a, b):
     return float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-300))
+
+
+def uint8_bank(rng, n, c=1, h=3, w=5, labels=None):
+    """A random uint8 KeyBank with the [-1, 1] affine map."""
+    from analytic_diffusion.ops import KeyBank
+    u = torch.randint(0, 256, (n, c * h * w), generator=rng, dtype=torch.uint8)
+    return KeyBank(u, 2 / 255, -1.0, labels=labels, image_shape=(c, h, w))
+
+
+def noisy_queries(rng, bank, b, sigma):
+    """Queries near training rows (the regime samplers visit), plus noise of scale σ."""
+    idx = torch.randint(0, bank.n, (b,), generator=rng)
+    y = bank.gather(idx, torch.float64)
+    return (y + sigma * torch.randn(y.shape, generator=rng, dtype=torch.float64)).float()

@@ -4,21 +4,9 @@ import torch
 
 from analytic_diffusion.ops import (KeyBank, PartialState, combine_partials, gather_rows, knn_search,
                                     softmax_retrieval)
-from reference import knn_bruteforce, posterior_bruteforce, rel
+from reference import knn_bruteforce, noisy_queries, posterior_bruteforce, rel, uint8_bank
 
 SIGMAS = [1e-4, 1e-3, 1e-2, 0.1, 0.5, 1.0, 10.0, 1e3, 1e4]
-
-
-def uint8_bank(rng, n, c=1, h=3, w=5, labels=None):
-    u = torch.randint(0, 256, (n, c * h * w), generator=rng, dtype=torch.uint8)
-    return KeyBank(u, 2 / 255, -1.0, labels=labels, image_shape=(c, h, w))
-
-
-def noisy_queries(rng, bank, b, sigma):
-    """Queries near training rows (the regime samplers visit), plus noise of scale σ."""
-    idx = torch.randint(0, bank.n, (b,), generator=rng)
-    y = bank.gather(idx, torch.float64)
-    return (y + sigma * torch.randn(y.shape, generator=rng, dtype=torch.float64)).float()
 
 
 @pytest.mark.parametrize("sigma", SIGMAS)

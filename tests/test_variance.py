@@ -10,20 +10,9 @@ from analytic_diffusion.ops import (KeyBank, PartialState, combine_partials, knn
                                     softmax_retrieval)
 from analytic_diffusion.variance import (PosteriorSampleDenoiser, posterior_moments, posterior_variance,
                                          variance_sweep)
-from reference import mirror, rel
+from reference import mirror, noisy_queries, rel, uint8_bank
 
 SIGMAS = [1e-3, 1e-2, 0.1, 0.5, 1.0, 10.0, 1e3]
-
-
-def uint8_bank(rng, n, c=1, h=3, w=5, labels=None):
-    u = torch.randint(0, 256, (n, c * h * w), generator=rng, dtype=torch.uint8)
-    return KeyBank(u, 2 / 255, -1.0, labels=labels, image_shape=(c, h, w))
-
-
-def noisy_queries(rng, bank, b, sigma):
-    idx = torch.randint(0, bank.n, (b,), generator=rng)
-    y = bank.gather(idx, torch.float64)
-    return (y + sigma * torch.randn(y.shape, generator=rng, dtype=torch.float64)).float()
 
 
 def candidates(bank, flips):

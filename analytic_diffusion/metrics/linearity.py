@@ -30,6 +30,8 @@ from typing import Callable, Optional, Union
 
 import torch
 
+from ..ops.local_retrieval import wiener_filter_matrix
+
 __all__ = ["LinearFit", "fit_linear_denoiser", "wiener_matrix", "wiener_distance", "linearity_score"]
 
 
@@ -127,8 +129,8 @@ def wiener_matrix(dataset, sigma: float):
     """(W_σ, b_σ) of the Gaussian denoiser μ + U diag(λ/(λ+σ²)) Uᵀ (x − μ): W_σ (D, D), b_σ = (I − W_σ) μ."""
     s = _check_sigma(sigma)
     mean, lam, U = dataset.pca()
-    mean, lam, U = mean.cpu().double(), lam.cpu().double(), U.cpu().double()
-    W = (U * (lam / (lam + s * s))) @ U.T
+    mean = mean.cpu().double()
+    W = wiener_filter_matrix(lam.cpu(), U.cpu(), s)
     return W, mean - W @ mean
 
 

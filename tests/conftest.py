@@ -1,8 +1,13 @@
 """Shared fixtures: fresh random data every run (seeded per test for reproducible failures)."""
 import os
 
-import pytest
-import torch
+# Triton kernels run under the CPU interpreter unless a GPU is there to compile them for (the flag is read when
+# the kernel module is imported, so it is set before any test imports it). On a GPU machine export
+# TRITON_INTERPRET=0 to test the compiled kernels.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 

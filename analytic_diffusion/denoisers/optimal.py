@@ -6,6 +6,7 @@ from typing import Optional
 import torch
 
 from ..ops import DEFAULT_MEMORY_BUDGET, softmax_retrieval
+from ..ops.precision import check_mode
 from .base import Denoiser, Posterior
 
 
@@ -13,13 +14,15 @@ class RetrievalDenoiser(Denoiser):
     """Shared configuration of every denoiser that retrieves training images.
 
     ``flips`` (default: the dataset's own flag) adds every training image mirrored left-right as a candidate;
-    ``temperature`` divides the logits (1 = the true posterior); ``dtype`` is the working precision.
+    ``temperature`` divides the logits (1 = the true posterior); ``dtype`` is the working precision;
+    ``precision`` (exact | tf32 | bf16) lets the GPU kernels use faster dots within a stated logit error bound.
     """
 
     def __init__(self, dataset, *, backend: str = "auto", dtype: torch.dtype = torch.float32,
                  memory_budget: int = DEFAULT_MEMORY_BUDGET, flips: Optional[bool] = None,
-                 temperature: float = 1.0):
+                 temperature: float = 1.0, precision: str = "exact"):
         super().__init__(dataset.image_shape)
+        check_mode(precision)
         if not temperature > 0:
             raise ValueError(f"temperature: expected > 0, got {temperature}")
         if dtype not in (torch.float32, torch.float64):
@@ -31,6 +34,7 @@ class RetrievalDenoiser(Denoiser):
         self.memory_budget = int(memory_budget)
         self.flips = bool(dataset.flips if flips is None else flips)
         self.temperature = float(temperature)
+        self.precision = precision
 
     @property
     def num_candidates(self) -> int:
@@ -50,7 +54,8 @@ class RetrievalDenoiser(Denoiser):
         return s, labels
 
     def _retrieval_kwargs(self) -> dict:
-        return dict(flips=self.flips, backend=self.backend, dtype=self.dtype, memory_budget=self.memory_budget)
+        return dict(flips=self.flips, backend=self.backend, dtype=self.dtype, memory_budget=self.memory_budget,
+                    precision=self.precision)
 
     def posterior(self, x: torch.Tensor, sigma, class_labels=None) -> Posterior:
         s, labels = self._check(x, sigma, class_labels)
@@ -64,7 +69,7 @@ class RetrievalDenoiser(Denoiser):
 
     def config(self) -> dict:
         return {"method": self.name, "dataset": repr(self.dataset), "flips": self.flips,
-                "temperature": self.temperature, "backend": self.backend, "dtype": str(self.dtype)}
+                "temperature": self.temperature, "backend": self.backend, "dtype": str(self.dtype), "precision": self.precision}
 
 
 class Optimal(RetrievalDenoiser):

@@ -23,6 +23,8 @@ class KeyBank:
     labels: Optional[torch.Tensor] = None
     image_shape: Optional[Tuple[int, int, int]] = None
     center: Optional[torch.Tensor] = field(default=None, repr=False)
+    # Per-dataset constants the fused kernels derive once (key norms, per-coordinate maxima, device copies).
+    derived: dict = field(default_factory=dict, repr=False, compare=False)
 
     def __post_init__(self):
         v = self.values
@@ -66,6 +68,12 @@ class KeyBank:
         if self.scale != 1.0 or self.shift != 0.0:
             v = v * self.scale + self.shift
         return v.reshape(*index.shape, self.dim)
+
+    def cached(self, name: str, make):
+        """A derived constant, computed by ``make()`` on first use and kept with the dataset."""
+        if name not in self.derived:
+            self.derived[name] = make()
+        return self.derived[name]
 
     def get_center(self, dtype: torch.dtype) -> torch.Tensor:
         """Mean candidate row (computed once, in float64, chunked)."""

@@ -3,8 +3,9 @@
     logit_bj = −‖x_b − y_j‖² / (2 σ_b² T)      over candidates y_j (± horizontal flips, ± class filter)
     out_b    = Σ_j softmax_j(logit_b) · y_j
 
-Backends: ``torch`` (the reference oracle, any device and dtype), ``cpu`` (C++), ``auto`` (the fastest
-correct one available; :func:`choose_backend` tells which and why).
+Backends: ``torch`` (the reference oracle, any device and dtype), ``cpu`` (C++), ``triton`` (fused GPU kernels;
+CPU tensors under TRITON_INTERPRET=1), ``cuda`` (torch-free CUDA kernels, built where nvcc and a GPU exist), and
+``auto`` (the fastest correct one available; :func:`choose_backend` tells which and why).
 """
 from __future__ import annotations
 
@@ -14,14 +15,43 @@ from typing import Optional, Tuple, Union
 
 import torch
 
-from . import cpu_backend, torch_backend
+from . import cpu_backend, precision as precision_policy, torch_backend
 from .keys import KeyBank
 from .partial import PartialState
 
-BACKENDS = ("auto", "torch", "cpu")
+BACKENDS = ("auto", "torch", "cpu", "triton", "cuda")
 DEFAULT_MEMORY_BUDGET = int(os.environ.get("AD_MEMORY_BUDGET", 256 * 2**20))
 # Below this batch the C++ kernel (direct distances, one pass over the data) beats the chunked GEMM on CPU.
 CPU_KERNEL_MAX_BATCH = 64
+# The CUDA kernel keeps a block of queries per CTA (single pass, CUDA cores): it serves small batches.
+CUDA_KERNEL_MAX_BATCH = 16
+
+
+def _cuda_backend():
+    from . import cuda_backend
+    return cuda_backend
+
+
+def _gpu_choice(x: torch.Tensor, keys: KeyBank, dtype: torch.dtype, k: Optional[int],
+                second_moment: bool) -> Tuple[str, str]:
+    from . import triton_backend
+    if dtype != torch.float32:
+        return "torch", f"dtype {dtype}: the fused kernels compute in float32"
+    if keys.values.dtype not in (torch.uint8, torch.float32):
+        return "torch", f"dataset dtype {keys.values.dtype}: the fused kernels read uint8 or float32"
+    if second_moment:
+        return "torch", "second moment: only the torch backend accumulates it"
+    if k is not None and k > triton_backend.MAX_FUSED_TOPK:
+        return "torch", f"k = {k} > {triton_backend.MAX_FUSED_TOPK}: beyond the fused top-k"
+    cuda = _cuda_backend()
+    if x.shape[0] <= CUDA_KERNEL_MAX_BATCH and cuda.available():
+        return "cuda", f"CUDA, batch {x.shape[0]} <= {CUDA_KERNEL_MAX_BATCH}: single-pass split-N kernel"
+    reason = triton_backend.unavailable_reason(x.device)
+    if reason is None:
+        return "triton", (f"CUDA, batch {x.shape[0]}: Triton " +
+                          ("split-N kernel" if x.shape[0] <= triton_backend.SPLIT_N_MAX_BATCH
+                           else "two-pass GEMMs where the precision bound allows, split-N elsewhere"))
+    return "torch", f"no fused GPU kernel available ({reason}; CUDA: {cuda.unavailable_reason()})"
 
 
 @dataclass
@@ -38,14 +68,27 @@ class RetrievalResult:
                                None if state.o2 is None else state.variance())
 
 
-def choose_backend(backend: str, x: torch.Tensor, keys: KeyBank, dtype: torch.dtype) -> Tuple[str, str]:
-    """(backend, reason). ``auto`` picks the C++ kernel on CPU for small batches, else the torch backend."""
+def choose_backend(backend: str, x: torch.Tensor, keys: KeyBank, dtype: torch.dtype, *, k: Optional[int] = None,
+                   second_moment: bool = False) -> Tuple[str, str]:
+    """(backend, reason) for a retrieval of queries ``x`` (``k`` for a k-NN search).
+
+    ``auto``: on CPU the C++ kernel for batches up to 64, the torch GEMMs above; on CUDA in float32 the CUDA
+    kernel for batches up to 16 when built, else Triton (which picks its kernel per row by the precision bound,
+    see :func:`analytic_diffusion.ops.triton_backend.plan`); float64, other devices and the second moment go to
+    the torch reference.
+    """
     if backend not in BACKENDS:
         raise ValueError(f"backend: expected one of {', '.join(BACKENDS)}, got {backend!r}")
     if backend != "auto":
         return backend, "requested"
-    if x.device.type != "cpu" or keys.device.type != "cpu":
-        return "torch", f"device {x.device.type}: no fused GPU kernel in this build"
+    if x.device.type != keys.device.type:
+        return "torch", f"queries on {x.device.type}, dataset on {keys.device.type}"
+    if x.device.type == "cuda":
+        return _gpu_choice(x, keys, dtype, k, second_moment)
+    if x.device.type != "cpu":
+        return "torch", f"device {x.device.type}: no fused kernel for it"
+    if second_moment:
+        return "torch", "second moment: only the torch backend accumulates it"
     if not cpu_backend.available():
         return "torch", "C++ extension not built"
     if dtype not in cpu_backend.SUPPORTED_DTYPES or keys.values.dtype not in (torch.uint8, torch.float32,
@@ -105,7 +148,8 @@ def softmax_retrieval(x: torch.Tensor, keys: KeyBank, sigma, *, temperature: flo
                       query_labels: Optional[torch.Tensor] = None, flips: bool = False,
                       backend: str = "auto", dtype: Optional[torch.dtype] = None,
                       memory_budget: int = DEFAULT_MEMORY_BUDGET, return_partial: bool = False,
-                      second_moment: bool = False) -> Union[RetrievalResult, PartialState]:
+                      second_moment: bool = False, precision: str = "exact",
+                      max_logit_error: Optional[float] = None) -> Union[RetrievalResult, PartialState]:
     """Exact posterior mean over all candidates (``flips`` adds every row mirrored left-right, no copy).
 
     With ``return_partial=True`` the unnormalised state (m, l, l2, o) comes back instead, so that results over
@@ -113,23 +157,32 @@ def softmax_retrieval(x: torch.Tensor, keys: KeyBank, sigma, *, temperature: flo
 
     ``second_moment=True`` also accumulates the centred second moment in the same pass (state ``o2``, result
     ``variance`` = the posterior variance per coordinate). Only the torch backend has it: ``auto`` then uses it,
-    an explicit ``backend="cpu"`` raises.
+    an explicit fused backend raises.
+
+    ``precision`` (``exact`` | ``tf32`` | ``bf16``, see :mod:`analytic_diffusion.ops.precision`) lets the Triton
+    kernels use faster dots on the rows whose logit error bound stays within ``max_logit_error`` nats (default
+    per mode); the other backends always compute exactly, which satisfies every mode.
     """
     dtype = _validate(x, keys, query_labels, flips, dtype)
     if not temperature > 0:
         raise ValueError(f"temperature: expected > 0, got {temperature}")
+    precision_policy.tolerance(precision, max_logit_error)  # validates both
     s = sigma_rows(sigma, x.shape[0], x.device)
     coef = 1.0 / (2.0 * s * s * temperature)  # float64, cast by the backend
-    name, _ = choose_backend(backend, x, keys, dtype)
-    if second_moment and name == "cpu":
-        if backend == "cpu":
-            raise ValueError("second_moment=True: the C++ CPU kernel has no second-moment accumulator; "
-                             "use backend='torch' or 'auto'")
-        name = "torch"
+    name, _ = choose_backend(backend, x, keys, dtype, second_moment=second_moment)
+    if second_moment and name != "torch":
+        raise ValueError(f"second_moment=True: the {name} kernels have no second-moment accumulator; "
+                         "use backend='torch' or 'auto'")
 
     def run(q: torch.Tensor) -> PartialState:
         if name == "cpu":
             return cpu_backend.softmax_partial(q, keys, coef, query_labels=query_labels, dtype=dtype)
+        if name == "triton":
+            from . import triton_backend
+            return triton_backend.softmax_partial(q, keys, coef, query_labels=query_labels, dtype=dtype,
+                                                  precision=precision, max_logit_error=max_logit_error)
+        if name == "cuda":
+            return _cuda_backend().softmax_partial(q, keys, coef, query_labels=query_labels, dtype=dtype)
         if second_moment:
             return torch_backend.softmax_partial(q, keys, coef, query_labels=query_labels, dtype=dtype,
                                                  memory_budget=memory_budget, second_moment=True)
@@ -146,22 +199,30 @@ def softmax_retrieval(x: torch.Tensor, keys: KeyBank, sigma, *, temperature: flo
 
 def knn_search(x: torch.Tensor, keys: KeyBank, k: int, *, query_labels: Optional[torch.Tensor] = None,
                flips: bool = False, backend: str = "auto", dtype: Optional[torch.dtype] = None,
-               memory_budget: int = DEFAULT_MEMORY_BUDGET) -> Tuple[torch.Tensor, torch.Tensor]:
+               memory_budget: int = DEFAULT_MEMORY_BUDGET, precision: str = "exact",
+               max_logit_error: Optional[float] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """The k nearest candidates by exact squared distance: (dist2 (B, k), index (B, k)), ascending.
 
     With ``flips`` the candidate set is 2N rows: index i ≥ N is row i − N mirrored (see :func:`gather_rows`).
+    Every backend ranks by direct or rescored distances, so ``precision`` is validated and otherwise moot.
     """
+    precision_policy.tolerance(precision, max_logit_error)
     dtype = _validate(x, keys, query_labels, flips, dtype)
     total = keys.n * (2 if flips else 1)
     if not isinstance(k, int) or k < 1:
         raise ValueError(f"k: expected a positive integer, got {k!r}")
     if k > total:
         raise ValueError(f"k: asked for {k} neighbours but the candidate set has only {total}")
-    name, _ = choose_backend(backend, x, keys, dtype)
+    name, _ = choose_backend(backend, x, keys, dtype, k=min(k, keys.n))
 
     def run(q):
         if name == "cpu":
             return cpu_backend.knn(q, keys, min(k, keys.n), query_labels=query_labels, dtype=dtype)
+        if name == "triton":
+            from . import triton_backend
+            return triton_backend.knn(q, keys, min(k, keys.n), query_labels=query_labels, dtype=dtype)
+        if name == "cuda":
+            return _cuda_backend().knn(q, keys, min(k, keys.n), query_labels=query_labels, dtype=dtype)
         return torch_backend.knn(q, keys, min(k, keys.n), query_labels=query_labels, dtype=dtype,
                                  memory_budget=memory_budget)
 

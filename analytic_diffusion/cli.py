@@ -90,8 +90,10 @@ def _add_sample_parser(sub) -> None:
                         "(nearest σ in log space)")
     e = p.add_argument_group("execution and outputs")
     e.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
-    e.add_argument("--backend", default="auto", help="auto | torch | cpu")
+    e.add_argument("--backend", default="auto", help="auto | torch | cpu | triton | cuda")
     e.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="working precision")
+    e.add_argument("--precision", default=None, choices=["exact", "tf32", "bf16"],
+                   help="global methods on GPU: faster dots within a stated logit error bound (default exact)")
     e.add_argument("--out", default=None, help="output folder (default runs/METHOD-DATASET-seedS)")
     e.add_argument("--save-x0", action="store_true", help="also write x0_strips.png (x̂0 at every step)")
     e.add_argument("--no-progress", action="store_true", help="hide the progress bar")
@@ -103,7 +105,7 @@ _METHOD_FLAGS = {"k": "k", "ref_size": "ref_size", "rank": "rank", "smoothing": 
                  "perturbations": "num_perturbations", "temperature": "temperature", "method_seed": "seed",
                  "patch": "patch", "patch_schedule": "patch", "masks": ("masks", "mask"), "threshold": "threshold",
                  "softmax": "softmax", "chunk_size": "chunk_size", "tau": "tau", "draw_mode": "mode",
-                 "scale": "scale"}
+                 "scale": "scale", "precision": "precision"}
 
 
 def _load_masks(value: str):
@@ -230,7 +232,7 @@ def _add_calibrate_parser(sub) -> None:
     p.add_argument("--temperature", type=float, default=None, help="the method's softmax temperature (1)")
     p.add_argument("--batch-size", type=int, default=None, help="rows per denoiser call (default: all)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
-    p.add_argument("--backend", default="auto", help="auto | torch | cpu")
+    p.add_argument("--backend", default="auto", help="auto | torch | cpu | triton | cuda")
     p.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="working precision")
     p.add_argument("--out", default="schedule.json", help="schedule file to write (plot: same name, .png)")
     p.add_argument("--no-plot", action="store_true", help="do not write the PNG plot")
@@ -346,7 +348,7 @@ def _add_compare_parser(sub) -> None:
     p.add_argument("--rank", type=int, default=None, help="wiener: leading PCA components kept")
     p.add_argument("--temperature", type=float, default=None, help="retrieval methods: softmax temperature")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
-    p.add_argument("--backend", default="auto", help="auto | torch | cpu")
+    p.add_argument("--backend", default="auto", help="auto | torch | cpu | triton | cuda")
     p.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="working precision")
     p.add_argument("--batch-size", type=int, default=None, help="samples per denoiser call (default: all)")
     p.add_argument("--out", default=None, help="report folder (default runs/compare-NETWORK)")
@@ -546,7 +548,103 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train_parser(sub)
     _add_compare_parser(sub)
     _add_dynamics_parser(sub)
+    _add_bench_parser(sub)
     return parser
+
+
+def _csv_ints(text: str) -> List[int]:
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def _add_bench_parser(sub) -> None:
+    from .benchmark.global_bench import PATHS
+    p = sub.add_parser("bench", help="time kernels against PyTorch baselines (global) or a whole sampling run (e2e)",
+                       description="Benchmarks measured side by side in one process on one device.")
+    bsub = p.add_subparsers(dest="bench", required=True)
+    g = bsub.add_parser(
+        "global", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        help="global retrieval: naive / chunked / SDPA PyTorch vs the engine's backends, with roofline floors",
+        description="Time the global softmax retrieval (posterior mean over N random uint8 images of D values) "
+                    "for every D, N, B and path; print a markdown table (time, × naive, × best PyTorch, roofline "
+                    "floor and its fraction on known GPUs, error vs the float64 oracle on the first rows).")
+    g.add_argument("--dims", type=_csv_ints, default=[784, 3072], help="D values (MNIST 784, CIFAR 3072, IN64 12288)")
+    g.add_argument("--n", type=_csv_ints, default=[10000], help="N values (training-set sizes)")
+    g.add_argument("--batches", type=_csv_ints, default=[1, 8, 64, 256], help="B values (queries per call)")
+    g.add_argument("--paths", default=",".join(PATHS), help="comma-separated: " + ", ".join(PATHS))
+    g.add_argument("--precisions", default="exact", help="comma-separated: exact, tf32, bf16 (engine paths only)")
+    g.add_argument("--sigma", type=float, default=1.0, help="noise level of the queries")
+    g.add_argument("--device", default="auto", help="auto (cuda if available) | cpu | cuda[:i]")
+    g.add_argument("--repeats", type=int, default=5, help="timed calls per configuration (median reported)")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--out", default=None, help="folder for results.json and table.md")
+    g.set_defaults(func=_cmd_bench_global)
+    e = bsub.add_parser(
+        "e2e", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        help="end to end: n samples with a global method over a training set of a given shape",
+        description="Time a whole sampling run (e.g. 1000 CIFAR-shaped samples with optimal, 18 Heun steps, "
+                    "N = 50k) on random uint8 training images of the given shape.")
+    e.add_argument("--method", default="optimal", help="a global method (optimal, topk, nearest, smoothed, knn)")
+    e.add_argument("--n-train", type=int, default=50000)
+    e.add_argument("--shape", type=_csv_ints, default=[3, 32, 32], help="C,H,W")
+    e.add_argument("--samples", type=int, default=1000)
+    e.add_argument("--steps", type=int, default=18)
+    e.add_argument("--sampler", default="heun")
+    e.add_argument("--batch-size", type=int, default=None)
+    e.add_argument("--device", default="auto")
+    e.add_argument("--backend", default="auto")
+    e.add_argument("--precision", default="exact")
+    e.add_argument("--out", default=None, help="write the result as JSON to this file")
+    e.set_defaults(func=_cmd_bench_e2e)
+
+
+def _bench_device(name: str) -> str:
+    if name == "auto":
+        import torch
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return name
+
+
+def _cmd_bench_global(args) -> int:
+    import os
+
+    from .benchmark import markdown_table, run_global_bench
+    paths = [p for p in args.paths.split(",") if p]
+    precisions = [p for p in args.precisions.split(",") if p]
+    for p in precisions:
+        from .ops.precision import check_mode
+        check_mode(p)
+    rows = run_global_bench(args.dims, args.n, args.batches, paths=paths, precisions=precisions, sigma=args.sigma,
+                            device=_bench_device(args.device), repeats=args.repeats, seed=args.seed,
+                            progress=lambda r: print(f"  D={r['D']} N={r['N']} B={r['B']} {r['path']:8s} "
+                                                     f"{r['precision']:6s} " + (f"{1e3 * r['seconds']:.3f} ms"
+                                                     if "seconds" in r else f"skipped: {r['skipped']}"),
+                                                     file=sys.stderr, flush=True))
+    table = markdown_table(rows)
+    print(table)
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, "results.json"), "w") as f:
+            json.dump(rows, f, indent=1)
+        with open(os.path.join(args.out, "table.md"), "w") as f:
+            f.write(table + "\n")
+    return 0
+
+
+def _cmd_bench_e2e(args) -> int:
+    from .benchmark.e2e import run_e2e
+    if len(args.shape) != 3:
+        raise ValueError(f"--shape: expected C,H,W, got {args.shape}")
+    res = run_e2e(n_train=args.n_train, shape=tuple(args.shape), samples=args.samples, steps=args.steps,
+                  sampler=args.sampler, method=args.method, batch_size=args.batch_size,
+                  device=_bench_device(args.device), backend=args.backend, precision=args.precision)
+    print(json.dumps(res, indent=1))
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(res, f, indent=1)
+    return 0
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -14,8 +14,9 @@ Both estimate each output pixel p by its own softmax over training *patches* (me
   (candidates: the training patches at exactly the same position, the LS rule). Any odd k works; k ≥ H makes
   every pixel a corner, i.e. LS.
 
-Both run on :func:`analytic_diffusion.ops.patch_retrieval.patch_softmax_partial` (the exact torch reference:
-chunked, online softmax, memory bounded). :meth:`partial` returns the per-pixel partial state over a shard
+Both run on :func:`analytic_diffusion.ops.patch_retrieval.patch_softmax_partial`: the exact torch reference
+(chunked, online softmax, memory bounded) or, with ``backend="triton"`` (``auto`` on CUDA), the fused
+implicit-im2col kernel. :meth:`partial` returns the per-pixel partial state over a shard
 [start, stop) of the stored images, so that shards combine exactly (:meth:`from_partial` finishes).
 """
 from __future__ import annotations
@@ -26,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from ..ops.partial import PartialState
-from ..ops.patch_retrieval import (effective_budget, interior_positions, patch_offsets,
+from ..ops.patch_retrieval import (PATCH_BACKENDS, effective_budget, interior_positions, patch_offsets,
                                    patch_softmax_partial)
 from .local_base import LocalDenoiser
 
@@ -35,6 +36,12 @@ class _PatchScore(LocalDenoiser):
     """Shared driver: pad x, cut query patches group by group, one exact retrieval per group."""
 
     padding_mode = "zeros"
+
+    def __init__(self, dataset, **kw):
+        backend = kw.get("backend", "auto")
+        if backend not in PATCH_BACKENDS:
+            raise ValueError(f"backend: {self.name} runs on {', '.join(PATCH_BACKENDS)}, got {backend!r}")
+        super().__init__(dataset, **kw)
 
     # -- subclasses -------------------------------------------------------------------------------------
     def _groups(self, k: int) -> List[Tuple[torch.Tensor, torch.Tensor]]:
@@ -100,7 +107,7 @@ class _PatchScore(LocalDenoiser):
                 sub = patch_softmax_partial(
                     q, self.keys, s[b], cpos, k, temperature=self.temperature,
                     query_labels=None if labels is None else labels[b], flips=self.flips, dtype=dt,
-                    memory_budget=max(1, budget - q.numel() * item), start=start, stop=stop)
+                    memory_budget=max(1, budget - q.numel() * item), start=start, stop=stop, backend=self.backend)
                 rows = b * (h * w) + pix[p]
                 state.m[rows], state.l[rows], state.l2[rows], state.o[rows] = sub.m, sub.l, sub.l2, sub.o
                 del q, sub

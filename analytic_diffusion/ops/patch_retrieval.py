@@ -169,9 +169,12 @@ def _partial_rows(qc: torch.Tensor, q2: torch.Tensor, coef: torch.Tensor, keys: 
 def patch_softmax_partial(queries: torch.Tensor, keys: KeyBank, sigma, positions: torch.Tensor, k: int, *,
                           temperature: float = 1.0, query_labels: Optional[torch.Tensor] = None,
                           flips: bool = False, dtype: Optional[torch.dtype] = None,
-                          memory_budget: int = DEFAULT_MEMORY_BUDGET, start: int = 0, stop: Optional[int] = None
-                          ) -> PartialState:
+                          memory_budget: int = DEFAULT_MEMORY_BUDGET, start: int = 0, stop: Optional[int] = None,
+                          backend: str = "auto") -> PartialState:
     """Partial state (rows = query rows, o = (Q, C)) of the patch softmax over stored images start:stop.
+
+    ``backend``: ``torch`` (this reference), ``triton`` (the fused implicit-im2col kernel: direct distances,
+    exact at every σ, float32 only) or ``auto`` (see :func:`choose_patch_backend`).
 
     ``queries`` (Q, C·k²) float patches; ``sigma`` a scalar or (Q,) per row; ``positions`` (P, 2) candidate
     centres (row, col) in image coordinates, patches of the training images zero-padded by k//2 (interior
@@ -210,6 +213,16 @@ def patch_softmax_partial(queries: torch.Tensor, keys: KeyBank, sigma, positions
         query_labels = torch.as_tensor(query_labels, device=dev).long().reshape(-1)
         if query_labels.shape != (Q,):
             raise ValueError(f"query_labels: expected shape ({Q},), got {tuple(query_labels.shape)}")
+    name, _ = choose_patch_backend(backend, queries, keys, dtype)
+    if name == "triton":
+        from . import triton_patch
+        if dtype != torch.float32:
+            raise ValueError(f"dtype: the triton patch kernel computes in float32, got {dtype}; use backend='torch'")
+        if keys.device != dev:
+            raise ValueError(f"backend 'triton' needs the queries and the dataset on one device "
+                             f"(queries on {dev}, dataset on {keys.device})")
+        return triton_patch.patch_partial(queries, keys, coef64, positions, k, query_labels=query_labels,
+                                          flips=flips, start=int(start), stop=stop)
     budget = effective_budget(memory_budget)
     cvec = channel_center(keys, k, torch.float64).to(dev)
     positions = positions.to(dev)
@@ -249,6 +262,24 @@ def patch_softmax_partial(queries: torch.Tensor, keys: KeyBank, sigma, positions
     return state
 
 
+PATCH_BACKENDS = ("auto", "torch", "triton")
+
+
+def choose_patch_backend(backend: str, queries: torch.Tensor, keys: KeyBank, dtype) -> Tuple[str, str]:
+    """(backend, reason): ``auto`` takes the Triton kernel for float32 work on a CUDA device, else the reference."""
+    if backend not in PATCH_BACKENDS:
+        raise ValueError(f"backend: the patch retrieval has backends {', '.join(PATCH_BACKENDS)}, got {backend!r}")
+    if backend != "auto":
+        return backend, "requested"
+    if queries.device.type != "cuda":
+        return "torch", f"device {queries.device.type}: the fused patch kernel runs on CUDA"
+    if dtype != torch.float32 or keys.values.dtype not in (torch.uint8, torch.float32):
+        return "torch", f"dtype {dtype} / dataset {keys.values.dtype}: the fused kernel is float32 on uint8/float32"
+    from .triton_backend import unavailable_reason
+    reason = unavailable_reason(queries.device)
+    return ("triton", "CUDA, float32") if reason is None else ("torch", reason)
+
+
 # float32 rows whose expanded-form logit error bound exceeds this (nats) are computed in float64 instead.
 FLOAT32_LOGIT_TOLERANCE = 1e-5
 
@@ -274,7 +305,7 @@ def patch_softmax_retrieval(queries: torch.Tensor, keys: KeyBank, sigma, positio
                             temperature: float = 1.0, query_labels: Optional[torch.Tensor] = None,
                             flips: bool = False, dtype: Optional[torch.dtype] = None,
                             memory_budget: int = DEFAULT_MEMORY_BUDGET, start: int = 0,
-                            stop: Optional[int] = None, return_partial: bool = False
+                            stop: Optional[int] = None, return_partial: bool = False, backend: str = "auto"
                             ) -> Union[RetrievalResult, PartialState]:
     """Posterior mean of the centre pixel per query row: mean (Q, C), max weight and 1/Σw² per row.
 
@@ -283,7 +314,7 @@ def patch_softmax_retrieval(queries: torch.Tensor, keys: KeyBank, sigma, positio
     """
     state = patch_softmax_partial(queries, keys, sigma, positions, k, temperature=temperature,
                                   query_labels=query_labels, flips=flips, dtype=dtype,
-                                  memory_budget=memory_budget, start=start, stop=stop)
+                                  memory_budget=memory_budget, start=start, stop=stop, backend=backend)
     return state if return_partial else RetrievalResult.from_partial(state)
 
 

@@ -44,7 +44,7 @@ def _gpu_choice(x: torch.Tensor, keys: KeyBank, dtype: torch.dtype, k: Optional[
     if k is not None and k > triton_backend.MAX_FUSED_TOPK:
         return "torch", f"k = {k} > {triton_backend.MAX_FUSED_TOPK}: beyond the fused top-k"
     cuda = _cuda_backend()
-    if x.shape[0] <= CUDA_KERNEL_MAX_BATCH and cuda.available():
+    if x.shape[0] <= CUDA_KERNEL_MAX_BATCH and (k is None or k <= cuda.MAX_K) and cuda.available():
         return "cuda", f"CUDA, batch {x.shape[0]} <= {CUDA_KERNEL_MAX_BATCH}: single-pass split-N kernel"
     reason = triton_backend.unavailable_reason(x.device)
     if reason is None:

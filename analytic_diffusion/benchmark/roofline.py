@@ -1,0 +1,37 @@
+"""Roofline floors of the global retrieval (kernel-performance.md §7).
+
+Model per call: bytes = the key matrix once (N·D·element size) + queries and outputs (2·B·D·4);
+FLOPs = 4·B·N·D (logits GEMM + weighted sum). Floor = max(bytes / bandwidth, FLOPs / rate of the math used).
+Peak figures: H100 SXM ~3.0 TB/s measured copy (2026-11-13), H200 4.8 TB/s datasheet; fp32 SIMT 60, tf32 400,
+bf16 790 TFLOP/s. Devices we have no figures for get no floor (None), never a guess.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+DEVICES = {
+    "H100": {"bandwidth": 3.0e12, "fp32": 60e12, "tf32": 400e12, "bf16": 790e12},
+    "H200": {"bandwidth": 4.8e12, "fp32": 60e12, "tf32": 400e12, "bf16": 790e12},
+}
+# Which math each precision mode runs on (exact = fp32 on CUDA cores).
+MODE_MATH = {"exact": "fp32", "tf32": "tf32", "bf16": "bf16"}
+
+
+def device_peaks(device: torch.device) -> Optional[dict]:
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, peaks in DEVICES.items():
+        if key in name:
+            return dict(peaks, name=name)
+    return None
+
+
+def floor_seconds(n: int, d: int, b: int, key_bytes: int, precision: str, peaks: Optional[dict]) -> Optional[float]:
+    if peaks is None:
+        return None
+    bytes_moved = n * d * key_bytes + 2 * b * d * 4
+    flops = 4.0 * b * n * d
+    return max(bytes_moved / peaks["bandwidth"], flops / peaks[MODE_MATH[precision]])

@@ -1,0 +1,153 @@
+"""Backend ``cuda``: the CUDA kernels in csrc/cuda, bound through pybind11 as ``analytic_diffusion._cuda``.
+
+Same entry points and semantics as :mod:`.cpu_backend`. The kernels are torch-free: tensors cross as device
+addresses, every buffer (outputs and the per-split scratch) is allocated here with torch on the queries'
+device, and the launches go to torch's current stream of that device, so they order with the surrounding
+torch work without any synchronisation.
+
+What the kernels compute (csrc/cuda/global_retrieval.cu): fp32 direct distances Σ (q − y)² (no expanded-form
+cancellation), an online softmax in base 2, the candidates split into a number of ranges that depends on N
+only, and the per-split partials combined in a fixed order: results are bitwise reproducible. fp32 only.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+
+from .keys import KeyBank
+from .partial import PartialState
+
+try:  # built by setup.py only where nvcc and a GPU exist (or AD_BUILD_CUDA=1)
+    from .. import _cuda  # type: ignore[attr-defined]
+    _IMPORT_ERROR: Optional[BaseException] = None
+except (ImportError, OSError) as exc:  # not built, or libcudart missing on this machine
+    _cuda = None
+    _IMPORT_ERROR = exc
+
+SUPPORTED_DTYPES = (torch.float32,)
+SUPPORTED_KEY_DTYPES = (torch.uint8, torch.float32)
+MAX_K = 32 if _cuda is None else int(_cuda.MAX_K)
+
+_REASON: Optional[str] = None
+
+
+def unavailable_reason() -> Optional[str]:
+    """None when the backend can run here, else one line saying why not (cached after the first call)."""
+    global _REASON
+    if _REASON is not None:
+        return _REASON or None
+    if _cuda is None:
+        reason = (f"the CUDA extension analytic_diffusion._cuda is not built or cannot load ({_IMPORT_ERROR}); "
+                  "build it with nvcc on a GPU machine: AD_BUILD_CUDA=1 pip install --no-build-isolation -e .")
+    elif not torch.cuda.is_available():
+        reason = "torch reports no CUDA device (or this torch build has no CUDA support)"
+    else:
+        count, err = _cuda.device_count()
+        reason = "" if count > 0 else f"the CUDA runtime of analytic_diffusion._cuda sees no device ({err or 'none'})"
+    _REASON = reason
+    return reason or None
+
+
+def available() -> bool:
+    return unavailable_reason() is None
+
+
+def _require():
+    reason = unavailable_reason()
+    if reason is not None:
+        raise RuntimeError(f"backend 'cuda' is unavailable: {reason}")
+    return _cuda
+
+
+def _check(q: torch.Tensor, keys: KeyBank, dtype: torch.dtype, query_labels) -> None:
+    if dtype not in SUPPORTED_DTYPES:
+        raise ValueError(f"dtype: backend 'cuda' computes in float32 only, got {dtype} "
+                         "(use backend='torch' or 'cpu' for float64)")
+    if q.device.type != "cuda" or keys.device.type != "cuda":
+        raise ValueError("backend 'cuda' needs the queries and the dataset on a CUDA device "
+                         f"(got queries on {q.device}, dataset on {keys.device}); move them with .to('cuda')")
+    if q.device != keys.device:
+        raise ValueError(f"backend 'cuda': queries on {q.device} but the dataset on {keys.device}")
+    if keys.values.dtype not in SUPPORTED_KEY_DTYPES:
+        raise ValueError(f"keys: backend 'cuda' supports uint8 or float32 datasets, got {keys.values.dtype}")
+    if q.dim() != 2 or q.shape[1] != keys.dim:
+        raise ValueError(f"q: expected a (B, {keys.dim}) tensor, got shape {tuple(q.shape)}")
+    if query_labels is not None:
+        if keys.labels is None:
+            raise ValueError("query_labels: class-conditional retrieval needs a dataset with labels")
+        if query_labels.shape != (q.shape[0],):
+            raise ValueError(f"query_labels: expected shape ({q.shape[0]},), got {tuple(query_labels.shape)}")
+
+
+def _common(q: torch.Tensor, keys: KeyBank, query_labels):
+    """Contiguous device operands (kept alive by the caller until the launch is enqueued)."""
+    dev = q.device
+    qf = q.detach().to(dtype=torch.float32).contiguous()
+    values = keys.values.detach().contiguous()
+    key_type = _cuda.KEYS_U8 if values.dtype == torch.uint8 else _cuda.KEYS_F32
+    kl = ql = None
+    if query_labels is not None:
+        kl = keys.labels.to(device=dev, dtype=torch.int64).contiguous()
+        ql = query_labels.to(device=dev, dtype=torch.int64).contiguous()
+    return qf, values, key_type, kl, ql
+
+
+def _ptr(t: Optional[torch.Tensor]) -> int:
+    return 0 if t is None else int(t.data_ptr())
+
+
+def softmax_partial(q: torch.Tensor, keys: KeyBank, coef: torch.Tensor, *, query_labels=None,
+                    dtype: torch.dtype, poison: bool = False) -> PartialState:
+    """Partial state of logits −coef_b·‖q_b − y_j‖² over all candidates (fp32, on q's device).
+
+    ``poison=True`` (tests) fills the outputs and the scratch with NaN before the launch: the kernels must
+    write every value they hand back.
+    """
+    _check(q, keys, dtype, query_labels)
+    ext = _require()
+    dev = q.device
+    B, D, N = q.shape[0], keys.dim, keys.n
+    with torch.cuda.device(dev):
+        qf, values, key_type, kl, ql = _common(q, keys, query_labels)
+        c = torch.as_tensor(coef).to(device=dev, dtype=torch.float32).reshape(-1).expand(B).contiguous()
+        fill = float("nan") if poison else 0.0
+        m = torch.full((B,), fill, dtype=torch.float32, device=dev)
+        l, l2 = torch.full_like(m, fill), torch.full_like(m, fill)
+        o = torch.full((B, D), fill, dtype=torch.float32, device=dev)
+        nbytes = int(ext.softmax_scratch_bytes(N, D))
+        scratch = torch.empty(nbytes, dtype=torch.uint8, device=dev)
+        if poison:
+            scratch.view(torch.float32).fill_(float("nan"))
+        stream = torch.cuda.current_stream(dev).cuda_stream
+        ext.softmax_retrieval(_ptr(qf), _ptr(values), key_type, B, N, D, float(keys.scale), float(keys.shift),
+                              _ptr(c), _ptr(kl), _ptr(ql), _ptr(m), _ptr(l), _ptr(l2), _ptr(o), _ptr(scratch),
+                              nbytes, int(stream))
+        # The caching allocator may hand the scratch to the next allocation on this stream only after the kernels
+        # that use it (stream order); other streams would need record_stream, but we launch on the current one.
+    return PartialState(m, l, l2, o)
+
+
+def knn(q: torch.Tensor, keys: KeyBank, k: int, *, query_labels=None, dtype: torch.dtype,
+        poison: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The k ≤ 32 nearest rows by exact fp32 distance: (dist2 (B, k) float32, index (B, k) int64), ascending,
+    ties by index; rows with fewer than k allowed candidates are padded with (inf, −1)."""
+    _check(q, keys, dtype, query_labels)
+    if not isinstance(k, int) or k < 1 or k > MAX_K:
+        raise ValueError(f"k: backend 'cuda' keeps 1 <= k <= {MAX_K} neighbours, got {k!r} "
+                         "(use backend='torch' for larger k)")
+    ext = _require()
+    dev = q.device
+    B, D, N = q.shape[0], keys.dim, keys.n
+    with torch.cuda.device(dev):
+        qf, values, key_type, kl, ql = _common(q, keys, query_labels)
+        dist = torch.full((B, k), float("nan") if poison else 0.0, dtype=torch.float32, device=dev)
+        index = torch.full((B, k), -7 if poison else 0, dtype=torch.int64, device=dev)
+        nbytes = int(ext.knn_scratch_bytes(N, D, k))
+        scratch = torch.empty(nbytes, dtype=torch.uint8, device=dev)
+        if poison:
+            scratch.fill_(0xFF)  # NaN distances and index -1 in every split list
+        stream = torch.cuda.current_stream(dev).cuda_stream
+        ext.knn_search(_ptr(qf), _ptr(values), key_type, B, N, D, float(keys.scale), float(keys.shift), int(k),
+                       _ptr(kl), _ptr(ql), _ptr(dist), _ptr(index), _ptr(scratch), nbytes, int(stream))
+    return dist, index

@@ -1,0 +1,66 @@
+"""Backend ``triton`` of the patch softmax (ELS / bbELS): drives ``kernels.patch_retrieval`` per label group and
+mirror pass, and combines the kernel's per-split partials in a fixed order. Same semantics as the reference
+:func:`analytic_diffusion.ops.patch_retrieval.patch_softmax_partial` (its docstring states the rules)."""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+
+from .keys import KeyBank
+from .partial import PartialState
+
+LOG2E = 1.0 / math.log(2.0)
+TARGET_SPLITS = 132  # image-list splits per query tile: one wave of an H100 for a single-image query batch
+
+
+def _images(keys: KeyBank, device):
+    def make():
+        c, h, w = keys.image_shape
+        v = keys.values if keys.values.dtype == torch.uint8 else keys.values.to(torch.float32)
+        return v.reshape(-1, c, h, w).to(device).contiguous()
+    return keys.cached(f"triton-patch-images:{device}", make)
+
+
+def _state(q, images, keys, image_idx, positions, coef, k) -> PartialState:
+    from ..kernels import patch_retrieval
+    splits = max(1, min(TARGET_SPLITS, image_idx.numel()))
+    m2, l, l2, o = patch_retrieval.patch_partials(
+        q.to(torch.float32).contiguous(), images, image_idx.to(torch.int32).contiguous(),
+        positions.to(torch.int32).contiguous(), (coef * LOG2E).to(torch.float32).contiguous(), k=k,
+        scale=keys.scale, shift=keys.shift, splits=splits)
+    m = m2.max(0).values
+    m_safe = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    w = torch.exp2(m2 - m_safe)
+    return PartialState(m=m * math.log(2.0), l=(l * w).sum(0), l2=(l2 * w * w).sum(0), o=(o * w[:, :, None]).sum(0))
+
+
+def patch_partial(queries: torch.Tensor, keys: KeyBank, coef64: torch.Tensor, positions: torch.Tensor, k: int, *,
+                  query_labels: Optional[torch.Tensor], flips: bool, start: int, stop: int) -> PartialState:
+    """(Q rows, o (Q, C)) float32 partial state over stored images start:stop (validated by the caller)."""
+    dev = queries.device
+    c, h, w = keys.image_shape
+    feat = c * k * k
+    images = _images(keys, dev)
+    Q = queries.shape[0]
+    state = PartialState.empty(Q, c, dtype=torch.float32, device=dev)
+    all_idx = torch.arange(start, stop, device=dev)
+    if query_labels is None:
+        groups = [(torch.arange(Q, device=dev), all_idx)]
+    else:
+        img_labels = keys.labels[start:stop].to(dev)
+        groups = [((query_labels == lab).nonzero().flatten(), all_idx[img_labels == lab])
+                  for lab in torch.unique(query_labels).tolist()]
+    positions = positions.to(dev)
+    mirrored = torch.stack([positions[:, 0], w - 1 - positions[:, 1]], 1)
+    for rows, image_idx in groups:
+        if image_idx.numel() == 0:
+            continue  # rows stay empty: another shard may hold this class
+        q = queries[rows]
+        st = _state(q, images, keys, image_idx, positions, coef64[rows], k)
+        if flips:  # the mirror of the patch of x at (r, c) is the patch of flip(x) at (r, W−1−c)
+            qm = q.reshape(-1, c, k, k).flip(-1).reshape(-1, feat)
+            st = st.combine(_state(qm, images, keys, image_idx, mirrored, coef64[rows], k))
+        state.m[rows], state.l[rows], state.l2[rows], state.o[rows] = st.m, st.l, st.l2, st.o
+    return state

@@ -1,0 +1,125 @@
+"""Triton kernel for the patch softmax of ELS / bbELS (kernel-performance.md §8.4): implicit im2col.
+
+For query row r (the C·k² patch around one output pixel) and candidates j = (training image n, centre position
+p) from an image list × a position list:
+
+    logit_rj = −coef_r · ‖q_r − patch_k(image n, centre p)‖²,     value_j = the centre pixel (C values)
+
+where the training patch is cut from the image zero-padded (in [-1, 1] space: the value 0.0) by k//2. The key
+patches are never materialised: each program gathers its key tile straight from the resident uint8 images
+(affine map and padding applied in registers), so the training set is the only large input whatever k is.
+
+Program (t, s) owns a tile of BLOCK_Q query rows and the s-th contiguous slice of the image list; it loops over
+its images and over BLOCK_P positions at a time, computes direct-form distances Σ (q − y)² over C·k² in
+BLOCK_F chunks on CUDA cores (no cancellation: exact at every σ), runs an online softmax in base 2, and
+accumulates the C centre values. Tile skipping: when no row of the query tile gets a weight above 2^-SKIP
+of its running maximum from a key tile, the exponentials and the value update of that tile are skipped (a
+large win at low noise; the neglected mass is below N·P·2^-SKIP of the total). Partials per (split, row) are
+combined by the caller in a fixed order.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from .global_retrieval import _empty
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+SKIP_BITS = 64.0  # base-2 logit margin below the running max beyond which a whole key tile is skipped
+# (query rows, positions, feature chunk) per program; the 3-D difference tile lives in registers on the GPU.
+BLOCKS = (16, 32, 32) if INTERPRET else (16, 16, 32)
+
+
+@triton.jit
+def _patch_kernel(Q, IMG, IMGIDX, POS, COEF, M, L, L2, O,
+                  n_rows, n_img, n_pos, imgs_per_split, H, W, scale, shift, stride_q, SKIP,
+                  K: tl.constexpr, C: tl.constexpr, C_PAD: tl.constexpr,
+                  BLOCK_Q: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_F: tl.constexpr):
+    pid_q = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    F: tl.constexpr = C * K * K
+    D: tl.constexpr = K // 2
+    offs_q = pid_q * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    qmask = offs_q < n_rows
+    coef = tl.load(COEF + offs_q, mask=qmask, other=0.0)  # base 2
+    m = tl.full([BLOCK_Q], float("-inf"), tl.float32)
+    l = tl.zeros([BLOCK_Q], tl.float32)
+    l2 = tl.zeros([BLOCK_Q], tl.float32)
+    o = tl.zeros([BLOCK_Q, C_PAD], tl.float32)
+    offs_c = tl.arange(0, C_PAD)
+    cmask = offs_c < C
+    hw = H * W
+    i_start = pid_s * imgs_per_split
+    i_stop = tl.minimum(i_start + imgs_per_split, n_img)
+    for i in range(i_start, i_stop):
+        base = tl.load(IMGIDX + i).to(tl.int64) * (C * hw)
+        for p0 in range(0, n_pos, BLOCK_P):
+            offs_p = p0 + tl.arange(0, BLOCK_P)
+            pmask = offs_p < n_pos
+            pr = tl.load(POS + 2 * offs_p, mask=pmask, other=0)
+            pc = tl.load(POS + 2 * offs_p + 1, mask=pmask, other=0)
+            dist = tl.zeros([BLOCK_Q, BLOCK_P], tl.float32)
+            for f0 in range(0, F, BLOCK_F):
+                offs_f = f0 + tl.arange(0, BLOCK_F)
+                fmask = offs_f < F
+                ch = offs_f // (K * K)
+                a = (offs_f // K) % K - D
+                b = offs_f % K - D
+                rr = pr[:, None] + a[None, :]
+                cc = pc[:, None] + b[None, :]
+                inside = (rr >= 0) & (rr < H) & (cc >= 0) & (cc < W) & pmask[:, None] & fmask[None, :]
+                u = tl.load(IMG + base + ch[None, :] * hw + rr * W + cc, mask=inside, other=0)
+                key = tl.where(inside, u.to(tl.float32) * scale + shift, 0.0)  # zero padding in value space
+                q = tl.load(Q + offs_q[:, None] * stride_q + offs_f[None, :], mask=qmask[:, None] & fmask[None, :],
+                            other=0.0)
+                diff = tl.where(fmask[None, None, :], q[:, None, :] - key[None, :, :], 0.0)
+                dist += tl.sum(diff * diff, axis=2)
+            logit = tl.where(qmask[:, None] & pmask[None, :], -coef[:, None] * dist, float("-inf"))
+            tile_max = tl.max(logit, axis=1)
+            # Skip the tile when every row's best key here is negligible next to that row's running max.
+            # Huge while a row has no candidate yet (m = −inf is clamped so that −inf − −inf never occurs).
+            gap = tl.where(qmask, tile_max - tl.maximum(m, -3.0e38), float("-inf"))
+            if tl.max(gap, axis=0) > -SKIP:
+                m_new = tl.maximum(m, tile_max)
+                m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+                alpha = tl.exp2(m - m_safe)
+                p = tl.exp2(logit - m_safe[:, None])
+                l = l * alpha + tl.sum(p, axis=1)
+                l2 = l2 * alpha * alpha + tl.sum(p * p, axis=1)
+                v = tl.load(IMG + base + offs_c[None, :] * hw + (pr * W + pc)[:, None],
+                            mask=pmask[:, None] & cmask[None, :], other=0).to(tl.float32) * scale + shift
+                o = o * alpha[:, None] + tl.sum(p[:, :, None] * v[None, :, :], axis=1)
+                m = m_new
+    part = pid_s * n_rows + offs_q
+    tl.store(M + part, m, mask=qmask)
+    tl.store(L + part, l, mask=qmask)
+    tl.store(L2 + part, l2, mask=qmask)
+    tl.store(O + part[:, None] * C + offs_c[None, :], o, mask=qmask[:, None] & cmask[None, :])
+
+
+def patch_partials(q: torch.Tensor, images: torch.Tensor, image_index: torch.Tensor, positions: torch.Tensor,
+                   coef2: torch.Tensor, *, k: int, scale: float, shift: float, splits: int, skip_bits=SKIP_BITS):
+    """Partials (m base 2, l, l2 (S, Q); o (S, Q, C)) of the patch softmax.
+
+    q (Q, C·k²) float32 in (C, k, k) layout; images (N, C, H, W) uint8 or float32 (candidate = scale·u + shift,
+    zero outside); image_index (n,) int32 images to scan; positions (P, 2) int32 centres; coef2 (Q,) base 2.
+    """
+    Qn = q.shape[0]
+    _, C, H, W = images.shape
+    n_img = image_index.numel()
+    per = triton.cdiv(n_img, max(1, splits))
+    S = triton.cdiv(n_img, per)
+    dev = q.device
+    m = _empty((S, Qn), torch.float32, dev)
+    l = _empty((S, Qn), torch.float32, dev)
+    l2 = _empty((S, Qn), torch.float32, dev)
+    o = _empty((S, Qn, C), torch.float32, dev)
+    bq, bp, bf = BLOCKS
+    _patch_kernel[(triton.cdiv(Qn, bq), S)](
+        q, images, image_index, positions, coef2, m, l, l2, o,
+        Qn, n_img, positions.shape[0], per, H, W, float(scale), float(shift), q.stride(0), float(skip_bits),
+        K=k, C=C, C_PAD=max(2, triton.next_power_of_2(C)), BLOCK_Q=bq, BLOCK_P=bp, BLOCK_F=bf, num_warps=4)
+    return m, l, l2, o

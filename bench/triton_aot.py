@@ -27,6 +27,13 @@ LOGITS_SIG = {"QHI": "*fp32", "QLO": "*fp32", "X": "*u8", "A2": "*fp32", "KN": "
               "XLAB": "*i32", "QLAB": "*i32", "LOGITS": "*fp32", "TM": "*fp32", "TL": "*fp32", "TL2": "*fp32",
               "B": "i32", "N": "i32", "D": "i32", "stride_q": "i32", "stride_x": "i32", "stride_lb": "i32",
               "stride_tb": "i32"}
+PATCH_SIG = {"Q": "*fp32", "IMG": "*u8", "IMGIDX": "*i32", "POS": "*i32", "COEF": "*fp32", "M": "*fp32",
+             "L": "*fp32", "L2": "*fp32", "O": "*fp32", "n_rows": "i32", "n_img": "i32", "n_pos": "i32",
+             "imgs_per_split": "i32", "H": "i32", "W": "i32", "scale": "fp32", "shift": "fp32", "stride_q": "i32",
+             "SKIP": "fp32"}
+SAME_POS_SIG = {"Q": "*fp32", "IMG": "*u8", "IMGIDX": "*i32", "POS": "*i32", "COEF": "*fp32", "M": "*fp32",
+                "L": "*fp32", "L2": "*fp32", "O": "*fp32", "n_rows": "i32", "n_img": "i32", "imgs_per_split": "i32",
+                "H": "i32", "W": "i32", "scale": "fp32", "shift": "fp32", "stride_q": "i32"}
 WSUM_SIG = {"LOGITS": "*fp32", "MROW": "*fp32", "X": "*u8", "O": "*fp32", "B": "i32", "N": "i32", "D": "i32",
             "keys_per_split": "i32", "stride_lb": "i32", "stride_x": "i32", "stride_os": "i32", "stride_ob": "i32"}
 
@@ -34,6 +41,7 @@ WSUM_SIG = {"LOGITS": "*fp32", "MROW": "*fp32", "X": "*u8", "O": "*fp32", "B": "
 def configurations():
     """(name, kernel attribute, signature, constexprs, num_warps) of every configuration the backend launches."""
     from analytic_diffusion.kernels import global_retrieval as g
+    from analytic_diffusion.kernels import patch_retrieval as pr
     out = []
     for keys in ("u8", "fp32"):
         for labels in (False, True):
@@ -53,6 +61,18 @@ def configurations():
             out.append((f"two_pass weighted-sum {kind} x={keys}", g._weighted_sum_kernel,
                         dict(WSUM_SIG, X=f"*{keys}"),
                         dict(BLOCK_B=bb, BLOCK_N=bk, BLOCK_D=bd, PRECISION=code, INTERP=False), warps))
+    bq, bp, bf = pr.BLOCKS
+    for c in (1, 3):
+        for k in (3, 5, 7, 11, 15):
+            out.append((f"patch (ELS/bbELS) C={c} k={k} x=u8", pr._patch_kernel, PATCH_SIG,
+                        dict(K=k, C=c, C_PAD=max(2, 1 << (c - 1).bit_length()), BLOCK_Q=bq, BLOCK_P=bp, BLOCK_F=bf),
+                        4))
+    sq, sn, sf = pr.SAME_POSITION_BLOCKS
+    for c in (1, 3):
+        for k in (3, 7, 15):
+            out.append((f"same-position (LS) C={c} k={k} x=u8", pr._same_position_kernel, SAME_POS_SIG,
+                        dict(K=k, C=c, C_PAD=max(2, 1 << (c - 1).bit_length()), BLOCK_Q=sq, BLOCK_N=sn, BLOCK_F=sf),
+                        4))
     return out
 
 

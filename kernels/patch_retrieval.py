@@ -30,7 +30,7 @@ from .global_retrieval import _empty
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 SKIP_BITS = 64.0  # base-2 logit margin below the running max beyond which a whole key tile is skipped
 # (query rows, positions, feature chunk) per program; the 3-D difference tile lives in registers on the GPU.
-BLOCKS = (16, 32, 32) if INTERPRET else (16, 16, 32)
+BLOCKS = (16, 32, 32) if INTERPRET else (32, 16, 16)  # GPU: no ptxas spills for C ∈ {1, 3}, k ≤ 15
 
 
 @triton.jit
@@ -122,4 +122,93 @@ def patch_partials(q: torch.Tensor, images: torch.Tensor, image_index: torch.Ten
         q, images, image_index, positions, coef2, m, l, l2, o,
         Qn, n_img, positions.shape[0], per, H, W, float(scale), float(shift), q.stride(0), float(skip_bits),
         K=k, C=C, C_PAD=max(2, triton.next_power_of_2(C)), BLOCK_Q=bq, BLOCK_P=bp, BLOCK_F=bf, num_warps=4)
+    return m, l, l2, o
+
+
+@triton.jit
+def _same_position_kernel(Q, IMG, IMGIDX, POS, COEF, M, L, L2, O,
+                          n_rows, n_img, imgs_per_split, H, W, scale, shift, stride_q,
+                          K: tl.constexpr, C: tl.constexpr, C_PAD: tl.constexpr,
+                          BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_F: tl.constexpr):
+    """LS (the same-position rule): row r's candidates are the k×k patches of every listed image centred at
+    row r's own pixel POS[r]; keys are gathered per (row, image) from the uint8 images, zero-padded."""
+    pid_q = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    F: tl.constexpr = C * K * K
+    D: tl.constexpr = K // 2
+    offs_q = pid_q * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    qmask = offs_q < n_rows
+    coef = tl.load(COEF + offs_q, mask=qmask, other=0.0)
+    pr = tl.load(POS + 2 * offs_q, mask=qmask, other=0)
+    pc = tl.load(POS + 2 * offs_q + 1, mask=qmask, other=0)
+    m = tl.full([BLOCK_Q], float("-inf"), tl.float32)
+    l = tl.zeros([BLOCK_Q], tl.float32)
+    l2 = tl.zeros([BLOCK_Q], tl.float32)
+    o = tl.zeros([BLOCK_Q, C_PAD], tl.float32)
+    offs_c = tl.arange(0, C_PAD)
+    cmask = offs_c < C
+    hw = H * W
+    i_start = pid_s * imgs_per_split
+    i_stop = tl.minimum(i_start + imgs_per_split, n_img)
+    for n0 in range(i_start, i_stop, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        nmask = offs_n < i_stop
+        base = tl.load(IMGIDX + offs_n, mask=nmask, other=0).to(tl.int64) * (C * hw)
+        dist = tl.zeros([BLOCK_Q, BLOCK_N], tl.float32)
+        for f0 in range(0, F, BLOCK_F):
+            offs_f = f0 + tl.arange(0, BLOCK_F)
+            fmask = offs_f < F
+            ch = offs_f // (K * K)
+            rr = pr[:, None] + ((offs_f // K) % K - D)[None, :]
+            cc = pc[:, None] + (offs_f % K - D)[None, :]
+            inside = (rr >= 0) & (rr < H) & (cc >= 0) & (cc < W) & fmask[None, :]  # (Q, F)
+            where = ch[None, :] * hw + rr * W + cc
+            lmask = inside[:, None, :] & nmask[None, :, None]
+            u = tl.load(IMG + base[None, :, None] + where[:, None, :], mask=lmask, other=0)
+            key = tl.where(lmask, u.to(tl.float32) * scale + shift, 0.0)
+            q = tl.load(Q + offs_q[:, None] * stride_q + offs_f[None, :], mask=qmask[:, None] & fmask[None, :],
+                        other=0.0)
+            diff = tl.where(fmask[None, None, :], q[:, None, :] - key, 0.0)
+            dist += tl.sum(diff * diff, axis=2)
+        logit = tl.where(qmask[:, None] & nmask[None, :], -coef[:, None] * dist, float("-inf"))
+        m_new = tl.maximum(m, tl.max(logit, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m - m_safe)
+        p = tl.exp2(logit - m_safe[:, None])
+        l = l * alpha + tl.sum(p, axis=1)
+        l2 = l2 * alpha * alpha + tl.sum(p * p, axis=1)
+        vmask = qmask[:, None, None] & nmask[None, :, None] & cmask[None, None, :]
+        v = tl.load(IMG + base[None, :, None] + offs_c[None, None, :] * hw + (pr * W + pc)[:, None, None],
+                    mask=vmask, other=0).to(tl.float32) * scale + shift
+        o = o * alpha[:, None] + tl.sum(p[:, :, None] * v, axis=1)
+        m = m_new
+    part = pid_s * n_rows + offs_q
+    tl.store(M + part, m, mask=qmask)
+    tl.store(L + part, l, mask=qmask)
+    tl.store(L2 + part, l2, mask=qmask)
+    tl.store(O + part[:, None] * C + offs_c[None, :], o, mask=qmask[:, None] & cmask[None, :])
+
+
+# (query rows, images, feature chunk) of the same-position kernel: its key tile is 3-D (row, image, feature).
+SAME_POSITION_BLOCKS = (16, 16, 32) if INTERPRET else (16, 16, 16)
+
+
+def same_position_partials(q: torch.Tensor, images: torch.Tensor, image_index: torch.Tensor, row_positions,
+                           coef2: torch.Tensor, *, k: int, scale: float, shift: float, splits: int):
+    """Partials like :func:`patch_partials`, but row r's only candidate position is ``row_positions[r]``."""
+    Qn = q.shape[0]
+    _, C, H, W = images.shape
+    n_img = image_index.numel()
+    bq, bn, bf = SAME_POSITION_BLOCKS
+    per = triton.cdiv(triton.cdiv(n_img, max(1, splits)), bn) * bn
+    S = triton.cdiv(n_img, per)
+    dev = q.device
+    m = _empty((S, Qn), torch.float32, dev)
+    l = _empty((S, Qn), torch.float32, dev)
+    l2 = _empty((S, Qn), torch.float32, dev)
+    o = _empty((S, Qn, C), torch.float32, dev)
+    _same_position_kernel[(triton.cdiv(Qn, bq), S)](
+        q, images, image_index, row_positions, coef2, m, l, l2, o,
+        Qn, n_img, per, H, W, float(scale), float(shift), q.stride(0),
+        K=k, C=C, C_PAD=max(2, triton.next_power_of_2(C)), BLOCK_Q=bq, BLOCK_N=bn, BLOCK_F=bf, num_warps=4)
     return m, l, l2, o

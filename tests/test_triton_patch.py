@@ -114,3 +114,23 @@ def test_backend_choice_and_errors(rng):
     with pytest.raises(ValueError, match="dtype"):
         patch_softmax_partial(q.to(DEVICE).double(), on_device(kb), 0.5, torch.tensor([[1, 1]], device=DEVICE), 3,
                               dtype=torch.float64, backend="triton")
+
+
+@pytest.mark.parametrize("k", [1, 3, 5, 13])
+def test_ls_on_the_same_position_kernel(rng, k):
+    """LS: every pixel's own position only (k = 13 on 6×5 covers the whole image: LS = optimal there)."""
+    from analytic_diffusion.ops.local_retrieval import local_score
+    labels = torch.randint(0, 2, (14,), generator=rng)
+    imgs = torch.randint(0, 256, (14, 2, 6, 5), generator=rng, dtype=torch.uint8)
+    ds = Dataset(imgs, labels)
+    x = ds.images_float()[:3] + 0.4 * torch.randn(3, 2, 6, 5, generator=rng)
+    ql = torch.tensor([0, 1, 1])
+    for sigma, flips, lab in ((0.01, False, None), (0.4, True, ql), (100.0, False, ql)):
+        ref = local_score(x.double(), ds.keys(), sigma, patch=k, flips=flips, query_labels=lab, dtype=torch.float64,
+                          backend="torch")
+        got = local_score(x.to(DEVICE), on_device(ds.keys()), sigma, patch=k, flips=flips,
+                          query_labels=None if lab is None else lab.to(DEVICE), backend="triton")
+        assert rel(got.cpu(), ref) <= 1e-4
+    den = make_denoiser("ls", ds.to(DEVICE) if DEVICE.type == "cuda" else ds, patch=k, backend="triton")
+    ref = make_denoiser("ls", ds, patch=k, backend="torch", dtype=torch.float64)(x.double(), 0.3)
+    assert rel(den(x.to(DEVICE), 0.3).cpu(), ref) <= 1e-4

@@ -27,8 +27,9 @@ import torch
 import torch.nn.functional as F
 
 from ..ops.partial import PartialState
-from ..ops.patch_retrieval import (PATCH_BACKENDS, effective_budget, interior_positions, patch_offsets,
+from ..ops.patch_retrieval import (effective_budget, interior_positions, patch_offsets,
                                    patch_softmax_partial)
+from .local import check_patch_backend
 from .local_base import LocalDenoiser
 
 
@@ -38,9 +39,7 @@ class _PatchScore(LocalDenoiser):
     padding_mode = "zeros"
 
     def __init__(self, dataset, **kw):
-        backend = kw.get("backend", "auto")
-        if backend not in PATCH_BACKENDS:
-            raise ValueError(f"backend: {self.name} runs on {', '.join(PATCH_BACKENDS)}, got {backend!r}")
+        check_patch_backend(kw.get("backend", "auto"), self.name)
         super().__init__(dataset, **kw)
 
     # -- subclasses -------------------------------------------------------------------------------------

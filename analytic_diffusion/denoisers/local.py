@@ -12,6 +12,7 @@ import torch
 
 from ..ops.local_retrieval import _check_masks, local_score, mask_composite, masks_from_heatmap, pspc_square, \
     wiener_filter_matrix
+from ..ops.patch_retrieval import PATCH_BACKENDS
 from ..patch_presets import load_patch_schedule
 from ..patches import PatchSchedule, as_patch_schedule
 from ..schedules import karras
@@ -31,8 +32,14 @@ def sigma_key(sigma: float) -> float:
     return float(f"{float(sigma):.12g}")
 
 
+def check_patch_backend(backend: str, name: str) -> None:
+    """LS, ELS and bbELS run on the torch reference or the fused Triton patch kernels."""
+    if backend not in PATCH_BACKENDS:
+        raise ValueError(f"backend: {name} runs on {', '.join(PATCH_BACKENDS)}, got {backend!r}")
+
+
 def check_reference_backend(backend: str, name: str) -> None:
-    """Only the exact torch reference exists for the same-location methods so far."""
+    """Only the exact torch reference exists for PSPC and pca_locality so far."""
     if backend not in ("auto", "torch"):
         raise ValueError(f"backend: {name} has only the torch reference backend so far ('auto' or 'torch'), "
                          f"got {backend!r}")
@@ -61,7 +68,7 @@ class LocalScore(LocalDenoiser):
     name = "ls"
 
     def __init__(self, dataset, *, patch=None, **kw):
-        check_reference_backend(kw.get("backend", "auto"), self.name)
+        check_patch_backend(kw.get("backend", "auto"), self.name)
         super().__init__(dataset, patch=patch, **kw)
 
     def _check_patch(self, k: int) -> None:
@@ -70,7 +77,7 @@ class LocalScore(LocalDenoiser):
 
     def _denoise_k(self, x, s, labels, k):
         return local_score(x, self.keys, s, patch=k, temperature=self.temperature, query_labels=labels,
-                           flips=self.flips, dtype=self.dtype, memory_budget=self.memory_budget)
+                           flips=self.flips, dtype=self.dtype, memory_budget=self.memory_budget, backend=self.backend)
 
 
 # ----------------------------------------------------------------------------------------------- PSPC-Square

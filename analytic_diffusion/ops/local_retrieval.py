@@ -181,9 +181,12 @@ def _chunk_rows(budget: int, per_candidate_bytes: int, total: int) -> int:
 def local_score(x: torch.Tensor, keys: KeyBank, sigma, *, patch: int, temperature: float = 1.0,
                 query_labels: Optional[torch.Tensor] = None, flips: bool = False,
                 dtype: Optional[torch.dtype] = None, memory_budget: int = DEFAULT_MEMORY_BUDGET,
-                return_partial: bool = False) -> Union[torch.Tensor, PartialState]:
+                return_partial: bool = False, backend: str = "auto") -> Union[torch.Tensor, PartialState]:
     """LS (Kamb & Ganguli): per pixel p, softmax over the N (± mirrored) images of −Σ_{q ∈ win_k(p)} ‖x(q) − y_j(q)‖²
     / (2σ²T), window positions outside the image adding 0; value y_j(p) (all C channels).
+
+    ``backend``: ``torch`` (this reference: box-summed squared-difference maps), ``triton`` (the fused
+    same-position patch kernel, direct distances, float32) or ``auto`` (Triton for float32 on CUDA).
 
     ``patch`` is any odd k ≥ 1; k ≥ 2·max(H, W) − 1 covers the whole image from every pixel (= the optimal
     denoiser), larger k is the same. Returns the (B, C, H, W) posterior mean, or with ``return_partial`` a
@@ -198,6 +201,9 @@ def local_score(x: torch.Tensor, keys: KeyBank, sigma, *, patch: int, temperatur
     k = min(patch, 2 * max(H, W) - 1)  # beyond this the window only adds zero padding
     d = k // 2
     dev = x.device
+    from .patch_retrieval import choose_patch_backend
+    if choose_patch_backend(backend, x, keys, dtype)[0] == "triton":
+        return _local_score_triton(x, keys, coef, k, query_labels, flips, dtype, return_partial)
     item = _item(dtype)
     per_cand = item * (2 * C * H * W + B * (2 * (H + 2 * d) * (W + 2 * d) + 6 * H * W))
     step = _chunk_rows(memory_budget, per_cand, _num_candidates(keys, flips))
@@ -219,6 +225,27 @@ def local_score(x: torch.Tensor, keys: KeyBank, sigma, *, patch: int, temperatur
         return state
     _require_candidates(l, "query_labels")
     return o / l[:, None]
+
+
+def _local_score_triton(x, keys: KeyBank, coef, k: int, query_labels, flips: bool, dtype, return_partial: bool):
+    """LS on the fused same-position kernel: query patches by unfold (zero padding), each row's own pixel."""
+    from . import triton_patch
+    if dtype != torch.float32:
+        raise ValueError(f"dtype: the triton LS kernel computes in float32, got {dtype}; use backend='torch'")
+    if keys.device != x.device:
+        raise ValueError(f"backend 'triton' needs the queries and the dataset on one device "
+                         f"(queries on {x.device}, dataset on {keys.device})")
+    B, C, H, W = x.shape
+    q = F.unfold(x, k, padding=k // 2).transpose(1, 2).reshape(B * H * W, C * k * k)
+    pix = torch.cartesian_prod(torch.arange(H, device=x.device), torch.arange(W, device=x.device))
+    rows_coef = coef.to(torch.float64).repeat_interleave(H * W)
+    labels = None if query_labels is None else query_labels.repeat_interleave(H * W)
+    state = triton_patch.patch_partial(q, keys, rows_coef, pix.repeat(B, 1), k, query_labels=labels, flips=flips,
+                                       start=0, stop=keys.n, per_row=True)
+    if return_partial:
+        return state
+    _require_candidates(state.l, "query_labels")
+    return state.mean().reshape(B, H, W, C).permute(0, 3, 1, 2).contiguous()
 
 
 # ----------------------------------------------------------------------------------------------- PSPC-Square

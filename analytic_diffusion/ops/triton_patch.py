@@ -23,22 +23,31 @@ def _images(keys: KeyBank, device):
     return keys.cached(f"triton-patch-images:{device}", make)
 
 
-def _state(q, images, keys, image_idx, positions, coef, k) -> PartialState:
-    from ..kernels import patch_retrieval
-    splits = max(1, min(TARGET_SPLITS, image_idx.numel()))
-    m2, l, l2, o = patch_retrieval.patch_partials(
-        q.to(torch.float32).contiguous(), images, image_idx.to(torch.int32).contiguous(),
-        positions.to(torch.int32).contiguous(), (coef * LOG2E).to(torch.float32).contiguous(), k=k,
-        scale=keys.scale, shift=keys.shift, splits=splits)
+def _finish(m2, l, l2, o) -> PartialState:
+    """Combine the kernel's per-split partials (base 2) in a fixed order into one state in nats."""
     m = m2.max(0).values
     m_safe = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
     w = torch.exp2(m2 - m_safe)
     return PartialState(m=m * math.log(2.0), l=(l * w).sum(0), l2=(l2 * w * w).sum(0), o=(o * w[:, :, None]).sum(0))
 
 
+def _state(q, images, keys, image_idx, positions, coef, k, per_row: bool) -> PartialState:
+    from ..kernels import patch_retrieval
+    splits = max(1, min(TARGET_SPLITS, image_idx.numel()))
+    launch = patch_retrieval.same_position_partials if per_row else patch_retrieval.patch_partials
+    return _finish(*launch(q.to(torch.float32).contiguous(), images, image_idx.to(torch.int32).contiguous(),
+                           positions.to(torch.int32).contiguous(), (coef * LOG2E).to(torch.float32).contiguous(),
+                           k=k, scale=keys.scale, shift=keys.shift, splits=splits))
+
+
 def patch_partial(queries: torch.Tensor, keys: KeyBank, coef64: torch.Tensor, positions: torch.Tensor, k: int, *,
-                  query_labels: Optional[torch.Tensor], flips: bool, start: int, stop: int) -> PartialState:
-    """(Q rows, o (Q, C)) float32 partial state over stored images start:stop (validated by the caller)."""
+                  query_labels: Optional[torch.Tensor], flips: bool, start: int, stop: int,
+                  per_row: bool = False) -> PartialState:
+    """(Q rows, o (Q, C)) float32 partial state over stored images start:stop (validated by the caller).
+
+    ``positions``: candidate centres shared by every row (ELS / bbELS), or with ``per_row`` one centre per query
+    row, its own pixel (LS: the same-position rule).
+    """
     dev = queries.device
     c, h, w = keys.image_shape
     feat = c * k * k
@@ -58,9 +67,10 @@ def patch_partial(queries: torch.Tensor, keys: KeyBank, coef64: torch.Tensor, po
         if image_idx.numel() == 0:
             continue  # rows stay empty: another shard may hold this class
         q = queries[rows]
-        st = _state(q, images, keys, image_idx, positions, coef64[rows], k)
+        pos, mir = (positions[rows], mirrored[rows]) if per_row else (positions, mirrored)
+        st = _state(q, images, keys, image_idx, pos, coef64[rows], k, per_row)
         if flips:  # the mirror of the patch of x at (r, c) is the patch of flip(x) at (r, W−1−c)
             qm = q.reshape(-1, c, k, k).flip(-1).reshape(-1, feat)
-            st = st.combine(_state(qm, images, keys, image_idx, mirrored, coef64[rows], k))
+            st = st.combine(_state(qm, images, keys, image_idx, mir, coef64[rows], k, per_row))
         state.m[rows], state.l[rows], state.l2[rows], state.o[rows] = st.m, st.l, st.l2, st.o
     return state

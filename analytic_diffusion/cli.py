@@ -561,7 +561,7 @@ def _csv_ints(text: str) -> List[int]:
 
 def _add_bench_parser(sub) -> None:
     from .benchmark.global_bench import PATHS
-    p = sub.add_parser("bench", help="time kernels against PyTorch baselines (global) or a whole sampling run (e2e)",
+    p = sub.add_parser("bench", help="time kernels against PyTorch baselines (global, local) or a sampling run (e2e)",
                        description="Benchmarks measured side by side in one process on one device.")
     bsub = p.add_subparsers(dest="bench", required=True)
     g = bsub.add_parser(
@@ -598,6 +598,23 @@ def _add_bench_parser(sub) -> None:
     e.add_argument("--precision", default="exact")
     e.add_argument("--out", default=None, help="write the result as JSON to this file")
     e.set_defaults(func=_cmd_bench_e2e)
+    lo = bsub.add_parser(
+        "local", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        help="local family (ls, els, bbels): torch reference vs fused Triton kernels vs naive PyTorch, per image",
+        description="Time one denoiser call per method and patch size on random uint8 training images and "
+                    "report ms per image per step, the ratio to the torch reference and the error against the "
+                    "float64 reference on the first image.")
+    lo.add_argument("--methods", default="ls,els,bbels", help="comma-separated: ls, els, bbels")
+    lo.add_argument("--patch", type=_csv_ints, default=[3, 5], help="patch sizes k")
+    lo.add_argument("--n-train", type=int, default=1000)
+    lo.add_argument("--shape", type=_csv_ints, default=[3, 32, 32], help="C,H,W")
+    lo.add_argument("--batch", type=int, default=1, help="images per call")
+    lo.add_argument("--paths", default="naive,torch,triton", help="comma-separated: naive, torch, triton")
+    lo.add_argument("--sigma", type=float, default=1.0)
+    lo.add_argument("--device", default="auto")
+    lo.add_argument("--repeats", type=int, default=1)
+    lo.add_argument("--out", default=None, help="folder for results.json and table.md")
+    lo.set_defaults(func=_cmd_bench_local)
 
 
 def _bench_device(name: str) -> str:
@@ -608,8 +625,6 @@ def _bench_device(name: str) -> str:
 
 
 def _cmd_bench_global(args) -> int:
-    import os
-
     from .benchmark import markdown_table, run_global_bench
     paths = [p for p in args.paths.split(",") if p]
     precisions = [p for p in args.precisions.split(",") if p]
@@ -624,12 +639,33 @@ def _cmd_bench_global(args) -> int:
                                                      file=sys.stderr, flush=True))
     table = markdown_table(rows)
     print(table)
-    if args.out:
-        os.makedirs(args.out, exist_ok=True)
-        with open(os.path.join(args.out, "results.json"), "w") as f:
+    _write_bench(args.out, rows, table)
+    return 0
+
+
+def _write_bench(out: Optional[str], rows, table: str) -> None:
+    import os
+    if out:
+        os.makedirs(out, exist_ok=True)
+        with open(os.path.join(out, "results.json"), "w") as f:
             json.dump(rows, f, indent=1)
-        with open(os.path.join(args.out, "table.md"), "w") as f:
+        with open(os.path.join(out, "table.md"), "w") as f:
             f.write(table + "\n")
+
+
+def _cmd_bench_local(args) -> int:
+    from .benchmark.local_bench import markdown_table, run_local_bench
+    if len(args.shape) != 3:
+        raise ValueError(f"--shape: expected C,H,W, got {args.shape}")
+    rows = run_local_bench([m for m in args.methods.split(",") if m], args.patch, n=args.n_train,
+                           shape=tuple(args.shape), batch=args.batch, paths=[p for p in args.paths.split(",") if p],
+                           sigma=args.sigma, device=_bench_device(args.device), repeats=args.repeats,
+                           progress=lambda r: print(f"  {r['method']} k={r['k']} {r['path']}: "
+                                                    f"{r['ms_per_image_step']:.1f} ms/image", file=sys.stderr,
+                                                    flush=True))
+    table = markdown_table(rows)
+    print(table)
+    _write_bench(args.out, rows, table)
     return 0
 
 

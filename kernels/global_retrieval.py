@@ -97,13 +97,7 @@ def _split_n_kernel(Q, X, COEF, XLAB, QLAB, M, L, L2, O, TOPK,
             valid = valid & (xlab[None, :] == qlab[:, None])
         if SOFTMAX:
             logit = tl.where(valid, -coef[:, None] * dist, float("-inf"))
-            m_new = tl.maximum(m, tl.max(logit, axis=1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # no candidate yet: avoid −inf − −inf
-            alpha = tl.exp2(m - m_safe)
-            p = tl.exp2(logit - m_safe[:, None])
-            l = l * alpha + tl.sum(p, axis=1)
-            l2 = l2 * alpha * alpha + tl.sum(p * p, axis=1)
-            m = m_new
+            m, l, l2, alpha, p = _online_softmax_step(m, l, l2, logit)
             for d0 in range(0, D, BLOCK_D):
                 offs_d = d0 + tl.arange(0, BLOCK_D)
                 dmask = offs_d < D
@@ -123,9 +117,7 @@ def _split_n_kernel(Q, X, COEF, XLAB, QLAB, M, L, L2, O, TOPK,
             both = tl.reshape(tl.join(best, tile_best), [BLOCK_B, 2 * TOPK_K])
             best = sort_impl(both, k=TOPK_K, descending=False)
     part = pid_s * B + offs_b
-    tl.store(M + part, m, mask=bmask)
-    tl.store(L + part, l, mask=bmask)
-    tl.store(L2 + part, l2, mask=bmask)
+    _store_state(M, L, L2, part, m, l, l2, bmask)
     if TOPK_K > 0:
         offs_k = tl.arange(0, TOPK_K)
         tl.store(TOPK + part[:, None] * TOPK_K + offs_k[None, :], best, mask=bmask[:, None])
@@ -184,6 +176,44 @@ def _dot(a, b, PRECISION: tl.constexpr):
 
 
 @triton.jit
+def _acc_dot(acc, a_hi, a_lo, b, PRECISION: tl.constexpr, INTERP: tl.constexpr):
+    """acc + a·b. bf16x2: a = a_hi + a_lo, both bf16-exact fp32 tiles, b uint8 (exact in bf16), two MMAs with
+    fp32 accumulation; other kinds use a_hi only."""
+    if PRECISION == 2:
+        if INTERP:  # the interpreter's bf16 dot multiplies bit patterns: run the same exact products in fp32
+            bf = b.to(tl.float32)
+            acc += tl.dot(a_hi, bf, input_precision="ieee")
+            acc += tl.dot(a_lo, bf, input_precision="ieee")
+        else:
+            bb = b.to(tl.bfloat16)
+            acc = tl.dot(a_hi.to(tl.bfloat16), bb, acc)
+            acc = tl.dot(a_lo.to(tl.bfloat16), bb, acc)
+    else:
+        acc += _dot(a_hi, b.to(tl.float32), PRECISION)
+    return acc
+
+
+@triton.jit
+def _online_softmax_step(m, l, l2, logit):
+    """Fold a (rows, keys) tile of base-2 logits into the running (m, l, l2); returns (m, l, l2, alpha, p) with
+    alpha the rescale of earlier sums and p the tile's weights relative to the new max."""
+    m_new = tl.maximum(m, tl.max(logit, axis=1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # no candidate yet: avoid −inf − −inf
+    alpha = tl.exp2(m - m_safe)
+    p = tl.exp2(logit - m_safe[:, None])
+    l = l * alpha + tl.sum(p, axis=1)
+    l2 = l2 * alpha * alpha + tl.sum(p * p, axis=1)
+    return m_new, l, l2, alpha, p
+
+
+@triton.jit
+def _store_state(M, L, L2, part, m, l, l2, mask):
+    tl.store(M + part, m, mask=mask)
+    tl.store(L + part, l, mask=mask)
+    tl.store(L2 + part, l2, mask=mask)
+
+
+@triton.jit
 def _logits_kernel(QHI, QLO, X, A2, KN, K2, XLAB, QLAB, LOGITS, TM, TL, TL2,
                    B, N, D, stride_q, stride_x, stride_lb, stride_tb,
                    BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -203,18 +233,10 @@ def _logits_kernel(QHI, QLO, X, A2, KN, K2, XLAB, QLAB, LOGITS, TM, TL, TL2,
                      other=0)  # (BLOCK_K, BLOCK_N): keys as the dot's second operand, no transpose copy
         qmask = bmask[:, None] & kmask[None, :]
         qh = tl.load(QHI + offs_b[:, None] * stride_q + offs_k[None, :], mask=qmask, other=0.0)
+        ql = qh
         if PRECISION == 2:
             ql = tl.load(QLO + offs_b[:, None] * stride_q + offs_k[None, :], mask=qmask, other=0.0)
-            if INTERP:  # the interpreter's bf16 dot multiplies bit patterns: run the same products in fp32
-                xb = xt.to(tl.float32)
-                acc += tl.dot(qh, xb, input_precision="ieee")
-                acc += tl.dot(ql, xb, input_precision="ieee")
-            else:
-                xb = xt.to(tl.bfloat16)
-                acc = tl.dot(qh.to(tl.bfloat16), xb, acc)
-                acc = tl.dot(ql.to(tl.bfloat16), xb, acc)
-        else:
-            acc += _dot(qh, xt.to(tl.float32), PRECISION)
+        acc = _acc_dot(acc, qh, ql, xt, PRECISION, INTERP)
     a2 = tl.load(A2 + offs_b, mask=bmask, other=0.0)
     k2 = tl.load(K2 + offs_b, mask=bmask, other=0.0)
     kn = tl.load(KN + offs_n, mask=nmask, other=0.0)
@@ -258,20 +280,12 @@ def _weighted_sum_kernel(LOGITS, MROW, X, O, B, N, D, keys_per_split, stride_lb,
                     other=float("-inf"))
         p = tl.exp2(z - mrow[:, None])
         x = tl.load(X + offs_n[:, None] * stride_x + offs_d[None, :], mask=nmask[:, None] & dmask[None, :], other=0)
-        if PRECISION == 2:
-            # p = hi + lo + r with hi, lo truncated to bf16 (|r| ≤ 2^-14 p); uint8 keys are exact in bf16.
+        p_hi = p
+        p_lo = p
+        if PRECISION == 2:  # p = hi + lo + r with hi, lo truncated to bf16 (|r| ≤ 2^-14 p)
             p_hi = _trunc_bf16(p)
             p_lo = _trunc_bf16(p - p_hi)
-            if INTERP:  # the interpreter's bf16 dot multiplies bit patterns: same products in fp32
-                xf = x.to(tl.float32)
-                acc += tl.dot(p_hi, xf, input_precision="ieee")
-                acc += tl.dot(p_lo, xf, input_precision="ieee")
-            else:
-                xb = x.to(tl.bfloat16)
-                acc = tl.dot(p_hi.to(tl.bfloat16), xb, acc)
-                acc = tl.dot(p_lo.to(tl.bfloat16), xb, acc)
-        else:
-            acc += _dot(p, x.to(tl.float32), PRECISION)
+        acc = _acc_dot(acc, p_hi, p_lo, x, PRECISION, INTERP)
     tl.store(O + pid_s * stride_os + offs_b[:, None] * stride_ob + offs_d[None, :], acc,
              mask=bmask[:, None] & dmask[None, :])
 

@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .global_retrieval import _empty
+from .global_retrieval import _empty, _online_softmax_step, _store_state
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 SKIP_BITS = 64.0  # base-2 logit margin below the running max beyond which a whole key tile is skipped
@@ -83,20 +83,12 @@ def _patch_kernel(Q, IMG, IMGIDX, POS, COEF, M, L, L2, O,
             # Huge while a row has no candidate yet (m = −inf is clamped so that −inf − −inf never occurs).
             gap = tl.where(qmask, tile_max - tl.maximum(m, -3.0e38), float("-inf"))
             if tl.max(gap, axis=0) > -SKIP:
-                m_new = tl.maximum(m, tile_max)
-                m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-                alpha = tl.exp2(m - m_safe)
-                p = tl.exp2(logit - m_safe[:, None])
-                l = l * alpha + tl.sum(p, axis=1)
-                l2 = l2 * alpha * alpha + tl.sum(p * p, axis=1)
+                m, l, l2, alpha, p = _online_softmax_step(m, l, l2, logit)
                 v = tl.load(IMG + base + offs_c[None, :] * hw + (pr * W + pc)[:, None],
                             mask=pmask[:, None] & cmask[None, :], other=0).to(tl.float32) * scale + shift
                 o = o * alpha[:, None] + tl.sum(p[:, :, None] * v[None, :, :], axis=1)
-                m = m_new
     part = pid_s * n_rows + offs_q
-    tl.store(M + part, m, mask=qmask)
-    tl.store(L + part, l, mask=qmask)
-    tl.store(L2 + part, l2, mask=qmask)
+    _store_state(M, L, L2, part, m, l, l2, qmask)
     tl.store(O + part[:, None] * C + offs_c[None, :], o, mask=qmask[:, None] & cmask[None, :])
 
 
@@ -171,21 +163,13 @@ def _same_position_kernel(Q, IMG, IMGIDX, POS, COEF, M, L, L2, O,
             diff = tl.where(fmask[None, None, :], q[:, None, :] - key, 0.0)
             dist += tl.sum(diff * diff, axis=2)
         logit = tl.where(qmask[:, None] & nmask[None, :], -coef[:, None] * dist, float("-inf"))
-        m_new = tl.maximum(m, tl.max(logit, axis=1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(m - m_safe)
-        p = tl.exp2(logit - m_safe[:, None])
-        l = l * alpha + tl.sum(p, axis=1)
-        l2 = l2 * alpha * alpha + tl.sum(p * p, axis=1)
+        m, l, l2, alpha, p = _online_softmax_step(m, l, l2, logit)
         vmask = qmask[:, None, None] & nmask[None, :, None] & cmask[None, None, :]
         v = tl.load(IMG + base[None, :, None] + offs_c[None, None, :] * hw + (pr * W + pc)[:, None, None],
                     mask=vmask, other=0).to(tl.float32) * scale + shift
         o = o * alpha[:, None] + tl.sum(p[:, :, None] * v, axis=1)
-        m = m_new
     part = pid_s * n_rows + offs_q
-    tl.store(M + part, m, mask=qmask)
-    tl.store(L + part, l, mask=qmask)
-    tl.store(L2 + part, l2, mask=qmask)
+    _store_state(M, L, L2, part, m, l, l2, qmask)
     tl.store(O + part[:, None] * C + offs_c[None, :], o, mask=qmask[:, None] & cmask[None, :])
 
 

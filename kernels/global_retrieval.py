@@ -67,9 +67,7 @@ def _split_n_kernel(Q, X, COEF, XLAB, QLAB, M, L, L2, O, TOPK,
     coef = tl.load(COEF + offs_b, mask=bmask, other=0.0)  # base-2 coefficient: logit2 = −coef·dist
     if HAS_LABELS:
         qlab = tl.load(QLAB + offs_b, mask=bmask, other=-1)
-    m = tl.full([BLOCK_B], float("-inf"), tl.float32)
-    l = tl.zeros([BLOCK_B], tl.float32)
-    l2 = tl.zeros([BLOCK_B], tl.float32)
+    m, l, l2 = _empty_state(BLOCK_B)
     o_base = O + pid_s * stride_os + offs_b[:, None] * stride_ob
     if SOFTMAX:  # the slot may hold garbage (poisoned in tests): start from zeros
         for d0 in range(0, D, BLOCK_D):
@@ -191,6 +189,12 @@ def _acc_dot(acc, a_hi, a_lo, b, PRECISION: tl.constexpr, INTERP: tl.constexpr):
     else:
         acc += _dot(a_hi, b.to(tl.float32), PRECISION)
     return acc
+
+
+@triton.jit
+def _empty_state(BLOCK: tl.constexpr):
+    """(m, l, l2) of a softmax over no candidates yet: m = −inf, sums 0."""
+    return tl.full([BLOCK], float("-inf"), tl.float32), tl.zeros([BLOCK], tl.float32), tl.zeros([BLOCK], tl.float32)
 
 
 @triton.jit

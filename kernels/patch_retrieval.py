@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .global_retrieval import _empty, _online_softmax_step, _store_state
+from .global_retrieval import _empty, _empty_state, _online_softmax_step, _store_state
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 SKIP_BITS = 64.0  # base-2 logit margin below the running max beyond which a whole key tile is skipped
@@ -45,9 +45,7 @@ def _patch_kernel(Q, IMG, IMGIDX, POS, COEF, M, L, L2, O,
     offs_q = pid_q * BLOCK_Q + tl.arange(0, BLOCK_Q)
     qmask = offs_q < n_rows
     coef = tl.load(COEF + offs_q, mask=qmask, other=0.0)  # base 2
-    m = tl.full([BLOCK_Q], float("-inf"), tl.float32)
-    l = tl.zeros([BLOCK_Q], tl.float32)
-    l2 = tl.zeros([BLOCK_Q], tl.float32)
+    m, l, l2 = _empty_state(BLOCK_Q)
     o = tl.zeros([BLOCK_Q, C_PAD], tl.float32)
     offs_c = tl.arange(0, C_PAD)
     cmask = offs_c < C
@@ -133,9 +131,7 @@ def _same_position_kernel(Q, IMG, IMGIDX, POS, COEF, M, L, L2, O,
     coef = tl.load(COEF + offs_q, mask=qmask, other=0.0)
     pr = tl.load(POS + 2 * offs_q, mask=qmask, other=0)
     pc = tl.load(POS + 2 * offs_q + 1, mask=qmask, other=0)
-    m = tl.full([BLOCK_Q], float("-inf"), tl.float32)
-    l = tl.zeros([BLOCK_Q], tl.float32)
-    l2 = tl.zeros([BLOCK_Q], tl.float32)
+    m, l, l2 = _empty_state(BLOCK_Q)
     o = tl.zeros([BLOCK_Q, C_PAD], tl.float32)
     offs_c = tl.arange(0, C_PAD)
     cmask = offs_c < C

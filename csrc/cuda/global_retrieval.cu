@@ -160,15 +160,24 @@ __device__ __forceinline__ void stage_queries(const float* __restrict__ queries,
 
 // ----------------------------------------------------------------------------------------- softmax kernels
 
-struct SoftmaxSplitArgs {
-  const float* queries;       // first query row of the block
-  const float* coef;          // (nb,)
+// What both split kernels scan: one block of nb queries against keys [0, N) cut into S splits.
+struct ScanArgs {
+  const float* queries;         // first query row of the block
   const void* keys;
-  const int64_t* key_labels;  // null unless filtering
+  const int64_t* key_labels;    // null unless filtering
   const int64_t* query_labels;  // (nb,) or null
   int64_t N, D, S;
   float scale, shift;
   int nb;
+};
+
+ScanArgs scan_block(const Problem& p, int64_t b0, int64_t S, int nb) {
+  return ScanArgs{p.queries + b0 * p.D, p.keys, p.key_labels,
+                  p.query_labels != nullptr ? p.query_labels + b0 : nullptr, p.N, p.D, S, p.scale, p.shift, nb};
+}
+
+struct SoftmaxSplitArgs : ScanArgs {
+  const float* coef;          // (nb,)
   int64_t col0, ncols;        // output columns accumulated by this launch
   int write_state;            // write m, l, l2 (the first slab)
   float* pm;                  // (S, BQ) base-2 max
@@ -404,14 +413,8 @@ __device__ __forceinline__ void knn_insert(float& ld, int& li, float& wd, int& w
   wi = __shfl_sync(kFull, li, k - 1);
 }
 
-struct KnnSplitArgs {
-  const float* queries;
-  const void* keys;
-  const int64_t* key_labels;
-  const int64_t* query_labels;
-  int64_t N, D, S;
-  float scale, shift;
-  int nb, k;
+struct KnnSplitArgs : ScanArgs {
+  int k;
   float* pd;  // (S, BQ, k)
   int* pi;    // (S, BQ, k)
 };
@@ -610,17 +613,8 @@ cudaError_t softmax_retrieval(const Problem& p, const float* coef, float* m, flo
   for (int64_t b0 = 0; b0 < p.B; b0 += BQ) {
     const int nb = int(p.B - b0 < BQ ? p.B - b0 : BQ);
     SoftmaxSplitArgs a{};
-    a.queries = p.queries + b0 * D;
+    static_cast<ScanArgs&>(a) = scan_block(p, b0, S, nb);
     a.coef = coef + b0;
-    a.keys = p.keys;
-    a.key_labels = p.key_labels;
-    a.query_labels = p.query_labels != nullptr ? p.query_labels + b0 : nullptr;
-    a.N = p.N;
-    a.D = D;
-    a.S = S;
-    a.scale = p.scale;
-    a.shift = p.shift;
-    a.nb = nb;
     a.pm = pm;
     a.pl = pl;
     a.pl2 = pl2;
@@ -640,22 +634,13 @@ cudaError_t knn_search(const Problem& p, int k, float* dist, int64_t* index, voi
   if (!valid_problem(p) || k < 1 || k > kMaxK || dist == nullptr || index == nullptr) return cudaErrorInvalidValue;
   if (p.B == 0) return cudaSuccess;
   if (scratch == nullptr || scratch_bytes < knn_scratch_bytes(p.N, p.D, k)) return cudaErrorInvalidValue;
-  const int64_t S = num_splits(p.N), BQ = query_block(p.D), D = p.D;
+  const int64_t S = num_splits(p.N), BQ = query_block(p.D);
   float* pd = static_cast<float*>(scratch);
   int* pi = reinterpret_cast<int*>(pd + S * BQ * k);
   for (int64_t b0 = 0; b0 < p.B; b0 += BQ) {
     const int nb = int(p.B - b0 < BQ ? p.B - b0 : BQ);
     KnnSplitArgs a{};
-    a.queries = p.queries + b0 * D;
-    a.keys = p.keys;
-    a.key_labels = p.key_labels;
-    a.query_labels = p.query_labels != nullptr ? p.query_labels + b0 : nullptr;
-    a.N = p.N;
-    a.D = D;
-    a.S = S;
-    a.scale = p.scale;
-    a.shift = p.shift;
-    a.nb = nb;
+    static_cast<ScanArgs&>(a) = scan_block(p, b0, S, nb);
     a.k = k;
     a.pd = pd;
     a.pi = pi;

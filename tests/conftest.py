@@ -31,3 +31,10 @@ def rng(request):
 def _isolated_cache(tmp_path, monkeypatch):
     """Statistics caches go to a per-test folder, never to the user's home."""
     monkeypatch.setenv("AD_CACHE_DIR", str(tmp_path / "cache"))
+
+
+@pytest.fixture(scope="module")
+def mnist2000():
+    """2000 random images of the embedded MNIST test set (fixed subset: the backends are compared on it)."""
+    from analytic_diffusion.data import load_dataset
+    return load_dataset("mnist").subset(2000, random=True, seed=7)

@@ -40,3 +40,11 @@ def noisy_queries(rng, bank, b, sigma):
     idx = torch.randint(0, bank.n, (b,), generator=rng)
     y = bank.gather(idx, torch.float64)
     return (y + sigma * torch.randn(y.shape, generator=rng, dtype=torch.float64)).float()
+
+
+def noisy_images(ds, rng, b, sigma):
+    """b random stored images of ds with Gaussian noise (σ capped at 2: beyond that only the logits' scale moves),
+    as fp32 rows of shape (b, *image_shape)."""
+    idx = torch.randint(0, ds.num_stored, (b,), generator=rng)
+    x = ds.images_float(idx, torch.float64)
+    return (x + min(sigma, 2.0) * torch.randn(x.shape, generator=rng, dtype=torch.float64)).float()

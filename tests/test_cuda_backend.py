@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from analytic_diffusion.ops import KeyBank, cuda_backend, torch_backend
-from reference import noisy_queries, rel, uint8_bank
+from reference import noisy_images, noisy_queries, rel, uint8_bank
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CUDA_DIR = os.path.join(ROOT, "csrc", "cuda")
@@ -202,6 +202,13 @@ def check_knn(got_d, got_i, ref_d, ref_i, q, bank):
             assert torch.allclose(r[swapped], exact[swapped], rtol=2e-6, atol=1e-9), (b, sel, ref_i[b])
 
 
+def check_random_softmax(rng, kind, sigma, B, N, D):
+    bank = make_bank(rng, kind, N, D)
+    q = noisy_queries(rng, bank, B, sigma)
+    coef = coef_for(sigma, B)
+    check_state(gpu_softmax(q, bank, coef), oracle(q, bank, coef))
+
+
 def gpu_knn(q, bank, k, query_labels=None):
     d, i = cuda_backend.knn(q.cuda(), to_cuda(bank), k, dtype=torch.float32, poison=True,
                             query_labels=None if query_labels is None else query_labels.cuda())
@@ -214,11 +221,7 @@ def gpu_knn(q, bank, k, query_labels=None):
 @pytest.mark.parametrize("kind", ["uint8", "float32"])
 @pytest.mark.parametrize("sigma", SIGMAS)
 def test_softmax_matches_oracle(kind, sigma, rng):
-    B, N, D = 17, 1009, 787
-    bank = make_bank(rng, kind, N, D)
-    q = noisy_queries(rng, bank, B, sigma)
-    coef = coef_for(sigma, B)
-    check_state(gpu_softmax(q, bank, coef), oracle(q, bank, coef))
+    check_random_softmax(rng, kind, sigma, B=17, N=1009, D=787)
 
 
 @needs_gpu
@@ -228,10 +231,7 @@ def test_softmax_matches_oracle(kind, sigma, rng):
 @pytest.mark.parametrize("D", [1, 13, 787, 3072, 8193])
 def test_softmax_shapes(B, N, D, rng):
     for kind, sigma in (("uint8", 1.0), ("float32", 0.1)):
-        bank = make_bank(rng, kind, N, D)
-        q = noisy_queries(rng, bank, B, sigma)
-        coef = coef_for(sigma, B)
-        check_state(gpu_softmax(q, bank, coef), oracle(q, bank, coef))
+        check_random_softmax(rng, kind, sigma, B, N, D)
 
 
 @needs_gpu
@@ -337,24 +337,12 @@ def test_runs_on_the_current_stream(rng):
 
 
 # ------------------------------------------------------------------------------------------------ MNIST
-@pytest.fixture(scope="module")
-def mnist():
-    from analytic_diffusion.data import load_dataset
-    return load_dataset("mnist").subset(2000, random=True, seed=7)
-
-
-def noisy_mnist(ds, rng, b, sigma):
-    idx = torch.randint(0, ds.num_stored, (b,), generator=rng)
-    x = ds.images_float(idx, torch.float64)
-    return (x + min(sigma, 2.0) * torch.randn(x.shape, generator=rng, dtype=torch.float64)).float().reshape(b, -1)
-
-
 @needs_gpu
 @pytest.mark.gpu
 @pytest.mark.parametrize("sigma", SIGMAS)
-def test_mnist_softmax_and_nearest(mnist, rng, sigma):
-    keys = mnist.keys()
-    x = noisy_mnist(mnist, rng, 5, sigma)
+def test_mnist_softmax_and_nearest(mnist2000, rng, sigma):
+    keys = mnist2000.keys()
+    x = noisy_images(mnist2000, rng, 5, sigma).reshape(5, -1)
     coef = coef_for(sigma, 5)
     check_state(gpu_softmax(x, keys, coef), oracle(x, keys, coef))
     rd, ri = torch_backend.knn(x, keys, 2, dtype=torch.float64, memory_budget=BUDGET)  # memorisation ratio
@@ -363,9 +351,9 @@ def test_mnist_softmax_and_nearest(mnist, rng, sigma):
 
 @needs_gpu
 @pytest.mark.gpu
-def test_mnist_class_conditional(mnist, rng):
-    keys = mnist.keys()
-    x = noisy_mnist(mnist, rng, 4, 0.5)
+def test_mnist_class_conditional(mnist2000, rng):
+    keys = mnist2000.keys()
+    x = noisy_images(mnist2000, rng, 4, 0.5).reshape(4, -1)
     ql = torch.tensor([0, 3, 7, 9])
     coef = coef_for(0.5, 4)
     check_state(gpu_softmax(x, keys, coef, ql), oracle(x, keys, coef, ql))

@@ -2,30 +2,18 @@
 import pytest
 import torch
 
-from analytic_diffusion.data import load_dataset
 from analytic_diffusion.denoisers import make_denoiser
 from analytic_diffusion.ops import knn_search, softmax_retrieval
-from reference import rel
+from reference import noisy_images, rel
 
 SIGMAS = [1e-3, 1e-2, 0.1, 0.3, 1.0, 3.0, 10.0, 1e2, 1e3]
 
 
-@pytest.fixture(scope="module")
-def mnist():
-    return load_dataset("mnist").subset(2000, random=True, seed=7)
-
-
-def noisy(ds, rng, b, sigma):
-    idx = torch.randint(0, ds.num_stored, (b,), generator=rng)
-    x = ds.images_float(idx, torch.float64)
-    return (x + min(sigma, 2.0) * torch.randn(x.shape, generator=rng, dtype=torch.float64)).float()
-
-
 @pytest.mark.parametrize("sigma", SIGMAS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
-def test_cpu_kernel_matches_reference_on_mnist(mnist, rng, sigma, dtype):
-    keys = mnist.keys()
-    x = noisy(mnist, rng, 5, sigma).reshape(5, -1)
+def test_cpu_kernel_matches_reference_on_mnist(mnist2000, rng, sigma, dtype):
+    keys = mnist2000.keys()
+    x = noisy_images(mnist2000, rng, 5, sigma).reshape(5, -1)
     ref = softmax_retrieval(x, keys, sigma, backend="torch", dtype=torch.float64)
     got = softmax_retrieval(x, keys, sigma, backend="cpu", dtype=dtype)
     tol = 1e-10 if dtype == torch.float64 else 1e-4
@@ -34,9 +22,9 @@ def test_cpu_kernel_matches_reference_on_mnist(mnist, rng, sigma, dtype):
     assert torch.allclose(got.effective_neighbours.double(), ref.effective_neighbours, rtol=10 * tol)
 
 
-def test_cpu_kernel_with_flips_and_labels_on_mnist(mnist, rng):
-    keys = mnist.keys()
-    x = noisy(mnist, rng, 4, 0.5).reshape(4, -1)
+def test_cpu_kernel_with_flips_and_labels_on_mnist(mnist2000, rng):
+    keys = mnist2000.keys()
+    x = noisy_images(mnist2000, rng, 4, 0.5).reshape(4, -1)
     labels = torch.tensor([0, 3, 7, 9])
     ref = softmax_retrieval(x, keys, 0.5, flips=True, query_labels=labels, backend="torch", dtype=torch.float64)
     got = softmax_retrieval(x, keys, 0.5, flips=True, query_labels=labels, backend="cpu", dtype=torch.float32)
@@ -47,9 +35,9 @@ def test_cpu_kernel_with_flips_and_labels_on_mnist(mnist, rng):
 
 
 @pytest.mark.parametrize("method", ["optimal", "topk", "nearest", "smoothed", "knn"])
-def test_denoisers_agree_across_backends_on_mnist(mnist, rng, method):
-    x = noisy(mnist, rng, 3, 0.5)
+def test_denoisers_agree_across_backends_on_mnist(mnist2000, rng, method):
+    x = noisy_images(mnist2000, rng, 3, 0.5)
     opts = {"k": 50} if method in ("topk", "knn") else {}
-    ref = make_denoiser(method, mnist, backend="torch", dtype=torch.float64, **opts)(x.double(), 0.5)
-    got = make_denoiser(method, mnist, backend="cpu", dtype=torch.float32, **opts)(x, 0.5)
+    ref = make_denoiser(method, mnist2000, backend="torch", dtype=torch.float64, **opts)(x.double(), 0.5)
+    got = make_denoiser(method, mnist2000, backend="cpu", dtype=torch.float32, **opts)(x, 0.5)
     assert rel(got, ref) < 1e-4

@@ -216,8 +216,9 @@ def _add_calibrate_parser(sub) -> None:
     _add_data_args(p, default="mnist32",
                    subset_help="use the first N training images as candidates (default: all); with --reference "
                                "clean the next --n-probe images are the probes (default: the last --n-probe images)")
-    p.add_argument("--reference", default="optimal",
-                   help="'clean' (held-out images) or a method name whose trajectories are the target")
+    p.add_argument("--reference", default="optimal", metavar="clean|METHOD|CKPT",
+                   help="'clean' (held-out images), a method name, or a trained network's checkpoint file (as "
+                        "`compare --network`) whose trajectories are the target")
     p.add_argument("--sizes", default=None,
                    help="comma-separated candidate patch sizes (default 3,5,... up to the image height)")
     p.add_argument("--steps", type=int, default=19, help="number of grid steps (19 = Kamb's t = 0.95 ... 0.05)")
@@ -258,7 +259,8 @@ def _cmd_calibrate(args) -> int:
     import torch
 
     from .calibration import calibrate_patch_sizes, plot_calibration
-    from .denoisers import denoiser_options, make_denoiser
+    from .compare import load_network_spec
+    from .denoisers import DENOISERS, denoiser_options, make_denoiser
     from .run import prepare_dataset
     valid = set(denoiser_options(args.method))
     if "patch" not in valid:
@@ -281,10 +283,13 @@ def _cmd_calibrate(args) -> int:
                          pad_to=args.pad_to, flips=args.flips, seed=args.seed, device=args.device)
     if clean:
         reference = "clean"
-    else:
+    elif args.reference in DENOISERS:
         ref_valid = set(denoiser_options(args.reference))
         ref_opts = {k: v for k, v in (("backend", args.backend), ("dtype", dtype)) if k in ref_valid}
         reference = make_denoiser(args.reference, ds, **ref_opts)
+    else:  # a checkpoint (or method:NAME), checked and loaded as compare's --network
+        reference, label, info = load_network_spec(args.reference, ds, device=args.device)
+        reference.name = label
     table, report = calibrate_patch_sizes(
         args.method, reference, ds, candidate_sizes=sizes, schedule=args.schedule, steps=args.steps,
         schedule_kwargs=_schedule_kwargs(args), seeds=args.seeds, seed=args.seed, metric=args.metric,
@@ -292,6 +297,8 @@ def _cmd_calibrate(args) -> int:
         batch_size=args.batch_size, device=args.device, dtype=dtype,
         name=os.path.splitext(os.path.basename(args.out))[0], progress=not args.no_progress)
     report["dataset"] = repr(ds)
+    if not clean and args.reference not in DENOISERS:
+        report["reference_spec"] = info
     folder = os.path.dirname(os.path.abspath(args.out))
     os.makedirs(folder, exist_ok=True)
     with open(args.out, "w") as f:

@@ -286,6 +286,23 @@ def test_cli_reference_trajectories(tmp_path, tiny_ls, capsys):
     assert obj["sigmas"][0] == pytest.approx(10.0)
 
 
+def test_cli_reference_checkpoint(tmp_path, tiny_ls, capsys):
+    """A trained network's checkpoint is a reference too (Kamb & Ganguli calibrate against their CNNs)."""
+    from analytic_diffusion.data import load_dataset
+    from analytic_diffusion.networks import train_network
+    train_network(load_dataset("mnist32").subset(16), steps=2, channels=8, blocks=1, batch_size=4, progress=False,
+                  out_dir=tmp_path / "net")
+    out = tmp_path / "s.json"
+    args = ["calibrate", "--method", tiny_ls, "--dataset", "mnist32", "--subset", "30", "--sizes", "3,9",
+            "--steps", "3", "--seeds", "2", "--out", str(out), "--no-progress", "--no-plot"]
+    assert main([*args, "--reference", str(tmp_path / "net" / "net.pt")]) == 0, capsys.readouterr().err
+    obj = json.loads(out.read_text())
+    assert obj["calibration"]["reference"] == "net" and len(obj["calibration"]["sizes"]) == 3
+    assert obj["calibration"]["reference_spec"]["kind"] == "checkpoint"
+    assert main([*args, "--reference", str(tmp_path / "missing.pt")]) == 2
+    assert "missing.pt' does not exist" in capsys.readouterr().err
+
+
 def test_cli_errors(tmp_path, tiny_ls, capsys):
     base = ["--dataset", "mnist32", "--subset", "20", "--n", "1", "--steps", "2", "--no-progress",
             "--out", str(tmp_path / "r")]

@@ -34,6 +34,9 @@ PATCH_SIG = {"Q": "*fp32", "IMG": "*u8", "IMGIDX": "*i32", "POS": "*i32", "COEF"
 SAME_POS_SIG = {"Q": "*fp32", "IMG": "*u8", "IMGIDX": "*i32", "POS": "*i32", "COEF": "*fp32", "M": "*fp32",
                 "L": "*fp32", "L2": "*fp32", "O": "*fp32", "n_rows": "i32", "n_img": "i32", "imgs_per_split": "i32",
                 "H": "i32", "W": "i32", "scale": "fp32", "shift": "fp32", "stride_q": "i32"}
+COORD_SIG = {"X": "*fp32", "IMG": "*u8", "SUPP": "*i32", "VIDX": "*i32", "COEF": "*fp32", "SPLITS": "*i32",
+             "XLAB": "*i64", "QLAB": "*i64", "M": "*fp32", "L": "*fp32", "O": "*fp32", "B": "i32", "D": "i32",
+             "nnz": "i32", "scale": "fp32", "shift": "fp32"}
 WSUM_SIG = {"LOGITS": "*fp32", "MROW": "*fp32", "X": "*u8", "O": "*fp32", "B": "i32", "N": "i32", "D": "i32",
             "keys_per_split": "i32", "stride_lb": "i32", "stride_x": "i32", "stride_os": "i32", "stride_ob": "i32"}
 
@@ -73,6 +76,12 @@ def configurations():
             out.append((f"same-position (LS) C={c} k={k} x=u8", pr._same_position_kernel, SAME_POS_SIG,
                         dict(K=k, C=c, C_PAD=max(2, 1 << (c - 1).bit_length()), BLOCK_Q=sq, BLOCK_N=sn, BLOCK_F=sf),
                         4))
+    from analytic_diffusion.kernels import coordinate_retrieval as cr
+    bm, bn = cr.BLOCKS
+    for keys in ("u8", "fp32"):
+        for labels in (False, True):
+            out.append((f"coordinate (pca_locality) x={keys} labels={labels}", cr._coordinate_kernel,
+                        dict(COORD_SIG, IMG=f"*{keys}"), dict(HAS_LABELS=labels, BLOCK_M=bm, BLOCK_N=bn), 4))
     return out
 
 

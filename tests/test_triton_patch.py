@@ -1,4 +1,5 @@
-"""The fused ELS / bbELS patch kernel (implicit im2col) against the float64 torch reference.
+"""The fused local-family kernels against the float64 torch reference: the ELS / bbELS patch kernel (implicit
+im2col), LS on the same-position kernel, and pca_locality's sparse-stencil coordinate kernel.
 
 CPU: Triton interpreter (conftest.py sets TRITON_INTERPRET=1); GPU: compiled, with TRITON_INTERPRET=0.
 Outputs are poisoned before every launch.
@@ -134,3 +135,77 @@ def test_ls_on_the_same_position_kernel(rng, k):
     den = make_denoiser("ls", ds.to(DEVICE) if DEVICE.type == "cuda" else ds, patch=k, backend="triton")
     ref = make_denoiser("ls", ds, patch=k, backend="torch", dtype=torch.float64)(x.double(), 0.3)
     assert rel(den(x.to(DEVICE), 0.3).cpu(), ref) <= 1e-4
+
+
+# ------------------------------------------------------------------------------ pca_locality (sparse stencils)
+def test_stencil_table_and_chunk_cuts():
+    from analytic_diffusion.ops.triton_coordinate import _chunk_splits, stencil_table
+    mask = torch.tensor([[1, 0, 0], [1, 0, 1], [0, 0, 1]], dtype=torch.bool)  # column m = support of output m
+    assert stencil_table(mask).tolist() == [[0, -1, 1], [1, -1, 2]]
+    assert _chunk_splits(10, 0, 4) == ([0, 4, 8, 10], [0, 1, 2])
+    assert _chunk_splits(10, 10, 4) == ([0, 2, 6, 10], [2, 3, 4])  # chunk 2 = stored 8, 9 + mirrors 0, 1
+    assert _chunk_splits(8, 8, 4) == ([0, 4, 8], [2, 3])
+
+
+def random_mask(rng, d, density):
+    mask = torch.rand(d, d, generator=rng) < density
+    mask |= torch.eye(d, dtype=torch.bool)
+    mask[:, 1] = False  # an output with an empty support: equal weights (the dataset mean there)
+    return mask
+
+
+@pytest.mark.parametrize("keys,splits", [(torch.uint8, 50), (torch.float32, 1)])
+def test_coordinate_kernel_matches_reference(rng, keys, splits, monkeypatch):
+    """Every σ, flips, labels, exact and chunk-averaged softmax; prime N, D = 70 (not a multiple of the tile)."""
+    from analytic_diffusion.ops import triton_coordinate
+    from analytic_diffusion.ops.local_retrieval import coordinate_retrieval
+    monkeypatch.setattr(triton_coordinate, "TARGET_PROGRAMS", splits)  # 50: several candidate splits to combine
+    c, h, w = 2, 5, 7
+    labels = torch.randint(0, 2, (37,), generator=rng)
+    kb = bank(rng, 37, c, h, w, labels, keys)
+    mask = random_mask(rng, c * h * w, 0.15)
+    x = torch.rand(3, c, h, w, generator=rng) * 2 - 1
+    ql = torch.tensor([0, 1, 1])
+    for sigma, flips, lab, softmax, chunk in ((1e-3, False, None, "exact", None), (1e3, True, ql, "exact", None),
+                                              (0.1, True, ql, "exact", None), (1.0, False, None, "exact", None),
+                                              (1e-3, True, None, "chunked", 8), (0.1, False, ql, "chunked", 5),
+                                              (1.0, True, ql, "chunked", 8), (1e3, False, None, "chunked", 5)):
+            ref = coordinate_retrieval(x.double(), kb, sigma, mask, flips=flips, query_labels=lab, softmax=softmax,
+                                       chunk_size=chunk, dtype=torch.float64, backend="torch")
+            got = coordinate_retrieval(x.to(DEVICE), on_device(kb), sigma, mask.to(DEVICE), flips=flips,
+                                       query_labels=None if lab is None else lab.to(DEVICE), softmax=softmax,
+                                       chunk_size=chunk, backend="triton")
+            assert got.dtype == torch.float32 and rel(got.cpu(), ref) <= 1e-4, (sigma, flips, softmax)
+
+
+def test_coordinate_kernel_full_mask_is_optimal_and_errors(rng):
+    from analytic_diffusion.ops import softmax_retrieval
+    from analytic_diffusion.ops.local_retrieval import coordinate_retrieval
+    kb = bank(rng, 9, 1, 3, 4)
+    x = torch.rand(2, 1, 3, 4, generator=rng) * 2 - 1
+    full = torch.ones(12, 12, dtype=torch.bool)
+    got = coordinate_retrieval(x.to(DEVICE), on_device(kb), 0.3, full.to(DEVICE), backend="triton")
+    ref = softmax_retrieval(x.reshape(2, -1).double(), kb, 0.3, backend="torch", dtype=torch.float64).mean
+    assert rel(got.cpu().reshape(2, -1), ref) <= 1e-4
+    with pytest.raises(ValueError, match="dtype"):
+        coordinate_retrieval(x.to(DEVICE).double(), on_device(kb), 0.3, full.to(DEVICE), dtype=torch.float64,
+                             backend="triton")
+    with pytest.raises(ValueError, match="no allowed candidate"):
+        kl = bank(rng, 4, 1, 3, 4, labels=torch.tensor([0, 0, 1, 1]))
+        coordinate_retrieval(x.to(DEVICE), on_device(kl), 0.3, full.to(DEVICE),
+                             query_labels=torch.tensor([0, 2], device=DEVICE), backend="triton")
+    with pytest.raises(ValueError, match="backend"):
+        make_denoiser("pca_locality", Dataset(torch.zeros(3, 1, 4, 4, dtype=torch.uint8)), backend="cuda")
+
+
+def test_pca_locality_on_mnist(rng):
+    """The real Wiener masks of MNIST (θ = 0.005: ~21 of 784 inputs per output at σ = 0.5), the denoiser end to end."""
+    ds = load_dataset("mnist").subset(40, random=True, seed=3)
+    x = ds.images_float()[:1] + 0.5 * torch.randn(1, 1, 28, 28, generator=rng)
+    for sigma, softmax, chunk in ((0.05, "exact", None), (0.5, "exact", None), (5.0, "exact", None),
+                                  (0.5, "chunked", 20)):
+        ref = make_denoiser("pca_locality", ds, backend="torch", dtype=torch.float64, softmax=softmax,
+                            chunk_size=chunk)(x.double(), sigma)
+        got = make_denoiser("pca_locality", ds.to(DEVICE) if DEVICE.type == "cuda" else ds, backend="triton",
+                            softmax=softmax, chunk_size=chunk)(x.to(DEVICE), sigma)
+        assert rel(got.cpu(), ref) <= 1e-4, (sigma, softmax)

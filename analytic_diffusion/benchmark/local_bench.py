@@ -1,11 +1,15 @@
-"""Side-by-side timings of the local family (LS, ELS, bbELS) per image per step: the torch reference, the fused
-Triton kernels and, for ELS where it fits, a naive PyTorch version (unfold every training patch, cdist, softmax).
+"""Side-by-side timings of the local family (LS, ELS, bbELS, pca_locality) per image per step: the torch reference,
+the fused Triton kernels and, for ELS where it fits, a naive PyTorch version (unfold every training patch, cdist,
+softmax). pca_locality has no patch size (its rows carry k = None) and its torch reference IS the dense-mask
+formulation (a (B·N, D) × (D, D) matmul per σ), so its "× reference" is the gain of the sparse stencils; the row
+records the mask's mean support (inputs per output) that this gain depends on.
 
 Data: random uint8 training images (N, C, H, W) resident on the device; queries are training images plus noise
 of scale σ. Each timed path is checked against the float64 reference on the first image (``rel_err``).
 """
 from __future__ import annotations
 
+import math
 from typing import Callable, Dict, Iterable, List, Optional
 
 import torch
@@ -15,7 +19,7 @@ from ..data import Dataset
 from ..denoisers import make_denoiser
 from .global_bench import available_memory, time_call
 
-METHODS = ("ls", "els", "bbels")
+METHODS = ("ls", "els", "bbels", "pca_locality")
 PATHS = ("naive", "torch", "triton")
 
 
@@ -28,6 +32,22 @@ def naive_els(x: torch.Tensor, images_float: torch.Tensor, k: int, sigma: float)
     q = F.unfold(F.pad(x, (d, d, d, d), mode="circular"), k).transpose(1, 2).reshape(-1, c * k * k)
     wts = torch.softmax(-torch.cdist(q, keys) ** 2 / (2 * sigma * sigma), dim=1)
     return (wts @ centres).reshape(b, h, w, c).permute(0, 3, 1, 2)
+
+
+def _random_images(n: int, shape, seed: int, smooth: bool) -> torch.Tensor:
+    """Uniform uint8 noise, or (``smooth``) Gaussian noise blurred over ~2 pixels and quantised: images with local
+    pixel correlations, so that pca_locality's Wiener masks are local as on natural images (on i.i.d. pixels a
+    few hundred samples give a noisy covariance and an almost full mask)."""
+    gen = torch.Generator().manual_seed(seed)
+    if not smooth:
+        return torch.randint(0, 256, (n, *shape), generator=gen, dtype=torch.uint8)
+    c = shape[0]
+    t = torch.arange(-4, 5, dtype=torch.float32)
+    g = torch.exp(-t * t / 8.0)
+    kernel = (g[:, None] * g[None, :] / g.sum() ** 2).expand(c, 1, 9, 9)
+    z = F.conv2d(F.pad(torch.randn(n, *shape, generator=gen), (4, 4, 4, 4), mode="circular"), kernel, groups=c)
+    z = z / z.std()
+    return (127.5 + 60.0 * z).round().clamp(0, 255).to(torch.uint8)
 
 
 def _unavailable(path: str, method: str, device: torch.device) -> Optional[str]:
@@ -45,19 +65,27 @@ def run_local_bench(methods: Iterable[str], ks: Iterable[int], *, n: int, shape=
                     paths: Iterable[str] = PATHS, sigma: float = 1.0, device="cpu", repeats: int = 1, seed: int = 0,
                     progress: Optional[Callable] = None) -> List[Dict]:
     dev = torch.device(device)
-    gen = torch.Generator().manual_seed(seed)
-    images = torch.randint(0, 256, (n, *shape), generator=gen, dtype=torch.uint8)
-    ds = Dataset(images, source=f"random uint8 {n}x{'x'.join(map(str, shape))}", device=dev)
-    x = (ds.images_float()[:batch].cpu() + sigma * torch.randn(batch, *shape, generator=gen)).to(dev)
     rows: List[Dict] = []
     for method in methods:
         if method not in METHODS:
             raise ValueError(f"methods: expected some of {', '.join(METHODS)}, got {method!r}")
-        for k in ks:
-            ref = make_denoiser(method, ds, patch=k, backend="torch", dtype=torch.float64)(x[:1].double(), sigma)
+        smooth = method == "pca_locality"
+        ds = Dataset(_random_images(n, shape, seed, smooth),
+                     source=f"random {'smooth ' if smooth else ''}uint8 {n}x{'x'.join(map(str, shape))}", device=dev)
+        gen = torch.Generator().manual_seed(seed + 1)
+        x = (ds.images_float()[:batch].cpu() + sigma * torch.randn(batch, *shape, generator=gen)).to(dev)
+        for k in ([None] if method == "pca_locality" else ks):
+            # pca_locality: the authors' θ (0.05 for colour CIFAR-10, 0.005 for 1-channel MNIST-like data)
+            opts = {"threshold": 0.05 if shape[0] == 3 else 0.005} if k is None else {"patch": k}
+            ref_den = make_denoiser(method, ds, backend="torch", dtype=torch.float64, **opts)
+            ref = ref_den(x[:1].double(), sigma)
+            extra = {}
+            if method == "pca_locality":
+                extra["mean_support"] = float(ref_den.mask_for(sigma).sum(0).double().mean())
+                extra["threshold"] = opts["threshold"]
             for path in paths:
                 row = {"method": method, "k": k, "N": n, "shape": list(shape), "B": batch, "path": path,
-                       "device": str(dev)}
+                       "device": str(dev), **extra}
                 reason = _unavailable(path, method, dev)
                 if reason is None and path == "naive" and 4 * n * (shape[1] * shape[2]) * (batch * shape[1] * shape[2]
                                                                                           + shape[0] * k * k) * 2 \
@@ -71,7 +99,7 @@ def run_local_bench(methods: Iterable[str], ks: Iterable[int], *, n: int, shape=
                     yf = ds.images_float()
                     run = (lambda: naive_els(x, yf, k, sigma))
                 else:
-                    den = make_denoiser(method, ds, patch=k, backend=path)
+                    den = make_denoiser(method, ds, backend=path, **opts)
                     run = (lambda: den(x, sigma))
                 out = run()
                 row["rel_err"] = float((out[:1].double().cpu() - ref.cpu()).norm() / ref.norm())
@@ -88,6 +116,14 @@ def run_local_bench(methods: Iterable[str], ks: Iterable[int], *, n: int, shape=
     return rows
 
 
+def _note(row: Dict) -> str:
+    if "skipped" in row:
+        return row["skipped"]
+    if "mean_support" not in row:
+        return ""
+    return f"θ = {row['threshold']}: mask support {row['mean_support']:.1f} of {math.prod(row['shape'])}"
+
+
 def markdown_table(rows: List[Dict]) -> str:
     lines = ["| method | k | N | B | path | ms per image per step | × reference | rel. err | note |",
              "|---|---|---|---|---|---|---|---|---|"]
@@ -97,5 +133,5 @@ def markdown_table(rows: List[Dict]) -> str:
         err = r.get("rel_err")
         lines.append(f"| {r['method']} | {r['k']} | {r['N']} | {r['B']} | {r['path']} | "
                      f"{'' if ms is None else format(ms, '.4g')} | {'' if sp is None else format(sp, '.2f')} | "
-                     f"{'' if err is None else format(err, '.1e')} | {r.get('skipped', '')} |")
+                     f"{'' if err is None else format(err, '.1e')} | {_note(r)} |")
     return "\n".join(lines)

@@ -33,13 +33,13 @@ def sigma_key(sigma: float) -> float:
 
 
 def check_patch_backend(backend: str, name: str) -> None:
-    """LS, ELS and bbELS run on the torch reference or the fused Triton patch kernels."""
+    """LS, ELS, bbELS and pca_locality run on the torch reference or the fused Triton kernels."""
     if backend not in PATCH_BACKENDS:
         raise ValueError(f"backend: {name} runs on {', '.join(PATCH_BACKENDS)}, got {backend!r}")
 
 
 def check_reference_backend(backend: str, name: str) -> None:
-    """Only the exact torch reference exists for PSPC and pca_locality so far."""
+    """Only the exact torch reference exists for PSPC and PSPC-Flex so far."""
     if backend not in ("auto", "torch"):
         raise ValueError(f"backend: {name} has only the torch reference backend so far ('auto' or 'torch'), "
                          f"got {backend!r}")

@@ -11,7 +11,7 @@ from typing import Dict, Optional
 import torch
 
 from ..ops.local_retrieval import SOFTMAX_MODES, coordinate_retrieval, locality_mask, wiener_filter_matrix
-from .local import check_reference_backend, sigma_key
+from .local import check_patch_backend, sigma_key
 from .local_base import LocalDenoiser
 
 
@@ -38,6 +38,8 @@ class PCALocality(LocalDenoiser):
         purpose is parity with the studio's published numbers (they used the DataLoader batch, 256 or 512).
         With ``chunk_size`` = N (one block) it equals the exact mode.
       ``chunk_size`` — the WSSM block size K ≥ 1 (required with ``softmax="chunked"``, rejected otherwise).
+      ``backend`` — ``auto`` (the fused Triton kernel, masks as sparse stencils, for float32 on CUDA; else the
+        reference), ``torch`` (the reference: dense mask matmul) or ``triton``.
       Plus ``flips`` (default: the dataset's flag), ``temperature``, ``dtype``, ``memory_budget``.
 
     There is no patch size: ``patch`` is not accepted (the Wiener masks carry the locality).
@@ -52,7 +54,7 @@ class PCALocality(LocalDenoiser):
         if kw.get("patch") is not None:
             raise ValueError("patch: pca_locality has no patch size; its locality comes from the Wiener masks")
         kw.pop("patch", None)
-        check_reference_backend(kw.get("backend", "auto"), self.name)
+        check_patch_backend(kw.get("backend", "auto"), self.name)
         try:
             threshold = float(threshold)
         except (TypeError, ValueError):
@@ -94,7 +96,8 @@ class PCALocality(LocalDenoiser):
                             coordinate_retrieval(xr, self.keys, sr, self.mask_for(key),
                                                  temperature=self.temperature, query_labels=lr, flips=self.flips,
                                                  softmax=self.softmax, chunk_size=self.chunk_size,
-                                                 dtype=self.dtype, memory_budget=self.memory_budget))
+                                                 dtype=self.dtype, memory_budget=self.memory_budget,
+                                                 backend=self.backend))
 
     def config(self) -> dict:
         cfg = {k: v for k, v in super().config().items() if k != "patch"}

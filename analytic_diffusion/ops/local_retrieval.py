@@ -227,14 +227,18 @@ def local_score(x: torch.Tensor, keys: KeyBank, sigma, *, patch: int, temperatur
     return o / l[:, None]
 
 
-def _local_score_triton(x, keys: KeyBank, coef, k: int, query_labels, flips: bool, dtype, return_partial: bool):
-    """LS on the fused same-position kernel: query patches by unfold (zero padding), each row's own pixel."""
-    from . import triton_patch
+def _require_triton_inputs(x, keys: KeyBank, dtype, what: str) -> None:
     if dtype != torch.float32:
-        raise ValueError(f"dtype: the triton LS kernel computes in float32, got {dtype}; use backend='torch'")
+        raise ValueError(f"dtype: the triton {what} kernel computes in float32, got {dtype}; use backend='torch'")
     if keys.device != x.device:
         raise ValueError(f"backend 'triton' needs the queries and the dataset on one device "
                          f"(queries on {x.device}, dataset on {keys.device})")
+
+
+def _local_score_triton(x, keys: KeyBank, coef, k: int, query_labels, flips: bool, dtype, return_partial: bool):
+    """LS on the fused same-position kernel: query patches by unfold (zero padding), each row's own pixel."""
+    from . import triton_patch
+    _require_triton_inputs(x, keys, dtype, "LS")
     B, C, H, W = x.shape
     q = F.unfold(x, k, padding=k // 2).transpose(1, 2).reshape(B * H * W, C * k * k)
     pix = torch.cartesian_prod(torch.arange(H, device=x.device), torch.arange(W, device=x.device))
@@ -440,8 +444,8 @@ def locality_mask(wiener: torch.Tensor, threshold: float) -> torch.Tensor:
 def coordinate_retrieval(x: torch.Tensor, keys: KeyBank, sigma, mask: torch.Tensor, *, temperature: float = 1.0,
                          query_labels: Optional[torch.Tensor] = None, flips: bool = False,
                          softmax: str = "exact", chunk_size: Optional[int] = None,
-                         dtype: Optional[torch.dtype] = None, memory_budget: int = DEFAULT_MEMORY_BUDGET
-                         ) -> torch.Tensor:
+                         dtype: Optional[torch.dtype] = None, memory_budget: int = DEFAULT_MEMORY_BUDGET,
+                         backend: str = "auto") -> torch.Tensor:
     """pca_locality retrieval: for every output coordinate m (channel and pixel, D of them), a softmax over the
     candidates of −d_j(m) / (2σ²T) with d_j(m) = Σ_n mask[n, m]·(x[n] − y_j[n])²; value y_j[m].
 
@@ -454,6 +458,10 @@ def coordinate_retrieval(x: torch.Tensor, keys: KeyBank, sigma, mask: torch.Tens
     candidates in candidate order (stored images, then mirrors), and the per-block means are averaged with equal
     weight (blocks holding no candidate of the sample's class are skipped). That is NOT the posterior mean; it
     exists only to reproduce the studio's numbers (it depends on the block size and on the dataset order).
+
+    ``backend``: ``torch`` (this reference, dense mask matmul), ``triton`` (the fused kernel with the mask as a
+    sparse stencil table: work ∝ the mask's nonzeros instead of D², float32) or ``auto`` (Triton for float32 on
+    CUDA).
     """
     if softmax not in SOFTMAX_MODES:
         raise ValueError(f"softmax: expected one of {', '.join(SOFTMAX_MODES)}, got {softmax!r}")
@@ -469,6 +477,10 @@ def coordinate_retrieval(x: torch.Tensor, keys: KeyBank, sigma, mask: torch.Tens
     dev = x.device
     mask = mask.to(dev)
     xf = x.reshape(B, D)
+    from .patch_retrieval import choose_patch_backend
+    if choose_patch_backend(backend, x, keys, dtype)[0] == "triton":
+        return _coordinate_retrieval_triton(xf, keys, coef, mask, query_labels, flips, chunk_size, dtype
+                                            ).reshape(x.shape)
     item = _item(dtype)
     mb = max(1, min(D, (int(memory_budget) // 4) // max(1, D * item)))  # output coordinates per block
     per_cand = item * (2 * D + B * (2 * D + 5 * mb))
@@ -518,3 +530,12 @@ def coordinate_retrieval(x: torch.Tensor, keys: KeyBank, sigma, mask: torch.Tens
         return (acc / nblocks[:, None]).reshape(x.shape)
     _require_candidates(l, "query_labels")
     return (o / l).reshape(x.shape)
+
+
+def _coordinate_retrieval_triton(xf, keys: KeyBank, coef, mask, query_labels, flips: bool, chunk_size, dtype):
+    from . import triton_coordinate
+    _require_triton_inputs(xf, keys, dtype, "pca_locality")
+    mean, had = triton_coordinate.coordinate_mean(xf, keys, coef, mask, query_labels=query_labels, flips=flips,
+                                                  chunk_size=chunk_size)
+    _require_candidates(had.to(torch.float32), "query_labels")
+    return mean

@@ -607,13 +607,13 @@ def _add_bench_parser(sub) -> None:
     e.set_defaults(func=_cmd_bench_e2e)
     lo = bsub.add_parser(
         "local", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-        help="local family (ls, els, bbels, pca_locality): torch reference vs fused Triton kernels vs naive "
+        help="local family (ls, els, bbels, pspc, pca_locality): torch reference vs fused Triton kernels vs naive "
              "PyTorch, per image",
         description="Time one denoiser call per method and patch size on random uint8 training images and "
                     "report ms per image per step, the ratio to the torch reference and the error against the "
                     "float64 reference on the first image. pca_locality ignores --patch (its locality is the "
                     "Wiener mask); its torch reference is the dense-mask formulation.")
-    lo.add_argument("--methods", default="ls,els,bbels", help="comma-separated: ls, els, bbels, pca_locality")
+    lo.add_argument("--methods", default="ls,els,bbels", help="comma-separated: ls, els, bbels, pspc, pca_locality")
     lo.add_argument("--patch", type=_csv_ints, default=[3, 5], help="patch sizes k")
     lo.add_argument("--n-train", type=int, default=1000)
     lo.add_argument("--shape", type=_csv_ints, default=[3, 32, 32], help="C,H,W")

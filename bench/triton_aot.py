@@ -74,8 +74,13 @@ def configurations():
     for c in (1, 3):
         for k in (3, 7, 15):
             out.append((f"same-position (LS) C={c} k={k} x=u8", pr._same_position_kernel, SAME_POS_SIG,
-                        dict(K=k, C=c, C_PAD=max(2, 1 << (c - 1).bit_length()), BLOCK_Q=sq, BLOCK_N=sn, BLOCK_F=sf),
-                        4))
+                        dict(K=k, C=c, C_PAD=max(2, 1 << (c - 1).bit_length()), WHOLE=False, BLOCK_Q=sq, BLOCK_N=sn,
+                             BLOCK_F=sf), pr.same_position_warps(c * k * k, False)))
+    for c in (1, 3):
+        for k in (3, 5, 8, 15, 32):
+            out.append((f"same-position crops (PSPC) C={c} k={k} x=u8", pr._same_position_kernel, SAME_POS_SIG,
+                        dict(K=k, C=c, C_PAD=max(2, 1 << (c - 1).bit_length()), WHOLE=True, BLOCK_Q=sq, BLOCK_N=sn,
+                             BLOCK_F=sf), pr.same_position_warps(c * k * k, True)))
     from analytic_diffusion.kernels import coordinate_retrieval as cr
     bm, bn = cr.BLOCKS
     for keys in ("u8", "fp32"):

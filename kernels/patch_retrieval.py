@@ -116,16 +116,36 @@ def patch_partials(q: torch.Tensor, images: torch.Tensor, image_index: torch.Ten
 
 
 @triton.jit
+def _same_position_keys(IMG, base, nmask, pr, pc, f0, H, W, scale, shift,
+                        K: tl.constexpr, C: tl.constexpr, BLOCK_F: tl.constexpr):
+    """Features f0 … f0 + BLOCK_F of the k×k patches centred at (pr, pc) (one per row) of the images at ``base``:
+    a (rows, images, BLOCK_F) tile, zero outside the image and beyond C·k²; also the feature offsets and mask."""
+    F: tl.constexpr = C * K * K
+    D: tl.constexpr = K // 2
+    offs_f = f0 + tl.arange(0, BLOCK_F)
+    fmask = offs_f < F
+    ch = offs_f // (K * K)
+    rr = pr[:, None] + ((offs_f // K) % K - D)[None, :]
+    cc = pc[:, None] + (offs_f % K - D)[None, :]
+    inside = (rr >= 0) & (rr < H) & (cc >= 0) & (cc < W) & fmask[None, :]  # (Q, F)
+    where = ch[None, :] * (H * W) + rr * W + cc
+    lmask = inside[:, None, :] & nmask[None, :, None]
+    u = tl.load(IMG + base[None, :, None] + where[:, None, :], mask=lmask, other=0)
+    return offs_f, fmask, tl.where(lmask, u.to(tl.float32) * scale + shift, 0.0)
+
+
+@triton.jit
 def _same_position_kernel(Q, IMG, IMGIDX, POS, COEF, M, L, L2, O,
                           n_rows, n_img, imgs_per_split, H, W, scale, shift, stride_q,
-                          K: tl.constexpr, C: tl.constexpr, C_PAD: tl.constexpr,
+                          K: tl.constexpr, C: tl.constexpr, C_PAD: tl.constexpr, WHOLE: tl.constexpr,
                           BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_F: tl.constexpr):
-    """LS (the same-position rule): row r's candidates are the k×k patches of every listed image centred at
-    row r's own pixel POS[r]; keys are gathered per (row, image) from the uint8 images, zero-padded."""
+    """The same-position rule: row r's candidates are the k×k patches of every listed image centred at row r's
+    own position POS[r]; keys are gathered per (row, image) from the uint8 images, zero-padded. Values: the
+    centre pixel (C values, LS) or, with WHOLE, the whole patch (C·k² values, PSPC), accumulated in the
+    program's own slot of O (too large for registers)."""
     pid_q = tl.program_id(0)
     pid_s = tl.program_id(1)
     F: tl.constexpr = C * K * K
-    D: tl.constexpr = K // 2
     offs_q = pid_q * BLOCK_Q + tl.arange(0, BLOCK_Q)
     qmask = offs_q < n_rows
     coef = tl.load(COEF + offs_q, mask=qmask, other=0.0)
@@ -136,6 +156,12 @@ def _same_position_kernel(Q, IMG, IMGIDX, POS, COEF, M, L, L2, O,
     offs_c = tl.arange(0, C_PAD)
     cmask = offs_c < C
     hw = H * W
+    part = pid_s * n_rows + offs_q
+    if WHOLE:  # the slot starts at 0 (the first tile rescales it by alpha = 0, and 0 · a NaN poison is NaN)
+        for f0 in range(0, F, BLOCK_F):
+            offs_f = f0 + tl.arange(0, BLOCK_F)
+            tl.store(O + part[:, None] * F + offs_f[None, :], tl.zeros([BLOCK_Q, BLOCK_F], tl.float32),
+                     mask=qmask[:, None] & (offs_f < F)[None, :])
     i_start = pid_s * imgs_per_split
     i_stop = tl.minimum(i_start + imgs_per_split, n_img)
     for n0 in range(i_start, i_stop, BLOCK_N):
@@ -144,38 +170,48 @@ def _same_position_kernel(Q, IMG, IMGIDX, POS, COEF, M, L, L2, O,
         base = tl.load(IMGIDX + offs_n, mask=nmask, other=0).to(tl.int64) * (C * hw)
         dist = tl.zeros([BLOCK_Q, BLOCK_N], tl.float32)
         for f0 in range(0, F, BLOCK_F):
-            offs_f = f0 + tl.arange(0, BLOCK_F)
-            fmask = offs_f < F
-            ch = offs_f // (K * K)
-            rr = pr[:, None] + ((offs_f // K) % K - D)[None, :]
-            cc = pc[:, None] + (offs_f % K - D)[None, :]
-            inside = (rr >= 0) & (rr < H) & (cc >= 0) & (cc < W) & fmask[None, :]  # (Q, F)
-            where = ch[None, :] * hw + rr * W + cc
-            lmask = inside[:, None, :] & nmask[None, :, None]
-            u = tl.load(IMG + base[None, :, None] + where[:, None, :], mask=lmask, other=0)
-            key = tl.where(lmask, u.to(tl.float32) * scale + shift, 0.0)
+            offs_f, fmask, key = _same_position_keys(IMG, base, nmask, pr, pc, f0, H, W, scale, shift,
+                                                     K, C, BLOCK_F)
             q = tl.load(Q + offs_q[:, None] * stride_q + offs_f[None, :], mask=qmask[:, None] & fmask[None, :],
                         other=0.0)
             diff = tl.where(fmask[None, None, :], q[:, None, :] - key, 0.0)
             dist += tl.sum(diff * diff, axis=2)
         logit = tl.where(qmask[:, None] & nmask[None, :], -coef[:, None] * dist, float("-inf"))
         m, l, l2, alpha, p = _online_softmax_step(m, l, l2, logit)
-        vmask = qmask[:, None, None] & nmask[None, :, None] & cmask[None, None, :]
-        v = tl.load(IMG + base[None, :, None] + offs_c[None, None, :] * hw + (pr * W + pc)[:, None, None],
-                    mask=vmask, other=0).to(tl.float32) * scale + shift
-        o = o * alpha[:, None] + tl.sum(p[:, :, None] * v, axis=1)
-    part = pid_s * n_rows + offs_q
+        if WHOLE:
+            for f0 in range(0, F, BLOCK_F):
+                offs_f, fmask, key = _same_position_keys(IMG, base, nmask, pr, pc, f0, H, W, scale, shift,
+                                                         K, C, BLOCK_F)
+                slot = O + part[:, None] * F + offs_f[None, :]
+                smask = qmask[:, None] & fmask[None, :]
+                prev = tl.load(slot, mask=smask, other=0.0)
+                tl.store(slot, prev * alpha[:, None] + tl.sum(p[:, :, None] * key, axis=1), mask=smask)
+        else:
+            vmask = qmask[:, None, None] & nmask[None, :, None] & cmask[None, None, :]
+            v = tl.load(IMG + base[None, :, None] + offs_c[None, None, :] * hw + (pr * W + pc)[:, None, None],
+                        mask=vmask, other=0).to(tl.float32) * scale + shift
+            o = o * alpha[:, None] + tl.sum(p[:, :, None] * v, axis=1)
     _store_state(M, L, L2, part, m, l, l2, qmask)
-    tl.store(O + part[:, None] * C + offs_c[None, :], o, mask=qmask[:, None] & cmask[None, :])
+    if not WHOLE:
+        tl.store(O + part[:, None] * C + offs_c[None, :], o, mask=qmask[:, None] & cmask[None, :])
 
 
 # (query rows, images, feature chunk) of the same-position kernel: its key tile is 3-D (row, image, feature).
 SAME_POSITION_BLOCKS = (16, 16, 32) if INTERPRET else (16, 16, 16)
 
 
+def same_position_warps(features: int, whole: bool) -> int:
+    """Warps of the same-position kernel. Whole-patch values with a masked feature tail (C·k² not a multiple of
+    BLOCK_F) spill at 4 warps on sm_90 (C=1, k=15); 8 warps halve the per-thread tile and compile spill-free for
+    C ∈ {1, 3}, k ≤ 32 (bench/triton_aot.py); without a tail 4 warps are spill-free and 8 are not."""
+    return 8 if whole and features % SAME_POSITION_BLOCKS[2] else 4
+
+
 def same_position_partials(q: torch.Tensor, images: torch.Tensor, image_index: torch.Tensor, row_positions,
-                           coef2: torch.Tensor, *, k: int, scale: float, shift: float, splits: int):
-    """Partials like :func:`patch_partials`, but row r's only candidate position is ``row_positions[r]``."""
+                           coef2: torch.Tensor, *, k: int, scale: float, shift: float, splits: int,
+                           whole: bool = False):
+    """Partials like :func:`patch_partials`, but row r's only candidate position is ``row_positions[r]``; with
+    ``whole`` the value is the whole C·k² patch (o has C·k² columns) instead of the centre pixel."""
     Qn = q.shape[0]
     _, C, H, W = images.shape
     n_img = image_index.numel()
@@ -186,9 +222,10 @@ def same_position_partials(q: torch.Tensor, images: torch.Tensor, image_index: t
     m = _empty((S, Qn), torch.float32, dev)
     l = _empty((S, Qn), torch.float32, dev)
     l2 = _empty((S, Qn), torch.float32, dev)
-    o = _empty((S, Qn, C), torch.float32, dev)
+    o = _empty((S, Qn, C * k * k if whole else C), torch.float32, dev)
     _same_position_kernel[(triton.cdiv(Qn, bq), S)](
         q, images, image_index, row_positions, coef2, m, l, l2, o,
         Qn, n_img, per, H, W, float(scale), float(shift), q.stride(0),
-        K=k, C=C, C_PAD=max(2, triton.next_power_of_2(C)), BLOCK_Q=bq, BLOCK_N=bn, BLOCK_F=bf, num_warps=4)
+        K=k, C=C, C_PAD=max(2, triton.next_power_of_2(C)), WHOLE=whole, BLOCK_Q=bq, BLOCK_N=bn, BLOCK_F=bf,
+        num_warps=same_position_warps(C * k * k, whole))
     return m, l, l2, o

@@ -64,13 +64,14 @@ def test_bench_cli_global_and_e2e(tmp_path, capsys):
 
 def test_bench_local_rows_and_naive_els(tmp_path):
     from analytic_diffusion.benchmark.local_bench import markdown_table as local_table, run_local_bench
-    rows = run_local_bench(["ls", "els", "pca_locality"], [3], n=20, shape=(1, 6, 6),
+    rows = run_local_bench(["ls", "els", "pspc", "pca_locality"], [3], n=20, shape=(1, 6, 6),
                            paths=["naive", "torch", "triton"], sigma=0.5)
     els_naive = next(r for r in rows if r["method"] == "els" and r["path"] == "naive")
     assert els_naive["rel_err"] < 1e-4  # the naive baseline computes the same ELS
     assert all(r["rel_err"] < 1e-4 for r in rows if "seconds" in r)
     assert "interpreter" in next(r for r in rows if r["path"] == "triton")["skipped"]
     assert "| els | 3 | 20 | 1 | torch |" in local_table(rows)
+    assert "| pspc | 3 | 20 | 1 | torch |" in local_table(rows)
     pca = next(r for r in rows if r["method"] == "pca_locality" and r["path"] == "torch")
     assert pca["k"] is None and pca["threshold"] == 0.005 and 1 <= pca["mean_support"] <= 36
     assert "θ = 0.005: mask support" in local_table(rows)

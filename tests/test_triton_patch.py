@@ -137,6 +137,34 @@ def test_ls_on_the_same_position_kernel(rng, k):
     assert rel(den(x.to(DEVICE), 0.3).cpu(), ref) <= 1e-4
 
 
+@pytest.mark.parametrize("keys,k", [(torch.uint8, 1), (torch.uint8, 2), (torch.float32, 3), (torch.uint8, 4),
+                                    (torch.uint8, 5)])
+def test_pspc_on_the_same_position_kernel(rng, keys, k):
+    """PSPC-Square: every crop fully inside, whole-crop values, overlap average; odd and even k (k = 5 = H: one crop,
+    the optimal denoiser), mirrors (an even k's mirrored window is not centred on W − 1 − p)."""
+    from analytic_diffusion.ops.local_retrieval import pspc_square
+    labels = torch.randint(0, 2, (13,), generator=rng)
+    kb = bank(rng, 13, 2, 5, 6, labels, keys)
+    x = torch.rand(3, 2, 5, 6, generator=rng) * 2 - 1
+    ql = torch.tensor([1, 0, 1])
+    for sigma, flips, lab in ((1e-3, True, None), (0.3, True, ql), (1e3, False, ql)):
+        ref = pspc_square(x.double(), kb, sigma, patch=k, flips=flips, query_labels=lab, dtype=torch.float64,
+                          backend="torch")
+        got = pspc_square(x.to(DEVICE), on_device(kb), sigma, patch=k, flips=flips,
+                          query_labels=None if lab is None else lab.to(DEVICE), backend="triton")
+        assert got.dtype == torch.float32 and rel(got.cpu(), ref) <= 1e-4, (sigma, flips)
+
+
+def test_pspc_denoiser_on_mnist(rng):
+    mnist = load_dataset("mnist").subset(8, random=True, seed=2)
+    ds = Dataset(mnist.images[:, :, 6:22, 6:22].contiguous())
+    x = ds.images_float()[:1] + 0.4 * torch.randn(1, 1, 16, 16, generator=rng)
+    ref = make_denoiser("pspc", ds, patch=6, backend="torch", dtype=torch.float64)(x.double(), 0.4)
+    got = make_denoiser("pspc", ds.to(DEVICE) if DEVICE.type == "cuda" else ds, patch=6, backend="triton")(
+        x.to(DEVICE), 0.4)
+    assert rel(got.cpu(), ref) <= 1e-4
+
+
 # ------------------------------------------------------------------------------ pca_locality (sparse stencils)
 def test_stencil_table_and_chunk_cuts():
     from analytic_diffusion.ops.triton_coordinate import _chunk_splits, stencil_table

@@ -1,4 +1,4 @@
-"""Side-by-side timings of the local family (LS, ELS, bbELS, pca_locality) per image per step: the torch reference,
+"""Side-by-side timings of the local family (LS, ELS, bbELS, PSPC, pca_locality) per image per step: the torch reference,
 the fused Triton kernels and, for ELS where it fits, a naive PyTorch version (unfold every training patch, cdist,
 softmax). pca_locality has no patch size (its rows carry k = None) and its torch reference IS the dense-mask
 formulation (a (B·N, D) × (D, D) matmul per σ), so its "× reference" is the gain of the sparse stencils; the row
@@ -19,7 +19,7 @@ from ..data import Dataset
 from ..denoisers import make_denoiser
 from .global_bench import available_memory, time_call
 
-METHODS = ("ls", "els", "bbels", "pca_locality")
+METHODS = ("ls", "els", "bbels", "pspc", "pca_locality")
 PATHS = ("naive", "torch", "triton")
 
 

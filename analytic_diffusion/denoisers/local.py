@@ -33,13 +33,13 @@ def sigma_key(sigma: float) -> float:
 
 
 def check_patch_backend(backend: str, name: str) -> None:
-    """LS, ELS, bbELS and pca_locality run on the torch reference or the fused Triton kernels."""
+    """LS, ELS, bbELS, PSPC and pca_locality run on the torch reference or the fused Triton kernels."""
     if backend not in PATCH_BACKENDS:
         raise ValueError(f"backend: {name} runs on {', '.join(PATCH_BACKENDS)}, got {backend!r}")
 
 
 def check_reference_backend(backend: str, name: str) -> None:
-    """Only the exact torch reference exists for PSPC and PSPC-Flex so far."""
+    """Only the exact torch reference exists for PSPC-Flex so far."""
     if backend not in ("auto", "torch"):
         raise ValueError(f"backend: {name} has only the torch reference backend so far ('auto' or 'torch'), "
                          f"got {backend!r}")
@@ -99,13 +99,14 @@ class PSPC(LocalDenoiser):
     paper's schedule uses 32 = H), a ``{σ: k}`` dict, a :class:`PatchSchedule` or a preset name. Default: the
     paper's CIFAR-10 schedule (32, …, 23, 15, 11, 7, 5, 3, …) on the 18-step Karras grid with sizes clipped to
     min(H, W). ``flips`` defaults to True as in the paper (``None`` means True here; pass False to turn it off).
-    k = H = W equals ``optimal`` with the same flips.
+    k = H = W equals ``optimal`` with the same flips. ``backend``: ``auto`` (the fused Triton kernel for float32
+    on CUDA, else the reference), ``torch`` or ``triton``.
     """
 
     name = "pspc"
 
     def __init__(self, dataset, *, patch=None, flips: Optional[bool] = None, **kw):
-        check_reference_backend(kw.get("backend", "auto"), self.name)
+        check_patch_backend(kw.get("backend", "auto"), self.name)
         _, H, W = dataset.image_shape
         if patch is None:
             patch = pspc_cifar_schedule(min(H, W))
@@ -126,7 +127,8 @@ class PSPC(LocalDenoiser):
 
     def _denoise_k(self, x, s, labels, k):
         return pspc_square(x, self.keys, s, patch=k, temperature=self.temperature, query_labels=labels,
-                           flips=self.flips, dtype=self.dtype, memory_budget=self.memory_budget)
+                           flips=self.flips, dtype=self.dtype, memory_budget=self.memory_budget,
+                           backend=self.backend)
 
 
 # ----------------------------------------------------------------------------------------------- PSPC-Flex

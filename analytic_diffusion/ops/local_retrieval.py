@@ -267,7 +267,8 @@ def crop_masks(image_hw: Tuple[int, int], patch: int) -> torch.Tensor:
 
 def pspc_square(x: torch.Tensor, keys: KeyBank, sigma, *, patch: int, temperature: float = 1.0,
                 query_labels: Optional[torch.Tensor] = None, flips: bool = True,
-                dtype: Optional[torch.dtype] = None, memory_budget: int = DEFAULT_MEMORY_BUDGET) -> torch.Tensor:
+                dtype: Optional[torch.dtype] = None, memory_budget: int = DEFAULT_MEMORY_BUDGET,
+                backend: str = "auto") -> torch.Tensor:
     """PSPC-Square (Niedoba et al.): for every k×k crop c fully inside the image, the posterior mean of the whole crop
     over the same crop of every training image (logits −‖x_c − y_{j,c}‖² / (2σ²T)); each pixel then averages the
     crop means of the crops covering it. Any 1 ≤ k ≤ min(H, W) (k = H = W is the optimal denoiser).
@@ -275,6 +276,10 @@ def pspc_square(x: torch.Tensor, keys: KeyBank, sigma, *, patch: int, temperatur
     Two exact passes over the candidates, memory O(B·n·H·W) per chunk whatever k is: pass 1 keeps the online
     softmax state (max, normaliser) of every crop; pass 2 forms the normalised weights w_j(c) and spreads them onto
     the pixels (Σ_{c ∋ q} w_j(c), a transposed box sum), so that out(q) = Σ_j y_j(q)·Σ_{c ∋ q} w_j(c) / #{c ∋ q}.
+
+    ``backend``: ``torch`` (this reference), ``triton`` (every crop of every sample in one launch of the fused
+    same-position kernel with whole-crop values, direct distances, float32; the overlap average is a fold) or
+    ``auto`` (Triton for float32 on CUDA).
     """
     x, coef, query_labels, dtype = _prepare(x, keys, sigma, temperature, query_labels, flips, dtype)
     B, C, H, W = x.shape
@@ -284,6 +289,9 @@ def pspc_square(x: torch.Tensor, keys: KeyBank, sigma, *, patch: int, temperatur
     k = patch
     Hc, Wc = H - k + 1, W - k + 1
     dev = x.device
+    from .patch_retrieval import choose_patch_backend
+    if choose_patch_backend(backend, x, keys, dtype)[0] == "triton":
+        return _pspc_square_triton(x, keys, coef, k, query_labels, flips, dtype)
     item = _item(dtype)
     per_cand = item * (2 * C * H * W + B * (4 * H * W + 2 * (Hc + 2 * k) * (Wc + 2 * k)))
     step = _chunk_rows(memory_budget, per_cand, _num_candidates(keys, flips))
@@ -308,6 +316,25 @@ def pspc_square(x: torch.Tensor, keys: KeyBank, sigma, *, patch: int, temperatur
         out += torch.einsum("bnhw,nchw->bchw", _box_full(w, k), y)
     count = _box_full(torch.ones(Hc, Wc, dtype=dtype, device=dev), k)
     return out / count
+
+
+def _pspc_square_triton(x, keys: KeyBank, coef, k: int, query_labels, flips: bool, dtype):
+    """PSPC-Square on the same-position kernel: rows = (sample, crop), each crop's own position, whole-crop values;
+    the crop means are overlap-averaged by a fold."""
+    from . import triton_patch
+    _require_triton_inputs(x, keys, dtype, "PSPC")
+    B, C, H, W = x.shape
+    P = (H - k + 1) * (W - k + 1)
+    q = F.unfold(x, k).transpose(1, 2).reshape(B * P, C * k * k)  # crops in row-major top-left order
+    top_left = torch.cartesian_prod(torch.arange(H - k + 1, device=x.device), torch.arange(W - k + 1, device=x.device))
+    labels = None if query_labels is None else query_labels.repeat_interleave(P)
+    state = triton_patch.patch_partial(q, keys, coef.to(torch.float64).repeat_interleave(P),
+                                       (top_left + k // 2).repeat(B, 1), k, query_labels=labels, flips=flips,
+                                       start=0, stop=keys.n, per_row=True, whole=True)
+    _require_candidates(state.l, "query_labels")
+    crops = state.mean().reshape(B, P, C * k * k).transpose(1, 2)
+    count = F.fold(torch.ones(1, C * k * k, P, dtype=crops.dtype, device=x.device), (H, W), k)
+    return F.fold(crops, (H, W), k) / count
 
 
 # ----------------------------------------------------------------------------------------------- PSPC-Flex

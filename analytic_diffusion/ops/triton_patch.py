@@ -31,29 +31,31 @@ def _finish(m2, l, l2, o) -> PartialState:
     return PartialState(m=m * math.log(2.0), l=(l * w).sum(0), l2=(l2 * w * w).sum(0), o=(o * w[:, :, None]).sum(0))
 
 
-def _state(q, images, keys, image_idx, positions, coef, k, per_row: bool) -> PartialState:
+def _state(q, images, keys, image_idx, positions, coef, k, per_row: bool, whole: bool) -> PartialState:
     from ..kernels import patch_retrieval
     splits = max(1, min(TARGET_SPLITS, image_idx.numel()))
+    opts = {"whole": True} if whole else {}
     launch = patch_retrieval.same_position_partials if per_row else patch_retrieval.patch_partials
     return _finish(*launch(q.to(torch.float32).contiguous(), images, image_idx.to(torch.int32).contiguous(),
                            positions.to(torch.int32).contiguous(), (coef * LOG2E).to(torch.float32).contiguous(),
-                           k=k, scale=keys.scale, shift=keys.shift, splits=splits))
+                           k=k, scale=keys.scale, shift=keys.shift, splits=splits, **opts))
 
 
 def patch_partial(queries: torch.Tensor, keys: KeyBank, coef64: torch.Tensor, positions: torch.Tensor, k: int, *,
                   query_labels: Optional[torch.Tensor], flips: bool, start: int, stop: int,
-                  per_row: bool = False) -> PartialState:
+                  per_row: bool = False, whole: bool = False) -> PartialState:
     """(Q rows, o (Q, C)) float32 partial state over stored images start:stop (validated by the caller).
 
     ``positions``: candidate centres shared by every row (ELS / bbELS), or with ``per_row`` one centre per query
-    row, its own pixel (LS: the same-position rule).
+    row, its own pixel (LS: the same-position rule). A centre is the window's top-left corner + k // 2 (also for
+    an even k). ``whole`` (with ``per_row``): the value is the whole C·k² patch, o is (Q, C·k²) (PSPC).
     """
     dev = queries.device
     c, h, w = keys.image_shape
     feat = c * k * k
     images = _images(keys, dev)
     Q = queries.shape[0]
-    state = PartialState.empty(Q, c, dtype=torch.float32, device=dev)
+    state = PartialState.empty(Q, feat if whole else c, dtype=torch.float32, device=dev)
     all_idx = torch.arange(start, stop, device=dev)
     if query_labels is None:
         groups = [(torch.arange(Q, device=dev), all_idx)]
@@ -62,15 +64,20 @@ def patch_partial(queries: torch.Tensor, keys: KeyBank, coef64: torch.Tensor, po
         groups = [((query_labels == lab).nonzero().flatten(), all_idx[img_labels == lab])
                   for lab in torch.unique(query_labels).tolist()]
     positions = positions.to(dev)
-    mirrored = torch.stack([positions[:, 0], w - 1 - positions[:, 1]], 1)
+    # the mirrored window of the one whose centre column is p: top-left W − k − (p − k//2), so its centre is
+    # W − k + 2·(k//2) − p (W − 1 − p for an odd k)
+    mirrored = torch.stack([positions[:, 0], w - k + 2 * (k // 2) - positions[:, 1]], 1)
     for rows, image_idx in groups:
         if image_idx.numel() == 0:
             continue  # rows stay empty: another shard may hold this class
         q = queries[rows]
         pos, mir = (positions[rows], mirrored[rows]) if per_row else (positions, mirrored)
-        st = _state(q, images, keys, image_idx, pos, coef64[rows], k, per_row)
-        if flips:  # the mirror of the patch of x at (r, c) is the patch of flip(x) at (r, W−1−c)
+        st = _state(q, images, keys, image_idx, pos, coef64[rows], k, per_row, whole)
+        if flips:  # the patch of the mirrored image at p is the mirror of the image's patch at the mirrored p
             qm = q.reshape(-1, c, k, k).flip(-1).reshape(-1, feat)
-            st = st.combine(_state(qm, images, keys, image_idx, mir, coef64[rows], k, per_row))
+            sm = _state(qm, images, keys, image_idx, mir, coef64[rows], k, per_row, whole)
+            if whole:  # the values came out mirrored too
+                sm.o = sm.o.reshape(-1, c, k, k).flip(-1).reshape(-1, feat)
+            st = st.combine(sm)
         state.m[rows], state.l[rows], state.l2[rows], state.o[rows] = st.m, st.l, st.l2, st.o
     return state

@@ -38,3 +38,41 @@ def mnist2000():
     """2000 random images of the embedded MNIST test set (fixed subset: the backends are compared on it)."""
     from analytic_diffusion.data import load_dataset
     return load_dataset("mnist").subset(2000, random=True, seed=7)
+
+
+@pytest.fixture(scope="session")
+def emulated_cuda(tmp_path_factory):
+    """csrc/cuda built for the host SIMT emulator (tests/cuda_emu): the real kernels on CPU tensors, for logic
+    checks on machines without a GPU. Skips (with the reason) where it cannot be built."""
+    from cuda_emu import build
+    reason = build.unavailable_reason()
+    if reason is not None:
+        pytest.skip(f"CUDA host emulation unavailable: {reason}")
+    return build.build(str(tmp_path_factory.mktemp("cuda_emu")))
+
+
+@pytest.fixture(params=["triton", "cuda"])
+def fused(request):
+    """(backend name, device) of each fused local-family backend: Triton (the interpreter on CPU), CUDA (the real
+    extension on a GPU, else the host emulation of the same sources on CPU tensors)."""
+    from types import SimpleNamespace
+    from analytic_diffusion.ops import cuda_backend, triton_backend
+    if request.param == "triton":
+        if triton_backend.interpreting():
+            return SimpleNamespace(name="triton", device=torch.device("cpu"))
+        if not torch.cuda.is_available():
+            pytest.skip("Triton kernels need a CUDA device or TRITON_INTERPRET=1")
+        return SimpleNamespace(name="triton", device=torch.device("cuda"))
+    return request.getfixturevalue("cuda_fused")
+
+
+@pytest.fixture
+def cuda_fused(request, monkeypatch):
+    """(``"cuda"``, device): the built CUDA extension on a GPU, else csrc/cuda under the host emulator on CPU."""
+    from types import SimpleNamespace
+    from analytic_diffusion.ops import cuda_backend
+    if cuda_backend.available() and not cuda_backend._emulated():
+        return SimpleNamespace(name="cuda", device=torch.device("cuda"))
+    monkeypatch.setattr(cuda_backend, "_cuda", request.getfixturevalue("emulated_cuda"))
+    monkeypatch.setattr(cuda_backend, "_REASON", None)
+    return SimpleNamespace(name="cuda", device=torch.device("cpu"))

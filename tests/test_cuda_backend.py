@@ -2,7 +2,9 @@
 
 * Everywhere nvcc is on PATH: every .cu compiles for sm_90a and ptxas reports no spill stores in any kernel.
 * Everywhere: the backend's argument checks (dtype, device) and ``available()`` / ``unavailable_reason()``.
-* Where the extension is built: its host-side helpers and argument validation (no device needed).
+* Where the extension is built, or else under the host SIMT emulator (tests/cuda_emu, where the CUDA headers
+  are installed): its host-side helpers, argument validation, and the global kernels against the float64 oracle
+  on small shapes (the patch kernels: tests/test_fused_patch.py).
 * On a CUDA device: the kernels against the float64 torch backend (the oracle), on fresh random inputs (uint8
   and float32 keys, σ from 1e-3 to 1e3, prime N and D, B across query blocks, column slabs for D > 8192, class
   labels with an empty class), outputs and scratch poisoned with NaN before every call, determinism (two calls
@@ -27,7 +29,6 @@ BUDGET = 1 << 24
 
 needs_gpu = pytest.mark.skipif(not cuda_backend.available(),
                                reason="needs a CUDA device and the _cuda extension")
-needs_ext = pytest.mark.skipif(cuda_backend._cuda is None, reason="the _cuda extension is not built here")
 
 
 # ----------------------------------------------------------------------------------------- compile check
@@ -101,8 +102,7 @@ def test_rejects_float64_and_host_tensors(rng):
         cuda_backend.knn(q, bank, 2, dtype=torch.float32)
 
 
-@needs_ext
-def test_extension_host_helpers():
+def test_extension_host_helpers(cuda_fused):  # the built extension, or its host-emulation build
     ext = cuda_backend._cuda
     assert ext.num_splits(1) == 1 and ext.num_splits(64) == 2 and ext.num_splits(10**6) == 256
     assert [ext.query_block(d) for d in (1, 512, 513, 1024, 2048, 4096, 4097, 100000)] == [16, 16, 8, 8, 4, 2, 1, 1]
@@ -112,8 +112,7 @@ def test_extension_host_helpers():
     assert n >= 0 and isinstance(err, str)
 
 
-@needs_ext
-def test_extension_validates_arguments():
+def test_extension_validates_arguments(cuda_fused):
     ext = cuda_backend._cuda
     args = dict(queries=1, keys=1, key_type=0, B=1, N=1, D=1, scale=1.0, shift=0.0, coef=1, key_labels=0,
                 query_labels=0, m=1, l=1, l2=1, o=1, scratch=1, scratch_bytes=1 << 20, stream=0)
@@ -138,9 +137,13 @@ def make_bank(rng, kind, n, d, labels=None):
     return uint8_bank(rng, n, 1, 1, d, labels=labels) if kind == "uint8" else float_bank(rng, n, d, labels)
 
 
+def to_device(bank, dev):
+    return KeyBank(bank.values.to(dev), bank.scale, bank.shift,
+                   labels=None if bank.labels is None else bank.labels.to(dev), image_shape=bank.image_shape)
+
+
 def to_cuda(bank):
-    return KeyBank(bank.values.cuda(), bank.scale, bank.shift,
-                   labels=None if bank.labels is None else bank.labels.cuda(), image_shape=bank.image_shape)
+    return to_device(bank, "cuda")
 
 
 def coef_for(sigma, b):
@@ -152,11 +155,15 @@ def oracle(q, bank, coef, query_labels=None):
                                          memory_budget=BUDGET)
 
 
-def gpu_softmax(q, bank, coef, query_labels=None):
-    out = cuda_backend.softmax_partial(q.cuda(), to_cuda(bank), coef.cuda(), dtype=torch.float32,
-                                       query_labels=None if query_labels is None else query_labels.cuda(),
+def device_softmax(q, bank, coef, dev, query_labels=None):
+    out = cuda_backend.softmax_partial(q.to(dev), to_device(bank, dev), coef.to(dev), dtype=torch.float32,
+                                       query_labels=None if query_labels is None else query_labels.to(dev),
                                        poison=True)
     return out.to("cpu")
+
+
+def gpu_softmax(q, bank, coef, query_labels=None):
+    return device_softmax(q, bank, coef, "cuda", query_labels)
 
 
 def check_state(got, ref, empty=None):
@@ -209,10 +216,36 @@ def check_random_softmax(rng, kind, sigma, B, N, D):
     check_state(gpu_softmax(q, bank, coef), oracle(q, bank, coef))
 
 
-def gpu_knn(q, bank, k, query_labels=None):
-    d, i = cuda_backend.knn(q.cuda(), to_cuda(bank), k, dtype=torch.float32, poison=True,
-                            query_labels=None if query_labels is None else query_labels.cuda())
+def device_knn(q, bank, k, dev, query_labels=None):
+    d, i = cuda_backend.knn(q.to(dev), to_device(bank, dev), k, dtype=torch.float32, poison=True,
+                            query_labels=None if query_labels is None else query_labels.to(dev))
     return d.cpu(), i.cpu()
+
+
+def gpu_knn(q, bank, k, query_labels=None):
+    return device_knn(q, bank, k, "cuda", query_labels)
+
+
+# ------------------------------------------------------------------ the kernels' logic without a GPU (emulated)
+def test_global_kernels_under_host_emulation(cuda_fused, rng):
+    """csrc/cuda/global_retrieval.cu on CPU tensors under the host SIMT emulator (tests/cuda_emu; on a GPU machine
+    the real extension): softmax partials at σ 1e-3 … 1e3 across the query-block sizes (D = 13, 787, 4097), with
+    labels and an empty class, and the k-NN scan, against the float64 oracle, outputs and scratch poisoned."""
+    dev = cuda_fused.device
+    for kind, sigma, B, N, D in (("uint8", 1e3, 3, 31, 13), ("float32", 1e-3, 17, 300, 787),
+                                 ("uint8", 1.0, 2, 100, 4097)):
+        bank = make_bank(rng, kind, N, D)
+        q = noisy_queries(rng, bank, B, sigma)
+        check_state(device_softmax(q, bank, coef_for(sigma, B), dev), oracle(q, bank, coef_for(sigma, B)))
+    labels = torch.randint(0, 3, (200,), generator=rng)
+    bank = make_bank(rng, "uint8", 200, 50, labels=labels)
+    q = noisy_queries(rng, bank, 5, 0.3)
+    ql = torch.tensor([0, 1, 2, 3, 1])  # class 3 has no candidate
+    check_state(device_softmax(q, bank, coef_for(0.3, 5), dev, ql), oracle(q, bank, coef_for(0.3, 5), ql),
+                empty=ql == 3)
+    for k in (1, 5):
+        rd, ri = torch_backend.knn(q, bank, k, dtype=torch.float64, memory_budget=BUDGET)
+        check_knn(*device_knn(q, bank, k, dev), rd, ri, q, bank)
 
 
 # -------------------------------------------------------------------------------------------- GPU tests

@@ -1,5 +1,5 @@
 """Side-by-side timings of the local family (LS, ELS, bbELS, PSPC, pca_locality) per image per step: the torch reference,
-the fused Triton kernels and, for ELS where it fits, a naive PyTorch version (unfold every training patch, cdist,
+the fused Triton kernels, the CUDA-extension kernels (all but pca_locality) and, for ELS where it fits, a naive PyTorch version (unfold every training patch, cdist,
 softmax). pca_locality has no patch size (its rows carry k = None) and its torch reference IS the dense-mask
 formulation (a (B·N, D) × (D, D) matmul per σ), so its "× reference" is the gain of the sparse stencils; the row
 records the mask's mean support (inputs per output) that this gain depends on.
@@ -20,7 +20,7 @@ from ..denoisers import make_denoiser
 from .global_bench import available_memory, time_call
 
 METHODS = ("ls", "els", "bbels", "pspc", "pca_locality")
-PATHS = ("naive", "torch", "triton")
+PATHS = ("naive", "torch", "triton", "cuda")
 
 
 def naive_els(x: torch.Tensor, images_float: torch.Tensor, k: int, sigma: float) -> torch.Tensor:
@@ -58,6 +58,13 @@ def _unavailable(path: str, method: str, device: torch.device) -> Optional[str]:
         if device.type == "cpu" and triton_backend.interpreting():
             return "Triton under the CPU interpreter: not a timing"
         return triton_backend.unavailable_reason(device)
+    if path == "cuda":
+        from ..ops import cuda_backend
+        if method == "pca_locality":
+            return "no CUDA-extension kernel for pca_locality (Triton only)"
+        if device.type != "cuda":
+            return f"the CUDA kernels need a CUDA device, got {device}"
+        return cuda_backend.unavailable_reason()
     return None
 
 

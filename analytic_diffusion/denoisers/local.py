@@ -32,10 +32,11 @@ def sigma_key(sigma: float) -> float:
     return float(f"{float(sigma):.12g}")
 
 
-def check_patch_backend(backend: str, name: str) -> None:
-    """LS, ELS, bbELS, PSPC and pca_locality run on the torch reference or the fused Triton kernels."""
-    if backend not in PATCH_BACKENDS:
-        raise ValueError(f"backend: {name} runs on {', '.join(PATCH_BACKENDS)}, got {backend!r}")
+def check_patch_backend(backend: str, name: str, backends=PATCH_BACKENDS) -> None:
+    """LS, ELS, bbELS and PSPC run on the torch reference or the fused Triton / CUDA kernels; pca_locality passes
+    its own list (no CUDA-extension kernel)."""
+    if backend not in backends:
+        raise ValueError(f"backend: {name} runs on {', '.join(backends)}, got {backend!r}")
 
 
 def check_reference_backend(backend: str, name: str) -> None:
@@ -99,8 +100,8 @@ class PSPC(LocalDenoiser):
     paper's schedule uses 32 = H), a ``{σ: k}`` dict, a :class:`PatchSchedule` or a preset name. Default: the
     paper's CIFAR-10 schedule (32, …, 23, 15, 11, 7, 5, 3, …) on the 18-step Karras grid with sizes clipped to
     min(H, W). ``flips`` defaults to True as in the paper (``None`` means True here; pass False to turn it off).
-    k = H = W equals ``optimal`` with the same flips. ``backend``: ``auto`` (the fused Triton kernel for float32
-    on CUDA, else the reference), ``torch`` or ``triton``.
+    k = H = W equals ``optimal`` with the same flips. ``backend``: ``auto`` (a fused kernel for float32 on CUDA,
+    else the reference), ``torch``, ``triton`` or ``cuda``.
     """
 
     name = "pspc"

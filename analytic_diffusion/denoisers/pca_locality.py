@@ -54,7 +54,7 @@ class PCALocality(LocalDenoiser):
         if kw.get("patch") is not None:
             raise ValueError("patch: pca_locality has no patch size; its locality comes from the Wiener masks")
         kw.pop("patch", None)
-        check_patch_backend(kw.get("backend", "auto"), self.name)
+        check_patch_backend(kw.get("backend", "auto"), self.name, ("auto", "torch", "triton"))
         try:
             threshold = float(threshold)
         except (TypeError, ValueError):

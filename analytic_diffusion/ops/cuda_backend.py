@@ -11,6 +11,7 @@ only, and the per-split partials combined in a fixed order: results are bitwise 
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Optional, Tuple
 
 import torch
@@ -40,6 +41,8 @@ def unavailable_reason() -> Optional[str]:
     if _cuda is None:
         reason = (f"the CUDA extension analytic_diffusion._cuda is not built or cannot load ({_IMPORT_ERROR}); "
                   "build it with nvcc on a GPU machine: AD_BUILD_CUDA=1 pip install --no-build-isolation -e .")
+    elif _emulated():
+        reason = ""
     elif not torch.cuda.is_available():
         reason = "torch reports no CUDA device (or this torch build has no CUDA support)"
     else:
@@ -60,11 +63,27 @@ def _require():
     return _cuda
 
 
+def _emulated() -> bool:
+    """True when ``_cuda`` is the host SIMT emulation build of csrc/cuda (tests/cuda_emu): pointers are host
+    addresses of CPU tensors and there is no stream."""
+    return bool(getattr(_cuda, "HOST_EMULATION", False))
+
+
+@contextlib.contextmanager
+def _launch_context(dev: torch.device):
+    """Make ``dev`` current and yield the integer handle of its current torch stream (0 under host emulation)."""
+    if _emulated():
+        yield 0
+        return
+    with torch.cuda.device(dev):
+        yield torch.cuda.current_stream(dev).cuda_stream
+
+
 def _check(q: torch.Tensor, keys: KeyBank, dtype: torch.dtype, query_labels) -> None:
     if dtype not in SUPPORTED_DTYPES:
         raise ValueError(f"dtype: backend 'cuda' computes in float32 only, got {dtype} "
                          "(use backend='torch' or 'cpu' for float64)")
-    if q.device.type != "cuda" or keys.device.type != "cuda":
+    if (q.device.type != "cuda" or keys.device.type != "cuda") and not _emulated():
         raise ValueError("backend 'cuda' needs the queries and the dataset on a CUDA device "
                          f"(got queries on {q.device}, dataset on {keys.device}); move them with .to('cuda')")
     if q.device != keys.device:
@@ -108,7 +127,7 @@ def softmax_partial(q: torch.Tensor, keys: KeyBank, coef: torch.Tensor, *, query
     ext = _require()
     dev = q.device
     B, D, N = q.shape[0], keys.dim, keys.n
-    with torch.cuda.device(dev):
+    with _launch_context(dev) as stream:
         qf, values, key_type, kl, ql = _common(q, keys, query_labels)
         c = torch.as_tensor(coef).to(device=dev, dtype=torch.float32).reshape(-1).expand(B).contiguous()
         fill = float("nan") if poison else 0.0
@@ -119,7 +138,6 @@ def softmax_partial(q: torch.Tensor, keys: KeyBank, coef: torch.Tensor, *, query
         scratch = torch.empty(nbytes, dtype=torch.uint8, device=dev)
         if poison:
             scratch.view(torch.float32).fill_(float("nan"))
-        stream = torch.cuda.current_stream(dev).cuda_stream
         ext.softmax_retrieval(_ptr(qf), _ptr(values), key_type, B, N, D, float(keys.scale), float(keys.shift),
                               _ptr(c), _ptr(kl), _ptr(ql), _ptr(m), _ptr(l), _ptr(l2), _ptr(o), _ptr(scratch),
                               nbytes, int(stream))
@@ -139,7 +157,7 @@ def knn(q: torch.Tensor, keys: KeyBank, k: int, *, query_labels=None, dtype: tor
     ext = _require()
     dev = q.device
     B, D, N = q.shape[0], keys.dim, keys.n
-    with torch.cuda.device(dev):
+    with _launch_context(dev) as stream:
         qf, values, key_type, kl, ql = _common(q, keys, query_labels)
         dist = torch.full((B, k), float("nan") if poison else 0.0, dtype=torch.float32, device=dev)
         index = torch.full((B, k), -7 if poison else 0, dtype=torch.int64, device=dev)
@@ -147,7 +165,50 @@ def knn(q: torch.Tensor, keys: KeyBank, k: int, *, query_labels=None, dtype: tor
         scratch = torch.empty(nbytes, dtype=torch.uint8, device=dev)
         if poison:
             scratch.fill_(0xFF)  # NaN distances and index -1 in every split list
-        stream = torch.cuda.current_stream(dev).cuda_stream
         ext.knn_search(_ptr(qf), _ptr(values), key_type, B, N, D, float(keys.scale), float(keys.shift), int(k),
                        _ptr(kl), _ptr(ql), _ptr(dist), _ptr(index), _ptr(scratch), nbytes, int(stream))
     return dist, index
+
+
+PATCH_RULES = {"shared": 0, "same_centre": 1, "same_whole": 2}  # = ad_cuda::PatchRule (csrc/cuda/patch_retrieval.cuh)
+poison_outputs = False  # tests: patch_partials fills its outputs with NaN before every launch
+
+
+def patch_partials(q: torch.Tensor, images: torch.Tensor, image_index: torch.Tensor, positions: torch.Tensor,
+                   coef2: torch.Tensor, *, k: int, scale: float, shift: float, splits: int, rule: str,
+                   skip_bits: float = 64.0, poison: Optional[bool] = None):
+    """Per-split partials (m base 2, l, l2 (S, R); o (S, R, V)) of the patch softmax on the CUDA kernel: the same
+    contract as :func:`analytic_diffusion.kernels.patch_retrieval.patch_partials` (rule ``shared``) and
+    ``same_position_partials`` (``same_centre``; ``same_whole`` = ``whole=True``), so one driver combines both.
+
+    q (R, C·k²) float32; images (N, C, H, W) uint8/float32; image_index (n,) int32; positions (P, 2) or (R, 2) int32;
+    coef2 (R,) float32 base 2. ``poison=True`` (tests; None: the module's ``poison_outputs``) fills the outputs with
+    NaN first: the kernel must write all of them.
+    """
+    ext = _require()
+    if rule not in PATCH_RULES:
+        raise ValueError(f"rule: expected one of {', '.join(PATCH_RULES)}, got {rule!r}")
+    tensors = (q, images, image_index, positions, coef2)
+    if not _emulated() and any(t.device.type != "cuda" for t in tensors):
+        raise ValueError("backend 'cuda': the patch kernel needs every operand on a CUDA device, got "
+                         + ", ".join(str(t.device) for t in tensors))
+    for name, t, dtypes in (("q", q, (torch.float32,)), ("images", images, SUPPORTED_KEY_DTYPES),
+                            ("image_index", image_index, (torch.int32,)), ("positions", positions, (torch.int32,)),
+                            ("coef2", coef2, (torch.float32,))):
+        if t.dtype not in dtypes or not t.is_contiguous():
+            raise ValueError(f"{name}: expected a contiguous tensor of {dtypes}, got {t.dtype}")
+    _, C, H, W = images.shape
+    R, n_img = q.shape[0], image_index.numel()
+    code = PATCH_RULES[rule]
+    S = int(ext.patch_num_splits(n_img, splits))
+    V = C * k * k if rule == "same_whole" else C
+    fill = float("nan") if (poison_outputs if poison is None else poison) else 0.0
+    m = torch.full((S, R), fill, dtype=torch.float32, device=q.device)
+    l, l2 = torch.full_like(m, fill), torch.full_like(m, fill)
+    o = torch.full((S, R, V), fill, dtype=torch.float32, device=q.device)
+    key_type = ext.KEYS_U8 if images.dtype == torch.uint8 else ext.KEYS_F32
+    with _launch_context(q.device) as stream:
+        ext.patch_partials(_ptr(q), _ptr(images), key_type, _ptr(image_index), n_img, _ptr(positions),
+                           positions.shape[0], code, R, C, H, W, int(k), float(scale), float(shift), _ptr(coef2),
+                           float(skip_bits), int(splits), _ptr(m), _ptr(l), _ptr(l2), _ptr(o), int(stream))
+    return m, l, l2, o

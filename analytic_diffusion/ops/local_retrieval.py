@@ -185,8 +185,8 @@ def local_score(x: torch.Tensor, keys: KeyBank, sigma, *, patch: int, temperatur
     """LS (Kamb & Ganguli): per pixel p, softmax over the N (± mirrored) images of −Σ_{q ∈ win_k(p)} ‖x(q) − y_j(q)‖²
     / (2σ²T), window positions outside the image adding 0; value y_j(p) (all C channels).
 
-    ``backend``: ``torch`` (this reference: box-summed squared-difference maps), ``triton`` (the fused
-    same-position patch kernel, direct distances, float32) or ``auto`` (Triton for float32 on CUDA).
+    ``backend``: ``torch`` (this reference: box-summed squared-difference maps), ``triton`` or ``cuda`` (the fused
+    same-position patch kernels, direct distances, float32) or ``auto`` (a fused kernel for float32 on CUDA).
 
     ``patch`` is any odd k ≥ 1; k ≥ 2·max(H, W) − 1 covers the whole image from every pixel (= the optimal
     denoiser), larger k is the same. Returns the (B, C, H, W) posterior mean, or with ``return_partial`` a
@@ -202,8 +202,9 @@ def local_score(x: torch.Tensor, keys: KeyBank, sigma, *, patch: int, temperatur
     d = k // 2
     dev = x.device
     from .patch_retrieval import choose_patch_backend
-    if choose_patch_backend(backend, x, keys, dtype)[0] == "triton":
-        return _local_score_triton(x, keys, coef, k, query_labels, flips, dtype, return_partial)
+    name = choose_patch_backend(backend, x, keys, dtype)[0]
+    if name != "torch":
+        return _local_score_fused(x, keys, coef, k, query_labels, flips, dtype, return_partial, name)
     item = _item(dtype)
     per_cand = item * (2 * C * H * W + B * (2 * (H + 2 * d) * (W + 2 * d) + 6 * H * W))
     step = _chunk_rows(memory_budget, per_cand, _num_candidates(keys, flips))
@@ -227,25 +228,18 @@ def local_score(x: torch.Tensor, keys: KeyBank, sigma, *, patch: int, temperatur
     return o / l[:, None]
 
 
-def _require_triton_inputs(x, keys: KeyBank, dtype, what: str) -> None:
-    if dtype != torch.float32:
-        raise ValueError(f"dtype: the triton {what} kernel computes in float32, got {dtype}; use backend='torch'")
-    if keys.device != x.device:
-        raise ValueError(f"backend 'triton' needs the queries and the dataset on one device "
-                         f"(queries on {x.device}, dataset on {keys.device})")
-
-
-def _local_score_triton(x, keys: KeyBank, coef, k: int, query_labels, flips: bool, dtype, return_partial: bool):
+def _local_score_fused(x, keys: KeyBank, coef, k: int, query_labels, flips: bool, dtype, return_partial: bool,
+                       backend: str):
     """LS on the fused same-position kernel: query patches by unfold (zero padding), each row's own pixel."""
-    from . import triton_patch
-    _require_triton_inputs(x, keys, dtype, "LS")
+    from . import fused_patch
+    fused_patch.require_fused_inputs(x, keys, dtype, "LS", backend)
     B, C, H, W = x.shape
     q = F.unfold(x, k, padding=k // 2).transpose(1, 2).reshape(B * H * W, C * k * k)
     pix = torch.cartesian_prod(torch.arange(H, device=x.device), torch.arange(W, device=x.device))
     rows_coef = coef.to(torch.float64).repeat_interleave(H * W)
     labels = None if query_labels is None else query_labels.repeat_interleave(H * W)
-    state = triton_patch.patch_partial(q, keys, rows_coef, pix.repeat(B, 1), k, query_labels=labels, flips=flips,
-                                       start=0, stop=keys.n, per_row=True)
+    state = fused_patch.patch_partial(q, keys, rows_coef, pix.repeat(B, 1), k, query_labels=labels, flips=flips,
+                                      start=0, stop=keys.n, per_row=True, backend=backend)
     if return_partial:
         return state
     _require_candidates(state.l, "query_labels")
@@ -277,9 +271,9 @@ def pspc_square(x: torch.Tensor, keys: KeyBank, sigma, *, patch: int, temperatur
     softmax state (max, normaliser) of every crop; pass 2 forms the normalised weights w_j(c) and spreads them onto
     the pixels (Σ_{c ∋ q} w_j(c), a transposed box sum), so that out(q) = Σ_j y_j(q)·Σ_{c ∋ q} w_j(c) / #{c ∋ q}.
 
-    ``backend``: ``torch`` (this reference), ``triton`` (every crop of every sample in one launch of the fused
-    same-position kernel with whole-crop values, direct distances, float32; the overlap average is a fold) or
-    ``auto`` (Triton for float32 on CUDA).
+    ``backend``: ``torch`` (this reference), ``triton`` or ``cuda`` (every crop of every sample in one launch of the
+    fused same-position kernel with whole-crop values, direct distances, float32; the overlap average is a fold)
+    or ``auto`` (a fused kernel for float32 on CUDA).
     """
     x, coef, query_labels, dtype = _prepare(x, keys, sigma, temperature, query_labels, flips, dtype)
     B, C, H, W = x.shape
@@ -290,8 +284,9 @@ def pspc_square(x: torch.Tensor, keys: KeyBank, sigma, *, patch: int, temperatur
     Hc, Wc = H - k + 1, W - k + 1
     dev = x.device
     from .patch_retrieval import choose_patch_backend
-    if choose_patch_backend(backend, x, keys, dtype)[0] == "triton":
-        return _pspc_square_triton(x, keys, coef, k, query_labels, flips, dtype)
+    name = choose_patch_backend(backend, x, keys, dtype)[0]
+    if name != "torch":
+        return _pspc_square_fused(x, keys, coef, k, query_labels, flips, dtype, name)
     item = _item(dtype)
     per_cand = item * (2 * C * H * W + B * (4 * H * W + 2 * (Hc + 2 * k) * (Wc + 2 * k)))
     step = _chunk_rows(memory_budget, per_cand, _num_candidates(keys, flips))
@@ -318,19 +313,19 @@ def pspc_square(x: torch.Tensor, keys: KeyBank, sigma, *, patch: int, temperatur
     return out / count
 
 
-def _pspc_square_triton(x, keys: KeyBank, coef, k: int, query_labels, flips: bool, dtype):
+def _pspc_square_fused(x, keys: KeyBank, coef, k: int, query_labels, flips: bool, dtype, backend: str):
     """PSPC-Square on the same-position kernel: rows = (sample, crop), each crop's own position, whole-crop values;
     the crop means are overlap-averaged by a fold."""
-    from . import triton_patch
-    _require_triton_inputs(x, keys, dtype, "PSPC")
+    from . import fused_patch
+    fused_patch.require_fused_inputs(x, keys, dtype, "PSPC", backend)
     B, C, H, W = x.shape
     P = (H - k + 1) * (W - k + 1)
     q = F.unfold(x, k).transpose(1, 2).reshape(B * P, C * k * k)  # crops in row-major top-left order
     top_left = torch.cartesian_prod(torch.arange(H - k + 1, device=x.device), torch.arange(W - k + 1, device=x.device))
     labels = None if query_labels is None else query_labels.repeat_interleave(P)
-    state = triton_patch.patch_partial(q, keys, coef.to(torch.float64).repeat_interleave(P),
-                                       (top_left + k // 2).repeat(B, 1), k, query_labels=labels, flips=flips,
-                                       start=0, stop=keys.n, per_row=True, whole=True)
+    state = fused_patch.patch_partial(q, keys, coef.to(torch.float64).repeat_interleave(P),
+                                      (top_left + k // 2).repeat(B, 1), k, query_labels=labels, flips=flips,
+                                      start=0, stop=keys.n, per_row=True, whole=True, backend=backend)
     _require_candidates(state.l, "query_labels")
     crops = state.mean().reshape(B, P, C * k * k).transpose(1, 2)
     count = F.fold(torch.ones(1, C * k * k, P, dtype=crops.dtype, device=x.device), (H, W), k)
@@ -488,7 +483,7 @@ def coordinate_retrieval(x: torch.Tensor, keys: KeyBank, sigma, mask: torch.Tens
 
     ``backend``: ``torch`` (this reference, dense mask matmul), ``triton`` (the fused kernel with the mask as a
     sparse stencil table: work ∝ the mask's nonzeros instead of D², float32) or ``auto`` (Triton for float32 on
-    CUDA).
+    CUDA). There is no CUDA-extension kernel for it: ``cuda`` is an error.
     """
     if softmax not in SOFTMAX_MODES:
         raise ValueError(f"softmax: expected one of {', '.join(SOFTMAX_MODES)}, got {softmax!r}")
@@ -505,7 +500,11 @@ def coordinate_retrieval(x: torch.Tensor, keys: KeyBank, sigma, mask: torch.Tens
     mask = mask.to(dev)
     xf = x.reshape(B, D)
     from .patch_retrieval import choose_patch_backend
-    if choose_patch_backend(backend, x, keys, dtype)[0] == "triton":
+    name = choose_patch_backend(backend, x, keys, dtype)[0]
+    if name == "cuda" and backend == "cuda":
+        raise ValueError("backend: pca_locality has no CUDA-extension kernel (its fused kernel is Triton); "
+                         "use 'triton', 'torch' or 'auto'")
+    if name == "triton":
         return _coordinate_retrieval_triton(xf, keys, coef, mask, query_labels, flips, chunk_size, dtype
                                             ).reshape(x.shape)
     item = _item(dtype)
@@ -560,8 +559,8 @@ def coordinate_retrieval(x: torch.Tensor, keys: KeyBank, sigma, mask: torch.Tens
 
 
 def _coordinate_retrieval_triton(xf, keys: KeyBank, coef, mask, query_labels, flips: bool, chunk_size, dtype):
-    from . import triton_coordinate
-    _require_triton_inputs(xf, keys, dtype, "pca_locality")
+    from . import fused_patch, triton_coordinate
+    fused_patch.require_fused_inputs(xf, keys, dtype, "pca_locality", "triton")
     mean, had = triton_coordinate.coordinate_mean(xf, keys, coef, mask, query_labels=query_labels, flips=flips,
                                                   chunk_size=chunk_size)
     _require_candidates(had.to(torch.float32), "query_labels")

@@ -173,8 +173,8 @@ def patch_softmax_partial(queries: torch.Tensor, keys: KeyBank, sigma, positions
                           backend: str = "auto") -> PartialState:
     """Partial state (rows = query rows, o = (Q, C)) of the patch softmax over stored images start:stop.
 
-    ``backend``: ``torch`` (this reference), ``triton`` (the fused implicit-im2col kernel: direct distances,
-    exact at every σ, float32 only) or ``auto`` (see :func:`choose_patch_backend`).
+    ``backend``: ``torch`` (this reference), ``triton`` or ``cuda`` (the fused implicit-im2col kernels: direct
+    distances, exact at every σ, float32 only) or ``auto`` (see :func:`choose_patch_backend`).
 
     ``queries`` (Q, C·k²) float patches; ``sigma`` a scalar or (Q,) per row; ``positions`` (P, 2) candidate
     centres (row, col) in image coordinates, patches of the training images zero-padded by k//2 (interior
@@ -214,15 +214,11 @@ def patch_softmax_partial(queries: torch.Tensor, keys: KeyBank, sigma, positions
         if query_labels.shape != (Q,):
             raise ValueError(f"query_labels: expected shape ({Q},), got {tuple(query_labels.shape)}")
     name, _ = choose_patch_backend(backend, queries, keys, dtype)
-    if name == "triton":
-        from . import triton_patch
-        if dtype != torch.float32:
-            raise ValueError(f"dtype: the triton patch kernel computes in float32, got {dtype}; use backend='torch'")
-        if keys.device != dev:
-            raise ValueError(f"backend 'triton' needs the queries and the dataset on one device "
-                             f"(queries on {dev}, dataset on {keys.device})")
-        return triton_patch.patch_partial(queries, keys, coef64, positions, k, query_labels=query_labels,
-                                          flips=flips, start=int(start), stop=stop)
+    if name != "torch":
+        from . import fused_patch
+        fused_patch.require_fused_inputs(queries, keys, dtype, "patch", name)
+        return fused_patch.patch_partial(queries, keys, coef64, positions, k, query_labels=query_labels,
+                                         flips=flips, start=int(start), stop=stop, backend=name)
     budget = effective_budget(memory_budget)
     cvec = channel_center(keys, k, torch.float64).to(dev)
     positions = positions.to(dev)
@@ -262,22 +258,29 @@ def patch_softmax_partial(queries: torch.Tensor, keys: KeyBank, sigma, positions
     return state
 
 
-PATCH_BACKENDS = ("auto", "torch", "triton")
+PATCH_BACKENDS = ("auto", "torch", "triton", "cuda")
 
 
 def choose_patch_backend(backend: str, queries: torch.Tensor, keys: KeyBank, dtype) -> Tuple[str, str]:
-    """(backend, reason): ``auto`` takes the Triton kernel for float32 work on a CUDA device, else the reference."""
+    """(backend, reason): ``auto`` takes a fused kernel for float32 work on a CUDA device (Triton where it can run,
+    else the CUDA extension where it is built), else the reference. Neither fused kernel has GPU timings yet
+    (bench/RESULTS.md), so the order is a default, not a measured choice."""
     if backend not in PATCH_BACKENDS:
         raise ValueError(f"backend: the patch retrieval has backends {', '.join(PATCH_BACKENDS)}, got {backend!r}")
     if backend != "auto":
         return backend, "requested"
     if queries.device.type != "cuda":
-        return "torch", f"device {queries.device.type}: the fused patch kernel runs on CUDA"
+        return "torch", f"device {queries.device.type}: the fused patch kernels run on CUDA"
     if dtype != torch.float32 or keys.values.dtype not in (torch.uint8, torch.float32):
-        return "torch", f"dtype {dtype} / dataset {keys.values.dtype}: the fused kernel is float32 on uint8/float32"
+        return "torch", f"dtype {dtype} / dataset {keys.values.dtype}: the fused kernels are float32 on uint8/float32"
+    from . import cuda_backend
     from .triton_backend import unavailable_reason
     reason = unavailable_reason(queries.device)
-    return ("triton", "CUDA, float32") if reason is None else ("torch", reason)
+    if reason is None:
+        return "triton", "CUDA, float32"
+    if cuda_backend.available():
+        return "cuda", f"CUDA, float32 (Triton unavailable: {reason})"
+    return "torch", f"{reason}; {cuda_backend.unavailable_reason()}"
 
 
 # float32 rows whose expanded-form logit error bound exceeds this (nats) are computed in float64 instead.

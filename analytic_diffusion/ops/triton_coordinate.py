@@ -10,7 +10,7 @@ from typing import List, Optional, Tuple
 import torch
 
 from .keys import KeyBank
-from .triton_patch import LOG2E, _images
+from .fused_patch import LOG2E, _images
 
 # Split the candidates until the grid has this many programs: two waves of an H100's 132 SMs. (Under the CPU
 # interpreter every program costs time, so it gets one split; tests set more to exercise the combine.)

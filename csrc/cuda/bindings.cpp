@@ -1,4 +1,4 @@
-// pybind11 bindings of the CUDA retrieval kernels: analytic_diffusion._cuda (no torch headers).
+// pybind11 bindings of the CUDA retrieval kernels (global and patch): analytic_diffusion._cuda (no torch headers).
 //
 // Tensors cross as integer device addresses (torch `tensor.data_ptr()`), the stream as an integer handle
 // (`torch.cuda.current_stream().cuda_stream`); 0 stands for "none" (labels) or the legacy default stream.
@@ -12,6 +12,7 @@
 #include <string>
 
 #include "global_retrieval.cuh"
+#include "patch_retrieval.cuh"
 
 namespace py = pybind11;
 
@@ -95,6 +96,51 @@ void knn_search(uintptr_t queries, uintptr_t keys, int key_type, int64_t B, int6
   check_cuda(err, "knn_search");
 }
 
+void patch_partials(uintptr_t queries, uintptr_t images, int key_type, uintptr_t image_index, int64_t n_img,
+                    uintptr_t positions, int64_t n_pos, int rule, int64_t R, int C, int H, int W, int k, double scale,
+                    double shift, uintptr_t coef2, double skip_bits, int64_t splits, uintptr_t m, uintptr_t l,
+                    uintptr_t l2, uintptr_t o, uintptr_t stream) {
+  require(rule == ad_cuda::kPatchShared || rule == ad_cuda::kPatchSameCentre || rule == ad_cuda::kPatchSameWhole,
+          "rule: expected 0 (shared positions), 1 (same position, centre) or 2 (same position, whole patch), got " +
+              std::to_string(rule));
+  require(key_type == ad_cuda::kKeysU8 || key_type == ad_cuda::kKeysF32,
+          "key_type: expected 0 (uint8) or 1 (float32), got " + std::to_string(key_type));
+  require(R >= 0 && n_img >= 0, "R, n_img: expected >= 0");
+  require(C >= 1 && H >= 1 && W >= 1 && k >= 1, "C, H, W, k: expected >= 1");
+  require(rule != ad_cuda::kPatchShared || n_pos >= 1, "n_pos: the shared-position rule needs >= 1 centre");
+  require(ad_cuda::patch_query_block(rule, C, k) > 0,
+          "k: a C*k*k = " + std::to_string(int64_t(C) * k * k) + " patch does not fit the kernel's shared memory");
+  require(ad_cuda::patch_num_splits(n_img, splits) <= 65535, "splits: expected at most 65535 image splits");
+  require(queries != 0 && images != 0 && image_index != 0 && positions != 0 && coef2 != 0 && m != 0 && l != 0 &&
+              l2 != 0 && o != 0,
+          "queries, images, image_index, positions, coef2, m, l, l2, o: null device pointer");
+  ad_cuda::PatchProblem p;
+  p.queries = ptr<const float>(queries);
+  p.images = ptr<const void>(images);
+  p.key_type = key_type;
+  p.image_index = ptr<const int32_t>(image_index);
+  p.n_img = n_img;
+  p.positions = ptr<const int32_t>(positions);
+  p.n_pos = n_pos;
+  p.rule = rule;
+  p.R = R;
+  p.C = C;
+  p.H = H;
+  p.W = W;
+  p.k = k;
+  p.scale = static_cast<float>(scale);
+  p.shift = static_cast<float>(shift);
+  p.coef2 = ptr<const float>(coef2);
+  p.skip_bits = static_cast<float>(skip_bits);
+  cudaError_t err;
+  {
+    py::gil_scoped_release release;
+    err = ad_cuda::patch_partials(p, splits, ptr<float>(m), ptr<float>(l), ptr<float>(l2), ptr<float>(o),
+                                  reinterpret_cast<cudaStream_t>(stream));
+  }
+  check_cuda(err, "patch_partials");
+}
+
 py::tuple device_count() {
   cudaError_t err = cudaSuccess;
   const int n = ad_cuda::device_count(&err);
@@ -104,11 +150,15 @@ py::tuple device_count() {
 }  // namespace
 
 PYBIND11_MODULE(_cuda, mod) {
-  mod.doc() = "CUDA kernels of analytic_diffusion: split-N softmax retrieval and exact k-NN (fp32, direct "
-              "distances, deterministic). Pointers are integer device addresses; see ops/cuda_backend.py.";
+  mod.doc() = "CUDA kernels of analytic_diffusion: split-N softmax retrieval, exact k-NN and the local family's "
+              "patch softmax (fp32, direct distances, deterministic). Pointers are integer device addresses; see "
+              "ops/cuda_backend.py.";
   mod.attr("KEYS_U8") = py::int_(static_cast<int>(ad_cuda::kKeysU8));
   mod.attr("KEYS_F32") = py::int_(static_cast<int>(ad_cuda::kKeysF32));
   mod.attr("MAX_K") = py::int_(ad_cuda::kMaxK);
+  mod.attr("PATCH_SHARED") = py::int_(static_cast<int>(ad_cuda::kPatchShared));
+  mod.attr("PATCH_SAME_CENTRE") = py::int_(static_cast<int>(ad_cuda::kPatchSameCentre));
+  mod.attr("PATCH_SAME_WHOLE") = py::int_(static_cast<int>(ad_cuda::kPatchSameWhole));
   mod.def("num_splits", &ad_cuda::num_splits, py::arg("n"),
           "Candidate splits (CTAs) for n candidates: depends on n only (determinism across devices).");
   mod.def("query_block", &ad_cuda::query_block, py::arg("d"), "Queries per kernel launch for rows of d values.");
@@ -135,4 +185,19 @@ o = sum exp(z - m) y_j (B, D), all fp32. Asynchronous on `stream`.)doc");
           R"doc(Enqueue the k <= 32 nearest candidates by exact fp32 squared distance: dist (B, k) fp32 and index
 (B, k) int64, ascending, ties by the smaller index; rows with fewer than k allowed candidates are padded with
 (inf, -1). Asynchronous on `stream`.)doc");
+  mod.def("patch_num_splits", &ad_cuda::patch_num_splits, py::arg("n_img"), py::arg("splits"),
+          "Leading dimension S of the patch partials for n_img images asked to run in `splits` pieces.");
+  mod.def("patch_query_block", &ad_cuda::patch_query_block, py::arg("rule"), py::arg("C"), py::arg("k"),
+          "Query rows per CTA of the patch kernel (0: the patch does not fit shared memory).");
+  mod.def("patch_partials", &patch_partials, py::arg("queries"), py::arg("images"), py::arg("key_type"),
+          py::arg("image_index"), py::arg("n_img"), py::arg("positions"), py::arg("n_pos"), py::arg("rule"),
+          py::arg("R"), py::arg("C"), py::arg("H"), py::arg("W"), py::arg("k"), py::arg("scale"), py::arg("shift"),
+          py::arg("coef2"), py::arg("skip_bits"), py::arg("splits"), py::arg("m"), py::arg("l"), py::arg("l2"),
+          py::arg("o"), py::arg("stream"),
+          R"doc(Enqueue the per-split partials of the patch softmax (ELS / bbELS, LS, PSPC; patch_retrieval.cuh).
+
+queries (R, C*k*k) fp32; images (N, C, H, W) uint8/fp32; image_index (n_img,) int32; positions int32 (n_pos, 2)
+shared centres (rule 0) or (R, 2) one per row (rules 1, 2); coef2 (R,) fp32 base-2 coefficients. Writes
+m (base 2), l, l2 (S, R) and o (S, R, V) fp32, V = C (rules 0, 1) or C*k*k (rule 2), S = patch_num_splits.
+Asynchronous on `stream`.)doc");
 }

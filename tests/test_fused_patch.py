@@ -1,7 +1,9 @@
 """The fused local-family kernels against the float64 torch reference: the ELS / bbELS patch kernel (implicit
-im2col), LS on the same-position kernel, and pca_locality's sparse-stencil coordinate kernel.
+im2col), LS and PSPC on the same-position kernel — each on both fused backends, Triton and CUDA (the ``fused``
+fixture) — and pca_locality's sparse-stencil coordinate kernel (Triton only).
 
-CPU: Triton interpreter (conftest.py sets TRITON_INTERPRET=1); GPU: compiled, with TRITON_INTERPRET=0.
+CPU: Triton under the interpreter (conftest.py sets TRITON_INTERPRET=1) and the CUDA sources under the host SIMT
+emulator (tests/cuda_emu); GPU: compiled Triton (TRITON_INTERPRET=0) and the built CUDA extension.
 Outputs are poisoned before every launch.
 """
 import pytest
@@ -23,11 +25,11 @@ DEVICE = torch.device("cpu") if T.interpreting() else torch.device("cuda")
 
 
 @pytest.fixture(autouse=True)
-def poisoned():
+def poisoned(monkeypatch):
     from analytic_diffusion.kernels import global_retrieval
-    global_retrieval.poison_outputs = True
-    yield
-    global_retrieval.poison_outputs = False
+    from analytic_diffusion.ops import cuda_backend
+    monkeypatch.setattr(global_retrieval, "poison_outputs", True)
+    monkeypatch.setattr(cuda_backend, "poison_outputs", True)
 
 
 def bank(rng, n, c, h, w, labels=None, dtype=torch.uint8):
@@ -37,14 +39,18 @@ def bank(rng, n, c, h, w, labels=None, dtype=torch.uint8):
     return KeyBank(torch.rand(n, c * h * w, generator=rng) * 2 - 1, labels=labels, image_shape=(c, h, w))
 
 
-def on_device(kb):
-    return KeyBank(kb.values.to(DEVICE), kb.scale, kb.shift, labels=None if kb.labels is None else kb.labels.to(DEVICE),
+def on_device(kb, device=DEVICE):
+    return KeyBank(kb.values.to(device), kb.scale, kb.shift, labels=None if kb.labels is None else kb.labels.to(device),
                    image_shape=kb.image_shape)
+
+
+def dataset_on(ds, device):
+    return ds.to(device) if device.type == "cuda" else ds
 
 
 @pytest.mark.parametrize("keys", [torch.uint8, torch.float32])
 @pytest.mark.parametrize("k", [1, 3, 5])
-def test_patch_kernel_matches_reference(rng, keys, k):
+def test_patch_kernel_matches_reference(fused, rng, keys, k):
     c, h, w = 3, 6, 5
     labels = torch.randint(0, 3, (17,), generator=rng)
     labels[labels == 2] = 0
@@ -56,51 +62,51 @@ def test_patch_kernel_matches_reference(rng, keys, k):
         for flips, lab in ((False, None), (True, ql)):
             ref = patch_softmax_partial(q.double(), kb, sigma, pos, k, dtype=torch.float64, flips=flips,
                                         query_labels=lab, backend="torch")
-            got = patch_softmax_partial(q.to(DEVICE), on_device(kb), sigma, pos.to(DEVICE), k, dtype=torch.float32,
-                                        flips=flips, query_labels=None if lab is None else lab.to(DEVICE),
-                                        backend="triton")
+            got = patch_softmax_partial(q.to(fused.device), on_device(kb, fused.device), sigma, pos.to(fused.device), k, dtype=torch.float32,
+                                        flips=flips, query_labels=None if lab is None else lab.to(fused.device),
+                                        backend=fused.name)
             assert rel(got.mean().cpu(), ref.mean()) <= 1e-4
             assert rel(got.effective_neighbours().cpu(), ref.effective_neighbours()) <= 1e-4
 
 
-def test_empty_class_and_shards(rng):
+def test_empty_class_and_shards(fused, rng):
     c, h, w, k = 1, 5, 5, 3
     labels = torch.tensor([0, 0, 1, 1, 0, 1])
     kb = bank(rng, 6, c, h, w, labels)
     pos = torch.cartesian_prod(torch.arange(1, 4), torch.arange(1, 4))
     q = torch.rand(4, 9, generator=rng) * 2 - 1
     ref = patch_softmax_partial(q.double(), kb, 0.4, pos, k, dtype=torch.float64, backend="torch")
-    dk = on_device(kb)
-    a = patch_softmax_partial(q.to(DEVICE), dk, 0.4, pos.to(DEVICE), k, stop=2, backend="triton")
-    b = patch_softmax_partial(q.to(DEVICE), dk, 0.4, pos.to(DEVICE), k, start=2, backend="triton")
+    dk = on_device(kb, fused.device)
+    a = patch_softmax_partial(q.to(fused.device), dk, 0.4, pos.to(fused.device), k, stop=2, backend=fused.name)
+    b = patch_softmax_partial(q.to(fused.device), dk, 0.4, pos.to(fused.device), k, start=2, backend=fused.name)
     assert rel(a.combine(b).mean().cpu(), ref.mean()) <= 1e-4  # shards combine exactly
-    st = patch_softmax_partial(q.to(DEVICE), dk, 0.4, pos.to(DEVICE), k, query_labels=torch.full((4,), 2, device=DEVICE),
-                               backend="triton")
+    st = patch_softmax_partial(q.to(fused.device), dk, 0.4, pos.to(fused.device), k, query_labels=torch.full((4,), 2, device=fused.device),
+                               backend=fused.name)
     with pytest.raises(ValueError, match="no allowed candidate"):
         st.mean()
 
 
 @pytest.mark.parametrize("method,k", [("els", 3), ("bbels", 3), ("bbels", 5)])
-def test_els_and_bbels_denoisers_on_triton(rng, method, k):
+def test_els_and_bbels_denoisers(fused, rng, method, k):
     """Every padding rule: circular ELS; bbELS interior, edge bands and corners (k = 5 on 7×6: 2-pixel corners)."""
     imgs = torch.randint(0, 256, (12, 2, 7, 6), generator=rng, dtype=torch.uint8)
     ds = Dataset(imgs)
     x = ds.images_float()[:2] + 0.5 * torch.randn(2, 2, 7, 6, generator=rng)
     for sigma in (0.01, 0.5, 50.0):
         ref = make_denoiser(method, ds, patch=k, backend="torch", dtype=torch.float64)(x.double(), sigma)
-        got = make_denoiser(method, ds.to(DEVICE) if DEVICE.type == "cuda" else ds, patch=k,
-                            backend="triton")(x.to(DEVICE), sigma)
+        got = make_denoiser(method, dataset_on(ds, fused.device), patch=k,
+                            backend=fused.name)(x.to(fused.device), sigma)
         assert rel(got.cpu(), ref) <= 1e-4
 
 
-def test_bbels_on_mnist_with_flips(rng):
+def test_bbels_on_mnist_with_flips(fused, rng):
     # Real digits, cropped to their central 14×14 so that the interpreter (every program in NumPy) stays quick.
     mnist = load_dataset("mnist").subset(6, random=True, seed=1)
     ds = Dataset(mnist.images[:, :, 7:21, 7:21].contiguous())
     x = ds.images_float()[:1] + 0.3 * torch.randn(1, 1, 14, 14, generator=rng)
     ref = make_denoiser("bbels", ds, patch=3, flips=True, backend="torch", dtype=torch.float64)(x.double(), 0.3)
-    got = make_denoiser("bbels", ds.to(DEVICE) if DEVICE.type == "cuda" else ds, patch=3, flips=True,
-                        backend="triton")(x.to(DEVICE), 0.3)
+    got = make_denoiser("bbels", dataset_on(ds, fused.device), patch=3, flips=True,
+                        backend=fused.name)(x.to(fused.device), 0.3)
     assert rel(got.cpu(), ref) <= 1e-4
 
 
@@ -111,14 +117,14 @@ def test_backend_choice_and_errors(rng):
     with pytest.raises(ValueError, match="backend"):
         choose_patch_backend("cpu", q, kb, torch.float32)
     with pytest.raises(ValueError, match="backend"):
-        make_denoiser("els", Dataset(torch.zeros(3, 1, 4, 4, dtype=torch.uint8)), patch=3, backend="cuda")
+        make_denoiser("els", Dataset(torch.zeros(3, 1, 4, 4, dtype=torch.uint8)), patch=3, backend="cpu")
     with pytest.raises(ValueError, match="dtype"):
         patch_softmax_partial(q.to(DEVICE).double(), on_device(kb), 0.5, torch.tensor([[1, 1]], device=DEVICE), 3,
                               dtype=torch.float64, backend="triton")
 
 
 @pytest.mark.parametrize("k", [1, 3, 5, 13])
-def test_ls_on_the_same_position_kernel(rng, k):
+def test_ls_on_the_same_position_kernel(fused, rng, k):
     """LS: every pixel's own position only (k = 13 on 6×5 covers the whole image: LS = optimal there)."""
     from analytic_diffusion.ops.local_retrieval import local_score
     labels = torch.randint(0, 2, (14,), generator=rng)
@@ -129,17 +135,17 @@ def test_ls_on_the_same_position_kernel(rng, k):
     for sigma, flips, lab in ((0.01, False, None), (0.4, True, ql), (100.0, False, ql)):
         ref = local_score(x.double(), ds.keys(), sigma, patch=k, flips=flips, query_labels=lab, dtype=torch.float64,
                           backend="torch")
-        got = local_score(x.to(DEVICE), on_device(ds.keys()), sigma, patch=k, flips=flips,
-                          query_labels=None if lab is None else lab.to(DEVICE), backend="triton")
+        got = local_score(x.to(fused.device), on_device(ds.keys(), fused.device), sigma, patch=k, flips=flips,
+                          query_labels=None if lab is None else lab.to(fused.device), backend=fused.name)
         assert rel(got.cpu(), ref) <= 1e-4
-    den = make_denoiser("ls", ds.to(DEVICE) if DEVICE.type == "cuda" else ds, patch=k, backend="triton")
+    den = make_denoiser("ls", dataset_on(ds, fused.device), patch=k, backend=fused.name)
     ref = make_denoiser("ls", ds, patch=k, backend="torch", dtype=torch.float64)(x.double(), 0.3)
-    assert rel(den(x.to(DEVICE), 0.3).cpu(), ref) <= 1e-4
+    assert rel(den(x.to(fused.device), 0.3).cpu(), ref) <= 1e-4
 
 
 @pytest.mark.parametrize("keys,k", [(torch.uint8, 1), (torch.uint8, 2), (torch.float32, 3), (torch.uint8, 4),
                                     (torch.uint8, 5)])
-def test_pspc_on_the_same_position_kernel(rng, keys, k):
+def test_pspc_on_the_same_position_kernel(fused, rng, keys, k):
     """PSPC-Square: every crop fully inside, whole-crop values, overlap average; odd and even k (k = 5 = H: one crop,
     the optimal denoiser), mirrors (an even k's mirrored window is not centred on W − 1 − p)."""
     from analytic_diffusion.ops.local_retrieval import pspc_square
@@ -150,19 +156,83 @@ def test_pspc_on_the_same_position_kernel(rng, keys, k):
     for sigma, flips, lab in ((1e-3, True, None), (0.3, True, ql), (1e3, False, ql)):
         ref = pspc_square(x.double(), kb, sigma, patch=k, flips=flips, query_labels=lab, dtype=torch.float64,
                           backend="torch")
-        got = pspc_square(x.to(DEVICE), on_device(kb), sigma, patch=k, flips=flips,
-                          query_labels=None if lab is None else lab.to(DEVICE), backend="triton")
+        got = pspc_square(x.to(fused.device), on_device(kb, fused.device), sigma, patch=k, flips=flips,
+                          query_labels=None if lab is None else lab.to(fused.device), backend=fused.name)
         assert got.dtype == torch.float32 and rel(got.cpu(), ref) <= 1e-4, (sigma, flips)
 
 
-def test_pspc_denoiser_on_mnist(rng):
+def test_pspc_denoiser_on_mnist(fused, rng):
     mnist = load_dataset("mnist").subset(8, random=True, seed=2)
     ds = Dataset(mnist.images[:, :, 6:22, 6:22].contiguous())
     x = ds.images_float()[:1] + 0.4 * torch.randn(1, 1, 16, 16, generator=rng)
     ref = make_denoiser("pspc", ds, patch=6, backend="torch", dtype=torch.float64)(x.double(), 0.4)
-    got = make_denoiser("pspc", ds.to(DEVICE) if DEVICE.type == "cuda" else ds, patch=6, backend="triton")(
-        x.to(DEVICE), 0.4)
+    got = make_denoiser("pspc", dataset_on(ds, fused.device), patch=6, backend=fused.name)(
+        x.to(fused.device), 0.4)
     assert rel(got.cpu(), ref) <= 1e-4
+
+
+def test_cuda_patch_kernel_contract(cuda_fused, rng):
+    """The CUDA kernel's partials directly (the contract the driver shares with Triton): poisoned outputs; several
+    candidate tiles per split and a partial last tile; R not a multiple of the query block; one query row per CTA
+    for a 3×32×32 whole-crop patch (the largest PSPC crop of CIFAR-10 shapes)."""
+    from analytic_diffusion.ops import cuda_backend
+    from analytic_diffusion.ops.fused_patch import LOG2E, _finish
+    from analytic_diffusion.ops.patch_retrieval import interior_positions
+    dev = cuda_fused.device
+    assert cuda_backend._cuda.patch_query_block(2, 3, 32) == 1 and cuda_backend._cuda.patch_query_block(0, 1, 3) == 8
+    cases = [("shared", 1, 9, 9, 3, 11, 300), ("same_centre", 3, 6, 5, 5, 13, 150), ("same_whole", 2, 7, 6, 4, 5, 300),
+             ("same_whole", 3, 32, 32, 32, 2, 3)]
+    for rule, c, h, w, k, R, n in cases:
+        imgs = torch.randint(0, 256, (n, c, h, w), generator=rng, dtype=torch.uint8)
+        if rule == "shared":
+            pos = interior_positions(h, w, k)
+        else:
+            pos = torch.stack([torch.randint(0, h, (R,), generator=rng), torch.randint(0, w, (R,), generator=rng)], 1)
+            if k == h == w:
+                pos[:] = k // 2  # the one crop position of a k = H = W crop
+        idx = torch.randperm(n, generator=rng)[: n - 1].to(torch.int32)  # not every image, not in order
+        sigma = torch.tensor([1e-3, 0.5, 1e3] * R)[:R].double()
+        coef = 1.0 / (2 * sigma * sigma)
+        kb = KeyBank(imgs.reshape(n, -1), 2 / 255, -1.0, image_shape=(c, h, w))
+        # float64 oracle: every candidate patch cut from the zero-padded images; queries near one of them (the
+        # regime samplers visit; noise capped at 2), so that the fp32 logits are well conditioned at every σ
+        y = imgs.double()[idx.long()] * kb.scale + kb.shift
+        pad = torch.nn.functional.pad(y, (k // 2,) * 4)
+        cands, vals = [], []
+        for r in range(R):
+            centres = (pos if rule == "shared" else pos[r:r + 1]).tolist()
+            cands.append(torch.stack([pad[:, :, a:a + k, b:b + k] for a, b in centres], 1).reshape(-1, c * k * k))
+            vals.append(cands[-1] if rule == "same_whole" else
+                        torch.stack([y[:, :, a, b] for a, b in centres], 1).reshape(-1, c))
+        q = torch.stack([cd[torch.randint(0, cd.shape[0], (1,), generator=rng)].squeeze(0) for cd in cands])
+        q = (q + sigma.clamp(max=2.0)[:, None] * torch.randn(q.shape, generator=rng, dtype=torch.float64)).float()
+        splits = 2 if rule != "same_whole" else 1  # 150 candidates per split or more: several tiles
+        got = _finish(*cuda_backend.patch_partials(
+            q.to(dev), imgs.to(dev), idx.to(dev), pos.to(torch.int32).to(dev), (coef * LOG2E).float().to(dev),
+            k=k, scale=kb.scale, shift=kb.shift, splits=splits, rule=rule))
+        assert torch.isfinite(got.o).all() and torch.isfinite(got.l).all()
+        for r in range(R):
+            z = -coef[r] * ((q[r].double() - cands[r]) ** 2).sum(1)
+            ref = torch.softmax(z, 0) @ vals[r]
+            assert torch.allclose((got.o[r] / got.l[r]).cpu().double(), ref, rtol=1e-4, atol=1e-5), (rule, r)
+            # the max logit carries the fp32 rounding of y = u·scale + shift: ~coef·|q − y|·6e-8 per value
+            assert abs(float(got.m[r]) - float(z.max())) <= 2e-3 * max(1.0, abs(float(z.max()))), (rule, r)
+
+
+def test_cuda_patch_kernel_argument_errors(cuda_fused):
+    from analytic_diffusion.ops import cuda_backend
+    ext = cuda_backend._cuda
+    with pytest.raises(ValueError, match="rule"):
+        ext.patch_partials(1, 1, 0, 1, 1, 1, 1, 7, 1, 1, 4, 4, 3, 1.0, 0.0, 1, 64.0, 1, 1, 1, 1, 1, 0)
+    with pytest.raises(ValueError, match="k:"):  # 3·64² values per row: more than the kernel's shared memory
+        ext.patch_partials(1, 1, 0, 1, 1, 1, 1, 2, 1, 3, 64, 64, 64, 1.0, 0.0, 1, 64.0, 1, 1, 1, 1, 1, 0)
+    with pytest.raises(ValueError, match="null"):
+        ext.patch_partials(0, 1, 0, 1, 1, 1, 1, 0, 1, 1, 4, 4, 3, 1.0, 0.0, 1, 64.0, 1, 1, 1, 1, 1, 0)
+    q = torch.zeros(1, 9)
+    with pytest.raises(ValueError, match="rule"):
+        cuda_backend.patch_partials(q, torch.zeros(1, 1, 4, 4, dtype=torch.uint8), torch.zeros(1, dtype=torch.int32),
+                                    torch.ones(1, 2, dtype=torch.int32), torch.ones(1), k=3, scale=1.0, shift=0.0,
+                                    splits=1, rule="bogus")
 
 
 # ------------------------------------------------------------------------------ pca_locality (sparse stencils)

@@ -1,8 +1,11 @@
-"""Backend ``triton`` of the patch softmax (ELS / bbELS): drives ``kernels.patch_retrieval`` per label group and
-mirror pass, and combines the kernel's per-split partials in a fixed order. Same semantics as the reference
-:func:`analytic_diffusion.ops.patch_retrieval.patch_softmax_partial` (its docstring states the rules)."""
+"""Backends ``triton`` and ``cuda`` of the patch softmax (ELS / bbELS, LS, PSPC): one driver for both fused
+kernels (``kernels.patch_retrieval`` and csrc/cuda/patch_retrieval.cu, which share one partial-state contract). It
+runs the kernel per label group and mirror pass and combines the per-split partials in a fixed order. Same
+semantics as the reference :func:`analytic_diffusion.ops.patch_retrieval.patch_softmax_partial` (its docstring
+states the rules)."""
 from __future__ import annotations
 
+import functools
 import math
 from typing import Optional
 
@@ -15,12 +18,21 @@ LOG2E = 1.0 / math.log(2.0)
 TARGET_SPLITS = 132  # image-list splits per query tile: one wave of an H100 for a single-image query batch
 
 
+def require_fused_inputs(x: torch.Tensor, keys: KeyBank, dtype, what: str, backend: str) -> None:
+    """Clear errors before a fused kernel: float32 work, queries and dataset on one device."""
+    if dtype != torch.float32:
+        raise ValueError(f"dtype: the {backend} {what} kernel computes in float32, got {dtype}; use backend='torch'")
+    if keys.device != x.device:
+        raise ValueError(f"backend {backend!r} needs the queries and the dataset on one device "
+                         f"(queries on {x.device}, dataset on {keys.device})")
+
+
 def _images(keys: KeyBank, device):
     def make():
         c, h, w = keys.image_shape
         v = keys.values if keys.values.dtype == torch.uint8 else keys.values.to(torch.float32)
         return v.reshape(-1, c, h, w).to(device).contiguous()
-    return keys.cached(f"triton-patch-images:{device}", make)
+    return keys.cached(f"fused-patch-images:{device}", make)
 
 
 def _finish(m2, l, l2, o) -> PartialState:
@@ -31,24 +43,37 @@ def _finish(m2, l, l2, o) -> PartialState:
     return PartialState(m=m * math.log(2.0), l=(l * w).sum(0), l2=(l2 * w * w).sum(0), o=(o * w[:, :, None]).sum(0))
 
 
-def _state(q, images, keys, image_idx, positions, coef, k, per_row: bool, whole: bool) -> PartialState:
+def _launcher(backend: str, per_row: bool, whole: bool):
+    """The kernel launch (q, images, image_index, positions, coef2, *, k, scale, shift, splits) -> partials."""
+    if backend == "cuda":
+        from . import cuda_backend
+        rule = "same_whole" if whole else ("same_centre" if per_row else "shared")
+        return functools.partial(cuda_backend.patch_partials, rule=rule)
+    if backend != "triton":
+        raise ValueError(f"backend: the fused patch driver runs 'triton' or 'cuda', got {backend!r}")
     from ..kernels import patch_retrieval
+    if per_row:
+        return functools.partial(patch_retrieval.same_position_partials, whole=whole)
+    return patch_retrieval.patch_partials
+
+
+def _state(q, images, keys, image_idx, positions, coef, k, per_row: bool, whole: bool, backend: str) -> PartialState:
     splits = max(1, min(TARGET_SPLITS, image_idx.numel()))
-    opts = {"whole": True} if whole else {}
-    launch = patch_retrieval.same_position_partials if per_row else patch_retrieval.patch_partials
+    launch = _launcher(backend, per_row, whole)
     return _finish(*launch(q.to(torch.float32).contiguous(), images, image_idx.to(torch.int32).contiguous(),
                            positions.to(torch.int32).contiguous(), (coef * LOG2E).to(torch.float32).contiguous(),
-                           k=k, scale=keys.scale, shift=keys.shift, splits=splits, **opts))
+                           k=k, scale=keys.scale, shift=keys.shift, splits=splits))
 
 
 def patch_partial(queries: torch.Tensor, keys: KeyBank, coef64: torch.Tensor, positions: torch.Tensor, k: int, *,
                   query_labels: Optional[torch.Tensor], flips: bool, start: int, stop: int,
-                  per_row: bool = False, whole: bool = False) -> PartialState:
+                  per_row: bool = False, whole: bool = False, backend: str = "triton") -> PartialState:
     """(Q rows, o (Q, C)) float32 partial state over stored images start:stop (validated by the caller).
 
     ``positions``: candidate centres shared by every row (ELS / bbELS), or with ``per_row`` one centre per query
     row, its own pixel (LS: the same-position rule). A centre is the window's top-left corner + k // 2 (also for
     an even k). ``whole`` (with ``per_row``): the value is the whole C·k² patch, o is (Q, C·k²) (PSPC).
+    ``backend``: ``triton`` or ``cuda``, the fused kernel that computes the partials.
     """
     dev = queries.device
     c, h, w = keys.image_shape
@@ -72,10 +97,10 @@ def patch_partial(queries: torch.Tensor, keys: KeyBank, coef64: torch.Tensor, po
             continue  # rows stay empty: another shard may hold this class
         q = queries[rows]
         pos, mir = (positions[rows], mirrored[rows]) if per_row else (positions, mirrored)
-        st = _state(q, images, keys, image_idx, pos, coef64[rows], k, per_row, whole)
+        st = _state(q, images, keys, image_idx, pos, coef64[rows], k, per_row, whole, backend)
         if flips:  # the patch of the mirrored image at p is the mirror of the image's patch at the mirrored p
             qm = q.reshape(-1, c, k, k).flip(-1).reshape(-1, feat)
-            sm = _state(qm, images, keys, image_idx, mir, coef64[rows], k, per_row, whole)
+            sm = _state(qm, images, keys, image_idx, mir, coef64[rows], k, per_row, whole, backend)
             if whole:  # the values came out mirrored too
                 sm.o = sm.o.reshape(-1, c, k, k).flip(-1).reshape(-1, feat)
             st = st.combine(sm)

@@ -171,6 +171,14 @@ def test_pspc_denoiser_on_mnist(fused, rng):
     assert rel(got.cpu(), ref) <= 1e-4
 
 
+def test_split_count_bounds_the_partials():
+    from analytic_diffusion.ops.fused_patch import split_count
+    assert split_count(1, 50000) == 132 and split_count(11, 7) == 7  # few rows: split the images
+    assert split_count(1024, 50000) == 17  # one 32×32 image of ELS rows: 64 tiles × 17 splits ≈ 1056 programs
+    assert split_count(64 * 900, 50000) == 1  # PSPC k = 3 on a 64-image CIFAR batch: no (S, R, C·k²) blow-up
+    assert split_count(0, 5) == 5 and split_count(20, 0) == 1
+
+
 def test_cuda_patch_kernel_contract(cuda_fused, rng):
     """The CUDA kernel's partials directly (the contract the driver shares with Triton): poisoned outputs; several
     candidate tiles per split and a partial last tile; R not a multiple of the query block; one query row per CTA

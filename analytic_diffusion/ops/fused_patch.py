@@ -15,7 +15,18 @@ from .keys import KeyBank
 from .partial import PartialState
 
 LOG2E = 1.0 / math.log(2.0)
-TARGET_SPLITS = 132  # image-list splits per query tile: one wave of an H100 for a single-image query batch
+TARGET_SPLITS = 132  # most image-list splits per query tile: one wave of an H100 for a one-tile query batch
+TARGET_PROGRAMS = 8 * 132  # programs per launch worth having (8 per H100 SM); more only costs partials
+ROWS_PER_PROGRAM = 16  # query rows per program, roughly (Triton 16–32, CUDA ≤ 8): only for the split count
+
+
+def split_count(rows: int, n_img: int) -> int:
+    """Image-list splits for ``rows`` query rows: split the images only while the query tiles alone are too few
+    programs. The per-split partials cost S·rows·V floats — for PSPC (V = C·k², rows = B·crops) a fixed 132
+    splits would be 0.8 GB at B = 64, k = 3 and 7 GB at k = 15 on CIFAR-10 shapes; here S = 1 there. Depends on
+    the shapes only, so results do not depend on the device."""
+    tiles = -(-rows // ROWS_PER_PROGRAM)
+    return max(1, min(TARGET_SPLITS, n_img, -(-TARGET_PROGRAMS // max(1, tiles))))
 
 
 def require_fused_inputs(x: torch.Tensor, keys: KeyBank, dtype, what: str, backend: str) -> None:
@@ -58,7 +69,7 @@ def _launcher(backend: str, per_row: bool, whole: bool):
 
 
 def _state(q, images, keys, image_idx, positions, coef, k, per_row: bool, whole: bool, backend: str) -> PartialState:
-    splits = max(1, min(TARGET_SPLITS, image_idx.numel()))
+    splits = split_count(q.shape[0], image_idx.numel())
     launch = _launcher(backend, per_row, whole)
     return _finish(*launch(q.to(torch.float32).contiguous(), images, image_idx.to(torch.int32).contiguous(),
                            positions.to(torch.int32).contiguous(), (coef * LOG2E).to(torch.float32).contiguous(),

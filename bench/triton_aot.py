@@ -71,16 +71,13 @@ def configurations():
                         dict(K=k, C=c, C_PAD=max(2, 1 << (c - 1).bit_length()), BLOCK_Q=bq, BLOCK_P=bp, BLOCK_F=bf),
                         4))
     sq, sn, sf = pr.SAME_POSITION_BLOCKS
-    for c in (1, 3):
-        for k in (3, 7, 15):
-            out.append((f"same-position (LS) C={c} k={k} x=u8", pr._same_position_kernel, SAME_POS_SIG,
-                        dict(K=k, C=c, C_PAD=max(2, 1 << (c - 1).bit_length()), WHOLE=False, BLOCK_Q=sq, BLOCK_N=sn,
-                             BLOCK_F=sf), pr.same_position_warps(c * k * k, False)))
-    for c in (1, 3):
-        for k in (3, 5, 8, 15, 32):
-            out.append((f"same-position crops (PSPC) C={c} k={k} x=u8", pr._same_position_kernel, SAME_POS_SIG,
-                        dict(K=k, C=c, C_PAD=max(2, 1 << (c - 1).bit_length()), WHOLE=True, BLOCK_Q=sq, BLOCK_N=sn,
-                             BLOCK_F=sf), pr.same_position_warps(c * k * k, True)))
+    for whole, label, ks in ((False, "same-position (LS)", (3, 7, 15)),
+                             (True, "same-position crops (PSPC)", (3, 5, 8, 15, 32))):
+        for c in (1, 3):
+            for k in ks:
+                out.append((f"{label} C={c} k={k} x=u8", pr._same_position_kernel, SAME_POS_SIG,
+                            dict(K=k, C=c, C_PAD=max(2, 1 << (c - 1).bit_length()), WHOLE=whole, BLOCK_Q=sq,
+                                 BLOCK_N=sn, BLOCK_F=sf), pr.same_position_warps(c * k * k, whole)))
     from analytic_diffusion.kernels import coordinate_retrieval as cr
     bm, bn = cr.BLOCKS
     for keys in ("u8", "fp32"):

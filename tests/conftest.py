@@ -56,7 +56,7 @@ def fused(request):
     """(backend name, device) of each fused local-family backend: Triton (the interpreter on CPU), CUDA (the real
     extension on a GPU, else the host emulation of the same sources on CPU tensors)."""
     from types import SimpleNamespace
-    from analytic_diffusion.ops import cuda_backend, triton_backend
+    from analytic_diffusion.ops import triton_backend
     if request.param == "triton":
         if triton_backend.interpreting():
             return SimpleNamespace(name="triton", device=torch.device("cpu"))

@@ -1,8 +1,9 @@
-"""Side-by-side timings of the local family (LS, ELS, bbELS, PSPC, pca_locality) per image per step: the torch reference,
-the fused Triton kernels, the CUDA-extension kernels (all but pca_locality) and, for ELS where it fits, a naive PyTorch version (unfold every training patch, cdist,
-softmax). pca_locality has no patch size (its rows carry k = None) and its torch reference IS the dense-mask
-formulation (a (B·N, D) × (D, D) matmul per σ), so its "× reference" is the gain of the sparse stencils; the row
-records the mask's mean support (inputs per output) that this gain depends on.
+"""Side-by-side timings of the local family (LS, ELS, bbELS, PSPC, pca_locality) per image per step: the torch
+reference, the fused Triton kernels, the CUDA-extension kernels (all but pca_locality) and, for ELS where it fits,
+a naive PyTorch version (unfold every training patch, cdist, softmax). pca_locality has no patch size (its rows
+carry k = None) and its torch reference IS the dense-mask formulation (a (B·N, D) × (D, D) matmul per σ), so its
+"× reference" is the gain of the sparse stencils; the row records the mask's mean support (inputs per output)
+that this gain depends on.
 
 Data: random uint8 training images (N, C, H, W) resident on the device; queries are training images plus noise
 of scale σ. Each timed path is checked against the float64 reference on the first image (``rel_err``).
@@ -60,7 +61,8 @@ def _unavailable(path: str, method: str, device: torch.device) -> Optional[str]:
         return triton_backend.unavailable_reason(device)
     if path == "cuda":
         from ..ops import cuda_backend
-        if method == "pca_locality":
+        from ..ops.local_retrieval import COORDINATE_FUSED_KERNELS
+        if method == "pca_locality" and path not in COORDINATE_FUSED_KERNELS:
             return "no CUDA-extension kernel for pca_locality (Triton only)"
         if device.type != "cuda":
             return f"the CUDA kernels need a CUDA device, got {device}"

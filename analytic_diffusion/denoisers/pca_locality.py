@@ -10,7 +10,8 @@ from typing import Dict, Optional
 
 import torch
 
-from ..ops.local_retrieval import SOFTMAX_MODES, coordinate_retrieval, locality_mask, wiener_filter_matrix
+from ..ops.local_retrieval import (COORDINATE_FUSED_KERNELS, SOFTMAX_MODES, coordinate_retrieval, locality_mask,
+                                   wiener_filter_matrix)
 from .local import check_patch_backend, sigma_key
 from .local_base import LocalDenoiser
 
@@ -54,7 +55,7 @@ class PCALocality(LocalDenoiser):
         if kw.get("patch") is not None:
             raise ValueError("patch: pca_locality has no patch size; its locality comes from the Wiener masks")
         kw.pop("patch", None)
-        check_patch_backend(kw.get("backend", "auto"), self.name, ("auto", "torch", "triton"))
+        check_patch_backend(kw.get("backend", "auto"), self.name, ("auto", "torch") + COORDINATE_FUSED_KERNELS)
         try:
             threshold = float(threshold)
         except (TypeError, ValueError):

@@ -463,6 +463,9 @@ def locality_mask(wiener: torch.Tensor, threshold: float) -> torch.Tensor:
     return M >= threshold * M.max()
 
 
+COORDINATE_FUSED_KERNELS = ("triton",)  # pca_locality's fused kernels (no CUDA-extension one)
+
+
 def coordinate_retrieval(x: torch.Tensor, keys: KeyBank, sigma, mask: torch.Tensor, *, temperature: float = 1.0,
                          query_labels: Optional[torch.Tensor] = None, flips: bool = False,
                          softmax: str = "exact", chunk_size: Optional[int] = None,
@@ -483,7 +486,7 @@ def coordinate_retrieval(x: torch.Tensor, keys: KeyBank, sigma, mask: torch.Tens
 
     ``backend``: ``torch`` (this reference, dense mask matmul), ``triton`` (the fused kernel with the mask as a
     sparse stencil table: work ∝ the mask's nonzeros instead of D², float32) or ``auto`` (Triton for float32 on
-    CUDA). There is no CUDA-extension kernel for it: ``cuda`` is an error.
+    CUDA). There is no CUDA-extension kernel for it (``COORDINATE_FUSED_KERNELS``): ``cuda`` is an error.
     """
     if softmax not in SOFTMAX_MODES:
         raise ValueError(f"softmax: expected one of {', '.join(SOFTMAX_MODES)}, got {softmax!r}")
@@ -500,11 +503,7 @@ def coordinate_retrieval(x: torch.Tensor, keys: KeyBank, sigma, mask: torch.Tens
     mask = mask.to(dev)
     xf = x.reshape(B, D)
     from .patch_retrieval import choose_patch_backend
-    name = choose_patch_backend(backend, x, keys, dtype)[0]
-    if name == "cuda" and backend == "cuda":
-        raise ValueError("backend: pca_locality has no CUDA-extension kernel (its fused kernel is Triton); "
-                         "use 'triton', 'torch' or 'auto'")
-    if name == "triton":
+    if choose_patch_backend(backend, x, keys, dtype, fused=COORDINATE_FUSED_KERNELS)[0] == "triton":
         return _coordinate_retrieval_triton(xf, keys, coef, mask, query_labels, flips, chunk_size, dtype
                                             ).reshape(x.shape)
     item = _item(dtype)

@@ -258,15 +258,19 @@ def patch_softmax_partial(queries: torch.Tensor, keys: KeyBank, sigma, positions
     return state
 
 
-PATCH_BACKENDS = ("auto", "torch", "triton", "cuda")
+FUSED_PATCH_KERNELS = ("triton", "cuda")  # LS, ELS / bbELS, PSPC; pca_locality's coordinate kernel: Triton only
+PATCH_BACKENDS = ("auto", "torch") + FUSED_PATCH_KERNELS
 
 
-def choose_patch_backend(backend: str, queries: torch.Tensor, keys: KeyBank, dtype) -> Tuple[str, str]:
-    """(backend, reason): ``auto`` takes a fused kernel for float32 work on a CUDA device (Triton where it can run,
-    else the CUDA extension where it is built), else the reference. Neither fused kernel has GPU timings yet
-    (bench/RESULTS.md), so the order is a default, not a measured choice."""
-    if backend not in PATCH_BACKENDS:
-        raise ValueError(f"backend: the patch retrieval has backends {', '.join(PATCH_BACKENDS)}, got {backend!r}")
+def choose_patch_backend(backend: str, queries: torch.Tensor, keys: KeyBank, dtype,
+                         fused: Tuple[str, ...] = FUSED_PATCH_KERNELS) -> Tuple[str, str]:
+    """(backend, reason) among ``auto``, ``torch`` and the ``fused`` kernels the caller has. ``auto`` takes a fused
+    kernel for float32 work on a CUDA device (Triton where it can run, else the CUDA extension where it is built
+    and offered), else the reference. Neither fused kernel has GPU timings yet (bench/RESULTS.md), so the order
+    is a default, not a measured choice."""
+    backends = ("auto", "torch") + tuple(fused)
+    if backend not in backends:
+        raise ValueError(f"backend: this retrieval has backends {', '.join(backends)}, got {backend!r}")
     if backend != "auto":
         return backend, "requested"
     if queries.device.type != "cuda":
@@ -276,11 +280,12 @@ def choose_patch_backend(backend: str, queries: torch.Tensor, keys: KeyBank, dty
     from . import cuda_backend
     from .triton_backend import unavailable_reason
     reason = unavailable_reason(queries.device)
-    if reason is None:
+    if "triton" in fused and reason is None:
         return "triton", "CUDA, float32"
-    if cuda_backend.available():
+    if "cuda" in fused and cuda_backend.available():
         return "cuda", f"CUDA, float32 (Triton unavailable: {reason})"
-    return "torch", f"{reason}; {cuda_backend.unavailable_reason()}"
+    missing = reason if "cuda" not in fused else f"{reason}; {cuda_backend.unavailable_reason()}"
+    return "torch", missing
 
 
 # float32 rows whose expanded-form logit error bound exceeds this (nats) are computed in float64 instead.

@@ -4,17 +4,17 @@ per-split partials are combined here in a fixed order. Same semantics as the ref
 :func:`analytic_diffusion.ops.local_retrieval.coordinate_retrieval` (its docstring states the rules)."""
 from __future__ import annotations
 
-import os
 from typing import List, Optional, Tuple
 
 import torch
 
 from .keys import KeyBank
 from .fused_patch import LOG2E, _images
+from .triton_backend import interpreting
 
 # Split the candidates until the grid has this many programs: two waves of an H100's 132 SMs. (Under the CPU
 # interpreter every program costs time, so it gets one split; tests set more to exercise the combine.)
-TARGET_PROGRAMS = 1 if os.environ.get("TRITON_INTERPRET", "0") == "1" else 264
+TARGET_PROGRAMS = 1 if interpreting() else 264
 
 
 def stencil_table(mask: torch.Tensor) -> torch.Tensor:
@@ -82,8 +82,9 @@ def coordinate_mean(x: torch.Tensor, keys: KeyBank, coef: torch.Tensor, mask: to
         pi = _mirror_permutation(keys.image_shape, dev)
         mir = torch.where(stencil >= 0, pi.to(torch.int32)[stencil.clamp_min(0).long()], stencil)
         passes.append((x[:, pi].contiguous(), mir.contiguous(), pi.to(torch.int32), n))
+    from ..kernels.coordinate_retrieval import BLOCKS
     parts, groups = [], []
-    programs = B * -(-D // 32)
+    programs = B * -(-D // BLOCKS[0])  # programs per candidate split
     for xq, st, vidx, offset in passes:
         if chunk_size is None:
             cuts = _even_splits(n, -(-TARGET_PROGRAMS // programs))

@@ -96,11 +96,6 @@ T exchange(T v, int src_lane) {
 
 inline void* dyn_smem() { return blk()->dyn.data(); }
 
-template <class... A>
-struct Tramp {
-  static void (*fn)(A...);
-};
-
 template <class F>
 void launch_impl(dim3 grid, dim3 block, size_t smem, F& body) {
   const int nthreads = block.x * block.y * block.z;
@@ -165,10 +160,6 @@ void launch(void (*kernel)(P...), dim3 grid, dim3 block, size_t smem, cudaStream
   launch_impl(grid, block, smem, body);
 }
 
-struct TidProxy {
-  dim3 get() const { return blk()->cur->tid; }
-};
-
 }  // namespace emu
 
 #define threadIdx (emu::blk()->cur->tid)
@@ -201,7 +192,3 @@ inline unsigned __ballot_sync(unsigned, bool p) {
 inline int __popc(unsigned x) { return __builtin_popcount(x); }
 template <class T>
 T __ldg(const T* p) { return *p; }
-
-extern "C" {
-inline cudaError_t emu_last_error = cudaSuccess;
-}

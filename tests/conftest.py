@@ -20,6 +20,12 @@ def pytest_report_header(config):
     return f"analytic-diffusion test seed: AD_TEST_SEED={SESSION_SEED}"
 
 
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    # `pytest -q` (CI) prints no header: repeat the seed at the end, where a failure's reader looks.
+    if exitstatus != 0:
+        terminalreporter.write_line(f"replay this run's random inputs with AD_TEST_SEED={SESSION_SEED}")
+
+
 @pytest.fixture
 def rng(request):
     """A generator per test, from the session seed and the test's name."""

@@ -225,7 +225,9 @@ def test_shards_combine_exactly(rng, cls):
     combined = den.from_partial(combine_partials(parts), x.shape[0])
     assert rel(combined, full) < 1e-13
     whole = den.partial(x, s, labels)
-    assert torch.allclose(combine_partials(parts).m, whole.m, rtol=1e-13, atol=0)
+    # m is a logit in nats: shards chunk the expanded-form GEMM differently, which rounds logits of size
+    # ‖q‖²/2σ² differently by a few float64 ulps (seen: 3.6e-13 nats), so compare in nats, not relatively.
+    assert float((combine_partials(parts).m - whole.m).abs().max()) < 1e-10
     # Shard (0, 1) holds only a label-0 image: sample 0 (label 1) has no candidate there.
     assert bool(torch.isinf(parts[0].m[:36]).all()) and bool((parts[0].l[:36] == 0).all())
     with pytest.raises(ValueError, match="no allowed candidate"):

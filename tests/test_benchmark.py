@@ -62,12 +62,62 @@ def test_bench_cli_global_and_e2e(tmp_path, capsys):
     assert "precision" in capsys.readouterr().err
 
 
+def test_patch_floor_model():
+    peaks = roofline.DEVICES["H100"]
+    # CIFAR-10 ELS, k = 3, valid candidates: 1024 × 45.0M pairs; exp-bound 11.8 ms (kernel-performance.md §7.3)
+    f = roofline.patch_floor_seconds(1024 * 50000 * 30 * 30, 27, peaks)
+    assert f["exp_mma"] == pytest.approx(11.8e-3, rel=0.01)
+    # k = 15: MMA-bound, 2 · 1024 · 16.2M · (688 + 16) / 790e12 ≈ 29.6 ms; SIMT direct form far above
+    f = roofline.patch_floor_seconds(1024 * 50000 * 18 * 18, 675, peaks)
+    assert f["exp_mma"] == pytest.approx(29.6e-3, rel=0.01) and f["simt"] > 10 * f["exp_mma"]
+    assert roofline.patch_floor_seconds(10, 27, None) is None
+
+
+def test_patch_pair_counts():
+    from analytic_diffusion.data.dataset import Dataset
+    from analytic_diffusion.denoisers import make_denoiser
+    ds = Dataset(torch.zeros(7, 2, 6, 5, dtype=torch.uint8))
+    # ELS: every pixel against every interior patch of every image (×2 with flips)
+    assert make_denoiser("els", ds).pairs_per_image(3) == 30 * (4 * 3) * 7
+    assert make_denoiser("els", ds, flips=True).pairs_per_image(3) == 2 * 30 * 12 * 7
+    # bbELS with k ≥ H: every pixel is a corner (the LS rule, one candidate per image)
+    assert make_denoiser("bbels", ds).pairs_per_image(13) == 30 * 7
+    with pytest.raises(ValueError, match="patch"):
+        make_denoiser("els", ds).pairs_per_image(4)
+
+
+@pytest.mark.parametrize("sigma", [0.05, 0.5, 20.0])
+def test_studio_els_computes_els(rng, sigma):
+    """The studio-style baseline (conv2d over chunks, materialised logits) is the same ELS as ours."""
+    from analytic_diffusion.benchmark.local_bench import studio_chunk, studio_els
+    from analytic_diffusion.data.dataset import Dataset
+    from analytic_diffusion.denoisers import make_denoiser
+    ds = Dataset(torch.randint(0, 256, (7, 2, 6, 5), generator=rng, dtype=torch.uint8))
+    x = ds.images_float(torch.arange(2), torch.float64) + sigma * torch.randn(2, 2, 6, 5, generator=rng,
+                                                                              dtype=torch.float64)
+    for k in (1, 3, 5):
+        ref = make_denoiser("els", ds, dtype=torch.float64, patch=k)(x, sigma)
+        got = studio_els(x, ds.images_float(dtype=torch.float64), k, sigma, chunk=3)  # 3 chunks: 3 + 3 + 1
+        assert rel(got, ref) < 1e-9, k
+    # chunk from memory: 2 · 4 bytes · B · (H−k+1)(W−k+1) · H·W per image, a quarter of memory, at most 512
+    assert studio_chunk(2, (2, 6, 5), 3, 4 * (2 * 4 * 2 * 12 * 30) * 10) == 10
+    assert studio_chunk(1, (3, 32, 32), 3, 1 << 50) == 512 and studio_chunk(64, (3, 32, 32), 3, 1000) == 1
+
+
 def test_bench_local_rows_and_naive_els(tmp_path):
     from analytic_diffusion.benchmark.local_bench import markdown_table as local_table, run_local_bench
     rows = run_local_bench(["ls", "els", "pspc", "pca_locality"], [3], n=20, shape=(1, 6, 6),
-                           paths=["naive", "torch", "triton", "cuda"], sigma=0.5)
+                           paths=["naive", "studio", "torch", "triton", "cuda"], sigma=0.5)
     els_naive = next(r for r in rows if r["method"] == "els" and r["path"] == "naive")
     assert els_naive["rel_err"] < 1e-4  # the naive baseline computes the same ELS
+    els_studio = next(r for r in rows if r["method"] == "els" and r["path"] == "studio")
+    assert els_studio["rel_err"] < 1e-4 and els_studio["studio_chunk"] == 20
+    assert "written for ELS only" in next(r for r in rows if r["method"] == "ls" and r["path"] == "studio")["skipped"]
+    assert "training images per conv2d chunk" in local_table(rows)
+    with pytest.raises(ValueError, match="paths"):
+        run_local_bench(["els"], [3], n=4, shape=(1, 6, 6), paths=["torch", "cudnn"])
+    els_torch = next(r for r in rows if r["method"] == "els" and r["path"] == "torch")
+    assert els_torch["pairs_per_image"] == 36 * 16 * 20 and "floor_ms" not in els_torch  # no floor on a CPU
     assert all(r["rel_err"] < 1e-4 for r in rows if "seconds" in r)
     assert "interpreter" in next(r for r in rows if r["path"] == "triton")["skipped"]
     assert "CUDA device" in next(r for r in rows if r["path"] == "cuda" and r["method"] == "ls")["skipped"]

@@ -1,9 +1,15 @@
 """Side-by-side timings of the local family (LS, ELS, bbELS, PSPC, pca_locality) per image per step: the torch
-reference, the fused Triton kernels, the CUDA-extension kernels (all but pca_locality) and, for ELS where it fits,
-a naive PyTorch version (unfold every training patch, cdist, softmax). pca_locality has no patch size (its rows
-carry k = None) and its torch reference IS the dense-mask formulation (a (B·N, D) × (D, D) matmul per σ), so its
-"× reference" is the gain of the sparse stencils; the row records the mask's mean support (inputs per output)
-that this gain depends on.
+reference, the fused Triton kernels, the CUDA-extension kernels (all but pca_locality) and, for ELS, two PyTorch
+baselines: ``naive`` (unfold every training patch, cdist, softmax; where it fits) and ``studio`` (the Analytic
+Diffusion Studio's els_machine formulation: per chunk of training images one conv2d with every patch of the
+chunk as a filter, logits and weights materialised, online softmax across chunks). pca_locality has no patch size
+(its rows carry k = None) and its torch reference IS the dense-mask formulation (a (B·N, D) × (D, D) matmul per
+σ), so its "× reference" is the gain of the sparse stencils; the row records the mask's mean support (inputs per
+output) that this gain depends on.
+
+ELS / bbELS rows on a GPU with known peaks carry the exp / MMA roofline floor per image per step
+(:func:`~analytic_diffusion.benchmark.roofline.patch_floor_seconds`, kernel-performance.md §7.3) and the floor of
+the fused kernels' own math (direct distances on CUDA cores), from the method's exact pair count.
 
 Data: random uint8 training images (N, C, H, W) resident on the device; queries are training images plus noise
 of scale σ. Each timed path is checked against the float64 reference on the first image (``rel_err``).
@@ -19,9 +25,12 @@ import torch.nn.functional as F
 from ..data import Dataset
 from ..denoisers import make_denoiser
 from .global_bench import available_memory, time_call
+from .roofline import device_peaks, patch_floor_seconds
 
 METHODS = ("ls", "els", "bbels", "pspc", "pca_locality")
-PATHS = ("naive", "torch", "triton", "cuda")
+PATHS = ("naive", "studio", "torch", "triton", "cuda")
+# The studio's default chunk of training images per conv2d (its logits: B·K·(H−k+1)(W−k+1)·H·W floats).
+STUDIO_CHUNK = 512
 
 
 def naive_els(x: torch.Tensor, images_float: torch.Tensor, k: int, sigma: float) -> torch.Tensor:
@@ -33,6 +42,42 @@ def naive_els(x: torch.Tensor, images_float: torch.Tensor, k: int, sigma: float)
     q = F.unfold(F.pad(x, (d, d, d, d), mode="circular"), k).transpose(1, 2).reshape(-1, c * k * k)
     wts = torch.softmax(-torch.cdist(q, keys) ** 2 / (2 * sigma * sigma), dim=1)
     return (wts @ centres).reshape(b, h, w, c).permute(0, 3, 1, 2)
+
+
+def studio_chunk(batch: int, shape, k: int, memory: int) -> int:
+    """Training images per studio chunk: its default 512, fewer when the materialised logits and weights
+    (2 · B·K·L·H·W floats, L = interior positions) would take more than a quarter of ``memory``."""
+    c, h, w = shape
+    per_image = 2 * 4 * batch * (h - k + 1) * (w - k + 1) * h * w
+    return int(max(1, min(STUDIO_CHUNK, memory // 4 // per_image)))
+
+
+def studio_els(x: torch.Tensor, images_float: torch.Tensor, k: int, sigma: float, chunk: int) -> torch.Tensor:
+    """ELS in the style of the studio's els_machine (peer-analytic-diffusion-studio.md §1.6), fp32: for each
+    chunk of training images, every interior k×k patch becomes a conv2d filter over the circularly padded
+    queries; ‖q‖² − 2⟨q, y⟩ + ‖y‖² gives logits (B, K·L, H, W), materialised with their weights; a running max
+    with rescaling carries the softmax across chunks; values are the patches' centre pixels."""
+    b, c, h, w = x.shape
+    d = k // 2
+    xp = F.pad(x, (d, d, d, d), mode="circular")
+    qn = F.conv2d(xp * xp, torch.ones(1, c, k, k, dtype=x.dtype, device=x.device))  # (B, 1, H, W)
+    coef = 1.0 / (2.0 * sigma * sigma)
+    m = torch.full((b, 1, h, w), float("-inf"), dtype=x.dtype, device=x.device)
+    l = torch.zeros_like(m)
+    o = torch.zeros_like(x)
+    for s in range(0, images_float.shape[0], chunk):
+        imgs = images_float[s:s + chunk]
+        filters = F.unfold(imgs, k).transpose(1, 2).reshape(-1, c, k, k)  # (K·L, C, k, k), image-major
+        yn = (filters * filters).sum((1, 2, 3))
+        centres = imgs[:, :, d:h - d, d:w - d].permute(0, 2, 3, 1).reshape(-1, c)  # same (image, position) order
+        z = -coef * (qn - 2.0 * F.conv2d(xp, filters) + yn.view(1, -1, 1, 1))  # (B, K·L, H, W)
+        m_new = torch.maximum(m, z.amax(1, keepdim=True))
+        a = torch.exp(m - m_new)
+        p = torch.exp(z - m_new)
+        l = l * a + p.sum(1, keepdim=True)
+        o = o * a + torch.einsum("bjhw,jc->bchw", p, centres)
+        m = m_new
+    return o / l
 
 
 def _random_images(n: int, shape, seed: int, smooth: bool) -> torch.Tensor:
@@ -52,8 +97,8 @@ def _random_images(n: int, shape, seed: int, smooth: bool) -> torch.Tensor:
 
 
 def _unavailable(path: str, method: str, device: torch.device) -> Optional[str]:
-    if path == "naive":
-        return None if method == "els" else "naive baseline written for ELS only"
+    if path in ("naive", "studio"):
+        return None if method == "els" else f"{path} baseline written for ELS only"
     if path == "triton":
         from ..ops import triton_backend
         if device.type == "cpu" and triton_backend.interpreting():
@@ -73,7 +118,12 @@ def _unavailable(path: str, method: str, device: torch.device) -> Optional[str]:
 def run_local_bench(methods: Iterable[str], ks: Iterable[int], *, n: int, shape=(3, 32, 32), batch: int = 1,
                     paths: Iterable[str] = PATHS, sigma: float = 1.0, device="cpu", repeats: int = 1, seed: int = 0,
                     progress: Optional[Callable] = None) -> List[Dict]:
+    paths = list(paths)
+    unknown = [p for p in paths if p not in PATHS]
+    if unknown:
+        raise ValueError(f"paths: expected some of {', '.join(PATHS)}, got {', '.join(map(repr, unknown))}")
     dev = torch.device(device)
+    peaks = device_peaks(dev)
     rows: List[Dict] = []
     for method in methods:
         if method not in METHODS:
@@ -92,6 +142,12 @@ def run_local_bench(methods: Iterable[str], ks: Iterable[int], *, n: int, shape=
             if method == "pca_locality":
                 extra["mean_support"] = float(ref_den.mask_for(sigma).sum(0).double().mean())
                 extra["threshold"] = opts["threshold"]
+            if method in ("els", "bbels"):
+                extra["pairs_per_image"] = ref_den.pairs_per_image(k)
+                floors = patch_floor_seconds(extra["pairs_per_image"], shape[0] * k * k, peaks)
+                if floors is not None:
+                    extra["floor_ms"] = 1e3 * floors["exp_mma"]
+                    extra["floor_simt_ms"] = 1e3 * floors["simt"]
             for path in paths:
                 row = {"method": method, "k": k, "N": n, "shape": list(shape), "B": batch, "path": path,
                        "device": str(dev), **extra}
@@ -107,6 +163,11 @@ def run_local_bench(methods: Iterable[str], ks: Iterable[int], *, n: int, shape=
                 if path == "naive":
                     yf = ds.images_float()
                     run = (lambda: naive_els(x, yf, k, sigma))
+                elif path == "studio":
+                    yf = ds.images_float()
+                    chunk = min(n, studio_chunk(batch, shape, k, available_memory(dev)))
+                    row["studio_chunk"] = chunk
+                    run = (lambda: studio_els(x, yf, k, sigma, chunk))
                 else:
                     den = make_denoiser(method, ds, backend=path, **opts)
                     run = (lambda: den(x, sigma))
@@ -114,6 +175,8 @@ def run_local_bench(methods: Iterable[str], ks: Iterable[int], *, n: int, shape=
                 row["rel_err"] = float((out[:1].double().cpu() - ref.cpu()).norm() / ref.norm())
                 row["seconds"] = time_call(run, dev, repeats)
                 row["ms_per_image_step"] = 1e3 * row["seconds"] / batch
+                if "floor_ms" in row:
+                    row["x_floor"] = row["ms_per_image_step"] / row["floor_ms"]
                 rows.append(row)
                 if progress is not None:
                     progress(row)
@@ -128,19 +191,24 @@ def run_local_bench(methods: Iterable[str], ks: Iterable[int], *, n: int, shape=
 def _note(row: Dict) -> str:
     if "skipped" in row:
         return row["skipped"]
-    if "mean_support" not in row:
-        return ""
-    return f"θ = {row['threshold']}: mask support {row['mean_support']:.1f} of {math.prod(row['shape'])}"
+    if "mean_support" in row:
+        return f"θ = {row['threshold']}: mask support {row['mean_support']:.1f} of {math.prod(row['shape'])}"
+    if "studio_chunk" in row:
+        return f"{row['studio_chunk']} training images per conv2d chunk"
+    return ""
+
+
+def _fmt(v, spec: str) -> str:
+    return "" if v is None else format(v, spec)
 
 
 def markdown_table(rows: List[Dict]) -> str:
-    lines = ["| method | k | N | B | path | ms per image per step | × reference | rel. err | note |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| method | k | N | B | path | ms per image per step | × reference | floor ms (exp/MMA) | × floor | "
+             "SIMT floor ms | rel. err | note |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        ms = r.get("ms_per_image_step")
-        sp = r.get("speedup_vs_reference")
-        err = r.get("rel_err")
         lines.append(f"| {r['method']} | {r['k']} | {r['N']} | {r['B']} | {r['path']} | "
-                     f"{'' if ms is None else format(ms, '.4g')} | {'' if sp is None else format(sp, '.2f')} | "
-                     f"{'' if err is None else format(err, '.1e')} | {_note(r)} |")
+                     f"{_fmt(r.get('ms_per_image_step'), '.4g')} | {_fmt(r.get('speedup_vs_reference'), '.2f')} | "
+                     f"{_fmt(r.get('floor_ms'), '.3g')} | {_fmt(r.get('x_floor'), '.2f')} | "
+                     f"{_fmt(r.get('floor_simt_ms'), '.3g')} | {_fmt(r.get('rel_err'), '.1e')} | {_note(r)} |")
     return "\n".join(lines)

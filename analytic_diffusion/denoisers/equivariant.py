@@ -47,6 +47,13 @@ class _PatchScore(LocalDenoiser):
         """[(query pixel centres (P_q, 2), candidate centres (P_c, 2))] covering every pixel once."""
         raise NotImplementedError
 
+    def pairs_per_image(self, k: int) -> int:
+        """(query pixel, candidate patch) pairs one output image costs at patch size k: one distance and one
+        exponential each (flips double the candidates). The unit of the exp / MMA roofline floors."""
+        self._check_patch(k)
+        per_train_image = sum(q.shape[0] * c.shape[0] for q, c in self._groups(k))
+        return per_train_image * self.num_candidates
+
     # -- machinery --------------------------------------------------------------------------------------
     def _pad(self, x: torch.Tensor, k: int) -> torch.Tensor:
         d = k // 2

@@ -57,12 +57,16 @@ def emulated_cuda(tmp_path_factory):
     return build.build(str(tmp_path_factory.mktemp("cuda_emu")))
 
 
-@pytest.fixture(params=["triton", "cuda"])
+@pytest.fixture(params=["triton", "cuda", "cpu"])
 def fused(request):
     """(backend name, device) of each fused local-family backend: Triton (the interpreter on CPU), CUDA (the real
-    extension on a GPU, else the host emulation of the same sources on CPU tensors)."""
+    extension on a GPU, else the host emulation of the same sources on CPU tensors), and the C++ CPU kernel."""
     from types import SimpleNamespace
-    from analytic_diffusion.ops import triton_backend
+    from analytic_diffusion.ops import cpu_backend, triton_backend
+    if request.param == "cpu":
+        if not cpu_backend.available():
+            pytest.fail("the C++ extension analytic_diffusion._cpu is not built (pip install -e .)")
+        return SimpleNamespace(name="cpu", device=torch.device("cpu"))
     if request.param == "triton":
         if triton_backend.interpreting():
             return SimpleNamespace(name="triton", device=torch.device("cpu"))

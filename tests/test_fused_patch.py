@@ -16,7 +16,7 @@ from analytic_diffusion.denoisers import make_denoiser  # noqa: E402
 from analytic_diffusion.ops import KeyBank  # noqa: E402
 from analytic_diffusion.ops import triton_backend as T  # noqa: E402
 from analytic_diffusion.ops.patch_retrieval import choose_patch_backend, patch_softmax_partial  # noqa: E402
-from reference import rel  # noqa: E402
+from reference import check_patch_contract, rel  # noqa: E402
 
 if T.unavailable_reason(torch.device("cpu") if T.interpreting() else torch.device("cuda")) is not None:
     pytest.skip("Triton kernels need a CUDA device or TRITON_INTERPRET=1", allow_module_level=True)
@@ -27,9 +27,10 @@ DEVICE = torch.device("cpu") if T.interpreting() else torch.device("cuda")
 @pytest.fixture(autouse=True)
 def poisoned(monkeypatch):
     from analytic_diffusion.kernels import global_retrieval
-    from analytic_diffusion.ops import cuda_backend
+    from analytic_diffusion.ops import cpu_backend, cuda_backend
     monkeypatch.setattr(global_retrieval, "poison_outputs", True)
     monkeypatch.setattr(cuda_backend, "poison_outputs", True)
+    monkeypatch.setattr(cpu_backend, "poison_outputs", True)
 
 
 def bank(rng, n, c, h, w, labels=None, dtype=torch.uint8):
@@ -113,11 +114,13 @@ def test_bbels_on_mnist_with_flips(fused, rng):
 def test_backend_choice_and_errors(rng):
     kb = bank(rng, 4, 1, 4, 4)
     q = torch.rand(2, 9, generator=rng)
-    assert choose_patch_backend("auto", q, kb, torch.float32)[0] == "torch"  # CPU tensors: the reference
+    assert choose_patch_backend("auto", q, kb, torch.float32)[0] == "cpu"  # CPU tensors, float32: the C++ kernel
+    assert choose_patch_backend("auto", q, kb, torch.float64)[0] == "torch"  # float64: the reference
+    assert choose_patch_backend("auto", q, kb, torch.float32, fused=("triton",))[0] == "torch"  # not offered
     with pytest.raises(ValueError, match="backend"):
-        choose_patch_backend("cpu", q, kb, torch.float32)
+        choose_patch_backend("cudnn", q, kb, torch.float32)
     with pytest.raises(ValueError, match="backend"):
-        make_denoiser("els", Dataset(torch.zeros(3, 1, 4, 4, dtype=torch.uint8)), patch=3, backend="cpu")
+        make_denoiser("els", Dataset(torch.zeros(3, 1, 4, 4, dtype=torch.uint8)), patch=3, backend="cudnn")
     with pytest.raises(ValueError, match="dtype"):
         patch_softmax_partial(q.to(DEVICE).double(), on_device(kb), 0.5, torch.tensor([[1, 1]], device=DEVICE), 3,
                               dtype=torch.float64, backend="triton")
@@ -180,51 +183,13 @@ def test_split_count_bounds_the_partials():
 
 
 def test_cuda_patch_kernel_contract(cuda_fused, rng):
-    """The CUDA kernel's partials directly (the contract the driver shares with Triton): poisoned outputs; several
-    candidate tiles per split and a partial last tile; R not a multiple of the query block; one query row per CTA
-    for a 3×32×32 whole-crop patch (the largest PSPC crop of CIFAR-10 shapes)."""
+    """The CUDA kernel's partials directly (the contract the driver shares with Triton and the C++ kernel, see
+    reference.patch_contract_cases): poisoned outputs; several candidate tiles per split and a partial last tile;
+    R not a multiple of the query block; one query row per CTA for a 3×32×32 whole-crop patch (the largest PSPC
+    crop of CIFAR-10 shapes)."""
     from analytic_diffusion.ops import cuda_backend
-    from analytic_diffusion.ops.fused_patch import LOG2E, _finish
-    from analytic_diffusion.ops.patch_retrieval import interior_positions
-    dev = cuda_fused.device
     assert cuda_backend._cuda.patch_query_block(2, 3, 32) == 1 and cuda_backend._cuda.patch_query_block(0, 1, 3) == 8
-    cases = [("shared", 1, 9, 9, 3, 11, 300), ("same_centre", 3, 6, 5, 5, 13, 150), ("same_whole", 2, 7, 6, 4, 5, 300),
-             ("same_whole", 3, 32, 32, 32, 2, 3)]
-    for rule, c, h, w, k, R, n in cases:
-        imgs = torch.randint(0, 256, (n, c, h, w), generator=rng, dtype=torch.uint8)
-        if rule == "shared":
-            pos = interior_positions(h, w, k)
-        else:
-            pos = torch.stack([torch.randint(0, h, (R,), generator=rng), torch.randint(0, w, (R,), generator=rng)], 1)
-            if k == h == w:
-                pos[:] = k // 2  # the one crop position of a k = H = W crop
-        idx = torch.randperm(n, generator=rng)[: n - 1].to(torch.int32)  # not every image, not in order
-        sigma = torch.tensor([1e-3, 0.5, 1e3] * R)[:R].double()
-        coef = 1.0 / (2 * sigma * sigma)
-        kb = KeyBank(imgs.reshape(n, -1), 2 / 255, -1.0, image_shape=(c, h, w))
-        # float64 oracle: every candidate patch cut from the zero-padded images; queries near one of them (the
-        # regime samplers visit; noise capped at 2), so that the fp32 logits are well conditioned at every σ
-        y = imgs.double()[idx.long()] * kb.scale + kb.shift
-        pad = torch.nn.functional.pad(y, (k // 2,) * 4)
-        cands, vals = [], []
-        for r in range(R):
-            centres = (pos if rule == "shared" else pos[r:r + 1]).tolist()
-            cands.append(torch.stack([pad[:, :, a:a + k, b:b + k] for a, b in centres], 1).reshape(-1, c * k * k))
-            vals.append(cands[-1] if rule == "same_whole" else
-                        torch.stack([y[:, :, a, b] for a, b in centres], 1).reshape(-1, c))
-        q = torch.stack([cd[torch.randint(0, cd.shape[0], (1,), generator=rng)].squeeze(0) for cd in cands])
-        q = (q + sigma.clamp(max=2.0)[:, None] * torch.randn(q.shape, generator=rng, dtype=torch.float64)).float()
-        splits = 2 if rule != "same_whole" else 1  # 150 candidates per split or more: several tiles
-        got = _finish(*cuda_backend.patch_partials(
-            q.to(dev), imgs.to(dev), idx.to(dev), pos.to(torch.int32).to(dev), (coef * LOG2E).float().to(dev),
-            k=k, scale=kb.scale, shift=kb.shift, splits=splits, rule=rule))
-        assert torch.isfinite(got.o).all() and torch.isfinite(got.l).all()
-        for r in range(R):
-            z = -coef[r] * ((q[r].double() - cands[r]) ** 2).sum(1)
-            ref = torch.softmax(z, 0) @ vals[r]
-            assert torch.allclose((got.o[r] / got.l[r]).cpu().double(), ref, rtol=1e-4, atol=1e-5), (rule, r)
-            # the max logit carries the fp32 rounding of y = u·scale + shift: ~coef·|q − y|·6e-8 per value
-            assert abs(float(got.m[r]) - float(z.max())) <= 2e-3 * max(1.0, abs(float(z.max()))), (rule, r)
+    check_patch_contract(rng, cuda_backend.patch_partials, cuda_fused.device)
 
 
 def test_cuda_patch_kernel_argument_errors(cuda_fused):

@@ -15,8 +15,8 @@ Both estimate each output pixel p by its own softmax over training *patches* (me
   every pixel a corner, i.e. LS.
 
 Both run on :func:`analytic_diffusion.ops.patch_retrieval.patch_softmax_partial`: the exact torch reference
-(chunked, online softmax, memory bounded) or, with ``backend="triton"`` / ``"cuda"`` (``auto`` on CUDA), the
-fused implicit-im2col kernels. :meth:`partial` returns the per-pixel partial state over a shard
+(chunked, online softmax, memory bounded) or, with ``backend="triton"`` / ``"cuda"`` / ``"cpu"`` (``auto`` for
+float32 work), the fused implicit-im2col kernels. :meth:`partial` returns the per-pixel partial state over a shard
 [start, stop) of the stored images, so that shards combine exactly (:meth:`from_partial` finishes).
 """
 from __future__ import annotations

@@ -33,8 +33,8 @@ def sigma_key(sigma: float) -> float:
 
 
 def check_patch_backend(backend: str, name: str, backends=PATCH_BACKENDS) -> None:
-    """LS, ELS, bbELS and PSPC run on the torch reference or the fused Triton / CUDA kernels; pca_locality passes
-    its own list (no CUDA-extension kernel)."""
+    """LS, ELS, bbELS and PSPC run on the torch reference or the fused Triton / CUDA / C++ CPU kernels;
+    pca_locality passes its own list (Triton only)."""
     if backend not in backends:
         raise ValueError(f"backend: {name} runs on {', '.join(backends)}, got {backend!r}")
 
@@ -100,8 +100,8 @@ class PSPC(LocalDenoiser):
     paper's schedule uses 32 = H), a ``{σ: k}`` dict, a :class:`PatchSchedule` or a preset name. Default: the
     paper's CIFAR-10 schedule (32, …, 23, 15, 11, 7, 5, 3, …) on the 18-step Karras grid with sizes clipped to
     min(H, W). ``flips`` defaults to True as in the paper (``None`` means True here; pass False to turn it off).
-    k = H = W equals ``optimal`` with the same flips. ``backend``: ``auto`` (a fused kernel for float32 on CUDA,
-    else the reference), ``torch``, ``triton`` or ``cuda``.
+    k = H = W equals ``optimal`` with the same flips. ``backend``: ``auto`` (a fused kernel for float32: the C++
+    one on CPU, Triton / CUDA on a GPU; else the reference), ``torch``, ``triton``, ``cuda`` or ``cpu``.
     """
 
     name = "pspc"

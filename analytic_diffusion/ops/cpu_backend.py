@@ -4,6 +4,10 @@ Tensors cross as NumPy views (zero copy for contiguous CPU tensors). The kernels
 Σ (q − y)² (no cancellation), stream the candidates with an online softmax in the query's precision, split
 the candidates into a fixed number of segments independent of the thread count and combine them in order,
 so the result does not depend on how many threads ran it.
+
+Global retrieval: :func:`softmax_partial`, :func:`knn`. The local family's patch softmax (ELS / bbELS, LS, PSPC):
+:func:`patch_partials`, the same per-split contract as the Triton and CUDA patch kernels, driven by
+:mod:`analytic_diffusion.ops.fused_patch`.
 """
 from __future__ import annotations
 
@@ -72,3 +76,39 @@ def knn(q: torch.Tensor, keys: KeyBank, k: int, *, query_labels=None, dtype: tor
     d, i = ext.knn_search(_np(q.to(dtype)), _np(keys.values), float(keys.scale), float(keys.shift), int(k),
                           _np(keys.labels), _np(query_labels), num_threads())
     return torch.from_numpy(d), torch.from_numpy(i)
+
+
+PATCH_RULES = {"shared": 0, "same_centre": 1, "same_whole": 2}
+poison_outputs = False  # tests: patch_partials fills its outputs with NaN before every call
+
+
+def patch_partials(q: torch.Tensor, images: torch.Tensor, image_index: torch.Tensor, positions: torch.Tensor,
+                   coef2: torch.Tensor, *, k: int, scale: float, shift: float, splits: int, rule: str,
+                   poison: Optional[bool] = None):
+    """Per-split partials (m base 2, l, l2 (S, R); o (S, R, V)) of the patch softmax on the C++ CPU kernel: the same
+    contract as :func:`analytic_diffusion.kernels.patch_retrieval.patch_partials` (rule ``shared``) and
+    ``same_position_partials`` (``same_centre``; ``same_whole`` = ``whole=True``), so one driver combines all three.
+
+    q (R, C·k²) float32; images (N, C, H, W) uint8/float32; image_index (n,) int32; positions (P, 2) or (R, 2)
+    int32; coef2 (R,) float32 base 2; all on the CPU. ``poison=True`` (tests; None: the module's ``poison_outputs``)
+    fills the outputs with NaN first: the kernel must write all of them.
+    """
+    ext = _require()
+    if rule not in PATCH_RULES:
+        raise ValueError(f"rule: expected one of {', '.join(PATCH_RULES)}, got {rule!r}")
+    tensors = {"q": q, "images": images, "image_index": image_index, "positions": positions, "coef2": coef2}
+    off_cpu = [f"{name} on {t.device}" for name, t in tensors.items() if t.device.type != "cpu"]
+    if off_cpu:
+        raise ValueError("backend 'cpu': the patch kernel needs every operand on the CPU, got " + ", ".join(off_cpu))
+    _, C, H, W = images.shape
+    R = q.shape[0]
+    S = int(ext.patch_num_splits(image_index.numel(), int(splits)))
+    V = C * k * k if rule == "same_whole" else C
+    fill = float("nan") if (poison_outputs if poison is None else poison) else 0.0
+    m = torch.full((S, R), fill, dtype=torch.float32)
+    l, l2 = torch.full_like(m, fill), torch.full_like(m, fill)
+    o = torch.full((S, R, V), fill, dtype=torch.float32)
+    ext.patch_partials(_np(q), _np(images), _np(image_index), _np(positions), _np(coef2), int(k), float(scale),
+                       float(shift), int(splits), PATCH_RULES[rule], num_threads(), m.numpy(), l.numpy(),
+                       l2.numpy(), o.numpy())
+    return m, l, l2, o

@@ -1,8 +1,8 @@
-"""Backends ``triton`` and ``cuda`` of the patch softmax (ELS / bbELS, LS, PSPC): one driver for both fused
-kernels (``kernels.patch_retrieval`` and csrc/cuda/patch_retrieval.cu, which share one partial-state contract). It
-runs the kernel per label group and mirror pass and combines the per-split partials in a fixed order. Same
-semantics as the reference :func:`analytic_diffusion.ops.patch_retrieval.patch_softmax_partial` (its docstring
-states the rules)."""
+"""Backends ``triton``, ``cuda`` and ``cpu`` of the patch softmax (ELS / bbELS, LS, PSPC): one driver for the three
+fused kernels (``kernels.patch_retrieval``, csrc/cuda/patch_retrieval.cu and csrc/cpu/patch_*.{h,cpp}, which share
+one partial-state contract). It runs the kernel per label group and mirror pass and combines the per-split
+partials in a fixed order. Same semantics as the reference
+:func:`analytic_diffusion.ops.patch_retrieval.patch_softmax_partial` (its docstring states the rules)."""
 from __future__ import annotations
 
 import functools
@@ -56,12 +56,15 @@ def _finish(m2, l, l2, o) -> PartialState:
 
 def _launcher(backend: str, per_row: bool, whole: bool):
     """The kernel launch (q, images, image_index, positions, coef2, *, k, scale, shift, splits) -> partials."""
+    rule = "same_whole" if whole else ("same_centre" if per_row else "shared")
     if backend == "cuda":
         from . import cuda_backend
-        rule = "same_whole" if whole else ("same_centre" if per_row else "shared")
         return functools.partial(cuda_backend.patch_partials, rule=rule)
+    if backend == "cpu":
+        from . import cpu_backend
+        return functools.partial(cpu_backend.patch_partials, rule=rule)
     if backend != "triton":
-        raise ValueError(f"backend: the fused patch driver runs 'triton' or 'cuda', got {backend!r}")
+        raise ValueError(f"backend: the fused patch driver runs 'triton', 'cuda' or 'cpu', got {backend!r}")
     from ..kernels import patch_retrieval
     if per_row:
         return functools.partial(patch_retrieval.same_position_partials, whole=whole)
@@ -84,7 +87,7 @@ def patch_partial(queries: torch.Tensor, keys: KeyBank, coef64: torch.Tensor, po
     ``positions``: candidate centres shared by every row (ELS / bbELS), or with ``per_row`` one centre per query
     row, its own pixel (LS: the same-position rule). A centre is the window's top-left corner + k // 2 (also for
     an even k). ``whole`` (with ``per_row``): the value is the whole C·k² patch, o is (Q, C·k²) (PSPC).
-    ``backend``: ``triton`` or ``cuda``, the fused kernel that computes the partials.
+    ``backend``: ``triton``, ``cuda`` or ``cpu``, the fused kernel that computes the partials.
     """
     dev = queries.device
     c, h, w = keys.image_shape

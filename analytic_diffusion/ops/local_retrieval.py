@@ -185,8 +185,9 @@ def local_score(x: torch.Tensor, keys: KeyBank, sigma, *, patch: int, temperatur
     """LS (Kamb & Ganguli): per pixel p, softmax over the N (± mirrored) images of −Σ_{q ∈ win_k(p)} ‖x(q) − y_j(q)‖²
     / (2σ²T), window positions outside the image adding 0; value y_j(p) (all C channels).
 
-    ``backend``: ``torch`` (this reference: box-summed squared-difference maps), ``triton`` or ``cuda`` (the fused
-    same-position patch kernels, direct distances, float32) or ``auto`` (a fused kernel for float32 on CUDA).
+    ``backend``: ``torch`` (this reference: box-summed squared-difference maps), ``triton``, ``cuda`` or ``cpu``
+    (the fused same-position patch kernels, direct distances, float32) or ``auto`` (a fused kernel for float32:
+    the C++ one on CPU, Triton / CUDA on a GPU).
 
     ``patch`` is any odd k ≥ 1; k ≥ 2·max(H, W) − 1 covers the whole image from every pixel (= the optimal
     denoiser), larger k is the same. Returns the (B, C, H, W) posterior mean, or with ``return_partial`` a
@@ -271,9 +272,9 @@ def pspc_square(x: torch.Tensor, keys: KeyBank, sigma, *, patch: int, temperatur
     softmax state (max, normaliser) of every crop; pass 2 forms the normalised weights w_j(c) and spreads them onto
     the pixels (Σ_{c ∋ q} w_j(c), a transposed box sum), so that out(q) = Σ_j y_j(q)·Σ_{c ∋ q} w_j(c) / #{c ∋ q}.
 
-    ``backend``: ``torch`` (this reference), ``triton`` or ``cuda`` (every crop of every sample in one launch of the
-    fused same-position kernel with whole-crop values, direct distances, float32; the overlap average is a fold)
-    or ``auto`` (a fused kernel for float32 on CUDA).
+    ``backend``: ``torch`` (this reference), ``triton``, ``cuda`` or ``cpu`` (every crop of every sample in one
+    launch of the fused same-position kernel with whole-crop values, direct distances, float32; the overlap average
+    is a fold) or ``auto`` (a fused kernel for float32: the C++ one on CPU, Triton / CUDA on a GPU).
     """
     x, coef, query_labels, dtype = _prepare(x, keys, sigma, temperature, query_labels, flips, dtype)
     B, C, H, W = x.shape

@@ -173,8 +173,9 @@ def patch_softmax_partial(queries: torch.Tensor, keys: KeyBank, sigma, positions
                           backend: str = "auto") -> PartialState:
     """Partial state (rows = query rows, o = (Q, C)) of the patch softmax over stored images start:stop.
 
-    ``backend``: ``torch`` (this reference), ``triton`` or ``cuda`` (the fused implicit-im2col kernels: direct
-    distances, exact at every σ, float32 only) or ``auto`` (see :func:`choose_patch_backend`).
+    ``backend``: ``torch`` (this reference), ``triton``, ``cuda`` or ``cpu`` (the fused implicit-im2col kernels:
+    direct distances in float32, no cancellation; at very low σ their logits carry float32 rounding of the order
+    of the input's own, see tests/reference.float32_tolerance) or ``auto`` (see :func:`choose_patch_backend`).
 
     ``queries`` (Q, C·k²) float patches; ``sigma`` a scalar or (Q,) per row; ``positions`` (P, 2) candidate
     centres (row, col) in image coordinates, patches of the training images zero-padded by k//2 (interior
@@ -213,13 +214,13 @@ def patch_softmax_partial(queries: torch.Tensor, keys: KeyBank, sigma, positions
         query_labels = torch.as_tensor(query_labels, device=dev).long().reshape(-1)
         if query_labels.shape != (Q,):
             raise ValueError(f"query_labels: expected shape ({Q},), got {tuple(query_labels.shape)}")
+    budget = effective_budget(memory_budget)  # validated whichever backend runs
     name, _ = choose_patch_backend(backend, queries, keys, dtype)
     if name != "torch":
         from . import fused_patch
         fused_patch.require_fused_inputs(queries, keys, dtype, "patch", name)
         return fused_patch.patch_partial(queries, keys, coef64, positions, k, query_labels=query_labels,
                                          flips=flips, start=int(start), stop=stop, backend=name)
-    budget = effective_budget(memory_budget)
     cvec = channel_center(keys, k, torch.float64).to(dev)
     positions = positions.to(dev)
     mirrored_pos = torch.stack([positions[:, 0], w - 1 - positions[:, 1]], 1)
@@ -258,25 +259,32 @@ def patch_softmax_partial(queries: torch.Tensor, keys: KeyBank, sigma, positions
     return state
 
 
-FUSED_PATCH_KERNELS = ("triton", "cuda")  # LS, ELS / bbELS, PSPC; pca_locality's coordinate kernel: Triton only
+# LS, ELS / bbELS, PSPC; pca_locality's coordinate kernel: Triton only
+FUSED_PATCH_KERNELS = ("triton", "cuda", "cpu")
 PATCH_BACKENDS = ("auto", "torch") + FUSED_PATCH_KERNELS
 
 
 def choose_patch_backend(backend: str, queries: torch.Tensor, keys: KeyBank, dtype,
                          fused: Tuple[str, ...] = FUSED_PATCH_KERNELS) -> Tuple[str, str]:
     """(backend, reason) among ``auto``, ``torch`` and the ``fused`` kernels the caller has. ``auto`` takes a fused
-    kernel for float32 work on a CUDA device (Triton where it can run, else the CUDA extension where it is built
-    and offered), else the reference. Neither fused kernel has GPU timings yet (bench/RESULTS.md), so the order
-    is a default, not a measured choice."""
+    kernel for float32 work on uint8 / float32 data: on a CUDA device Triton where it can run, else the CUDA
+    extension where it is built and offered; on the CPU the C++ kernel where it is offered (faster than the
+    reference at every shape measured, bench/RESULTS.md); else the reference. The GPU order is a default: neither
+    GPU kernel has timings yet."""
     backends = ("auto", "torch") + tuple(fused)
     if backend not in backends:
         raise ValueError(f"backend: this retrieval has backends {', '.join(backends)}, got {backend!r}")
     if backend != "auto":
         return backend, "requested"
-    if queries.device.type != "cuda":
-        return "torch", f"device {queries.device.type}: the fused patch kernels run on CUDA"
     if dtype != torch.float32 or keys.values.dtype not in (torch.uint8, torch.float32):
         return "torch", f"dtype {dtype} / dataset {keys.values.dtype}: the fused kernels are float32 on uint8/float32"
+    if queries.device.type == "cpu" and keys.device.type == "cpu" and "cpu" in fused:
+        from . import cpu_backend
+        if cpu_backend.available():
+            return "cpu", "CPU, float32: the C++ patch kernel"
+        return "torch", "CPU: the C++ extension is not built"
+    if queries.device.type != "cuda":
+        return "torch", f"device {queries.device.type}: no fused patch kernel for it here"
     from . import cuda_backend
     from .triton_backend import unavailable_reason
     reason = unavailable_reason(queries.device)

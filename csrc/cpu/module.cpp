@@ -10,6 +10,7 @@
 #include <cstdint>
 #include <string>
 
+#include "patch.h"
 #include "retrieval.h"
 
 namespace py = pybind11;
@@ -147,6 +148,94 @@ py::tuple knn_search(const py::object& queries, const py::object& keys, double k
   return c.f64 ? knn_impl<double>(c, k, num_threads) : knn_impl<float>(c, k, num_threads);
 }
 
+template <class T>
+const T* checked_data(const py::object& obj, const char* name, py::ssize_t ndim) {
+  py::array a = as_array(obj, name);
+  if (!is_dtype<T>(a))
+    throw py::type_error(std::string(name) + ": expected " + py::str(py::dtype::of<T>()).cast<std::string>() +
+                         ", got " + dtype_name(a));
+  require_layout(a, name, ndim);
+  return static_cast<const T*>(a.data());
+}
+
+void require_shape(const py::object& obj, const char* name, std::initializer_list<py::ssize_t> shape) {
+  py::array a = py::reinterpret_borrow<py::array>(obj);
+  std::string want = "(", got = "(";
+  bool ok = a.ndim() == static_cast<py::ssize_t>(shape.size());
+  py::ssize_t i = 0;
+  for (py::ssize_t n : shape) {
+    want += std::to_string(n) + (i + 1 < static_cast<py::ssize_t>(shape.size()) ? ", " : ")");
+    ok = ok && i < a.ndim() && a.shape(i) == n;
+    ++i;
+  }
+  for (py::ssize_t j = 0; j < a.ndim(); ++j) got += std::to_string(a.shape(j)) + (j + 1 < a.ndim() ? ", " : ")");
+  if (!ok) throw py::value_error(std::string(name) + ": expected shape " + want + ", got " + got);
+}
+
+// The patch softmax partials (patch.h) into caller-allocated outputs m, l, l2 (S, R) and o (S, R, V), which the
+// kernel overwrites completely (tests poison them first).
+void patch_partials(const py::object& queries, const py::object& images_o, const py::object& image_index,
+                    const py::object& positions, const py::object& coef2, int k, double scale, double shift,
+                    int64_t splits, int rule, int num_threads, const py::object& m_o, const py::object& l_o,
+                    const py::object& l2_o, const py::object& o_o) {
+  ad_cpu::PatchProblem p;
+  if (rule != ad_cpu::kPatchShared && rule != ad_cpu::kPatchSameCentre && rule != ad_cpu::kPatchSameWhole)
+    throw py::value_error("rule: expected 0 (shared), 1 (same_centre) or 2 (same_whole), got " +
+                          std::to_string(rule));
+  if (k < 1) throw py::value_error("k: expected a patch side >= 1, got " + std::to_string(k));
+  if (!std::isfinite(scale) || !std::isfinite(shift)) throw py::value_error("scale, shift: expected finite numbers");
+  py::array images = as_array(images_o, "images");
+  if (is_dtype<uint8_t>(images)) p.key_type = ad_cpu::KeyType::U8;
+  else if (is_dtype<float>(images)) p.key_type = ad_cpu::KeyType::F32;
+  else throw py::type_error("images: expected uint8 or float32, got " + dtype_name(images));
+  require_layout(images, "images", 4);
+  const py::ssize_t N = images.shape(0);
+  p.C = static_cast<int>(images.shape(1));
+  p.H = static_cast<int>(images.shape(2));
+  p.W = static_cast<int>(images.shape(3));
+  p.k = k;
+  p.images = images.data();
+  p.queries = checked_data<float>(queries, "queries", 2);
+  const py::ssize_t R = py::reinterpret_borrow<py::array>(queries).shape(0);
+  const py::ssize_t F = static_cast<py::ssize_t>(p.C) * k * k;
+  require_shape(queries, "queries", {R, F});
+  p.R = R;
+  p.image_index = checked_data<int32_t>(image_index, "image_index", 1);
+  p.n_img = py::reinterpret_borrow<py::array>(image_index).shape(0);
+  for (int64_t i = 0; i < p.n_img; ++i)
+    if (p.image_index[i] < 0 || p.image_index[i] >= N)
+      throw py::value_error("image_index: entries must lie in [0, " + std::to_string(N) + "), got " +
+                            std::to_string(p.image_index[i]));
+  p.positions = checked_data<int32_t>(positions, "positions", 2);
+  p.n_pos = py::reinterpret_borrow<py::array>(positions).shape(0);
+  require_shape(positions, "positions", {rule == ad_cpu::kPatchShared ? p.n_pos : R, 2});
+  for (int64_t i = 0; i < p.n_pos; ++i)
+    if (p.positions[2 * i] < 0 || p.positions[2 * i] >= p.H || p.positions[2 * i + 1] < 0 ||
+        p.positions[2 * i + 1] >= p.W)
+      throw py::value_error("positions: centres must lie inside the " + std::to_string(p.H) + "x" +
+                            std::to_string(p.W) + " image");
+  p.rule = rule;
+  p.coef2 = checked_data<float>(coef2, "coef2", 1);
+  require_shape(coef2, "coef2", {R});
+  p.scale = static_cast<float>(scale);
+  p.shift = static_cast<float>(shift);
+  const py::ssize_t S = ad_cpu::patch_num_splits(p.n_img, splits);
+  const py::ssize_t V = ad_cpu::patch_value_width(rule, p.C, k);
+  float* out[4];
+  const char* names[4] = {"m", "l", "l2", "o"};
+  const py::object* objs[4] = {&m_o, &l_o, &l2_o, &o_o};
+  for (int i = 0; i < 4; ++i) {
+    checked_data<float>(*objs[i], names[i], i == 3 ? 3 : 2);
+    if (i == 3) require_shape(*objs[i], names[i], {S, R, V});
+    else require_shape(*objs[i], names[i], {S, R});
+    py::array a = py::reinterpret_borrow<py::array>(*objs[i]);
+    if (!a.writeable()) throw py::value_error(std::string(names[i]) + ": expected a writeable array");
+    out[i] = static_cast<float*>(a.mutable_data());
+  }
+  py::gil_scoped_release release;
+  ad_cpu::patch_partials(p, splits, num_threads, out[0], out[1], out[2], out[3]);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_cpu, mod) {
@@ -166,6 +255,18 @@ o = sum exp(logit - m) * y_j. num_threads <= 0 uses OpenMP's default. Bitwise in
           py::arg("query_labels") = py::none(), py::arg("num_threads") = 0,
           R"doc(The k nearest candidates by exact squared distance: (dist2 (B, k) queries' dtype, index (B, k) int64),
 ascending, ties by the smaller index; rows with fewer than k allowed candidates are padded with (inf, -1).)doc");
+  mod.def("patch_partials", &patch_partials, py::arg("queries"), py::arg("images"), py::arg("image_index"),
+          py::arg("positions"), py::arg("coef2"), py::arg("k"), py::arg("scale"), py::arg("shift"),
+          py::arg("splits"), py::arg("rule"), py::arg("num_threads"), py::arg("m"), py::arg("l"), py::arg("l2"),
+          py::arg("o"),
+          R"doc(Per-split partials of the patch softmax (ELS / bbELS rule 0, LS rule 1, PSPC rule 2) written into m, l,
+l2 (S, R) and o (S, R, V) float32: logit = -coef2[r] * sum_f (queries[r, f] - patch_f)^2 in base 2, patches of
+images[image_index] (uint8 / float32, value scale * u + shift, zero outside) centred at positions (shared, or one
+per row). S = patch_num_splits(len(image_index), splits); V = C, or C*k*k for rule 2.)doc");
+  mod.def("patch_num_splits", &ad_cpu::patch_num_splits, py::arg("n_img"), py::arg("splits"),
+          "Leading dimension S of patch_partials' outputs for n_img images asked to run in `splits` pieces.");
+  mod.def("patch_isa", []() { return std::string(ad_cpu::patch_kernels_selected().isa); },
+          "Instruction set of the patch kernels in use (AD_CPU_ISA caps it as for the global kernels).");
   mod.def("isa", []() { return std::string(ad_cpu::kernels_selected().isa); },
           "Instruction set of the kernels in use: 'avx512', 'avx2' or 'base' (the environment variable "
           "AD_CPU_ISA=base|avx2|avx512 caps it; read at every call).");

@@ -8,10 +8,8 @@
 #include <limits>
 #include <vector>
 
-#if AD_WITH_OPENMP
-#include <omp.h>
-#endif
-
+#include "parallel.h"
+#include "patch.h"
 #include "retrieval.h"
 
 namespace ad_cpu {
@@ -23,25 +21,6 @@ namespace {
 constexpr int64_t kPartialBudget = int64_t(64) << 20;
 
 int64_t seg_begin(int64_t s, int64_t nseg, int64_t N) { return s * N / nseg; }
-
-int resolve_threads(int requested, int64_t ntasks) {
-#if AD_WITH_OPENMP
-  int nt = requested > 0 ? requested : omp_get_max_threads();
-#else
-  (void)requested;
-  int nt = 1;
-#endif
-  if (ntasks < nt) nt = static_cast<int>(std::max<int64_t>(1, ntasks));
-  return std::max(1, nt);
-}
-
-int thread_id() {
-#if AD_WITH_OPENMP
-  return omp_get_thread_num();
-#else
-  return 0;
-#endif
-}
 
 int64_t query_chunk(int64_t B, int64_t per_row_bytes) {
   int64_t qc = kPartialBudget / std::max<int64_t>(1, per_row_bytes);
@@ -97,15 +76,25 @@ int64_t num_segments(int64_t N) {
   return std::min<int64_t>(64, (N + 255) / 256);
 }
 
-const KernelTable& kernels_selected() {
-  // AD_CPU_ISA caps the instruction set: "base" (portable), "avx2", or "avx512" / unset (the widest available).
+namespace {
+
+// The widest compiled table the CPU can run. AD_CPU_ISA caps the instruction set: "base" (portable), "avx2",
+// or "avx512" / unset (the widest available).
+template <class Table>
+const Table& widest(const Table& base, const Table* avx2, const Table* avx512) {
   const char* env = std::getenv("AD_CPU_ISA");
   const int cap = env == nullptr ? 2 : std::strcmp(env, "base") == 0 ? 0 : std::strcmp(env, "avx2") == 0 ? 1 : 2;
-  const KernelTable* avx512 = kernels_avx512();
   if (cap >= 2 && avx512 != nullptr && cpu_has_avx512()) return *avx512;
-  const KernelTable* avx2 = kernels_avx2();
   if (cap >= 1 && avx2 != nullptr && cpu_has_avx2()) return *avx2;
-  return kernels_base();
+  return base;
+}
+
+}  // namespace
+
+const KernelTable& kernels_selected() { return widest(kernels_base(), kernels_avx2(), kernels_avx512()); }
+
+const PatchKernelTable& patch_kernels_selected() {
+  return widest(patch_kernels_base(), patch_kernels_avx2(), patch_kernels_avx512());
 }
 
 template <class T>

@@ -11,6 +11,7 @@
 #include <type_traits>
 #include <utility>
 
+#include "patch.h"
 #include "retrieval.h"
 
 #if (defined(__x86_64__) || defined(_M_X64)) && (defined(__GNUC__) || defined(__clang__)) && \
@@ -24,6 +25,7 @@
 #define AD_ISA_NS isa_avx2
 #define AD_LANE_BYTES 32  // one AVX register per (query, row) pair: 8 accumulators in the 2x4 block
 #include "retrieval_isa_impl.h"
+#include "patch_isa_impl.h"
 #if defined(__clang__)
 #pragma clang attribute pop
 #endif
@@ -38,6 +40,16 @@ const KernelTable* kernels_avx2() {
 #if AD_HAVE_AVX2_KERNELS
   static const KernelTable table{"avx2", &isa_avx2::softmax_task<float>, &isa_avx2::softmax_task<double>,
                                  &isa_avx2::knn_task<float>, &isa_avx2::knn_task<double>};
+  return &table;
+#else
+  return nullptr;
+#endif
+}
+
+const PatchKernelTable* patch_kernels_avx2() {
+#if AD_HAVE_AVX2_KERNELS
+  static const PatchKernelTable table{"avx2", isa_avx2::kPatchLanes, &isa_avx2::patch_shared_task,
+                                      &isa_avx2::patch_same_task<false>, &isa_avx2::patch_same_task<true>};
   return &table;
 #else
   return nullptr;

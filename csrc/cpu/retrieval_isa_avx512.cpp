@@ -11,6 +11,7 @@
 #include <type_traits>
 #include <utility>
 
+#include "patch.h"
 #include "retrieval.h"
 
 #if (defined(__x86_64__) || defined(_M_X64)) && (defined(__GNUC__) || defined(__clang__)) && \
@@ -24,6 +25,7 @@
 #define AD_ISA_NS isa_avx512
 #define AD_LANE_BYTES 64  // one AVX-512 register per (query, row) pair: 8 of the 32 registers in the 2x4 block
 #include "retrieval_isa_impl.h"
+#include "patch_isa_impl.h"
 #if defined(__clang__)
 #pragma clang attribute pop
 #endif
@@ -38,6 +40,16 @@ const KernelTable* kernels_avx512() {
 #if AD_HAVE_AVX512_KERNELS
   static const KernelTable table{"avx512", &isa_avx512::softmax_task<float>, &isa_avx512::softmax_task<double>,
                                  &isa_avx512::knn_task<float>, &isa_avx512::knn_task<double>};
+  return &table;
+#else
+  return nullptr;
+#endif
+}
+
+const PatchKernelTable* patch_kernels_avx512() {
+#if AD_HAVE_AVX512_KERNELS
+  static const PatchKernelTable table{"avx512", isa_avx512::kPatchLanes, &isa_avx512::patch_shared_task,
+                                      &isa_avx512::patch_same_task<false>, &isa_avx512::patch_same_task<true>};
   return &table;
 #else
   return nullptr;

@@ -7,17 +7,25 @@
 #include <type_traits>
 #include <utility>
 
+#include "patch.h"
 #include "retrieval.h"
 
 #define AD_ISA_NS isa_base
 #define AD_LANE_BYTES 16  // one SSE / NEON register per (query, row) pair: 8 accumulators in the 2x4 block
 #include "retrieval_isa_impl.h"
+#include "patch_isa_impl.h"
 
 namespace ad_cpu {
 
 const KernelTable& kernels_base() {
   static const KernelTable table{"base", &isa_base::softmax_task<float>, &isa_base::softmax_task<double>,
                                  &isa_base::knn_task<float>, &isa_base::knn_task<double>};
+  return table;
+}
+
+const PatchKernelTable& patch_kernels_base() {
+  static const PatchKernelTable table{"base", isa_base::kPatchLanes, &isa_base::patch_shared_task,
+                                      &isa_base::patch_same_task<false>, &isa_base::patch_same_task<true>};
   return table;
 }
 

@@ -607,8 +607,8 @@ def _add_bench_parser(sub) -> None:
     e.set_defaults(func=_cmd_bench_e2e)
     lo = bsub.add_parser(
         "local", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-        help="local family (ls, els, bbels, pspc, pca_locality): torch reference vs fused Triton / CUDA kernels vs "
-             "naive and studio-style PyTorch, per image",
+        help="local family (ls, els, bbels, pspc, pca_locality): torch reference vs fused C++ / Triton / CUDA "
+             "kernels vs naive and studio-style PyTorch, per image",
         description="Time one denoiser call per method and patch size on random uint8 training images and "
                     "report ms per image per step, the ratio to the torch reference, the error against the "
                     "float64 reference on the first image and, for ELS / bbELS on a known GPU, the exp / MMA "
@@ -621,8 +621,8 @@ def _add_bench_parser(sub) -> None:
     lo.add_argument("--n-train", type=int, default=1000)
     lo.add_argument("--shape", type=_csv_ints, default=[3, 32, 32], help="C,H,W")
     lo.add_argument("--batch", type=int, default=1, help="images per call")
-    lo.add_argument("--paths", default="naive,studio,torch,triton,cuda",
-                    help="comma-separated: naive, studio, torch, triton, cuda")
+    lo.add_argument("--paths", default="naive,studio,torch,cpu,triton,cuda",
+                    help="comma-separated: naive, studio, torch, cpu, triton, cuda")
     lo.add_argument("--sigma", type=float, default=1.0)
     lo.add_argument("--device", default="auto")
     lo.add_argument("--repeats", type=int, default=1)

@@ -1,5 +1,6 @@
 """Side-by-side timings of the local family (LS, ELS, bbELS, PSPC, pca_locality) per image per step: the torch
-reference, the fused Triton kernels, the CUDA-extension kernels (all but pca_locality) and, for ELS, two PyTorch
+reference, the C++ CPU kernel, the fused Triton kernels, the CUDA-extension kernels (the last two on a GPU; the
+C++ and CUDA ones for all but pca_locality) and, for ELS, two PyTorch
 baselines: ``naive`` (unfold every training patch, cdist, softmax; where it fits) and ``studio`` (the Analytic
 Diffusion Studio's els_machine formulation: per chunk of training images one conv2d with every patch of the
 chunk as a filter, logits and weights materialised, online softmax across chunks). pca_locality has no patch size
@@ -28,7 +29,7 @@ from .global_bench import available_memory, time_call
 from .roofline import device_peaks, patch_floor_seconds
 
 METHODS = ("ls", "els", "bbels", "pspc", "pca_locality")
-PATHS = ("naive", "studio", "torch", "triton", "cuda")
+PATHS = ("naive", "studio", "torch", "cpu", "triton", "cuda")
 # The studio's default chunk of training images per conv2d (its logits: B·K·(H−k+1)(W−k+1)·H·W floats).
 STUDIO_CHUNK = 512
 
@@ -99,6 +100,13 @@ def _random_images(n: int, shape, seed: int, smooth: bool) -> torch.Tensor:
 def _unavailable(path: str, method: str, device: torch.device) -> Optional[str]:
     if path in ("naive", "studio"):
         return None if method == "els" else f"{path} baseline written for ELS only"
+    if path == "cpu":
+        from ..ops import cpu_backend
+        if method == "pca_locality":
+            return "no C++ CPU kernel for pca_locality (Triton only)"
+        if device.type != "cpu":
+            return f"the C++ kernels need the CPU, got {device}"
+        return None if cpu_backend.available() else "the C++ extension is not built"
     if path == "triton":
         from ..ops import triton_backend
         if device.type == "cpu" and triton_backend.interpreting():

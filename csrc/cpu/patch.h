@@ -25,12 +25,18 @@
 
 #include <cstdint>
 
+#include "../common/patch_contract.h"
 #include "retrieval.h"
 
 namespace ad_cpu {
 
-// The numeric values are part of the Python binding's interface (the same codes as the CUDA binding).
-enum PatchRule : int { kPatchShared = 0, kPatchSameCentre = 1, kPatchSameWhole = 2 };
+using ad_patch::images_per_split;
+using ad_patch::kPatchSameCentre;
+using ad_patch::kPatchSameWhole;
+using ad_patch::kPatchShared;
+using ad_patch::patch_num_splits;
+using ad_patch::patch_value_width;
+using ad_patch::PatchRule;
 
 struct PatchProblem {
   const float* queries = nullptr;        // (R, C*k*k)
@@ -87,10 +93,6 @@ const PatchKernelTable& patch_kernels_selected();
 
 // Scratch floats one task needs (per thread).
 int64_t patch_scratch_floats(const PatchProblem& p, int lanes);
-// Number of splits S for n_img images asked to run in `splits` pieces (the leading dimension of the outputs).
-int64_t patch_num_splits(int64_t n_img, int64_t splits);
-// Values per row of o: C, or C*k*k for kPatchSameWhole.
-int64_t patch_value_width(int rule, int C, int k);
 // The whole call (driver: patch_driver.cpp). m, l, l2: (S, R); o: (S, R, V). Plain C++; the caller validated
 // the arguments and released the GIL.
 void patch_partials(const PatchProblem& p, int64_t splits, int num_threads, float* m, float* l, float* l2,

@@ -11,11 +11,6 @@ namespace ad_cpu {
 
 namespace {
 
-int64_t images_per_split(int64_t n_img, int64_t splits) {
-  const int64_t s = std::max<int64_t>(1, splits);
-  return std::max<int64_t>(1, (n_img + s - 1) / s);
-}
-
 // Maximal runs of consecutive centres in list order (same row, column + 1 each, or - 1 each), at most max_len
 // long.
 std::vector<PatchRun> make_runs(const int32_t* pos, int64_t n, int64_t max_len) {
@@ -34,16 +29,6 @@ std::vector<PatchRun> make_runs(const int32_t* pos, int64_t n, int64_t max_len) 
 }
 
 }  // namespace
-
-int64_t patch_num_splits(int64_t n_img, int64_t splits) {
-  if (n_img <= 0) return 0;
-  const int64_t per = images_per_split(n_img, splits);
-  return (n_img + per - 1) / per;
-}
-
-int64_t patch_value_width(int rule, int C, int k) {
-  return rule == kPatchSameWhole ? int64_t(C) * k * k : int64_t(C);
-}
 
 int64_t patch_scratch_floats(const PatchProblem& p, int lanes) {
   const int64_t F = int64_t(p.C) * p.k * p.k;

@@ -280,12 +280,6 @@ __global__ void __launch_bounds__(kThreads) patch_kernel(const PatchArgs<KeyT> a
   for (int i = tid; i < nrows * V; i += kThreads) a.o[part * V + i] = os[i];
 }
 
-// Images per split: ceil(n_img / splits), splits clamped to [1, n_img].
-int64_t images_per_split(int64_t n_img, int64_t splits) {
-  const int64_t s = splits < 1 ? 1 : (splits > n_img ? n_img : splits);
-  return (n_img + s - 1) / s;
-}
-
 size_t dynamic_smem(int rule, int C, int k, int tq) {
   const size_t F = size_t(C) * k * k;
   const size_t V = size_t(patch_value_width(rule, C, k));
@@ -341,16 +335,6 @@ cudaError_t dispatch(const PatchProblem& p, int64_t S, int64_t per, float* m, fl
 }
 
 }  // namespace
-
-int64_t patch_num_splits(int64_t n_img, int64_t splits) {
-  if (n_img <= 0) return 0;
-  const int64_t per = images_per_split(n_img, splits);
-  return (n_img + per - 1) / per;
-}
-
-int64_t patch_value_width(int rule, int C, int k) {
-  return rule == kPatchSameWhole ? int64_t(C) * k * k : int64_t(C);
-}
 
 int patch_query_block(int rule, int C, int k) {
   for (int tq = 8; tq >= 1; tq /= 2)

@@ -30,10 +30,17 @@
 
 #include <cuda_runtime_api.h>
 
+#include "../common/patch_contract.h"
+
 namespace ad_cuda {
 
-// The numeric values are part of the Python binding's interface.
-enum PatchRule : int { kPatchShared = 0, kPatchSameCentre = 1, kPatchSameWhole = 2 };
+using ad_patch::images_per_split;
+using ad_patch::kPatchSameCentre;
+using ad_patch::kPatchSameWhole;
+using ad_patch::kPatchShared;
+using ad_patch::patch_num_splits;
+using ad_patch::patch_value_width;
+using ad_patch::PatchRule;
 
 // Candidates per tile = threads per CTA of the patch kernel (one candidate per thread in the distance phase).
 constexpr int kPatchTile = 128;
@@ -56,12 +63,8 @@ struct PatchProblem {
   float skip_bits = 64.0f;       // kPatchShared only
 };
 
-// Number of splits S for n_img images asked to run in `splits` pieces (the m / l / l2 / o leading dimension).
-int64_t patch_num_splits(int64_t n_img, int64_t splits);
 // Query rows per CTA (8, 4, 2 or 1: the most whose shared memory fits kPatchSmemLimit), 0 if even 1 does not.
 int patch_query_block(int rule, int C, int k);
-// Values per row of o: C, or C*k*k for kPatchSameWhole.
-int64_t patch_value_width(int rule, int C, int k);
 
 // Enqueue the partials on `stream` (device pointers m, l, l2: (S, R); o: (S, R, V)). Returns
 // cudaErrorInvalidValue for invalid arguments, else the launch error; never synchronises.

@@ -30,13 +30,7 @@
 
 namespace ad_cpu {
 
-using ad_patch::images_per_split;
-using ad_patch::kPatchSameCentre;
-using ad_patch::kPatchSameWhole;
-using ad_patch::kPatchShared;
-using ad_patch::patch_num_splits;
-using ad_patch::patch_value_width;
-using ad_patch::PatchRule;
+using namespace ad_patch;  // PatchRule and its codes, images_per_split, patch_num_splits, patch_value_width
 
 struct PatchProblem {
   const float* queries = nullptr;        // (R, C*k*k)

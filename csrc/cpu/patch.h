@@ -58,15 +58,26 @@ struct PatchRun {
   bool reversed;
 };
 
-// Task kernels (per instruction set). Both write the slots of their rows (m, l, l2 indexed by row - first row,
-// o with row stride V) completely, initialisation included; `scratch` holds patch_scratch_floats(...) floats.
-// Shared rule: query rows [r0, r1) against the runs of the shared list, images [i0, i1) of image_index.
+// Lane u of a run: its entry offset from run.start.
+inline int32_t patch_run_slot(const PatchRun& run, int32_t u) { return run.reversed ? run.len - 1 - u : u; }
+
+// Scratch floats per run of a same-position task: transposed queries (F, L), coefficients, running max, the two
+// sums and the value sums (V, L).
+inline int64_t patch_same_run_floats(int C, int k, int rule, int lanes) {
+  return (int64_t(C) * k * k + 4 + patch_value_width(rule, C, k)) * lanes;
+}
+
+// Task kernels (per instruction set). Both write the slots of their rows completely, initialisation included;
+// `scratch` holds patch_scratch_floats(...) floats.
+// Shared rule: query rows [r0, r1) against the runs of the shared list, images [i0, i1) of image_index; m, l, l2
+// indexed by row - r0, o with row stride C.
 using PatchSharedTask = void (*)(const PatchProblem&, const PatchRun* runs, int64_t n_runs, int64_t r0,
                                  int64_t r1, int64_t i0, int64_t i1, float* m, float* l, float* l2, float* o,
                                  float* scratch);
-// Same-position rules: the query rows of one run (len <= lanes of the instruction set), images [i0, i1).
-using PatchSameTask = void (*)(const PatchProblem&, const PatchRun& rows, int64_t i0, int64_t i1, float* m,
-                               float* l, float* l2, float* o, float* scratch);
+// Same-position rules: the query rows of n_runs runs (each len <= lanes of the instruction set), images [i0, i1);
+// m, l, l2 indexed by query row, o with row stride V.
+using PatchSameTask = void (*)(const PatchProblem&, const PatchRun* runs, int64_t n_runs, int64_t i0, int64_t i1,
+                               float* m, float* l, float* l2, float* o, float* scratch);
 
 // Query rows per shared-rule task: each image buffer is built once per task and serves this many rows.
 constexpr int64_t kPatchSharedRows = 32;
@@ -85,6 +96,8 @@ const PatchKernelTable* patch_kernels_avx512();
 // The widest compiled instruction set the CPU has, capped by AD_CPU_ISA like the global kernels.
 const PatchKernelTable& patch_kernels_selected();
 
+// Runs per same-position task (their state must stay in cache while each image streams by), at least 1.
+int64_t patch_same_runs_per_task(const PatchProblem& p, int lanes);
 // Scratch floats one task needs (per thread).
 int64_t patch_scratch_floats(const PatchProblem& p, int lanes);
 // The whole call (driver: patch_driver.cpp). m, l, l2: (S, R); o: (S, R, V). Plain C++; the caller validated

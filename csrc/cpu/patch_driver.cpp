@@ -30,12 +30,17 @@ std::vector<PatchRun> make_runs(const int32_t* pos, int64_t n, int64_t max_len) 
 
 }  // namespace
 
+int64_t patch_same_runs_per_task(const PatchProblem& p, int lanes) {
+  // ~256 KiB of per-run state (an L2's worth), and at most 64 runs
+  const int64_t per_run = patch_same_run_floats(p.C, p.k, p.rule, lanes);
+  return std::max<int64_t>(1, std::min<int64_t>(64, (int64_t(64) << 10) / per_run));
+}
+
 int64_t patch_scratch_floats(const PatchProblem& p, int lanes) {
-  const int64_t F = int64_t(p.C) * p.k * p.k;
-  if (p.rule == kPatchShared)  // padded image + slack, then per row: the maximum and (2 + C) vectors of sums
-    return int64_t(p.C) * (p.H + p.k - 1) * (p.W + p.k - 1) + lanes + kPatchSharedRows * (1 + (2 + p.C) * lanes);
-  return int64_t(p.C) * p.k * (lanes + p.k - 1) + F * lanes + 3 * lanes +
-         patch_value_width(p.rule, p.C, p.k) * lanes;
+  // the padded image + one vector of slack, then per row (shared) or per run (same-position) state
+  const int64_t pad = int64_t(p.C) * (p.H + p.k - 1) * (p.W + p.k - 1) + lanes;
+  if (p.rule == kPatchShared) return pad + kPatchSharedRows * (1 + (2 + p.C) * lanes);
+  return pad + patch_same_runs_per_task(p, lanes) * patch_same_run_floats(p.C, p.k, p.rule, lanes);
 }
 
 void patch_partials(const PatchProblem& p, int64_t splits, int num_threads, float* m, float* l, float* l2,
@@ -47,11 +52,13 @@ void patch_partials(const PatchProblem& p, int64_t splits, int num_threads, floa
   const int64_t V = patch_value_width(p.rule, p.C, p.k);
   const int64_t R = p.R;
   const bool shared = p.rule == kPatchShared;
-  // Shared rule: runs of the candidate list (any length: a task walks them in vectors); same-position rules: the
-  // query rows in runs of at most one vector, one task each.
+  // Shared rule: runs of the candidate list (any length: a task walks them in vectors), tasks of kPatchSharedRows
+  // query rows; same-position rules: the query rows in runs of at most one vector, tasks of several runs.
   const std::vector<PatchRun> runs =
       shared ? make_runs(p.positions, p.n_pos, INT32_MAX) : make_runs(p.positions, R, kt.lanes);
-  const int64_t units = shared ? (R + kPatchSharedRows - 1) / kPatchSharedRows : static_cast<int64_t>(runs.size());
+  const int64_t n_runs = static_cast<int64_t>(runs.size());
+  const int64_t per_task = shared ? kPatchSharedRows : patch_same_runs_per_task(p, kt.lanes);
+  const int64_t units = ((shared ? R : n_runs) + per_task - 1) / per_task;
   const int64_t ntasks = units * S;
   const int nt = resolve_threads(num_threads, ntasks);
   const int64_t per_thread = patch_scratch_floats(p, kt.lanes);
@@ -60,18 +67,17 @@ void patch_partials(const PatchProblem& p, int64_t splits, int num_threads, floa
 #pragma omp parallel for schedule(dynamic, 1) num_threads(nt) if (nt > 1)
 #endif
   for (int64_t t = 0; t < ntasks; ++t) {
-    const int64_t s = t % S, u = t / S;
+    // split-major: consecutive tasks scan the same images, which then stay in cache
+    const int64_t s = t / units, u = t % units;
     const int64_t i0 = s * per, i1 = std::min(p.n_img, i0 + per);
     float* buf = scratch.data() + static_cast<int64_t>(thread_id()) * per_thread;
-    const int64_t r0 = shared ? u * kPatchSharedRows : runs[u].start;
-    const int64_t r1 = shared ? std::min(R, r0 + kPatchSharedRows) : r0 + runs[u].len;
-    const int64_t slot = s * R + r0;
     if (shared) {
-      kt.shared(p, runs.data(), static_cast<int64_t>(runs.size()), r0, r1, i0, i1, m + slot, l + slot, l2 + slot,
-                o + slot * V, buf);
+      const int64_t r0 = u * per_task, r1 = std::min(R, r0 + per_task), slot = s * R + r0;
+      kt.shared(p, runs.data(), n_runs, r0, r1, i0, i1, m + slot, l + slot, l2 + slot, o + slot * V, buf);
     } else {
-      (p.rule == kPatchSameWhole ? kt.same_whole : kt.same_centre)(p, runs[u], i0, i1, m + slot, l + slot,
-                                                                   l2 + slot, o + slot * V, buf);
+      const int64_t g0 = u * per_task, g1 = std::min(n_runs, g0 + per_task), slot = s * R;
+      (p.rule == kPatchSameWhole ? kt.same_whole : kt.same_centre)(p, runs.data() + g0, g1 - g0, i0, i1, m + slot,
+                                                                   l + slot, l2 + slot, o + slot * V, buf);
     }
   }
 }

@@ -181,23 +181,28 @@ AD_INLINE float exp2_scalar(float x) {
   return a[0];
 }
 
+// One image row segment into value space: dst[x] = scale * src[x] + shift (restrict pointers and local constants,
+// so that the loop vectorises).
+template <class K>
+AD_INLINE void convert_row(const K* AD_RESTRICT src, float* AD_RESTRICT dst, int n, float scale, float shift) {
+  for (int x = 0; x < n; ++x) dst[x] = static_cast<float>(src[x]) * scale + shift;
+}
+
+AD_INLINE void convert_row(const PatchProblem& p, int64_t offset, float* AD_RESTRICT dst, int n) {
+  if (p.key_type == KeyType::U8)
+    convert_row(static_cast<const uint8_t*>(p.images) + offset, dst, n, p.scale, p.shift);
+  else
+    convert_row(static_cast<const float*>(p.images) + offset, dst, n, p.scale, p.shift);
+}
+
 // Image n into the interior of a zero-bordered (C, Hp, Wp) buffer whose borders are already zero: pixel (y, x) at
 // (y + d, x + d). Values are scale * u + shift in fp32, as the other kernels convert them.
 AD_INLINE void fill_padded(const PatchProblem& p, int64_t n, float* AD_RESTRICT pad, int Hp, int Wp, int d) {
   const int64_t hw = static_cast<int64_t>(p.H) * p.W;
-  for (int c = 0; c < p.C; ++c) {
-    for (int y = 0; y < p.H; ++y) {
-      float* dst = pad + (static_cast<int64_t>(c) * Hp + y + d) * Wp + d;
-      const int64_t src = (n * p.C + c) * hw + static_cast<int64_t>(y) * p.W;
-      if (p.key_type == KeyType::U8) {
-        const uint8_t* s = static_cast<const uint8_t*>(p.images) + src;
-        for (int x = 0; x < p.W; ++x) dst[x] = static_cast<float>(s[x]) * p.scale + p.shift;
-      } else {
-        const float* s = static_cast<const float*>(p.images) + src;
-        for (int x = 0; x < p.W; ++x) dst[x] = s[x] * p.scale + p.shift;
-      }
-    }
-  }
+  for (int c = 0; c < p.C; ++c)
+    for (int y = 0; y < p.H; ++y)
+      convert_row(p, (n * p.C + c) * hw + static_cast<int64_t>(y) * p.W,
+                  pad + (static_cast<int64_t>(c) * Hp + y + d) * Wp + d, p.W);
 }
 
 // Online-softmax state of one query row in the shared rule: the running maximum, and the sums as vectors of
@@ -297,128 +302,121 @@ void patch_shared_task(const PatchProblem& p, const PatchRun* runs, int64_t n_ru
   }
 }
 
-// The k rows y0 .. y0 + k - 1 and columns x0 .. x0 + Ww - 1 of image n (value space, 0 outside the image) as a
-// (C, k, Ww) buffer.
-AD_INLINE void fill_window(const PatchProblem& p, int64_t n, int y0, int x0, float* AD_RESTRICT win, int Ww) {
-  const int64_t hw = static_cast<int64_t>(p.H) * p.W;
-  const int xs = std::max(0, -x0), xe = std::max(xs, std::min(Ww, p.W - x0));  // inside the image: [xs, xe)
-  for (int c = 0; c < p.C; ++c) {
-    for (int a = 0; a < p.k; ++a) {
-      float* dst = win + (static_cast<int64_t>(c) * p.k + a) * Ww;
-      const int y = y0 + a;
-      if (y < 0 || y >= p.H) {
-        std::fill(dst, dst + Ww, 0.0f);
-        continue;
-      }
-      std::fill(dst, dst + xs, 0.0f);
-      std::fill(dst + xe, dst + Ww, 0.0f);
-      const int64_t src = (n * p.C + c) * hw + static_cast<int64_t>(y) * p.W + x0;
-      if (p.key_type == KeyType::U8) {
-        const uint8_t* s = static_cast<const uint8_t*>(p.images) + src;
-        for (int x = xs; x < xe; ++x) dst[x] = static_cast<float>(s[x]) * p.scale + p.shift;
-      } else {
-        const float* s = static_cast<const float*>(p.images) + src;
-        for (int x = xs; x < xe; ++x) dst[x] = s[x] * p.scale + p.shift;
-      }
-    }
-  }
-}
-
-// Adds e (per lane) times each lane's value into the (V, L) sums: the whole window (WHOLE) or its centre pixels.
+// Adds e (per lane) times each lane's value into the (V, L) sums: the whole window (WHOLE) or its centre pixel;
+// lane u's window has its top-left at win + u in the padded (C, Hp, Wp) image.
 template <bool WHOLE>
 AD_INLINE void accumulate_values(float* AD_RESTRICT so, const VF& e, const float* AD_RESTRICT win, int C, int k,
-                                 int Ww) {
+                                 int64_t plane, int Wp) {
   constexpr int L = kPatchLanes;
   const int d = k / 2;
   if (WHOLE) {
     int64_t f = 0;
     for (int c = 0; c < C; ++c) {
       for (int a = 0; a < k; ++a) {
-        const float* src = win + (static_cast<int64_t>(c) * k + a) * Ww;
+        const float* src = win + c * plane + static_cast<int64_t>(a) * Wp;
         for (int b = 0; b < k; ++b, ++f) vstore<float>(so + f * L, vload<float>(so + f * L) + e * vload<float>(src + b));
       }
     }
   } else {
     for (int c = 0; c < C; ++c) {
-      const float* src = win + (static_cast<int64_t>(c) * k + d) * Ww + d;  // centre pixel of lane u at u
+      const float* src = win + c * plane + static_cast<int64_t>(d) * Wp + d;  // centre pixel of lane u at u
       vstore<float>(so + c * L, vload<float>(so + c * L) + e * vload<float>(src));
     }
   }
 }
 
-// Same-position rules: lanes = the query rows of `rows` (len <= kPatchLanes), lane u at centre (row, col0 + u)
-// (rows in either direction, see PatchRun). Per image: the k window rows around `row`, columns col0 - d ... col0 + L - 1 + k - 1 - d, zero
-// outside the image, as a (C, k, Ww) buffer; lane u's window starts at column u. Scratch: window, transposed
-// queries (F, L), per-lane state (3 + V) x L.
+// Same-position rules: lanes = the query rows of one run (len <= kPatchLanes), lane u at centre (row, col0 + u)
+// (rows in either direction, see PatchRun). A task takes several runs and images [i0, i1); each image is converted
+// once into the zero-bordered buffer (as the shared rule) and serves every run of the task. Scratch: the padded
+// image, then per run the transposed queries (F, L), the coefficients (L) and the per-lane state (3 + V) x L.
+// Outputs are indexed by query row (m, l, l2: R; o: R x V) for this split.
 template <bool WHOLE>
-void patch_same_task(const PatchProblem& p, const PatchRun& rows, int64_t i0, int64_t i1, float* m, float* l,
-                     float* l2, float* o, float* scratch) {
+void patch_same_task(const PatchProblem& p, const PatchRun* runs, int64_t n_runs, int64_t i0, int64_t i1, float* m,
+                     float* l, float* l2, float* o, float* scratch) {
   constexpr int L = kPatchLanes;
   const int C = p.C, k = p.k, d = k / 2;
-  const int Ww = L + k - 1;
+  const int Hp = p.H + k - 1, Wp = p.W + k - 1;
+  const int64_t plane = static_cast<int64_t>(Hp) * Wp;
   const int64_t F = static_cast<int64_t>(C) * k * k;
   const int64_t V = WHOLE ? F : C;
-  const int nl = rows.len;
-  float* win = scratch;                              // (C, k, Ww)
-  float* qt = win + static_cast<int64_t>(C) * k * Ww;  // (F, L)
-  float* sm = qt + F * L;                            // running max per lane
-  float* sl = sm + L;
-  float* sl2 = sl + L;
-  float* so = sl2 + L;  // (V, L)
-  // Lane u's row (slot): columns left to right; lanes past the run repeat the last one (results discarded).
-  auto slot = [&](int u) { return rows.reversed ? nl - 1 - u : u; };
-  float c2[L];
-  for (int u = 0; u < L; ++u) {
-    const int64_t r = rows.start + slot(std::min(u, nl - 1));
-    c2[u] = p.coef2[r];
-    for (int64_t f = 0; f < F; ++f) qt[f * L + u] = p.queries[r * F + f];
-    sm[u] = neg_inf<float>();
-    sl[u] = 0.0f;
-    sl2[u] = 0.0f;
+  const int64_t per_run = patch_same_run_floats(C, k, WHOLE ? kPatchSameWhole : kPatchSameCentre, L);
+  float* pad = scratch;
+  std::fill(pad, pad + C * plane + L, 0.0f);
+  float* runs_scratch = pad + C * plane + L;
+  for (int64_t g = 0; g < n_runs; ++g) {
+    const PatchRun& run = runs[g];
+    float* qt = runs_scratch + g * per_run;  // (F, L)
+    float* c2 = qt + F * L;
+    float* sm = c2 + L;  // running max per lane
+    float* sl = sm + L;
+    float* sl2 = sl + L;
+    float* so = sl2 + L;  // (V, L)
+    for (int u = 0; u < L; ++u) {  // lanes past the run repeat its last row (their results are discarded)
+      const int64_t r = run.start + patch_run_slot(run, std::min(u, run.len - 1));
+      c2[u] = p.coef2[r];
+      for (int64_t f = 0; f < F; ++f) qt[f * L + u] = p.queries[r * F + f];
+      sm[u] = neg_inf<float>();
+      sl[u] = 0.0f;
+      sl2[u] = 0.0f;
+    }
+    std::fill(so, so + V * L, 0.0f);
   }
-  std::fill(so, so + V * L, 0.0f);
-  const int y0 = rows.row - d, x0 = rows.col0 - d;
   for (int64_t i = i0; i < i1; ++i) {
-    const int64_t n = p.image_index[i];
-    fill_window(p, n, y0, x0, win, Ww);
-    VF acc = vzero<float>();
-    int64_t f = 0;
-    for (int c = 0; c < C; ++c) {
-      for (int a = 0; a < k; ++a) {
-        const float* src = win + (static_cast<int64_t>(c) * k + a) * Ww;
-        for (int b = 0; b < k; ++b, ++f) {
-          const VF t = vload<float>(qt + f * L) - vload<float>(src + b);
-          acc += t * t;
+    fill_padded(p, p.image_index[i], pad, Hp, Wp, d);
+    for (int64_t g = 0; g < n_runs; ++g) {
+      const PatchRun& run = runs[g];
+      const int nl = run.len;
+      const float* qt = runs_scratch + g * per_run;
+      const float* c2 = qt + F * L;
+      float* sm = runs_scratch + g * per_run + F * L + L;
+      float* sl = sm + L;
+      float* sl2 = sl + L;
+      float* so = sl2 + L;
+      // top-left of lane 0's window: centre (row, col0) minus (d, d), plus the border d
+      const float* win = pad + static_cast<int64_t>(run.row) * Wp + run.col0;
+      VF acc = vzero<float>();
+      int64_t f = 0;
+      for (int c = 0; c < C; ++c) {
+        for (int a = 0; a < k; ++a) {
+          const float* src = win + c * plane + static_cast<int64_t>(a) * Wp;
+          for (int b = 0; b < k; ++b, ++f) {
+            const VF t = vload<float>(qt + f * L) - vload<float>(src + b);
+            acc += t * t;
+          }
         }
       }
-    }
-    const VF old_m = vload<float>(sm);
-    const VF z = vlogits(acc, vload<float>(c2));
-    const VF mn = vmaxv(z, old_m);
-    const VF x = z - mn;
-    if (!any_kept(x, nl)) continue;  // no lane gains a weight above the cutoff from this image
-    const VF e = vexp2_cut(x);
-    if (!any_greater(z, old_m)) {  // every lane's maximum holds (the common case): no rescaling
+      const VF old_m = vload<float>(sm);
+      const VF z = vlogits(acc, vload<float>(c2));
+      const VF mn = vmaxv(z, old_m);
+      const VF x = z - mn;
+      if (!any_kept(x, nl)) continue;  // no lane gains a weight above the cutoff from this image
+      const VF e = vexp2_cut(x);
+      if (any_greater(z, old_m)) {  // some lane's maximum grows: rescale its sums
+        // a = 2^(m_old - m_new): 1 where the max holds, 0 from an empty state (-inf - finite = -inf -> 0)
+        const VF al = vexp2_cut(old_m - mn);
+        vstore<float>(sl, vload<float>(sl) * al);
+        vstore<float>(sl2, vload<float>(sl2) * (al * al));
+        vstore<float>(sm, mn);
+        for (int64_t v = 0; v < V; ++v) vstore<float>(so + v * L, vload<float>(so + v * L) * al);
+      }
       vstore<float>(sl, vload<float>(sl) + e);
       vstore<float>(sl2, vload<float>(sl2) + e * e);
-      accumulate_values<WHOLE>(so, e, win, C, k, Ww);
-      continue;
+      accumulate_values<WHOLE>(so, e, win, C, k, plane, Wp);
     }
-    // a = 2^(m_old - m_new): 1 where the max holds, 0 from an empty state (-inf - finite = -inf -> 0)
-    const VF al = vexp2_cut(old_m - mn);
-    vstore<float>(sl, vload<float>(sl) * al + e);
-    vstore<float>(sl2, vload<float>(sl2) * (al * al) + e * e);
-    vstore<float>(sm, mn);
-    for (int64_t v = 0; v < V; ++v) vstore<float>(so + v * L, vload<float>(so + v * L) * al);
-    accumulate_values<WHOLE>(so, e, win, C, k, Ww);
   }
-
-  for (int u = 0; u < nl; ++u) {
-    const int r = slot(u);
-    m[r] = sm[u];
-    l[r] = sl[u];
-    l2[r] = sl2[u];
-    for (int64_t v = 0; v < V; ++v) o[r * V + v] = so[v * L + u];
+  for (int64_t g = 0; g < n_runs; ++g) {
+    const PatchRun& run = runs[g];
+    const float* sm = runs_scratch + g * per_run + F * L + L;
+    const float* sl = sm + L;
+    const float* sl2 = sl + L;
+    const float* so = sl2 + L;
+    for (int u = 0; u < run.len; ++u) {
+      const int64_t r = run.start + patch_run_slot(run, u);
+      m[r] = sm[u];
+      l[r] = sl[u];
+      l2[r] = sl2[u];
+      for (int64_t v = 0; v < V; ++v) o[r * V + v] = so[v * L + u];
+    }
   }
 }
 

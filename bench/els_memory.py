@@ -54,7 +54,7 @@ def child(args) -> None:
     images = torch.randint(0, 256, (args.n, 3, 32, 32), generator=g, dtype=torch.uint8)
     ds = Dataset.from_array(images)
     kw = {} if args.budget is None else {"memory_budget": args.budget}
-    den = EquivariantLocalScore(ds, patch=args.k, **kw)
+    den = EquivariantLocalScore(ds, patch=args.k, backend="torch", **kw)  # the reference (auto: the C++ kernel)
     den.keys.get_center(torch.float64)  # cached per dataset; not part of the per-call cost
     x = torch.randn(1, 3, 32, 32, generator=g)
     gc.collect()

@@ -18,7 +18,8 @@ import torch
 from analytic_diffusion.data import Dataset
 from analytic_diffusion.denoisers import make_denoiser
 
-# (method, options, batches); {k} is filled from --ks for the methods that take a patch size.
+# (method, options, batches); {k} is filled from --ks for the methods that take a patch size. The local family
+# names backend=torch: auto would take the C++ patch kernel on CPU (timed by `analytic-diffusion bench local`).
 PLAN = [
     ("optimal", {"backend": "torch"}, (1, 64)),
     ("optimal", {"backend": "cpu"}, (1, 64)),
@@ -27,12 +28,12 @@ PLAN = [
     ("wiener", {}, (1, 64)),
     ("smoothed", {"num_perturbations": 4}, (1, 64)),
     ("knn", {"k": 2048, "ref_size": 256}, (1, 64)),
-    ("ls", {"patch": "{k}"}, (1, 64)),
-    ("pspc", {"patch": "{k}"}, (1, 64)),
+    ("ls", {"patch": "{k}", "backend": "torch"}, (1, 64)),
+    ("pspc", {"patch": "{k}", "backend": "torch"}, (1, 64)),
     ("pspc-flex", {"tau": 0.5}, (1,)),
     ("pca_locality", {"threshold": 0.05}, (1,)),
-    ("els", {"patch": "{k}"}, (1,)),
-    ("bbels", {"patch": "{k}"}, (1,)),
+    ("els", {"patch": "{k}", "backend": "torch"}, (1,)),
+    ("bbels", {"patch": "{k}", "backend": "torch"}, (1,)),
 ]
 
 

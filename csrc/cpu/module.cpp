@@ -185,8 +185,8 @@ void patch_partials(const py::object& queries, const py::object& images_o, const
   if (k < 1) throw py::value_error("k: expected a patch side >= 1, got " + std::to_string(k));
   if (!std::isfinite(scale) || !std::isfinite(shift)) throw py::value_error("scale, shift: expected finite numbers");
   py::array images = as_array(images_o, "images");
-  if (is_dtype<uint8_t>(images)) p.key_type = ad_cpu::KeyType::U8;
-  else if (is_dtype<float>(images)) p.key_type = ad_cpu::KeyType::F32;
+  if (is_dtype<uint8_t>(images)) p.key_type = ad_patch::kPatchKeysU8;
+  else if (is_dtype<float>(images)) p.key_type = ad_patch::kPatchKeysF32;
   else throw py::type_error("images: expected uint8 or float32, got " + dtype_name(images));
   require_layout(images, "images", 4);
   const py::ssize_t N = images.shape(0);

@@ -26,26 +26,10 @@
 #include <cstdint>
 
 #include "../common/patch_contract.h"
-#include "retrieval.h"
 
 namespace ad_cpu {
 
-using namespace ad_patch;  // PatchRule and its codes, images_per_split, patch_num_splits, patch_value_width
-
-struct PatchProblem {
-  const float* queries = nullptr;        // (R, C*k*k)
-  const void* images = nullptr;          // (N, C, H, W) uint8 or float32
-  KeyType key_type = KeyType::U8;        // U8 or F32
-  const int32_t* image_index = nullptr;  // (n_img,) images to scan
-  int64_t n_img = 0;
-  const int32_t* positions = nullptr;  // (n_pos, 2) shared centres, or (R, 2) one per row: (row, col)
-  int64_t n_pos = 0;
-  int rule = kPatchShared;
-  int64_t R = 0;
-  int C = 1, H = 1, W = 1, k = 1;
-  float scale = 1.0f, shift = 0.0f;
-  const float* coef2 = nullptr;  // (R,) base-2 coefficients
-};
+using namespace ad_patch;  // PatchProblem, PatchRule, PatchKeys, images_per_split, patch_num_splits, patch_value_width
 
 // Entries start .. start + len - 1 of the position list (kPatchShared) or query rows start .. start + len - 1
 // (same-position rules) whose centres are the consecutive columns col0 .. col0 + len - 1 of one image row, left

@@ -189,7 +189,7 @@ AD_INLINE void convert_row(const K* AD_RESTRICT src, float* AD_RESTRICT dst, int
 }
 
 AD_INLINE void convert_row(const PatchProblem& p, int64_t offset, float* AD_RESTRICT dst, int n) {
-  if (p.key_type == KeyType::U8)
+  if (p.key_type == kPatchKeysU8)
     convert_row(static_cast<const uint8_t*>(p.images) + offset, dst, n, p.scale, p.shift);
   else
     convert_row(static_cast<const float*>(p.images) + offset, dst, n, p.scale, p.shift);

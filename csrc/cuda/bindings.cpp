@@ -103,7 +103,7 @@ void patch_partials(uintptr_t queries, uintptr_t images, int key_type, uintptr_t
   require(rule == ad_cuda::kPatchShared || rule == ad_cuda::kPatchSameCentre || rule == ad_cuda::kPatchSameWhole,
           "rule: expected 0 (shared positions), 1 (same position, centre) or 2 (same position, whole patch), got " +
               std::to_string(rule));
-  require(key_type == ad_cuda::kKeysU8 || key_type == ad_cuda::kKeysF32,
+  require(key_type == ad_cuda::kPatchKeysU8 || key_type == ad_cuda::kPatchKeysF32,
           "key_type: expected 0 (uint8) or 1 (float32), got " + std::to_string(key_type));
   require(R >= 0 && n_img >= 0, "R, n_img: expected >= 0");
   require(C >= 1 && H >= 1 && W >= 1 && k >= 1, "C, H, W, k: expected >= 1");

@@ -347,7 +347,7 @@ cudaError_t patch_partials(const PatchProblem& p, int64_t splits, float* m, floa
   const bool shape_ok = p.R >= 0 && p.n_img >= 0 && p.C >= 1 && p.H >= 1 && p.W >= 1 && p.k >= 1 &&
                         (p.rule != kPatchShared || p.n_pos >= 1) &&
                         (p.rule == kPatchShared || p.rule == kPatchSameCentre || p.rule == kPatchSameWhole) &&
-                        (p.key_type == kKeysU8 || p.key_type == kKeysF32);
+                        (p.key_type == kPatchKeysU8 || p.key_type == kPatchKeysF32);
   if (!shape_ok || patch_query_block(p.rule, p.C, p.k) == 0) return cudaErrorInvalidValue;
   const int64_t S = patch_num_splits(p.n_img, splits);
   if (p.R == 0 || S == 0) return cudaSuccess;
@@ -355,7 +355,7 @@ cudaError_t patch_partials(const PatchProblem& p, int64_t splits, float* m, floa
   if (!p.queries || !p.images || !p.image_index || !p.positions || !p.coef2 || !m || !l || !l2 || !o)
     return cudaErrorInvalidValue;
   const int64_t per = images_per_split(p.n_img, splits);
-  return p.key_type == kKeysU8 ? dispatch<uint8_t>(p, S, per, m, l, l2, o, stream)
+  return p.key_type == kPatchKeysU8 ? dispatch<uint8_t>(p, S, per, m, l, l2, o, stream)
                                : dispatch<float>(p, S, per, m, l, l2, o, stream);
 }
 

@@ -34,28 +34,12 @@
 
 namespace ad_cuda {
 
-using namespace ad_patch;  // PatchRule and its codes, images_per_split, patch_num_splits, patch_value_width
+using namespace ad_patch;  // PatchProblem, PatchRule, PatchKeys, images_per_split, patch_num_splits, patch_value_width
 
 // Candidates per tile = threads per CTA of the patch kernel (one candidate per thread in the distance phase).
 constexpr int kPatchTile = 128;
 // Shared memory one CTA may use (the default limit without an opt-in attribute).
 constexpr size_t kPatchSmemLimit = 48 * 1024;
-
-struct PatchProblem {
-  const float* queries = nullptr;     // (R, C*k*k) fp32, rows contiguous
-  const void* images = nullptr;       // (N, C, H, W) uint8 or fp32 (KeyType of global_retrieval.cuh)
-  int key_type = 0;
-  const int32_t* image_index = nullptr;  // (n_img,) images to scan
-  int64_t n_img = 0;
-  const int32_t* positions = nullptr;    // (n_pos, 2) shared centres, or (R, 2) one per row (row, col)
-  int64_t n_pos = 0;
-  int rule = kPatchShared;
-  int64_t R = 0;
-  int C = 1, H = 1, W = 1, k = 1;
-  float scale = 1.0f, shift = 0.0f;
-  const float* coef2 = nullptr;  // (R,) base-2 coefficients
-  float skip_bits = 64.0f;       // kPatchShared only
-};
 
 // Query rows per CTA (8, 4, 2 or 1: the most whose shared memory fits kPatchSmemLimit), 0 if even 1 does not.
 int patch_query_block(int rule, int C, int k);

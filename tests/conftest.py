@@ -61,6 +61,16 @@ def emulated_cuda(tmp_path_factory):
 def fused(request):
     """(backend name, device) of each fused local-family backend: Triton (the interpreter on CPU), CUDA (the real
     extension on a GPU, else the host emulation of the same sources on CPU tensors), and the C++ CPU kernel."""
+    return _fused_backend(request)
+
+
+@pytest.fixture(params=["triton", "cpu"])
+def coordinate_fused(request):
+    """(backend name, device) of pca_locality's fused backends: Triton and the C++ CPU kernel (no CUDA one)."""
+    return _fused_backend(request)
+
+
+def _fused_backend(request):
     from types import SimpleNamespace
     from analytic_diffusion.ops import cpu_backend, triton_backend
     if request.param == "cpu":

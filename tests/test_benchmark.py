@@ -108,8 +108,8 @@ def test_bench_local_rows_and_naive_els(tmp_path):
     from analytic_diffusion.benchmark.local_bench import markdown_table as local_table, run_local_bench
     rows = run_local_bench(["ls", "els", "pspc", "pca_locality"], [3], n=20, shape=(1, 6, 6),
                            paths=["naive", "studio", "torch", "cpu", "triton", "cuda"], sigma=0.5)
-    assert {r["method"] for r in rows if r["path"] == "cpu" and "seconds" in r} == {"ls", "els", "pspc"}
-    assert "Triton only" in next(r for r in rows if r["path"] == "cpu" and r["method"] == "pca_locality")["skipped"]
+    assert {r["method"] for r in rows if r["path"] == "cpu" and "seconds" in r} == {"ls", "els", "pspc",
+                                                                                   "pca_locality"}
     els_naive = next(r for r in rows if r["method"] == "els" and r["path"] == "naive")
     assert els_naive["rel_err"] < 1e-4  # the naive baseline computes the same ELS
     els_studio = next(r for r in rows if r["method"] == "els" and r["path"] == "studio")
@@ -123,7 +123,8 @@ def test_bench_local_rows_and_naive_els(tmp_path):
     assert all(r["rel_err"] < 1e-4 for r in rows if "seconds" in r)
     assert "interpreter" in next(r for r in rows if r["path"] == "triton")["skipped"]
     assert "CUDA device" in next(r for r in rows if r["path"] == "cuda" and r["method"] == "ls")["skipped"]
-    assert "Triton only" in next(r for r in rows if r["path"] == "cuda" and r["method"] == "pca_locality")["skipped"]
+    assert "Triton and C++ only" in next(r for r in rows
+                                         if r["path"] == "cuda" and r["method"] == "pca_locality")["skipped"]
     assert "| els | 3 | 20 | 1 | torch |" in local_table(rows)
     assert "| pspc | 3 | 20 | 1 | torch |" in local_table(rows)
     pca = next(r for r in rows if r["method"] == "pca_locality" and r["path"] == "torch")

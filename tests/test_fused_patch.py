@@ -1,6 +1,6 @@
 """The fused local-family kernels against the float64 torch reference: the ELS / bbELS patch kernel (implicit
-im2col), LS and PSPC on the same-position kernel — each on both fused backends, Triton and CUDA (the ``fused``
-fixture) — and pca_locality's sparse-stencil coordinate kernel (Triton only).
+im2col), LS and PSPC on the same-position kernel — each on every fused backend, Triton, CUDA and C++ (the ``fused``
+fixture) — and pca_locality's sparse-stencil coordinate kernel (Triton and C++: ``coordinate_fused``).
 
 CPU: Triton under the interpreter (conftest.py sets TRITON_INTERPRET=1) and the CUDA sources under the host SIMT
 emulator (tests/cuda_emu); GPU: compiled Triton (TRITON_INTERPRET=0) and the built CUDA extension.
@@ -210,9 +210,13 @@ def test_cuda_patch_kernel_argument_errors(cuda_fused):
 
 # ------------------------------------------------------------------------------ pca_locality (sparse stencils)
 def test_stencil_table_and_chunk_cuts():
-    from analytic_diffusion.ops.triton_coordinate import _chunk_splits, stencil_table
+    from analytic_diffusion.ops.fused_coordinate import _chunk_splits, cached_stencil_table, stencil_table
     mask = torch.tensor([[1, 0, 0], [1, 0, 1], [0, 0, 1]], dtype=torch.bool)  # column m = support of output m
     assert stencil_table(mask).tolist() == [[0, -1, 1], [1, -1, 2]]
+    assert cached_stencil_table(mask) is cached_stencil_table(mask)  # one table per mask in use
+    mask[2, 1] = True  # an in-place change is seen
+    assert cached_stencil_table(mask).tolist() == [[0, 2, 1], [1, -1, 2]]
+    assert stencil_table(torch.zeros(4, 4, dtype=torch.bool)).shape == (0, 4)
     assert _chunk_splits(10, 0, 4) == ([0, 4, 8, 10], [0, 1, 2])
     assert _chunk_splits(10, 10, 4) == ([0, 2, 6, 10], [2, 3, 4])  # chunk 2 = stored 8, 9 + mirrors 0, 1
     assert _chunk_splits(8, 8, 4) == ([0, 4, 8], [2, 3])
@@ -226,11 +230,15 @@ def random_mask(rng, d, density):
 
 
 @pytest.mark.parametrize("keys,splits", [(torch.uint8, 50), (torch.float32, 1)])
-def test_coordinate_kernel_matches_reference(rng, keys, splits, monkeypatch):
+def test_coordinate_kernel_matches_reference(coordinate_fused, rng, keys, splits, monkeypatch):
     """Every σ, flips, labels, exact and chunk-averaged softmax; prime N, D = 70 (not a multiple of the tile)."""
-    from analytic_diffusion.ops import triton_coordinate
+    from analytic_diffusion.ops import cpu_backend, fused_coordinate
     from analytic_diffusion.ops.local_retrieval import coordinate_retrieval
-    monkeypatch.setattr(triton_coordinate, "TARGET_PROGRAMS", splits)  # 50: several candidate splits to combine
+    monkeypatch.setattr(fused_coordinate, "TARGET_PROGRAMS", splits)  # 50: several candidate splits to combine
+    monkeypatch.setattr(fused_coordinate, "CPU_TARGET_TASKS", splits)
+    monkeypatch.setattr(fused_coordinate, "CPU_MIN_SPLIT", 5)
+    monkeypatch.setattr(cpu_backend, "poison_outputs", True)
+    dev = coordinate_fused.device
     c, h, w = 2, 5, 7
     labels = torch.randint(0, 2, (37,), generator=rng)
     kb = bank(rng, 37, c, h, w, labels, keys)
@@ -243,40 +251,42 @@ def test_coordinate_kernel_matches_reference(rng, keys, splits, monkeypatch):
                                               (1.0, True, ql, "chunked", 8), (1e3, False, None, "chunked", 5)):
             ref = coordinate_retrieval(x.double(), kb, sigma, mask, flips=flips, query_labels=lab, softmax=softmax,
                                        chunk_size=chunk, dtype=torch.float64, backend="torch")
-            got = coordinate_retrieval(x.to(DEVICE), on_device(kb), sigma, mask.to(DEVICE), flips=flips,
-                                       query_labels=None if lab is None else lab.to(DEVICE), softmax=softmax,
-                                       chunk_size=chunk, backend="triton")
+            got = coordinate_retrieval(x.to(dev), on_device(kb, dev), sigma, mask.to(dev), flips=flips,
+                                       query_labels=None if lab is None else lab.to(dev), softmax=softmax,
+                                       chunk_size=chunk, backend=coordinate_fused.name)
             assert got.dtype == torch.float32 and rel(got.cpu(), ref) <= 1e-4, (sigma, flips, softmax)
 
 
-def test_coordinate_kernel_full_mask_is_optimal_and_errors(rng):
+def test_coordinate_kernel_full_mask_is_optimal_and_errors(coordinate_fused, rng):
     from analytic_diffusion.ops import softmax_retrieval
     from analytic_diffusion.ops.local_retrieval import coordinate_retrieval
+    dev, name = coordinate_fused.device, coordinate_fused.name
     kb = bank(rng, 9, 1, 3, 4)
     x = torch.rand(2, 1, 3, 4, generator=rng) * 2 - 1
     full = torch.ones(12, 12, dtype=torch.bool)
-    got = coordinate_retrieval(x.to(DEVICE), on_device(kb), 0.3, full.to(DEVICE), backend="triton")
+    got = coordinate_retrieval(x.to(dev), on_device(kb, dev), 0.3, full.to(dev), backend=name)
     ref = softmax_retrieval(x.reshape(2, -1).double(), kb, 0.3, backend="torch", dtype=torch.float64).mean
     assert rel(got.cpu().reshape(2, -1), ref) <= 1e-4
     with pytest.raises(ValueError, match="dtype"):
-        coordinate_retrieval(x.to(DEVICE).double(), on_device(kb), 0.3, full.to(DEVICE), dtype=torch.float64,
-                             backend="triton")
+        coordinate_retrieval(x.to(dev).double(), on_device(kb, dev), 0.3, full.to(dev), dtype=torch.float64,
+                             backend=name)
     with pytest.raises(ValueError, match="no allowed candidate"):
         kl = bank(rng, 4, 1, 3, 4, labels=torch.tensor([0, 0, 1, 1]))
-        coordinate_retrieval(x.to(DEVICE), on_device(kl), 0.3, full.to(DEVICE),
-                             query_labels=torch.tensor([0, 2], device=DEVICE), backend="triton")
+        coordinate_retrieval(x.to(dev), on_device(kl, dev), 0.3, full.to(dev),
+                             query_labels=torch.tensor([0, 2], device=dev), backend=name)
     with pytest.raises(ValueError, match="backend"):
         make_denoiser("pca_locality", Dataset(torch.zeros(3, 1, 4, 4, dtype=torch.uint8)), backend="cuda")
 
 
-def test_pca_locality_on_mnist(rng):
+def test_pca_locality_on_mnist(coordinate_fused, rng):
     """The real Wiener masks of MNIST (θ = 0.005: ~21 of 784 inputs per output at σ = 0.5), the denoiser end to end."""
+    dev = coordinate_fused.device
     ds = load_dataset("mnist").subset(40, random=True, seed=3)
     x = ds.images_float()[:1] + 0.5 * torch.randn(1, 1, 28, 28, generator=rng)
     for sigma, softmax, chunk in ((0.05, "exact", None), (0.5, "exact", None), (5.0, "exact", None),
                                   (0.5, "chunked", 20)):
         ref = make_denoiser("pca_locality", ds, backend="torch", dtype=torch.float64, softmax=softmax,
                             chunk_size=chunk)(x.double(), sigma)
-        got = make_denoiser("pca_locality", ds.to(DEVICE) if DEVICE.type == "cuda" else ds, backend="triton",
-                            softmax=softmax, chunk_size=chunk)(x.to(DEVICE), sigma)
+        got = make_denoiser("pca_locality", ds.to(dev) if dev.type == "cuda" else ds, backend=coordinate_fused.name,
+                            softmax=softmax, chunk_size=chunk)(x.to(dev), sigma)
         assert rel(got.cpu(), ref) <= 1e-4, (sigma, softmax)

@@ -39,8 +39,9 @@ class PCALocality(LocalDenoiser):
         purpose is parity with the studio's published numbers (they used the DataLoader batch, 256 or 512).
         With ``chunk_size`` = N (one block) it equals the exact mode.
       ``chunk_size`` — the WSSM block size K ≥ 1 (required with ``softmax="chunked"``, rejected otherwise).
-      ``backend`` — ``auto`` (the fused Triton kernel, masks as sparse stencils, for float32 on CUDA; else the
-        reference), ``torch`` (the reference: dense mask matmul) or ``triton``.
+      ``backend`` — ``auto`` (for float32 work the fused kernel with the masks as sparse stencils: Triton on CUDA,
+        the C++ kernel on the CPU; else the reference), ``torch`` (the reference: dense mask matmul), ``triton`` or
+        ``cpu``.
       Plus ``flips`` (default: the dataset's flag), ``temperature``, ``dtype``, ``memory_budget``.
 
     There is no patch size: ``patch`` is not accepted (the Wiener masks carry the locality).

@@ -7,7 +7,8 @@ so the result does not depend on how many threads ran it.
 
 Global retrieval: :func:`softmax_partial`, :func:`knn`. The local family's patch softmax (ELS / bbELS, LS, PSPC):
 :func:`patch_partials`, the same per-split contract as the Triton and CUDA patch kernels, driven by
-:mod:`analytic_diffusion.ops.fused_patch`.
+:mod:`analytic_diffusion.ops.fused_patch`. pca_locality's coordinate softmax: :func:`coordinate_partials`, the
+Triton coordinate kernel's contract, driven by :mod:`analytic_diffusion.ops.fused_coordinate`.
 """
 from __future__ import annotations
 
@@ -79,7 +80,7 @@ def knn(q: torch.Tensor, keys: KeyBank, k: int, *, query_labels=None, dtype: tor
 
 
 PATCH_RULES = {"shared": 0, "same_centre": 1, "same_whole": 2}
-poison_outputs = False  # tests: patch_partials fills its outputs with NaN before every call
+poison_outputs = False  # tests: patch_partials and coordinate_partials fill their outputs with NaN before every call
 
 
 def patch_partials(q: torch.Tensor, images: torch.Tensor, image_index: torch.Tensor, positions: torch.Tensor,
@@ -112,3 +113,35 @@ def patch_partials(q: torch.Tensor, images: torch.Tensor, image_index: torch.Ten
                        float(shift), int(splits), PATCH_RULES[rule], num_threads(), m.numpy(), l.numpy(),
                        l2.numpy(), o.numpy())
     return m, l, l2, o
+
+
+def coordinate_queries_per_task() -> int:
+    """Queries one task of the C++ coordinate kernel takes (the driver sizes its candidate splits by it)."""
+    return int(_require().coordinate_queries_per_task)
+
+
+def coordinate_partials(x: torch.Tensor, images: torch.Tensor, stencil: torch.Tensor, value_index: torch.Tensor,
+                        coef2: torch.Tensor, splits: torch.Tensor, *, scale: float, shift: float,
+                        image_labels: Optional[torch.Tensor] = None, query_labels: Optional[torch.Tensor] = None,
+                        poison: Optional[bool] = None):
+    """(m base 2, l, o), each (S, B, D) float32, of pca_locality's coordinate softmax on the C++ CPU kernel: the
+    contract of :func:`analytic_diffusion.kernels.coordinate_retrieval.coordinate_partials`.
+
+    x (B, D) float32; images (N, D) uint8/float32; stencil (NNZ, D) int32 (−1 padded); value_index (D,) int32;
+    coef2 (B,) float32 base 2; splits (S + 1,) int32; labels (N,) and (B,) int64 or both None; all on the CPU.
+    ``poison=True`` (tests; None: the module's ``poison_outputs``) fills the outputs with NaN first.
+    """
+    ext = _require()
+    tensors = {"x": x, "images": images, "stencil": stencil, "value_index": value_index, "coef2": coef2,
+               "splits": splits, "image_labels": image_labels, "query_labels": query_labels}
+    off_cpu = [f"{name} on {t.device}" for name, t in tensors.items() if t is not None and t.device.type != "cpu"]
+    if off_cpu:
+        raise ValueError("backend 'cpu': the coordinate kernel needs every operand on the CPU, got "
+                         + ", ".join(off_cpu))
+    S, B, D = splits.numel() - 1, x.shape[0], x.shape[-1]
+    fill = float("nan") if (poison_outputs if poison is None else poison) else 0.0
+    m, l, o = (torch.full((max(S, 0), B, D), fill, dtype=torch.float32) for _ in range(3))
+    ext.coordinate_partials(_np(x), _np(images), _np(stencil), _np(value_index), _np(coef2), _np(splits),
+                            float(scale), float(shift), _np(image_labels), _np(query_labels), num_threads(),
+                            m.numpy(), l.numpy(), o.numpy())
+    return m, l, o

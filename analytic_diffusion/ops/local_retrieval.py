@@ -464,7 +464,7 @@ def locality_mask(wiener: torch.Tensor, threshold: float) -> torch.Tensor:
     return M >= threshold * M.max()
 
 
-COORDINATE_FUSED_KERNELS = ("triton",)  # pca_locality's fused kernels (no CUDA-extension one)
+COORDINATE_FUSED_KERNELS = ("triton", "cpu")  # pca_locality's fused kernels (no CUDA-extension one)
 
 
 def coordinate_retrieval(x: torch.Tensor, keys: KeyBank, sigma, mask: torch.Tensor, *, temperature: float = 1.0,
@@ -485,9 +485,10 @@ def coordinate_retrieval(x: torch.Tensor, keys: KeyBank, sigma, mask: torch.Tens
     weight (blocks holding no candidate of the sample's class are skipped). That is NOT the posterior mean; it
     exists only to reproduce the studio's numbers (it depends on the block size and on the dataset order).
 
-    ``backend``: ``torch`` (this reference, dense mask matmul), ``triton`` (the fused kernel with the mask as a
-    sparse stencil table: work ∝ the mask's nonzeros instead of D², float32) or ``auto`` (Triton for float32 on
-    CUDA). There is no CUDA-extension kernel for it (``COORDINATE_FUSED_KERNELS``): ``cuda`` is an error.
+    ``backend``: ``torch`` (this reference, dense mask matmul), ``triton`` or ``cpu`` (the fused Triton / C++
+    kernels with the mask as a sparse stencil table: work ∝ the mask's nonzeros instead of D², float32) or
+    ``auto`` (for float32 work: Triton on CUDA, the C++ kernel on the CPU). There is no CUDA-extension kernel for
+    it (``COORDINATE_FUSED_KERNELS``): ``cuda`` is an error.
     """
     if softmax not in SOFTMAX_MODES:
         raise ValueError(f"softmax: expected one of {', '.join(SOFTMAX_MODES)}, got {softmax!r}")
@@ -504,9 +505,10 @@ def coordinate_retrieval(x: torch.Tensor, keys: KeyBank, sigma, mask: torch.Tens
     mask = mask.to(dev)
     xf = x.reshape(B, D)
     from .patch_retrieval import choose_patch_backend
-    if choose_patch_backend(backend, x, keys, dtype, fused=COORDINATE_FUSED_KERNELS)[0] == "triton":
-        return _coordinate_retrieval_triton(xf, keys, coef, mask, query_labels, flips, chunk_size, dtype
-                                            ).reshape(x.shape)
+    name = choose_patch_backend(backend, x, keys, dtype, fused=COORDINATE_FUSED_KERNELS)[0]
+    if name != "torch":
+        return _coordinate_retrieval_fused(name, xf, keys, coef, mask, query_labels, flips, chunk_size, dtype
+                                           ).reshape(x.shape)
     item = _item(dtype)
     mb = max(1, min(D, (int(memory_budget) // 4) // max(1, D * item)))  # output coordinates per block
     per_cand = item * (2 * D + B * (2 * D + 5 * mb))
@@ -558,10 +560,11 @@ def coordinate_retrieval(x: torch.Tensor, keys: KeyBank, sigma, mask: torch.Tens
     return (o / l).reshape(x.shape)
 
 
-def _coordinate_retrieval_triton(xf, keys: KeyBank, coef, mask, query_labels, flips: bool, chunk_size, dtype):
-    from . import fused_patch, triton_coordinate
-    fused_patch.require_fused_inputs(xf, keys, dtype, "pca_locality", "triton")
-    mean, had = triton_coordinate.coordinate_mean(xf, keys, coef, mask, query_labels=query_labels, flips=flips,
-                                                  chunk_size=chunk_size)
+def _coordinate_retrieval_fused(backend: str, xf, keys: KeyBank, coef, mask, query_labels, flips: bool, chunk_size,
+                                dtype):
+    from . import fused_coordinate, fused_patch
+    fused_patch.require_fused_inputs(xf, keys, dtype, "pca_locality", backend)
+    mean, had = fused_coordinate.coordinate_mean(xf, keys, coef, mask, query_labels=query_labels, flips=flips,
+                                                 chunk_size=chunk_size, backend=backend)
     _require_candidates(had.to(torch.float32), "query_labels")
     return mean

@@ -10,6 +10,7 @@
 #include <cstdint>
 #include <string>
 
+#include "coordinate.h"
 #include "patch.h"
 #include "retrieval.h"
 
@@ -236,6 +237,71 @@ void patch_partials(const py::object& queries, const py::object& images_o, const
   ad_cpu::patch_partials(p, splits, num_threads, out[0], out[1], out[2], out[3]);
 }
 
+
+// pca_locality's coordinate-softmax partials (coordinate.h) into caller-allocated m, l, o (S, B, D), which the
+// kernel overwrites completely.
+void coordinate_partials(const py::object& x_o, const py::object& images_o, const py::object& stencil_o,
+                         const py::object& value_index_o, const py::object& coef2_o, const py::object& splits_o,
+                         double scale, double shift, const py::object& image_labels_o,
+                         const py::object& query_labels_o, int num_threads, const py::object& m_o,
+                         const py::object& l_o, const py::object& o_o) {
+  ad_cpu::CoordinateProblem p;
+  if (!std::isfinite(scale) || !std::isfinite(shift)) throw py::value_error("scale, shift: expected finite numbers");
+  py::array images = as_array(images_o, "images");
+  if (is_dtype<uint8_t>(images)) p.key_type = ad_patch::kPatchKeysU8;
+  else if (is_dtype<float>(images)) p.key_type = ad_patch::kPatchKeysF32;
+  else throw py::type_error("images: expected uint8 or float32, got " + dtype_name(images));
+  require_layout(images, "images", 2);
+  p.images = images.data();
+  p.N = images.shape(0);
+  p.D = images.shape(1);
+  p.x = checked_data<float>(x_o, "x", 2);
+  p.B = py::reinterpret_borrow<py::array>(x_o).shape(0);
+  require_shape(x_o, "x", {p.B, p.D});
+  p.stencil = checked_data<int32_t>(stencil_o, "stencil", 2);
+  p.nnz = py::reinterpret_borrow<py::array>(stencil_o).shape(0);
+  require_shape(stencil_o, "stencil", {p.nnz, p.D});
+  for (int64_t i = 0; i < p.nnz * p.D; ++i)
+    if (p.stencil[i] < -1 || p.stencil[i] >= p.D)
+      throw py::value_error("stencil: entries must be -1 (padding) or lie in [0, " + std::to_string(p.D) + ")");
+  p.value_index = checked_data<int32_t>(value_index_o, "value_index", 1);
+  require_shape(value_index_o, "value_index", {p.D});
+  for (int64_t i = 0; i < p.D; ++i)
+    if (p.value_index[i] < 0 || p.value_index[i] >= p.D)
+      throw py::value_error("value_index: entries must lie in [0, " + std::to_string(p.D) + ")");
+  p.coef2 = checked_data<float>(coef2_o, "coef2", 1);
+  require_shape(coef2_o, "coef2", {p.B});
+  p.splits = checked_data<int32_t>(splits_o, "splits", 1);
+  const py::ssize_t ns = py::reinterpret_borrow<py::array>(splits_o).shape(0);
+  if (ns < 1) throw py::value_error("splits: expected at least one boundary");
+  p.S = ns - 1;
+  for (int64_t i = 0; i <= p.S; ++i)
+    if (p.splits[i] < 0 || p.splits[i] > p.N || (i > 0 && p.splits[i] < p.splits[i - 1]))
+      throw py::value_error("splits: expected non-decreasing boundaries within [0, " + std::to_string(p.N) + "]");
+  if (image_labels_o.is_none() != query_labels_o.is_none())
+    throw py::value_error("image_labels, query_labels: give both or neither");
+  if (!image_labels_o.is_none()) {
+    p.image_labels = checked_data<int64_t>(image_labels_o, "image_labels", 1);
+    require_shape(image_labels_o, "image_labels", {p.N});
+    p.query_labels = checked_data<int64_t>(query_labels_o, "query_labels", 1);
+    require_shape(query_labels_o, "query_labels", {p.B});
+  }
+  p.scale = static_cast<float>(scale);
+  p.shift = static_cast<float>(shift);
+  float* out[3];
+  const char* names[3] = {"m", "l", "o"};
+  const py::object* objs[3] = {&m_o, &l_o, &o_o};
+  for (int i = 0; i < 3; ++i) {
+    checked_data<float>(*objs[i], names[i], 3);
+    require_shape(*objs[i], names[i], {p.S, p.B, p.D});
+    py::array a = py::reinterpret_borrow<py::array>(*objs[i]);
+    if (!a.writeable()) throw py::value_error(std::string(names[i]) + ": expected a writeable array");
+    out[i] = static_cast<float*>(a.mutable_data());
+  }
+  py::gil_scoped_release release;
+  ad_cpu::coordinate_partials(p, num_threads, out[0], out[1], out[2]);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_cpu, mod) {
@@ -263,6 +329,14 @@ ascending, ties by the smaller index; rows with fewer than k allowed candidates 
 l2 (S, R) and o (S, R, V) float32: logit = -coef2[r] * sum_f (queries[r, f] - patch_f)^2 in base 2, patches of
 images[image_index] (uint8 / float32, value scale * u + shift, zero outside) centred at positions (shared, or one
 per row). S = patch_num_splits(len(image_index), splits); V = C, or C*k*k for rule 2.)doc");
+  mod.def("coordinate_partials", &coordinate_partials, py::arg("x"), py::arg("images"), py::arg("stencil"),
+          py::arg("value_index"), py::arg("coef2"), py::arg("splits"), py::arg("scale"), py::arg("shift"),
+          py::arg("image_labels"), py::arg("query_labels"), py::arg("num_threads"), py::arg("m"), py::arg("l"),
+          py::arg("o"),
+          R"doc(Per-split partials of pca_locality's coordinate softmax written into m, l, o (S, B, D) float32: for output
+coordinate c, logit_j = -coef2[b] * sum over the stencil's column c (-1 = padding) of (x[b, n] - y_j[n])^2 in base 2,
+value y_j[value_index[c]], candidates y_j = scale * images[j] + shift (uint8 / float32 (N, D)) for j in
+splits[s] .. splits[s + 1] - 1, restricted to image_labels[j] == query_labels[b] when labels (int64) are given.)doc");
   mod.def("patch_num_splits", &ad_cpu::patch_num_splits, py::arg("n_img"), py::arg("splits"),
           "Leading dimension S of patch_partials' outputs for n_img images asked to run in `splits` pieces.");
   mod.def("patch_isa", []() { return std::string(ad_cpu::patch_kernels_selected().isa); },
@@ -272,5 +346,6 @@ per row). S = patch_num_splits(len(image_index), splits); V = C, or C*k*k for ru
           "AD_CPU_ISA=base|avx2|avx512 caps it; read at every call).");
   mod.def("num_segments", &ad_cpu::num_segments, py::arg("n"),
           "Number of candidate segments combined in order for n candidates (independent of threads).");
+  mod.attr("coordinate_queries_per_task") = py::int_(ad_cpu::kCoordinateQueries);
   mod.attr("openmp") = py::bool_(AD_WITH_OPENMP != 0);
 }

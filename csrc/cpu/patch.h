@@ -26,6 +26,7 @@
 #include <cstdint>
 
 #include "../common/patch_contract.h"
+#include "coordinate.h"
 
 namespace ad_cpu {
 
@@ -66,12 +67,14 @@ using PatchSameTask = void (*)(const PatchProblem&, const PatchRun* runs, int64_
 // Query rows per shared-rule task: each image buffer is built once per task and serves this many rows.
 constexpr int64_t kPatchSharedRows = 32;
 
+// The local family's task kernels of one instruction set (the patch rules, and pca_locality's coordinate softmax).
 struct PatchKernelTable {
   const char* isa;
   int lanes;  // fp32 lanes of one vector: the longest run a same-position task takes
   PatchSharedTask shared;
   PatchSameTask same_centre;
   PatchSameTask same_whole;
+  CoordinateTask coordinate;
 };
 
 const PatchKernelTable& patch_kernels_base();

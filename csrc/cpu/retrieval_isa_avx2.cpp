@@ -26,6 +26,7 @@
 #define AD_LANE_BYTES 32  // one AVX register per (query, row) pair: 8 accumulators in the 2x4 block
 #include "retrieval_isa_impl.h"
 #include "patch_isa_impl.h"
+#include "coordinate_isa_impl.h"
 #if defined(__clang__)
 #pragma clang attribute pop
 #endif
@@ -49,7 +50,8 @@ const KernelTable* kernels_avx2() {
 const PatchKernelTable* patch_kernels_avx2() {
 #if AD_HAVE_AVX2_KERNELS
   static const PatchKernelTable table{"avx2", isa_avx2::kPatchLanes, &isa_avx2::patch_shared_task,
-                                      &isa_avx2::patch_same_task<false>, &isa_avx2::patch_same_task<true>};
+                                      &isa_avx2::patch_same_task<false>, &isa_avx2::patch_same_task<true>,
+                                      &isa_avx2::coordinate_task};
   return &table;
 #else
   return nullptr;

@@ -26,6 +26,7 @@
 #define AD_LANE_BYTES 64  // one AVX-512 register per (query, row) pair: 8 of the 32 registers in the 2x4 block
 #include "retrieval_isa_impl.h"
 #include "patch_isa_impl.h"
+#include "coordinate_isa_impl.h"
 #if defined(__clang__)
 #pragma clang attribute pop
 #endif
@@ -49,7 +50,8 @@ const KernelTable* kernels_avx512() {
 const PatchKernelTable* patch_kernels_avx512() {
 #if AD_HAVE_AVX512_KERNELS
   static const PatchKernelTable table{"avx512", isa_avx512::kPatchLanes, &isa_avx512::patch_shared_task,
-                                      &isa_avx512::patch_same_task<false>, &isa_avx512::patch_same_task<true>};
+                                      &isa_avx512::patch_same_task<false>, &isa_avx512::patch_same_task<true>,
+                                      &isa_avx512::coordinate_task};
   return &table;
 #else
   return nullptr;

@@ -14,6 +14,7 @@
 #define AD_LANE_BYTES 16  // one SSE / NEON register per (query, row) pair: 8 accumulators in the 2x4 block
 #include "retrieval_isa_impl.h"
 #include "patch_isa_impl.h"
+#include "coordinate_isa_impl.h"
 
 namespace ad_cpu {
 
@@ -25,7 +26,8 @@ const KernelTable& kernels_base() {
 
 const PatchKernelTable& patch_kernels_base() {
   static const PatchKernelTable table{"base", isa_base::kPatchLanes, &isa_base::patch_shared_task,
-                                      &isa_base::patch_same_task<false>, &isa_base::patch_same_task<true>};
+                                      &isa_base::patch_same_task<false>, &isa_base::patch_same_task<true>,
+                                      &isa_base::coordinate_task};
   return table;
 }
 

@@ -57,6 +57,17 @@ def emulated_cuda(tmp_path_factory):
     return build.build(str(tmp_path_factory.mktemp("cuda_emu")))
 
 
+@pytest.fixture
+def cpu_kernels(monkeypatch):
+    """The C++ extension (a failure, not a skip, where it is not built: the package builds it everywhere), with the
+    local-family kernels' outputs filled with NaN before every call, so that a slot left unwritten shows."""
+    from analytic_diffusion.ops import cpu_backend
+    if not cpu_backend.available():
+        pytest.fail("the C++ extension analytic_diffusion._cpu is not built (pip install -e .)", pytrace=False)
+    monkeypatch.setattr(cpu_backend, "poison_outputs", True)
+    return cpu_backend._cpu
+
+
 @pytest.fixture(params=["triton", "cuda", "cpu"])
 def fused(request):
     """(backend name, device) of each fused local-family backend: Triton (the interpreter on CPU), CUDA (the real

@@ -13,15 +13,8 @@ from analytic_diffusion.denoisers import make_denoiser
 from analytic_diffusion.ops import cpu_backend
 from analytic_diffusion.ops.fused_coordinate import stencil_table
 
-if not cpu_backend.available():  # pragma: no cover - the package builds it everywhere
-    pytest.fail("the C++ extension analytic_diffusion._cpu is not built (pip install -e .)", pytrace=False)
-
+pytestmark = pytest.mark.usefixtures("cpu_kernels")  # built (else a failure), outputs poisoned
 ext = cpu_backend._cpu
-
-
-@pytest.fixture(autouse=True)
-def poisoned(monkeypatch):
-    monkeypatch.setattr(cpu_backend, "poison_outputs", True)
 
 
 def contract_partials(x, y, mask, vidx, coef2, cuts, image_labels=None, query_labels=None):

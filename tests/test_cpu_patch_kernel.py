@@ -13,15 +13,8 @@ from analytic_diffusion.ops.fused_patch import _finish, patch_partial
 from analytic_diffusion.ops.patch_retrieval import interior_positions, patch_softmax_partial
 from reference import check_patch_contract, rel, uint8_bank
 
-if not cpu_backend.available():  # pragma: no cover - the package builds it everywhere
-    pytest.fail("the C++ extension analytic_diffusion._cpu is not built (pip install -e .)", pytrace=False)
-
+pytestmark = pytest.mark.usefixtures("cpu_kernels")  # built (else a failure), outputs poisoned
 ext = cpu_backend._cpu
-
-
-@pytest.fixture(autouse=True)
-def poisoned(monkeypatch):
-    monkeypatch.setattr(cpu_backend, "poison_outputs", True)
 
 
 @pytest.mark.parametrize("isa", ["base", "avx2", "avx512"])

@@ -28,17 +28,11 @@ void coordinate_partials(const CoordinateProblem& p, int num_threads, float* m, 
   const PatchKernelTable& kt = patch_kernels_selected();
   const int64_t groups = (p.B + kCoordinateQueries - 1) / kCoordinateQueries;
   const int64_t ntasks = groups * p.S;
-  const int nt = resolve_threads(num_threads, ntasks);
-  const int64_t per_thread = coordinate_scratch_floats(p.D, kt.lanes);
-  std::vector<float> scratch(static_cast<size_t>(nt) * per_thread);
-#if AD_WITH_OPENMP
-#pragma omp parallel for schedule(dynamic, 1) num_threads(nt) if (nt > 1)
-#endif
-  for (int64_t t = 0; t < ntasks; ++t) {
+  run_tasks(ntasks, num_threads, coordinate_scratch_floats(p.D, kt.lanes), [&](int64_t t, float* buf) {
     const int64_t s = t / groups, g = t % groups;
     const int64_t b0 = g * kCoordinateQueries, b1 = std::min(p.B, b0 + kCoordinateQueries);
-    kt.coordinate(p, sup, s, b0, b1, m, l, o, scratch.data() + static_cast<int64_t>(thread_id()) * per_thread);
-  }
+    kt.coordinate(p, sup, s, b0, b1, m, l, o, buf);
+  });
 }
 
 }  // namespace ad_cpu

@@ -60,17 +60,10 @@ void patch_partials(const PatchProblem& p, int64_t splits, int num_threads, floa
   const int64_t per_task = shared ? kPatchSharedRows : patch_same_runs_per_task(p, kt.lanes);
   const int64_t units = ((shared ? R : n_runs) + per_task - 1) / per_task;
   const int64_t ntasks = units * S;
-  const int nt = resolve_threads(num_threads, ntasks);
-  const int64_t per_thread = patch_scratch_floats(p, kt.lanes);
-  std::vector<float> scratch(static_cast<size_t>(nt) * per_thread);
-#if AD_WITH_OPENMP
-#pragma omp parallel for schedule(dynamic, 1) num_threads(nt) if (nt > 1)
-#endif
-  for (int64_t t = 0; t < ntasks; ++t) {
+  run_tasks(ntasks, num_threads, patch_scratch_floats(p, kt.lanes), [&](int64_t t, float* buf) {
     // split-major: consecutive tasks scan the same images, which then stay in cache
     const int64_t s = t / units, u = t % units;
     const int64_t i0 = s * per, i1 = std::min(p.n_img, i0 + per);
-    float* buf = scratch.data() + static_cast<int64_t>(thread_id()) * per_thread;
     if (shared) {
       const int64_t r0 = u * per_task, r1 = std::min(R, r0 + per_task), slot = s * R + r0;
       kt.shared(p, runs.data(), n_runs, r0, r1, i0, i1, m + slot, l + slot, l2 + slot, o + slot * V, buf);
@@ -79,7 +72,7 @@ void patch_partials(const PatchProblem& p, int64_t splits, int num_threads, floa
       (p.rule == kPatchSameWhole ? kt.same_whole : kt.same_centre)(p, runs.data() + g0, g1 - g0, i0, i1, m + slot,
                                                                    l + slot, l2 + slot, o + slot * V, buf);
     }
-  }
+  });
 }
 
 }  // namespace ad_cpu

@@ -16,7 +16,7 @@ from analytic_diffusion.denoisers import make_denoiser  # noqa: E402
 from analytic_diffusion.ops import KeyBank  # noqa: E402
 from analytic_diffusion.ops import triton_backend as T  # noqa: E402
 from analytic_diffusion.ops.patch_retrieval import choose_patch_backend, patch_softmax_partial  # noqa: E402
-from reference import check_patch_contract, rel  # noqa: E402
+from reference import check_patch_contract, float32_tolerance, rel, row_rel  # noqa: E402
 
 if T.unavailable_reason(torch.device("cpu") if T.interpreting() else torch.device("cuda")) is not None:
     pytest.skip("Triton kernels need a CUDA device or TRITON_INTERPRET=1", allow_module_level=True)
@@ -157,11 +157,15 @@ def test_pspc_on_the_same_position_kernel(fused, rng, keys, k):
     x = torch.rand(3, 2, 5, 6, generator=rng) * 2 - 1
     ql = torch.tensor([1, 0, 1])
     for sigma, flips, lab in ((1e-3, True, None), (0.3, True, ql), (1e3, False, ql)):
-        ref = pspc_square(x.double(), kb, sigma, patch=k, flips=flips, query_labels=lab, dtype=torch.float64,
-                          backend="torch")
+        def reference(xi):
+            return pspc_square(xi, kb, sigma, patch=k, flips=flips, query_labels=lab, dtype=torch.float64,
+                               backend="torch")
+        ref = reference(x.double())
         got = pspc_square(x.to(fused.device), on_device(kb, fused.device), sigma, patch=k, flips=flips,
                           query_labels=None if lab is None else lab.to(fused.device), backend=fused.name)
-        assert got.dtype == torch.float32 and rel(got.cpu(), ref) <= 1e-4, (sigma, flips)
+        # k = 1 at σ = 1e-3: single-pixel crops nearly tie in float32 (see float32_tolerance)
+        tol = float32_tolerance(reference, x.double(), ref)
+        assert got.dtype == torch.float32 and bool((row_rel(got.cpu(), ref) <= tol).all()), (sigma, flips)
 
 
 def test_pspc_denoiser_on_mnist(fused, rng):

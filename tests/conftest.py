@@ -75,9 +75,9 @@ def fused(request):
     return _fused_backend(request)
 
 
-@pytest.fixture(params=["triton", "cpu"])
+@pytest.fixture(params=["triton", "cuda", "cpu"])
 def coordinate_fused(request):
-    """(backend name, device) of pca_locality's fused backends: Triton and the C++ CPU kernel (no CUDA one)."""
+    """(backend name, device) of pca_locality's fused backends, as ``fused``."""
     return _fused_backend(request)
 
 

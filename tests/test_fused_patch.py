@@ -1,6 +1,6 @@
 """The fused local-family kernels against the float64 torch reference: the ELS / bbELS patch kernel (implicit
 im2col), LS and PSPC on the same-position kernel — each on every fused backend, Triton, CUDA and C++ (the ``fused``
-fixture) — and pca_locality's sparse-stencil coordinate kernel (Triton and C++: ``coordinate_fused``).
+fixture) — and pca_locality's sparse-stencil coordinate kernel (on the same three: ``coordinate_fused``).
 
 CPU: Triton under the interpreter (conftest.py sets TRITON_INTERPRET=1) and the CUDA sources under the host SIMT
 emulator (tests/cuda_emu); GPU: compiled Triton (TRITON_INTERPRET=0) and the built CUDA extension.
@@ -236,12 +236,13 @@ def random_mask(rng, d, density):
 @pytest.mark.parametrize("keys,splits", [(torch.uint8, 50), (torch.float32, 1)])
 def test_coordinate_kernel_matches_reference(coordinate_fused, rng, keys, splits, monkeypatch):
     """Every σ, flips, labels, exact and chunk-averaged softmax; prime N, D = 70 (not a multiple of the tile)."""
-    from analytic_diffusion.ops import cpu_backend, fused_coordinate
+    from analytic_diffusion.ops import cpu_backend, cuda_backend, fused_coordinate
     from analytic_diffusion.ops.local_retrieval import coordinate_retrieval
     monkeypatch.setattr(fused_coordinate, "TARGET_PROGRAMS", splits)  # 50: several candidate splits to combine
     monkeypatch.setattr(fused_coordinate, "CPU_TARGET_TASKS", splits)
     monkeypatch.setattr(fused_coordinate, "CPU_MIN_SPLIT", 5)
     monkeypatch.setattr(cpu_backend, "poison_outputs", True)
+    monkeypatch.setattr(cuda_backend, "poison_outputs", True)
     dev = coordinate_fused.device
     c, h, w = 2, 5, 7
     labels = torch.randint(0, 2, (37,), generator=rng)
@@ -279,7 +280,7 @@ def test_coordinate_kernel_full_mask_is_optimal_and_errors(coordinate_fused, rng
         coordinate_retrieval(x.to(dev), on_device(kl, dev), 0.3, full.to(dev),
                              query_labels=torch.tensor([0, 2], device=dev), backend=name)
     with pytest.raises(ValueError, match="backend"):
-        make_denoiser("pca_locality", Dataset(torch.zeros(3, 1, 4, 4, dtype=torch.uint8)), backend="cuda")
+        make_denoiser("pca_locality", Dataset(torch.zeros(3, 1, 4, 4, dtype=torch.uint8)), backend="cudnn")
 
 
 def test_pca_locality_on_mnist(coordinate_fused, rng):

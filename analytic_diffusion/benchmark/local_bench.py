@@ -1,11 +1,11 @@
 """Side-by-side timings of the local family (LS, ELS, bbELS, PSPC, pca_locality) per image per step: the torch
-reference, the C++ CPU kernel, the fused Triton kernels, the CUDA-extension kernels (the last two on a GPU; the
-CUDA ones for all but pca_locality) and, for ELS, two PyTorch baselines: ``naive`` (unfold every training patch,
-cdist, softmax; where it fits) and ``studio`` (the Analytic Diffusion Studio's els_machine formulation: per chunk
-of training images one conv2d with every patch of the chunk as a filter, logits and weights materialised, online
-softmax across chunks). pca_locality has no patch size (its rows carry k = None) and its torch reference IS the
-dense-mask formulation (a (B·N, D) × (D, D) matmul per σ), so its "× reference" is the gain of the sparse stencils; the row records the mask's mean support (inputs per
-output) that this gain depends on.
+reference, the C++ CPU kernel, the fused Triton kernels, the CUDA-extension kernels (the last two on a GPU) and,
+for ELS, two PyTorch baselines: ``naive`` (unfold every training patch, cdist, softmax; where it fits) and
+``studio`` (the Analytic Diffusion Studio's els_machine formulation: per chunk of training images one conv2d with
+every patch of the chunk as a filter, logits and weights materialised, online softmax across chunks).
+pca_locality has no patch size (its rows carry k = None) and its torch reference IS the dense-mask formulation (a
+(B·N, D) × (D, D) matmul per σ), so its "× reference" is the gain of the sparse stencils; the row records the
+mask's mean support (inputs per output) that this gain depends on.
 
 ELS / bbELS rows on a GPU with known peaks carry the exp / MMA roofline floor per image per step
 (:func:`~analytic_diffusion.benchmark.roofline.patch_floor_seconds`, kernel-performance.md §7.3) and the floor of
@@ -111,9 +111,6 @@ def _unavailable(path: str, method: str, device: torch.device) -> Optional[str]:
         return triton_backend.unavailable_reason(device)
     if path == "cuda":
         from ..ops import cuda_backend
-        from ..ops.local_retrieval import COORDINATE_FUSED_KERNELS
-        if method == "pca_locality" and path not in COORDINATE_FUSED_KERNELS:
-            return "no CUDA-extension kernel for pca_locality (Triton and C++ only)"
         if device.type != "cuda":
             return f"the CUDA kernels need a CUDA device, got {device}"
         return cuda_backend.unavailable_reason()

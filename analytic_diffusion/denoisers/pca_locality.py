@@ -40,8 +40,8 @@ class PCALocality(LocalDenoiser):
         With ``chunk_size`` = N (one block) it equals the exact mode.
       ``chunk_size`` — the WSSM block size K ≥ 1 (required with ``softmax="chunked"``, rejected otherwise).
       ``backend`` — ``auto`` (for float32 work the fused kernel with the masks as sparse stencils: Triton on CUDA,
-        the C++ kernel on the CPU; else the reference), ``torch`` (the reference: dense mask matmul), ``triton`` or
-        ``cpu``.
+        else the CUDA extension; the C++ kernel on the CPU; else the reference), ``torch`` (the reference: dense
+        mask matmul), ``triton``, ``cuda`` or ``cpu``.
       Plus ``flips`` (default: the dataset's flag), ``temperature``, ``dtype``, ``memory_budget``.
 
     There is no patch size: ``patch`` is not accepted (the Wiener masks carry the locality).

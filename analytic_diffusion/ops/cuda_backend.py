@@ -171,7 +171,7 @@ def knn(q: torch.Tensor, keys: KeyBank, k: int, *, query_labels=None, dtype: tor
 
 
 PATCH_RULES = {"shared": 0, "same_centre": 1, "same_whole": 2}  # = ad_cuda::PatchRule (csrc/cuda/patch_retrieval.cuh)
-poison_outputs = False  # tests: patch_partials fills its outputs with NaN before every launch
+poison_outputs = False  # tests: patch_partials and coordinate_partials fill their outputs with NaN before a launch
 
 
 def patch_partials(q: torch.Tensor, images: torch.Tensor, image_index: torch.Tensor, positions: torch.Tensor,
@@ -212,3 +212,40 @@ def patch_partials(q: torch.Tensor, images: torch.Tensor, image_index: torch.Ten
                            positions.shape[0], code, R, C, H, W, int(k), float(scale), float(shift), _ptr(coef2),
                            float(skip_bits), int(splits), _ptr(m), _ptr(l), _ptr(l2), _ptr(o), int(stream))
     return m, l, l2, o
+
+
+def coordinate_partials(x: torch.Tensor, images: torch.Tensor, stencil: torch.Tensor, value_index: torch.Tensor,
+                        coef2: torch.Tensor, splits: torch.Tensor, *, scale: float, shift: float,
+                        image_labels: Optional[torch.Tensor] = None, query_labels: Optional[torch.Tensor] = None,
+                        poison: Optional[bool] = None):
+    """(m base 2, l, o), each (S, B, D) float32, of pca_locality's coordinate softmax on the CUDA kernel: the
+    contract of :func:`analytic_diffusion.kernels.coordinate_retrieval.coordinate_partials`.
+
+    x (B, D) float32; images (N, D) uint8/float32; stencil (NNZ, D) int32 (−1 padded); value_index (D,) int32;
+    coef2 (B,) float32 base 2; splits (S + 1,) int32; labels (N,) and (B,) int64 or both None; all on the device.
+    ``poison=True`` (tests; None: the module's ``poison_outputs``) fills the outputs with NaN first.
+    """
+    ext = _require()
+    named = (("x", x, (torch.float32,)), ("images", images, SUPPORTED_KEY_DTYPES),
+             ("stencil", stencil, (torch.int32,)), ("value_index", value_index, (torch.int32,)),
+             ("coef2", coef2, (torch.float32,)), ("splits", splits, (torch.int32,)),
+             ("image_labels", image_labels, (torch.int64,)), ("query_labels", query_labels, (torch.int64,)))
+    present = [(name, t, dtypes) for name, t, dtypes in named if t is not None]
+    if not _emulated() and any(t.device.type != "cuda" for _, t, _ in present):
+        raise ValueError("backend 'cuda': the coordinate kernel needs every operand on a CUDA device, got "
+                         + ", ".join(f"{name} on {t.device}" for name, t, _ in present))
+    for name, t, dtypes in present:
+        if t.dtype not in dtypes or not t.is_contiguous():
+            raise ValueError(f"{name}: expected a contiguous tensor of {dtypes}, got {t.dtype}")
+    (B, D), N, S = x.shape, images.shape[0], splits.numel() - 1
+    if tuple(images.shape) != (N, D) or stencil.dim() != 2 or stencil.shape[1] != D or value_index.numel() != D:
+        raise ValueError(f"images, stencil, value_index: expected (N, {D}), (nnz, {D}) and ({D},), got "
+                         f"{tuple(images.shape)}, {tuple(stencil.shape)} and {tuple(value_index.shape)}")
+    fill = float("nan") if (poison_outputs if poison is None else poison) else 0.0
+    m, l, o = (torch.full((max(S, 0), B, D), fill, dtype=torch.float32, device=x.device) for _ in range(3))
+    key_type = ext.KEYS_U8 if images.dtype == torch.uint8 else ext.KEYS_F32
+    with _launch_context(x.device) as stream:
+        ext.coordinate_partials(_ptr(x), _ptr(images), key_type, _ptr(stencil), stencil.shape[0], _ptr(value_index),
+                                _ptr(coef2), _ptr(splits), S, _ptr(image_labels), _ptr(query_labels), B, D, N,
+                                float(scale), float(shift), _ptr(m), _ptr(l), _ptr(o), int(stream))
+    return m, l, o

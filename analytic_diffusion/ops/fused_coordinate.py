@@ -1,7 +1,7 @@
-"""The fused backends of pca_locality's coordinate retrieval, ``triton`` (``kernels.coordinate_retrieval``) and
-``cpu`` (the C++ kernel, csrc/cpu/coordinate.h): the binary mask becomes a stencil table, the kernel scans the
-stored images and, with flips, their mirrors, and the per-split partials are combined here in a fixed order. Both
-kernels share one contract (partials m base 2, l, o per split, query and coordinate). Same semantics as the
+"""The fused backends of pca_locality's coordinate retrieval, ``triton`` (``kernels.coordinate_retrieval``),
+``cuda`` (csrc/cuda/coordinate_retrieval.cuh) and ``cpu`` (the C++ kernel, csrc/cpu/coordinate.h): the binary mask
+becomes a stencil table, the kernel scans the stored images and, with flips, their mirrors, and the per-split
+partials are combined here in a fixed order. The three kernels share one contract (partials m base 2, l, o per split, query and coordinate). Same semantics as the
 reference :func:`analytic_diffusion.ops.local_retrieval.coordinate_retrieval` (its docstring states the rules)."""
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ from .keys import KeyBank
 from .fused_patch import LOG2E, _images
 from .triton_backend import interpreting
 
-# Triton: split the candidates until the grid has this many programs: two waves of an H100's 132 SMs. (Under the
-# CPU interpreter every program costs time, so it gets one split; tests set more to exercise the combine.)
+# Triton / CUDA: split the candidates until the grid has this many programs: two waves of an H100's 132 SMs. (Under
+# the CPU interpreter every program costs time, so it gets one split; tests set more to exercise the combine.)
 TARGET_PROGRAMS = 1 if interpreting() else 264
 # C++: split the candidates until there are this many tasks (split x group of 8 queries), each split keeping at
 # least CPU_MIN_SPLIT candidates. Fixed numbers, not the thread count: results do not depend on the machine.
@@ -75,11 +75,12 @@ def _launch(backend, x, images, stencil, vidx, coef2, cuts, keys, query_labels):
     dev = x.device
     labels = None if query_labels is None else keys.labels.to(dev).to(torch.int64).contiguous()
     qlab = None if query_labels is None else query_labels.to(dev).to(torch.int64).contiguous()
-    if backend == "cpu":
-        from . import cpu_backend
-        return cpu_backend.coordinate_partials(x, images, stencil, vidx, coef2,
-                                               torch.tensor(cuts, dtype=torch.int32), scale=keys.scale,
-                                               shift=keys.shift, image_labels=labels, query_labels=qlab)
+    if backend in ("cpu", "cuda"):
+        from . import cpu_backend, cuda_backend
+        impl = cpu_backend if backend == "cpu" else cuda_backend
+        return impl.coordinate_partials(x, images, stencil, vidx, coef2,
+                                        torch.tensor(cuts, dtype=torch.int32, device=dev), scale=keys.scale,
+                                        shift=keys.shift, image_labels=labels, query_labels=qlab)
     from ..kernels import coordinate_retrieval
     return coordinate_retrieval.coordinate_partials(
         x, images, stencil, vidx, coef2, torch.tensor(cuts, dtype=torch.int32, device=dev),
@@ -92,8 +93,13 @@ def _exact_pieces(backend: str, n: int, B: int, D: int) -> int:
         from . import cpu_backend
         groups = -(-B // cpu_backend.coordinate_queries_per_task())
         return max(1, min(-(-CPU_TARGET_TASKS // groups), n // CPU_MIN_SPLIT))
-    from ..kernels.coordinate_retrieval import BLOCKS
-    return -(-TARGET_PROGRAMS // (B * -(-D // BLOCKS[0])))
+    if backend == "cuda":
+        from . import cuda_backend
+        per_split = B * -(-D // cuda_backend._require().COORDINATE_THREADS)  # CTAs per candidate split
+    else:
+        from ..kernels.coordinate_retrieval import BLOCKS
+        per_split = B * -(-D // BLOCKS[0])  # programs per candidate split
+    return -(-TARGET_PROGRAMS // per_split)
 
 
 def _lse_combine(m2, l, o, groups: torch.Tensor, n_groups: int):
@@ -110,10 +116,10 @@ def coordinate_mean(x: torch.Tensor, keys: KeyBank, coef: torch.Tensor, mask: to
                     query_labels: Optional[torch.Tensor], flips: bool, chunk_size: Optional[int],
                     backend: str = "triton"):
     """(B, D) float32 posterior mean per coordinate (``chunk_size``: the chunk-averaged softmax instead), and (B,)
-    bool "had a candidate" per query. ``x`` (B, D) float32, ``coef`` (B,) 1/(2σ²T); ``backend`` ``triton`` or
-    ``cpu``."""
-    if backend not in ("triton", "cpu"):
-        raise ValueError(f"backend: expected 'triton' or 'cpu', got {backend!r}")
+    bool "had a candidate" per query. ``x`` (B, D) float32, ``coef`` (B,) 1/(2σ²T); ``backend`` ``triton``,
+    ``cuda`` or ``cpu``."""
+    if backend not in ("triton", "cuda", "cpu"):
+        raise ValueError(f"backend: expected 'triton', 'cuda' or 'cpu', got {backend!r}")
     dev = x.device
     B, D = x.shape
     n = keys.n

@@ -464,7 +464,7 @@ def locality_mask(wiener: torch.Tensor, threshold: float) -> torch.Tensor:
     return M >= threshold * M.max()
 
 
-COORDINATE_FUSED_KERNELS = ("triton", "cpu")  # pca_locality's fused kernels (no CUDA-extension one)
+COORDINATE_FUSED_KERNELS = ("triton", "cuda", "cpu")  # pca_locality's fused kernels
 
 
 def coordinate_retrieval(x: torch.Tensor, keys: KeyBank, sigma, mask: torch.Tensor, *, temperature: float = 1.0,
@@ -485,10 +485,9 @@ def coordinate_retrieval(x: torch.Tensor, keys: KeyBank, sigma, mask: torch.Tens
     weight (blocks holding no candidate of the sample's class are skipped). That is NOT the posterior mean; it
     exists only to reproduce the studio's numbers (it depends on the block size and on the dataset order).
 
-    ``backend``: ``torch`` (this reference, dense mask matmul), ``triton`` or ``cpu`` (the fused Triton / C++
-    kernels with the mask as a sparse stencil table: work ∝ the mask's nonzeros instead of D², float32) or
-    ``auto`` (for float32 work: Triton on CUDA, the C++ kernel on the CPU). There is no CUDA-extension kernel for
-    it (``COORDINATE_FUSED_KERNELS``): ``cuda`` is an error.
+    ``backend``: ``torch`` (this reference, dense mask matmul), ``triton``, ``cuda`` or ``cpu`` (the fused Triton /
+    CUDA-extension / C++ kernels with the mask as a sparse stencil table: work ∝ the mask's nonzeros instead of D²,
+    float32) or ``auto`` (for float32 work: Triton on CUDA, else the CUDA extension; the C++ kernel on the CPU).
     """
     if softmax not in SOFTMAX_MODES:
         raise ValueError(f"softmax: expected one of {', '.join(SOFTMAX_MODES)}, got {softmax!r}")

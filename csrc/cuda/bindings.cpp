@@ -11,6 +11,7 @@
 #include <stdexcept>
 #include <string>
 
+#include "coordinate_retrieval.cuh"
 #include "global_retrieval.cuh"
 #include "patch_retrieval.cuh"
 
@@ -141,6 +142,44 @@ void patch_partials(uintptr_t queries, uintptr_t images, int key_type, uintptr_t
   check_cuda(err, "patch_partials");
 }
 
+void coordinate_partials(uintptr_t x, uintptr_t images, int key_type, uintptr_t stencil, int64_t nnz,
+                         uintptr_t value_index, uintptr_t coef2, uintptr_t splits, int64_t S, uintptr_t image_labels,
+                         uintptr_t query_labels, int64_t B, int64_t D, int64_t N, double scale, double shift,
+                         uintptr_t m, uintptr_t l, uintptr_t o, uintptr_t stream) {
+  require(key_type == ad_patch::kPatchKeysU8 || key_type == ad_patch::kPatchKeysF32,
+          "key_type: expected 0 (uint8) or 1 (float32), got " + std::to_string(key_type));
+  require(B >= 0 && D >= 0 && N >= 0 && nnz >= 0 && S >= 0, "B, D, N, nnz, S: expected >= 0");
+  require(B <= 65535 && S <= 65535, "B, S: expected at most 65535 queries and 65535 candidate splits");
+  require((image_labels == 0) == (query_labels == 0), "image_labels, query_labels: give both or neither");
+  require(x != 0 && images != 0 && stencil != 0 && value_index != 0 && coef2 != 0 && splits != 0 && m != 0 &&
+              l != 0 && o != 0,
+          "x, images, stencil, value_index, coef2, splits, m, l, o: null device pointer");
+  ad_cuda::CoordinateProblem p;
+  p.x = ptr<const float>(x);
+  p.images = ptr<const void>(images);
+  p.key_type = key_type;
+  p.stencil = ptr<const int32_t>(stencil);
+  p.nnz = nnz;
+  p.value_index = ptr<const int32_t>(value_index);
+  p.coef2 = ptr<const float>(coef2);
+  p.splits = ptr<const int32_t>(splits);
+  p.S = S;
+  p.image_labels = ptr<const int64_t>(image_labels);
+  p.query_labels = ptr<const int64_t>(query_labels);
+  p.B = B;
+  p.D = D;
+  p.N = N;
+  p.scale = static_cast<float>(scale);
+  p.shift = static_cast<float>(shift);
+  cudaError_t err;
+  {
+    py::gil_scoped_release release;
+    err = ad_cuda::coordinate_partials(p, ptr<float>(m), ptr<float>(l), ptr<float>(o),
+                                       reinterpret_cast<cudaStream_t>(stream));
+  }
+  check_cuda(err, "coordinate_partials");
+}
+
 py::tuple device_count() {
   cudaError_t err = cudaSuccess;
   const int n = ad_cuda::device_count(&err);
@@ -150,12 +189,13 @@ py::tuple device_count() {
 }  // namespace
 
 PYBIND11_MODULE(_cuda, mod) {
-  mod.doc() = "CUDA kernels of analytic_diffusion: split-N softmax retrieval, exact k-NN and the local family's "
-              "patch softmax (fp32, direct distances, deterministic). Pointers are integer device addresses; see "
+  mod.doc() = "CUDA kernels of analytic_diffusion: split-N softmax retrieval, exact k-NN, the local family's "
+              "patch softmax and pca_locality's coordinate softmax (fp32, direct distances, deterministic). Pointers are integer device addresses; see "
               "ops/cuda_backend.py.";
   mod.attr("KEYS_U8") = py::int_(static_cast<int>(ad_cuda::kKeysU8));
   mod.attr("KEYS_F32") = py::int_(static_cast<int>(ad_cuda::kKeysF32));
   mod.attr("MAX_K") = py::int_(ad_cuda::kMaxK);
+  mod.attr("COORDINATE_THREADS") = py::int_(ad_cuda::kCoordinateThreads);
   mod.attr("PATCH_SHARED") = py::int_(static_cast<int>(ad_cuda::kPatchShared));
   mod.attr("PATCH_SAME_CENTRE") = py::int_(static_cast<int>(ad_cuda::kPatchSameCentre));
   mod.attr("PATCH_SAME_WHOLE") = py::int_(static_cast<int>(ad_cuda::kPatchSameWhole));
@@ -200,4 +240,13 @@ queries (R, C*k*k) fp32; images (N, C, H, W) uint8/fp32; image_index (n_img,) in
 shared centres (rule 0) or (R, 2) one per row (rules 1, 2); coef2 (R,) fp32 base-2 coefficients. Writes
 m (base 2), l, l2 (S, R) and o (S, R, V) fp32, V = C (rules 0, 1) or C*k*k (rule 2), S = patch_num_splits.
 Asynchronous on `stream`.)doc");
+  mod.def("coordinate_partials", &coordinate_partials, py::arg("x"), py::arg("images"), py::arg("key_type"),
+          py::arg("stencil"), py::arg("nnz"), py::arg("value_index"), py::arg("coef2"), py::arg("splits"),
+          py::arg("S"), py::arg("image_labels"), py::arg("query_labels"), py::arg("B"), py::arg("D"), py::arg("N"),
+          py::arg("scale"), py::arg("shift"), py::arg("m"), py::arg("l"), py::arg("o"), py::arg("stream"),
+          R"doc(Enqueue the per-split partials of pca_locality's coordinate softmax (coordinate_retrieval.cuh).
+
+x (B, D) fp32; images (N, D) uint8/fp32; stencil (nnz, D) int32 (-1 padded); value_index (D,) int32; coef2 (B,)
+fp32 base 2; splits (S + 1,) int32; image_labels (N,) and query_labels (B,) int64, or both 0. Writes m (base 2),
+l, o (S, B, D) fp32. Asynchronous on `stream`.)doc");
 }

@@ -100,10 +100,11 @@ template <class F>
 void launch_impl(dim3 grid, dim3 block, size_t smem, F& body) {
   const int nthreads = block.x * block.y * block.z;
   if (nthreads % 32 != 0) { std::fprintf(stderr, "emu: block size must be a multiple of 32\n"); std::abort(); }
+  for (unsigned bz = 0; bz < grid.z; ++bz)
   for (unsigned by = 0; by < grid.y; ++by)
     for (unsigned bx = 0; bx < grid.x; ++bx) {
       Block b;
-      b.bid = dim3(bx, by, 0);
+      b.bid = dim3(bx, by, bz);
       b.bdim = block;
       b.gdim = grid;
       b.dyn.assign(smem + 16, char(0x7f));  // poison (0x7f7f7f7f = large float)
@@ -146,7 +147,7 @@ void launch_impl(dim3 grid, dim3 block, size_t smem, F& body) {
         }
         if (all_done) break;
         if (!progressed) {
-          std::fprintf(stderr, "emu: deadlock in block (%u,%u)\n", bx, by);
+          std::fprintf(stderr, "emu: deadlock in block (%u,%u,%u)\n", bx, by, bz);
           std::abort();
         }
       }

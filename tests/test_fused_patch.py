@@ -63,8 +63,9 @@ def test_patch_kernel_matches_reference(fused, rng, keys, k):
         for flips, lab in ((False, None), (True, ql)):
             ref = patch_softmax_partial(q.double(), kb, sigma, pos, k, dtype=torch.float64, flips=flips,
                                         query_labels=lab, backend="torch")
-            got = patch_softmax_partial(q.to(fused.device), on_device(kb, fused.device), sigma, pos.to(fused.device), k, dtype=torch.float32,
-                                        flips=flips, query_labels=None if lab is None else lab.to(fused.device),
+            got = patch_softmax_partial(q.to(fused.device), on_device(kb, fused.device), sigma, pos.to(fused.device),
+                                        k, dtype=torch.float32, flips=flips,
+                                        query_labels=None if lab is None else lab.to(fused.device),
                                         backend=fused.name)
             assert rel(got.mean().cpu(), ref.mean()) <= 1e-4
             assert rel(got.effective_neighbours().cpu(), ref.effective_neighbours()) <= 1e-4
@@ -81,8 +82,8 @@ def test_empty_class_and_shards(fused, rng):
     a = patch_softmax_partial(q.to(fused.device), dk, 0.4, pos.to(fused.device), k, stop=2, backend=fused.name)
     b = patch_softmax_partial(q.to(fused.device), dk, 0.4, pos.to(fused.device), k, start=2, backend=fused.name)
     assert rel(a.combine(b).mean().cpu(), ref.mean()) <= 1e-4  # shards combine exactly
-    st = patch_softmax_partial(q.to(fused.device), dk, 0.4, pos.to(fused.device), k, query_labels=torch.full((4,), 2, device=fused.device),
-                               backend=fused.name)
+    st = patch_softmax_partial(q.to(fused.device), dk, 0.4, pos.to(fused.device), k,
+                               query_labels=torch.full((4,), 2, device=fused.device), backend=fused.name)
     with pytest.raises(ValueError, match="no allowed candidate"):
         st.mean()
 

@@ -1,8 +1,9 @@
 """The fused backends of pca_locality's coordinate retrieval, ``triton`` (``kernels.coordinate_retrieval``),
 ``cuda`` (csrc/cuda/coordinate_retrieval.cuh) and ``cpu`` (the C++ kernel, csrc/cpu/coordinate.h): the binary mask
 becomes a stencil table, the kernel scans the stored images and, with flips, their mirrors, and the per-split
-partials are combined here in a fixed order. The three kernels share one contract (partials m base 2, l, o per split, query and coordinate). Same semantics as the
-reference :func:`analytic_diffusion.ops.local_retrieval.coordinate_retrieval` (its docstring states the rules)."""
+partials are combined here in a fixed order. The three kernels share one contract (partials m base 2, l, o per
+split, query and coordinate). Same semantics as the reference
+:func:`analytic_diffusion.ops.local_retrieval.coordinate_retrieval` (its docstring states the rules)."""
 from __future__ import annotations
 
 import weakref

@@ -1,6 +1,7 @@
 // The partial-state contract every patch-softmax kernel shares (csrc/cpu/patch.h, csrc/cuda/patch_retrieval.cuh;
 // kernels/patch_retrieval.py computes the same split in Python): the rule codes, how the image list is split, and
-// the value width, and the problem description both launchers take. Plain C++ (host only), included by both the C++ and the nvcc builds.
+// the value width, and the problem description both launchers take. Plain C++ (host only), included by both the
+// C++ and the nvcc builds.
 #pragma once
 
 #include <cstdint>

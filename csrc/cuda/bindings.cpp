@@ -190,8 +190,8 @@ py::tuple device_count() {
 
 PYBIND11_MODULE(_cuda, mod) {
   mod.doc() = "CUDA kernels of analytic_diffusion: split-N softmax retrieval, exact k-NN, the local family's "
-              "patch softmax and pca_locality's coordinate softmax (fp32, direct distances, deterministic). Pointers are integer device addresses; see "
-              "ops/cuda_backend.py.";
+              "patch softmax and pca_locality's coordinate softmax (fp32, direct distances, deterministic). "
+              "Pointers are integer device addresses; see ops/cuda_backend.py.";
   mod.attr("KEYS_U8") = py::int_(static_cast<int>(ad_cuda::kKeysU8));
   mod.attr("KEYS_F32") = py::int_(static_cast<int>(ad_cuda::kKeysF32));
   mod.attr("MAX_K") = py::int_(ad_cuda::kMaxK);

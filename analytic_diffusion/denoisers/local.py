@@ -34,7 +34,7 @@ def sigma_key(sigma: float) -> float:
 
 def check_patch_backend(backend: str, name: str, backends=PATCH_BACKENDS) -> None:
     """LS, ELS, bbELS and PSPC run on the torch reference or the fused Triton / CUDA / C++ CPU kernels;
-    pca_locality passes its own list (Triton only)."""
+    pca_locality passes its own list (``COORDINATE_FUSED_KERNELS``)."""
     if backend not in backends:
         raise ValueError(f"backend: {name} runs on {', '.join(backends)}, got {backend!r}")
 

@@ -72,20 +72,24 @@ def _chunk_splits(n: int, offset: int, chunk: int) -> Tuple[List[int], List[int]
     return cuts, [(offset + a) // chunk for a in cuts[:-1]]
 
 
+def _partials_fn(backend: str):
+    """The backend's ``coordinate_partials`` (one signature for all three kernels)."""
+    if backend == "cpu":
+        from . import cpu_backend
+        return cpu_backend.coordinate_partials
+    if backend == "cuda":
+        from . import cuda_backend
+        return cuda_backend.coordinate_partials
+    from ..kernels import coordinate_retrieval
+    return coordinate_retrieval.coordinate_partials
+
+
 def _launch(backend, x, images, stencil, vidx, coef2, cuts, keys, query_labels):
     dev = x.device
     labels = None if query_labels is None else keys.labels.to(dev).to(torch.int64).contiguous()
     qlab = None if query_labels is None else query_labels.to(dev).to(torch.int64).contiguous()
-    if backend in ("cpu", "cuda"):
-        from . import cpu_backend, cuda_backend
-        impl = cpu_backend if backend == "cpu" else cuda_backend
-        return impl.coordinate_partials(x, images, stencil, vidx, coef2,
-                                        torch.tensor(cuts, dtype=torch.int32, device=dev), scale=keys.scale,
-                                        shift=keys.shift, image_labels=labels, query_labels=qlab)
-    from ..kernels import coordinate_retrieval
-    return coordinate_retrieval.coordinate_partials(
-        x, images, stencil, vidx, coef2, torch.tensor(cuts, dtype=torch.int32, device=dev),
-        scale=keys.scale, shift=keys.shift, image_labels=labels, query_labels=qlab)
+    return _partials_fn(backend)(x, images, stencil, vidx, coef2, torch.tensor(cuts, dtype=torch.int32, device=dev),
+                                 scale=keys.scale, shift=keys.shift, image_labels=labels, query_labels=qlab)
 
 
 def _exact_pieces(backend: str, n: int, B: int, D: int) -> int:
@@ -125,7 +129,7 @@ def coordinate_mean(x: torch.Tensor, keys: KeyBank, coef: torch.Tensor, mask: to
     B, D = x.shape
     n = keys.n
     images = _images(keys, dev).reshape(n, D)
-    stencil = cached_stencil_table(mask if mask.device == dev else mask.to(dev))
+    stencil = cached_stencil_table(mask.to(dev))  # .to returns the cached mask itself when already on dev
     coef2 = (coef.to(torch.float64) * LOG2E).to(torch.float32).contiguous()
     passes = [(x.contiguous(), stencil, torch.arange(D, dtype=torch.int32, device=dev), 0)]
     if flips:  # the mirror of y seen by x over S(m) = y seen by flip(x) over π(S(m)), with value y[π(m)]

@@ -259,8 +259,7 @@ def patch_softmax_partial(queries: torch.Tensor, keys: KeyBank, sigma, positions
     return state
 
 
-# LS, ELS / bbELS, PSPC; pca_locality's coordinate kernel: Triton only
-FUSED_PATCH_KERNELS = ("triton", "cuda", "cpu")
+FUSED_PATCH_KERNELS = ("triton", "cuda", "cpu")  # LS, ELS / bbELS, PSPC (pca_locality: COORDINATE_FUSED_KERNELS)
 PATCH_BACKENDS = ("auto", "torch") + FUSED_PATCH_KERNELS
 
 

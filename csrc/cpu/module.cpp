@@ -173,6 +173,26 @@ void require_shape(const py::object& obj, const char* name, std::initializer_lis
   if (!ok) throw py::value_error(std::string(name) + ": expected shape " + want + ", got " + got);
 }
 
+// The training images of a local-family kernel: a C-contiguous uint8 or float32 array of `ndim` dimensions; its
+// ad_patch::PatchKeys code goes to key_type.
+py::array key_images(const py::object& obj, py::ssize_t ndim, int& key_type) {
+  py::array images = as_array(obj, "images");
+  if (is_dtype<uint8_t>(images)) key_type = ad_patch::kPatchKeysU8;
+  else if (is_dtype<float>(images)) key_type = ad_patch::kPatchKeysF32;
+  else throw py::type_error("images: expected uint8 or float32, got " + dtype_name(images));
+  require_layout(images, "images", ndim);
+  return images;
+}
+
+// A caller-allocated float32 output of the given shape, which the kernel overwrites.
+float* output_data(const py::object& obj, const char* name, std::initializer_list<py::ssize_t> shape) {
+  checked_data<float>(obj, name, static_cast<py::ssize_t>(shape.size()));
+  require_shape(obj, name, shape);
+  py::array a = py::reinterpret_borrow<py::array>(obj);
+  if (!a.writeable()) throw py::value_error(std::string(name) + ": expected a writeable array");
+  return static_cast<float*>(a.mutable_data());
+}
+
 // The patch softmax partials (patch.h) into caller-allocated outputs m, l, l2 (S, R) and o (S, R, V), which the
 // kernel overwrites completely (tests poison them first).
 void patch_partials(const py::object& queries, const py::object& images_o, const py::object& image_index,
@@ -185,11 +205,7 @@ void patch_partials(const py::object& queries, const py::object& images_o, const
                           std::to_string(rule));
   if (k < 1) throw py::value_error("k: expected a patch side >= 1, got " + std::to_string(k));
   if (!std::isfinite(scale) || !std::isfinite(shift)) throw py::value_error("scale, shift: expected finite numbers");
-  py::array images = as_array(images_o, "images");
-  if (is_dtype<uint8_t>(images)) p.key_type = ad_patch::kPatchKeysU8;
-  else if (is_dtype<float>(images)) p.key_type = ad_patch::kPatchKeysF32;
-  else throw py::type_error("images: expected uint8 or float32, got " + dtype_name(images));
-  require_layout(images, "images", 4);
+  py::array images = key_images(images_o, 4, p.key_type);
   const py::ssize_t N = images.shape(0);
   p.C = static_cast<int>(images.shape(1));
   p.H = static_cast<int>(images.shape(2));
@@ -222,19 +238,12 @@ void patch_partials(const py::object& queries, const py::object& images_o, const
   p.shift = static_cast<float>(shift);
   const py::ssize_t S = ad_cpu::patch_num_splits(p.n_img, splits);
   const py::ssize_t V = ad_cpu::patch_value_width(rule, p.C, k);
-  float* out[4];
-  const char* names[4] = {"m", "l", "l2", "o"};
-  const py::object* objs[4] = {&m_o, &l_o, &l2_o, &o_o};
-  for (int i = 0; i < 4; ++i) {
-    checked_data<float>(*objs[i], names[i], i == 3 ? 3 : 2);
-    if (i == 3) require_shape(*objs[i], names[i], {S, R, V});
-    else require_shape(*objs[i], names[i], {S, R});
-    py::array a = py::reinterpret_borrow<py::array>(*objs[i]);
-    if (!a.writeable()) throw py::value_error(std::string(names[i]) + ": expected a writeable array");
-    out[i] = static_cast<float*>(a.mutable_data());
-  }
+  float* m = output_data(m_o, "m", {S, R});
+  float* l = output_data(l_o, "l", {S, R});
+  float* l2 = output_data(l2_o, "l2", {S, R});
+  float* o = output_data(o_o, "o", {S, R, V});
   py::gil_scoped_release release;
-  ad_cpu::patch_partials(p, splits, num_threads, out[0], out[1], out[2], out[3]);
+  ad_cpu::patch_partials(p, splits, num_threads, m, l, l2, o);
 }
 
 
@@ -247,11 +256,7 @@ void coordinate_partials(const py::object& x_o, const py::object& images_o, cons
                          const py::object& l_o, const py::object& o_o) {
   ad_cpu::CoordinateProblem p;
   if (!std::isfinite(scale) || !std::isfinite(shift)) throw py::value_error("scale, shift: expected finite numbers");
-  py::array images = as_array(images_o, "images");
-  if (is_dtype<uint8_t>(images)) p.key_type = ad_patch::kPatchKeysU8;
-  else if (is_dtype<float>(images)) p.key_type = ad_patch::kPatchKeysF32;
-  else throw py::type_error("images: expected uint8 or float32, got " + dtype_name(images));
-  require_layout(images, "images", 2);
+  py::array images = key_images(images_o, 2, p.key_type);
   p.images = images.data();
   p.N = images.shape(0);
   p.D = images.shape(1);
@@ -288,18 +293,11 @@ void coordinate_partials(const py::object& x_o, const py::object& images_o, cons
   }
   p.scale = static_cast<float>(scale);
   p.shift = static_cast<float>(shift);
-  float* out[3];
-  const char* names[3] = {"m", "l", "o"};
-  const py::object* objs[3] = {&m_o, &l_o, &o_o};
-  for (int i = 0; i < 3; ++i) {
-    checked_data<float>(*objs[i], names[i], 3);
-    require_shape(*objs[i], names[i], {p.S, p.B, p.D});
-    py::array a = py::reinterpret_borrow<py::array>(*objs[i]);
-    if (!a.writeable()) throw py::value_error(std::string(names[i]) + ": expected a writeable array");
-    out[i] = static_cast<float*>(a.mutable_data());
-  }
+  float* m = output_data(m_o, "m", {p.S, p.B, p.D});
+  float* l = output_data(l_o, "l", {p.S, p.B, p.D});
+  float* o = output_data(o_o, "o", {p.S, p.B, p.D});
   py::gil_scoped_release release;
-  ad_cpu::coordinate_partials(p, num_threads, out[0], out[1], out[2]);
+  ad_cpu::coordinate_partials(p, num_threads, m, l, o);
 }
 
 }  // namespace

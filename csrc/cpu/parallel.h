@@ -32,15 +32,15 @@ inline int thread_id() {
 }
 
 // Runs task(t, scratch) for t in [0, ntasks) on the threads (dynamic schedule: tasks may differ in cost), each
-// thread with its own `scratch_floats` floats of scratch. Tasks must write disjoint outputs.
-template <class Task>
-void run_tasks(int64_t ntasks, int num_threads, int64_t scratch_floats, const Task& task) {
+// thread with its own `scratch_size` elements of scratch of type S. Tasks must write disjoint outputs.
+template <class S = float, class Task>
+void run_tasks(int64_t ntasks, int num_threads, int64_t scratch_size, const Task& task) {
   const int nt = resolve_threads(num_threads, ntasks);
-  std::vector<float> scratch(static_cast<size_t>(nt) * scratch_floats);
+  std::vector<S> scratch(static_cast<size_t>(nt) * scratch_size);
 #if AD_WITH_OPENMP
 #pragma omp parallel for schedule(dynamic, 1) num_threads(nt) if (nt > 1)
 #endif
-  for (int64_t t = 0; t < ntasks; ++t) task(t, scratch.data() + static_cast<int64_t>(thread_id()) * scratch_floats);
+  for (int64_t t = 0; t < ntasks; ++t) task(t, scratch.data() + static_cast<int64_t>(thread_id()) * scratch_size);
 }
 
 }  // namespace ad_cpu

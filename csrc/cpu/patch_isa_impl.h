@@ -325,6 +325,23 @@ AD_INLINE void accumulate_values(float* AD_RESTRICT so, const VF& e, const float
   }
 }
 
+// Scratch of one run of a same-position task (patch_same_run_floats): transposed queries (F, L), coefficients
+// (L), running max, the two sums (L each) and the value sums (V, L).
+struct SameRunState {
+  float* qt;
+  float* c2;
+  float* m;
+  float* l;
+  float* l2;
+  float* o;
+};
+
+AD_INLINE SameRunState same_run_state(float* base, int64_t F) {
+  constexpr int L = kPatchLanes;
+  float* c2 = base + F * L;
+  return SameRunState{base, c2, c2 + L, c2 + 2 * L, c2 + 3 * L, c2 + 4 * L};
+}
+
 // Same-position rules: lanes = the query rows of one run (len <= kPatchLanes), lane u at centre (row, col0 + u)
 // (rows in either direction, see PatchRun). A task takes several runs and images [i0, i1); each image is converted
 // once into the zero-bordered buffer (as the shared rule) and serves every run of the task. Scratch: the padded
@@ -345,33 +362,23 @@ void patch_same_task(const PatchProblem& p, const PatchRun* runs, int64_t n_runs
   float* runs_scratch = pad + C * plane + L;
   for (int64_t g = 0; g < n_runs; ++g) {
     const PatchRun& run = runs[g];
-    float* qt = runs_scratch + g * per_run;  // (F, L)
-    float* c2 = qt + F * L;
-    float* sm = c2 + L;  // running max per lane
-    float* sl = sm + L;
-    float* sl2 = sl + L;
-    float* so = sl2 + L;  // (V, L)
+    const SameRunState st = same_run_state(runs_scratch + g * per_run, F);
     for (int u = 0; u < L; ++u) {  // lanes past the run repeat its last row (their results are discarded)
       const int64_t r = run.start + patch_run_slot(run, std::min(u, run.len - 1));
-      c2[u] = p.coef2[r];
-      for (int64_t f = 0; f < F; ++f) qt[f * L + u] = p.queries[r * F + f];
-      sm[u] = neg_inf<float>();
-      sl[u] = 0.0f;
-      sl2[u] = 0.0f;
+      st.c2[u] = p.coef2[r];
+      for (int64_t f = 0; f < F; ++f) st.qt[f * L + u] = p.queries[r * F + f];
+      st.m[u] = neg_inf<float>();
+      st.l[u] = 0.0f;
+      st.l2[u] = 0.0f;
     }
-    std::fill(so, so + V * L, 0.0f);
+    std::fill(st.o, st.o + V * L, 0.0f);
   }
   for (int64_t i = i0; i < i1; ++i) {
     fill_padded(p, p.image_index[i], pad, Hp, Wp, d);
     for (int64_t g = 0; g < n_runs; ++g) {
       const PatchRun& run = runs[g];
       const int nl = run.len;
-      const float* qt = runs_scratch + g * per_run;
-      const float* c2 = qt + F * L;
-      float* sm = runs_scratch + g * per_run + F * L + L;
-      float* sl = sm + L;
-      float* sl2 = sl + L;
-      float* so = sl2 + L;
+      const SameRunState st = same_run_state(runs_scratch + g * per_run, F);
       // top-left of lane 0's window: centre (row, col0) minus (d, d), plus the border d
       const float* win = pad + static_cast<int64_t>(run.row) * Wp + run.col0;
       VF acc = vzero<float>();
@@ -380,13 +387,13 @@ void patch_same_task(const PatchProblem& p, const PatchRun* runs, int64_t n_runs
         for (int a = 0; a < k; ++a) {
           const float* src = win + c * plane + static_cast<int64_t>(a) * Wp;
           for (int b = 0; b < k; ++b, ++f) {
-            const VF t = vload<float>(qt + f * L) - vload<float>(src + b);
+            const VF t = vload<float>(st.qt + f * L) - vload<float>(src + b);
             acc += t * t;
           }
         }
       }
-      const VF old_m = vload<float>(sm);
-      const VF z = vlogits(acc, vload<float>(c2));
+      const VF old_m = vload<float>(st.m);
+      const VF z = vlogits(acc, vload<float>(st.c2));
       const VF mn = vmaxv(z, old_m);
       const VF x = z - mn;
       if (!any_kept(x, nl)) continue;  // no lane gains a weight above the cutoff from this image
@@ -394,28 +401,25 @@ void patch_same_task(const PatchProblem& p, const PatchRun* runs, int64_t n_runs
       if (any_greater(z, old_m)) {  // some lane's maximum grows: rescale its sums
         // a = 2^(m_old - m_new): 1 where the max holds, 0 from an empty state (-inf - finite = -inf -> 0)
         const VF al = vexp2_cut(old_m - mn);
-        vstore<float>(sl, vload<float>(sl) * al);
-        vstore<float>(sl2, vload<float>(sl2) * (al * al));
-        vstore<float>(sm, mn);
-        for (int64_t v = 0; v < V; ++v) vstore<float>(so + v * L, vload<float>(so + v * L) * al);
+        vstore<float>(st.l, vload<float>(st.l) * al);
+        vstore<float>(st.l2, vload<float>(st.l2) * (al * al));
+        vstore<float>(st.m, mn);
+        for (int64_t v = 0; v < V; ++v) vstore<float>(st.o + v * L, vload<float>(st.o + v * L) * al);
       }
-      vstore<float>(sl, vload<float>(sl) + e);
-      vstore<float>(sl2, vload<float>(sl2) + e * e);
-      accumulate_values<WHOLE>(so, e, win, C, k, plane, Wp);
+      vstore<float>(st.l, vload<float>(st.l) + e);
+      vstore<float>(st.l2, vload<float>(st.l2) + e * e);
+      accumulate_values<WHOLE>(st.o, e, win, C, k, plane, Wp);
     }
   }
   for (int64_t g = 0; g < n_runs; ++g) {
     const PatchRun& run = runs[g];
-    const float* sm = runs_scratch + g * per_run + F * L + L;
-    const float* sl = sm + L;
-    const float* sl2 = sl + L;
-    const float* so = sl2 + L;
+    const SameRunState st = same_run_state(runs_scratch + g * per_run, F);
     for (int u = 0; u < run.len; ++u) {
       const int64_t r = run.start + patch_run_slot(run, u);
-      m[r] = sm[u];
-      l[r] = sl[u];
-      l2[r] = sl2[u];
-      for (int64_t v = 0; v < V; ++v) o[r * V + v] = so[v * L + u];
+      m[r] = st.m[u];
+      l[r] = st.l[u];
+      l2[r] = st.l2[u];
+      for (int64_t v = 0; v < V; ++v) o[r * V + v] = st.o[v * L + u];
     }
   }
 }

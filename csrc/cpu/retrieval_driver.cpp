@@ -108,13 +108,7 @@ void softmax_retrieval(const Problem& p, int num_threads, T* m, T* l, T* l2, T* 
   for (int64_t c0 = 0; c0 < B; c0 += qc) {
     const int64_t c1 = std::min(B, c0 + qc), nc = c1 - c0;
     const int64_t nqb = (nc + kQueryBlock - 1) / kQueryBlock;
-    const int64_t ntasks = nqb * nseg;
-    const int nt = resolve_threads(num_threads, ntasks);
-    std::vector<T> scratch(static_cast<size_t>(nt) * kTileRows * std::max<int64_t>(D, 1));
-#if AD_WITH_OPENMP
-#pragma omp parallel for schedule(dynamic, 1) num_threads(nt) if (nt > 1)
-#endif
-    for (int64_t t = 0; t < ntasks; ++t) {
+    run_tasks<T>(nqb * nseg, num_threads, kTileRows * std::max<int64_t>(D, 1), [&](int64_t t, T* ybuf) {
       const int64_t s = t % nseg, qb = t / nseg;
       const int64_t b0 = c0 + qb * kQueryBlock, b1 = std::min(c1, b0 + kQueryBlock);
       const int64_t off = s * nc + (b0 - c0);
@@ -124,10 +118,9 @@ void softmax_retrieval(const Problem& p, int num_threads, T* m, T* l, T* l2, T* 
         pl2[off + b] = T(0);
       }
       std::fill(po.begin() + off * D, po.begin() + (off + (b1 - b0)) * D, T(0));
-      T* ybuf = scratch.data() + static_cast<int64_t>(thread_id()) * kTileRows * std::max<int64_t>(D, 1);
       task(p, b0, b1, seg_begin(s, nseg, N), seg_begin(s + 1, nseg, N), pm.data() + off, pl.data() + off,
            pl2.data() + off, po.data() + off * D, ybuf);
-    }
+    });
     // Combine the segments of every row in segment order (rows are independent: any thread may take them).
     const int ntc = resolve_threads(num_threads, nc);
     (void)ntc;  // unused without OpenMP
@@ -189,20 +182,13 @@ void knn_search(const Problem& p, int64_t k, int num_threads, T* dist, int64_t* 
   for (int64_t c0 = 0; c0 < B; c0 += qc) {
     const int64_t c1 = std::min(B, c0 + qc), nc = c1 - c0;
     const int64_t nqb = (nc + kQueryBlock - 1) / kQueryBlock;
-    const int64_t ntasks = nqb * nseg;
-    const int nt = resolve_threads(num_threads, ntasks);
-    std::vector<T> scratch(static_cast<size_t>(nt) * kTileRows * std::max<int64_t>(p.D, 1));
-#if AD_WITH_OPENMP
-#pragma omp parallel for schedule(dynamic, 1) num_threads(nt) if (nt > 1)
-#endif
-    for (int64_t t = 0; t < ntasks; ++t) {
+    run_tasks<T>(nqb * nseg, num_threads, kTileRows * std::max<int64_t>(p.D, 1), [&](int64_t t, T* ybuf) {
       const int64_t s = t % nseg, qb = t / nseg;
       const int64_t b0 = c0 + qb * kQueryBlock, b1 = std::min(c1, b0 + kQueryBlock);
       const int64_t row0 = (b0 - c0) * total + off[s];
-      T* ybuf = scratch.data() + static_cast<int64_t>(thread_id()) * kTileRows * std::max<int64_t>(p.D, 1);
       task(p, b0, b1, seg_begin(s, nseg, N), seg_begin(s + 1, nseg, N), cap[s], cd.data() + row0,
            ci.data() + row0, total, cnt.data() + s * nc + (b0 - c0), ybuf);
-    }
+    });
     // Merge per row: the union of the segments' survivors, sorted by (distance, index); pad to k.
     const int ntc = resolve_threads(num_threads, nc);
     (void)ntc;  // unused without OpenMP

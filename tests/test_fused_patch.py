@@ -255,12 +255,18 @@ def test_coordinate_kernel_matches_reference(coordinate_fused, rng, keys, splits
                                               (0.1, True, ql, "exact", None), (1.0, False, None, "exact", None),
                                               (1e-3, True, None, "chunked", 8), (0.1, False, ql, "chunked", 5),
                                               (1.0, True, ql, "chunked", 8), (1e3, False, None, "chunked", 5)):
-            ref = coordinate_retrieval(x.double(), kb, sigma, mask, flips=flips, query_labels=lab, softmax=softmax,
-                                       chunk_size=chunk, dtype=torch.float64, backend="torch")
+            def reference(xi):
+                return coordinate_retrieval(xi, kb, sigma, mask, flips=flips, query_labels=lab, softmax=softmax,
+                                            chunk_size=chunk, dtype=torch.float64, backend="torch")
+            ref = reference(x.double())
             got = coordinate_retrieval(x.to(dev), on_device(kb, dev), sigma, mask.to(dev), flips=flips,
                                        query_labels=None if lab is None else lab.to(dev), softmax=softmax,
                                        chunk_size=chunk, backend=coordinate_fused.name)
-            assert got.dtype == torch.float32 and rel(got.cpu(), ref) <= 1e-4, (sigma, flips, softmax)
+            # σ = 1e-3 puts logits near 1e5: a coordinate whose candidates nearly tie is ill-conditioned in
+            # float32 (chunk averaging over 5–8 candidates makes such ties common); see float32_tolerance
+            tol = float32_tolerance(reference, x.double(), ref)
+            err = row_rel(got.cpu(), ref)
+            assert got.dtype == torch.float32 and bool((err <= tol).all()), (sigma, flips, softmax, err, tol)
 
 
 def test_coordinate_kernel_full_mask_is_optimal_and_errors(coordinate_fused, rng):

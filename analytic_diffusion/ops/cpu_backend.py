@@ -18,7 +18,7 @@ from typing import Optional, Tuple
 import torch
 
 from .keys import KeyBank
-from .partial import PartialState
+from .partial import PartialState, output_buffers
 
 try:  # built by setup.py; absent only in a source tree that was never installed
     from .. import _cpu  # type: ignore[attr-defined]
@@ -105,10 +105,8 @@ def patch_partials(q: torch.Tensor, images: torch.Tensor, image_index: torch.Ten
     R = q.shape[0]
     S = int(ext.patch_num_splits(image_index.numel(), int(splits)))
     V = C * k * k if rule == "same_whole" else C
-    fill = float("nan") if (poison_outputs if poison is None else poison) else 0.0
-    m = torch.full((S, R), fill, dtype=torch.float32)
-    l, l2 = torch.full_like(m, fill), torch.full_like(m, fill)
-    o = torch.full((S, R, V), fill, dtype=torch.float32)
+    m, l, l2, o = output_buffers(poison_outputs if poison is None else poison, "cpu", (S, R), (S, R), (S, R),
+                                 (S, R, V))
     ext.patch_partials(_np(q), _np(images), _np(image_index), _np(positions), _np(coef2), int(k), float(scale),
                        float(shift), int(splits), PATCH_RULES[rule], num_threads(), m.numpy(), l.numpy(),
                        l2.numpy(), o.numpy())
@@ -139,8 +137,7 @@ def coordinate_partials(x: torch.Tensor, images: torch.Tensor, stencil: torch.Te
         raise ValueError("backend 'cpu': the coordinate kernel needs every operand on the CPU, got "
                          + ", ".join(off_cpu))
     S, B, D = splits.numel() - 1, x.shape[0], x.shape[-1]
-    fill = float("nan") if (poison_outputs if poison is None else poison) else 0.0
-    m, l, o = (torch.full((max(S, 0), B, D), fill, dtype=torch.float32) for _ in range(3))
+    m, l, o = output_buffers(poison_outputs if poison is None else poison, "cpu", *[(max(S, 0), B, D)] * 3)
     ext.coordinate_partials(_np(x), _np(images), _np(stencil), _np(value_index), _np(coef2), _np(splits),
                             float(scale), float(shift), _np(image_labels), _np(query_labels), num_threads(),
                             m.numpy(), l.numpy(), o.numpy())

@@ -17,7 +17,7 @@ from typing import Optional, Tuple
 import torch
 
 from .keys import KeyBank
-from .partial import PartialState
+from .partial import PartialState, output_buffers
 
 try:  # built by setup.py only where nvcc and a GPU exist (or AD_BUILD_CUDA=1)
     from .. import _cuda  # type: ignore[attr-defined]
@@ -130,10 +130,7 @@ def softmax_partial(q: torch.Tensor, keys: KeyBank, coef: torch.Tensor, *, query
     with _launch_context(dev) as stream:
         qf, values, key_type, kl, ql = _common(q, keys, query_labels)
         c = torch.as_tensor(coef).to(device=dev, dtype=torch.float32).reshape(-1).expand(B).contiguous()
-        fill = float("nan") if poison else 0.0
-        m = torch.full((B,), fill, dtype=torch.float32, device=dev)
-        l, l2 = torch.full_like(m, fill), torch.full_like(m, fill)
-        o = torch.full((B, D), fill, dtype=torch.float32, device=dev)
+        m, l, l2, o = output_buffers(poison, dev, (B,), (B,), (B,), (B, D))
         nbytes = int(ext.softmax_scratch_bytes(N, D))
         scratch = torch.empty(nbytes, dtype=torch.uint8, device=dev)
         if poison:
@@ -202,10 +199,8 @@ def patch_partials(q: torch.Tensor, images: torch.Tensor, image_index: torch.Ten
     code = PATCH_RULES[rule]
     S = int(ext.patch_num_splits(n_img, splits))
     V = C * k * k if rule == "same_whole" else C
-    fill = float("nan") if (poison_outputs if poison is None else poison) else 0.0
-    m = torch.full((S, R), fill, dtype=torch.float32, device=q.device)
-    l, l2 = torch.full_like(m, fill), torch.full_like(m, fill)
-    o = torch.full((S, R, V), fill, dtype=torch.float32, device=q.device)
+    m, l, l2, o = output_buffers(poison_outputs if poison is None else poison, q.device, (S, R), (S, R), (S, R),
+                                 (S, R, V))
     key_type = ext.KEYS_U8 if images.dtype == torch.uint8 else ext.KEYS_F32
     with _launch_context(q.device) as stream:
         ext.patch_partials(_ptr(q), _ptr(images), key_type, _ptr(image_index), n_img, _ptr(positions),
@@ -241,8 +236,7 @@ def coordinate_partials(x: torch.Tensor, images: torch.Tensor, stencil: torch.Te
     if tuple(images.shape) != (N, D) or stencil.dim() != 2 or stencil.shape[1] != D or value_index.numel() != D:
         raise ValueError(f"images, stencil, value_index: expected (N, {D}), (nnz, {D}) and ({D},), got "
                          f"{tuple(images.shape)}, {tuple(stencil.shape)} and {tuple(value_index.shape)}")
-    fill = float("nan") if (poison_outputs if poison is None else poison) else 0.0
-    m, l, o = (torch.full((max(S, 0), B, D), fill, dtype=torch.float32, device=x.device) for _ in range(3))
+    m, l, o = output_buffers(poison_outputs if poison is None else poison, x.device, *[(max(S, 0), B, D)] * 3)
     key_type = ext.KEYS_U8 if images.dtype == torch.uint8 else ext.KEYS_F32
     with _launch_context(x.device) as stream:
         ext.coordinate_partials(_ptr(x), _ptr(images), key_type, _ptr(stencil), stencil.shape[0], _ptr(value_index),

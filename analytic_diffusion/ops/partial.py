@@ -28,6 +28,14 @@ from typing import Iterable, Optional
 import torch
 
 
+
+def output_buffers(poison: bool, device, *shapes):
+    """float32 arrays for a kernel's partial outputs: zeros, or NaN when ``poison`` (tests), so that a kernel
+    that leaves any element unwritten fails loudly."""
+    fill = float("nan") if poison else 0.0
+    return tuple(torch.full(shape, fill, dtype=torch.float32, device=device) for shape in shapes)
+
+
 @dataclass
 class PartialState:
     m: torch.Tensor  # (B,)

@@ -1,4 +1,4 @@
-"""Triton kernel for pca_locality's per-coordinate softmax (kernel-performance.md §8.4): sparse stencils.
+"""Triton kernel for pca_locality's per-coordinate softmax (docs/design.md §8.5): sparse stencils.
 
 Every output coordinate m (channel and pixel) has its own input support S(m) (a column of the binary Wiener
 mask) and its own softmax over the candidates:

@@ -1,4 +1,4 @@
-"""Triton kernels for the global softmax retrieval (kernel-performance.md §8.1, §8.2).
+"""Triton kernels for the global softmax retrieval (docs/design.md §8.1, §8.2).
 
 Two designs, both writing *partials* that the caller combines in a fixed order (no float atomics, so results
 are bitwise repeatable):

@@ -1,4 +1,4 @@
-"""Triton kernel for the patch softmax of ELS / bbELS (kernel-performance.md §8.4): implicit im2col.
+"""Triton kernel for the patch softmax of ELS / bbELS (docs/design.md §8.4): implicit im2col.
 
 For query row r (the C·k² patch around one output pixel) and candidates j = (training image n, centre position
 p) from an image list × a position list:

@@ -7,9 +7,10 @@ import torch
 
 from analytic_diffusion.data import Dataset
 from analytic_diffusion.denoisers import make_denoiser
+from analytic_diffusion.analysis.agreement import single_step, trajectories
 from analytic_diffusion.metrics import (mann_whitney_u, mse, nearest_train_distance, novelty, pearson_r, r2,
-                                        score_cosine, single_step, to_jsonable, trajectories)
-from analytic_diffusion.sampling import sample
+                                        score_cosine, to_jsonable)
+from analytic_diffusion.sampling.generate import sample
 
 
 def img(*rows):

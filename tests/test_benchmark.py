@@ -39,7 +39,7 @@ def test_run_global_bench_rows_and_ratios():
 
 def test_roofline_floor_model():
     peaks = roofline.DEVICES["H100"]
-    # N = 50k, D = 3072 uint8, B = 1: memory bound, 154 MB / 3 TB/s (kernel-performance.md §7.1)
+    # N = 50k, D = 3072 uint8, B = 1: memory bound, 154 MB / 3 TB/s (docs/design.md §9.1)
     assert roofline.floor_seconds(50000, 3072, 1, 1, "bf16", peaks) == pytest.approx(0.0512e-3, rel=0.01)
     # B = 1024 fp32 SIMT: compute bound, 6.3e11 / 60e12
     assert roofline.floor_seconds(50000, 3072, 1024, 4, "exact", peaks) == pytest.approx(10.5e-3, rel=0.01)
@@ -64,7 +64,7 @@ def test_bench_cli_global_and_e2e(tmp_path, capsys):
 
 def test_patch_floor_model():
     peaks = roofline.DEVICES["H100"]
-    # CIFAR-10 ELS, k = 3, valid candidates: 1024 × 45.0M pairs; exp-bound 11.8 ms (kernel-performance.md §7.3)
+    # CIFAR-10 ELS, k = 3, valid candidates: 1024 × 45.0M pairs; exp-bound 11.8 ms (docs/design.md §9.3)
     f = roofline.patch_floor_seconds(1024 * 50000 * 30 * 30, 27, peaks)
     assert f["exp_mma"] == pytest.approx(11.8e-3, rel=0.01)
     # k = 15: MMA-bound, 2 · 1024 · 16.2M · (688 + 16) / 790e12 ≈ 29.6 ms; SIMT direct form far above

@@ -7,14 +7,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from analytic_diffusion.calibration import calibrate_patch_sizes, split_probes
+from analytic_diffusion.analysis.calibration import calibrate_patch_sizes, split_probes
 from analytic_diffusion.cli import main
 from analytic_diffusion.data import Dataset
 from analytic_diffusion.denoisers import DENOISERS, make_denoiser
 from analytic_diffusion.denoisers.local_base import LocalDenoiser
-from analytic_diffusion.patch_presets import load_patch_schedule
-from analytic_diffusion.patches import PatchSchedule
-from analytic_diffusion.schedules import get_schedule
+from analytic_diffusion.denoisers.patch_presets import load_patch_schedule
+from analytic_diffusion.denoisers.patch_schedule import PatchSchedule
+from analytic_diffusion.grids import get_schedule
 
 SIZES = (3, 5, 7, 9, 11)
 SHAPE = (1, 6, 6)
@@ -101,7 +101,7 @@ def test_median_over_seeds():
                                      seeds=2, class_labels=[0, 1], progress=False)
     assert table.sizes == expected_table(sched)
     # Median of 3 and 9 among (3, 5, 9, ...) is 6: rounds to the nearest allowed size, 5.
-    from analytic_diffusion.calibration import _median_size
+    from analytic_diffusion.analysis.calibration import _median_size
     assert _median_size([3, 9], (3, 5, 9, 11)) == 5 and _median_size([3, 7], (3, 5, 7)) == 5
     assert _median_size([3, 5], (3, 5, 7)) == 3
 
@@ -335,7 +335,8 @@ def test_cli_schedules_lists_presets(capsys):
 
 def test_method_options_wiring(monkeypatch):
     """Each new flag reaches the method only under its option name."""
-    from analytic_diffusion.cli import _method_options, build_parser
+    from analytic_diffusion.cli import build_parser
+    from analytic_diffusion.cli.sample import _method_options
 
     class Opts(LocalDenoiser):
         name = "opts"
@@ -370,7 +371,7 @@ def test_method_options_wiring(monkeypatch):
 
 
 def test_masks_file(tmp_path, monkeypatch):
-    from analytic_diffusion.cli import _load_masks
+    from analytic_diffusion.cli.sample import _load_masks
     np.save(tmp_path / "m.npy", np.ones((4, 4), dtype=np.float32))
     assert torch.equal(_load_masks(str(tmp_path / "m.npy")), torch.ones(4, 4))
     with pytest.raises(FileNotFoundError, match="missing.npy"):
@@ -382,7 +383,7 @@ def test_masks_file(tmp_path, monkeypatch):
 
 
 def test_make_method_dataset_argument_detection():
-    from analytic_diffusion.calibration import _accepts_dataset
+    from analytic_diffusion.analysis.calibration import _accepts_dataset
     assert not _accepts_dataset(lambda k: k) and not _accepts_dataset(lambda k, probes=None: k)
     assert _accepts_dataset(lambda k, ds: k) and _accepts_dataset(lambda k, dataset=None: k)
     assert not _accepts_dataset(ToyMethod)  # (k, probes=None)

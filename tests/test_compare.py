@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from analytic_diffusion.cli import main
-from analytic_diffusion.compare import split_methods_options
+from analytic_diffusion.analysis.compare import split_methods_options
 
 FAST = ["--dataset", "mnist32", "--subset", "200", "--seeds", "2", "--steps", "4", "--n-single", "4",
         "--n-test", "32", "--no-progress"]
@@ -87,7 +87,7 @@ def test_compare_input_errors(tmp_path, capsys, args, message):
 
 
 def test_method_options_go_to_the_methods_that_take_them():
-    from analytic_diffusion.patch_presets import load_patch_schedule
+    from analytic_diffusion.denoisers.patch_presets import load_patch_schedule
     sched = load_patch_schedule("kamb-mnist")
     opts = split_methods_options(["optimal", "wiener", "bbels"], {"patch": sched, "rank": 5},
                                  extra={"backend": "torch"})

@@ -7,7 +7,7 @@ import torch
 
 from analytic_diffusion.cli import main
 from analytic_diffusion.data import Dataset
-from analytic_diffusion.dynamics import memorization_onset, training_dynamics
+from analytic_diffusion.analysis.dynamics import memorization_onset, training_dynamics
 
 torch.set_num_threads(1)
 
@@ -74,7 +74,7 @@ def test_tiny_run_writes_metrics_and_plots(tmp_path):
 def test_copying_sampler_gives_an_onset_at_the_first_checkpoint(tmp_path, monkeypatch):
     """With samples that are training images the ratio is 1, so the onset is the first checkpoint; the onset
     plot is written. With the whole dataset used for training, the probe falls back to training images."""
-    import analytic_diffusion.sampling as sampling
+    import analytic_diffusion.sampling.generate as sampling
 
     ds = random_images(n=8)
     current = {}

@@ -279,7 +279,7 @@ def test_budget_is_capped():
 
 
 def test_schedule_groups_samples_by_k(rng):
-    from analytic_diffusion.patches import PatchSchedule
+    from analytic_diffusion.denoisers.patch_schedule import PatchSchedule
     ds, train = make_data(rng, 6, 6)
     x, s = make_query(rng, train, [0.01, 1.0, 0.01])
     sched = PatchSchedule([1, 3], [0.01, 1.0])

@@ -14,7 +14,7 @@ from analytic_diffusion.denoisers import Optimal
 from analytic_diffusion.denoisers.local import PSPC, LocalScore, PSPCFlex, wiener_heatmap
 from analytic_diffusion.denoisers.pca_locality import PCALocality
 from analytic_diffusion.ops import combine_partials
-from analytic_diffusion.patches import PatchSchedule
+from analytic_diffusion.denoisers.patch_schedule import PatchSchedule
 from analytic_diffusion.ops.local_retrieval import (coordinate_retrieval, crop_masks, local_score, mask_composite,
                                                     masks_from_heatmap, pspc_square)
 

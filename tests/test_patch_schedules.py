@@ -5,10 +5,11 @@ import math
 import pytest
 import torch
 
-from analytic_diffusion.patch_presets import (ALIASES, KAMB_TABLES, PRESETS, PSPC_CIFAR10_SIZES, list_presets,
+from analytic_diffusion.denoisers.patch_presets import (ALIASES, KAMB_TABLES, PRESETS, PSPC_CIFAR10_SIZES, list_presets,
                                               load_patch_schedule)
-from analytic_diffusion.patches import PatchSchedule, as_patch_schedule
-from analytic_diffusion.schedules import get_schedule, kamb_sigma, karras
+from analytic_diffusion.denoisers.patch_presets import as_patch_schedule
+from analytic_diffusion.denoisers.patch_schedule import PatchSchedule
+from analytic_diffusion.grids import get_schedule, kamb_sigma, karras
 
 KAMB_NAMES = ["kamb-mnist-resnet-zeros", "kamb-mnist-resnet-circular", "kamb-mnist-unet-zeros",
               "kamb-fashionmnist-resnet-zeros-cond", "kamb-fashionmnist-unet-zeros-cond",

@@ -5,10 +5,10 @@ import math
 import pytest
 import torch
 
-from analytic_diffusion.samplers import (SAMPLERS, get_sampler, sample_ddim, sample_ddpm, sample_euler,
+from analytic_diffusion.sampling.samplers import (SAMPLERS, get_sampler, sample_ddim, sample_ddpm, sample_euler,
                                          sample_heun)
-from analytic_diffusion.sampling import SampleResult, sample
-from analytic_diffusion.schedules import karras, vp_linear
+from analytic_diffusion.sampling.generate import SampleResult, sample
+from analytic_diffusion.grids import karras, vp_linear
 
 SHAPE = (2, 2, 2)  # D = 8
 

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from analytic_diffusion.schedules import Schedule, get_schedule, kamb_sigma, karras, vp_cosine, vp_linear
+from analytic_diffusion.grids import Schedule, get_schedule, kamb_sigma, karras, vp_cosine, vp_linear
 
 
 def _check_grid(s: Schedule, steps: int, last_zero: bool = True):
@@ -39,7 +39,7 @@ def test_vp_linear_leading_matches_studio_note():
     _check_grid(s, 10)
     assert s.kind == "vp"
     assert s.timesteps.tolist() == [900, 800, 700, 600, 500, 400, 300, 200, 100, 0]
-    studio = [61, 25.7, 12.0, 6.2, 3.4, 2.0, 1.24, 0.72, 0.34, 0.01]  # peer-analytic-diffusion-studio.md §2
+    studio = [61, 25.7, 12.0, 6.2, 3.4, 2.0, 1.24, 0.72, 0.34, 0.01]  # docs/design.md §10.3
     for got, ref in zip(s.sigmas[:-1].tolist(), studio):
         assert got == pytest.approx(ref, rel=0.03)  # the note rounds to 2-3 digits
     ac = _alphas_cumprod_linear()

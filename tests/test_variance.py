@@ -8,7 +8,7 @@ from analytic_diffusion.data import Dataset
 from analytic_diffusion.denoisers import Optimal
 from analytic_diffusion.ops import (KeyBank, PartialState, combine_partials, knn_search, posterior_draw,
                                     softmax_retrieval)
-from analytic_diffusion.variance import (PosteriorSampleDenoiser, posterior_moments, posterior_variance,
+from analytic_diffusion.analysis.variance import (PosteriorSampleDenoiser, posterior_moments, posterior_variance,
                                          variance_sweep)
 from reference import mirror, noisy_queries, rel, uint8_bank
 
@@ -355,6 +355,6 @@ def test_variance_sweep_smoke(rng, tmp_path):
         assert 0.0 <= r["memorization_ratio"] <= 1.0 and math.isfinite(r["nn_distance_median"])
     assert (tmp_path / "grid.png").exists() and "lambda" in res.table()
     # same seeds: λ = 0 is the optimal denoiser's run
-    from analytic_diffusion.sampling import sample
+    from analytic_diffusion.sampling.generate import sample
     ref = sample(Optimal(ds), 3, steps=4, progress=False).samples
     assert torch.equal(res.samples[0.0], ref)

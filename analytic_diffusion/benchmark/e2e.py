@@ -8,7 +8,7 @@ import torch
 
 from ..data import Dataset
 from ..denoisers import make_denoiser
-from ..sampling import sample
+from ..sampling.generate import sample
 
 
 def run_e2e(*, n_train: int, shape: Tuple[int, int, int], samples: int, steps: int = 18, sampler: str = "heun",

@@ -8,7 +8,7 @@ pca_locality has no patch size (its rows carry k = None) and its torch reference
 mask's mean support (inputs per output) that this gain depends on.
 
 ELS / bbELS rows on a GPU with known peaks carry the exp / MMA roofline floor per image per step
-(:func:`~analytic_diffusion.benchmark.roofline.patch_floor_seconds`, kernel-performance.md §7.3) and the floor of
+(:func:`~analytic_diffusion.benchmark.roofline.patch_floor_seconds`, docs/design.md §9.3) and the floor of
 the fused kernels' own math (direct distances on CUDA cores), from the method's exact pair count.
 
 Data: random uint8 training images (N, C, H, W) resident on the device; queries are training images plus noise
@@ -53,7 +53,7 @@ def studio_chunk(batch: int, shape, k: int, memory: int) -> int:
 
 
 def studio_els(x: torch.Tensor, images_float: torch.Tensor, k: int, sigma: float, chunk: int) -> torch.Tensor:
-    """ELS in the style of the studio's els_machine (peer-analytic-diffusion-studio.md §1.6), fp32: for each
+    """ELS in the style of the studio's els_machine (docs/design.md §10.2), fp32: for each
     chunk of training images, every interior k×k patch becomes a conv2d filter over the circularly padded
     queries; ‖q‖² − 2⟨q, y⟩ + ‖y‖² gives logits (B, K·L, H, W), materialised with their weights; a running max
     with rescaling carries the softmax across chunks; values are the patches' centre pixels."""

@@ -1,4 +1,4 @@
-"""Roofline floors of the global retrieval and of the patch (ELS / bbELS) softmax (kernel-performance.md §7).
+"""Roofline floors of the global retrieval and of the patch (ELS / bbELS) softmax (docs/design.md §9).
 
 Global, per call: bytes = the key matrix once (N·D·element size) + queries and outputs (2·B·D·4);
 FLOPs = 4·B·N·D (logits GEMM + weighted sum). Floor = max(bytes / bandwidth, FLOPs / rate of the math used).

@@ -1,4 +1,4 @@
-"""A training set held once, resident on one device: uint8 + an affine map to [-1, 1] when 8-bit (DESIGN.md §2)."""
+"""A training set held once, resident on one device: uint8 + an affine map to [-1, 1] when 8-bit (docs/design.md §2)."""
 from __future__ import annotations
 
 from typing import Dict, Optional, Sequence, Tuple, Union

@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Optional
 
 from .dataset import Dataset
-from .loaders import IDX_IMAGES_MAGIC, IDX_LABELS_MAGIC, _finish, _options, read_idx
+from .readers import IDX_IMAGES_MAGIC, IDX_LABELS_MAGIC, _finish, _options, read_idx
 
 MNIST_DIR = Path(__file__).with_name("mnist")
 IMAGES_FILE, LABELS_FILE = "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"

@@ -8,7 +8,6 @@ file and the problem.
 """
 from __future__ import annotations
 
-import gzip
 import io
 import json
 import pickle
@@ -21,72 +20,15 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .dataset import Dataset, standardize_images
-from .transforms import apply_transforms, as_size, resize, to_rgb
+from . import embedded
+from .dataset import Dataset
+from .readers import IDX_IMAGES_MAGIC, IDX_LABELS_MAGIC, _finish, _options, read_idx
+from .transforms import as_size, resize, to_rgb
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 GRAY_MODES = ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F")
-IDX_IMAGES_MAGIC, IDX_LABELS_MAGIC = 2051, 2049
 CIFAR_PIXELS = 3 * 32 * 32
 CIFAR_SUBFOLDERS = ("cifar-10-batches-py", "cifar-100-python", "cifar-10-batches-bin", "cifar-100-binary")
-
-
-# ==================================================================== shared finishing step
-def _finish(images, labels, *, source: str, split: Optional[str], resolution=None, grayscale=None,
-            pad_to=None, labels_wanted: bool = True, device="cpu", value_range=None,
-            class_names: Optional[Sequence[str]] = None) -> Dataset:
-    """Validate/standardise, apply the transforms, record them in the metadata, and build the Dataset."""
-    x = standardize_images(images, source, value_range)
-    transform = "none"
-    if resolution is not None or grayscale is not None or pad_to is not None:
-        arr, transform = apply_transforms(x.cpu().numpy(), resolution=resolution, grayscale=grayscale,
-                                          pad_to=pad_to)
-        x = torch.from_numpy(np.ascontiguousarray(arr))
-    keep = labels_wanted and labels is not None
-    labels = torch.from_numpy(np.array(labels)) if keep else None  # np.array copies: read-only buffers are fine
-    return Dataset(x, labels, source=source, split=split, transform=transform,
-                   class_names=class_names if keep else None, device=device)
-
-
-def _options(kw) -> dict:
-    """The user-facing ``labels=`` flag is called labels_wanted inside, so it cannot clash with the data."""
-    kw = dict(kw)
-    if "labels" in kw:
-        kw["labels_wanted"] = bool(kw.pop("labels"))
-    return kw
-
-
-# ==================================================================== MNIST / Fashion-MNIST idx
-def read_idx(path, magic: int) -> np.ndarray:
-    """One idx file (gzip or raw, detected from its bytes) as a uint8 array; checks magic, dims and length."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such idx file")
-    data = path.read_bytes()
-    if data[:2] == b"\x1f\x8b":
-        try:
-            data = gzip.decompress(data)
-        except (EOFError, OSError, gzip.BadGzipFile) as e:
-            raise ValueError(f"{path}: truncated or corrupt gzip data ({e})") from None
-    kind = {IDX_IMAGES_MAGIC: "images (idx3)", IDX_LABELS_MAGIC: "labels (idx1)"}[magic]
-    if len(data) < 4:
-        raise ValueError(f"{path}: truncated: {len(data)} bytes, shorter than the idx header")
-    found = int.from_bytes(data[:4], "big")
-    if found != magic:
-        raise ValueError(f"{path}: wrong magic number {found} (expected {magic} for an idx {kind} file)")
-    ndim = data[3]
-    header = 4 + 4 * ndim
-    if len(data) < header:
-        raise ValueError(f"{path}: truncated inside the idx header")
-    dims = tuple(int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
-    count = int(np.prod(dims))
-    body = len(data) - header
-    if body < count:
-        raise ValueError(f"{path}: truncated: header says {'x'.join(map(str, dims))} = {count} bytes of data, "
-                         f"found {body}")
-    if body > count:
-        raise ValueError(f"{path}: {body - count} unexpected bytes after the {'x'.join(map(str, dims))} data")
-    return np.frombuffer(data, dtype=np.uint8, count=count, offset=header).reshape(dims)
 
 
 def _idx_files(path: Path, split: str) -> Tuple[Path, Optional[Path], str]:
@@ -390,7 +332,6 @@ def load_dataset(source, *, split: Optional[str] = None, resolution=None, graysc
         return load_array(source, split=split, **options)
     if not isinstance(source, (str, Path)):
         raise TypeError(f"source: expected a path, a dataset name or an array, got {type(source).__name__}")
-    from . import embedded  # imported here: embedded builds on this module's readers
     # A bare built-in name always means the embedded set, whatever the working directory holds ("./mnist" for
     # a local folder of that name), so that scripts behave the same everywhere.
     if isinstance(source, str) and source.lower() in embedded.NAMES:

@@ -1,6 +1,6 @@
 """Equivariant local score machines of Kamb & Ganguli (arXiv 2412.20292): ELS and boundary-broken ELS.
 
-Both estimate each output pixel p by its own softmax over training *patches* (methods.md §1.2):
+Both estimate each output pixel p by its own softmax over training *patches* (docs/methods.md §1.2):
 
     x̂0(p) = Σ_j softmax_j(−‖P_p(x) − y_j‖² / 2σ²T) · centre(y_j)
 

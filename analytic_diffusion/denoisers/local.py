@@ -1,7 +1,7 @@
 """Same-location local denoisers: LS (Kamb & Ganguli), PSPC-Square and PSPC-Flex (Niedoba et al.).
 
 Thin configurations of :mod:`analytic_diffusion.ops.local_retrieval` (the exact, memory-bounded torch reference).
-methods.md §1.2 and §2 give the rules; DESIGN.md §3 the shared primitive.
+docs/methods.md §1.2 and §2 give the rules; docs/design.md §3 the shared primitive.
 """
 from __future__ import annotations
 
@@ -13,9 +13,9 @@ import torch
 from ..ops.local_retrieval import _check_masks, local_score, mask_composite, masks_from_heatmap, pspc_square, \
     wiener_filter_matrix
 from ..ops.patch_retrieval import PATCH_BACKENDS
-from ..patch_presets import load_patch_schedule
-from ..patches import PatchSchedule, as_patch_schedule
-from ..schedules import karras
+from .patch_presets import as_patch_schedule, load_patch_schedule
+from .patch_schedule import PatchSchedule
+from ..grids import karras
 from .local_base import LocalDenoiser
 
 # The PSPC paper's CIFAR-10 PSPC-Flex mass fractions over the 18-step EDM/Karras grid, high noise first.
@@ -54,7 +54,7 @@ def _nearest(table: Dict[float, object], sigma: float):
 
 # ----------------------------------------------------------------------------------------------- LS
 class LocalScore(LocalDenoiser):
-    """LS, the local score machine of Kamb & Ganguli (methods.md §1.2).
+    """LS, the local score machine of Kamb & Ganguli (docs/methods.md §1.2).
 
     For every pixel p, one softmax over the N training images (± mirrors with ``flips``, only the sample's class
     with class labels) of −Σ_{q ∈ k×k window at p} ‖x(q) − y_j(q)‖² / (2σ²T), window positions outside the image
@@ -91,7 +91,7 @@ def pspc_cifar_schedule(max_size: Optional[int] = None) -> PatchSchedule:
 
 
 class PSPC(LocalDenoiser):
-    """PSPC-Square (Niedoba et al., methods.md §2): the Patch Set Posterior Composite with square crops.
+    """PSPC-Square (Niedoba et al., docs/methods.md §2): the Patch Set Posterior Composite with square crops.
 
     For every k×k crop fully inside the image (no padding), the posterior mean of the whole crop over the same crop
     of every training image (logits −‖x_c − y_{j,c}‖² / (2σ²T)); each pixel averages the crop means covering it.
@@ -147,7 +147,7 @@ MaskSpec = Union[str, torch.Tensor, Callable[[float], torch.Tensor], Dict[float,
 
 
 class PSPCFlex(LocalDenoiser):
-    """PSPC-Flex (Niedoba et al., methods.md §2): the patch-set composite over per-output-pixel masks.
+    """PSPC-Flex (Niedoba et al., docs/methods.md §2): the patch-set composite over per-output-pixel masks.
 
     out(q) = Σ_p [q ∈ mask_p]·(posterior mean of mask p's pixels)(q) / #{p : q ∈ mask_p}; each mask applies to all
     channels; the posterior of mask p uses logits −Σ_{q ∈ mask_p} ‖x(q) − y_j(q)‖² / (2σ²T) over the same pixels of

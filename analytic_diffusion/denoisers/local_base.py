@@ -5,7 +5,7 @@ from typing import Optional
 
 import torch
 
-from ..patches import as_patch_schedule
+from .patch_presets import as_patch_schedule
 from .optimal import RetrievalDenoiser
 
 

@@ -1,6 +1,6 @@
 """pca_locality (Lukoianov, Yuan, Solomon & Sitzmann, arXiv 2509.09672): locality masks from the Wiener filter.
 
-methods.md §5 and peer-analytic-diffusion-studio.md §1.4 give the rules; this is a thin configuration of
+docs/methods.md §5 and docs/design.md §10.1 give the rules; this is a thin configuration of
 :func:`analytic_diffusion.ops.local_retrieval.coordinate_retrieval`.
 """
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Posterior variance, exact posterior draws and variance-injected denoisers (reference/methods.md §7).
+"""Posterior variance, exact posterior draws and variance-injected denoisers (docs/methods.md §7).
 
 Under the empirical training distribution the posterior p(x0 | x) at noise σ puts weight
 w_j = softmax_j(−‖x − y_j‖² / 2σ²T) on training image y_j. The optimal denoiser returns its mean; this module

@@ -1,4 +1,4 @@
-"""How linear is a denoiser? Li, Dai & Qu (arXiv 2410.24060; reference/methods.md §4).
+"""How linear is a denoiser? Li, Dai & Qu (arXiv 2410.24060; docs/methods.md §4).
 
 * :func:`fit_linear_denoiser`: the best affine map x ↦ W x + b to D's outputs on noisy probes x0 + σε, per σ
   ("linear distillation"). Li et al. fit it with Adam; we solve the same least-squares problem in closed form
@@ -17,7 +17,7 @@
   relative distance of the biases and of the outputs on noisy dataset images.
 * :func:`linearity_score`: the form implemented is the cosine similarity between D(α y1 + β y2) and
   α D(y1) + β D(y2), α = β = 1/√2, for noisy inputs y_j = x_j + σ ε_j (the mix then has noise level σ too),
-  over the whole image, averaged over pairs. This follows the description in reference/methods.md §4, which was
+  over the whole image, averaged over pairs. This follows the description in docs/methods.md §4, which was
   written from memory of the paper: the paper's exact form was not retrieved. An *affine* map with a non-zero
   offset does not score 1 in this form (α + β ≠ 1); pass ``center`` (e.g. the dataset mean) to measure the
   linearity of x − c ↦ D(x) − c instead, for which every affine map with D(c) = c (Wiener with c = μ) scores 1.

@@ -1,4 +1,4 @@
-"""Are generated samples closer to the training set than fresh data is? (reference/methods.md §9 d.)
+"""Are generated samples closer to the training set than fresh data is? (docs/methods.md §9 d.)
 
 For generated samples and for held-out test images, the L2 distance to the nearest training image (exact scan,
 :func:`analytic_diffusion.ops.knn_search` in float64; mirrored candidates when the dataset has flips). The two

@@ -1,4 +1,4 @@
-"""Trained networks in, :class:`~analytic_diffusion.denoisers.base.Denoiser` out (DESIGN.md §2).
+"""Trained networks in, :class:`~analytic_diffusion.denoisers.base.Denoiser` out (docs/design.md §2).
 
 Every adapter is a ``Denoiser``: call it as ``D(x, sigma, class_labels=None) -> x̂0`` in σ-space
 (x = x0 + σ·ε, sigma a scalar or a (B,) tensor), and get ``score`` / ``eps`` and input validation for free. Common

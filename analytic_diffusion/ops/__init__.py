@@ -1,4 +1,4 @@
-"""The retrieval primitive behind every analytic denoiser, with backend dispatch (DESIGN.md §3-4)."""
+"""The retrieval primitive behind every analytic denoiser, with backend dispatch (docs/design.md §3-4)."""
 from .keys import KeyBank
 from .partial import PartialState, combine_partials
 from .retrieval import (BACKENDS, DEFAULT_MEMORY_BUDGET, RetrievalResult, choose_backend, gather_rows,

@@ -1,4 +1,4 @@
-"""Same-location retrieval: the reference (``torch``) primitives of the local denoisers (methods.md §1.2, §2, §5).
+"""Same-location retrieval: the reference (``torch``) primitives of the local denoisers (docs/methods.md §1.2, §2, §5).
 
 Every candidate is a training image (± its left-right mirror) *at the same location* as the query; what varies
 is which input pixels enter each distance (a window, a crop, a mask) and which outputs share one softmax:

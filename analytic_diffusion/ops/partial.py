@@ -1,4 +1,4 @@
-"""Partial softmax-retrieval state, so that shards of a dataset combine exactly (DESIGN.md §5).
+"""Partial softmax-retrieval state, so that shards of a dataset combine exactly (docs/design.md §6).
 
 For one query row b over a set of candidates j with logits z_bj and values y_j:
 

@@ -1,5 +1,5 @@
 // Drivers of the CPU retrieval kernels: the deterministic split into tasks, the OpenMP loop, and the in-order
-// combine of the per-segment partials (DESIGN.md §5: split-N partials combined in a fixed order, no atomics).
+// combine of the per-segment partials (docs/design.md §6: split-N partials combined in a fixed order, no atomics).
 #include <algorithm>
 #include <cmath>
 #include <cstdint>

@@ -5,7 +5,7 @@
 // Everything here has internal linkage (anonymous namespace) so that code compiled for one instruction set
 // can never be picked by the linker for another translation unit (the classic ODR trap of per-file targets).
 //
-// Numerics (DESIGN.md §5): distances are direct, Σ_d (q_d − y_d)², accumulated in the query dtype T in a
+// Numerics (docs/design.md §5): distances are direct, Σ_d (q_d − y_d)², accumulated in the query dtype T in a
 // fixed lane order; logits are −coef·dist in nats; the online softmax rescales once per tile. Nothing
 // depends on threads: a task's result depends only on (query rows, candidate range).
 #if !defined(AD_ISA_NS) || !defined(AD_LANE_BYTES)

@@ -11,7 +11,7 @@
 // coordinate m: m (base 2; -inf without a candidate), l = sum 2^(z - m), o = sum 2^(z - m) * value, each (S, B, D).
 // With labels (int64), candidate j counts for query b only when image_labels[j] == query_labels[b].
 //
-// Torch-free (DESIGN.md §6): raw device pointers, a cudaStream_t, cudaError_t return codes, no allocation.
+// Torch-free (docs/design.md §7): raw device pointers, a cudaStream_t, cudaError_t return codes, no allocation.
 // Deterministic: each thread owns one (split, query, coordinate) and scans its candidates in order; no atomics.
 #pragma once
 

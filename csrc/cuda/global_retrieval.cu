@@ -1,5 +1,5 @@
 // CUDA kernels of the global retrieval primitive: split-N single-pass softmax retrieval and exact k-NN.
-// Interface and conventions: global_retrieval.cuh. Design: reference/kernel-performance.md §8.1 ("G1").
+// Interface and conventions: global_retrieval.cuh. Design: docs/design.md §8.1 ("G1").
 //
 // Shape of one launch (both kernels):
 //   grid  = S = num_splits(N) CTAs; CTA s owns the contiguous candidate range [s*N/S, (s+1)*N/S).

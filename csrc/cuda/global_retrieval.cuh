@@ -1,4 +1,4 @@
-// CUDA kernels of the global retrieval primitive (DESIGN.md §3, reference/kernel-performance.md §8.1):
+// CUDA kernels of the global retrieval primitive (docs/design.md §3, docs/design.md §8.1):
 //
 //   logit_bj = -coef_b * sum_d (q_bd - y_jd)^2      (nats),   y_j = scale * keys[j] + shift
 //
@@ -7,7 +7,7 @@
 // * knn_search: the k <= 32 nearest candidates by exact squared distance, ascending, ties to the lower index,
 //   rows with fewer than k allowed candidates padded with (inf, -1).
 //
-// Torch-free on purpose (DESIGN.md §6): raw device pointers, a cudaStream_t, cudaError_t return codes, no
+// Torch-free on purpose (docs/design.md §7): raw device pointers, a cudaStream_t, cudaError_t return codes, no
 // allocation (the caller passes a scratch buffer of the size the *_scratch_bytes functions give), so that nvcc
 // compiles this file anywhere and any framework can call it. Only the CUDA runtime API header is needed, which
 // is plain C/C++: the pybind11 bindings include this header with the host C++ compiler.

@@ -1,5 +1,5 @@
 // CUDA kernels of the local family's patch softmax with implicit im2col. Interface: patch_retrieval.cuh.
-// Design: reference/kernel-performance.md §8.4; the same computation as kernels/patch_retrieval.py (Triton).
+// Design: docs/design.md §8.4; the same computation as kernels/patch_retrieval.py (Triton).
 //
 // Shape of one launch:
 //   grid  = (ceil(R / TQ), S): CTA (x, s) owns query rows [x*TQ, x*TQ + TQ) and split s of the image list.

@@ -21,7 +21,7 @@
 // 2^(z - m), l2 = sum 2^(2(z - m)) as (S, R) and o = sum 2^(z - m) * value as (S, R, V), V = C or C*k*k. Split s
 // scans the listed images [s * per, min((s + 1) * per, n_img)), per = ceil(n_img / splits).
 //
-// Torch-free (DESIGN.md §6): raw device pointers, a cudaStream_t, cudaError_t return codes, no allocation.
+// Torch-free (docs/design.md §7): raw device pointers, a cudaStream_t, cudaError_t return codes, no allocation.
 // Deterministic: fixed reduction orders, no atomics.
 #pragma once
 

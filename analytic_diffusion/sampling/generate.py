@@ -8,7 +8,7 @@ from typing import Callable, Optional, Union
 import torch
 
 from .samplers import SAMPLERS, get_sampler
-from .schedules import Schedule, get_schedule
+from ..grids import Schedule, get_schedule
 
 __all__ = ["SampleResult", "sample"]
 
@@ -35,7 +35,7 @@ def sample(denoiser: Callable, n: int = 64, *, steps: int = 18, sampler: str = "
            shape=None, batch_size: Optional[int] = None, eta: float = 0.0, clip_x0: bool = False,
            class_labels=None, callback=None, device=None, dtype: torch.dtype = torch.float32,
            progress: bool = True) -> SampleResult:
-    """Draw n samples from ``denoiser`` (``D(x, sigma, **kw) -> x0_hat``, DESIGN.md §2).
+    """Draw n samples from ``denoiser`` (``D(x, sigma, **kw) -> x0_hat``, docs/design.md §2).
 
     Sample i starts from noise drawn (in float32, then cast to ``dtype``) by a CPU torch.Generator seeded with
     seed + i, scaled by the schedule's initial std (VE: σ_0, VP: sqrt(1 + σ_0²)); the same generator then drives

@@ -1,13 +1,13 @@
 """Training dynamics of memorisation: when does a network trained on N images start copying them?
 
-Marion & Wu (2026; methods.md §8) report that the training time to memorise grows about linearly with the
+Marion & Wu (2026; docs/methods.md §8) report that the training time to memorise grows about linearly with the
 training-set size N. :func:`training_dynamics` measures this with the built-in networks: for each N it trains
 :func:`~analytic_diffusion.networks.train.train_network` on a seeded random subset, keeps checkpoints along the way,
 and at every checkpoint (EMA weights, as :func:`~analytic_diffusion.networks.train.load_network` loads them):
 
 * samples ``n_samples`` images from fixed seeds (``sample_seed``, ``sample_seed + 1``, ...; the same noise for
   every checkpoint and every N) with the EDM Heun sampler on the Karras grid;
-* the memorisation ratio of those samples against the subset (the share with NN1/NN2 < 1/3, methods.md §9a),
+* the memorisation ratio of those samples against the subset (the share with NN1/NN2 < 1/3, docs/methods.md §9a),
   the median L2 distance to the nearest subset image and the median NN1/NN2 ratio;
 * the single-step agreement with the exact ``optimal`` denoiser of the same subset: both models denoise the same
   x0 + σ·ε (ε seeded, shared) at each σ in ``sigmas`` (default 0.5, 1, 2) and we record r² (variance-normalised
@@ -87,7 +87,7 @@ def _checkpoint_steps(steps: int, every: int) -> List[int]:
 
 
 def _as_dataset(dataset):
-    from .data import Dataset
+    from ..data import Dataset
     if isinstance(dataset, Dataset):
         return dataset
     if torch.is_tensor(dataset):
@@ -121,12 +121,13 @@ def training_dynamics(dataset, sizes: Sequence[int] = (64, 256, 1024), *, steps:
     "agreement": {"sigmas", "r2", "mse"}, "r2_mean"}], "onset_step", "peak_memorization_ratio", "train_s"}},
     "onset": {str(N): step or None}, "plots": {...}, "elapsed_s"}.
     """
-    from .denoisers import make_denoiser
-    from .metrics import memorization, single_step
-    from .networks.models import ARCHITECTURES
-    from .networks.train import load_network, train_network
-    from .plots import line_plot
-    from .sampling import sample
+    from ..denoisers import make_denoiser
+    from ..metrics import memorization
+    from .agreement import single_step
+    from ..networks.models import ARCHITECTURES
+    from ..networks.train import load_network, train_network
+    from ..viz.plots import line_plot
+    from ..sampling.generate import sample
 
     ds = _as_dataset(dataset)
     if ds.flips:

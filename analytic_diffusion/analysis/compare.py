@@ -11,7 +11,7 @@ given as ``method:NAME``) is the reference. Each analytic method is compared wit
 * by memorisation and novelty: the NN1/NN2 ratio of each model's samples, and the distance-to-train
   distribution of the samples against that of held-out images (Mann–Whitney z; see metrics/novelty.py).
 
-r² always uses the network's variance (studio definition, reference/methods.md §5). The report folder holds
+r² always uses the network's variance (studio definition, docs/methods.md §5). The report folder holds
 metrics.json, config.json, samples.npz, samples.png (one labelled row per model, same seeds in each column),
 r²/MSE-vs-σ plots and summary.md.
 
@@ -31,8 +31,9 @@ from typing import Callable, Dict, Optional, Union
 import numpy as np
 import torch
 
-from .metrics.agreement import seed_list, single_step, to_jsonable, trajectories
-from .metrics.novelty import nearest_train_distance, novelty
+from ..metrics.agreement import seed_list, to_jsonable
+from .agreement import single_step, trajectories
+from ..metrics.novelty import nearest_train_distance, novelty
 
 __all__ = ["run_compare", "parse_methods", "load_network_spec", "split_methods_options", "METHOD_PREFIX"]
 
@@ -42,7 +43,7 @@ _DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 def parse_methods(methods) -> list:
     """'optimal, wiener' or a list -> validated, de-duplicated list of analytic method names."""
-    from .denoisers import DENOISERS
+    from ..denoisers import DENOISERS
     names = [m.strip() for m in methods.split(",")] if isinstance(methods, str) else [str(m).strip() for m in methods]
     names = [m for m in names if m]
     if not names:
@@ -60,7 +61,7 @@ def split_methods_options(names, options: Optional[dict], *, extra: Optional[dic
     An option that no listed method takes is an error (a typo or a flag for the wrong method). ``extra``
     (backend, dtype) is passed wherever accepted, silently.
     """
-    from .denoisers import denoiser_options
+    from ..denoisers import denoiser_options
     options = dict(options or {})
     out, used = {}, set()
     for name in names:
@@ -101,7 +102,7 @@ def load_network_spec(network, dataset, *, device="cpu", options: Optional[dict]
 
     ``options``: keyword options of a ``method:NAME`` reference (ignored for checkpoints).
     """
-    from .denoisers import make_denoiser
+    from ..denoisers import make_denoiser
     _check_network_spec(network)
     if callable(network) and not isinstance(network, (str, os.PathLike)):
         label = str(getattr(network, "name", None) or type(network).__name__)
@@ -112,7 +113,7 @@ def load_network_spec(network, dataset, *, device="cpu", options: Optional[dict]
         den = make_denoiser(name, dataset, **(options or {}))
         return den, f"{METHOD_PREFIX}{name}", {"kind": "method", "name": name, "denoiser": den.config()}
     try:
-        from .networks import load_network
+        from ..networks import load_network
     except ImportError as e:
         raise ValueError(f"network: cannot load checkpoints, analytic_diffusion.networks is unavailable ({e})") \
             from None
@@ -145,8 +146,8 @@ def _save_rows(path, rows: Dict[str, torch.Tensor], max_cols: int = 16) -> None:
     """One labelled row per model (same seed in each column)."""
     from PIL import Image, ImageDraw
 
-    from .plots import _font
-    from .viz import tile
+    from ..viz.plots import _font
+    from ..viz.images import tile
     font, _ = _font(13)
     tiles = {name: tile(x[:max_cols], min(max_cols, x.shape[0])) for name, x in rows.items()}
     probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
@@ -223,17 +224,17 @@ def run_compare(*, network: Union[str, Callable], methods, dataset="mnist32", sp
     applied to the methods that take them (e.g. {"patch": PatchSchedule}); network_options: options of a
     ``method:NAME`` network only.
     """
-    from .denoisers import make_denoiser
-    from .plots import line_plot
-    from .run import check_patch_coverage, prepare_dataset
-    from .schedules import get_schedule
+    from ..denoisers import make_denoiser
+    from ..viz.plots import line_plot
+    from ..sampling.run import check_patch_coverage, prepare_dataset
+    from ..grids import get_schedule
 
     t_start = time.perf_counter()
     names = parse_methods(methods)
     if dtype not in _DTYPES:
         raise ValueError(f"dtype: expected one of {sorted(_DTYPES)}, got {dtype!r}")
     tdtype = _DTYPES[dtype]
-    from .samplers import SAMPLERS
+    from ..sampling.samplers import SAMPLERS
     if sampler not in SAMPLERS:
         raise ValueError(f"sampler: expected one of {', '.join(SAMPLERS)}, got {sampler!r}")
     seed_values = seed_list(seeds, first=seed)

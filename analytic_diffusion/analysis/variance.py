@@ -1,4 +1,4 @@
-"""Does posterior variance make samples novel? A study helper (reference/methods.md §7).
+"""Does posterior variance make samples novel? A study helper (docs/methods.md §7).
 
 :func:`variance_sweep` samples the same seeds with :class:`PosteriorSampleDenoiser` at several λ and reports
 the memorisation ratio and nearest-neighbour distances per λ, with a side-by-side grid (one row per λ). The
@@ -12,7 +12,7 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
-from .denoisers.posterior_sample import (MODES, PosteriorSampleDenoiser, posterior_draw, posterior_moments,
+from ..denoisers.posterior_sample import (MODES, PosteriorSampleDenoiser, posterior_draw, posterior_moments,
                                          posterior_variance)
 
 __all__ = ["posterior_moments", "posterior_variance", "posterior_draw", "PosteriorSampleDenoiser",
@@ -49,8 +49,8 @@ def variance_sweep(dataset, scales: Sequence[float] = (0.0, 0.25, 0.5, 1.0), n: 
     ``options`` go to :class:`PosteriorSampleDenoiser` (flips, temperature, dtype, memory_budget, ...).
     ``grid_path``: writes a PNG with one row per λ (label on the left).
     """
-    from .metrics.memorization import memorization
-    from .sampling import sample
+    from ..metrics.memorization import memorization
+    from ..sampling.generate import sample
 
     scales = [float(v) for v in scales]
     if not scales:
@@ -76,7 +76,7 @@ def variance_sweep(dataset, scales: Sequence[float] = (0.0, 0.25, 0.5, 1.0), n: 
 def _save_sweep_grid(path, result: SweepResult) -> None:
     from PIL import Image, ImageDraw
 
-    from .viz import tile
+    from ..viz.images import tile
 
     strips = []
     for r in result.rows:

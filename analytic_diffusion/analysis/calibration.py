@@ -1,6 +1,6 @@
 """Calibrate a patch-size schedule: choose k per σ so that a local method matches a reference.
 
-This is Kamb & Ganguli's procedure (reference/methods.md §1.4), made generic over denoiser objects:
+This is Kamb & Ganguli's procedure (docs/methods.md §1.4), made generic over denoiser objects:
 
 * ``reference`` = a denoiser (or a method name): run the reference's own deterministic trajectory (DDIM η = 0
   on the σ grid, which in σ-space is x' = x̂0 + σ'/σ·(x − x̂0)) from each seed. At every step evaluate the
@@ -23,8 +23,8 @@ from typing import Callable, Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 
-from .patches import PatchSchedule, check_patch_size
-from .schedules import Schedule, get_schedule
+from ..denoisers.patch_schedule import PatchSchedule, check_patch_size
+from ..grids import Schedule, get_schedule
 
 __all__ = ["calibrate_patch_sizes", "split_probes", "plot_calibration", "METRICS"]
 
@@ -60,7 +60,7 @@ def _accepts_dataset(fn) -> bool:
 def _method_factory(make_method, method_options):
     """make_method as a callable (k) or (k, dataset), or a method name built with ``patch=k``."""
     if isinstance(make_method, str):
-        from .denoisers import denoiser_options, make_denoiser
+        from ..denoisers import denoiser_options, make_denoiser
         name = make_method
         if "patch" not in denoiser_options(name):
             raise ValueError(f"method {name!r} takes no 'patch' option, so it has no patch size to calibrate")
@@ -75,7 +75,7 @@ def _method_factory(make_method, method_options):
 
 def _reference_denoiser(reference, dataset):
     if isinstance(reference, str):
-        from .denoisers import make_denoiser
+        from ..denoisers import make_denoiser
         return make_denoiser(reference, dataset), reference
     if not callable(reference):
         raise TypeError(f"reference: expected a denoiser, a method name or 'clean', got {type(reference).__name__}")

@@ -9,14 +9,14 @@ from typing import Optional
 import numpy as np
 import torch
 
-from .data import load_dataset
-from .denoisers import make_denoiser
-from .metrics import memorization
-from .ops import gather_rows
-from .patches import PatchSchedule
-from .sampling import sample
-from .schedules import Schedule, get_schedule
-from .viz import save_grid, save_nearest_panel, save_x0_strips
+from ..data import load_dataset
+from ..denoisers import make_denoiser
+from ..metrics import memorization
+from ..ops import gather_rows
+from ..denoisers.patch_schedule import PatchSchedule
+from .generate import sample
+from ..grids import Schedule, get_schedule
+from ..viz.images import save_grid, save_nearest_panel, save_x0_strips
 
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
 

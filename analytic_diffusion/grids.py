@@ -1,4 +1,4 @@
-"""Noise-level grids in σ-space (EDM / k-diffusion convention, DESIGN.md §2).
+"""Noise-level grids in σ-space (EDM / k-diffusion convention, docs/design.md §2).
 
 A sample at noise level σ is x = x0 + σ·ε. A VP process x_vp = a·x0 + b·ε (a = sqrt(ᾱ), b = sqrt(1-ᾱ))
 maps in by x = x_vp / a, σ = b / a = sqrt((1-ᾱ)/ᾱ), so one sampler serves EDM and DDPM-style grids alike.

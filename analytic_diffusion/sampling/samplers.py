@@ -1,4 +1,4 @@
-"""Samplers over σ grids, in the style of k-diffusion (DESIGN.md §2, §7).
+"""Samplers over σ grids, in the style of k-diffusion (docs/design.md §2, §11).
 
 A denoiser is any callable ``D(x, sigma, **kwargs) -> x0_hat`` with x of shape (B, C, H, W) and sigma of
 shape (B,). Every sampler has the signature

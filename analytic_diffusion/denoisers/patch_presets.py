@@ -1,7 +1,7 @@
 """Published patch-size schedules, and loading a schedule by preset name or from a JSON file.
 
 Kamb & Ganguli (arXiv 2412.20292) calibrated one patch side k per time t = i/20 (i = 0 … 19, index 0 = lowest
-noise, σ = 0) by matching their local machines to trained CNNs (reference/methods.md §1.4). Their tables are
+noise, σ = 0) by matching their local machines to trained CNNs (docs/methods.md §1.4). Their tables are
 stored here in σ-space through the legacy cosine schedule, σ = kamb_sigma(t) = tan(t/1.008 · π/2); the 19-step
 ``kamb-cosine`` grid visits exactly the σ of i = 19 … 1. "zeros" tables belong to zero-padded networks and
 pair with bbELS, "circular" ones with ELS; "-cond" tables come from class-conditional networks.
@@ -16,15 +16,15 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Dict, List
+from typing import Dict, List, Optional, Union
 
-from .patches import PatchSchedule
-from .schedules import kamb_sigma, karras
+from ..grids import kamb_sigma, karras
+from .patch_schedule import PatchSchedule
 
 __all__ = ["PRESETS", "ALIASES", "PRESET_INFO", "KAMB_TABLES", "PSPC_CIFAR10_SIZES", "list_presets",
            "load_patch_schedule", "kamb_schedule"]
 
-# k for i = 0 … 19 at t = i/20 (methods.md §1.4, from the committed scale files of henhen724/convolutional_diffusion).
+# k for i = 0 … 19 at t = i/20 (docs/methods.md §1.4, from the committed scale files of henhen724/convolutional_diffusion).
 KAMB_TABLES: Dict[str, List[int]] = {
     "kamb-cifar10-resnet-zeros-cond": [3, 3, 3, 3, 5, 5, 5, 7, 7, 7, 7, 9, 9, 11, 11, 13, 15, 17, 17, 17],
     "kamb-cifar10-resnet-circular-cond": [3, 3, 3, 3, 5, 5, 5, 5, 7, 7, 7, 9, 9, 11, 11, 13, 13, 15, 15, 15],
@@ -38,7 +38,7 @@ KAMB_TABLES: Dict[str, List[int]] = {
     "kamb-mnist-unet-zeros": [3, 3, 3, 5, 5, 7, 7, 7, 9, 9, 9, 11, 13, 15, 17, 21, 23, 23, 25, 27],
 }
 
-# PSPC-Square, CIFAR-10, high noise -> low noise over the 18 σ > 0 of karras(18) (methods.md §2).
+# PSPC-Square, CIFAR-10, high noise -> low noise over the 18 σ > 0 of karras(18) (docs/methods.md §2).
 PSPC_CIFAR10_SIZES = [32, 32, 32, 32, 32, 32, 32, 23, 15, 11, 7, 5, 3, 3, 3, 3, 3, 3]
 
 
@@ -123,3 +123,20 @@ def load_patch_schedule(name_or_path) -> PatchSchedule:
     if schedule.name in ("file", "custom"):
         schedule.name = os.path.basename(key)
     return schedule
+
+
+def as_patch_schedule(patch: Union[int, str, PatchSchedule, None], default: Optional[int] = None
+                      ) -> PatchSchedule:
+    """Accept a constant k, a PatchSchedule, a preset name or a JSON schedule file path."""
+    if isinstance(patch, PatchSchedule):
+        return patch
+    if patch is None:
+        if default is None:
+            raise ValueError("patch: give a patch size k or a patch schedule")
+        return PatchSchedule.constant(default)
+    if isinstance(patch, int) and not isinstance(patch, bool):
+        return PatchSchedule.constant(patch)
+    if isinstance(patch, str):
+        return load_patch_schedule(patch)
+    raise TypeError(f"patch: expected an odd int, a preset name, a schedule file or a PatchSchedule, "
+                    f"got {type(patch).__name__}")

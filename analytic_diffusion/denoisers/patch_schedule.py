@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass, field
-from typing import Optional, Sequence, Union
+from typing import Sequence
 
 
 def check_patch_size(k, name: str = "patch", odd: bool = True) -> int:
@@ -116,21 +116,3 @@ class PatchSchedule:
     def save(self, path) -> None:
         with open(path, "w") as f:
             json.dump(self.to_json(), f, indent=2)
-
-
-def as_patch_schedule(patch: Union[int, str, PatchSchedule, None], default: Optional[int] = None
-                      ) -> PatchSchedule:
-    """Accept a constant k, a PatchSchedule, a preset name or a JSON schedule file path."""
-    if isinstance(patch, PatchSchedule):
-        return patch
-    if patch is None:
-        if default is None:
-            raise ValueError("patch: give a patch size k or a patch schedule")
-        return PatchSchedule.constant(default)
-    if isinstance(patch, int) and not isinstance(patch, bool):
-        return PatchSchedule.constant(patch)
-    if isinstance(patch, str):
-        from .patch_presets import load_patch_schedule
-        return load_patch_schedule(patch)
-    raise TypeError(f"patch: expected an odd int, a preset name, a schedule file or a PatchSchedule, "
-                    f"got {type(patch).__name__}")

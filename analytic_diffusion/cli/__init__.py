@@ -1,0 +1,35 @@
+"""Command line: ``analytic-diffusion SUBCOMMAND ...`` (``analytic-diffusion --help``).
+
+One module per subcommand, each with ``register(subparsers)`` (its flags) and the function it runs; this module
+only assembles the parser and turns bad input into one clear line instead of a traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import List, Optional
+
+from .. import __version__
+from . import bench, calibrate, compare, dynamics, methods, sample, schedules, train
+
+# In the order `--help` lists them.
+SUBCOMMANDS = (sample, methods, calibrate, schedules, train, compare, dynamics, bench)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="analytic-diffusion",
+                                     description="Exact, fast training-free (analytic) diffusion.")
+    parser.add_argument("--version", action="version", version=f"analytic-diffusion {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for module in SUBCOMMANDS:
+        module.register(sub)
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, TypeError, FileNotFoundError) as exc:  # bad input: a clear message, not a traceback
+        print(f"error: {exc}", file=sys.stderr)
+        return 2

@@ -1,0 +1,47 @@
+"""Flags and parsers shared by several subcommands."""
+from __future__ import annotations
+
+import argparse
+from typing import List
+
+DTYPES = {"float32", "float64"}
+
+
+DATASET_HELP = ("'mnist' (embedded 10k MNIST test set, 28x28), 'mnist32' (zero-padded to 32x32), or a path: "
+                "idx(.gz) file or folder, CIFAR folder or batch file, image folder, EDM-style .zip, .npy/.npz")
+
+
+def add_data_args(p, *, default: str, subset_help: str) -> None:
+    """The dataset flags shared by sample, calibrate and compare."""
+    p.add_argument("--dataset", default=default, help=DATASET_HELP)
+    p.add_argument("--split", default=None, help="train or test (default: the source's own default)")
+    p.add_argument("--subset", type=int, default=None, help=subset_help)
+    p.add_argument("--resolution", type=int, default=None, help="resize training images to R x R")
+    p.add_argument("--pad-to", type=int, default=None, help="zero-pad training images to P x P")
+    p.add_argument("--flips", action="store_true", help="add horizontally mirrored training images")
+
+
+def add_grid_args(p, *, default: str) -> None:
+    """The σ-grid flags shared by sample, calibrate and compare."""
+    p.add_argument("--schedule", default=default, help="karras | vp-linear | vp-cosine | kamb-cosine")
+    p.add_argument("--sigma-min", type=float, default=None, help="karras: smallest σ (0.002)")
+    p.add_argument("--sigma-max", type=float, default=None, help="karras: largest σ (80)")
+    p.add_argument("--rho", type=float, default=None, help="karras: ρ (7)")
+    p.add_argument("--spacing", default=None, help="vp-linear / vp-cosine: leading | trailing | linspace")
+
+
+def schedule_kwargs(args) -> dict:
+    kw = {"sigma_min": args.sigma_min, "sigma_max": args.sigma_max, "rho": args.rho, "spacing": args.spacing}
+    return {k: v for k, v in kw.items() if v is not None}
+
+
+def load_schedule(value: str):
+    from ..denoisers.patch_presets import load_patch_schedule
+    return load_patch_schedule(value)
+
+
+def csv_ints(text: str) -> List[int]:
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None

@@ -17,7 +17,7 @@ HEADING = re.compile(r"^#{1,6}\s+(\d+(?:\.\d+)*)\.?\s")
 # Documents that live outside the repository (the project's private notes); spelt in pieces so that this file
 # does not cite them itself.
 OUTSIDE = ["DESIGN" + ".md", "reference/" + "methods.md", "kernel-" + "performance.md",
-           "peer-analytic-diffusion-" + "studio.md", "/work/" + "shared"]
+           "peer-analytic-diffusion-" + "studio.md", "peer " + "spec §", "/work/" + "shared"]
 
 
 def tracked_text_files():
@@ -81,7 +81,8 @@ def outside_citations(paths) -> list:
 def test_every_section_reference_has_a_heading():
     files = tracked_text_files()
     assert any(p.name == "design.md" for p in files) and any(p.name == "methods.md" for p in files)
-    bad = bad_references(files, ROOT / "docs")
+    here = Path(__file__).resolve()
+    bad = bad_references([p for p in files if p.resolve() != here], ROOT / "docs")  # (its examples are planted)
     assert not bad, "references to sections that do not exist:\n" + "\n".join(bad)
 
 

@@ -5,7 +5,7 @@ This is Kamb & Ganguli's procedure (docs/methods.md §1.4), made generic over de
 * ``reference`` = a denoiser (or a method name): run the reference's own deterministic trajectory (DDIM η = 0
   on the σ grid, which in σ-space is x' = x̂0 + σ'/σ·(x − x̂0)) from each seed. At every step evaluate the
   reference and every candidate method ``make_method(k)`` on the reference's x_t.
-* ``reference = "clean"`` (the studio's ``calibrate_scales``, peer spec §1.6): probes are held-out clean images
+* ``reference = "clean"`` (the studio's ``calibrate_scales``, docs/design.md §10.2): probes are held-out clean images
   x0 noised as x = x0 + σ·ε with one fixed ε per seed (and per probe), and the target x̂0 is x0 itself.
 
 metric="cosine" compares scores (x̂0 − x)/σ² by their cosine similarity over the whole image (C·H·W; the 1/σ²

@@ -3,7 +3,7 @@
 Global, per call: bytes = the key matrix once (N·D·element size) + queries and outputs (2·B·D·4);
 FLOPs = 4·B·N·D (logits GEMM + weighted sum). Floor = max(bytes / bandwidth, FLOPs / rate of the math used).
 
-Patch softmax (§7.3), per (query pixel, candidate patch) pair: one exponential, and on tensor cores
+Patch softmax (docs/design.md §9.3), per (query pixel, candidate patch) pair: one exponential, and on tensor cores
 2·(P_pad + 16) FLOPs (the logit dot over P = C·k² features padded to 16, the value update padded to 16);
 floor = max(pairs / exp rate, MMA FLOPs / bf16 rate), the "exp / MMA floor". The fused kernels compute direct
 distances on CUDA cores (3 FLOPs per feature: subtract, fused multiply-add) for exactness at every σ; that

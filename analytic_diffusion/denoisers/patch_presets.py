@@ -6,7 +6,7 @@ stored here in σ-space through the legacy cosine schedule, σ = kamb_sigma(t) =
 ``kamb-cosine`` grid visits exactly the σ of i = 19 … 1. "zeros" tables belong to zero-padded networks and
 pair with bbELS, "circular" ones with ELS; "-cond" tables come from class-conditional networks.
 
-``pspc-cifar10`` is Niedoba et al.'s PSPC-Square crop schedule (§2) on the 18-step EDM/Karras grid
+``pspc-cifar10`` is Niedoba et al.'s PSPC-Square crop schedule (docs/methods.md §2) on the 18-step EDM/Karras grid
 (σ_max 80 … σ_min 0.002); its sizes are corner-anchored crops, so even sizes (32 = the whole image) are allowed.
 
 Every preset is a :class:`~analytic_diffusion.patches.PatchSchedule`; lookups take the nearest grid point in

@@ -7,12 +7,12 @@ Per-sample metrics (every one returns a (B,) float64 tensor on CPU; the caller a
                       r² = 1 − ‖pred − ref‖² / (D · Var(ref)), with the *reference's* unbiased variance over that
                       sample's D entries; a zero variance is replaced by 1. Asymmetric: the reference (the
                       network) sets the scale.
-* :func:`pearson_r`   Kamb & Ganguli's final-sample agreement (§1.5): subtract each image's global mean, scale to
-                      unit norm, dot product. This is the Pearson correlation r over the whole C×H×W tensor. The
-                      paper's plots say "r²" but their code does not square; we report r, not squared. A constant
-                      image (zero norm after centring) gives r = 0.
-* :func:`score_cosine` cosine similarity of two scores over the whole image (Kamb's calibration metric, §1.4);
-                      a zero score gives 0.
+* :func:`pearson_r`   Kamb & Ganguli's final-sample agreement (docs/methods.md §1.5): subtract each image's global
+                      mean, scale to unit norm, dot product. This is the Pearson correlation r over the whole C×H×W
+                      tensor. The paper's plots say "r²" but their code does not square; we report r, not squared.
+                      A constant image (zero norm after centring) gives r = 0.
+* :func:`score_cosine` cosine similarity of two scores over the whole image (Kamb's calibration metric,
+                      docs/methods.md §1.4); a zero score gives 0.
 
 The comparisons that run samplers (single-step and trajectory agreement) build on these in
 :mod:`analytic_diffusion.analysis.agreement`. Results are plain dicts of floats, lists and tensors; :func:`to_jsonable` turns one into something

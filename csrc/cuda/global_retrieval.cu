@@ -14,7 +14,7 @@
 //   phase 1  warp w computes the direct-form distances sum_d (q_bd - y_jd)^2 of keys 2w, 2w+1 of the tile to
 //            all BQ queries: lanes stride over D (coalesced rows), fp32 FMA, then one warp "transpose"
 //            reduction of the 2*BQ sums (31 shuffles for 32 sums). Direct form: no ||q||^2 - 2<q,y> + ||y||^2
-//            cancellation, so the logit error is ~1e-7 relative at every sigma (exact fp32 mode, §7.4).
+//            cancellation, so the logit error is ~1e-7 relative at every sigma (exact fp32 mode, docs/design.md §5).
 //   phase S  (softmax) 16 threads per query: masked base-2 logits z = -coef*log2(e)*dist, tile max, online
 //            softmax update of (m, l, l2) and the tile weights p = 2^(z - m) into shared memory.
 //            (k-NN) one warp per query keeps its k best (distance, index) sorted across the 32 lanes.

@@ -1,4 +1,4 @@
-"""Training dynamics of memorisation (analytic_diffusion.dynamics): tiny end-to-end runs, onset logic, CLI, errors."""
+"""Training dynamics of memorisation (analytic_diffusion.analysis.dynamics): tiny end-to-end runs, onset logic, CLI, errors."""
 import json
 import math
 

@@ -9,7 +9,7 @@ pair with bbELS, "circular" ones with ELS; "-cond" tables come from class-condit
 ``pspc-cifar10`` is Niedoba et al.'s PSPC-Square crop schedule (docs/methods.md §2) on the 18-step EDM/Karras grid
 (σ_max 80 … σ_min 0.002); its sizes are corner-anchored crops, so even sizes (32 = the whole image) are allowed.
 
-Every preset is a :class:`~analytic_diffusion.patches.PatchSchedule`; lookups take the nearest grid point in
+Every preset is a :class:`~analytic_diffusion.denoisers.patch_schedule.PatchSchedule`; lookups take the nearest grid point in
 log σ, and ``check_covers`` refuses σ grids that stray beyond the table.
 """
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 A schedule is a constant k or a table of (σ, k) points looked up at the nearest grid point (nearest in log σ;
 σ = 0 entries match only σ below the smallest positive point). Presets and calibration live beside this in
-:mod:`analytic_diffusion.patch_presets` and :mod:`analytic_diffusion.calibration`.
+:mod:`analytic_diffusion.denoisers.patch_presets` and :mod:`analytic_diffusion.analysis.calibration`.
 """
 from __future__ import annotations
 

@@ -23,7 +23,7 @@ adds, from the same exact chunked scan (torch reference backend, memory-bounded,
 
   Its randomness comes from its own generator (``seed``), so the sampler's per-sample generators (initial
   noise, stochastic steps) stay aligned with those of any other denoiser run from the same seeds.
-The study helper :func:`analytic_diffusion.variance.variance_sweep` samples the same seeds at several λ.
+The study helper :func:`analytic_diffusion.analysis.variance.variance_sweep` samples the same seeds at several λ.
 """
 from __future__ import annotations
 

@@ -19,6 +19,7 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
+from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
 __all__ = ["line_plot", "loss_plot", "calibration_plot", "labelled_rows"]
 
@@ -45,6 +46,22 @@ def _figure(size, dpi) -> Figure:
 def _save(fig: Figure, path) -> None:
     # No bbox_inches="tight": the PNG keeps exactly the requested pixel size.
     fig.savefig(os.fspath(path), dpi=fig.dpi, format="png", facecolor="white")
+
+
+def _log_ticks(axis, values) -> None:
+    """Readable ticks on a log axis over ``values``: matplotlib's decades when the data spans two or more,
+    else plain numbers at 1-2-5 (or every digit) per decade, so a short span still gets several labels and the
+    minor labels of a narrow panel do not collide."""
+    v = np.asarray(values, dtype=np.float64)
+    v = v[np.isfinite(v) & (v > 0)]
+    axis.set_minor_formatter(NullFormatter())
+    if v.size == 0:
+        return
+    decades = math.log10(v.max() / v.min())
+    if decades < 2:
+        axis.set_major_locator(LogLocator(base=10.0, subs=(1.0, 2.0, 5.0) if decades >= 0.7 else
+                                          tuple(float(k) for k in range(1, 10))))
+        axis.set_major_formatter(FuncFormatter(lambda t, _: f"{t:.3g}"))
 
 
 def _floats(name: str, values, n: Optional[int] = None) -> np.ndarray:
@@ -110,8 +127,10 @@ def line_plot(path, x: Sequence[float], series: Dict[str, Sequence[float]], *, x
         ax.plot(xs, y, marker="o" if markers else None, markersize=3.5, linewidth=1.8, label=name)
     if logx:
         ax.set_xscale("log")
+        _log_ticks(ax.xaxis, xs)
     if logy:
         ax.set_yscale("log")
+        _log_ticks(ax.yaxis, np.concatenate(list(ys.values()) + [[v for v in (lo, hi) if v is not None]]))
     if lo is not None or hi is not None:
         ax.set_ylim(bottom=lo, top=hi)
     ax.grid(True, which="major", alpha=0.35)
@@ -152,6 +171,7 @@ def loss_plot(path, losses: Sequence[float], *, title: str = "training loss", si
         ax.plot(steps, vals, color="0.7", linewidth=0.9, label="loss per step")
         ax.plot(steps, smooth, color="tab:blue", linewidth=2.0, label=f"mean of the last {k}")
         ax.set_yscale("log")
+        _log_ticks(ax.yaxis, vals)
         ax.grid(True, which="major", alpha=0.35)
         ax.grid(True, which="minor", alpha=0.12)
         ax.legend(loc="upper right", fontsize="small")
@@ -207,6 +227,7 @@ def calibration_plot(path, sigmas: Sequence[float], candidate_sizes: Sequence[in
     left.plot(sig[order], np.asarray(chosen)[order], color="tab:red", marker="o", linewidth=2, markersize=4,
               label="chosen k (median over seeds)")
     left.set_xscale("log")
+    _log_ticks(left.xaxis, sig)
     left.set_yticks(sizes)
     left.set_ylim(min(sizes) - 1, max(sizes) + 1)
     left.set_xlabel("σ")

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Mapping
 from typing import Dict, Optional, Sequence, Tuple
 
 import numpy as np
@@ -48,16 +49,15 @@ def _save(fig: Figure, path) -> None:
     fig.savefig(os.fspath(path), dpi=fig.dpi, format="png", facecolor="white")
 
 
-def _log_ticks(axis, values) -> None:
-    """Readable ticks on a log axis over ``values``: matplotlib's decades when the data spans two or more,
+def _log_ticks(axis, lims) -> None:
+    """Readable ticks on a log axis whose view is ``lims``: matplotlib's decades when it spans two or more,
     else plain numbers at 1-2-5 (or every digit) per decade, so a short span still gets several labels and the
     minor labels of a narrow panel do not collide."""
-    v = np.asarray(values, dtype=np.float64)
-    v = v[np.isfinite(v) & (v > 0)]
+    lo, hi = sorted(float(v) for v in lims)
     axis.set_minor_formatter(NullFormatter())
-    if v.size == 0:
+    if not (lo > 0 and math.isfinite(hi)):
         return
-    decades = math.log10(v.max() / v.min())
+    decades = math.log10(hi / lo)
     if decades < 2:
         axis.set_major_locator(LogLocator(base=10.0, subs=(1.0, 2.0, 5.0) if decades >= 0.7 else
                                           tuple(float(k) for k in range(1, 10))))
@@ -88,7 +88,7 @@ def line_plot(path, x: Sequence[float], series: Dict[str, Sequence[float]], *, x
     onto the frame's edge (so "r² clipped at −1" shows where the points are). Raises ValueError when there is
     nothing to draw.
     """
-    if not isinstance(series, dict) or not series:
+    if not isinstance(series, Mapping) or not series:
         raise ValueError("series: expected a non-empty dict {name: values}")
     xs = _floats("x", x)
     if xs.size == 0:
@@ -127,12 +127,14 @@ def line_plot(path, x: Sequence[float], series: Dict[str, Sequence[float]], *, x
         ax.plot(xs, y, marker="o" if markers else None, markersize=3.5, linewidth=1.8, label=name)
     if logx:
         ax.set_xscale("log")
-        _log_ticks(ax.xaxis, xs)
     if logy:
         ax.set_yscale("log")
-        _log_ticks(ax.yaxis, np.concatenate(list(ys.values()) + [[v for v in (lo, hi) if v is not None]]))
     if lo is not None or hi is not None:
         ax.set_ylim(bottom=lo, top=hi)
+    if logx:  # after the limits: the ticks depend on the span in view
+        _log_ticks(ax.xaxis, ax.get_xlim())
+    if logy:
+        _log_ticks(ax.yaxis, ax.get_ylim())
     ax.grid(True, which="major", alpha=0.35)
     if logx or logy:
         ax.grid(True, which="minor", alpha=0.12)
@@ -171,11 +173,11 @@ def loss_plot(path, losses: Sequence[float], *, title: str = "training loss", si
         ax.plot(steps, vals, color="0.7", linewidth=0.9, label="loss per step")
         ax.plot(steps, smooth, color="tab:blue", linewidth=2.0, label=f"mean of the last {k}")
         ax.set_yscale("log")
-        _log_ticks(ax.yaxis, vals)
         ax.grid(True, which="major", alpha=0.35)
         ax.grid(True, which="minor", alpha=0.12)
         ax.legend(loc="upper right", fontsize="small")
         ax.set_xlim(0.5, vals.size + 0.5)
+        _log_ticks(ax.yaxis, ax.get_ylim())
     else:
         ax.text(0.5, 0.5, "no finite, positive loss to draw", ha="center", va="center", transform=ax.transAxes)
     ax.set_title(title + ("" if last is None else f" (last-{k} mean at the end: {last:.4g})"))
@@ -227,7 +229,7 @@ def calibration_plot(path, sigmas: Sequence[float], candidate_sizes: Sequence[in
     left.plot(sig[order], np.asarray(chosen)[order], color="tab:red", marker="o", linewidth=2, markersize=4,
               label="chosen k (median over seeds)")
     left.set_xscale("log")
-    _log_ticks(left.xaxis, sig)
+    _log_ticks(left.xaxis, left.get_xlim())
     left.set_yticks(sizes)
     left.set_ylim(min(sizes) - 1, max(sizes) + 1)
     left.set_xlabel("σ")

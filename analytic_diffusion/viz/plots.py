@@ -66,11 +66,11 @@ def _log_ticks(axis, lims) -> None:
 
 def _floats(name: str, values, n: Optional[int] = None) -> np.ndarray:
     """1-D float64 array; None and ±inf become NaN (a gap in the line)."""
-    vals = list(values)
     try:
+        vals = list(values)
         arr = np.array([np.nan if v is None else float(v) for v in vals], dtype=np.float64)
     except (TypeError, ValueError):
-        raise TypeError(f"{name}: expected numbers (or None for a gap), got {vals[:4]!r}...") from None
+        raise TypeError(f"{name}: expected a sequence of numbers (None for a gap), got {values!r:.80}") from None
     if n is not None and arr.size != n:
         raise ValueError(f"{name}: has {arr.size} values for {n} x values")
     arr[~np.isfinite(arr)] = np.nan

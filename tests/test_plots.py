@@ -87,7 +87,7 @@ def test_line_plot_refuses_nothing_to_draw(tmp_path, sig):
         line_plot(p, sig, {"a": [1.0] * sig.size}, ylim=(1, 0))
     with pytest.raises(TypeError, match=r"ylim: expected \(lo, hi\)"):
         line_plot(p, sig, {"a": [1.0] * sig.size}, ylim=("low", 1))
-    with pytest.raises(TypeError, match="series 'a': expected numbers"):
+    with pytest.raises(TypeError, match="series 'a': expected a sequence of numbers"):
         line_plot(p, sig, {"a": ["x"] * sig.size})
     with pytest.raises(ValueError, match="size: expected at least"):
         line_plot(p, sig, {"a": [1.0] * sig.size}, size=(10, 10))

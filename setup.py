@@ -196,7 +196,7 @@ setup(
     include_package_data=True,
     ext_modules=[cpu_ext] + _cuda_extension(),
     cmdclass={"build_ext": BuildExt},
-    install_requires=["torch>=2.4", "numpy>=1.22", "pillow>=9", "tqdm>=4.60"],
+    install_requires=["torch>=2.4", "numpy>=1.22", "pillow>=9", "matplotlib>=3.5", "tqdm>=4.60"],
     # Triton: the GPU kernels, and on CPU their interpreter tests (3.6 = the GPU machines' version, see docs/design.md §7).
     # pybind11 in "test": tests/cuda_emu builds csrc/cuda for the host SIMT emulator (where CUDA headers exist).
     extras_require={"test": ["pytest>=7", "pytest-benchmark>=4", "pybind11>=2.10",

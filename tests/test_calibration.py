@@ -251,7 +251,10 @@ def test_cli_calibrate_then_sample(tmp_path, tiny_ls, capsys):
                "--n-probe", "4", "--sizes", "3,5,7", "--steps", "5", "--seeds", "2", "--metric", "mse",
                "--out", str(out), "--no-progress"])
     assert rc == 0, capsys.readouterr().err
-    assert (tmp_path / "cal" / "sched.png").is_file()
+    from PIL import Image
+    with Image.open(tmp_path / "cal" / "sched.png") as im:
+        assert im.format == "PNG" and im.size == (1200, 500)
+        assert len(im.convert("RGB").getcolors(1 << 20)) > 20  # drawn, not blank
     obj = json.loads(out.read_text())
     assert len(obj["patch_sizes"]) == 5 and obj["calibration"]["n_probe"] == 4
     assert obj["calibration"]["dataset"].count("N=44")

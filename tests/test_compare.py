@@ -41,9 +41,18 @@ def test_compare_writes_a_report(tmp_path):
     z = np.load(out / "samples.npz")
     assert z["network"].shape == (2, 1, 32, 32) and z["method_optimal"].shape == (2, 1, 32, 32)
     np.testing.assert_array_equal(z["network"], z["method_wiener"])
-    rows = Image.open(out / "samples.png")
-    assert rows.size[1] >= 3 * 64  # three labelled rows of 64-px tiles
-    assert Image.open(out / "r2_vs_sigma.png").size == (760, 440)
+    rows = np.asarray(Image.open(out / "samples.png").convert("RGB"))
+    tile_h, tile_w = 2 + 64 + 2, 2 + 2 * (64 + 2)  # two 32-px samples zoomed ×2, 2-px padding
+    assert rows.shape[0] == 3 * tile_h + 2 * 4  # network, optimal, wiener (4-px gaps)
+    net_row, opt_row, wie_row = (rows[i * (tile_h + 4):i * (tile_h + 4) + tile_h, -tile_w:] for i in range(3))
+    np.testing.assert_array_equal(net_row, wie_row)  # the reference is method:wiener: the same samples
+    assert (net_row != opt_row).any()
+    assert (rows[:, :-tile_w] < 128).any()  # the labels
+    for name in FILES:
+        if name.endswith("_sigma.png"):
+            with Image.open(out / name) as im:
+                assert im.format == "PNG" and im.size == (960, 600), name
+                assert len(im.convert("RGB").getcolors(1 << 20)) > 20, name  # drawn, not blank
 
 
 def test_compare_loads_checkpoints_through_networks(tmp_path, monkeypatch):

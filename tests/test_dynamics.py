@@ -64,8 +64,11 @@ def test_tiny_run_writes_metrics_and_plots(tmp_path):
         assert entry["peak_memorization_ratio"] == max(r["memorization_ratio"] for r in rows)
         for f in entry["checkpoint_files"]:
             assert (tmp_path / f).is_file()
+    from PIL import Image
     for name in ("memorization_vs_step.png", "agreement_vs_step.png", "peak_ratio_vs_size.png"):
-        assert (tmp_path / name).is_file(), name
+        with Image.open(tmp_path / name) as im:
+            assert im.format == "PNG" and im.size == (960, 600), name
+            assert len(im.convert("RGB").getcolors(1 << 20)) > 20, name  # drawn, not blank
     # Same seeds, same numbers.
     again = training_dynamics(ds, (4, 8), out_dir=tmp_path / "again", **TINY)
     assert again["sizes"]["4"]["checkpoints"] == res["sizes"]["4"]["checkpoints"]

@@ -389,6 +389,10 @@ def test_cli_train_end_to_end(tmp_path, capsys):
     for name in ("net.pt", "step0000002.pt", "losses.json", "loss.png"):
         assert (out / name).is_file(), name
     assert len(json.loads((out / "losses.json").read_text())["losses"]) == 4
+    from PIL import Image
+    with Image.open(out / "loss.png") as im:
+        assert im.format == "PNG" and im.size == (960, 540)
+        assert len(im.convert("RGB").getcolors(1 << 20)) > 20  # drawn, not blank
     assert str(out / "net.pt") in capsys.readouterr().out
     d = load_network(out / "net.pt")
     assert d.image_shape == (1, 32, 32) and d.net.receptive_field == 9

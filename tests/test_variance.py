@@ -353,7 +353,15 @@ def test_variance_sweep_smoke(rng, tmp_path):
     assert [r["scale"] for r in res.rows] == [0.0, 1.0]
     for r in res.rows:
         assert 0.0 <= r["memorization_ratio"] <= 1.0 and math.isfinite(r["nn_distance_median"])
-    assert (tmp_path / "grid.png").exists() and "lambda" in res.table()
+    assert "lambda" in res.table()
+    from PIL import Image
+    with Image.open(tmp_path / "grid.png") as im:  # one labelled row per λ, each 3 tiles wide
+        h, w = ds.image_shape[1:]
+        zoom = max(1, 64 // h)
+        tile_h, tile_w = 2 + h * zoom + 2, 2 + 3 * (w * zoom + 2)
+        assert im.format == "PNG" and im.size[1] == 2 * tile_h + 4 and im.size[0] > tile_w
+        labels = im.convert("L").crop((0, 0, im.size[0] - tile_w, im.size[1]))
+        assert labels.getextrema()[0] < 128  # the λ labels are drawn
     # same seeds: λ = 0 is the optimal denoiser's run
     from analytic_diffusion.sampling.generate import sample
     ref = sample(Optimal(ds), 3, steps=4, progress=False).samples

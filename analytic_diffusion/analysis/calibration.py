@@ -17,7 +17,6 @@ the mean over its probes.
 from __future__ import annotations
 
 import inspect
-import math
 from typing import Callable, Optional, Sequence, Tuple, Union
 
 import numpy as np
@@ -314,62 +313,13 @@ def calibrate_patch_sizes(make_method: Union[Callable, str], reference, dataset=
     return table, report
 
 
-def plot_calibration(report: dict, path, size: Tuple[int, int] = (720, 320)) -> None:
-    """A small PNG: left, the chosen k (line) and every seed's pick (dots) against log σ; right, the metric of
-    each candidate k per step (rows: σ high → low; columns: k), scaled per row, bright = better."""
-    from PIL import Image, ImageDraw
+def plot_calibration(report: dict, path, size: Tuple[int, int] = (1200, 500)) -> None:
+    """A PNG of a calibration ``report``: left, the chosen k (line) and every seed's pick (dots) against σ (log
+    axis); right, the metric of each candidate k per step (rows: σ in sampling order; columns: k), scaled per
+    row, bright = better, the chosen k framed (drawn by viz.plots.calibration_plot)."""
+    from ..viz.plots import calibration_plot
 
-    W, H = size
-    img = Image.new("RGB", (W, H), "white")
-    d = ImageDraw.Draw(img)
-    sig = [float(s) for s in report["sigmas"]]
-    sizes = report["candidate_sizes"]
-    chosen = report["sizes"]
-    # Left panel: k vs log σ.
-    x0, y0, x1, y1 = 40, 20, W // 2 - 10, H - 30
-    d.rectangle([x0, y0, x1, y1], outline="black")
-    ls = [math.log10(s) for s in sig]
-    lo, hi = min(ls), max(ls)
-    kmin, kmax = min(sizes), max(sizes)
-
-    def px(l, k):
-        fx = 0.5 if hi == lo else (l - lo) / (hi - lo)
-        fy = 0.5 if kmax == kmin else (k - kmin) / (kmax - kmin)
-        return x0 + 8 + fx * (x1 - x0 - 16), y1 - 8 - fy * (y1 - y0 - 16)
-
-    for l, ks in zip(ls, report["best_per_seed"]):
-        for k in ks:
-            cx, cy = px(l, k)
-            d.ellipse([cx - 2, cy - 2, cx + 2, cy + 2], fill=(150, 150, 220))
-    pts = [px(l, k) for l, k in sorted(zip(ls, chosen))]
-    if len(pts) > 1:
-        d.line(pts, fill=(200, 30, 30), width=2)
-    for cx, cy in pts:
-        d.ellipse([cx - 3, cy - 3, cx + 3, cy + 3], fill=(200, 30, 30))
-    d.text((x0, 4), f"k vs log10 sigma ({report['metric']} vs {report['reference']})", fill="black")
-    d.text((x0, y1 + 4), f"{10 ** lo:.3g}", fill="black")
-    d.text((x1 - 40, y1 + 4), f"{10 ** hi:.3g}", fill="black")
-    d.text((4, y1 - 12), str(kmin), fill="black")
-    d.text((4, y0), str(kmax), fill="black")
-    # Right panel: per-step metric heat map, normalised per row.
-    vals = np.asarray(report["values"], dtype=np.float64)
-    if report.get("higher_is_better", True) is False:
-        vals = -vals
-    gx0, gy0, gx1, gy1 = W // 2 + 30, 20, W - 10, H - 30
-    nr, nc = vals.shape
-    cw, ch = (gx1 - gx0) / nc, (gy1 - gy0) / nr
-    for r in range(nr):
-        row = vals[r]
-        span = row.max() - row.min()
-        for c in range(nc):
-            v = 1.0 if span == 0 else (row[c] - row.min()) / span
-            g = int(255 * v)
-            d.rectangle([gx0 + c * cw, gy0 + r * ch, gx0 + (c + 1) * cw, gy0 + (r + 1) * ch], fill=(g, g, g))
-        c = sizes.index(chosen[r])
-        d.rectangle([gx0 + c * cw, gy0 + r * ch, gx0 + (c + 1) * cw, gy0 + (r + 1) * ch], outline=(220, 30, 30),
-                    width=2)
-    d.text((gx0, 4), "metric per k (rows: sigma high -> low)", fill="black")
-    step = max(1, math.ceil(nc * 14 / (gx1 - gx0)))  # label every column that fits
-    for c in range(0, nc, step):
-        d.text((gx0 + c * cw + 1, gy1 + 4), str(sizes[c]), fill="black")
-    img.save(path)
+    calibration_plot(path, report["sigmas"], report["candidate_sizes"], report["sizes"], report["best_per_seed"],
+                     report["values"], higher_is_better=report.get("higher_is_better", True),
+                     metric=report["metric"], title=f"{report['method']} vs {report['reference']}: patch size "
+                     f"per σ ({report['metric']}, {len(report['seeds'])} seeds)", size=size)

@@ -144,25 +144,10 @@ def _split_data(ds_full, subset, n_hold):
 
 def _save_rows(path, rows: Dict[str, torch.Tensor], max_cols: int = 16) -> None:
     """One labelled row per model (same seed in each column)."""
-    from PIL import Image, ImageDraw
-
-    from ..viz.plots import _font
     from ..viz.images import tile
-    font, _ = _font(13)
-    tiles = {name: tile(x[:max_cols], min(max_cols, x.shape[0])) for name, x in rows.items()}
-    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
-    label_w = max(probe.textbbox((0, 0), name, font=font)[2] for name in rows) + 16
-    width = label_w + max(t.width for t in tiles.values())
-    height = sum(t.height for t in tiles.values()) + 4 * len(tiles)
-    canvas = Image.new("RGB", (width, height), (255, 255, 255))
-    d = ImageDraw.Draw(canvas)
-    y = 0
-    for name, t in tiles.items():
-        canvas.paste(t, (label_w, y))
-        tb = d.textbbox((0, 0), name, font=font)
-        d.text((8, y + t.height / 2 - (tb[3] - tb[1]) / 2 - 2), name, fill=(0, 0, 0), font=font)
-        y += t.height + 4
-    canvas.save(path)
+    from ..viz.plots import labelled_rows
+    labelled_rows(path, [(name, np.asarray(tile(x[:max_cols], min(max_cols, x.shape[0]))))
+                         for name, x in rows.items()])
 
 
 def _best(values: Dict[str, float]):

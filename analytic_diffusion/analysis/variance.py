@@ -74,22 +74,15 @@ def variance_sweep(dataset, scales: Sequence[float] = (0.0, 0.25, 0.5, 1.0), n: 
 
 
 def _save_sweep_grid(path, result: SweepResult) -> None:
-    from PIL import Image, ImageDraw
+    """One row per λ, labelled with λ, the memorisation ratio and the median nearest-neighbour distance."""
+    import numpy as np
 
     from ..viz.images import tile
+    from ..viz.plots import labelled_rows
 
     strips = []
     for r in result.rows:
         imgs = result.samples[r["scale"]]
-        strips.append((f"λ={r['scale']:g}\nmem {100 * r['memorization_ratio']:.0f}%\n"
-                       f"NN {r['nn_distance_median']:.2f}", tile(imgs, imgs.shape[0])))
-    label_w, gap = 90, 4
-    width = label_w + max(s.width for _, s in strips)
-    canvas = Image.new("RGB", (width, sum(s.height + gap for _, s in strips)), (255, 255, 255))
-    draw = ImageDraw.Draw(canvas)
-    y = 0
-    for text, strip in strips:
-        canvas.paste(strip, (label_w, y))
-        draw.multiline_text((4, y + 4), text.replace("λ", "lambda"), fill=(0, 0, 0))
-        y += strip.height + gap
-    canvas.save(path)
+        strips.append((f"λ = {r['scale']:g}\nmem {100 * r['memorization_ratio']:.0f}%\n"
+                       f"NN {r['nn_distance_median']:.2f}", np.asarray(tile(imgs, imgs.shape[0]))))
+    labelled_rows(path, strips)

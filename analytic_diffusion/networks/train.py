@@ -302,30 +302,9 @@ def load_network(path, device="cpu", use_ema: bool = True, *, image_shape=None, 
                       batch_size=batch_size)
 
 
-def plot_losses(losses, path, *, width: int = 640, height: int = 360) -> str:
-    """Loss curve as a PNG (PIL only): raw losses in grey, a moving average in blue, log-scale y axis."""
-    from PIL import Image, ImageDraw
-    vals = [float(v) for v in losses if v > 0 and math.isfinite(v)]
-    img = Image.new("RGB", (width, height), "white")
-    d = ImageDraw.Draw(img)
-    ml, mr, mt, mb = 60, 15, 25, 30
-    d.rectangle([ml, mt, width - mr, height - mb], outline="black")
-    if vals:
-        k = max(1, len(vals) // 50)
-        smooth = [sum(vals[max(0, i - k + 1):i + 1]) / len(vals[max(0, i - k + 1):i + 1]) for i in range(len(vals))]
-        lo, hi = math.log10(min(vals)), math.log10(max(vals))
-        hi = hi if hi > lo else lo + 1
-        n = max(1, len(vals) - 1)
-
-        def xy(i, v):
-            return (ml + (width - ml - mr) * i / n,
-                    height - mb - (height - mt - mb) * (math.log10(v) - lo) / (hi - lo))
-        d.line([xy(i, v) for i, v in enumerate(vals)], fill=(190, 190, 190))
-        d.line([xy(i, v) for i, v in enumerate(smooth)], fill=(30, 80, 200), width=2)
-        for v in (10 ** lo, 10 ** hi):
-            d.text((4, xy(0, v)[1] - 6), f"{v:.3g}", fill="black")
-        d.text((ml, height - mb + 8), "step 1", fill="black")
-        d.text((width - mr - 70, height - mb + 8), f"step {len(vals)}", fill="black")
-        d.text((ml + 5, 5), f"training loss (log scale); last-{k} mean at end: {smooth[-1]:.4f}", fill="black")
-    img.save(path)
+def plot_losses(losses, path, *, width: int = 960, height: int = 540) -> str:
+    """Loss curve as a PNG (viz.plots.loss_plot): every step's loss in grey, a moving average in blue, log y.
+    Returns the path."""
+    from ..viz.plots import loss_plot
+    loss_plot(path, [float(v) for v in losses], size=(width, height))
     return str(path)

@@ -131,6 +131,7 @@ __global__ void __launch_bounds__(kThreads) patch_kernel(const PatchArgs<KeyT> a
   __shared__ float ms[TQ], ls[TQ], l2s[TQ], als[TQ], cs[TQ], gs[TQ];
   __shared__ int prs[TQ], pcs[TQ];
   __shared__ int64_t bases[kThreads];
+  __shared__ bool update_s;  // the tile's skip decision (shared rule)
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const int64_t row0 = int64_t(blockIdx.x) * TQ;
   const int64_t split = blockIdx.y;
@@ -210,13 +211,19 @@ __global__ void __launch_bounds__(kThreads) patch_kernel(const PatchArgs<KeyT> a
       mx = warp_max(mx);
       if (lane == 0) gs[t] = mx;
     }
-    __syncthreads();
-    bool update = true;
-    if (RULE == kPatchShared) {  // every thread reads the same shared values: a block-uniform decision
+    // The skip decision is taken once, by thread 0, between two barriers, and read from shared memory: the
+    // update below writes ms[t] (lane 0 of the warp owning row t), so a decision that every thread computed from
+    // ms itself would race with a faster warp's update (a data race, and with skip_bits <= 0 a different
+    // answer per warp, hence a divergent __syncthreads). The host emulator (tests/cuda_emu) cannot show this
+    // race: it runs every thread of the block round robin to its next barrier, so all warps decide before any
+    // lane 0 reaches its write (which follows two warp shuffles).
+    if (RULE == kPatchShared && tid == 0) {
       float gap = -INFINITY;
       for (int t = 0; t < nrows; ++t) gap = fmaxf(gap, gs[t] - fmaxf(ms[t], kNoMax));
-      update = gap > -a.skip_bits;
+      update_s = gap > -a.skip_bits;
     }
+    __syncthreads();
+    const bool update = RULE != kPatchShared || update_s;  // block-uniform
     if (update) {
       for (int t = warp; t < TQ; t += kWarps) {
         const float m_old = ms[t];

@@ -211,12 +211,13 @@ __global__ void __launch_bounds__(kThreads) patch_kernel(const PatchArgs<KeyT> a
       mx = warp_max(mx);
       if (lane == 0) gs[t] = mx;
     }
+    __syncthreads();
     // The skip decision is taken once, by thread 0, between two barriers, and read from shared memory: the
     // update below writes ms[t] (lane 0 of the warp owning row t), so a decision that every thread computed from
     // ms itself would race with a faster warp's update (a data race, and with skip_bits <= 0 a different
-    // answer per warp, hence a divergent __syncthreads). The host emulator (tests/cuda_emu) cannot show this
-    // race: it runs every thread of the block round robin to its next barrier, so all warps decide before any
-    // lane 0 reaches its write (which follows two warp shuffles).
+    // answer per warp, hence a divergent __syncthreads). The emulator's default round-robin schedule hides such
+    // races (all warps reach a point before any passes the next warp shuffle); tests/test_fused_patch.py runs
+    // this kernel under its warp-serial schedule too (tests/cuda_emu/emu.h), which exposes them.
     if (RULE == kPatchShared && tid == 0) {
       float gap = -INFINITY;
       for (int t = 0; t < nrows; ++t) gap = fmaxf(gap, gs[t] - fmaxf(ms[t], kNoMax));

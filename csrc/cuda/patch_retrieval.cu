@@ -131,7 +131,6 @@ __global__ void __launch_bounds__(kThreads) patch_kernel(const PatchArgs<KeyT> a
   __shared__ float ms[TQ], ls[TQ], l2s[TQ], als[TQ], cs[TQ], gs[TQ];
   __shared__ int prs[TQ], pcs[TQ];
   __shared__ int64_t bases[kThreads];
-  __shared__ bool update_s;  // the tile's skip decision (shared rule)
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const int64_t row0 = int64_t(blockIdx.x) * TQ;
   const int64_t split = blockIdx.y;
@@ -212,19 +211,19 @@ __global__ void __launch_bounds__(kThreads) patch_kernel(const PatchArgs<KeyT> a
       if (lane == 0) gs[t] = mx;
     }
     __syncthreads();
-    // The skip decision is taken once, by thread 0, between two barriers, and read from shared memory: the
-    // update below writes ms[t] (lane 0 of the warp owning row t), so a decision that every thread computed from
-    // ms itself would race with a faster warp's update (a data race, and with skip_bits <= 0 a different
-    // answer per warp, hence a divergent __syncthreads). The emulator's default round-robin schedule hides such
-    // races (all warps reach a point before any passes the next warp shuffle); tests/test_fused_patch.py runs
-    // this kernel under its warp-serial schedule too (tests/cuda_emu/emu.h), which exposes them.
-    if (RULE == kPatchShared && tid == 0) {
+    // The skip decision: every thread reads the same gs and ms, and a barrier separates these reads from the update
+    // below, where lane 0 of the warp owning row t writes ms[t]. Without that barrier a fast warp's update could
+    // change what a slow warp reads (a data race; with skip_bits <= 0 a different answer per warp, hence a
+    // divergent __syncthreads). The emulator's default round-robin schedule hides such races (all warps reach a
+    // point before any passes its next warp shuffle); tests/test_fused_patch.py also runs this kernel under the
+    // emulator's warp-serial schedule (tests/cuda_emu/emu.h), which exposes them.
+    bool update = true;
+    if (RULE == kPatchShared) {
       float gap = -INFINITY;
       for (int t = 0; t < nrows; ++t) gap = fmaxf(gap, gs[t] - fmaxf(ms[t], kNoMax));
-      update_s = gap > -a.skip_bits;
+      update = gap > -a.skip_bits;  // block-uniform: the same shared values in every thread
+      __syncthreads();              // every thread has read ms before any lane 0 writes it
     }
-    __syncthreads();
-    const bool update = RULE != kPatchShared || update_s;  // block-uniform
     if (update) {
       for (int t = warp; t < TQ; t += kWarps) {
         const float m_old = ms[t];

@@ -19,7 +19,7 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KIT = os.path.join(ROOT, "bench", "gpu_check.sh")
-SECTIONS = ["env", "install", "tests", "global50k", "local_els", "local_ls", "pca", "e2e", "in64"]
+SECTIONS = ["env", "install", "tests", "global50k", "local_els", "local_base", "local_ls", "pca", "e2e", "in64"]
 
 
 def _plan_module():
@@ -85,6 +85,37 @@ def test_time_call_is_the_median_after_a_warm_up(monkeypatch):
     assert len(calls) == 4
 
 
+def test_time_call_on_a_gpu_flushes_l2_before_every_timed_call(monkeypatch):
+    """The CUDA path with fake events: one L2-sized write before each timed call (not inside the timed span),
+    event times in ms, the median in seconds."""
+    from analytic_diffusion.benchmark import global_bench
+    log, spans = [], iter([3.0, 1.0, 2.0])
+
+    class FakeEvent:
+        def __init__(self, enable_timing):
+            assert enable_timing
+
+        def record(self):
+            log.append("record")
+
+        def synchronize(self):
+            pass
+
+        def elapsed_time(self, other):
+            return next(spans)
+
+    class FakeFlush:
+        def zero_(self):
+            log.append("flush")
+
+    monkeypatch.setattr(global_bench.torch.cuda, "Event", FakeEvent)
+    monkeypatch.setattr(global_bench, "_l2_flush_buffer", lambda device: FakeFlush())
+    monkeypatch.setattr(global_bench, "_sync", lambda device: None)
+    got = global_bench.time_call(lambda: log.append("call"), torch.device("cuda"), 3)
+    assert got == 2.0e-3
+    assert log == ["call"] + ["flush", "record", "call", "record"] * 3
+
+
 # ----------------------------------------------------------------------------------------------- the kit
 def _header():
     with open(KIT) as f:
@@ -102,7 +133,7 @@ def test_kit_header_budget_and_sections():
         if t and current is not None:
             expected[current] = int(t.group(1))
             current = None
-    assert list(expected) == ["env", "install", "tests", "global50k", "local_els", "local_ls", "pca", "e2e", "in64"]
+    assert list(expected) == SECTIONS
     assert sum(expected.values()) <= 8 * 60
     text = "\n".join(head)
     for must in ("N=50k D=3072 B=1,64,1024 exact+bf16", "N=1.28M D=12288 B=256", "k=3,7 over 10k", "B=8",
@@ -129,10 +160,11 @@ def test_kit_dry_run(tmp_path):
     assert [s[0] for s in status] == SECTIONS and all(s[1] == "ok" for s in status), status
     summary = (out / "summary.md").read_text()
     assert "DRY RUN" in summary
-    for table in ("### global50k", "### in64", "### local_els", "### local_ls", "### pca_b64", "### e2e"):
+    for table in ("### global50k", "### in64", "### local_els", "### local_base", "### local_ls", "### pca_b64",
+                  "### e2e"):
         assert table in summary, table
     assert "| 48 | 257 | 3 | naive | exact |" in summary  # a timed row of the global table
-    assert "| els | 3 | 6 | 2 | studio |" in summary
+    assert "| els | 3 | 4 | 1 | studio |" in summary and "| bbels | 3 | 6 | 2 | cpu |" in summary
 
 
 def test_kit_stops_and_names_the_failed_section(tmp_path):

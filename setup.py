@@ -3,9 +3,10 @@ kernels (csrc/cpu -> analytic_diffusion._cpu, pybind11, no torch headers, OpenMP
 where nvcc and a GPU exist, the CUDA kernels (csrc/cuda -> analytic_diffusion._cuda, torch-free .cu compiled
 by nvcc, bound through pybind11, linked against libcudart).
 
-CUDA build switch (environment): AD_BUILD_CUDA=1 builds _cuda whenever nvcc is found (and fails loudly if it
-cannot); AD_BUILD_CUDA=0 never builds it; unset builds it when nvcc is found and torch sees a CUDA device
-(a failed CUDA build then only prints a warning: the package and its CPU kernels still install)."""
+CUDA build switch (environment; the rules: csrc/cuda_build_plan.py): AD_BUILD_CUDA=1 builds _cuda (nvcc must
+exist); AD_BUILD_CUDA=0 never builds it; unset builds it when nvcc exists and the machine has a GPU (found through
+torch, nvidia-smi or /dev/nvidia0, so also in an isolated build). Whenever it is built, a failed nvcc fails the
+install. AD_CUDA_ARCH (e.g. 90a, 8.6) picks the architecture; else the GPU's own, else a portable list."""
 import os
 import re
 import shlex
@@ -48,11 +49,11 @@ cpu_ext = Pybind11Extension(
 
 
 # ------------------------------------------------------------------------------------------------- CUDA
-CUDA_ARCH_FLAGS = [  # Hopper with wgmma/setmaxnreg features (sm_90a), Ampere SASS, and Ampere PTX for newer GPUs
-    "-gencode=arch=compute_90a,code=sm_90a",
-    "-gencode=arch=compute_80,code=sm_80",
-    "-gencode=arch=compute_80,code=compute_80",
-]
+# The decision (build or not, fail loudly or not, which architectures) lives in csrc/cuda_build_plan.py, pure
+# Python so that tests can call it; here: find nvcc and the toolkit, and compile the .cu files in parallel.
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc"))
+import cuda_build_plan  # noqa: E402
+
 NVCC_FLAGS = ["-O3", "-std=c++17", "-Xcompiler", "-fPIC"]
 
 
@@ -91,77 +92,47 @@ def _cuda_dirs(nvcc):
     return inc, lib
 
 
-def _torch_sees_gpu():
-    """True when torch is importable here and reports a CUDA device (setup.py must import without torch)."""
-    try:
-        import torch  # noqa: F401  (absent in an isolated build environment: fine, then no auto CUDA build)
-    except Exception as exc:  # pragma: no cover - depends on the build environment
-        return False, f"torch is not importable in the build environment ({type(exc).__name__})"
-    try:
-        if torch.cuda.is_available():
-            return True, ""
-        return False, "torch reports no CUDA device"
-    except Exception as exc:  # pragma: no cover
-        return False, f"torch.cuda failed ({exc})"
-
-
-def _cuda_build_plan():
-    """(nvcc path or None, forced, reason printed when the CUDA module is skipped)."""
-    flag = os.environ.get("AD_BUILD_CUDA", "").strip()
-    if flag == "0":
-        return None, False, "AD_BUILD_CUDA=0"
-    nvcc = _find_nvcc()
-    if nvcc is None:
-        return None, False, "nvcc not found (set CUDA_HOME or put nvcc on PATH)"
-    if flag == "1":
-        return nvcc, True, ""
-    gpu, why = _torch_sees_gpu()
-    if not gpu:
-        return None, False, f"{why}; set AD_BUILD_CUDA=1 to build it anyway"
-    return nvcc, False, ""
-
-
 class BuildExt(build_ext):
-    """pybind11's build_ext, plus: the .cu sources of a CUDA extension are compiled by nvcc into objects that
-    the extension links (the host compiler never sees them). nvcc runs before any extension is built, so that a
-    failed CUDA compile can drop the CUDA extension cleanly (unless it was forced with AD_BUILD_CUDA=1)."""
+    """pybind11's build_ext, plus: the .cu sources of a CUDA extension are compiled by nvcc (in parallel) into
+    objects that the extension links (the host compiler never sees them). A failed nvcc fails the build: the
+    extension is only planned where it is required (see csrc/cuda_build_plan.py); AD_BUILD_CUDA=0 opts out."""
 
     def run(self):
         for ext in list(self.extensions):
-            if not getattr(ext, "cuda_sources", None):
-                continue
-            try:
-                ext.extra_objects = list(ext.extra_objects or []) + self._nvcc_compile(ext)
-            except Exception as exc:
-                if getattr(ext, "cuda_forced", False):
-                    raise
-                print(f"analytic_diffusion._cuda: not built (nvcc failed: {exc}); the CPU kernels are unaffected",
-                      file=sys.stderr)
-                self.extensions.remove(ext)
+            if getattr(ext, "cuda_sources", None):
+                try:
+                    ext.extra_objects = list(ext.extra_objects or []) + self._nvcc_compile(ext)
+                except Exception as exc:
+                    raise RuntimeError(f"analytic_diffusion._cuda: the CUDA build failed on a machine that needs it "
+                                       f"({exc}); fix the toolkit, or install without it: AD_BUILD_CUDA=0") from exc
         super().run()
 
     def _nvcc_compile(self, ext):
-        objs = []
         out_dir = os.path.join(self.build_temp, "cuda")
         os.makedirs(out_dir, exist_ok=True)
-        inc = [f"-I{d}" for d in ext.include_dirs]
-        for src in ext.cuda_sources:
-            obj = os.path.join(out_dir, os.path.splitext(os.path.basename(src))[0] + ".o")
+        cmds = cuda_build_plan.nvcc_commands(ext.nvcc, NVCC_FLAGS, ext.cuda_arch_flags, ext.include_dirs,
+                                             ext.cuda_sources, out_dir)
+        stale = []
+        for obj, cmd in cmds:
+            src = cmd[cmd.index("-c") + 1]
             deps = [src] + [os.path.join(os.path.dirname(src), f) for f in os.listdir(os.path.dirname(src))
                             if f.endswith((".cuh", ".h"))]
             if self.force or not os.path.exists(obj) or any(os.path.getmtime(d) > os.path.getmtime(obj)
                                                             for d in deps):
-                cmd = [ext.nvcc] + NVCC_FLAGS + CUDA_ARCH_FLAGS + inc + ["-c", src, "-o", obj]
-                print(" ".join(cmd))
-                subprocess.check_call(cmd)
-            objs.append(obj)
-        return objs
+                stale.append(cmd)
+        cuda_build_plan.run_parallel(stale)
+        return [obj for obj, _ in cmds]
 
 
 def _cuda_extension():
-    nvcc, forced, reason = _cuda_build_plan()
-    if nvcc is None:
-        print(f"analytic_diffusion._cuda: not built ({reason})", file=sys.stderr)
+    nvcc = _find_nvcc()
+    if os.environ.get("AD_BUILD_CUDA", "").strip() == "0":
+        gpu, arch, how = False, None, ""
+    else:
+        gpu, arch, how = cuda_build_plan.detect_gpu()
+    p = cuda_build_plan.plan(os.environ, nvcc, gpu, arch, how)
+    print(f"analytic_diffusion._cuda: {p.message}", file=sys.stderr)
+    if not p.build:
         return []
     inc, lib = _cuda_dirs(nvcc)
     cuda_dir = os.path.join("csrc", "cuda")
@@ -177,7 +148,7 @@ def _cuda_extension():
     )
     ext.cuda_sources = sorted(os.path.join(cuda_dir, f) for f in os.listdir(cuda_dir) if f.endswith(".cu"))
     ext.nvcc = nvcc
-    ext.cuda_forced = forced
+    ext.cuda_arch_flags = p.arch_flags
     return [ext]
 
 

@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .global_retrieval import INTERPRET, _empty, _empty_state, _online_softmax_step
+from .global_retrieval import INTERPRET, _empty, _empty_state, _online_softmax_step, _wide
 
 # (output coordinates, candidates) per program; the 2-D distance tile lives in registers on the GPU.
 BLOCKS = (32, 64) if INTERPRET else (32, 32)
@@ -68,7 +68,7 @@ def _coordinate_kernel(X, IMG, SUPP, VIDX, COEF, SPLITS, XLAB, QLAB, M, L, O,
         v = tl.load(rows[None, :] + vidx[:, None], mask=mmask[:, None] & nmask[None, :],
                     other=0).to(tl.float32) * scale + shift
         o = o * alpha + tl.sum(p * v, axis=1)
-    part = (pid_s * B + b).to(tl.int64) * D + offs_m
+    part = (_wide(pid_s, B) + b) * D + offs_m
     tl.store(M + part, m, mask=mmask)
     tl.store(L + part, l, mask=mmask)
     tl.store(O + part, o, mask=mmask)

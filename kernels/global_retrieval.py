@@ -25,7 +25,10 @@ import os
 import torch
 import triton
 import triton.language as tl
-from triton.language.standard import sort_impl
+
+if not hasattr(tl, "topk"):  # public since Triton 3.3; the private sort_impl it wraps moved between releases
+    raise ImportError(f"analytic_diffusion.kernels needs triton>=3.3 (tl.topk); found triton {triton.__version__}. "
+                      "Install triton>=3.6 or use backend='torch' / 'cpu' / 'cuda'.")
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 if INTERPRET:
@@ -44,6 +47,13 @@ _TWO_PASS_CONFIG_INTERP = (32, 32, 32, 32, 4)
 # Tests set this to fill every output and scratch buffer with garbage (NaN / −1) before each launch, so a
 # kernel that leaves any element unwritten, or reads a slot before writing it, fails loudly.
 poison_outputs = False
+
+
+@triton.jit
+def _wide(offs, stride):
+    """offs·stride in int64. Triton multiplies i32 by i32 in i32, and a row index times a row stride passes 2^31 at
+    ImageNet-64 scale (1.28M rows × 12,288 values): every row or slot offset of a kernel goes through here."""
+    return offs.to(tl.int64) * stride
 
 
 def _empty(shape, dtype, device):
@@ -68,7 +78,7 @@ def _split_n_kernel(Q, X, COEF, XLAB, QLAB, M, L, L2, O, TOPK,
     if HAS_LABELS:
         qlab = tl.load(QLAB + offs_b, mask=bmask, other=-1)
     m, l, l2 = _empty_state(BLOCK_B)
-    o_base = O + pid_s * stride_os + offs_b[:, None] * stride_ob
+    o_base = O + _wide(pid_s, stride_os) + _wide(offs_b, stride_ob)[:, None]
     if SOFTMAX:  # the slot may hold garbage (poisoned in tests): start from zeros
         for d0 in range(0, D, BLOCK_D):
             offs_d = d0 + tl.arange(0, BLOCK_D)
@@ -83,9 +93,9 @@ def _split_n_kernel(Q, X, COEF, XLAB, QLAB, M, L, L2, O, TOPK,
         for d0 in range(0, D, BLOCK_D):
             offs_d = d0 + tl.arange(0, BLOCK_D)
             dmask = offs_d < D
-            x = tl.load(X + offs_n[:, None] * stride_x + offs_d[None, :], mask=nmask[:, None] & dmask[None, :],
+            x = tl.load(X + _wide(offs_n, stride_x)[:, None] + offs_d[None, :], mask=nmask[:, None] & dmask[None, :],
                         other=0).to(tl.float32) * scale + shift
-            q = tl.load(Q + offs_b[:, None] * stride_q + offs_d[None, :], mask=bmask[:, None] & dmask[None, :],
+            q = tl.load(Q + _wide(offs_b, stride_q)[:, None] + offs_d[None, :], mask=bmask[:, None] & dmask[None, :],
                         other=0.0)
             diff = tl.where(dmask[None, None, :], q[:, None, :] - x[None, :, :], 0.0)
             dist += tl.sum(diff * diff, axis=2)
@@ -99,7 +109,7 @@ def _split_n_kernel(Q, X, COEF, XLAB, QLAB, M, L, L2, O, TOPK,
             for d0 in range(0, D, BLOCK_D):
                 offs_d = d0 + tl.arange(0, BLOCK_D)
                 dmask = offs_d < D
-                x = tl.load(X + offs_n[:, None] * stride_x + offs_d[None, :],
+                x = tl.load(X + _wide(offs_n, stride_x)[:, None] + offs_d[None, :],
                             mask=nmask[:, None] & dmask[None, :], other=0).to(tl.float32) * scale + shift
                 omask = bmask[:, None] & dmask[None, :]
                 o = tl.load(o_base + offs_d[None, :], mask=omask, other=0.0)
@@ -111,14 +121,15 @@ def _split_n_kernel(Q, X, COEF, XLAB, QLAB, M, L, L2, O, TOPK,
             packed = (d.to(tl.int32, bitcast=True).to(tl.int64) << 32) | offs_n.to(tl.int64)[None, :]
             # Out-of-range lanes sort last; label-excluded keys keep +inf distance and their index (as torch).
             packed = tl.where(bmask[:, None] & nmask[None, :], packed, _INT64_MAX)
-            tile_best = sort_impl(packed, k=TOPK_K, descending=False)
+            # k smallest = ~(k largest of ~packed): tl.topk keeps the largest, and ~ reverses int64 order exactly.
+            tile_best = ~tl.topk(~packed, TOPK_K)
             both = tl.reshape(tl.join(best, tile_best), [BLOCK_B, 2 * TOPK_K])
-            best = sort_impl(both, k=TOPK_K, descending=False)
-    part = pid_s * B + offs_b
+            best = ~tl.topk(~both, TOPK_K)
+    part = _wide(pid_s, B) + offs_b
     _store_state(M, L, L2, part, m, l, l2, bmask)
     if TOPK_K > 0:
         offs_k = tl.arange(0, TOPK_K)
-        tl.store(TOPK + part[:, None] * TOPK_K + offs_k[None, :], best, mask=bmask[:, None])
+        tl.store(TOPK + _wide(part, TOPK_K)[:, None] + offs_k[None, :], best, mask=bmask[:, None])
 
 
 def split_n_warps(topk: int) -> int:
@@ -233,13 +244,13 @@ def _logits_kernel(QHI, QLO, X, A2, KN, K2, XLAB, QLAB, LOGITS, TM, TL, TL2,
     for k0 in range(0, D, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         kmask = offs_k < D
-        xt = tl.load(X + offs_n[None, :] * stride_x + offs_k[:, None], mask=nmask[None, :] & kmask[:, None],
+        xt = tl.load(X + _wide(offs_n, stride_x)[None, :] + offs_k[:, None], mask=nmask[None, :] & kmask[:, None],
                      other=0)  # (BLOCK_K, BLOCK_N): keys as the dot's second operand, no transpose copy
         qmask = bmask[:, None] & kmask[None, :]
-        qh = tl.load(QHI + offs_b[:, None] * stride_q + offs_k[None, :], mask=qmask, other=0.0)
+        qh = tl.load(QHI + _wide(offs_b, stride_q)[:, None] + offs_k[None, :], mask=qmask, other=0.0)
         ql = qh
         if PRECISION == 2:
-            ql = tl.load(QLO + offs_b[:, None] * stride_q + offs_k[None, :], mask=qmask, other=0.0)
+            ql = tl.load(QLO + _wide(offs_b, stride_q)[:, None] + offs_k[None, :], mask=qmask, other=0.0)
         acc = _acc_dot(acc, qh, ql, xt, PRECISION, INTERP)
     a2 = tl.load(A2 + offs_b, mask=bmask, other=0.0)
     k2 = tl.load(K2 + offs_b, mask=bmask, other=0.0)
@@ -251,11 +262,11 @@ def _logits_kernel(QHI, QLO, X, A2, KN, K2, XLAB, QLAB, LOGITS, TM, TL, TL2,
         qlab = tl.load(QLAB + offs_b, mask=bmask, other=-1)
         valid = valid & (xlab[None, :] == qlab[:, None])
     z = tl.where(valid, z, float("-inf"))
-    tl.store(LOGITS + offs_b[:, None] * stride_lb + offs_n[None, :], z, mask=bmask[:, None] & nmask[None, :])
+    tl.store(LOGITS + _wide(offs_b, stride_lb)[:, None] + offs_n[None, :], z, mask=bmask[:, None] & nmask[None, :])
     tm = tl.max(z, axis=1)
     tm_safe = tl.where(tm == float("-inf"), 0.0, tm)
     p = tl.exp2(z - tm_safe[:, None])
-    t = offs_b * stride_tb + pid_n
+    t = _wide(offs_b, stride_tb) + pid_n
     tl.store(TM + t, tm, mask=bmask)
     tl.store(TL + t, tl.sum(p, axis=1), mask=bmask)
     tl.store(TL2 + t, tl.sum(p * p, axis=1), mask=bmask)
@@ -280,17 +291,17 @@ def _weighted_sum_kernel(LOGITS, MROW, X, O, B, N, D, keys_per_split, stride_lb,
     for n0 in range(start, stop, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         nmask = offs_n < stop
-        z = tl.load(LOGITS + offs_b[:, None] * stride_lb + offs_n[None, :], mask=bmask[:, None] & nmask[None, :],
+        z = tl.load(LOGITS + _wide(offs_b, stride_lb)[:, None] + offs_n[None, :], mask=bmask[:, None] & nmask[None, :],
                     other=float("-inf"))
         p = tl.exp2(z - mrow[:, None])
-        x = tl.load(X + offs_n[:, None] * stride_x + offs_d[None, :], mask=nmask[:, None] & dmask[None, :], other=0)
+        x = tl.load(X + _wide(offs_n, stride_x)[:, None] + offs_d[None, :], mask=nmask[:, None] & dmask[None, :], other=0)
         p_hi = p
         p_lo = p
         if PRECISION == 2:  # p = hi + lo + r with hi, lo truncated to bf16 (|r| ≤ 2^-14 p)
             p_hi = _trunc_bf16(p)
             p_lo = _trunc_bf16(p - p_hi)
         acc = _acc_dot(acc, p_hi, p_lo, x, PRECISION, INTERP)
-    tl.store(O + pid_s * stride_os + offs_b[:, None] * stride_ob + offs_d[None, :], acc,
+    tl.store(O + _wide(pid_s, stride_os) + _wide(offs_b, stride_ob)[:, None] + offs_d[None, :], acc,
              mask=bmask[:, None] & dmask[None, :])
 
 

@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .global_retrieval import _empty, _empty_state, _online_softmax_step, _store_state
+from .global_retrieval import _empty, _empty_state, _online_softmax_step, _store_state, _wide
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 SKIP_BITS = 64.0  # base-2 logit margin below the running max beyond which a whole key tile is skipped
@@ -71,7 +71,7 @@ def _patch_kernel(Q, IMG, IMGIDX, POS, COEF, M, L, L2, O,
                 inside = (rr >= 0) & (rr < H) & (cc >= 0) & (cc < W) & pmask[:, None] & fmask[None, :]
                 u = tl.load(IMG + base + ch[None, :] * hw + rr * W + cc, mask=inside, other=0)
                 key = tl.where(inside, u.to(tl.float32) * scale + shift, 0.0)  # zero padding in value space
-                q = tl.load(Q + offs_q[:, None] * stride_q + offs_f[None, :], mask=qmask[:, None] & fmask[None, :],
+                q = tl.load(Q + _wide(offs_q, stride_q)[:, None] + offs_f[None, :], mask=qmask[:, None] & fmask[None, :],
                             other=0.0)
                 diff = tl.where(fmask[None, None, :], q[:, None, :] - key[None, :, :], 0.0)
                 dist += tl.sum(diff * diff, axis=2)
@@ -85,7 +85,7 @@ def _patch_kernel(Q, IMG, IMGIDX, POS, COEF, M, L, L2, O,
                 v = tl.load(IMG + base + offs_c[None, :] * hw + (pr * W + pc)[:, None],
                             mask=pmask[:, None] & cmask[None, :], other=0).to(tl.float32) * scale + shift
                 o = o * alpha[:, None] + tl.sum(p[:, :, None] * v[None, :, :], axis=1)
-    part = pid_s * n_rows + offs_q
+    part = _wide(pid_s, n_rows) + offs_q  # int64: slot offsets part·C pass 2^31 at scale
     _store_state(M, L, L2, part, m, l, l2, qmask)
     tl.store(O + part[:, None] * C + offs_c[None, :], o, mask=qmask[:, None] & cmask[None, :])
 
@@ -156,7 +156,7 @@ def _same_position_kernel(Q, IMG, IMGIDX, POS, COEF, M, L, L2, O,
     offs_c = tl.arange(0, C_PAD)
     cmask = offs_c < C
     hw = H * W
-    part = pid_s * n_rows + offs_q
+    part = _wide(pid_s, n_rows) + offs_q  # int64: slot offsets part·F pass 2^31 at scale
     if WHOLE:  # the slot starts at 0 (the first tile rescales it by alpha = 0, and 0 · a NaN poison is NaN)
         for f0 in range(0, F, BLOCK_F):
             offs_f = f0 + tl.arange(0, BLOCK_F)
@@ -172,7 +172,7 @@ def _same_position_kernel(Q, IMG, IMGIDX, POS, COEF, M, L, L2, O,
         for f0 in range(0, F, BLOCK_F):
             offs_f, fmask, key = _same_position_keys(IMG, base, nmask, pr, pc, f0, H, W, scale, shift,
                                                      K, C, BLOCK_F)
-            q = tl.load(Q + offs_q[:, None] * stride_q + offs_f[None, :], mask=qmask[:, None] & fmask[None, :],
+            q = tl.load(Q + _wide(offs_q, stride_q)[:, None] + offs_f[None, :], mask=qmask[:, None] & fmask[None, :],
                         other=0.0)
             diff = tl.where(fmask[None, None, :], q[:, None, :] - key, 0.0)
             dist += tl.sum(diff * diff, axis=2)

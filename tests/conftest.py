@@ -104,6 +104,9 @@ def cuda_fused(request, monkeypatch):
     from analytic_diffusion.ops import cuda_backend
     if cuda_backend.available() and not cuda_backend._emulated():
         return SimpleNamespace(name="cuda", device=torch.device("cuda"))
+    if torch.cuda.is_available():  # a GPU machine without its CUDA kernels: fail, never fall back to the emulator
+        pytest.fail(f"this machine has a GPU but backend 'cuda' is unavailable: {cuda_backend.unavailable_reason()}",
+                    pytrace=False)
     monkeypatch.setattr(cuda_backend, "_cuda", request.getfixturevalue("emulated_cuda"))
     monkeypatch.setattr(cuda_backend, "_REASON", None)
     return SimpleNamespace(name="cuda", device=torch.device("cpu"))

@@ -302,3 +302,50 @@ def test_pca_locality_on_mnist(coordinate_fused, rng):
         got = make_denoiser("pca_locality", ds.to(dev) if dev.type == "cuda" else ds, backend=coordinate_fused.name,
                             softmax=softmax, chunk_size=chunk)(x.to(dev), sigma)
         assert rel(got.cpu(), ref) <= 1e-4, (sigma, softmax)
+
+
+_SCHEDULE_CHILD = r"""
+import importlib.util, os, sys
+import torch
+spec = importlib.util.spec_from_file_location("_cuda", sys.argv[1])
+ext = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(ext)
+ext.HOST_EMULATION = True
+from analytic_diffusion.ops import cuda_backend
+cuda_backend._cuda, cuda_backend._REASON = ext, None
+gen = torch.Generator().manual_seed(int(sys.argv[2]))
+skip_bits = float(sys.argv[3])
+n, h, w, k = 6, 8, 8, 3  # 6 images x 64 centres: 3 candidate tiles of 128
+images = torch.randint(0, 256, (n, 1, h, w), generator=gen, dtype=torch.uint8)
+pos = torch.stack(torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij"), -1).reshape(-1, 2)
+pos = pos.to(torch.int32).contiguous()
+for rows in (1, 3):
+    q = (torch.rand(rows, k * k, generator=gen) * 2 - 1).contiguous()
+    args = (q, images, torch.arange(n, dtype=torch.int32), pos, torch.full((rows,), 4.0))
+    kw = dict(k=k, scale=2 / 255, shift=-1.0, splits=1, rule="shared", skip_bits=skip_bits, poison=True)
+    os.environ.pop("AD_EMU_SCHEDULE", None)
+    want = cuda_backend.patch_partials(*args, **kw)
+    os.environ["AD_EMU_SCHEDULE"] = "warp-serial"
+    got = cuda_backend.patch_partials(*args, **kw)
+    for name, g, e in zip(("m", "l", "l2", "o"), got, want):
+        assert torch.equal(g, e), f"{rows} rows: {name} differs between the schedules: {g} vs {e}"
+print("OK")
+"""
+
+
+@pytest.mark.parametrize("skip_bits", [64.0, -1.0])
+def test_cuda_patch_kernel_is_schedule_independent(cuda_fused, rng, skip_bits):
+    """The shared rule's tile-skip decision under both thread schedules of the host emulator (round robin and
+    warp-serial, tests/cuda_emu/emu.h): bitwise the same partials. When every thread took the decision from the
+    running maxima while lane 0 of another warp was updating them (no barrier between), warp-serial made the
+    warps decide differently once a row's max had moved (skip_bits ≤ 0 does that on the first tile): a divergent
+    __syncthreads, which the emulator reports as a deadlock (abort). Hence a child process."""
+    if cuda_fused.device.type == "cuda":
+        pytest.skip("thread schedules are an emulator notion: this checks the kernel's logic on the CPU")
+    import subprocess
+    import sys
+    from analytic_diffusion.ops import cuda_backend
+    seed = int(torch.randint(0, 2**31 - 1, (1,), generator=rng))
+    r = subprocess.run([sys.executable, "-c", _SCHEDULE_CHILD, cuda_backend._cuda.__file__, str(seed), str(skip_bits)],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0 and "OK" in r.stdout, f"rc {r.returncode}: {r.stdout[-2000:]}{r.stderr[-2000:]}"

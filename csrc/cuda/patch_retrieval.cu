@@ -211,11 +211,18 @@ __global__ void __launch_bounds__(kThreads) patch_kernel(const PatchArgs<KeyT> a
       if (lane == 0) gs[t] = mx;
     }
     __syncthreads();
+    // The skip decision: every thread reads the same gs and ms, and a barrier separates these reads from the update
+    // below, where lane 0 of the warp owning row t writes ms[t]. Without that barrier a fast warp's update could
+    // change what a slow warp reads (a data race; with skip_bits <= 0 a different answer per warp, hence a
+    // divergent __syncthreads). The emulator's default round-robin schedule hides such races (all warps reach a
+    // point before any passes its next warp shuffle); tests/test_fused_patch.py also runs this kernel under the
+    // emulator's warp-serial schedule (tests/cuda_emu/emu.h), which exposes them.
     bool update = true;
-    if (RULE == kPatchShared) {  // every thread reads the same shared values: a block-uniform decision
+    if (RULE == kPatchShared) {
       float gap = -INFINITY;
       for (int t = 0; t < nrows; ++t) gap = fmaxf(gap, gs[t] - fmaxf(ms[t], kNoMax));
-      update = gap > -a.skip_bits;
+      update = gap > -a.skip_bits;  // block-uniform: the same shared values in every thread
+      __syncthreads();              // every thread has read ms before any lane 0 writes it
     }
     if (update) {
       for (int t = warp; t < TQ; t += kWarps) {

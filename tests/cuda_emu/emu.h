@@ -1,6 +1,7 @@
 // Minimal SIMT emulator: runs CUDA kernels on the host, one ucontext fiber per CUDA thread, blocks one after
 // another. __syncthreads / warp shuffles / ballot are real barriers among the fibers; a deadlock (divergent
-// barrier or full-mask shuffle) aborts. Only for logic testing of csrc/cuda on a machine without a GPU.
+// barrier or full-mask shuffle) aborts. Two thread schedules (see warp_serial). Only for logic testing of
+// csrc/cuda on a machine without a GPU.
 #pragma once
 #include <cuda_runtime_api.h>
 #include <ucontext.h>
@@ -96,6 +97,17 @@ T exchange(T v, int src_lane) {
 
 inline void* dyn_smem() { return blk()->dyn.data(); }
 
+// Scheduling order of the threads of a block, read at every launch from AD_EMU_SCHEDULE:
+//   (unset)      round robin: every thread runs to its next barrier (block or warp) in turn, so all warps reach a
+//                point before any warp goes past its next warp shuffle;
+//   warp-serial  warp by warp: a warp runs (its lanes round robin at warp barriers) until all its lanes wait at a
+//                block barrier, then the next warp. Both are legal CUDA schedules; a kernel whose answer differs
+//                between them reads shared memory that another warp writes without a block barrier between.
+inline bool warp_serial() {
+  const char* s = std::getenv("AD_EMU_SCHEDULE");
+  return s != nullptr && std::strcmp(s, "warp-serial") == 0;
+}
+
 template <class F>
 void launch_impl(dim3 grid, dim3 block, size_t smem, F& body) {
   const int nthreads = block.x * block.y * block.z;
@@ -132,19 +144,32 @@ void launch_impl(dim3 grid, dim3 block, size_t smem, F& body) {
           blk()->cur->done = true;
         }, 0);
       }
-      for (;;) {
-        bool all_done = true, progressed = false;
-        for (auto& f : b.fibers) {
-          if (f.done) continue;
-          all_done = false;
-          if (f.wait != nullptr) {
-            if (f.wait->gen == f.wait_gen) continue;
-            f.wait = nullptr;
-          }
-          b.cur = &f;
-          progressed = true;
-          swapcontext(&b.sched, &f.ctx);
+      // Runs fiber f to its next barrier; false when it is done or still waiting.
+      auto step = [&b](Fiber& f) {
+        if (f.done) return false;
+        if (f.wait != nullptr) {
+          if (f.wait->gen == f.wait_gen) return false;
+          f.wait = nullptr;
         }
+        b.cur = &f;
+        swapcontext(&b.sched, &f.ctx);
+        return true;
+      };
+      const bool serial = warp_serial();
+      for (;;) {
+        bool progressed = false;
+        if (!serial) {
+          for (auto& f : b.fibers) progressed |= step(f);
+        } else {
+          for (int w0 = 0; w0 < nthreads; w0 += 32)
+            for (bool again = true; again;) {  // this warp until all its lanes wait at a block barrier
+              again = false;
+              for (int t = w0; t < w0 + 32; ++t) again |= step(b.fibers[t]);
+              progressed |= again;
+            }
+        }
+        bool all_done = true;
+        for (auto& f : b.fibers) all_done &= f.done;
         if (all_done) break;
         if (!progressed) {
           std::fprintf(stderr, "emu: deadlock in block (%u,%u,%u)\n", bx, by, bz);

@@ -18,11 +18,14 @@ vectors in bands, then the residual beyond them); band by band the reverse trian
 
     ‖x − y‖² = ‖P_k v‖² + Σ_bands ‖B_i v‖² ≥ ‖P_k x − P_k y‖² + Σ_bands (‖B_i x‖ − ‖B_i y‖)².
 
-The first term is a GEMM of the (B, k) query projections against the stored (N, k) key projections (the
-prefilter); the band norms are one number per image and band. Stage 1 uses k = 32 over all N candidates,
-stage 2 refines each query's stage-1 survivors with k = 128; the survivors are then scored exactly by the
-fused kernels of :func:`analytic_diffusion.ops.softmax_retrieval` on the survivor subset. The skip set is
-chosen per query so that U_K ≤ tolerance·z_S, hence ε ≤ tolerance.
+The right-hand side is the squared distance between the augmented vectors [P_k x, ‖B_1 x‖, …] and
+[P_k y, ‖B_1 y‖, …], so the prefilter is one GEMM of the (B, k + bands) query rows against the stored
+(N, k + bands) key rows, with the squared norms added (an expanded-form distance). Stage 1 uses k = 32 and
+three bands (32–64, 64–128, the residual beyond 128) over all N candidates; stage 2 refines each query's
+stage-1 survivors with k = 128 and the residual; the survivors are then scored exactly by the fused kernels of
+:func:`analytic_diffusion.ops.softmax_retrieval` on the survivor subset. The skip set is chosen per query so
+that U_K ≤ tolerance·z_S, hence ε ≤ tolerance. Before stage 1 a probe over every 16th candidate sends the
+rows that cannot prune (high σ, where the posterior is broad) straight to the full scan.
 
 z_S starts as the exact float64 weight of a few seed candidates (those with the smallest lower bounds, always
 scored); after scoring it is also bounded from the kernel's own normaliser. U_K is bounded by bucketing the
@@ -30,11 +33,15 @@ gaps g_j = u_ref − u_j in steps of Δ nats and charging each bucket e^{−(buc
 counts: exact and deterministic).
 
 Rounding (the guarantee holds in float32). Every bound is made conservative for the arithmetic that computes
-it: the float32 prefilter GEMM ⟨P x, P y⟩ over k terms is off by at most (k + 2)·u·‖Px‖‖Py‖ (plus the float32
-storage of both operands), so (k + 12)·u·(‖Px‖² + ‖Py‖²) is subtracted; each band term loses 3u·(a_x + a_y)
-and the float64 error of the residual norm √(‖v‖² − ‖P v‖²); the sum is scaled by (1 − 2⁻²⁰). The kernel's
-float32 logits (direct distances, D terms) are off by at most coef·(D + 3)·u·d ≤ δ, d ≤ (‖x − c‖ + R)², so
-z_S ≥ l̃·e^{−δ}/(1 + (n + 8)u). ``error_bound`` adds the rounding slack of the scored mean itself,
+it. The augmented rows are rounded to float32 (relative u = 2⁻²⁴ each) and their distance is formed in the
+expanded form by a float32 GEMM over K terms; together these move the squared distance by less than
+(K + 11)·u·(‖x̃‖² + ‖ỹ‖²), so both squared norms are deflated by (K + 16)·u before they are added. The
+residual norm √(‖v‖² − ‖P v‖²) comes from float64 with error η ≤ √(8·D·2⁻⁵³)·‖v‖, which moves the augmented
+distance by at most 2(η_x + η_y)(‖x − c‖ + R): subtracted per row. The whole bound is scaled by (1 − 2⁻²⁰)
+(float64 orthonormality of the basis, the GEMM's α). Gaps g = coef·(lb − d_ref) in float32 are lowered by
+their own rounding. The kernel's float32 logits (direct distances, D terms) are off by at most
+coef·(D + 3)·u·d ≤ δ, d ≤ (‖x − c‖ + R)², so z_S ≥ l̃·e^{−δ}/(1 + (n + 8)u); the seeds' float64 distances are
+inflated by 1e-12 relative. ``error_bound`` adds the rounding slack of the scored mean itself,
 ROUNDING_SLACK[dtype]·(R + ‖m_S − c‖): a documented model of the working precision's own error (the exact
 float32 scan measured against float64 on MNIST and random data), not a worst case — the exact scan (tolerance
 0) carries the same slack.
@@ -62,7 +69,12 @@ SEEDS = 16  # candidates with the smallest lower bounds, scored in float64 to bo
 BUCKET = 0.25  # nats per gap bucket
 NUM_BUCKETS = 512
 QUERY_BLOCK = 8  # stage-1 GEMMs run on fixed blocks of queries, so a row's bounds do not depend on the batch
-EXACT_FRACTION = 0.5  # a row whose survivors exceed this share of its candidates is scored by the full scan
+# A row whose survivors exceed this share of its candidates is scored by the full scan: a single query's subset
+# scan (gather + one-query kernel) costs about 4× per candidate what a batched full scan does.
+EXACT_FRACTION = 0.25
+STAGE1_EXACT = 0.6  # ... and one whose stage-1 survivors exceed this share goes there without stage 2
+PROBE_STRIDE = 16  # the high-σ probe looks at every 16th candidate
+DENSE_STAGE2 = 0.05  # stage 2 as one GEMM over all N (not gathers) once a row keeps this share after stage 1
 PCA_SAMPLE = 4096  # rows used to find the basis
 U32 = 2.0 ** -24
 ROUNDING_SLACK = {torch.float32: 2.0 ** -17, torch.float64: 2.0 ** -40}
@@ -83,36 +95,50 @@ def check_tolerance(tolerance) -> float:
 
 @dataclass
 class PruningIndex:
-    """Per-dataset constants of the prefilter (built once per KeyBank, see :func:`pruning_index`)."""
+    """Per-dataset constants of the prefilter (built once per KeyBank, see :func:`pruning_index`).
+
+    Stage s compares augmented vectors [P_{k_s} v, ‖B_i v‖ for the bands beyond k_s]: their squared distance is
+    exactly the stage's lower bound, so one GEMM gives it (``aug[s]`` rows, ``keycol[s]`` the keys' squared
+    norms, deflated for rounding).
+    """
     center: torch.Tensor  # (D,) float64, mirror-symmetric when the image shape is known
     basis: torch.Tensor  # (D, k_max) float64, orthonormal columns
-    proj: torch.Tensor  # (N, k_max) float32 key coordinates on the basis
-    prefix2: torch.Tensor  # (N, stages) float64 ‖P_k (y − c)‖² per stage dimension k
-    bands: torch.Tensor  # (N, bands) float64 band norms ‖B_i (y − c)‖
-    band_slack: torch.Tensor  # (N, bands) float64 deflation of each band norm (rounding, see module doc)
+    aug: tuple  # per stage (N, K_s) float32
+    keycol: tuple  # per stage (N,) float32
+    eta_max: float  # largest float64 error of a key's residual norm
     stages: tuple
-    band_edges: tuple  # (k_0, …, k_max); band i spans basis vectors k_i:k_{i+1}, the last one the residual
+    band_edges: tuple  # band i spans basis vectors band_edges[i]:band_edges[i+1]; the last one is the residual
     radius: float  # every candidate (and its mirror image) lies in the ball B(center, radius)
 
+    def probe(self):
+        """Every PROBE_STRIDE-th candidate's stage-1 (aug, keycol), contiguous (made once)."""
+        if not hasattr(self, "_probe"):
+            self._probe = (self.aug[0][::PROBE_STRIDE].contiguous(), self.keycol[0][::PROBE_STRIDE].contiguous())
+        return self._probe
 
-def _coords(v64: torch.Tensor, index: PruningIndex):
-    """(projections (B, k_max) float64, prefix² (B, stages), band norms (B, bands), band slack) of centred rows."""
-    p = v64 @ index.basis
+
+def _augment(v64: torch.Tensor, basis, stages, edges, dim):
+    """Per stage the float32 augmented rows (B, K_s) of centred float64 rows, with their float64 squared norms
+    (of the float32 values), and the error bound η of each row's residual norm; also ‖v‖."""
+    p = v64 @ basis
     total2 = (v64 * v64).sum(1)
-    return (p,) + _norm_parts(p, total2, index.stages, index.band_edges[:-1], v64.shape[1])
-
-
-def _norm_parts(p, total2, stages, edges, dim):
-    prefix2 = torch.stack([(p[:, :k] * p[:, :k]).sum(1) for k in stages], 1)
-    bands = [(p[:, a:b] * p[:, a:b]).sum(1).sqrt() for a, b in zip(edges[:-1], edges[1:])]
-    resid2 = total2 - (p * p).sum(1)
-    # float64 error of ‖v‖² − ‖P v‖² is below 4·D·2⁻⁵³·‖v‖², hence of its square root below the root of that.
-    eta = (4.0 * dim * 2.0 ** -53 * total2).sqrt()
-    bands.append(resid2.clamp_min(0.0).sqrt())
+    bands = [(p[:, a:b] * p[:, a:b]).sum(1).sqrt() for a, b in zip(edges[:-2], edges[1:-1])]
+    bands.append((total2 - (p * p).sum(1)).clamp_min(0.0).sqrt())
     bands = torch.stack(bands, 1)
-    slack = 3.0 * U32 * bands
-    slack[:, -1] += eta
-    return prefix2, bands, slack
+    # float64 error of ‖v‖² − ‖P v‖² is below 4·D·2⁻⁵³·‖v‖² (+ the basis' orthonormality), hence of its root
+    # below the root of that.
+    eta = (8.0 * dim * 2.0 ** -53 * total2).sqrt()
+    aug, norms2 = [], []
+    for k in stages:
+        a32 = torch.cat([p[:, :k], bands[:, list(edges).index(k):]], 1).to(torch.float32)
+        aug.append(a32)
+        norms2.append((a32.to(torch.float64) ** 2).sum(1))
+    return aug, norms2, eta, total2.sqrt()
+
+
+def _shrink(k: int) -> float:
+    """Deflation of both squared norms for a float32 expanded-form distance over K terms (module docstring)."""
+    return (1.0 - 2.0 ** -20) * (1.0 - (k + 16) * U32)
 
 
 def pruning_index(keys: KeyBank) -> PruningIndex:
@@ -129,32 +155,42 @@ def _build_index(keys: KeyBank) -> PruningIndex:
     k_max = min(STAGE_DIMS[-1], dim)
     stages = tuple(sorted({min(k, dim) for k in STAGE_DIMS}))
     edges = tuple(sorted({min(e, dim) for e in BAND_EDGES} | {stages[0], k_max}))
-    edges = tuple(e for e in edges if e >= stages[0])
+    edges = tuple(e for e in edges if e >= stages[0]) + (dim,)
     sample = torch.linspace(0, n - 1, min(n, PCA_SAMPLE)).round().long()
     ys = keys.gather(sample.to(keys.device), torch.float64).cpu() - center
     _, _, vh = torch.linalg.svd(ys, full_matrices=False)
     basis = vh[:k_max].t().contiguous()
-    if basis.shape[1] < k_max:  # fewer sample rows than basis vectors: complete with a QR of random directions
+    if basis.shape[1] < k_max:  # fewer sample rows than basis vectors: complete with random directions
         extra = torch.randn(dim, k_max - basis.shape[1], generator=torch.Generator().manual_seed(0),
                             dtype=torch.float64)
         basis = torch.cat([basis, extra], 1)
     basis, _ = torch.linalg.qr(basis)  # orthonormal to float64 rounding
-    proj = torch.empty(n, k_max, dtype=torch.float32)
-    prefix2 = torch.empty(n, len(stages), dtype=torch.float64)
-    bands = torch.empty(n, len(edges), dtype=torch.float64)
-    slack = torch.empty_like(bands)
-    radius2 = 0.0
+    widths = [k + len(edges) - 1 - list(edges).index(k) for k in stages]
+    aug = [torch.empty(n, w, dtype=torch.float32) for w in widths]
+    keycol = [torch.empty(n, dtype=torch.float32) for _ in stages]
+    eta_max, radius = 0.0, 0.0
     step = max(1, (1 << 22) // dim)
     for s in range(0, n, step):
         e = min(n, s + step)
-        v = keys.rows(s, e, torch.float64).cpu() - center
-        p = v @ basis
-        total2 = (v * v).sum(1)
-        proj[s:e] = p.to(torch.float32)
-        prefix2[s:e], bands[s:e], slack[s:e] = _norm_parts(p, total2, stages, edges, dim)
-        radius2 = max(radius2, float(total2.max()))
-    radius = math.sqrt(radius2) * (1.0 + 1e-9) + 1e-12
-    return PruningIndex(center, basis, proj, prefix2, bands, slack, stages, edges + (dim,), radius)
+        a32, n2, eta, norm = _augment(keys.rows(s, e, torch.float64).cpu() - center, basis, stages, edges, dim)
+        for i, k in enumerate(stages):
+            aug[i][s:e] = a32[i]
+            keycol[i][s:e] = (n2[i] * _shrink(widths[i]) * (1.0 - 2 * U32)).to(torch.float32)
+        eta_max, radius = max(eta_max, float(eta.max())), max(radius, float(norm.max()))
+    radius = radius * (1.0 + 1e-9) + 1e-12
+    return PruningIndex(center, basis, tuple(aug), tuple(keycol), eta_max * (1.0 + 1e-9), stages, edges, radius)
+
+
+def _query_side(x64: torch.Tensor, index: PruningIndex):
+    """Per stage the queries' float32 augmented rows and row terms (module docstring); and ‖x − c‖."""
+    dim = x64.shape[1]
+    aug, n2, eta, norm = _augment(x64 - index.center, index.basis, index.stages, index.band_edges, dim)
+    rows = []
+    for i, a in enumerate(aug):
+        # The residual norms' float64 errors move the augmented distance by ≤ 2(η_x + η_y)(‖x−c‖ + ‖y−c‖).
+        rowterm = n2[i] * _shrink(a.shape[1]) - 2.0 * (eta + index.eta_max) * (norm + index.radius) * 1.01
+        rows.append((a, (rowterm * (1.0 - 2 * U32) - 1e-30).to(torch.float32)))
+    return rows, norm
 
 
 @dataclass
@@ -214,28 +250,28 @@ def _allowed(keys: KeyBank, labels: Optional[torch.Tensor], rows: slice) -> Opti
     return keys.labels[None, :].cpu() == labels[rows, None].cpu()
 
 
-def _stage_lower_bound(px, prefix_x, bands_x, slack_x, py, prefix_y, bands_y, slack_y, k: int, stage: int,
-                       first_band: int) -> torch.Tensor:
-    """Lower bounds (B, M) float64 on ‖x − y‖² from k basis coordinates and the bands beyond them."""
-    a = prefix_x[:, stage:stage + 1].to(torch.float32)
-    b = prefix_y[:, stage].to(torch.float32)[None, :]
-    dot = px[:, :k].to(torch.float32) @ py[:, :k].t()
-    lb = (a + b) * (1.0 - (k + 12) * U32) - 2.0 * dot
-    lb = lb.clamp_min_(0.0).to(torch.float64)
-    for i in range(first_band, bands_x.shape[1]):
-        gap = (bands_x[:, i:i + 1] - bands_y[None, :, i]).abs() - slack_x[:, i:i + 1] - slack_y[None, :, i]
-        lb += gap.clamp_min_(0.0).square_()
-    return lb * (1.0 - 2.0 ** -20)
+def _stage_lower_bound(xa, xrow, ya, ycol) -> torch.Tensor:
+    """Lower bounds (B, M) float32 on ‖x − y‖²: the augmented distance as one GEMM, with the rounding slack
+    already folded into the deflated norms ``xrow`` (B,) and ``ycol`` (M,). Negative values mean 'no bound'."""
+    lb = torch.addmm(ycol[None, :], xa, ya.t(), beta=1.0, alpha=-2.0 * (1.0 - 2.0 ** -20))
+    return lb.add_(xrow[:, None])
+
+
+def _gaps(lb: torch.Tensor, d_ref: torch.Tensor, coef: torch.Tensor) -> torch.Tensor:
+    """g = coef·(lb − d_ref) in float32, lowered by its own rounding error (≤ 4u|g| + 4u·coef·d_ref + the
+    float32 roundings of d_ref and coef), so that g ≤ the exact gap."""
+    c32 = coef.to(torch.float32)[:, None]
+    g = (lb - d_ref.to(torch.float32)[:, None]).mul_(c32)
+    kappa = (8.0 * U32 * coef * d_ref + 1e-6).to(torch.float32)[:, None]
+    return g.mul_(1.0 - 8.0 * U32).sub_(kappa)
 
 
 def _bucket_counts(g: torch.Tensor) -> torch.Tensor:
-    """Per row, the number of candidates in each gap bucket (finite g only); (B, NUM_BUCKETS) int64."""
-    finite = torch.isfinite(g)
-    bucket = torch.floor(torch.where(finite, g, torch.zeros_like(g)) / BUCKET).clamp_(0, NUM_BUCKETS - 1).long()
-    bucket = torch.where(finite, bucket, torch.full_like(bucket, NUM_BUCKETS))  # an overflow slot, dropped
-    rows = torch.arange(g.shape[0])[:, None] * (NUM_BUCKETS + 1)
-    counts = torch.bincount((bucket + rows).reshape(-1), minlength=g.shape[0] * (NUM_BUCKETS + 1))
-    return counts.reshape(g.shape[0], NUM_BUCKETS + 1)[:, :NUM_BUCKETS]
+    """Per row, the number of candidates in each gap bucket; (B, NUM_BUCKETS) int64. Excluded candidates
+    (g = +inf) land in the last bucket: charging them e^{−(NUM_BUCKETS−1)·BUCKET} each is harmless (≈ 1e-56)."""
+    bucket = torch.div(g, BUCKET).floor_().clamp_(0, NUM_BUCKETS - 1).to(torch.long)
+    bucket += (torch.arange(g.shape[0]) * NUM_BUCKETS)[:, None]
+    return torch.bincount(bucket.reshape(-1), minlength=g.shape[0] * NUM_BUCKETS).reshape(g.shape[0], NUM_BUCKETS)
 
 
 _CHARGE = torch.exp(-BUCKET * torch.arange(NUM_BUCKETS, dtype=torch.float64)) * (1.0 + 1e-6)
@@ -251,8 +287,39 @@ def _cut(counts: torch.Tensor, budget: torch.Tensor):
     return first, mass
 
 
+def _rows(values: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """values[index] (sorted indices); NumPy's gather is ~8× faster than torch's on uint8 rows on the CPU."""
+    if values.device.type == "cpu":
+        return torch.from_numpy(values.numpy()[index.numpy()])
+    return torch.index_select(values, 0, index.to(values.device))
+
+
 def _dtype_roundoff(dtype) -> float:
     return U32 if dtype != torch.float64 else 2.0 ** -53
+
+
+def _stage1_cut(block, keyside, nb, allow, x64, keys, key_index, c, tolerance, weight):
+    """Stage 1 for a block of queries over ``keyside`` (aug, keycol of some candidate rows, which are
+    ``key_index`` of ``keys`` or all of them); each candidate stands for ``weight`` candidates (the probe)."""
+    lb = _stage_lower_bound(*block, *keyside)[:nb]
+    if allow is not None:
+        lb.masked_fill_(~allow, float("inf"))
+    # Seeds: the smallest lower bounds, scored exactly in float64 (always kept): z_S ≥ their weight.
+    seeds = torch.topk(lb, min(SEEDS, lb.shape[1]), dim=1, largest=False).indices
+    valid = torch.isfinite(torch.gather(lb, 1, seeds))
+    rows = seeds if key_index is None else key_index[seeds]
+    ys = keys.gather(rows.to(keys.device), torch.float64).cpu()
+    d_seed = ((x64[:, None, :] - ys) ** 2).sum(-1) * (1.0 + 1e-12)
+    d_seed = torch.where(valid, d_seed, torch.full_like(d_seed, float("inf")))
+    d_ref = d_seed.min(1).values
+    z_seed = torch.exp(-c[:, None] * (d_seed - d_ref[:, None])).sum(1)  # ≥ 1, relative to e^{−c·d_ref}
+    budget = tolerance / (1.0 + 1e-6) * z_seed
+    g = _gaps(lb, d_ref, c)
+    # Seeds fall in bucket 0: never skipped (a disallowed "seed", when a class has < SEEDS images, stays out).
+    g.scatter_(1, seeds, torch.where(valid, -1.0, float("inf")))
+    first, mass = _cut(_bucket_counts(g) * weight, budget)
+    survive = g < (first.to(torch.float32) * BUCKET)[:, None]
+    return seeds, valid, d_seed, d_ref, budget, g, first, mass, survive
 
 
 def pruned_partial(x: torch.Tensor, keys: KeyBank, coef: torch.Tensor, tolerance: float, *, score,
@@ -270,71 +337,78 @@ def pruned_partial(x: torch.Tensor, keys: KeyBank, coef: torch.Tensor, tolerance
     x64 = x.detach().to(cpu, torch.float64)
     coef64 = coef.detach().to(cpu, torch.float64)
     labels = None if query_labels is None else query_labels.to(cpu)
-    v = x64 - index.center
-    px, prefix_x, bands_x, slack_x = _coords(v, index)
-    xnorm = v.norm(dim=1)
-    k1 = index.stages[0]
-    out_states, skipped, z_scored, scored, allowed_n = [None] * B, [None] * B, [None] * B, [0] * B, [0] * B
+    qside, xnorm = _query_side(x64, index)
+    two_stage = len(index.stages) > 1
+    u = _dtype_roundoff(dtype)
+    out_states, skipped, z_scored, scored, allowed_n = [None] * B, [0.0] * B, [0.0] * B, [0] * B, [0] * B
     exact_rows = []
-    eps_budget = tolerance / (1.0 + 1e-6)
     for b0 in range(0, B, QUERY_BLOCK):
         b1 = min(B, b0 + QUERY_BLOCK)
-        pad = QUERY_BLOCK - (b1 - b0)  # fixed-shape GEMMs: a row's bounds do not depend on the batch
+        nb, pad = b1 - b0, QUERY_BLOCK - (b1 - b0)  # fixed-shape GEMMs: a row's bounds do not depend on the batch
 
         def padded(t):
             return torch.cat([t[b0:b1], t[b0:b0 + 1].expand(pad, *t.shape[1:])]) if pad else t[b0:b1]
 
-        lb = _stage_lower_bound(padded(px), padded(prefix_x), padded(bands_x), padded(slack_x), index.proj,
-                                index.prefix2, index.bands, index.band_slack, k1, 0, 0)[:b1 - b0]
+        block = (padded(qside[0][0]), padded(qside[0][1]))
+        c = coef64[b0:b1]
         allow = _allowed(keys, labels, slice(b0, b1))
-        if allow is not None:
-            lb = torch.where(allow, lb, torch.full_like(lb, float("inf")))
-        n_allowed = allow.sum(1) if allow is not None else torch.full((b1 - b0,), N)
-        seeds = torch.topk(lb, min(SEEDS, N), dim=1, largest=False).indices
-        for r in range(b1 - b0):
+        n_allowed = allow.sum(1) if allow is not None else torch.full((nb,), N)
+        if N >= PROBE_STRIDE * 64:  # a 1/16 probe tells the rows that will not prune (high σ): full scan at once
+            probe = index.probe()
+            pidx = torch.arange(0, N, PROBE_STRIDE)
+            pr = _stage1_cut(block, probe, nb, None if allow is None else allow[:, pidx], x64[b0:b1], keys, pidx, c,
+                             tolerance, PROBE_STRIDE)
+            hopeless = pr[-1].sum(1) > STAGE1_EXACT * n_allowed / PROBE_STRIDE
+            if bool(hopeless.all()):
+                for r in range(nb):
+                    allowed_n[b0 + r] = int(n_allowed[r])
+                    exact_rows.append(b0 + r)
+                continue
+        full = (index.aug[0], index.keycol[0])
+        seeds, valid, d_seed, d_ref, budget, g, first, mass, survive = _stage1_cut(
+            block, full, nb, allow, x64[b0:b1], keys, None, c, tolerance, 1)
+        n1 = survive.sum(1)
+        cands = torch.split(torch.nonzero(survive)[:, 1], n1.tolist())  # one nonzero for the block, row-major
+        dense2 = None
+        if two_stage and bool((n1 > DENSE_STAGE2 * N).any()):  # many survivors: one fixed-shape GEMM, else gathers
+            block2 = (padded(qside[1][0]), padded(qside[1][1]))
+            dense2 = _gaps(_stage_lower_bound(*block2, index.aug[1], index.keycol[1])[:nb], d_ref, c)
+        for r in range(nb):
             b = b0 + r
             na = int(n_allowed[r])
             allowed_n[b] = na
-            s_idx = seeds[r][torch.isfinite(lb[r, seeds[r]])][:max(1, min(SEEDS, na))]
-            ys = keys.gather(s_idx.to(keys.device), torch.float64).cpu()
-            d_seed = ((x64[b][None] - ys) ** 2).sum(1) * (1.0 + 1e-12)
-            d_ref = float(d_seed.min())
-            c = float(coef64[b])
-            z_seed = float(torch.exp(-c * (d_seed - d_ref)).sum())  # ≥ 1, relative to e^{−c·d_ref}
-            budget = torch.tensor([eps_budget * z_seed])
-            g = c * (lb[r] - d_ref)
-            g[s_idx] = -1.0  # seeds are always scored (bucket 0)
-            first, mass = _cut(_bucket_counts(g[None]), budget)
-            cand = torch.nonzero(g < float(first[0]) * BUCKET).reshape(-1)
-            if cand.numel() > 0 and len(index.stages) > 1:  # stage 2: refine the survivors with more coordinates
-                k2 = index.stages[1]
-                lb2 = _stage_lower_bound(px[b:b + 1], prefix_x[b:b + 1], bands_x[b:b + 1], slack_x[b:b + 1],
-                                         index.proj[cand], index.prefix2[cand], index.bands[cand],
-                                         index.band_slack[cand], k2, 1, index.band_edges.index(k2))[0]
-                g2 = torch.maximum(g[cand], c * (lb2 - d_ref))
-                g2 = torch.where(torch.isin(cand, s_idx), torch.full_like(g2, -1.0), g2)
+            if int(n1[r]) > STAGE1_EXACT * na:  # nothing to gain from refining: the full scan
+                exact_rows.append(b)
+                continue
+            cand = cands[r]
+            row_mass = mass[r:r + 1]
+            if two_stage and cand.numel() > SEEDS:  # stage 2: refine the survivors with more coordinates
+                if dense2 is not None and int(n1[r]) > DENSE_STAGE2 * N:
+                    g2 = dense2[r, cand]
+                else:
+                    lb2 = _stage_lower_bound(qside[1][0][b:b + 1], qside[1][1][b:b + 1], _rows(index.aug[1], cand),
+                                             index.keycol[1][cand])
+                    g2 = _gaps(lb2, d_ref[r:r + 1], c[r:r + 1])[0]
+                g2 = torch.maximum(g2, g[r, cand])
+                g2[torch.isin(cand, seeds[r])] = -1.0
                 # What stage 1 skipped stays skipped (charged ``mass``); stage 2 cuts its survivors in what is left.
-                first2, mass2 = _cut(_bucket_counts(g2[None]), budget - mass)
+                first2, mass2 = _cut(_bucket_counts(g2[None]), budget[r:r + 1] - row_mass)
                 cand = cand[g2 < float(first2[0]) * BUCKET]
-                mass = mass + mass2
+                row_mass = row_mass + mass2
             if cand.numel() > EXACT_FRACTION * na:
                 exact_rows.append(b)
                 continue
-            sub = KeyBank(keys.values[cand.to(keys.device)], keys.scale, keys.shift, None, keys.image_shape,
-                          keys.center)
+            sub = KeyBank(_rows(keys.values, cand), keys.scale, keys.shift, None, keys.image_shape, keys.center)
             st = score(b, sub)
             m_t = float(st.m[0])
             # z_S from the kernel's normaliser: each of its logits is within δ of the exact one.
-            d_up = (float(xnorm[b]) + index.radius) ** 2
-            u = _dtype_roundoff(dtype)
-            delta = c * d_up * (keys.dim + 3) * u + 128 * u
-            n_s = cand.numel()
-            z_kernel = float(st.l[0]) * math.exp(-delta) * max(0.0, 1.0 - (n_s + 8) * u)
-            z_seeds = float(torch.exp(-c * d_seed - m_t).sum())
+            delta = float(c[r]) * (float(xnorm[b]) + index.radius) ** 2 * (keys.dim + 3) * u + 128 * u
+            z_kernel = float(st.l[0]) * math.exp(-delta) * max(0.0, 1.0 - (cand.numel() + 8) * u)
+            z_seeds = float(torch.exp(-float(c[r]) * d_seed[r] - m_t).sum())
             out_states[b] = st
-            skipped[b] = float(mass[0]) * math.exp(-c * d_ref - m_t)
+            skipped[b] = float(row_mass[0]) * math.exp(-float(c[r]) * float(d_ref[r]) - m_t)
             z_scored[b] = max(z_kernel, z_seeds)
-            scored[b] = n_s
+            scored[b] = cand.numel()
     if exact_rows:
         rows = torch.tensor(exact_rows, dtype=torch.long)
         st = exact(rows)

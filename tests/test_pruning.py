@@ -39,7 +39,7 @@ def _check(r, x, bank, sigma, tol, labels=None, flips=False):
     return err
 
 
-@settings(max_examples=30, deadline=None, derandomize=True)
+@settings(max_examples=16, deadline=None, derandomize=True)
 @given(log_sigma=st.floats(-3.0, 3.0), tol=st.sampled_from([1e-1, 1e-3, 1e-6]), seed=st.integers(0, 2**31 - 1),
        dtype=st.sampled_from([torch.float32, torch.float64]), flips=st.booleans(), labelled=st.booleans())
 def test_bound_holds_for_sigma_1e3_to_1e3(log_sigma, tol, seed, dtype, flips, labelled):
@@ -57,9 +57,9 @@ def test_bound_holds_for_sigma_1e3_to_1e3(log_sigma, tol, seed, dtype, flips, la
 def test_prunes_and_holds_on_real_mnist():
     from analytic_diffusion.data import load_dataset
     full = load_dataset("mnist").keys()
-    bank = KeyBank(full.values[:3000], full.scale, full.shift, full.labels[:3000], full.image_shape)
+    bank = KeyBank(full.values[:2000], full.scale, full.shift, full.labels[:2000], full.image_shape)
     rng = torch.Generator().manual_seed(7)
-    for sigma in (0.05, 0.5, 1.0, 3.0):
+    for sigma in (0.05, 0.5, 2.0):
         x = noisy_queries(rng, bank, 6, sigma)
         r = certified_retrieval(x, bank, sigma, tolerance=1e-4)
         err = _check(r, x, bank, sigma, 1e-4)
@@ -109,13 +109,13 @@ def test_certificates_add_across_shards(rng):
 
 def test_sampling_and_smoothed_report_the_certificate(tmp_path):
     from analytic_diffusion.sampling.run import run_sample
-    m = run_sample(method="optimal", dataset="mnist", subset=400, n=2, steps=3, method_options={"tolerance": 1e-3},
+    m = run_sample(method="optimal", dataset="mnist", subset=200, n=2, steps=2, method_options={"tolerance": 1e-3},
                    out=str(tmp_path / "run"), progress=False)
     saved = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert 0 < saved["scored_fraction"] <= 1 and saved["certificate"]["tolerance"] == 1e-3
     assert math.isfinite(saved["certificate"]["error_bound_max"]) and m["scored_fraction"] == saved["scored_fraction"]
     from analytic_diffusion.data import load_dataset
-    ds = load_dataset("mnist").subset(300)
+    ds = load_dataset("mnist").subset(200)
     d = make_denoiser("smoothed", ds, tolerance=1e-3, num_perturbations=2)
     x = torch.randn(3, *ds.image_shape) * 0.3
     p = d.posterior(x, 0.3)

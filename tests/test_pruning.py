@@ -120,3 +120,14 @@ def test_sampling_and_smoothed_report_the_certificate(tmp_path):
     x = torch.randn(3, *ds.image_shape) * 0.3
     p = d.posterior(x, 0.3)
     assert p.error_bound.shape == (3,) and bool((p.skipped_weight <= 1e-3 * (1 + 1e-6)).all())
+
+
+def test_batch_size_changes_nothing(rng):
+    """Each sample's result and certificate depend on that sample only (fixed-shape prefilter blocks)."""
+    bank = uint8_bank(rng, 3000, c=1, h=6, w=8)
+    x = torch.cat([noisy_queries(rng, bank, 5, 0.05), noisy_queries(rng, bank, 6, 3.0)])
+    sigma = torch.tensor([0.05] * 5 + [3.0] * 6)
+    whole = certified_retrieval(x, bank, sigma, tolerance=1e-4)
+    for b in (0, 4, 7, 10):
+        one = certified_retrieval(x[b:b + 1], bank, sigma[b:b + 1], tolerance=1e-4)
+        assert torch.equal(one.mean[0], whole.mean[b]) and float(one.error_bound[0]) == float(whole.error_bound[b])

@@ -60,7 +60,7 @@ from typing import Optional
 
 import torch
 
-from .keys import KeyBank
+from .keys import KeyBank, take_rows as _rows
 from .partial import PartialState
 
 STAGE_DIMS = (32, 128)  # basis vectors used by the prefilter stages (capped at D)
@@ -285,13 +285,6 @@ def _cut(counts: torch.Tensor, budget: torch.Tensor):
     mass = torch.where(first < NUM_BUCKETS, torch.gather(tail, 1, first.clamp(max=NUM_BUCKETS - 1)[:, None])[:, 0],
                        torch.zeros_like(budget))
     return first, mass
-
-
-def _rows(values: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """values[index] (sorted indices); NumPy's gather is ~8× faster than torch's on uint8 rows on the CPU."""
-    if values.device.type == "cpu":
-        return torch.from_numpy(values.numpy()[index.numpy()])
-    return torch.index_select(values, 0, index.to(values.device))
 
 
 def _dtype_roundoff(dtype) -> float:

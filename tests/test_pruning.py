@@ -13,6 +13,9 @@ from reference import noisy_queries, posterior_bruteforce, uint8_bank
 
 
 def _exact64(x, bank, sigma, labels=None, flips=False):
+    if x.shape[0] * bank.n * bank.dim > 4_000_000:  # MNIST-sized: the float64 torch oracle (chunked GEMMs)
+        return softmax_retrieval(x.double(), bank, sigma, query_labels=labels, flips=flips, backend="torch",
+                                 dtype=torch.float64).mean
     y = bank.rows(0, bank.n, torch.float64)
     s = torch.as_tensor(sigma, dtype=torch.float64).expand(x.shape[0])
     allowed = None if labels is None else bank.labels[None, :] == labels[:, None]

@@ -110,13 +110,16 @@ def test_certificates_add_across_shards(rng):
     assert int(cert.candidates[0]) == 600
 
 
-def test_sampling_and_smoothed_report_the_certificate(tmp_path):
-    from analytic_diffusion.sampling.run import run_sample
-    m = run_sample(method="optimal", dataset="mnist", subset=200, n=2, steps=2, method_options={"tolerance": 1e-3},
-                   out=str(tmp_path / "run"), progress=False)
+def test_sampling_and_smoothed_report_the_certificate(tmp_path, capsys):
+    from analytic_diffusion.cli import main
+    args = ["sample", "--method", "optimal", "--dataset", "mnist", "--subset", "200", "--n", "2", "--steps", "2",
+            "--no-progress", "--out", str(tmp_path / "run")]
+    assert main(args + ["--tolerance", "1e-3"]) == 0
     saved = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert 0 < saved["scored_fraction"] <= 1 and saved["certificate"]["tolerance"] == 1e-3
-    assert math.isfinite(saved["certificate"]["error_bound_max"]) and m["scored_fraction"] == saved["scored_fraction"]
+    assert math.isfinite(saved["certificate"]["error_bound_max"])
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["denoiser"]["tolerance"] == 1e-3
+    assert main(args + ["--tolerance", "-1"]) == 2 and "tolerance" in capsys.readouterr().err
     from analytic_diffusion.data import load_dataset
     ds = load_dataset("mnist").subset(200)
     d = make_denoiser("smoothed", ds, tolerance=1e-3, num_perturbations=2)
@@ -134,3 +137,13 @@ def test_batch_size_changes_nothing(rng):
     for b in (0, 4, 7, 10):
         one = certified_retrieval(x[b:b + 1], bank, sigma[b:b + 1], tolerance=1e-4)
         assert torch.equal(one.mean[0], whole.mean[b]) and float(one.error_bound[0]) == float(whole.error_bound[b])
+
+
+def test_optimal_draw_takes_the_tolerance(rng):
+    from analytic_diffusion.data import load_array
+    bank = uint8_bank(rng, 500, c=1, h=4, w=6)
+    ds = load_array(bank.values.reshape(-1, 1, 4, 6))
+    x = noisy_queries(rng, bank, 3, 0.05).reshape(-1, 1, 4, 6)
+    pruned = make_denoiser("optimal", ds, tolerance=1e-3)
+    assert torch.equal(make_denoiser("optimal-draw", ds, tolerance=1e-3, scale=0.0)(x, 0.05), pruned(x, 0.05))
+    assert pruned.pruning_summary()["denoiser_calls"] == 1

@@ -76,7 +76,8 @@ class RetrievalDenoiser(Denoiser):
 
     def config(self) -> dict:
         return {"method": self.name, "dataset": repr(self.dataset), "flips": self.flips,
-                "temperature": self.temperature, "backend": self.backend, "dtype": str(self.dtype), "precision": self.precision, "tolerance": self.tolerance}
+                "temperature": self.temperature, "backend": self.backend, "dtype": str(self.dtype), "precision": self.precision,
+                "tolerance": self.tolerance}
 
     def _record(self, post: Posterior) -> Posterior:
         """Add a pruned call's certificates to the running summary (metrics.json's ``certificate``)."""

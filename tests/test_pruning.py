@@ -147,3 +147,9 @@ def test_optimal_draw_takes_the_tolerance(rng):
     pruned = make_denoiser("optimal", ds, tolerance=1e-3)
     assert torch.equal(make_denoiser("optimal-draw", ds, tolerance=1e-3, scale=0.0)(x, 0.05), pruned(x, 0.05))
     assert pruned.pruning_summary()["denoiser_calls"] == 1
+
+
+def test_a_class_without_images_is_refused(rng):
+    bank = uint8_bank(rng, 100, labels=torch.zeros(100, dtype=torch.long))
+    with pytest.raises(ValueError, match="no allowed candidate"):
+        certified_retrieval(torch.zeros(2, bank.dim), bank, 0.1, tolerance=1e-3, query_labels=torch.tensor([0, 1]))

@@ -349,6 +349,9 @@ def pruned_partial(x: torch.Tensor, keys: KeyBank, coef: torch.Tensor, tolerance
         c = coef64[b0:b1]
         allow = _allowed(keys, labels, slice(b0, b1))
         n_allowed = allow.sum(1) if allow is not None else torch.full((nb,), N)
+        if bool((n_allowed == 0).any()):
+            raise ValueError("query_labels: some query rows had no allowed candidate "
+                             "(no training image of the requested class)")
         if N >= PROBE_STRIDE * 64:  # a 1/16 probe tells the rows that will not prune (high σ): full scan at once
             probe = index.probe()
             pidx = torch.arange(0, N, PROBE_STRIDE)

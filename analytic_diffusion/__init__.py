@@ -28,7 +28,8 @@ _EXPORTS = {
     **dict.fromkeys(["VPAdapter", "EDMAdapter", "CallableAdapter", "load_network", "train_network"], "networks"),
     **dict.fromkeys(["memorization", "novelty", "mse", "r2", "pearson_r", "score_cosine"], "metrics"),
     **dict.fromkeys(["single_step", "trajectories", "posterior_variance"], "analysis"),
-    **dict.fromkeys(["KeyBank", "PartialState", "softmax_retrieval", "combine_partials", "knn_search"], "ops"),
+    **dict.fromkeys(["KeyBank", "PartialState", "softmax_retrieval", "combine_partials", "knn_search",
+                     "certified_retrieval"], "ops"),
 }
 # Subpackages reachable as attributes (ad.ops, ad.metrics, ...) without an explicit import.
 _SUBPACKAGES = ("data", "ops", "grids", "denoisers", "metrics", "sampling", "networks", "analysis", "viz",

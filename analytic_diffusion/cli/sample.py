@@ -40,6 +40,9 @@ def register(sub) -> None:
     m.add_argument("--smoothing", type=float, default=None, help="smoothed: per-pixel perturbation scale s (2.5)")
     m.add_argument("--perturbations", type=int, default=None, help="smoothed: perturbations M per call (4)")
     m.add_argument("--temperature", type=float, default=None, help="retrieval methods: softmax temperature (1)")
+    m.add_argument("--tolerance", type=float, default=None,
+                   help="optimal, smoothed, optimal-draw: skip training images whose total posterior weight is "
+                        "provably below this, per sample, with a certificate in metrics.json (0 = exact scan)")
     m.add_argument("--method-seed", type=int, default=None,
                    help="smoothed / knn / optimal-draw: seed of the method's own draws")
     m.add_argument("--draw-mode", choices=["draw", "noise"], default=None,
@@ -74,7 +77,8 @@ def register(sub) -> None:
 
 # CLI flag -> denoiser keyword.
 _METHOD_FLAGS = {"k": "k", "ref_size": "ref_size", "rank": "rank", "smoothing": "smoothing",
-                 "perturbations": "num_perturbations", "temperature": "temperature", "method_seed": "seed",
+                 "perturbations": "num_perturbations", "temperature": "temperature", "tolerance": "tolerance",
+                 "method_seed": "seed",
                  "patch": "patch", "patch_schedule": "patch", "masks": ("masks", "mask"), "threshold": "threshold",
                  "softmax": "softmax", "chunk_size": "chunk_size", "tau": "tau", "draw_mode": "mode",
                  "scale": "scale", "precision": "precision"}

@@ -19,6 +19,10 @@ class Posterior:
     mean: torch.Tensor
     max_weight: torch.Tensor  # (B,)
     effective_neighbours: torch.Tensor  # (B,)
+    # Certified pruning (``tolerance`` > 0, see analytic_diffusion.ops.pruning): bounds per sample, else None.
+    error_bound: Optional[torch.Tensor] = None  # (B,) ≥ ‖mean − exact posterior mean‖₂
+    skipped_weight: Optional[torch.Tensor] = None  # (B,) ≥ posterior weight of the skipped candidates
+    scored_fraction: Optional[torch.Tensor] = None  # (B,) candidates scored / candidates
 
 
 class Denoiser:

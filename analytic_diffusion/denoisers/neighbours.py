@@ -27,6 +27,7 @@ class TopK(RetrievalDenoiser):
     """
 
     name = "topk"
+    hidden_options = ("tolerance",)  # ranks by exact k-NN distances: no softmax tail to prune
 
     def __init__(self, dataset, k: Optional[int] = None, **kw):
         super().__init__(dataset, **kw)
@@ -54,6 +55,7 @@ class Nearest(RetrievalDenoiser):
     """The training image nearest to x. In σ-space this is noise-aware: it is the σ → 0 limit of ``optimal``."""
 
     name = "nearest"
+    hidden_options = ("tolerance",)  # ranks by exact k-NN distances: no softmax tail to prune
 
     def _posterior(self, x, s, labels) -> Posterior:
         _, idx = knn_search(x.reshape(x.shape[0], -1), self.keys, 1, query_labels=labels,
@@ -73,6 +75,7 @@ class KNNEstimator(RetrievalDenoiser):
     """
 
     name = "knn"
+    hidden_options = ("tolerance",)  # ranks by exact k-NN distances: no softmax tail to prune
 
     def __init__(self, dataset, k: int = 2048, ref_size: int = 256, seed: int = 0, **kw):
         super().__init__(dataset, **kw)

@@ -6,6 +6,7 @@ from typing import Optional
 import torch
 
 from ..ops import DEFAULT_MEMORY_BUDGET, softmax_retrieval
+from ..ops.pruning import certified_retrieval, check_tolerance
 from ..ops.precision import check_mode
 from .base import Denoiser, Posterior
 
@@ -15,14 +16,20 @@ class RetrievalDenoiser(Denoiser):
 
     ``flips`` (default: the dataset's own flag) adds every training image mirrored left-right as a candidate;
     ``temperature`` divides the logits (1 = the true posterior); ``dtype`` is the working precision;
-    ``precision`` (exact | tf32 | bf16) lets the GPU kernels use faster dots within a stated logit error bound.
+    ``precision`` (exact | tf32 | bf16) lets the GPU kernels use faster dots within a stated logit error bound;
+    ``tolerance`` > 0 lets the methods built on the full softmax (optimal, smoothed, optimal-draw) skip training
+    images whose total posterior weight is provably below it, per sample, and certify the result
+    (:mod:`analytic_diffusion.ops.pruning`; :meth:`pruning_summary` sums the certificates up). 0 is the exact scan.
     """
 
     def __init__(self, dataset, *, backend: str = "auto", dtype: torch.dtype = torch.float32,
                  memory_budget: int = DEFAULT_MEMORY_BUDGET, flips: Optional[bool] = None,
-                 temperature: float = 1.0, precision: str = "exact"):
+                 temperature: float = 1.0, precision: str = "exact", tolerance: float = 0.0):
         super().__init__(dataset.image_shape)
         check_mode(precision)
+        self.tolerance = check_tolerance(tolerance)
+        self._certificates = {"calls": 0, "samples": 0, "scored": 0.0, "error_bound_max": 0.0,
+                              "error_bound_sum": 0.0, "skipped_weight_max": 0.0}
         if not temperature > 0:
             raise ValueError(f"temperature: expected > 0, got {temperature}")
         if dtype not in (torch.float32, torch.float64):
@@ -69,7 +76,28 @@ class RetrievalDenoiser(Denoiser):
 
     def config(self) -> dict:
         return {"method": self.name, "dataset": repr(self.dataset), "flips": self.flips,
-                "temperature": self.temperature, "backend": self.backend, "dtype": str(self.dtype), "precision": self.precision}
+                "temperature": self.temperature, "backend": self.backend, "dtype": str(self.dtype), "precision": self.precision,
+                "tolerance": self.tolerance}
+
+    def _record(self, post: Posterior) -> Posterior:
+        """Add a pruned call's certificates to the running summary (metrics.json's ``certificate``)."""
+        c = self._certificates
+        c["calls"] += 1
+        c["samples"] += int(post.error_bound.numel())
+        c["scored"] += float(post.scored_fraction.sum())
+        c["error_bound_sum"] += float(post.error_bound.sum())
+        c["error_bound_max"] = max(c["error_bound_max"], float(post.error_bound.max()))
+        c["skipped_weight_max"] = max(c["skipped_weight_max"], float(post.skipped_weight.max()))
+        return post
+
+    def pruning_summary(self) -> Optional[dict]:
+        """Certificates of every pruned call so far: tolerance, mean scored fraction, mean/max error bound."""
+        c = self._certificates
+        if self.tolerance == 0.0 or c["samples"] == 0:
+            return None
+        return {"tolerance": self.tolerance, "denoiser_calls": c["calls"],
+                "scored_fraction": c["scored"] / c["samples"], "error_bound_mean": c["error_bound_sum"] / c["samples"],
+                "error_bound_max": c["error_bound_max"], "skipped_weight_max": c["skipped_weight_max"]}
 
 
 class Optimal(RetrievalDenoiser):
@@ -78,6 +106,12 @@ class Optimal(RetrievalDenoiser):
     name = "optimal"
 
     def _posterior(self, x, s, labels) -> Posterior:
+        if self.tolerance > 0:
+            r = certified_retrieval(x.reshape(x.shape[0], -1), self.keys, s, tolerance=self.tolerance,
+                                    temperature=self.temperature, query_labels=labels, **self._retrieval_kwargs())
+            return self._record(Posterior(r.mean.reshape(x.shape).to(x.dtype), r.max_weight,
+                                          r.effective_neighbours, r.error_bound, r.skipped_weight,
+                                          r.scored_fraction))
         r = softmax_retrieval(x.reshape(x.shape[0], -1), self.keys, s, temperature=self.temperature,
                               query_labels=labels, **self._retrieval_kwargs())
         return Posterior(r.mean.reshape(x.shape).to(x.dtype), r.max_weight, r.effective_neighbours)

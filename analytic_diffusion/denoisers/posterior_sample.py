@@ -135,9 +135,9 @@ class PosteriorSampleDenoiser(Optimal):
     def __init__(self, dataset, *, mode: str = "draw", scale: float = 1.0, seed: int = 0,
                  backend: str = "auto", dtype: torch.dtype = torch.float32,
                  memory_budget: int = DEFAULT_MEMORY_BUDGET, flips: Optional[bool] = None,
-                 temperature: float = 1.0):
+                 temperature: float = 1.0, tolerance: float = 0.0):
         super().__init__(dataset, backend=backend, dtype=dtype, memory_budget=memory_budget, flips=flips,
-                         temperature=temperature)
+                         temperature=temperature, tolerance=tolerance)
         if mode not in MODES:
             raise ValueError(f"mode: expected one of {', '.join(MODES)}, got {mode!r}")
         try:

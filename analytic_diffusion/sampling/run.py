@@ -106,6 +106,10 @@ def run_sample(*, method="optimal", dataset="mnist", split=None, subset=None, su
               "device": str(device), "dtype": dtype, "sampling": result.config}
     metrics = {**mem.summary(), "sampling_seconds": result.elapsed_s,
                "total_seconds": time.perf_counter() - t0}
+    certificate = getattr(denoiser, "pruning_summary", lambda: None)()
+    if certificate is not None:  # certified pruning (tolerance > 0): what was scored and how far off it may be
+        metrics["scored_fraction"] = certificate["scored_fraction"]
+        metrics["certificate"] = certificate
     save_grid(os.path.join(out, "grid.png"), samples)
     save_nearest_panel(os.path.join(out, "nearest.png"), samples, neighbours, mem.memorized)
     if save_x0:

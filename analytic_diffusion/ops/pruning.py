@@ -1,0 +1,489 @@
+"""Certified pruning of the global softmax retrieval: skip training images whose weight is provably tiny.
+
+With logits ℓ_j = −‖x − y_j‖² / (2σ²T), a scored set S and a skipped set K with upper bounds u_j ≥ ℓ_j, write
+Z_S = Σ_S e^{ℓ_j}, Z_K = Σ_K e^{ℓ_j} ≤ U_K = Σ_K e^{u_j}. The skipped posterior weight is
+
+    w_K = Z_K / (Z_S + Z_K) ≤ U_K / (Z_S + U_K) =: ε          (increasing in Z_K; needs only Z_S ≥ z_S > 0)
+
+and the exact mean m = (1 − w_K)·m_S + w_K·m_K, m_S and m_K being the means over S and K. So
+m − m_S = w_K (m_K − m_S), and m_K is a convex combination of points y_j, j ∈ K, so by convexity of the norm
+‖m_K − m_S‖ ≤ max_{j∈K} ‖y_j − m_S‖ ≤ R + ‖m_S − c‖ for any ball B(c, R) holding every candidate:
+
+    ‖m − m_S‖₂ ≤ ε · (R + ‖m_S − c‖₂)   ≤ 2εR.
+
+Upper bounds on the logits come from lower bounds on the distances. With an orthonormal basis V (the leading
+principal directions of the data, from a subsample: any orthonormal basis is valid, a good one is tight), split
+v = x − y into its coordinates on V[:, :k] and the bands of the remaining orthogonal complement (later basis
+vectors in bands, then the residual beyond them); band by band the reverse triangle inequality gives
+
+    ‖x − y‖² = ‖P_k v‖² + Σ_bands ‖B_i v‖² ≥ ‖P_k x − P_k y‖² + Σ_bands (‖B_i x‖ − ‖B_i y‖)².
+
+The right-hand side is the squared distance between the augmented vectors [P_k x, ‖B_1 x‖, …] and
+[P_k y, ‖B_1 y‖, …], so the prefilter is one GEMM of the (B, k + bands) query rows against the stored
+(N, k + bands) key rows, with the squared norms added (an expanded-form distance). Stage 1 uses k = 32 and
+three bands (32–64, 64–128, the residual beyond 128) over all N candidates; stage 2 refines each query's
+stage-1 survivors with k = 128 and the residual; the survivors are then scored exactly by the fused kernels of
+:func:`analytic_diffusion.ops.softmax_retrieval` on the survivor subset. The skip set is chosen per query so
+that U_K ≤ tolerance·z_S, hence ε ≤ tolerance. Before stage 1 a probe over every 16th candidate sends the
+rows that cannot prune (high σ, where the posterior is broad) straight to the full scan.
+
+z_S starts as the exact float64 weight of a few seed candidates (those with the smallest lower bounds, always
+scored); after scoring it is also bounded from the kernel's own normaliser. U_K is bounded by bucketing the
+gaps g_j = u_ref − u_j in steps of Δ nats and charging each bucket e^{−(bucket floor)} per image (integer
+counts: exact and deterministic).
+
+Rounding (the guarantee holds in float32). Every bound is made conservative for the arithmetic that computes
+it. The augmented rows are rounded to float32 (relative u = 2⁻²⁴ each) and their distance is formed in the
+expanded form by a float32 GEMM over K terms; together these move the squared distance by less than
+(K + 11)·u·(‖x̃‖² + ‖ỹ‖²), so both squared norms are deflated by (K + 16)·u before they are added. The
+residual norm √(‖v‖² − ‖P v‖²) comes from float64 with error η ≤ √(8·D·2⁻⁵³)·‖v‖, which moves the augmented
+distance by at most 2(η_x + η_y)(‖x − c‖ + R): subtracted per row. The whole bound is scaled by (1 − 2⁻²⁰)
+(float64 orthonormality of the basis, the GEMM's α). Gaps g = coef·(lb − d_ref) in float32 are lowered by
+their own rounding. The kernel's float32 logits (direct distances, D terms) are off by at most
+coef·(D + 3)·u·d ≤ δ, d ≤ (‖x − c‖ + R)², so z_S ≥ l̃·e^{−δ}/(1 + (n + 8)u); the seeds' float64 distances are
+inflated by 1e-12 relative. ``error_bound`` adds the rounding slack of the scored mean itself,
+ROUNDING_SLACK[dtype]·(R + ‖m_S − c‖): a documented model of the working precision's own error (the exact
+float32 scan measured against float64 on MNIST and random data), not a worst case — the exact scan (tolerance
+0) carries the same slack.
+
+Shards, flips and class labels: a :class:`CertifiedState` is a :class:`PartialState` of the scored
+candidates plus ``skipped`` (≥ U_K) and ``z_scored`` (≤ Z_S), both relative to e^{m}, plus the bounding
+ball. Two states combine like partial states (rescale to the larger max, add), so certificates add across
+shards, across the mirrored candidate half, and the ball grows to hold both. A class filter simply removes the
+other classes from both S and K.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from .keys import KeyBank, take_rows as _rows
+from .partial import PartialState
+
+STAGE_DIMS = (32, 128)  # basis vectors used by the prefilter stages (capped at D)
+BAND_EDGES = (32, 64, 128)  # residual bands between basis vectors; the last band is everything beyond 128
+SEEDS = 16  # candidates with the smallest lower bounds, scored in float64 to bound Z_S from below
+BUCKET = 0.25  # nats per gap bucket
+NUM_BUCKETS = 512
+QUERY_BLOCK = 8  # stage-1 GEMMs run on fixed blocks of queries, so a row's bounds do not depend on the batch
+# A row whose survivors exceed this share of its candidates is scored by the full scan: a single query's subset
+# scan (gather + one-query kernel) costs about 4× per candidate what a batched full scan does.
+EXACT_FRACTION = 0.25
+STAGE1_EXACT = 0.6  # ... and one whose stage-1 survivors exceed this share goes there without stage 2
+PROBE_STRIDE = 16  # the high-σ probe looks at every 16th candidate
+DENSE_STAGE2 = 0.05  # stage 2 as one GEMM over all N (not gathers) once a row keeps this share after stage 1
+PCA_SAMPLE = 4096  # rows used to find the basis
+U32 = 2.0 ** -24
+ROUNDING_SLACK = {torch.float32: 2.0 ** -17, torch.float64: 2.0 ** -40}
+
+
+def check_tolerance(tolerance) -> float:
+    """``tolerance`` as a float in [0, 1]; a clear ValueError otherwise (NaN, negative, > 1, not a number)."""
+    if isinstance(tolerance, bool):
+        raise ValueError(f"tolerance: expected a number in [0, 1], got {tolerance!r}")
+    try:
+        t = float(tolerance)
+    except (TypeError, ValueError):
+        raise ValueError(f"tolerance: expected a number in [0, 1], got {tolerance!r}") from None
+    if not (0.0 <= t <= 1.0):  # also rejects NaN
+        raise ValueError(f"tolerance: expected a skipped-weight bound in [0, 1], got {tolerance!r}")
+    return t
+
+
+@dataclass
+class PruningIndex:
+    """Per-dataset constants of the prefilter (built once per KeyBank, see :func:`pruning_index`).
+
+    Stage s compares augmented vectors [P_{k_s} v, ‖B_i v‖ for the bands beyond k_s]: their squared distance is
+    exactly the stage's lower bound, so one GEMM gives it (``aug[s]`` rows, ``keycol[s]`` the keys' squared
+    norms, deflated for rounding).
+    """
+    center: torch.Tensor  # (D,) float64, mirror-symmetric when the image shape is known
+    basis: torch.Tensor  # (D, k_max) float64, orthonormal columns
+    aug: tuple  # per stage (N, K_s) float32
+    keycol: tuple  # per stage (N,) float32
+    eta_max: float  # largest float64 error of a key's residual norm
+    stages: tuple
+    band_edges: tuple  # band i spans basis vectors band_edges[i]:band_edges[i+1]; the last one is the residual
+    radius: float  # every candidate (and its mirror image) lies in the ball B(center, radius)
+
+    def probe(self):
+        """Every PROBE_STRIDE-th candidate's stage-1 (aug, keycol), contiguous (made once)."""
+        if not hasattr(self, "_probe"):
+            self._probe = (self.aug[0][::PROBE_STRIDE].contiguous(), self.keycol[0][::PROBE_STRIDE].contiguous())
+        return self._probe
+
+
+def _augment(v64: torch.Tensor, basis, stages, edges, dim):
+    """Per stage the float32 augmented rows (B, K_s) of centred float64 rows, with their float64 squared norms
+    (of the float32 values), and the error bound η of each row's residual norm; also ‖v‖."""
+    p = v64 @ basis
+    total2 = (v64 * v64).sum(1)
+    bands = [(p[:, a:b] * p[:, a:b]).sum(1).sqrt() for a, b in zip(edges[:-2], edges[1:-1])]
+    bands.append((total2 - (p * p).sum(1)).clamp_min(0.0).sqrt())
+    bands = torch.stack(bands, 1)
+    # float64 error of ‖v‖² − ‖P v‖² is below 4·D·2⁻⁵³·‖v‖² (+ the basis' orthonormality), hence of its root
+    # below the root of that.
+    eta = (8.0 * dim * 2.0 ** -53 * total2).sqrt()
+    aug, norms2 = [], []
+    for k in stages:
+        a32 = torch.cat([p[:, :k], bands[:, list(edges).index(k):]], 1).to(torch.float32)
+        aug.append(a32)
+        norms2.append((a32.to(torch.float64) ** 2).sum(1))
+    return aug, norms2, eta, total2.sqrt()
+
+
+def _shrink(k: int) -> float:
+    """Deflation of both squared norms for a float32 expanded-form distance over K terms (module docstring)."""
+    return (1.0 - 2.0 ** -20) * (1.0 - (k + 16) * U32)
+
+
+def pruning_index(keys: KeyBank) -> PruningIndex:
+    """The prefilter constants of ``keys``, computed once (float64, chunked) and cached with the dataset."""
+    return keys.cached("pruning_index", lambda: _build_index(keys))
+
+
+def _build_index(keys: KeyBank) -> PruningIndex:
+    n, dim = keys.n, keys.dim
+    center = keys.get_center(torch.float64).clone()
+    if keys.image_shape is not None:  # the mirrored candidates then lie in the same ball
+        c, h, w = keys.image_shape
+        center = 0.5 * (center + center.reshape(c, h, w).flip(-1).reshape(-1))
+    k_max = min(STAGE_DIMS[-1], dim)
+    stages = tuple(sorted({min(k, dim) for k in STAGE_DIMS}))
+    edges = tuple(sorted({min(e, dim) for e in BAND_EDGES} | {stages[0], k_max}))
+    edges = tuple(e for e in edges if e >= stages[0]) + (dim,)
+    sample = torch.linspace(0, n - 1, min(n, PCA_SAMPLE)).round().long()
+    ys = keys.gather(sample.to(keys.device), torch.float64).cpu() - center
+    # Leading principal directions by a seeded randomized subspace iteration (Halko et al.): three GEMM passes
+    # over the sample and a small eigh. Dense SVD / eigh of the full D×D problem took 6–30 s on the loaded
+    # 2-core machine; any orthonormal basis keeps the bounds valid, a good one keeps them tight.
+    width = min(dim, k_max + 16)
+    q = torch.randn(dim, width, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    for _ in range(3):
+        q, _ = torch.linalg.qr(ys.t() @ (ys @ q))
+    _, vecs = torch.linalg.eigh(q.t() @ (ys.t() @ (ys @ q)))
+    basis = q @ vecs.flip(1)[:, :k_max]
+    basis, _ = torch.linalg.qr(basis.contiguous())  # orthonormal to float64 rounding
+    widths = [k + len(edges) - 1 - list(edges).index(k) for k in stages]
+    aug = [torch.empty(n, w, dtype=torch.float32) for w in widths]
+    keycol = [torch.empty(n, dtype=torch.float32) for _ in stages]
+    eta_max, radius = 0.0, 0.0
+    step = max(1, (1 << 22) // dim)
+    for s in range(0, n, step):
+        e = min(n, s + step)
+        a32, n2, eta, norm = _augment(keys.rows(s, e, torch.float64).cpu() - center, basis, stages, edges, dim)
+        for i, k in enumerate(stages):
+            aug[i][s:e] = a32[i]
+            keycol[i][s:e] = (n2[i] * _shrink(widths[i]) * (1.0 - 2 * U32)).to(torch.float32)
+        eta_max, radius = max(eta_max, float(eta.max())), max(radius, float(norm.max()))
+    radius = radius * (1.0 + 1e-9) + 1e-12
+    return PruningIndex(center, basis, tuple(aug), tuple(keycol), eta_max * (1.0 + 1e-9), stages, edges, radius)
+
+
+def _query_side(x64: torch.Tensor, index: PruningIndex):
+    """Per stage the queries' float32 augmented rows and row terms (module docstring); and ‖x − c‖."""
+    dim = x64.shape[1]
+    aug, n2, eta, norm = _augment(x64 - index.center, index.basis, index.stages, index.band_edges, dim)
+    rows = []
+    for i, a in enumerate(aug):
+        # The residual norms' float64 errors move the augmented distance by ≤ 2(η_x + η_y)(‖x−c‖ + ‖y−c‖).
+        rowterm = n2[i] * _shrink(a.shape[1]) - 2.0 * (eta + index.eta_max) * (norm + index.radius) * 1.01
+        rows.append((a, (rowterm * (1.0 - 2 * U32) - 1e-30).to(torch.float32)))
+    return rows, norm
+
+
+@dataclass
+class CertifiedState:
+    """A partial state of the scored candidates with its pruning certificate (module docstring).
+
+    ``skipped`` ≥ Σ_K e^{ℓ_j − m} and ``z_scored`` ≤ Σ_S e^{ℓ_j − m} (float64, m = state.m); ``scored`` and
+    ``candidates`` count scored and allowed candidates per row; every candidate lies in B(center, radius).
+    """
+    state: PartialState
+    skipped: torch.Tensor
+    z_scored: torch.Tensor
+    scored: torch.Tensor
+    candidates: torch.Tensor
+    center: torch.Tensor
+    radius: float
+
+    def combine(self, other: "CertifiedState") -> "CertifiedState":
+        state = self.state.combine(other.state)
+        m = state.m.to(torch.float64)
+
+        def rescale(own_m, value):
+            own_m = own_m.to(torch.float64)
+            ok = torch.isfinite(own_m) & torch.isfinite(m)
+            return torch.where(ok, value * torch.exp(torch.where(ok, own_m - m, torch.zeros_like(m))),
+                               torch.zeros_like(value))
+
+        shift = float((other.center.to(self.center) - self.center).norm())
+        return CertifiedState(state, rescale(self.state.m, self.skipped) + rescale(other.state.m, other.skipped),
+                              rescale(self.state.m, self.z_scored) + rescale(other.state.m, other.z_scored),
+                              self.scored + other.scored, self.candidates + other.candidates, self.center,
+                              max(self.radius, other.radius + shift) * (1.0 + 1e-12))
+
+    def map_values(self, fn) -> "CertifiedState":
+        return CertifiedState(self.state.map_values(fn), self.skipped, self.z_scored, self.scored,
+                              self.candidates, self.center, self.radius)
+
+    def skipped_weight(self) -> torch.Tensor:
+        """ε ≥ the posterior weight of the skipped candidates (B,) float64."""
+        total = self.z_scored + self.skipped
+        return torch.where(self.skipped > 0, self.skipped / torch.where(total > 0, total, torch.ones_like(total)),
+                           torch.zeros_like(total)).clamp(max=1.0)
+
+    def error_bound(self, mean: torch.Tensor) -> torch.Tensor:
+        """Bound on ‖mean − exact posterior mean‖₂ per row: ε·(R + ‖mean − c‖) plus the rounding slack."""
+        spread = self.radius + (mean.to(torch.float64) - self.center.to(mean.device)).norm(dim=1)
+        slack = ROUNDING_SLACK.get(self.state.o.dtype, ROUNDING_SLACK[torch.float32])
+        return (self.skipped_weight().to(mean.device) * (1.0 + 1e-6) + slack) * spread
+
+    def scored_fraction(self) -> torch.Tensor:
+        return self.scored.to(torch.float64) / self.candidates.clamp_min(1).to(torch.float64)
+
+
+def _allowed(keys: KeyBank, labels: Optional[torch.Tensor], rows: slice) -> Optional[torch.Tensor]:
+    if labels is None:
+        return None
+    return keys.labels[None, :].cpu() == labels[rows, None].cpu()
+
+
+def _stage_lower_bound(xa, xrow, ya, ycol) -> torch.Tensor:
+    """Lower bounds (B, M) float32 on ‖x − y‖²: the augmented distance as one GEMM, with the rounding slack
+    already folded into the deflated norms ``xrow`` (B,) and ``ycol`` (M,). Negative values mean 'no bound'."""
+    lb = torch.addmm(ycol[None, :], xa, ya.t(), beta=1.0, alpha=-2.0 * (1.0 - 2.0 ** -20))
+    return lb.add_(xrow[:, None])
+
+
+def _gaps(lb: torch.Tensor, d_ref: torch.Tensor, coef: torch.Tensor) -> torch.Tensor:
+    """g = coef·(lb − d_ref) in float32, lowered by its own rounding error (≤ 4u|g| + 4u·coef·d_ref + the
+    float32 roundings of d_ref and coef), so that g ≤ the exact gap."""
+    c32 = coef.to(torch.float32)[:, None]
+    g = (lb - d_ref.to(torch.float32)[:, None]).mul_(c32)
+    kappa = (8.0 * U32 * coef * d_ref + 1e-6).to(torch.float32)[:, None]
+    return g.mul_(1.0 - 8.0 * U32).sub_(kappa)
+
+
+def _bucket_counts(g: torch.Tensor) -> torch.Tensor:
+    """Per row, the number of candidates in each gap bucket; (B, NUM_BUCKETS) int64. Excluded candidates
+    (g = +inf) land in the last bucket: charging them e^{−(NUM_BUCKETS−1)·BUCKET} each is harmless (≈ 1e-56)."""
+    bucket = torch.div(g, BUCKET).floor_().clamp_(0, NUM_BUCKETS - 1).to(torch.long)
+    bucket += (torch.arange(g.shape[0]) * NUM_BUCKETS)[:, None]
+    return torch.bincount(bucket.reshape(-1), minlength=g.shape[0] * NUM_BUCKETS).reshape(g.shape[0], NUM_BUCKETS)
+
+
+_CHARGE = torch.exp(-BUCKET * torch.arange(NUM_BUCKETS, dtype=torch.float64)) * (1.0 + 1e-6)
+
+
+def _cut(counts: torch.Tensor, budget: torch.Tensor):
+    """(first skipped bucket i* ≥ 1, its mass bound) per row: the most buckets whose charged mass fits."""
+    tail = torch.flip(torch.cumsum(torch.flip(counts.to(torch.float64) * _CHARGE, [1]), 1), [1])
+    fits = (tail <= budget[:, None]) & (torch.arange(NUM_BUCKETS) >= 1)[None, :]
+    first = torch.where(fits.any(1), fits.float().argmax(1), torch.full_like(budget, NUM_BUCKETS).long())
+    mass = torch.where(first < NUM_BUCKETS, torch.gather(tail, 1, first.clamp(max=NUM_BUCKETS - 1)[:, None])[:, 0],
+                       torch.zeros_like(budget))
+    return first, mass
+
+
+def _dtype_roundoff(dtype) -> float:
+    return U32 if dtype != torch.float64 else 2.0 ** -53
+
+
+def _stage1_cut(block, keyside, nb, allow, x64, keys, key_index, c, tolerance, weight):
+    """Stage 1 for a block of queries over ``keyside`` (aug, keycol of some candidate rows, which are
+    ``key_index`` of ``keys`` or all of them); each candidate stands for ``weight`` candidates (the probe)."""
+    lb = _stage_lower_bound(*block, *keyside)[:nb]
+    if allow is not None:
+        lb.masked_fill_(~allow, float("inf"))
+    # Seeds: the smallest lower bounds, scored exactly in float64 (always kept): z_S ≥ their weight.
+    seeds = torch.topk(lb, min(SEEDS, lb.shape[1]), dim=1, largest=False).indices
+    valid = torch.isfinite(torch.gather(lb, 1, seeds))
+    rows = seeds if key_index is None else key_index[seeds]
+    ys = keys.gather(rows.to(keys.device), torch.float64).cpu()
+    d_seed = ((x64[:, None, :] - ys) ** 2).sum(-1) * (1.0 + 1e-12)
+    d_seed = torch.where(valid, d_seed, torch.full_like(d_seed, float("inf")))
+    d_ref = d_seed.min(1).values
+    z_seed = torch.exp(-c[:, None] * (d_seed - d_ref[:, None])).sum(1)  # ≥ 1, relative to e^{−c·d_ref}
+    budget = tolerance / (1.0 + 1e-6) * z_seed
+    g = _gaps(lb, d_ref, c)
+    # Seeds fall in bucket 0: never skipped (a disallowed "seed", when a class has < SEEDS images, stays out).
+    g.scatter_(1, seeds, torch.where(valid, -1.0, float("inf")))
+    first, mass = _cut(_bucket_counts(g) * weight, budget)
+    survive = g < (first.to(torch.float32) * BUCKET)[:, None]
+    return seeds, valid, d_seed, d_ref, budget, g, first, mass, survive
+
+
+def pruned_partial(x: torch.Tensor, keys: KeyBank, coef: torch.Tensor, tolerance: float, *, score,
+                   query_labels: Optional[torch.Tensor] = None, dtype: torch.dtype = torch.float32,
+                   exact=None) -> CertifiedState:
+    """The certified state of queries x (B, D) over the N rows of ``keys`` (no flips: the caller mirrors).
+
+    ``score(b, subset KeyBank) -> PartialState`` scores query row b over its survivors and
+    ``exact(rows (n,) long) -> PartialState`` runs the full scan for the rows whose survivors are too many
+    (both wrap :func:`analytic_diffusion.ops.softmax_retrieval`, so they use the fused kernels).
+    """
+    index = pruning_index(keys)
+    B, N = x.shape[0], keys.n
+    cpu = torch.device("cpu")
+    x64 = x.detach().to(cpu, torch.float64)
+    coef64 = coef.detach().to(cpu, torch.float64)
+    labels = None if query_labels is None else query_labels.to(cpu)
+    qside, xnorm = _query_side(x64, index)
+    two_stage = len(index.stages) > 1
+    u = _dtype_roundoff(dtype)
+    out_states, skipped, z_scored, scored, allowed_n = [None] * B, [0.0] * B, [0.0] * B, [0] * B, [0] * B
+    exact_rows = []
+    for b0 in range(0, B, QUERY_BLOCK):
+        b1 = min(B, b0 + QUERY_BLOCK)
+        nb, pad = b1 - b0, QUERY_BLOCK - (b1 - b0)  # fixed-shape GEMMs: a row's bounds do not depend on the batch
+
+        def padded(t):
+            return torch.cat([t[b0:b1], t[b0:b0 + 1].expand(pad, *t.shape[1:])]) if pad else t[b0:b1]
+
+        block = (padded(qside[0][0]), padded(qside[0][1]))
+        c = coef64[b0:b1]
+        allow = _allowed(keys, labels, slice(b0, b1))
+        n_allowed = allow.sum(1) if allow is not None else torch.full((nb,), N)
+        if bool((n_allowed == 0).any()):
+            raise ValueError("query_labels: some query rows had no allowed candidate "
+                             "(no training image of the requested class)")
+        if N >= PROBE_STRIDE * 64:  # a 1/16 probe tells the rows that will not prune (high σ): full scan at once
+            probe = index.probe()
+            pidx = torch.arange(0, N, PROBE_STRIDE)
+            pr = _stage1_cut(block, probe, nb, None if allow is None else allow[:, pidx], x64[b0:b1], keys, pidx, c,
+                             tolerance, PROBE_STRIDE)
+            hopeless = pr[-1].sum(1) > STAGE1_EXACT * n_allowed / PROBE_STRIDE
+            if bool(hopeless.all()):
+                for r in range(nb):
+                    allowed_n[b0 + r] = int(n_allowed[r])
+                    exact_rows.append(b0 + r)
+                continue
+        full = (index.aug[0], index.keycol[0])
+        seeds, valid, d_seed, d_ref, budget, g, first, mass, survive = _stage1_cut(
+            block, full, nb, allow, x64[b0:b1], keys, None, c, tolerance, 1)
+        n1 = survive.sum(1)
+        cands = torch.split(torch.nonzero(survive)[:, 1], n1.tolist())  # one nonzero for the block, row-major
+        dense2 = None
+        if two_stage and bool((n1 > DENSE_STAGE2 * N).any()):  # many survivors: one fixed-shape GEMM, else gathers
+            block2 = (padded(qside[1][0]), padded(qside[1][1]))
+            dense2 = _gaps(_stage_lower_bound(*block2, index.aug[1], index.keycol[1])[:nb], d_ref, c)
+        for r in range(nb):
+            b = b0 + r
+            na = int(n_allowed[r])
+            allowed_n[b] = na
+            if int(n1[r]) > STAGE1_EXACT * na:  # nothing to gain from refining: the full scan
+                exact_rows.append(b)
+                continue
+            cand = cands[r]
+            row_mass = mass[r:r + 1]
+            if two_stage and cand.numel() > SEEDS:  # stage 2: refine the survivors with more coordinates
+                if dense2 is not None and int(n1[r]) > DENSE_STAGE2 * N:
+                    g2 = dense2[r, cand]
+                else:
+                    lb2 = _stage_lower_bound(qside[1][0][b:b + 1], qside[1][1][b:b + 1], _rows(index.aug[1], cand),
+                                             index.keycol[1][cand])
+                    g2 = _gaps(lb2, d_ref[r:r + 1], c[r:r + 1])[0]
+                g2 = torch.maximum(g2, g[r, cand])
+                g2[torch.isin(cand, seeds[r])] = -1.0
+                # What stage 1 skipped stays skipped (charged ``mass``); stage 2 cuts its survivors in what is left.
+                first2, mass2 = _cut(_bucket_counts(g2[None]), budget[r:r + 1] - row_mass)
+                cand = cand[g2 < float(first2[0]) * BUCKET]
+                row_mass = row_mass + mass2
+            if cand.numel() > EXACT_FRACTION * na:
+                exact_rows.append(b)
+                continue
+            sub = KeyBank(_rows(keys.values, cand), keys.scale, keys.shift, None, keys.image_shape, keys.center)
+            st = score(b, sub)
+            m_t = float(st.m[0])
+            # z_S from the kernel's normaliser: each of its logits is within δ of the exact one.
+            delta = float(c[r]) * (float(xnorm[b]) + index.radius) ** 2 * (keys.dim + 3) * u + 128 * u
+            z_kernel = float(st.l[0]) * math.exp(-delta) * max(0.0, 1.0 - (cand.numel() + 8) * u)
+            z_seeds = float(torch.exp(-float(c[r]) * d_seed[r] - m_t).sum())
+            out_states[b] = st
+            skipped[b] = float(row_mass[0]) * math.exp(-float(c[r]) * float(d_ref[r]) - m_t)
+            z_scored[b] = max(z_kernel, z_seeds)
+            scored[b] = cand.numel()
+    if exact_rows:
+        rows = torch.tensor(exact_rows, dtype=torch.long)
+        st = exact(rows)
+        for i, b in enumerate(exact_rows):
+            out_states[b] = PartialState(st.m[i:i + 1], st.l[i:i + 1], st.l2[i:i + 1], st.o[i:i + 1])
+            skipped[b], z_scored[b], scored[b] = 0.0, float(st.l[i]), allowed_n[b]
+    dev = x.device
+    state = PartialState(*(torch.cat([getattr(s, f).to(dev) for s in out_states]) for f in ("m", "l", "l2", "o")))
+    f64 = dict(dtype=torch.float64, device=dev)
+    return CertifiedState(state, torch.tensor(skipped, **f64), torch.tensor(z_scored, **f64),
+                          torch.tensor(scored, dtype=torch.long, device=dev),
+                          torch.tensor(allowed_n, dtype=torch.long, device=dev), index.center.to(dev),
+                          index.radius)
+
+
+@dataclass
+class CertifiedResult:
+    """The retrieval result with its certificate, per query row."""
+    mean: torch.Tensor  # (B, D)
+    max_weight: torch.Tensor  # (B,)
+    effective_neighbours: torch.Tensor  # (B,)
+    skipped_weight: torch.Tensor  # (B,) float64 ε ≥ posterior weight of the skipped candidates
+    error_bound: torch.Tensor  # (B,) float64 ≥ ‖mean − exact posterior mean‖₂
+    scored_fraction: torch.Tensor  # (B,) float64 candidates scored / allowed candidates
+
+
+def certified_retrieval(x: torch.Tensor, keys: KeyBank, sigma, *, tolerance: float, temperature: float = 1.0,
+                        query_labels: Optional[torch.Tensor] = None, flips: bool = False, backend: str = "auto",
+                        dtype: Optional[torch.dtype] = None, memory_budget: Optional[int] = None,
+                        precision: str = "exact", return_partial: bool = False):
+    """:func:`analytic_diffusion.ops.softmax_retrieval` that skips candidates whose total posterior weight is
+    provably below ``tolerance`` (per query), and says by how much the result can be off (module docstring).
+
+    ``tolerance=0`` runs the exact scan itself (bitwise the same mean) with a zero skipped weight. Returns a
+    :class:`CertifiedResult`, or with ``return_partial=True`` the :class:`CertifiedState` (which combines
+    across shards of a dataset with :meth:`CertifiedState.combine`).
+    """
+    from . import retrieval as R
+    tolerance = check_tolerance(tolerance)
+    dtype = R._validate(x, keys, query_labels, flips, dtype)
+    if not temperature > 0:
+        raise ValueError(f"temperature: expected > 0, got {temperature}")
+    s = R.sigma_rows(sigma, x.shape[0], x.device)
+    opts = dict(temperature=temperature, backend=backend, dtype=dtype, precision=precision,
+                memory_budget=R.DEFAULT_MEMORY_BUDGET if memory_budget is None else memory_budget)
+    index = pruning_index(keys)
+    if tolerance == 0.0:
+        st = R.softmax_retrieval(x, keys, s, query_labels=query_labels, flips=flips, return_partial=True, **opts)
+        n = keys.n if query_labels is None else (keys.labels[None, :].to(query_labels.device)
+                                                  == query_labels[:, None]).sum(1)
+        n = torch.as_tensor(n, device=x.device).expand(x.shape[0]) * (2 if flips else 1)
+        f64 = dict(dtype=torch.float64, device=x.device)
+        cert = CertifiedState(st, torch.zeros(x.shape[0], **f64), st.l.to(torch.float64), n.long(), n.long(),
+                              index.center.to(x.device), index.radius)
+    else:
+        coef = 1.0 / (2.0 * s * s * temperature)
+
+        def run(q: torch.Tensor) -> CertifiedState:
+            def score(b, sub):
+                return R.softmax_retrieval(q[b:b + 1], sub, s[b:b + 1], return_partial=True, **opts)
+
+            def exact(rows):
+                return R.softmax_retrieval(q[rows], keys, s[rows], return_partial=True,
+                                           query_labels=None if query_labels is None else query_labels[rows],
+                                           **opts)
+
+            return pruned_partial(q, keys, coef, tolerance, score=score, exact=exact, query_labels=query_labels,
+                                  dtype=dtype)
+
+        cert = run(x)
+        if flips:  # the mirrored half: retrieve with the mirrored query, mirror the values back (as the exact path)
+            mirrored = run(R.hflip_rows(x, keys.image_shape)).map_values(lambda o: R.hflip_rows(o, keys.image_shape))
+            cert = cert.combine(mirrored)
+    if return_partial:
+        return cert
+    r = R.RetrievalResult.from_partial(cert.state)
+    return CertifiedResult(r.mean, r.max_weight, r.effective_neighbours, cert.skipped_weight(),
+                           cert.error_bound(r.mean), cert.scored_fraction())
+

@@ -29,12 +29,30 @@ class RetrievalDenoiser(Denoiser):
             raise ValueError(f"dtype: expected torch.float32 or torch.float64, got {dtype}")
         self.dataset = dataset
         self.keys = dataset.keys()
+        self._register_resident(dataset)
         self.backend = backend
         self.dtype = dtype
         self.memory_budget = int(memory_budget)
         self.flips = bool(dataset.flips if flips is None else flips)
         self.temperature = float(temperature)
         self.precision = precision
+
+    def _register_resident(self, dataset) -> None:
+        # The dataset's tensors as non-persistent buffers: .to(device) moves them, state_dict() stays empty.
+        self.register_buffer("train_images", dataset.images, persistent=False)
+        self.register_buffer("train_labels", dataset.labels, persistent=False)
+
+    def _before_move(self, device):
+        if device != self.dataset.device:
+            self.dataset = self.dataset.to(device)  # keeps its content fingerprint, so cached statistics still hit
+            self._register_resident(self.dataset)  # already on device: nn.Module's own pass leaves them be
+
+    def _moved(self, device):
+        if self.keys.device != self.dataset.device:
+            self.keys = self.dataset.keys()
+            cache = self.__dict__.get("_cache")
+            if isinstance(cache, dict):  # per-σ masks kept on the old device (pspc-flex, pca-locality)
+                cache.clear()
 
     @property
     def num_candidates(self) -> int:

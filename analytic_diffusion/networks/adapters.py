@@ -70,6 +70,7 @@ class _NetworkDenoiser(Denoiser):
     """Device/dtype handling, chunking, no_grad and label passing; subclasses implement :meth:`_evaluate`."""
 
     hidden_options = ("device", "dtype", "batch_size", "label_kw")
+    _casts_with_module = True  # .half() / .to(dtype) change the network's precision, and with it this adapter's
 
     def __init__(self, net, image_shape, *, device=None, dtype=None, batch_size: Optional[int] = None,
                  label_kw: Optional[str] = None):

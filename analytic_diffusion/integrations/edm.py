@@ -43,9 +43,9 @@ class EDMNet(torch.nn.Module):
         return torch.as_tensor(sigma)
 
     def forward(self, x, sigma, class_labels=None, force_fp32=False, **kwargs):
-        s = torch.as_tensor(sigma, device=x.device)
-        s = s.to(torch.float64) if not s.is_floating_point() else s  # EDM passes float σ; never a timestep here
-        s = s.reshape(-1)
+        # Python numbers as float64 (as_tensor would round them to float32); EDM's own σ tensors are float64.
+        s = sigma if torch.is_tensor(sigma) else torch.as_tensor(sigma, dtype=torch.float64)
+        s = s.to(x.device).reshape(-1)
         labels = None
         if class_labels is not None and self.label_dim:
             cl = torch.as_tensor(class_labels, device=x.device)

@@ -29,7 +29,8 @@ class SmallDiffusionModel(torch.nn.Module):
         return torch.randn((int(batchsize),) + self.input_dims)
 
     def forward(self, x, sigma, cond=None):
-        s = torch.as_tensor(sigma, device=x.device)
+        s = sigma if torch.is_tensor(sigma) else torch.as_tensor(sigma, dtype=torch.float64)
+        s = s.to(x.device)
         if s.dim() > 0:
             if s.shape[0] != x.shape[0] or s.numel() != x.shape[0]:
                 raise ValueError(f"sigma: expected shape [] or [B, 1, ..., 1] with B = {x.shape[0]}, got "

@@ -136,6 +136,31 @@ class Denoiser(torch.nn.Module):
         s, labels = self._check(x, sigma, class_labels)
         return (x - self.denoise(x, s, labels).to(x.dtype)) / s.to(x.dtype).view(-1, 1, 1, 1)
 
+    def jvp(self, x: torch.Tensor, sigma, v: torch.Tensor, class_labels=None) -> torch.Tensor:
+        """J·v for J = ∂D(x, σ)/∂x, per sample (each output depends on its own input only).
+
+        Exact for ``optimal`` (one more retrieval pass: J = Cov[x0 | x]/σ², symmetric, so this is also the
+        vector-Jacobian product); through autograd for denoisers built from differentiable torch ops (``wiener``).
+        """
+        s, labels = self._check(x, sigma, class_labels)
+        if not torch.is_tensor(v) or v.shape != x.shape:
+            raise ValueError(f"v: expected a tensor of the shape of x {tuple(x.shape)}, "
+                             f"got {tuple(getattr(v, 'shape', ()))}")
+        exact = getattr(self, "_has_exact_jacobian", None)
+        if exact is not None and exact():
+            return self._exact_jvp(x.detach(), s, labels, v.detach()).to(x.dtype)
+        with torch.enable_grad():
+            xr = x.detach().requires_grad_(True)
+            out = self.denoise(xr, s, labels)
+            if not out.requires_grad:
+                raise TypeError(f"{type(self).__name__}: no gradient; jvp is exact for optimal and goes through "
+                                "autograd for denoisers made of differentiable torch ops (wiener)")
+            # out depends on xr linearly through J: J·v = ∂/∂u [uᵀ J v] = grad of <grad(out·u), v> in u, u = 0.
+            u = torch.zeros_like(out, requires_grad=True)
+            (g,) = torch.autograd.grad(out, xr, u, create_graph=True)
+            (jv,) = torch.autograd.grad(g, u, v.to(g.dtype))
+        return jv.to(x.dtype)
+
     def __repr__(self) -> str:
         cfg = {k: v for k, v in self.config().items() if k != "method"}
         if "device" not in cfg and self.device is not None:

@@ -8,6 +8,7 @@ import torch
 from ..ops import DEFAULT_MEMORY_BUDGET, softmax_retrieval
 from ..ops.precision import check_mode
 from .base import Denoiser, Posterior
+from .gradients import PosteriorMean, posterior_jvp
 
 
 class RetrievalDenoiser(Denoiser):
@@ -94,6 +95,20 @@ class Optimal(RetrievalDenoiser):
     """E[x0 | x] = Σ_j softmax_j(−‖x − y_j‖² / 2σ²T) y_j over all N training images (exact online softmax)."""
 
     name = "optimal"
+
+    def denoise(self, x, s, labels):
+        if torch.is_grad_enabled() and x.requires_grad and self._has_exact_jacobian():
+            return PosteriorMean.apply(x, self, s, labels)  # exact gradients (docs in denoisers/gradients.py)
+        return super().denoise(x, s, labels)
+
+    def _has_exact_jacobian(self) -> bool:
+        # Subclasses that change the posterior (smoothed's perturbed queries) have other Jacobians.
+        return type(self)._posterior is Optimal._posterior
+
+    def _exact_jvp(self, x, s, labels, v):
+        flat = posterior_jvp(x.reshape(x.shape[0], -1), self.keys, s, v.reshape(v.shape[0], -1),
+                             temperature=self.temperature, flips=self.flips, query_labels=labels, dtype=self.dtype)
+        return flat.reshape(x.shape)
 
     def _posterior(self, x, s, labels) -> Posterior:
         r = softmax_retrieval(x.reshape(x.shape[0], -1), self.keys, s, temperature=self.temperature,

@@ -107,10 +107,15 @@ class Denoiser(torch.nn.Module):
         if x.dim() != 4 or tuple(x.shape[1:]) != self.image_shape:
             raise ValueError(f"x: expected shape (B, {', '.join(map(str, self.image_shape))}), "
                              f"got {tuple(x.shape)}")
-        if not bool(torch.isfinite(x).all()):
-            raise ValueError("x: contains NaN or Inf")
         _check_sigma_is_float(sigma)
-        s = sigma_rows(sigma, x.shape[0], x.device)
+        if torch.compiler.is_compiling():
+            # Inside torch.compile: shapes and dtypes are checked above, values (NaN, σ ≤ 0) only in eager calls,
+            # so a compiled sampler step has no data-dependent branch.
+            s = torch.as_tensor(sigma, dtype=torch.float64).to(x.device).reshape(-1).expand(x.shape[0])
+        else:
+            if not bool(torch.isfinite(x).all()):
+                raise ValueError("x: contains NaN or Inf")
+            s = sigma_rows(sigma, x.shape[0], x.device)
         if class_labels is not None:
             class_labels = torch.as_tensor(class_labels, dtype=torch.long, device=x.device).reshape(-1)
             if class_labels.numel() == 1 and x.shape[0] > 1:

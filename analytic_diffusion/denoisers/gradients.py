@@ -7,7 +7,8 @@ With weights w_j = softmax_j(−‖x − y_j‖² / 2σ²T), m(x) = Σ_j w_j y_j
 so J·v = Jᵀ·v = (Σ_j w_j (y_j·v) y_j − m (m·v)) / (σ²T): one more scan of the candidates, with values y_j
 scaled by y_j·v, accumulated with the same online softmax (running max, rescaled sums) as the retrieval. Each
 sample's Jacobian depends on that sample only. Distances are direct differences in the working dtype, over
-candidate chunks of bounded size; flips and class labels select candidates as the retrieval does.
+candidate chunks of bounded size; flips and class labels select candidates as the retrieval does. Autograd
+reaches it through the custom op's backward (:mod:`.custom_ops`).
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ import torch
 from ..ops import KeyBank
 from ..ops.retrieval import hflip_rows
 
-__all__ = ["posterior_jvp", "PosteriorMean"]
+__all__ = ["posterior_jvp"]
 
 # Elements of the (B, chunk, D) difference tensor per chunk: 32 MiB of float64.
 _CHUNK_ELEMENTS = 1 << 22
@@ -59,23 +60,3 @@ def posterior_jvp(x: torch.Tensor, keys: KeyBank, sigma: torch.Tensor, v: torch.
     mean = o / l[:, None]
     second = q / l[:, None]
     return (second - mean * (mean * vq).sum(1, keepdim=True)) * (2.0 * coef)[:, None]
-
-
-class PosteriorMean(torch.autograd.Function):
-    """Autograd for a retrieval denoiser's posterior mean: forward as the denoiser computes it, backward by
-    :func:`posterior_jvp` (the Jacobian is symmetric, so the vector-Jacobian product is the same pass).
-    Gradients flow to x only; σ and the labels are constants."""
-
-    @staticmethod
-    def forward(ctx, x, denoiser, s, labels):
-        ctx.denoiser, ctx.labels = denoiser, labels
-        ctx.save_for_backward(x.detach(), s)
-        with torch.no_grad():
-            return denoiser._posterior(x.detach(), s, labels).mean.to(x.dtype)
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad):
-        x, s = ctx.saved_tensors
-        g = ctx.denoiser._exact_jvp(x, s, ctx.labels, grad)
-        return g.to(grad.dtype), None, None, None

@@ -8,7 +8,8 @@ import torch
 from ..ops import DEFAULT_MEMORY_BUDGET, softmax_retrieval
 from ..ops.precision import check_mode
 from .base import Denoiser, Posterior
-from .gradients import PosteriorMean, posterior_jvp
+from .custom_ops import handle_of, optimal_mean
+from .gradients import posterior_jvp
 
 
 class RetrievalDenoiser(Denoiser):
@@ -61,7 +62,7 @@ class RetrievalDenoiser(Denoiser):
 
     def _check(self, x, sigma, class_labels):
         s, labels = super()._check(x, sigma, class_labels)
-        if labels is not None:
+        if labels is not None and not torch.compiler.is_compiling():  # value checks stay out of compiled graphs
             if self.keys.labels is None:
                 raise ValueError("class_labels: this dataset has no labels, so class-conditional "
                                  "candidates are not available")
@@ -96,9 +97,18 @@ class Optimal(RetrievalDenoiser):
 
     name = "optimal"
 
+    def __init__(self, dataset, **kw):
+        super().__init__(dataset, **kw)
+        handle_of(self)  # registered eagerly: a compiled graph reads the handle as a constant
+
+    def __setstate__(self, state):  # unpickling and deepcopy: a copy is a new denoiser with its own handle
+        super().__setstate__({k: v for k, v in state.items() if k != "_op_handle"})
+        handle_of(self)
+
     def denoise(self, x, s, labels):
-        if torch.is_grad_enabled() and x.requires_grad and self._has_exact_jacobian():
-            return PosteriorMean.apply(x, self, s, labels)  # exact gradients (docs in denoisers/gradients.py)
+        if self._has_exact_jacobian():
+            # A torch.library op: exact autograd (denoisers/gradients.py) and torch.compile without graph breaks.
+            return optimal_mean(x, s, labels, handle_of(self))
         return super().denoise(x, s, labels)
 
     def _has_exact_jacobian(self) -> bool:

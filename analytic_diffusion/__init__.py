@@ -30,10 +30,11 @@ _EXPORTS = {
     **dict.fromkeys(["single_step", "trajectories", "posterior_variance"], "analysis"),
     **dict.fromkeys(["KeyBank", "PartialState", "softmax_retrieval", "combine_partials", "knn_search",
                      "certified_retrieval"], "ops"),
+    **dict.fromkeys(["to_diffusers", "to_edm", "to_smalldiffusion"], "integrations"),
 }
 # Subpackages reachable as attributes (ad.ops, ad.metrics, ...) without an explicit import.
 _SUBPACKAGES = ("data", "ops", "grids", "denoisers", "metrics", "sampling", "networks", "analysis", "viz",
-                "benchmark", "cli")
+                "benchmark", "integrations", "cli")
 
 __all__ = sorted(_EXPORTS) + ["__version__"]
 

@@ -47,6 +47,21 @@ class Schedule:
     def steps(self) -> int:
         return len(self.sigmas) - 1
 
+    # A Schedule stands in for its σ tensor (k-diffusion samplers index it, numpy / torch.as_tensor convert it).
+    def __len__(self) -> int:
+        return len(self.sigmas)
+
+    def __getitem__(self, i) -> torch.Tensor:
+        return self.sigmas[i]
+
+    def __array__(self, dtype=None, copy=None):
+        a = self.sigmas.numpy()
+        return a if dtype is None else a.astype(dtype)
+
+    def tensor(self, device=None, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+        """The σ grid as a tensor on ``device`` in ``dtype`` (k-diffusion samplers take it in x's dtype)."""
+        return self.sigmas.to(device=device, dtype=dtype)
+
     @property
     def init_sigma(self) -> float:
         """Standard deviation of the σ-space initial noise."""

@@ -61,8 +61,8 @@ def test_compare_loads_checkpoints_through_networks(tmp_path, monkeypatch):
     from analytic_diffusion.denoisers import make_denoiser
     calls = []
 
-    def load_network(path, device="cpu"):
-        calls.append((path, device))
+    def load_network(path, device="cpu", allow_pickle=False):
+        calls.append((path, device, allow_pickle))
         return make_denoiser("wiener", load_dataset("mnist32", resolution=16).subset(200))
 
     monkeypatch.setitem(sys.modules, "analytic_diffusion.networks",
@@ -72,10 +72,13 @@ def test_compare_loads_checkpoints_through_networks(tmp_path, monkeypatch):
     out = tmp_path / "cmp"
     rc = main(["compare", "--network", str(ckpt), "--methods", "wiener", *FAST, "--resolution", "16",
                "--out", str(out)])
-    assert rc == 0 and calls == [(str(ckpt), "cpu")]
+    assert rc == 0 and calls == [(str(ckpt), "cpu", False)]  # pickles only with --allow-pickle
     m = json.loads((out / "metrics.json").read_text())
     assert m["network"]["label"] == "net" and m["config"]["network"]["kind"] == "checkpoint"
     assert m["methods"]["wiener"]["trajectory"]["r2"] == [1.0] * 4
+    assert main(["compare", "--network", str(ckpt), "--allow-pickle", "--methods", "wiener", *FAST,
+                 "--resolution", "16", "--out", str(tmp_path / "cmp2")]) == 0
+    assert calls[-1] == (str(ckpt), "cpu", True)
 
 
 @pytest.mark.parametrize("args, message", [

@@ -19,7 +19,8 @@ LAYERS = [
     ("data",),                      # datasets, loaders
     ("denoisers", "metrics"),       # analytic denoisers; measures on samples and the training set
     ("sampling", "networks"),       # samplers and runs; trained networks and their adapters
-    ("analysis", "benchmark"),      # experiments that drive samplers and networks; benchmarks
+    ("analysis", "benchmark", "integrations"),  # experiments over samplers and networks; benchmarks; other
+    #                                            ecosystems' models (diffusers, EDM, smalldiffusion) over denoisers
     ("cli",),                       # the command line
     ("__init__", "__main__"),       # the public API, the -m entry point
 ]

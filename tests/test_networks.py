@@ -124,6 +124,26 @@ def test_vp_adapter_kamb_continuous_and_clamp():
     assert d.clamped == 1 and d.config()["t_mapping"] == "exact"
 
 
+@pytest.mark.parametrize("t_mapping", ["nearest", "interp"])
+def test_vp_adapter_float32_engine_grid_is_not_clamped(t_mapping):
+    """The engine's own VP grid run in float32 rounds σ(t_0) just below its float64 value: not a clamp; a σ
+    really below the range still is."""
+    import warnings
+    import analytic_diffusion as ad
+    ac = vp_alphas_cumprod("linear")
+    d = VPAdapter(VPToy(ac), image_shape=SHAPE, alphas_cumprod="linear", t_mapping=t_mapping, dtype=torch.float32)
+    grid = ad.get_schedule("vp-linear", 10)
+    assert int(grid.timesteps[-1]) == 0 and float(grid.sigmas[-2]) == pytest.approx(d.sigma_min, rel=1e-12)
+    x = torch.randn(3, *SHAPE) * grid.init_sigma
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ad.sample_ddim(d, x, grid.sigmas)
+    assert d.clamped == 0
+    with pytest.warns(RuntimeWarning, match="clamped"):
+        d(x, d.sigma_min * (1 - 1e-5))
+    assert d.clamped == 3
+
+
 def test_vp_adapter_tuple_output_and_learned_variance():
     ac = vp_alphas_cumprod("linear")
     toy = VPToy(ac)

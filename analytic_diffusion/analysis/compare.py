@@ -97,10 +97,12 @@ def _check_network_spec(network) -> None:
                                 f"or method:NAME to use an analytic method as the reference)")
 
 
-def load_network_spec(network, dataset, *, device="cpu", options: Optional[dict] = None):
+def load_network_spec(network, dataset, *, device="cpu", options: Optional[dict] = None,
+                      allow_pickle: bool = False):
     """(denoiser, label, description) from a denoiser object, ``method:NAME`` or a checkpoint path.
 
-    ``options``: keyword options of a ``method:NAME`` reference (ignored for checkpoints).
+    ``options``: keyword options of a ``method:NAME`` reference (ignored for checkpoints). ``allow_pickle``:
+    also load pickled modules and NVlabs EDM network pickles (a pickle runs code: trusted files only).
     """
     from ..denoisers import make_denoiser
     _check_network_spec(network)
@@ -117,7 +119,7 @@ def load_network_spec(network, dataset, *, device="cpu", options: Optional[dict]
     except ImportError as e:
         raise ValueError(f"network: cannot load checkpoints, analytic_diffusion.networks is unavailable ({e})") \
             from None
-    den = load_network(spec, device=device)
+    den = load_network(spec, device=device, allow_pickle=allow_pickle)
     shape = getattr(den, "image_shape", None)
     if shape is not None and tuple(shape) != tuple(dataset.image_shape):
         raise ValueError(f"network: {spec!r} works on images of shape {tuple(shape)}, the dataset's are "
@@ -201,13 +203,14 @@ def run_compare(*, network: Union[str, Callable], methods, dataset="mnist32", sp
                 schedule_kwargs=None, seeds: Union[int, list] = 8, seed: int = 0, n_single: int = 16,
                 n_test: int = 256, method_options: Optional[dict] = None, network_options: Optional[dict] = None,
                 backend: str = "auto", device="cpu", dtype="float32", batch_size=None, out: Optional[str] = None,
-                progress: bool = True) -> dict:
+                progress: bool = True, allow_pickle: bool = False) -> dict:
     """Compare analytic ``methods`` with ``network`` and write the report folder ``out``; returns the report.
 
     network: a checkpoint path, ``method:NAME``, or a denoiser object. methods: names (list or comma string).
     seeds: a count (seeds ``seed`` … ``seed + seeds − 1``) or an explicit list. method_options: keyword options
     applied to the methods that take them (e.g. {"patch": PatchSchedule}); network_options: options of a
-    ``method:NAME`` network only.
+    ``method:NAME`` network only. allow_pickle: let a checkpoint path be a pickle (EDM's ``{'ema': net}``
+    snapshots included); a pickle runs code, so trusted files only.
     """
     from ..denoisers import make_denoiser
     from ..viz.plots import line_plot
@@ -242,7 +245,8 @@ def run_compare(*, network: Union[str, Callable], methods, dataset="mnist32", sp
     train, held, split_desc = _split_data(ds_full, subset, max(n_test, n_single))
     if flips:
         train = train.with_flips(True)
-    net, net_label, net_info = load_network_spec(network, train, device=device, options=net_opts)
+    net, net_label, net_info = load_network_spec(network, train, device=device, options=net_opts,
+                                                 allow_pickle=allow_pickle)
     models = {}
     for name in names:
         den = make_denoiser(name, train, **per_method[name])

@@ -17,7 +17,11 @@ def register(sub) -> None:
                     "column) and summary.md.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--network", required=True, metavar="CKPT|method:NAME",
-                   help="checkpoint file (analytic_diffusion.networks.load_network) or method:NAME")
+                   help="checkpoint file (analytic_diffusion.networks.load_network) or method:NAME; with "
+                        "--allow-pickle also a pickled nn.Module or an NVlabs EDM network pickle ({'ema': net})")
+    p.add_argument("--allow-pickle", action="store_true",
+                   help="let --network be a pickle (EDM network-snapshot-*.pkl, torch.save'd modules). Loading a "
+                        "pickle runs arbitrary code from the file: use it only for files you trust")
     p.add_argument("--methods", default="optimal,wiener", help="comma-separated analytic methods")
     add_data_args(p, default="mnist32",
                    subset_help="training set = the first N images; the next ones are held out (default: all but the "
@@ -73,5 +77,5 @@ def run(args) -> int:
                 schedule_kwargs=schedule_kwargs(args), seeds=_parse_seeds(args.seeds, args.seed), seed=args.seed,
                 n_single=args.n_single, n_test=args.n_test, method_options=opts, backend=args.backend,
                 device=args.device, dtype=args.dtype, batch_size=args.batch_size, out=args.out,
-                progress=not args.no_progress)
+                progress=not args.no_progress, allow_pickle=args.allow_pickle)
     return 0

@@ -2,12 +2,19 @@
 
 Every denoiser also offers the score and ε forms, and retrieval denoisers the posterior summary that
 memorisation studies use (largest weight, effective number of neighbours 1/Σw²).
+
+A denoiser is a ``torch.nn.Module``: the tensors it keeps resident (the training images, labels, PCA factors)
+are non-persistent buffers, so ``.to(device)`` / ``.cuda()`` / ``.cpu()`` move them and ``state_dict()`` stays
+empty. Its working precision is the ``dtype=`` option, so ``.to(dtype)`` / ``.double()`` are refused. The
+method's description is the :meth:`Denoiser.config` *method* (a JSON-ready dict); ecosystems that expect a
+``.config`` attribute (diffusers) get one on the wrappers in :mod:`analytic_diffusion.integrations`.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Optional, Tuple
 
+import numpy as np
 import torch
 
 from ..ops import sigma_rows
@@ -25,14 +32,17 @@ class Posterior:
     scored_fraction: Optional[torch.Tensor] = None  # (B,) candidates scored / candidates
 
 
-class Denoiser:
+class Denoiser(torch.nn.Module):
     """Base class. Subclasses implement :meth:`denoise` on validated inputs."""
 
     name = "denoiser"
     # Options a base class takes that this method does not use (hidden from denoiser_options and the CLI).
     hidden_options: tuple = ()
+    # Whether .to(dtype) / .half() / .double() may change the working precision (network adapters: yes).
+    _casts_with_module = False
 
     def __init__(self, image_shape: Tuple[int, int, int]):
+        super().__init__()
         self.image_shape = tuple(int(v) for v in image_shape)
 
     # -- subclasses --------------------------------------------------------------------------------------
@@ -43,6 +53,57 @@ class Denoiser:
         """JSON-serialisable description of the method and its options."""
         return {"method": self.name}
 
+    def _moved(self, device: torch.device) -> None:
+        """Called by :meth:`_apply` once the buffers are on ``device``: rebuild views of them (retrieval keys)."""
+
+    # -- nn.Module ---------------------------------------------------------------------------------------
+    @property
+    def dtype(self) -> Optional[torch.dtype]:
+        """Working precision (the ``dtype=`` option); None for an adapter that runs in the caller's dtype."""
+        return self.__dict__.get("_dtype")
+
+    @dtype.setter
+    def dtype(self, value) -> None:
+        self.__dict__["_dtype"] = value
+
+    @property
+    def device(self) -> Optional[torch.device]:
+        """Where the resident tensors live (None: an adapter that runs on the caller's device)."""
+        if "_device" in self.__dict__:
+            return self.__dict__["_device"]
+        for t in self.buffers():
+            return t.device
+        for t in self.parameters():
+            return t.device
+        return None
+
+    @device.setter
+    def device(self, value) -> None:
+        self.__dict__["_device"] = None if value is None else torch.device(value)
+
+    def _apply(self, fn, recurse=True):
+        # fn is opaque (.to, .cuda, .half, ...): probe it on empty tensors to learn the target device and
+        # whether it casts floats, and refuse a cast before anything has moved.
+        here = self.device or torch.device("cpu")
+        probes = {dt: fn(torch.empty(0, dtype=dt, device=here)) for dt in (torch.float32, torch.float64)}
+        casts = any(p.dtype != dt for dt, p in probes.items())
+        if casts and not self._casts_with_module:
+            raise TypeError(f"{type(self).__name__}: .to(dtype) / .half() / .double() do not apply to an analytic "
+                            f"denoiser; its working precision is the dtype= option (now {self.dtype}). "
+                            ".to(device) / .cuda() / .cpu() move it")
+        target = probes[torch.float32].device
+        self._before_move(target)
+        out = super()._apply(fn, recurse)
+        if casts and isinstance(self.dtype, torch.dtype):
+            self.dtype = fn(torch.empty(0, dtype=self.dtype, device=here)).dtype
+        if "_device" in self.__dict__ and self.__dict__["_device"] is not None:
+            self.__dict__["_device"] = target
+        self._moved(target)
+        return out
+
+    def _before_move(self, device: torch.device) -> None:
+        """Called by :meth:`_apply` before the buffers move (a retrieval denoiser moves its dataset here)."""
+
     # -- public API ------------------------------------------------------------------------------------
     def _check(self, x: torch.Tensor, sigma, class_labels):
         if not torch.is_tensor(x) or not x.is_floating_point():
@@ -50,9 +111,15 @@ class Denoiser:
         if x.dim() != 4 or tuple(x.shape[1:]) != self.image_shape:
             raise ValueError(f"x: expected shape (B, {', '.join(map(str, self.image_shape))}), "
                              f"got {tuple(x.shape)}")
-        if not bool(torch.isfinite(x).all()):
-            raise ValueError("x: contains NaN or Inf")
-        s = sigma_rows(sigma, x.shape[0], x.device)
+        _check_sigma_is_float(sigma)
+        if torch.compiler.is_compiling():
+            # Inside torch.compile: shapes and dtypes are checked above, values (NaN, σ ≤ 0) only in eager calls,
+            # so a compiled sampler step has no data-dependent branch.
+            s = torch.as_tensor(sigma, dtype=torch.float64).to(x.device).reshape(-1).expand(x.shape[0])
+        else:
+            if not bool(torch.isfinite(x).all()):
+                raise ValueError("x: contains NaN or Inf")
+            s = sigma_rows(sigma, x.shape[0], x.device)
         if class_labels is not None:
             class_labels = torch.as_tensor(class_labels, dtype=torch.long, device=x.device).reshape(-1)
             if class_labels.numel() == 1 and x.shape[0] > 1:
@@ -62,7 +129,8 @@ class Denoiser:
                                  f"got {tuple(class_labels.shape)}")
         return s, class_labels
 
-    def __call__(self, x: torch.Tensor, sigma, class_labels=None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, sigma, class_labels=None) -> torch.Tensor:
+        """x̂0 = D(x, σ) for x (B, C, H, W) and σ a float, a 0-d or a (B,) floating tensor."""
         s, labels = self._check(x, sigma, class_labels)
         return self.denoise(x, s, labels).to(x.dtype)
 
@@ -77,6 +145,51 @@ class Denoiser:
         s, labels = self._check(x, sigma, class_labels)
         return (x - self.denoise(x, s, labels).to(x.dtype)) / s.to(x.dtype).view(-1, 1, 1, 1)
 
+    def jvp(self, x: torch.Tensor, sigma, v: torch.Tensor, class_labels=None) -> torch.Tensor:
+        """J·v for J = ∂D(x, σ)/∂x, per sample (each output depends on its own input only).
+
+        Exact for ``optimal`` (one more retrieval pass: J = Cov[x0 | x]/σ², symmetric, so this is also the
+        vector-Jacobian product); through autograd for denoisers built from differentiable torch ops (``wiener``).
+        """
+        s, labels = self._check(x, sigma, class_labels)
+        if not torch.is_tensor(v) or v.shape != x.shape:
+            raise ValueError(f"v: expected a tensor of the shape of x {tuple(x.shape)}, "
+                             f"got {tuple(getattr(v, 'shape', ()))}")
+        exact = getattr(self, "_has_exact_jacobian", None)
+        if exact is not None and exact():
+            return self._exact_jvp(x.detach(), s, labels, v.detach()).to(x.dtype)
+        with torch.enable_grad():
+            xr = x.detach().requires_grad_(True)
+            out = self.denoise(xr, s, labels)
+            if not out.requires_grad:
+                raise TypeError(f"{type(self).__name__}: no gradient; jvp is exact for optimal and goes through "
+                                "autograd for denoisers made of differentiable torch ops (wiener)")
+            # out depends on xr linearly through J: J·v = ∂/∂u [uᵀ J v] = grad of <grad(out·u), v> in u, u = 0.
+            u = torch.zeros_like(out, requires_grad=True)
+            (g,) = torch.autograd.grad(out, xr, u, create_graph=True)
+            (jv,) = torch.autograd.grad(g, u, v.to(g.dtype))
+        return jv.to(x.dtype)
+
     def __repr__(self) -> str:
-        opts = ", ".join(f"{k}={v!r}" for k, v in self.config().items() if k != "method")
-        return f"{type(self).__name__}({opts})"
+        cfg = {k: v for k, v in self.config().items() if k != "method"}
+        if "device" not in cfg and self.device is not None:
+            cfg["device"] = str(self.device)
+        return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in cfg.items())})"
+
+
+def _check_sigma_is_float(sigma) -> None:
+    """Refuse integer σ: ``den(x, 500)`` is almost always a diffusers-style timestep, not σ = 500."""
+    if isinstance(sigma, bool) or isinstance(sigma, (int, np.integer)):
+        bad = repr(sigma)
+    elif torch.is_tensor(sigma) or isinstance(sigma, np.ndarray):
+        if torch.as_tensor(sigma).is_floating_point():
+            return
+        bad = f"a {sigma.dtype} tensor"
+    elif isinstance(sigma, (list, tuple)) and sigma and not torch.as_tensor(sigma).is_floating_point():
+        bad = "a list of integers"
+    else:
+        return
+    raise TypeError(f"sigma: got {bad}; a denoiser takes the noise level σ (x = x0 + σ·ε) as a float, not an "
+                    "integer diffusion timestep. For diffusers-style model(x, t) calls wrap it with "
+                    "analytic_diffusion.integrations.to_diffusers(denoiser, scheduler); for an integral σ pass "
+                    "a float (e.g. 2.0)")

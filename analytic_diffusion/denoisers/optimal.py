@@ -9,6 +9,8 @@ from ..ops import DEFAULT_MEMORY_BUDGET, softmax_retrieval
 from ..ops.pruning import certified_retrieval, check_tolerance
 from ..ops.precision import check_mode
 from .base import Denoiser, Posterior
+from .custom_ops import handle_of, optimal_mean
+from .gradients import posterior_jvp
 
 
 class RetrievalDenoiser(Denoiser):
@@ -36,6 +38,7 @@ class RetrievalDenoiser(Denoiser):
             raise ValueError(f"dtype: expected torch.float32 or torch.float64, got {dtype}")
         self.dataset = dataset
         self.keys = dataset.keys()
+        self._register_resident(dataset)
         self.backend = backend
         self.dtype = dtype
         self.memory_budget = int(memory_budget)
@@ -43,13 +46,30 @@ class RetrievalDenoiser(Denoiser):
         self.temperature = float(temperature)
         self.precision = precision
 
+    def _register_resident(self, dataset) -> None:
+        # The dataset's tensors as non-persistent buffers: .to(device) moves them, state_dict() stays empty.
+        self.register_buffer("train_images", dataset.images, persistent=False)
+        self.register_buffer("train_labels", dataset.labels, persistent=False)
+
+    def _before_move(self, device):
+        if device != self.dataset.device:
+            self.dataset = self.dataset.to(device)  # keeps its content fingerprint, so cached statistics still hit
+            self._register_resident(self.dataset)  # already on device: nn.Module's own pass leaves them be
+
+    def _moved(self, device):
+        if self.keys.device != self.dataset.device:
+            self.keys = self.dataset.keys()
+            cache = self.__dict__.get("_cache")
+            if isinstance(cache, dict):  # per-σ masks kept on the old device (pspc-flex, pca-locality)
+                cache.clear()
+
     @property
     def num_candidates(self) -> int:
         return self.keys.n * (2 if self.flips else 1)
 
     def _check(self, x, sigma, class_labels):
         s, labels = super()._check(x, sigma, class_labels)
-        if labels is not None:
+        if labels is not None and not torch.compiler.is_compiling():  # value checks stay out of compiled graphs
             if self.keys.labels is None:
                 raise ValueError("class_labels: this dataset has no labels, so class-conditional "
                                  "candidates are not available")
@@ -104,6 +124,29 @@ class Optimal(RetrievalDenoiser):
     """E[x0 | x] = Σ_j softmax_j(−‖x − y_j‖² / 2σ²T) y_j over all N training images (exact online softmax)."""
 
     name = "optimal"
+
+    def __init__(self, dataset, **kw):
+        super().__init__(dataset, **kw)
+        handle_of(self)  # registered eagerly: a compiled graph reads the handle as a constant
+
+    def __setstate__(self, state):  # unpickling and deepcopy: a copy is a new denoiser with its own handle
+        super().__setstate__({k: v for k, v in state.items() if k != "_op_handle"})
+        handle_of(self)
+
+    def denoise(self, x, s, labels):
+        if self._has_exact_jacobian():
+            # A torch.library op: exact autograd (denoisers/gradients.py) and torch.compile without graph breaks.
+            return optimal_mean(x, s, labels, handle_of(self))
+        return super().denoise(x, s, labels)
+
+    def _has_exact_jacobian(self) -> bool:
+        # Subclasses that change the posterior (smoothed's perturbed queries) have other Jacobians.
+        return type(self)._posterior is Optimal._posterior
+
+    def _exact_jvp(self, x, s, labels, v):
+        flat = posterior_jvp(x.reshape(x.shape[0], -1), self.keys, s, v.reshape(v.shape[0], -1),
+                             temperature=self.temperature, flips=self.flips, query_labels=labels, dtype=self.dtype)
+        return flat.reshape(x.shape)
 
     def _posterior(self, x, s, labels) -> Posterior:
         if self.tolerance > 0:

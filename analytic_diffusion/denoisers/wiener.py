@@ -30,9 +30,10 @@ class Wiener(Denoiser):
         self.dataset_repr = repr(dataset)
         self.rank = rank
         self.dtype = dtype
-        self.mean = mean.to(dtype)
-        self.eigvals = eigvals[:r].to(dtype)
-        self.U = U[:, :r].to(dtype).contiguous()
+        # Non-persistent buffers: .to(device) moves them, state_dict() stays empty.
+        self.register_buffer("mean", mean.to(dtype), persistent=False)
+        self.register_buffer("eigvals", eigvals[:r].to(dtype), persistent=False)
+        self.register_buffer("U", U[:, :r].to(dtype).contiguous(), persistent=False)
 
     def denoise(self, x, s, labels):
         if labels is not None:

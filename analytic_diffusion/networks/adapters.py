@@ -70,6 +70,7 @@ class _NetworkDenoiser(Denoiser):
     """Device/dtype handling, chunking, no_grad and label passing; subclasses implement :meth:`_evaluate`."""
 
     hidden_options = ("device", "dtype", "batch_size", "label_kw")
+    _casts_with_module = True  # .half() / .to(dtype) change the network's precision, and with it this adapter's
 
     def __init__(self, net, image_shape, *, device=None, dtype=None, batch_size: Optional[int] = None,
                  label_kw: Optional[str] = None):
@@ -192,6 +193,9 @@ class EDMAdapter(_NetworkDenoiser):
 
 # ---------------------------------------------------------------------------------------------- VP networks
 KAMB_T_MAX = 1.0
+# Relative slack at the ends of a VP network's σ range: two float32 ulps, so that a σ grid cast to float32
+# (σ(t_0) = 0.0100005 becomes 0.0100004999) is not reported as clamped.
+RANGE_ROUNDING = 2.0 ** -22
 
 
 def vp_alphas_cumprod(name: str, num_train_timesteps: int = 1000) -> torch.Tensor:
@@ -234,7 +238,9 @@ class VPAdapter(_NetworkDenoiser):
 
     σ outside the network's range [σ(t_0), σ(t_{T−1})] (or [0, σ(t = 1) ≈ 80.2] for "kamb") is clamped to the
     range: the network is evaluated at the end of its range and x̂0 converted consistently there. Each clamped row
-    is counted in ``clamped`` (a running total; the first clamp also issues a warning).
+    is counted in ``clamped`` (a running total; the first clamp also issues a warning). σ within float32 rounding
+    (relative :data:`RANGE_ROUNDING`) of an end is that end, not a clamp: a float32 run of the engine's own VP grid
+    rounds σ(t_0) to just below its float64 value.
     """
 
     name = "vp-network"
@@ -283,13 +289,13 @@ class VPAdapter(_NetworkDenoiser):
     def _map(self, sigma: torch.Tensor):
         if self.schedule == "kamb":
             s = sigma.clamp(max=self.sigma_max)
-            clamped = int((s != sigma).sum())
+            clamped = int((sigma > self.sigma_max * (1 + RANGE_ROUNDING)).sum())
             t = 1.008 * (2 / math.pi) * torch.atan(s)
             abar = 1 / (1 + s * s)
             return t * self.t_scale, abar, clamped
         ac = self.alphas_cumprod.to(sigma.device)
         lo, hi = self.sigma_min, self.sigma_max
-        clamped = int(((sigma < lo) | (sigma > hi)).sum())
+        clamped = int(((sigma < lo * (1 - RANGE_ROUNDING)) | (sigma > hi * (1 + RANGE_ROUNDING))).sum())
         if self.t_mapping == "nearest":
             target = 1 / (1 + sigma * sigma)
             t = (ac[None, :] - target[:, None]).abs().argmin(dim=1)

@@ -27,6 +27,8 @@ from __future__ import annotations
 import copy
 import json
 import math
+import pickle
+import warnings
 import os
 import time
 import zipfile
@@ -247,6 +249,20 @@ def _is_torchscript(path) -> bool:
         any(nm.endswith("constants.pkl") for nm in names)
 
 
+def _load_pickle(path, device):
+    """torch.save'd pickles first, then plain pickles (NVlabs EDM writes its snapshots with pickle.dump)."""
+    try:
+        return torch.load(path, map_location=device, weights_only=False)
+    except Exception as e:
+        first = e
+    try:
+        with open(path, "rb") as f:
+            return pickle.load(f)
+    except Exception as e:
+        raise ValueError(f"{path}: cannot be read as a checkpoint, TorchScript file or pickle ({first}; as a plain "
+                         f"pickle: {e})") from None
+
+
 def load_network(path, device="cpu", use_ema: bool = True, *, image_shape=None, precondition: bool = False,
                  sigma_data: float = 0.5, allow_pickle: bool = False, batch_size: Optional[int] = None) -> EDMAdapter:
     """Load a network as an :class:`EDMAdapter`.
@@ -257,6 +273,10 @@ def load_network(path, device="cpu", use_ema: bool = True, *, image_shape=None, 
       files only), a pickled ``nn.Module``: wrapped as ``EDMAdapter(net, image_shape, precondition=precondition,
       sigma_data=sigma_data)``; ``image_shape`` is then required and ``precondition=False`` means the module
       returns D(x; σ) itself (EDMPrecond style), True that it is a raw F taking (c_in·x, c_noise).
+    * Only with ``allow_pickle=True``: an NVlabs EDM network pickle (``network-snapshot-*.pkl``, a plain pickle of
+      ``{'ema': net, ...}``; its classes must be importable, e.g. the EDM repository on sys.path). The net is an
+      EDMPrecond: ``image_shape`` and ``label_dim`` come from its ``img_channels`` / ``img_resolution`` /
+      ``label_dim`` and it is wrapped with ``precondition=False``.
     """
     path = os.fspath(path)
     if not os.path.isfile(path):
@@ -266,7 +286,9 @@ def load_network(path, device="cpu", use_ema: bool = True, *, image_shape=None, 
     ck, first_error = None, None
     if not script:
         try:
-            ck = torch.load(path, map_location="cpu", weights_only=True)
+            with warnings.catch_warnings():  # a plain pickle (EDM's snapshots) trips a protocol warning here
+                warnings.filterwarnings("ignore", message="Detected pickle protocol")
+                ck = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:  # not a plain weights file
             first_error = e
     if isinstance(ck, dict) and ck.get("format") == CHECKPOINT_FORMAT:
@@ -286,12 +308,18 @@ def load_network(path, device="cpu", use_ema: bool = True, *, image_shape=None, 
     if script:
         net = torch.jit.load(path, map_location=device)
     elif allow_pickle:
-        try:
-            net = torch.load(path, map_location=device, weights_only=False)
-        except Exception as e:
-            raise ValueError(f"{path}: cannot be read as a checkpoint, TorchScript file or pickle ({e})") from None
+        net = _load_pickle(path, device)
+        if isinstance(net, dict) and isinstance(net.get("ema"), torch.nn.Module):  # an EDM network pickle
+            net = net["ema"].to(device)
+            if image_shape is None and hasattr(net, "img_channels") and hasattr(net, "img_resolution"):
+                image_shape = (int(net.img_channels), int(net.img_resolution), int(net.img_resolution))
+            net.eval()
+            return EDMAdapter(net, image_shape, sigma_data=float(getattr(net, "sigma_data", sigma_data)),
+                              label_dim=int(getattr(net, "label_dim", 0) or 0), precondition=False, device=device,
+                              batch_size=batch_size)
         if not isinstance(net, torch.nn.Module):
-            raise ValueError(f"{path}: the pickle holds {type(net).__name__}, not an nn.Module")
+            raise ValueError(f"{path}: the pickle holds {type(net).__name__}, not an nn.Module or an EDM "
+                             "{'ema': net} dict")
     else:
         raise ValueError(f"{path}: not a train_network checkpoint or a TorchScript file ({first_error}). If it is "
                          "a pickled nn.Module from a trusted source, pass allow_pickle=True")

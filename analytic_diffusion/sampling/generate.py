@@ -1,13 +1,14 @@
 """One-call sampling: seeds, batching and schedules around the samplers in :mod:`samplers`."""
 from __future__ import annotations
 
+import inspect
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Union
 
 import torch
 
-from .samplers import SAMPLERS, get_sampler
+from .samplers import SAMPLERS, dict_callback, get_sampler, per_sample_noise
 from ..grids import Schedule, get_schedule
 
 __all__ = ["SampleResult", "sample"]
@@ -30,7 +31,7 @@ def _positive_int(name: str, v) -> int:
     return v
 
 
-def sample(denoiser: Callable, n: int = 64, *, steps: int = 18, sampler: str = "heun",
+def sample(denoiser: Callable, n: int = 64, *, steps: int = 18, sampler: Union[str, Callable] = "heun",
            schedule: Union[str, Schedule] = "karras", schedule_kwargs: Optional[dict] = None, seed: int = 0,
            shape=None, batch_size: Optional[int] = None, eta: float = 0.0, clip_x0: bool = False,
            class_labels=None, callback=None, device=None, dtype: torch.dtype = torch.float32,
@@ -41,6 +42,12 @@ def sample(denoiser: Callable, n: int = 64, *, steps: int = 18, sampler: str = "
     seed + i, scaled by the schedule's initial std (VE: σ_0, VP: sqrt(1 + σ_0²)); the same generator then drives
     that sample's stochastic steps, so results do not depend on ``batch_size``.
 
+    sampler:       a name in SAMPLERS, or any k-diffusion-style sampler function
+                   ``fn(model, x, sigmas, extra_args=None, callback=None, disable=None, ...)`` (e.g.
+                   ``k_diffusion.sampling.sample_dpmpp_2m``), called with σ in x's dtype and device, the
+                   class labels as extra_args, a dict callback and, when fn takes ``noise_sampler``, one that
+                   draws each sample's noise from its own seeded generator (fn's other noise comes from fn's
+                   own RNG, so it may depend on the batch).
     schedule:      a name for :func:`get_schedule` (built with ``steps`` and ``schedule_kwargs``) or a Schedule
                    (then ``steps`` and ``schedule_kwargs`` are not used).
     shape:         (C, H, W); defaults to ``denoiser.image_shape``.
@@ -51,9 +58,16 @@ def sample(denoiser: Callable, n: int = 64, *, steps: int = 18, sampler: str = "
     device:        defaults to ``denoiser.device`` when it has one, else CPU.
     """
     n = _positive_int("n", n)
-    if sampler not in SAMPLERS:
-        raise ValueError(f"sampler must be one of {', '.join(SAMPLERS)}; got {sampler!r}")
-    sampler_fn = get_sampler(sampler)
+    external = callable(sampler) and not isinstance(sampler, str)
+    if external:
+        sampler_fn = sampler
+        if clip_x0:
+            raise ValueError("clip_x0 applies only to the engine's own samplers (named ones), not to sampler=fn")
+    elif sampler not in SAMPLERS:
+        raise ValueError(f"sampler must be one of {', '.join(SAMPLERS)} or a k-diffusion-style sampler function; "
+                         f"got {sampler!r}")
+    else:
+        sampler_fn = get_sampler(sampler)
     if not 0.0 <= float(eta) <= 1.0:
         raise ValueError(f"eta must be in [0, 1], got {eta!r}")
     if eta != 0 and sampler != "ddim":
@@ -96,19 +110,41 @@ def sample(denoiser: Callable, n: int = 64, *, steps: int = 18, sampler: str = "
         kw = {}
         if class_labels is not None:
             kw["class_labels"] = class_labels[start:start + batch_size].to(device)
-        sampler_kw = {"eta": eta} if sampler == "ddim" else {}
-        x = sampler_fn(denoiser, x, sched.sigmas, callback=callback, clip_x0=clip_x0, generators=gens,
-                       progress=progress, denoiser_kwargs=kw, **sampler_kw)
+        if external:
+            x = _run_external(sampler_fn, denoiser, x, sched.sigmas, kw, callback, progress, gens)
+        else:
+            sampler_kw = {"eta": eta} if sampler == "ddim" else {}
+            x = sampler_fn(denoiser, x, sched.sigmas, callback=callback, clip_x0=clip_x0, generators=gens,
+                           progress=progress, denoiser_kwargs=kw, **sampler_kw)
         out.append(x.cpu())
     elapsed = time.perf_counter() - t0
 
     config = {
         "denoiser": str(getattr(denoiser, "name", None) or getattr(denoiser, "__name__", None)
                         or type(denoiser).__name__),
-        "n": n, "steps": sched.steps, "sampler": sampler, "schedule": sched.name, "schedule_kind": sched.kind,
+        "n": n, "steps": sched.steps, "sampler": _sampler_name(sampler) if external else sampler,
+        "schedule": sched.name, "schedule_kind": sched.kind,
         "schedule_kwargs": dict(schedule_kwargs or {}), "seed": seed, "shape": list(shape),
         "batch_size": batch_size, "eta": float(eta), "clip_x0": bool(clip_x0),
         "class_labels": None if class_labels is None else class_labels.tolist(),
         "device": str(device), "dtype": str(dtype).replace("torch.", ""),
     }
     return SampleResult(torch.cat(out), seeds, sched.sigmas.clone(), config, elapsed)
+
+
+def _run_external(fn, denoiser, x, sigmas, kw, callback, progress, gens):
+    """Call a k-diffusion-style sampler with k-diffusion's keyword names."""
+    extra = {}
+    try:
+        if "noise_sampler" in inspect.signature(fn).parameters:
+            extra["noise_sampler"] = per_sample_noise(x, gens)
+    except (TypeError, ValueError):
+        pass
+    s = sigmas.to(device=x.device, dtype=x.dtype)
+    with torch.no_grad():
+        return fn(denoiser, x, s, extra_args=kw, callback=dict_callback(callback), disable=not progress, **extra)
+
+
+def _sampler_name(fn) -> str:
+    mod, name = getattr(fn, "__module__", None), getattr(fn, "__qualname__", None) or type(fn).__name__
+    return f"{mod}.{name}" if mod else name

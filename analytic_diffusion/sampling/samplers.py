@@ -4,14 +4,18 @@ A denoiser is any callable ``D(x, sigma, **kwargs) -> x0_hat`` with x of shape (
 shape (B,). Every sampler has the signature
 
     fn(denoiser, x, sigmas, *, callback=None, clip_x0=False, generators=None, progress=False,
-       denoiser_kwargs=None) -> x
+       denoiser_kwargs=None, extra_args=None, disable=None) -> x
 
 and steps x from sigmas[0] to sigmas[-1]. ``x`` must already carry the initial noise (see
 ``Schedule.init_sigma``). ``sigmas`` is (n+1,) for a grid shared by the batch or (n+1, B) for one grid per
 sample; every entry but the last must be > 0 and each grid non-increasing.
 
 callback(step, x, sigma, x0_hat) runs after the main denoiser evaluation of every step, with the state before
-the update: the step index, x, the (B,) σ and the denoiser's raw (unclipped) x̂0.
+the update: the step index, x, the (B,) σ and the denoiser's raw (unclipped) x̂0. A callback that takes exactly
+one positional argument gets k-diffusion's dict instead: {"x", "i", "sigma", "sigma_hat", "denoised"} (σ 0-d
+when the batch shares it, else (B,)).
+extra_args (k-diffusion's name) is an alias of denoiser_kwargs: keyword arguments of every denoiser call.
+disable (k-diffusion's name) overrides progress: disable=True hides the bar, False shows it.
 clip_x0 clamps x̂0 to [-1, 1] where the step uses it as x̂0 (diffusers' clip_sample); ε̂ = (x - x̂0)/σ still
 comes from the unclipped x̂0 in DDIM, as in diffusers.
 generators: B torch.Generator, one per sample, for stochastic noise, so that sample i's noise does not depend on
@@ -21,10 +25,13 @@ from __future__ import annotations
 
 from typing import Callable, Optional, Sequence
 
+import inspect
+
 import torch
 from tqdm.auto import tqdm
 
-__all__ = ["sample_euler", "sample_heun", "sample_ddim", "sample_ddpm", "SAMPLERS", "get_sampler"]
+__all__ = ["sample_euler", "sample_heun", "sample_ddim", "sample_ddpm", "SAMPLERS", "get_sampler",
+           "dict_callback", "per_sample_noise"]
 
 
 def _prepare(x: torch.Tensor, sigmas, generators) -> torch.Tensor:
@@ -52,6 +59,51 @@ def _bcast(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return v.reshape(-1, *([1] * (x.dim() - 1)))
 
 
+def _options(denoiser_kwargs, extra_args, progress, disable):
+    """(denoiser keyword arguments, progress) from the engine's and k-diffusion's spellings of both."""
+    if denoiser_kwargs and extra_args:
+        raise ValueError("pass the denoiser's keyword arguments as denoiser_kwargs= or extra_args=, not both")
+    kw = denoiser_kwargs or extra_args or {}
+    if not isinstance(kw, dict):
+        raise TypeError(f"extra_args / denoiser_kwargs: expected a dict, got {type(kw).__name__}")
+    return kw, (progress if disable is None else not disable)
+
+
+def _takes_one_argument(callback) -> bool:
+    """True for a callback in k-diffusion's style, fn(info_dict): exactly one positional parameter, no *args."""
+    try:
+        params = list(inspect.signature(callback).parameters.values())
+    except (TypeError, ValueError):  # builtins without a signature: the engine's positional style
+        return False
+    if any(p.kind == p.VAR_POSITIONAL for p in params):
+        return False
+    required = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+                and p.default is p.empty]
+    return len(required) == 1
+
+
+def _emit(callback, i, x, sigma, x0):
+    if callback is None:
+        return
+    if _takes_one_argument(callback):
+        s = sigma[0] if bool((sigma == sigma[0]).all()) else sigma
+        callback({"x": x, "i": i, "sigma": s, "sigma_hat": s, "denoised": x0})
+    else:
+        callback(i, x, sigma, x0)
+
+
+def dict_callback(callback):
+    """A callback for k-diffusion-style samplers (called with one dict) from either convention; None stays None."""
+    if callback is None or _takes_one_argument(callback):
+        return callback
+    return lambda d: callback(d["i"], d["x"], d["sigma"], d["denoised"])
+
+
+def per_sample_noise(x: torch.Tensor, generators: Optional[Sequence[torch.Generator]]):
+    """A k-diffusion ``noise_sampler(sigma, sigma_next)`` that draws each sample's noise from its own generator."""
+    return lambda sigma, sigma_next: _noise(x, generators)
+
+
 def _noise(x: torch.Tensor, generators: Optional[Sequence[torch.Generator]]) -> torch.Tensor:
     if generators is None:
         return torch.randn_like(x)
@@ -76,31 +128,31 @@ def _steps(n: int, progress: bool):
 
 @torch.no_grad()
 def sample_euler(denoiser: Callable, x: torch.Tensor, sigmas, *, callback=None, clip_x0: bool = False,
-                 generators=None, progress: bool = False, denoiser_kwargs=None) -> torch.Tensor:
+                 generators=None, progress: bool = False, denoiser_kwargs=None, extra_args=None,
+                 disable=None) -> torch.Tensor:
     """Euler on the probability-flow ODE dx/dσ = (x - x̂0)/σ; n denoiser calls."""
     s = _prepare(x, sigmas, generators)
-    kw = denoiser_kwargs or {}
+    kw, progress = _options(denoiser_kwargs, extra_args, progress, disable)
     for i in _steps(len(s) - 1, progress):
         sigma, sigma_next = s[i], s[i + 1]
         x0, d = _derivative(denoiser, x, sigma, kw, clip_x0)
-        if callback is not None:
-            callback(i, x, sigma, x0)
+        _emit(callback, i, x, sigma, x0)
         x = x + d * _bcast(sigma_next - sigma, x)
     return x
 
 
 @torch.no_grad()
 def sample_heun(denoiser: Callable, x: torch.Tensor, sigmas, *, callback=None, clip_x0: bool = False,
-                generators=None, progress: bool = False, denoiser_kwargs=None) -> torch.Tensor:
+                generators=None, progress: bool = False, denoiser_kwargs=None, extra_args=None,
+                 disable=None) -> torch.Tensor:
     """EDM Algorithm 1 (Heun, no churn): trapezoidal correction on every step except those ending at σ = 0,
     where the ODE's derivative is undefined; 2n - 1 denoiser calls on a grid ending at 0."""
     s = _prepare(x, sigmas, generators)
-    kw = denoiser_kwargs or {}
+    kw, progress = _options(denoiser_kwargs, extra_args, progress, disable)
     for i in _steps(len(s) - 1, progress):
         sigma, sigma_next = s[i], s[i + 1]
         x0, d = _derivative(denoiser, x, sigma, kw, clip_x0)
-        if callback is not None:
-            callback(i, x, sigma, x0)
+        _emit(callback, i, x, sigma, x0)
         x_euler = x + d * _bcast(sigma_next - sigma, x)
         last = sigma_next == 0
         if bool(last.all()):
@@ -119,7 +171,7 @@ def sample_heun(denoiser: Callable, x: torch.Tensor, sigmas, *, callback=None, c
 @torch.no_grad()
 def sample_ddim(denoiser: Callable, x: torch.Tensor, sigmas, *, eta: float = 0.0, callback=None,
                 clip_x0: bool = False, generators=None, progress: bool = False,
-                denoiser_kwargs=None) -> torch.Tensor:
+                denoiser_kwargs=None, extra_args=None, disable=None) -> torch.Tensor:
     """DDIM in σ-space; n denoiser calls.
 
     With ε̂ = (x - x̂0)/σ and s_up = η·σ'·sqrt(1 - σ'²/σ²) for the next level σ':
@@ -130,12 +182,11 @@ def sample_ddim(denoiser: Callable, x: torch.Tensor, sigmas, *, eta: float = 0.0
     if not 0.0 <= float(eta) <= 1.0:
         raise ValueError(f"eta must be in [0, 1], got {eta!r}")
     s = _prepare(x, sigmas, generators)
-    kw = denoiser_kwargs or {}
+    kw, progress = _options(denoiser_kwargs, extra_args, progress, disable)
     for i in _steps(len(s) - 1, progress):
         sigma, sigma_next = s[i], s[i + 1]
         x0 = _denoise(denoiser, x, sigma, kw)
-        if callback is not None:
-            callback(i, x, sigma, x0)
+        _emit(callback, i, x, sigma, x0)
         eps = (x - x0) / _bcast(sigma, x)
         s_up = eta * sigma_next * (1 - (sigma_next / sigma) ** 2).clamp(min=0).sqrt()
         s_dir = (sigma_next ** 2 - s_up ** 2).clamp(min=0).sqrt()

@@ -1,0 +1,82 @@
+"""The optimal denoiser's retrieval as ``torch.library`` custom ops, so that ``torch.compile(fullgraph=True)``
+of a sampler step that calls it traces without a graph break.
+
+``analytic_diffusion::optimal_mean(x, sigma, labels, handle)`` is the posterior mean and
+``analytic_diffusion::optimal_jvp(x, sigma, labels, v, handle)`` its exact Jacobian product (the backward of the
+first; see :mod:`.gradients`). The training set does not travel through the graph: ``handle`` is an integer that
+names the denoiser in a registry of weak references, so the compiled graph holds a constant, the kernels keep the
+dataset's cached constants, and ``.to(device)`` still applies. The fake (meta) implementations give the output's
+shape and dtype (the denoiser's working precision) without touching data.
+"""
+from __future__ import annotations
+
+import itertools
+import weakref
+from typing import Optional
+
+import torch
+
+__all__ = ["handle_of", "optimal_mean", "optimal_jvp"]
+
+_REGISTRY: "dict[int, weakref.ref]" = {}
+_NEXT = itertools.count(1)
+
+
+def handle_of(denoiser) -> int:
+    """The registry handle of ``denoiser`` (registered on first use; a copy gets its own).
+
+    Denoisers that use the ops register at construction and on unpickling / deepcopy, so that inside
+    torch.compile the handle is a plain attribute read (a constant of the graph).
+    """
+    if torch.compiler.is_compiling():
+        return denoiser.__dict__["_op_handle"]
+    h = denoiser.__dict__.get("_op_handle")
+    if h is None or _REGISTRY.get(h, lambda: None)() is not denoiser:
+        h = next(_NEXT)
+        _REGISTRY[h] = weakref.ref(denoiser, lambda _, h=h: _REGISTRY.pop(h, None))
+        denoiser.__dict__["_op_handle"] = h
+    return h
+
+
+def _lookup(handle: int):
+    den = _REGISTRY.get(handle, lambda: None)()
+    if den is None:
+        raise RuntimeError(f"analytic_diffusion custom op: denoiser handle {handle} is gone (the denoiser was freed)")
+    return den
+
+
+@torch.library.custom_op("analytic_diffusion::optimal_mean", mutates_args=())
+def optimal_mean(x: torch.Tensor, sigma: torch.Tensor, labels: Optional[torch.Tensor], handle: int) -> torch.Tensor:
+    return _lookup(handle)._posterior(x, sigma, labels).mean.clone()
+
+
+@optimal_mean.register_fake
+def _(x, sigma, labels, handle):
+    return x.new_empty(x.shape, dtype=_lookup(handle).dtype)
+
+
+@torch.library.custom_op("analytic_diffusion::optimal_jvp", mutates_args=())
+def optimal_jvp(x: torch.Tensor, sigma: torch.Tensor, labels: Optional[torch.Tensor], v: torch.Tensor,
+                handle: int) -> torch.Tensor:
+    return _lookup(handle)._exact_jvp(x, sigma, labels, v).clone()
+
+
+@optimal_jvp.register_fake
+def _(x, sigma, labels, v, handle):
+    return x.new_empty(x.shape, dtype=_lookup(handle).dtype)
+
+
+def _setup(ctx, inputs, output):
+    x, sigma, labels, handle = inputs
+    ctx.save_for_backward(x, sigma)
+    ctx.labels, ctx.handle = labels, handle
+
+
+def _backward(ctx, grad):
+    x, sigma = ctx.saved_tensors
+    # The Jacobian is symmetric (Cov[x0 | x] / σ²T), so the vector-Jacobian product is the Jacobian product.
+    g = optimal_jvp(x, sigma, ctx.labels, grad, ctx.handle)
+    return g.to(grad.dtype), None, None, None
+
+
+optimal_mean.register_autograd(_backward, setup_context=_setup)

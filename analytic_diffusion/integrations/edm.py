@@ -1,0 +1,61 @@
+"""EDM (Karras et al. 2022, NVlabs/edm): an analytic denoiser as an EDM-style preconditioned network.
+
+``to_edm(den)`` has the attributes and call EDM's sampler loop and its EDMPrecond users read:
+``img_resolution``, ``img_channels``, ``label_dim`` (the dataset's number of classes, 0 if unlabelled),
+``sigma_min = 0``, ``sigma_max = inf`` (an analytic denoiser takes any σ > 0), ``round_sigma(σ)`` (the
+identity, as a tensor) and ``forward(x, sigma, class_labels=None, force_fp32=False, **kwargs) → D(x; σ)``, with
+σ a scalar, (B,) or (B, 1, 1, 1) and class labels one-hot (B, label_dim) as EDM passes them, or integer (B,).
+The reverse direction, EDM network pickles into the engine, is :func:`analytic_diffusion.networks.load_network`.
+"""
+from __future__ import annotations
+
+import torch
+
+__all__ = ["EDMNet", "to_edm"]
+
+
+class EDMNet(torch.nn.Module):
+    """See the module docstring."""
+
+    sigma_min = 0.0
+    sigma_max = float("inf")
+
+    def __init__(self, denoiser, label_dim=None):
+        super().__init__()
+        shape = getattr(denoiser, "image_shape", None)
+        if not callable(denoiser) or shape is None or len(tuple(shape)) != 3:
+            raise TypeError("denoiser: expected an analytic_diffusion Denoiser (callable with image_shape=(C, H, W)), "
+                            f"got {type(denoiser).__name__}")
+        c, h, w = (int(v) for v in shape)
+        if h != w:
+            raise ValueError(f"denoiser: EDM networks are square (img_resolution), got image shape {tuple(shape)}")
+        if label_dim is None:
+            labels = getattr(getattr(denoiser, "keys", None), "labels", None)
+            label_dim = 0 if labels is None else int(labels.max()) + 1
+        self.denoiser = denoiser
+        self.img_resolution, self.img_channels, self.label_dim = h, c, int(label_dim)
+
+    @property
+    def device(self):
+        return getattr(self.denoiser, "device", None)
+
+    def round_sigma(self, sigma):
+        return torch.as_tensor(sigma)
+
+    def forward(self, x, sigma, class_labels=None, force_fp32=False, **kwargs):
+        # Python numbers as float64 (as_tensor would round them to float32); EDM's own σ tensors are float64.
+        s = sigma if torch.is_tensor(sigma) else torch.as_tensor(sigma, dtype=torch.float64)
+        s = s.to(x.device).reshape(-1)
+        labels = None
+        if class_labels is not None and self.label_dim:
+            cl = torch.as_tensor(class_labels, device=x.device)
+            labels = cl.argmax(dim=1) if cl.dim() == 2 else cl.long()
+        return self.denoiser(x, s, labels)
+
+    def __repr__(self) -> str:
+        return f"EDMNet({self.denoiser!r}, img_resolution={self.img_resolution}, label_dim={self.label_dim})"
+
+
+def to_edm(denoiser, label_dim=None) -> EDMNet:
+    """An analytic denoiser as an EDM-style network (``label_dim`` defaults to the dataset's class count)."""
+    return EDMNet(denoiser, label_dim)

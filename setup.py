@@ -170,12 +170,16 @@ setup(
     install_requires=["torch>=2.4", "numpy>=1.22", "pillow>=9", "matplotlib>=3.5", "tqdm>=4.60"],
     # Triton: the GPU kernels, and on CPU their interpreter tests (3.6 = the GPU machines' version, see docs/design.md §7).
     # pybind11 in "test": tests/cuda_emu builds csrc/cuda for the host SIMT emulator (where CUDA headers exist).
-    # hypothesis: property tests; diffusers, accelerate, einops: the integration tests run against the real
-    # packages (none pulls a new torch); smalldiffusion is installed separately with --no-deps (its torchvision
-    # dependency would pull a newer torch). faiss-cpu: an optional baseline of bench/ only.
-    extras_require={"test": ["pytest>=7", "pytest-benchmark>=4", "pybind11>=2.10", "hypothesis>=6",
+    # pytest-xdist: the README's test command runs the suite on up to 4 cores (-n auto); scipy: the cross-check of
+    # the hand-written Mann–Whitney U (scipy is not a runtime dependency); hypothesis: property tests; diffusers,
+    # accelerate, einops: the integration tests run against the real packages (none pulls a new torch);
+    # nbformat, nbclient, ipykernel: the tutorial notebooks run under pytest. smalldiffusion is installed
+    # separately with --no-deps (its torchvision dependency would pull a newer torch). faiss-cpu: bench/ only.
+    extras_require={"test": ["pytest>=7", "pytest-benchmark>=4", "pytest-xdist>=3", "scipy>=1.9", "hypothesis>=6",
+                             "pybind11>=2.10",
                              "triton==3.6.0; platform_system == 'Linux' and platform_machine == 'x86_64'",
-                             "diffusers>=0.30", "accelerate>=0.30", "einops>=0.6"],
+                             "diffusers>=0.30", "accelerate>=0.30", "einops>=0.6",
+                             "nbformat>=5", "nbclient>=0.7", "ipykernel>=6"],
                     "triton": ["triton>=3.6"], "bench": ["faiss-cpu>=1.7"]},
     entry_points={"console_scripts": ["analytic-diffusion=analytic_diffusion.cli:main"]},
     zip_safe=False,

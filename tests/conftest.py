@@ -9,11 +9,42 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+def _cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+# Two threads per process at most; under pytest-xdist the workers share the cores (2 workers on 2 cores: 1 each).
+torch.set_num_threads(max(1, min(2, _cores() // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))))
+
+MAX_AUTO_WORKERS = 4  # `-n auto` (the README's test command): one worker per core, at most this many
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_auto_num_workers(config):
+    """Workers for ``-n auto``: $PYTEST_XDIST_AUTO_NUM_WORKERS if set, else the usable cores, capped (the suite's
+    longest tests take ~30 s each, so more workers than this mostly wait; every worker loads torch and Triton)."""
+    env = os.environ.get("PYTEST_XDIST_AUTO_NUM_WORKERS")
+    if env:
+        return int(env)
+    return max(1, min(MAX_AUTO_WORKERS, _cores()))
 
 
 # Fresh inputs on every run; set AD_TEST_SEED to replay a failing run (the header prints the seed).
 SESSION_SEED = int(os.environ.get("AD_TEST_SEED", torch.seed() % (2**31)))
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_configure_node(node):
+    """pytest-xdist: every worker draws from the controller's seed (the one the summary prints)."""
+    node.workerinput["ad_test_seed"] = SESSION_SEED
+
+
+def pytest_configure(config):
+    global SESSION_SEED
+    worker_input = getattr(config, "workerinput", None)
+    if worker_input is not None and "ad_test_seed" in worker_input:
+        SESSION_SEED = int(worker_input["ad_test_seed"])
 
 
 def pytest_report_header(config):
@@ -47,14 +78,16 @@ def mnist2000():
 
 
 @pytest.fixture(scope="session")
-def emulated_cuda(tmp_path_factory):
+def emulated_cuda():
     """csrc/cuda built for the host SIMT emulator (tests/cuda_emu): the real kernels on CPU tensors, for logic
-    checks on machines without a GPU. Skips (with the reason) where it cannot be built."""
+    checks on machines without a GPU. Skips (with the reason) where it cannot be built. The build is cached by a
+    hash of its sources (tests/cuda_emu/build.py: ~/.cache/analytic_diffusion/cuda_emu, or $AD_CUDA_EMU_CACHE),
+    built once under a file lock however many xdist workers ask for it."""
     from cuda_emu import build
     reason = build.unavailable_reason()
     if reason is not None:
         pytest.skip(f"CUDA host emulation unavailable: {reason}")
-    return build.build(str(tmp_path_factory.mktemp("cuda_emu")))
+    return build.cached_build()
 
 
 @pytest.fixture

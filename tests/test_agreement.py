@@ -91,6 +91,36 @@ def test_mann_whitney_u_matches_pair_count(rng):
     assert mann_whitney_u([1.0, 1.0], [1.0])["z"] == 0.0  # all tied
 
 
+@pytest.mark.parametrize("m, n, levels", [(1, 1, 0), (2, 1, 0), (7, 5, 0), (40, 33, 0), (300, 211, 0),
+                                           (9, 12, 3), (50, 61, 6), (400, 350, 20), (3, 3, 1)])
+def test_mann_whitney_u_matches_scipy(m, n, levels, rng):
+    """The hand-written U against scipy.stats.mannwhitneyu (the test extra): U of the first sample, and the
+    two-sided p of the tie-corrected normal approximation without continuity correction (ours). Continuous
+    samples (levels 0) and integer samples with many ties (levels > 0; one level: every value tied)."""
+    from scipy.stats import mannwhitneyu
+
+    def draw(k, shift):
+        if levels == 0:
+            return torch.randn(k, generator=rng, dtype=torch.float64) + shift
+        return torch.randint(0, levels, (k,), generator=rng).double()
+
+    a, b = draw(m, 0.3), draw(n, 0.0)
+    ours = mann_whitney_u(a, b)
+    ref = mannwhitneyu(a.numpy(), b.numpy(), alternative="two-sided", use_continuity=False, method="asymptotic")
+    assert ours["U"] == pytest.approx(float(ref.statistic), rel=1e-12, abs=1e-12)
+    assert ours["U_b"] == pytest.approx(m * n - float(ref.statistic), rel=1e-12, abs=1e-12)
+    if math.isnan(ref.pvalue):  # scipy: no variance when every value is tied; ours reports z = 0, p = 1
+        assert levels == 1 and ours["z"] == 0.0 and ours["p_value"] == 1.0
+    else:
+        assert ours["p_value"] == pytest.approx(float(ref.pvalue), rel=1e-9, abs=1e-15)
+    # scipy's statistic is U of its first argument whichever way round: swapping the samples mirrors U and z.
+    swapped = mann_whitney_u(b, a)
+    ref_swapped = mannwhitneyu(b.numpy(), a.numpy(), alternative="two-sided", use_continuity=False,
+                               method="asymptotic")
+    assert swapped["U"] == pytest.approx(float(ref_swapped.statistic), rel=1e-12, abs=1e-12)
+    assert swapped["z"] == pytest.approx(-ours["z"], abs=1e-12)
+
+
 def test_novelty_distances_are_exact(rng):
     train = torch.rand(30, 1, 4, 4, generator=rng) * 2 - 1
     ds = Dataset.from_array(train)

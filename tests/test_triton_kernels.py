@@ -146,8 +146,10 @@ def test_class_labels_and_empty_class(rng, b):
 
 @pytest.mark.parametrize("k", [1, 2, 5, 33])
 def test_knn_fused_topk_matches_reference(rng, k):
-    labels = torch.randint(0, 2, (300,), generator=rng)
-    bank = uint8_bank(rng, 300, 1, 4, 6, labels=labels)
+    # 150 keys: two splits of 128 + 22 keys, three 64-key tiles for k = 33 (a 64-lane sort network, one split
+    # with fewer than k keys); ~75 per class, so every row has 33 allowed neighbours
+    labels = torch.randint(0, 2, (150,), generator=rng)
+    bank = uint8_bank(rng, 150, 1, 4, 6, labels=labels)
     dev_bank = to_dev(bank)
     q = noisy_queries(rng, bank, 5, 0.3)
     for ql in (None, torch.randint(0, 2, (5,), generator=rng)):

@@ -24,10 +24,11 @@ _EXPORTS = {
     **dict.fromkeys(["Schedule", "SCHEDULES", "get_schedule", "karras", "vp_linear", "vp_cosine", "kamb_sigma"],
                     "grids"),
     **dict.fromkeys(["sample", "SampleResult", "run_sample", "SAMPLERS", "get_sampler", "sample_euler",
-                     "sample_heun", "sample_ddim", "sample_ddpm"], "sampling"),
+                     "sample_heun", "sample_ddim", "sample_ddpm", "sample_teleported"], "sampling"),
     **dict.fromkeys(["VPAdapter", "EDMAdapter", "CallableAdapter", "load_network", "train_network"], "networks"),
     **dict.fromkeys(["memorization", "novelty", "mse", "r2", "pearson_r", "score_cosine"], "metrics"),
-    **dict.fromkeys(["single_step", "trajectories", "posterior_variance"], "analysis"),
+    **dict.fromkeys(["single_step", "trajectories", "posterior_variance", "jacobian_spectrum", "jacobian_rows",
+                     "effective_dimensionality", "training_set_stability", "teleportation_study"], "analysis"),
     **dict.fromkeys(["KeyBank", "PartialState", "softmax_retrieval", "combine_partials", "knn_search"], "ops"),
 }
 # Subpackages reachable as attributes (ad.ops, ad.metrics, ...) without an explicit import.

@@ -45,5 +45,31 @@ class Wiener(Denoiser):
         out = mu + ((xc @ U) * shrink) @ U.t()
         return out.reshape(x.shape)
 
+    def flow(self, x: torch.Tensor, sigma_from: float, sigma_to: float) -> torch.Tensor:
+        """The exact solution of the probability-flow ODE dx/dσ = (x − D(x, σ))/σ of this Gaussian, σ_from → σ_to.
+
+        In the PCA basis each coordinate z_i = u_iᵀ(x − μ) obeys dz_i/dσ = z_i·σ/(λ_i + σ²), so
+        z_i(σ_to) = z_i(σ_from)·sqrt((λ_i + σ_to²)/(λ_i + σ_from²)); directions outside the kept components
+        (``rank`` < D) have λ = 0 and scale by σ_to/σ_from. Computed in float64, returned in x's dtype. Either σ may
+        be 0 only as σ_to (the ODE's end point); σ_from > 0.
+        """
+        if not torch.is_tensor(x) or x.dim() != 4 or tuple(x.shape[1:]) != self.image_shape:
+            raise ValueError(f"x: expected shape (B, {', '.join(map(str, self.image_shape))}), "
+                             f"got {tuple(getattr(x, 'shape', ()))}")
+        s0, s1 = float(sigma_from), float(sigma_to)
+        if not (s0 > 0 and s0 < float("inf")):
+            raise ValueError(f"sigma_from: expected a finite σ > 0, got {sigma_from!r}")
+        if not (0 <= s1 < float("inf")):
+            raise ValueError(f"sigma_to: expected a finite σ >= 0, got {sigma_to!r}")
+        dev = x.device
+        mu = self.mean.to(dev, torch.float64)
+        lam, U = self.eigvals.to(dev, torch.float64), self.U.to(dev, torch.float64)
+        xc = x.reshape(x.shape[0], -1).to(torch.float64) - mu
+        z = xc @ U
+        rest = xc - z @ U.t()  # the part outside the kept components (zero at full rank, up to rounding)
+        scale = torch.sqrt((lam + s1 * s1) / (lam + s0 * s0))
+        out = mu + (z * scale[None, :]) @ U.t() + rest * (s1 / s0)
+        return out.reshape(x.shape).to(x.dtype)
+
     def config(self):
         return {"method": self.name, "dataset": self.dataset_repr, "rank": self.rank, "dtype": str(self.dtype)}

@@ -31,6 +31,14 @@ def _positive_int(name: str, v) -> int:
     return v
 
 
+def initial_noise(seeds, shape, init_std: float, device, dtype: torch.dtype):
+    """(generators, x): one CPU generator per seed and each sample's starting noise, drawn in float32 on the CPU
+    (so it is the same on every device and dtype), scaled by ``init_std``."""
+    gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
+    x = torch.stack([torch.randn(tuple(shape), generator=g) for g in gens]).to(device=device, dtype=dtype)
+    return gens, x * init_std
+
+
 def sample(denoiser: Callable, n: int = 64, *, steps: int = 18, sampler: Union[str, Callable] = "heun",
            schedule: Union[str, Schedule] = "karras", schedule_kwargs: Optional[dict] = None, seed: int = 0,
            shape=None, batch_size: Optional[int] = None, eta: float = 0.0, clip_x0: bool = False,
@@ -105,8 +113,7 @@ def sample(denoiser: Callable, n: int = 64, *, steps: int = 18, sampler: Union[s
     out = []
     t0 = time.perf_counter()
     for start in range(0, n, batch_size):
-        gens = [torch.Generator().manual_seed(s) for s in seeds[start:start + batch_size]]
-        x = torch.stack([torch.randn(shape, generator=g) for g in gens]).to(device=device, dtype=dtype) * init_std
+        gens, x = initial_noise(seeds[start:start + batch_size], shape, init_std, device, dtype)
         kw = {}
         if class_labels is not None:
             kw["class_labels"] = class_labels[start:start + batch_size].to(device)

@@ -50,6 +50,7 @@ def _patch_kernel(Q, IMG, IMGIDX, POS, COEF, M, L, L2, O,
     offs_c = tl.arange(0, C_PAD)
     cmask = offs_c < C
     hw = H * W
+    q_rows = Q + _wide(offs_q, stride_q)  # row pointers once, outside the loops (int64 offsets cost registers)
     i_start = pid_s * imgs_per_split
     i_stop = tl.minimum(i_start + imgs_per_split, n_img)
     for i in range(i_start, i_stop):
@@ -71,8 +72,7 @@ def _patch_kernel(Q, IMG, IMGIDX, POS, COEF, M, L, L2, O,
                 inside = (rr >= 0) & (rr < H) & (cc >= 0) & (cc < W) & pmask[:, None] & fmask[None, :]
                 u = tl.load(IMG + base + ch[None, :] * hw + rr * W + cc, mask=inside, other=0)
                 key = tl.where(inside, u.to(tl.float32) * scale + shift, 0.0)  # zero padding in value space
-                q = tl.load(Q + _wide(offs_q, stride_q)[:, None] + offs_f[None, :], mask=qmask[:, None] & fmask[None, :],
-                            other=0.0)
+                q = tl.load(q_rows[:, None] + offs_f[None, :], mask=qmask[:, None] & fmask[None, :], other=0.0)
                 diff = tl.where(fmask[None, None, :], q[:, None, :] - key[None, :, :], 0.0)
                 dist += tl.sum(diff * diff, axis=2)
             logit = tl.where(qmask[:, None] & pmask[None, :], -coef[:, None] * dist, float("-inf"))
@@ -85,9 +85,9 @@ def _patch_kernel(Q, IMG, IMGIDX, POS, COEF, M, L, L2, O,
                 v = tl.load(IMG + base + offs_c[None, :] * hw + (pr * W + pc)[:, None],
                             mask=pmask[:, None] & cmask[None, :], other=0).to(tl.float32) * scale + shift
                 o = o * alpha[:, None] + tl.sum(p[:, :, None] * v[None, :, :], axis=1)
-    part = _wide(pid_s, n_rows) + offs_q  # int64: slot offsets part·C pass 2^31 at scale
+    part = pid_s * n_rows + offs_q  # the slot: S·rows stays far below 2^31 (the host sizes S·rows·C to its budget)
     _store_state(M, L, L2, part, m, l, l2, qmask)
-    tl.store(O + part[:, None] * C + offs_c[None, :], o, mask=qmask[:, None] & cmask[None, :])
+    tl.store(O + _wide(part, C)[:, None] + offs_c[None, :], o, mask=qmask[:, None] & cmask[None, :])
 
 
 def patch_partials(q: torch.Tensor, images: torch.Tensor, image_index: torch.Tensor, positions: torch.Tensor,
@@ -156,11 +156,12 @@ def _same_position_kernel(Q, IMG, IMGIDX, POS, COEF, M, L, L2, O,
     offs_c = tl.arange(0, C_PAD)
     cmask = offs_c < C
     hw = H * W
-    part = _wide(pid_s, n_rows) + offs_q  # int64: slot offsets part·F pass 2^31 at scale
+    part = pid_s * n_rows + offs_q  # the slot index: S·rows stays far below 2^31
+    o_rows = O + _wide(part, F if WHOLE else C)  # the slot's row pointers: slot offsets part·F pass 2^31 at scale
     if WHOLE:  # the slot starts at 0 (the first tile rescales it by alpha = 0, and 0 · a NaN poison is NaN)
         for f0 in range(0, F, BLOCK_F):
             offs_f = f0 + tl.arange(0, BLOCK_F)
-            tl.store(O + part[:, None] * F + offs_f[None, :], tl.zeros([BLOCK_Q, BLOCK_F], tl.float32),
+            tl.store(o_rows[:, None] + offs_f[None, :], tl.zeros([BLOCK_Q, BLOCK_F], tl.float32),
                      mask=qmask[:, None] & (offs_f < F)[None, :])
     i_start = pid_s * imgs_per_split
     i_stop = tl.minimum(i_start + imgs_per_split, n_img)
@@ -182,7 +183,7 @@ def _same_position_kernel(Q, IMG, IMGIDX, POS, COEF, M, L, L2, O,
             for f0 in range(0, F, BLOCK_F):
                 offs_f, fmask, key = _same_position_keys(IMG, base, nmask, pr, pc, f0, H, W, scale, shift,
                                                          K, C, BLOCK_F)
-                slot = O + part[:, None] * F + offs_f[None, :]
+                slot = o_rows[:, None] + offs_f[None, :]
                 smask = qmask[:, None] & fmask[None, :]
                 prev = tl.load(slot, mask=smask, other=0.0)
                 tl.store(slot, prev * alpha[:, None] + tl.sum(p[:, :, None] * key, axis=1), mask=smask)
@@ -193,7 +194,7 @@ def _same_position_kernel(Q, IMG, IMGIDX, POS, COEF, M, L, L2, O,
             o = o * alpha[:, None] + tl.sum(p[:, :, None] * v, axis=1)
     _store_state(M, L, L2, part, m, l, l2, qmask)
     if not WHOLE:
-        tl.store(O + part[:, None] * C + offs_c[None, :], o, mask=qmask[:, None] & cmask[None, :])
+        tl.store(o_rows[:, None] + offs_c[None, :], o, mask=qmask[:, None] & cmask[None, :])
 
 
 # (query rows, images, feature chunk) of the same-position kernel: its key tile is 3-D (row, image, feature).

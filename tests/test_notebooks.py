@@ -26,7 +26,7 @@ def test_committed_copy_is_executed_with_pictures(path):
     outputs = [o for c in code for o in c.get("outputs", [])]
     assert not [o for o in outputs if o.get("output_type") == "error"], f"{path.name}: a cell raised"
     images = [o for o in outputs if "image/png" in o.get("data", {})]
-    assert len(images) >= 2, f"{path.name}: expected pictures in the committed outputs, found {len(images)}"
+    assert images, f"{path.name}: expected pictures in the committed outputs"
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
@@ -38,4 +38,4 @@ def test_notebook_runs_at_ci_size(path, tmp_path, monkeypatch):
     client = nbclient.NotebookClient(nb, timeout=90, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}})
     client.execute()  # raises CellExecutionError naming the cell on any failure
     images = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []) if "image/png" in o.get("data", {})]
-    assert len(images) >= 2
+    assert images, "no picture came out"

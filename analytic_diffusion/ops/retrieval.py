@@ -239,28 +239,38 @@ def knn_search(x: torch.Tensor, keys: KeyBank, k: int, *, query_labels: Optional
     return d, i
 
 
-def posterior_draw(x: torch.Tensor, keys: KeyBank, sigma, *, generator: torch.Generator,
+def posterior_draw(x: torch.Tensor, keys: KeyBank, sigma, *, generator: Optional[torch.Generator] = None,
                    temperature: float = 1.0, query_labels: Optional[torch.Tensor] = None, flips: bool = False,
-                   dtype: Optional[torch.dtype] = None, memory_budget: int = DEFAULT_MEMORY_BUDGET
-                   ) -> Tuple[torch.Tensor, torch.Tensor]:
+                   dtype: Optional[torch.dtype] = None, memory_budget: int = DEFAULT_MEMORY_BUDGET,
+                   row_seeds: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """One exact draw from the posterior over candidates per query (Gumbel-max in one streaming scan).
 
     Returns (index (B,), row (B, D) in ``dtype``); with ``flips`` the candidate set is 2N rows and index i ≥ N
     is row i − N mirrored (as in :func:`knn_search`), the returned row being the mirrored image. Deterministic
-    given ``generator``'s state (CPU or on x's device); torch backend (the reference) only.
+    given ``generator``'s state (CPU or on x's device); torch backend (the reference) only. Give ``row_seeds``
+    ((B,) int64) instead of a generator for a draw per row that depends only on that row's seed (counter-based
+    noise, :mod:`analytic_diffusion.ops.counter_rng`): then batch composition and chunking change nothing.
     """
     dtype = _validate(x, keys, query_labels, flips, dtype)
     if not temperature > 0:
         raise ValueError(f"temperature: expected > 0, got {temperature}")
-    if not isinstance(generator, torch.Generator):
+    if row_seeds is None and not isinstance(generator, torch.Generator):
         raise TypeError(f"generator: expected a torch.Generator, got {type(generator).__name__}")
+    if row_seeds is not None:
+        if generator is not None:
+            raise ValueError("give either generator or row_seeds, not both")
+        row_seeds = torch.as_tensor(row_seeds)
+        if row_seeds.dtype != torch.int64 or row_seeds.shape != (x.shape[0],):
+            raise ValueError(f"row_seeds: expected a ({x.shape[0]},) int64 tensor, got "
+                             f"{tuple(row_seeds.shape)} {row_seeds.dtype}")
     s = sigma_rows(sigma, x.shape[0], x.device)
     coef = 1.0 / (2.0 * s * s * temperature)
     score, index = torch_backend.gumbel_argmax(x, keys, coef, generator, query_labels=query_labels,
-                                               dtype=dtype, memory_budget=memory_budget)
+                                               dtype=dtype, memory_budget=memory_budget, row_seeds=row_seeds)
     if flips:  # the mirrored candidates get their own independent Gumbel noise (the next (N, B) draws)
         s2, i2 = torch_backend.gumbel_argmax(hflip_rows(x, keys.image_shape), keys, coef, generator,
-                                             query_labels=query_labels, dtype=dtype, memory_budget=memory_budget)
+                                             query_labels=query_labels, dtype=dtype, memory_budget=memory_budget,
+                                             row_seeds=row_seeds, index_offset=keys.n)
         better = s2 > score
         index = torch.where(better, i2 + keys.n, index)
         score = torch.where(better, s2, score)

@@ -127,7 +127,14 @@ def _validate(x: torch.Tensor, keys: KeyBank, query_labels, flips: bool, dtype) 
 
 def sigma_rows(sigma, batch: int, device) -> torch.Tensor:
     """σ as a (B,) float64 tensor; scalars broadcast. Rejects σ ≤ 0, NaN and Inf with a clear error."""
-    s = torch.as_tensor(sigma, dtype=torch.float64).to(device).reshape(-1)
+    if isinstance(sigma, (str, bytes)) or (torch.is_tensor(sigma) and (sigma.dtype == torch.bool
+                                                                       or sigma.is_complex())):
+        raise TypeError(f"sigma: expected a number, a sequence of numbers or a real tensor, got {sigma!r:.60}")
+    try:
+        s = torch.as_tensor(sigma, dtype=torch.float64).to(device).reshape(-1)
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise TypeError(f"sigma: expected a number, a sequence of numbers or a real tensor, got "
+                        f"{type(sigma).__name__} ({e})") from None
     if s.numel() == 1:
         s = s.expand(batch)
     if s.numel() != batch:

@@ -59,7 +59,7 @@ class Denoiser:
                              f"got {tuple(x.shape)}")
         if not bool(torch.isfinite(x).all()):
             raise ValueError("x: contains NaN or Inf")
-        s = sigma_rows(sigma, x.shape[0], x.device)
+        s = sigma_rows(sigma, x.shape[0], x.device, x)
         if class_labels is not None:
             class_labels = class_label_rows(class_labels, x.device)
             if class_labels.numel() == 1 and x.shape[0] > 1:

@@ -199,7 +199,7 @@ setup(
     install_requires=["torch>=2.4", "numpy>=1.22", "pillow>=9", "tqdm>=4.60"],
     # Triton: the GPU kernels, and on CPU their interpreter tests (3.6 = the GPU machines' version, see docs/design.md §7).
     # pybind11 in "test": tests/cuda_emu builds csrc/cuda for the host SIMT emulator (where CUDA headers exist).
-    extras_require={"test": ["pytest>=7", "pytest-benchmark>=4", "pybind11>=2.10",
+    extras_require={"test": ["pytest>=7", "pytest-benchmark>=4", "pybind11>=2.10", "hypothesis>=6.100",
                              "triton==3.6.0; platform_system == 'Linux' and platform_machine == 'x86_64'"],
                     "triton": ["triton>=3.6"]},
     entry_points={"console_scripts": ["analytic-diffusion=analytic_diffusion.cli:main"]},

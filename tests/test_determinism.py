@@ -98,13 +98,13 @@ def test_counter_uniforms_match_splitmix64(rng):
 def test_deterministic_methods_are_bitwise_independent_of_the_batch(rng, name, opts):
     """The C++ patch kernel's split count and wiener's filter no longer follow the number of query rows.
 
-    bbELS is the stated exception (README "Determinism"): its edge and corner groups put rows of several samples
-    in one tile of the C++ shared-rule kernel, whose skip decision is shared by the tile: a few float32 ulps."""
+    bbELS and PSPC are the stated exceptions (README "Determinism"): a single call may differ by a few float32
+    ulps between batch sizes (bbELS: rows of several samples share a tile of the C++ shared-rule kernel)."""
     imgs = torch.randint(0, 256, (50, 1, 9, 8), generator=rng, dtype=torch.uint8)
     ds = Dataset(imgs)
     x = ds.images_float()[:4] + 0.5 * torch.randn(4, 1, 9, 8, generator=rng)
     den = ad.make_denoiser(name, ds, **opts)
     whole = den(x, 0.5)
-    same = (lambda a, b: bool((a - b).abs().max() <= 1e-6)) if name == "bbels" else torch.equal
+    same = (lambda a, b: bool((a - b).abs().max() <= 1e-6)) if name in ("bbels", "pspc") else torch.equal
     assert same(torch.cat([den(x[i:i + 1], 0.5) for i in range(4)]), whole)
     assert same(torch.cat([den(x[:3], 0.5), den(x[3:], 0.5)]), whole)

@@ -134,8 +134,8 @@ def _check_class_range(path: Path, labels: np.ndarray, classes: int) -> None:
     bad = (labels < 0) | (labels >= classes)
     if bad.any():
         i = int(np.flatnonzero(bad)[0])
-        raise ValueError(f"{path}: record {i} has label {int(labels[i])}, outside the {classes} classes 0..{classes - 1} "
-                         f"({int(bad.sum())} such records)")
+        raise ValueError(f"{path}: record {i} has label {int(labels[i])}, outside the {classes} classes "
+                         f"0..{classes - 1} ({int(bad.sum())} such records)")
 
 
 def _cifar_files(path: Path, split: str) -> Optional[Tuple[List[Path], str]]:

@@ -15,7 +15,8 @@ class Smoothed(Optimal):
     come from a stream of its own, seeded by a hash of (``seed``, the query's values, σ, label)
     (:mod:`.sample_seeds`): the denoiser is a pure function of each sample, whatever the batch size, the
     call order or the number of samples, and the sampler's random streams stay aligned with any other method
-    run from the same seeds. With s = 0 this is ``optimal``. Samples concentrate near barycentres of M-tuples of training images.
+    run from the same seeds. With s = 0 this is ``optimal``. Samples concentrate near barycentres of M-tuples
+    of training images.
 
     ``smoothing`` is an absolute per-pixel scale in [-1, 1] units. In high dimension a perturbation only
     changes which training image a query snaps to once s·√D is comparable to the distance between images, so

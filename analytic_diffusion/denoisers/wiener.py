@@ -43,7 +43,8 @@ class Wiener(Denoiser):
         mu, lam, U = self.mean.to(dev), self.eigvals.to(dev), self.U.to(dev)
         xc = x.reshape(x.shape[0], -1).to(torch.float64) - mu
         # λ / (λ + σ²), written so that a zero-variance direction gives 0 at every σ (never 0/0 at tiny σ)
-        shrink = lam[None, :] / (lam[None, :] + s.to(torch.float64)[:, None] ** 2).clamp_min(torch.finfo(torch.float64).tiny)
+        denom = (lam[None, :] + s.to(torch.float64)[:, None] ** 2).clamp_min(torch.finfo(torch.float64).tiny)
+        shrink = lam[None, :] / denom
         out = mu + ((xc @ U) * shrink) @ U.t()
         return out.reshape(x.shape).to(self.dtype)
 

@@ -23,7 +23,8 @@ class PCALocality(LocalDenoiser):
     the PCA of the candidate set, i.e. mirrored images included when the denoiser's ``flips`` is on), each row
     divided by its diagonal entry (|diag| < 1e-6 -> 1), then binarised mask[n, m] = |M[n, m]| ≥ θ·max|M|. Every
     output coordinate m (pixel AND channel) has its own input support mask[:, m]; its distance to training image j
-    is d_j(m) = Σ_n mask[n, m]·(x[n] − y_j[n])², and it gets its own softmax over the N (± mirrored, ± class-filtered) images of −d_j(m)/(2σ²T), with value y_j[m].
+    is d_j(m) = Σ_n mask[n, m]·(x[n] − y_j[n])², and it gets its own softmax over the N (± mirrored,
+    ± class-filtered) images of −d_j(m)/(2σ²T), with value y_j[m].
     Masks are computed once per σ and cached (keyed by σ to 12 significant digits).
 
     Options:

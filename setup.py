@@ -175,7 +175,7 @@ setup(
     # accelerate, einops: the integration tests run against the real packages (none pulls a new torch);
     # nbformat, nbclient, ipykernel: the tutorial notebooks run under pytest. smalldiffusion is installed
     # separately with --no-deps (its torchvision dependency would pull a newer torch). faiss-cpu: bench/ only.
-    extras_require={"test": ["pytest>=7", "pytest-benchmark>=4", "pytest-xdist>=3", "scipy>=1.9", "hypothesis>=6",
+    extras_require={"test": ["pytest>=7", "pytest-benchmark>=4", "pytest-xdist>=3", "scipy>=1.9", "hypothesis>=6.100",
                              "pybind11>=2.10",
                              "triton==3.6.0; platform_system == 'Linux' and platform_machine == 'x86_64'",
                              "diffusers>=0.30", "accelerate>=0.30", "einops>=0.6",

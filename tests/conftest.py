@@ -8,6 +8,17 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from hypothesis import HealthCheck, settings  # noqa: E402
+
+# Property tests (tests/test_properties.py): CI runs a derandomised, bounded profile (same examples every run);
+# HYPOTHESIS_PROFILE=long explores far more, with fresh examples and the example database, for local runs.
+settings.register_profile("ci", derandomize=True, database=None, max_examples=25, deadline=None,
+                          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+                          print_blob=True)
+settings.register_profile("long", max_examples=1500, deadline=None,
+                          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+                          print_blob=True)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
 def _cores() -> int:

@@ -6,6 +6,7 @@ import torch
 
 from analytic_diffusion.data import Dataset
 from analytic_diffusion.denoisers import Optimal
+from analytic_diffusion.denoisers.sample_seeds import row_generators
 from analytic_diffusion.ops import (KeyBank, PartialState, combine_partials, knn_search, posterior_draw,
                                     softmax_retrieval)
 from analytic_diffusion.analysis.variance import (PosteriorSampleDenoiser, posterior_moments, posterior_variance,
@@ -305,11 +306,12 @@ def test_wrapper_draw_mode(rng):
     # λ = 1 returns training images (or mirrored copies) exactly
     d = ((out.reshape(6, 1, -1) - cand[None]) ** 2).sum(-1).min(1).values
     assert float(d.max()) < 1e-20
-    # deterministic given the seed, fresh draws on the next call, reset() replays
+    # a pure function of each query: the same on a new object, on a second call, and row by row
     again = PosteriorSampleDenoiser(ds, mode="draw", scale=1.0, seed=5, dtype=torch.float64)
     assert torch.equal(again(x.double(), sig), out)
-    naive.reset()
     assert torch.equal(naive(x.double(), sig), out)
+    rows = torch.cat([naive(x[i:i + 1].double(), sig[i:i + 1]) for i in range(6)])
+    assert torch.equal(rows, out)
     # λ in (0, 1) mixes the optimal mean and the same draw stream
     half = PosteriorSampleDenoiser(ds, mode="draw", scale=0.25, seed=5, dtype=torch.float64)
     mean = Optimal(ds, dtype=torch.float64)(x.double(), sig)
@@ -323,7 +325,8 @@ def test_wrapper_noise_mode(rng):
     den = PosteriorSampleDenoiser(ds, mode="noise", scale=0.7, seed=2, dtype=torch.float64)
     out = den(x, sig)
     mean, var = posterior_moments(x, den, sig)
-    xi = torch.randn(4, 20, generator=torch.Generator().manual_seed(2), dtype=torch.float64).reshape(x.shape)
+    gens = row_generators("optimal-draw", 2, x, sig.double())
+    xi = torch.stack([torch.randn(20, generator=g, dtype=torch.float64) for g in gens]).reshape(x.shape)
     assert torch.allclose(out, mean + 0.7 * var.sqrt() * xi, atol=1e-12)
     assert torch.equal(den.posterior_variance(x, sig), var)
     # σ → 0: no variance, so no noise

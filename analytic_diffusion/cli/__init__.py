@@ -33,3 +33,6 @@ def main(argv: Optional[List[str]] = None) -> int:
     except (ValueError, TypeError, FileNotFoundError) as exc:  # bad input: a clear message, not a traceback
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: one line and the shell's convention for SIGINT (128 + 2)
+        print("interrupted", file=sys.stderr)
+        return 130

@@ -65,11 +65,17 @@ def register(sub) -> None:
                         "(nearest σ in log space)")
     e = p.add_argument_group("execution and outputs")
     e.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
-    e.add_argument("--backend", default="auto", help="auto | torch | cpu | triton | cuda")
+    e.add_argument("--backend", default="auto", choices=["auto", "torch", "cpu", "triton", "cuda"],
+                   help="retrieval kernels of the methods that have them (not wiener)")
     e.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="working precision")
     e.add_argument("--precision", default=None, choices=["exact", "tf32", "bf16"],
                    help="global methods on GPU: faster dots within a stated logit error bound (default exact)")
-    e.add_argument("--out", default=None, help="output folder (default runs/METHOD-DATASET-seedS)")
+    e.add_argument("--out", default=None,
+                   help="output folder (default runs/METHOD-DATASET-seedS); must be new or empty unless "
+                        "--overwrite. Files are written to a hidden sibling folder that is renamed to --out when "
+                        "the run has finished, so an interrupted run leaves no --out folder")
+    e.add_argument("--overwrite", action="store_true",
+                   help="replace a non-empty --out folder as a whole (no files of the old run are kept)")
     e.add_argument("--save-x0", action="store_true", help="also write x0_strips.png (x̂0 at every step)")
     e.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     p.set_defaults(func=run)
@@ -141,6 +147,9 @@ def _method_options(args) -> dict:
         raise ValueError(f"{', '.join(unused)} does not apply to --method {args.method}")
     if "backend" in valid:
         opts["backend"] = args.backend
+    elif args.backend != "auto":
+        raise ValueError(f"--backend {args.backend} does not apply to --method {args.method} "
+                         "(it has no retrieval kernels); leave --backend at auto")
     return opts
 
 
@@ -152,5 +161,6 @@ def run(args) -> int:
         class_label=args.class_label, random_classes=args.random_classes, n=args.n, steps=args.steps,
         sampler=args.sampler, schedule=args.schedule, schedule_kwargs=schedule_kwargs(args), eta=args.eta,
         clip_x0=args.clip_x0, seed=args.seed, batch_size=args.batch_size, method_options=_method_options(args),
-        device=args.device, dtype=args.dtype, out=args.out, save_x0=args.save_x0, progress=not args.no_progress)
+        device=args.device, dtype=args.dtype, out=args.out, save_x0=args.save_x0, progress=not args.no_progress,
+        overwrite=args.overwrite)
     return 0

@@ -21,7 +21,7 @@ ArrayLike = Union[np.ndarray, torch.Tensor]
 class Dataset:
     """N images (N, C, H, W) stored once, plus labels and the metadata that names them in cache keys.
 
-    ``images`` is uint8 (value = 2/255·v − 1) for 8-bit sources, else float32 already in [-1, 1].
+    ``images`` is uint8 (value = 2/255·v − 1) for 8-bit sources, else float32 or float64 already in [-1, 1].
     ``flips=True`` adds every image mirrored left-right as a candidate without copying anything: retrieval ops
     take the flag, ``n`` counts 2N, index i ≥ N in :meth:`images_float` means image i − N mirrored, and the
     statistics are those of the augmented set.
@@ -47,14 +47,20 @@ class Dataset:
     def from_array(cls, array: ArrayLike, labels: Optional[ArrayLike] = None, *, source: str = "array",
                    value_range: Optional[Tuple[float, float]] = None, split: Optional[str] = None,
                    transform: str = "none", class_names: Optional[Sequence[str]] = None,
-                   device="cpu") -> "Dataset":
-        """Images as NCHW, NHWC (last dim in 1/3/4 and dim 1 not) or NHW (grayscale); numpy or torch.
+                   device="cpu", layout: Optional[str] = None) -> "Dataset":
+        """Images as NCHW, NHWC or NHW (grayscale); numpy or torch.
+
+        ``layout`` ("NCHW", "NHWC", "NHW") says which; without it a 4-D shape is NCHW (the convention) unless
+        its last dim is a channel count (1, 3, 4): then it is NHWC when dim 1 is larger than 4, NCHW when dim 1 is
+        a channel count too, and refused otherwise ((N, 2, 6, 3): 2 channels of 6×3 or 3 channels of 2×6?),
+        never guessed.
 
         uint8 is stored as is, sharing the caller's memory when already NCHW and contiguous (no second copy of a
-        large set). Other input is float in [-1, 1], or in ``value_range`` (e.g. (0, 1), (0, 255)) and rescaled.
-        Integer input within 0..255 and no other range is stored as uint8.
+        large set). Other input is float in [-1, 1], or in ``value_range`` (e.g. (0, 1), (0, 255)) and rescaled;
+        float64 input stays float64 (the exactness of a float64 denoiser depends on it), other floats become
+        float32. Integer input within 0..255 and no other range is stored as uint8.
         """
-        x = standardize_images(array, source, value_range)
+        x = standardize_images(array, source, value_range, layout=layout)
         if labels is not None:
             labels = torch.as_tensor(np.asarray(labels) if not torch.is_tensor(labels) else labels)
         return cls(x, labels, source=source, split=split, transform=transform,
@@ -276,8 +282,35 @@ class Dataset:
 
 
 # -------------------------------------------------------------------- validation helpers
-def standardize_images(array: ArrayLike, source: str = "array", value_range=None) -> torch.Tensor:
-    """Any supported layout/dtype -> the stored form: (N, C, H, W) uint8, or float32 in [-1, 1] (validated)."""
+LAYOUTS = ("NCHW", "NHWC", "NHW")
+
+
+def _read_layout(shape, layout: Optional[str], source: str) -> str:
+    """The layout of an image array: ``layout`` when given (checked against the shape), else from the shape
+    only where it can mean one thing (see :meth:`Dataset.from_array`)."""
+    if layout is not None:
+        if layout not in LAYOUTS:
+            raise ValueError(f"layout: expected one of {', '.join(LAYOUTS)} or None, got {layout!r}")
+        if len(shape) != len(layout):
+            raise ValueError(f"layout: {layout} needs a {len(layout)}-D array, got shape {tuple(shape)}")
+        return layout
+    if len(shape) == 3:
+        return "NHW"
+    if len(shape) != 4:
+        raise ValueError(f"{source}: expected images as NCHW, NHWC or NHW, got shape {tuple(shape)}")
+    first, last = shape[1], shape[-1]
+    if last in (1, 3, 4) and first > 4:
+        return "NHWC"
+    if last in (1, 3, 4) and first not in (1, 3, 4):
+        raise ValueError(f"{source}: shape {tuple(shape)} is ambiguous (NCHW with {first} channels or NHWC with "
+                         f"{last}); pass layout='NCHW' or layout='NHWC'")
+    return "NCHW"
+
+
+def standardize_images(array: ArrayLike, source: str = "array", value_range=None,
+                       layout: Optional[str] = None) -> torch.Tensor:
+    """Any supported layout/dtype -> the stored form: (N, C, H, W) uint8, or float32 / float64 in [-1, 1]
+    (validated)."""
     if isinstance(array, np.ndarray):
         if array.dtype.kind in "iu" and array.dtype != np.uint8:  # torch lacks most ops on uint16/32/64
             array = array.astype(np.int64)
@@ -288,19 +321,18 @@ def standardize_images(array: ArrayLike, source: str = "array", value_range=None
     x = array
     if not torch.is_tensor(x):
         raise TypeError(f"{source}: expected a numpy array or torch tensor, got {type(array).__name__}")
-    if x.dim() == 3:
+    found = _read_layout(tuple(x.shape), layout, source)
+    if found == "NHW":
         x = x.unsqueeze(1)
-    elif x.dim() == 4 and x.shape[-1] in (1, 3, 4) and x.shape[1] not in (1, 3, 4):
+    elif found == "NHWC":
         x = x.permute(0, 3, 1, 2)
-    elif x.dim() != 4:
-        raise ValueError(f"{source}: expected images as NCHW, NHWC or NHW, got shape {tuple(x.shape)}")
     if x.shape[0] == 0:
         raise ValueError(f"{source}: the dataset is empty (0 images)")
     return _to_storage(x, source, value_range).contiguous()
 
 
 def _to_storage(x: torch.Tensor, source: str, value_range) -> torch.Tensor:
-    """uint8 stays uint8; everything else becomes float32 in [-1, 1] after range checks."""
+    """uint8 stays uint8, float64 stays float64; everything else becomes float32 in [-1, 1] after range checks."""
     if x.dtype == torch.uint8:
         if value_range is not None and tuple(value_range) != (0, 255):
             raise ValueError(f"{source}: uint8 images are always in (0, 255), got value_range={value_range}")
@@ -322,10 +354,11 @@ def _to_storage(x: torch.Tensor, source: str, value_range) -> torch.Tensor:
     if xmin < lo - tol or xmax > hi + tol:
         hint = "" if value_range is not None else "; pass value_range=(0, 1) or (0, 255) to rescale"
         raise ValueError(f"{source}: values in [{xmin:g}, {xmax:g}] are outside the range [{lo:g}, {hi:g}]{hint}")
+    keep64 = x.dtype == torch.float64
     x = x.to(torch.float64)
     if (lo, hi) != (-1.0, 1.0):
         x = (x - lo) * (2.0 / (hi - lo)) - 1.0
-    return x.clamp_(-1.0, 1.0).to(torch.float32)
+    return x.clamp_(-1.0, 1.0).to(torch.float64 if keep64 else torch.float32)
 
 
 def _check_images(images: torch.Tensor, source: str) -> None:
@@ -334,10 +367,10 @@ def _check_images(images: torch.Tensor, source: str) -> None:
         raise ValueError(f"{source}: expected an (N, C, H, W) tensor, got {shape} (use Dataset.from_array)")
     if images.shape[0] == 0 or images.numel() == 0:
         raise ValueError(f"{source}: the dataset is empty (shape {tuple(images.shape)})")
-    if images.dtype not in (torch.uint8, torch.float32):
-        raise TypeError(f"{source}: stored images must be uint8 or float32, got {images.dtype} "
+    if images.dtype not in (torch.uint8, torch.float32, torch.float64):
+        raise TypeError(f"{source}: stored images must be uint8, float32 or float64, got {images.dtype} "
                         f"(use Dataset.from_array to convert)")
-    if images.dtype == torch.float32:
+    if images.dtype != torch.uint8:
         if not bool(torch.isfinite(images).all()):
             raise ValueError(f"{source}: NaN/Inf values in the images")
         if float(images.abs().max()) > 1.0 + RANGE_TOLERANCE:
@@ -353,6 +386,8 @@ def _check_labels(labels, n: int, source: str, device) -> Optional[torch.Tensor]
         raise ValueError(f"{source}: {n} images but labels have shape {tuple(labels.shape)}")
     if labels.dtype == torch.bool or (labels.is_floating_point() and not bool((labels == labels.round()).all())):
         raise ValueError(f"{source}: labels must be integers, got {labels.dtype}")
+    if labels.numel() and float(labels.min()) < 0:
+        raise ValueError(f"{source}: labels must be non-negative class indices, got {float(labels.min()):g}")
     return labels.to(device=device, dtype=torch.int64, copy=True)  # labels are tiny: never alias the caller's
 
 

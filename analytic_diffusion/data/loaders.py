@@ -112,6 +112,7 @@ def _read_cifar_pickle(path: Path) -> Tuple[np.ndarray, np.ndarray]:
     labels = np.asarray(batch.get(key, []), dtype=np.int64)
     if labels.shape != (data.shape[0],):
         raise ValueError(f"{path}: {labels.shape[0]} {key} for {data.shape[0]} images")
+    _check_class_range(path, labels, 100 if key == "fine_labels" else 10)
     return data.reshape(-1, 3, 32, 32), labels
 
 
@@ -123,7 +124,18 @@ def _read_cifar_bin(path: Path, label_bytes: int) -> Tuple[np.ndarray, np.ndarra
         raise ValueError(f"{path}: truncated or not a CIFAR-{10 if label_bytes == 1 else 100} binary batch: "
                          f"{len(data)} bytes is not a multiple of the {record}-byte record")
     rows = np.frombuffer(data, dtype=np.uint8).reshape(-1, record)
-    return rows[:, label_bytes:].reshape(-1, 3, 32, 32), rows[:, label_bytes - 1].astype(np.int64)
+    labels = rows[:, label_bytes - 1].astype(np.int64)
+    _check_class_range(path, labels, 10 if label_bytes == 1 else 100)
+    return rows[:, label_bytes:].reshape(-1, 3, 32, 32), labels
+
+
+def _check_class_range(path: Path, labels: np.ndarray, classes: int) -> None:
+    """CIFAR-10 labels are 0..9, CIFAR-100 fine labels 0..99: anything else is a corrupt or foreign file."""
+    bad = (labels < 0) | (labels >= classes)
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        raise ValueError(f"{path}: record {i} has label {int(labels[i])}, outside the {classes} classes "
+                         f"0..{classes - 1} ({int(bad.sum())} such records)")
 
 
 def _cifar_files(path: Path, split: str) -> Optional[Tuple[List[Path], str]]:
@@ -189,7 +201,7 @@ def _decode_images(entries: Sequence[Tuple[str, Callable]], resolution, grayscal
         try:
             with opener() as f, Image.open(f) as im:
                 gray = grayscale if grayscale is not None else im.mode in GRAY_MODES
-                arr = np.asarray(im.convert("L" if gray else "RGB"))
+                arr = np.asarray(_to_8bit(im).convert("L" if gray else "RGB"))
         except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
             raise ValueError(f"{name}: cannot read image ({e})") from None
         arr = arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
@@ -204,6 +216,18 @@ def _decode_images(entries: Sequence[Tuple[str, Callable]], resolution, grayscal
     if len({a.shape[0] for a in arrays}) > 1:
         arrays = [to_rgb(a[None])[0] for a in arrays]
     return np.stack(arrays)
+
+
+def _to_8bit(im: Image.Image) -> Image.Image:
+    """16-bit (and 32-bit integer) grayscale scaled to 0..255; Pillow's convert("L") would clip it at 255."""
+    if im.mode not in ("I", "I;16", "I;16B", "I;16L", "I;16N"):
+        return im
+    v = np.asarray(im).astype(np.float64)
+    if im.mode == "I" and v.size and v.max() <= 255 and v.min() >= 0:  # 8-bit values held as 32-bit
+        return Image.fromarray(v.astype(np.uint8), "L")
+    lo = 0.0 if im.mode != "I" or v.min() >= 0 else float(np.iinfo(np.int32).min)
+    hi = 65535.0 if im.mode != "I" or v.max() <= 65535 else float(np.iinfo(np.int32).max)
+    return Image.fromarray(np.rint((v - lo) * (255.0 / (hi - lo))).clip(0, 255).astype(np.uint8), "L")
 
 
 def _image_name(name: str) -> bool:
@@ -249,14 +273,21 @@ def load_edm_zip(path, *, split: Optional[str] = None, resolution=None, grayscal
                 meta = json.loads(archive.read("dataset.json"))
             except ValueError as e:
                 raise ValueError(f"{path}: dataset.json is not valid JSON ({e})") from None
+            if not isinstance(meta, dict):
+                raise ValueError(f"{path}: dataset.json must be an object {{\"labels\": [[name, label], ...]}}, "
+                                 f"got a JSON {type(meta).__name__}")
             if meta.get("labels") is not None:
-                table = {name: label for name, label in meta["labels"]}
+                rows = meta["labels"]
+                if not isinstance(rows, list) or not all(isinstance(r, list) and len(r) == 2 for r in rows):
+                    raise ValueError(f"{path}: dataset.json 'labels' must be a list of [name, label] pairs")
+                table = {name: label for name, label in rows}
                 missing = [n for n in names if n not in table]
                 if missing:
                     raise ValueError(f"{path}: dataset.json has no label for {missing[0]} "
                                      f"({len(missing)} images unlabelled)")
-                if not all(isinstance(table[n], int) for n in names):
-                    raise ValueError(f"{path}: dataset.json labels must be integers (class indices)")
+                if not all(isinstance(table[n], int) and not isinstance(table[n], bool) and table[n] >= 0
+                           for n in names):
+                    raise ValueError(f"{path}: dataset.json labels must be non-negative integers (class indices)")
                 labels = np.array([table[n] for n in names], dtype=np.int64)
         entries = [(f"{path}:{n}", lambda n=n: io.BytesIO(archive.read(n))) for n in names]
         images = _decode_images(entries, resolution, grayscale)
@@ -265,9 +296,11 @@ def load_edm_zip(path, *, split: Optional[str] = None, resolution=None, grayscal
 
 
 # ==================================================================== numpy files and arrays
-def load_numpy(path, *, split: str = "train", value_range=None, **options) -> Dataset:
+def load_numpy(path, *, split: str = "train", value_range=None, layout: Optional[str] = None,
+               **options) -> Dataset:
     """.npy (images only) or .npz: images under x_{split}, images_{split}, images, x (else the first array);
-    labels under y_{split}, labels_{split}, labels, y. Float data in [-1, 1] unless ``value_range`` says."""
+    labels under y_{split}, labels_{split}, labels, y. Float data in [-1, 1] unless ``value_range`` says;
+    ``layout`` where the shape is ambiguous (see :meth:`Dataset.from_array`)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file")
@@ -288,13 +321,15 @@ def load_numpy(path, *, split: str = "train", value_range=None, **options) -> Da
             images = loaded[image_key]
             labels = loaded[label_key] if label_key is not None else None
     return _finish(images, labels, source=str(path.resolve()), split=split, value_range=value_range,
-                   **_options(options))
+                   layout=layout, **_options(options))
 
 
 def load_array(array, labels=None, *, source: str = "array", split: Optional[str] = None, value_range=None,
-               **options) -> Dataset:
-    """In-memory numpy array or tensor (NCHW, NHWC or NHW); see :meth:`Dataset.from_array`."""
-    return _finish(array, labels, source=source, split=split, value_range=value_range, **_options(options))
+               layout: Optional[str] = None, **options) -> Dataset:
+    """In-memory numpy array or tensor (NCHW, NHWC or NHW, ``layout`` where the shape is ambiguous); see
+    :meth:`Dataset.from_array`."""
+    return _finish(array, labels, source=source, split=split, value_range=value_range, layout=layout,
+                   **_options(options))
 
 
 # ==================================================================== dispatch
@@ -332,6 +367,9 @@ def load_dataset(source, *, split: Optional[str] = None, resolution=None, graysc
         return load_array(source, split=split, **options)
     if not isinstance(source, (str, Path)):
         raise TypeError(f"source: expected a path, a dataset name or an array, got {type(source).__name__}")
+    if isinstance(source, str) and not source.strip():  # Path("") is the working directory: never load it
+        raise ValueError(f"source: empty dataset name or path {source!r} (built-in datasets: "
+                         f"{', '.join(embedded.NAMES)}, or a file or folder path)")
     # A bare built-in name always means the embedded set, whatever the working directory holds ("./mnist" for
     # a local folder of that name), so that scripts behave the same everywhere.
     if isinstance(source, str) and source.lower() in embedded.NAMES:

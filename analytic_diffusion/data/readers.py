@@ -20,9 +20,9 @@ IDX_IMAGES_MAGIC, IDX_LABELS_MAGIC = 2051, 2049
 # ==================================================================== shared finishing step
 def _finish(images, labels, *, source: str, split: Optional[str], resolution=None, grayscale=None,
             pad_to=None, labels_wanted: bool = True, device="cpu", value_range=None,
-            class_names: Optional[Sequence[str]] = None) -> Dataset:
+            class_names: Optional[Sequence[str]] = None, layout: Optional[str] = None) -> Dataset:
     """Validate/standardise, apply the transforms, record them in the metadata, and build the Dataset."""
-    x = standardize_images(images, source, value_range)
+    x = standardize_images(images, source, value_range, layout=layout)
     transform = "none"
     if resolution is not None or grayscale is not None or pad_to is not None:
         arr, transform = apply_transforms(x.cpu().numpy(), resolution=resolution, grayscale=grayscale,
@@ -65,7 +65,9 @@ def read_idx(path, magic: int) -> np.ndarray:
     if len(data) < header:
         raise ValueError(f"{path}: truncated inside the idx header")
     dims = tuple(int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
-    count = int(np.prod(dims))
+    count = 1
+    for d in dims:  # Python ints: a header claiming huge sizes must not overflow into a small product
+        count *= d
     body = len(data) - header
     if body < count:
         raise ValueError(f"{path}: truncated: header says {'x'.join(map(str, dims))} = {count} bytes of data, "

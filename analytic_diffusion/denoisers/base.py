@@ -20,6 +20,17 @@ import torch
 from ..ops import sigma_rows
 
 
+def class_label_rows(labels, device) -> torch.Tensor:
+    """Class labels as a flat int64 tensor; refuses non-integral values (1.7 is no class) and booleans."""
+    t = labels if torch.is_tensor(labels) else torch.as_tensor(labels)
+    if not (t.is_floating_point() or t.dtype in (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)):
+        raise TypeError(f"class_labels: expected integer class indices, got {t.dtype}")
+    if t.is_floating_point() and not bool((torch.isfinite(t) & (t == t.round())).all()):
+        raise ValueError(f"class_labels: expected integer class indices, got non-integral values "
+                         f"{t[~(torch.isfinite(t) & (t == t.round()))].reshape(-1)[:3].tolist()}")
+    return t.to(device=device, dtype=torch.long).reshape(-1)
+
+
 @dataclass
 class Posterior:
     """Posterior mean (B, C, H, W) with per-sample summaries of the weights."""
@@ -119,9 +130,9 @@ class Denoiser(torch.nn.Module):
         else:
             if not bool(torch.isfinite(x).all()):
                 raise ValueError("x: contains NaN or Inf")
-            s = sigma_rows(sigma, x.shape[0], x.device)
+            s = sigma_rows(sigma, x.shape[0], x.device, x)
         if class_labels is not None:
-            class_labels = torch.as_tensor(class_labels, dtype=torch.long, device=x.device).reshape(-1)
+            class_labels = class_label_rows(class_labels, x.device)
             if class_labels.numel() == 1 and x.shape[0] > 1:
                 class_labels = class_labels.expand(x.shape[0])
             if class_labels.shape != (x.shape[0],):
@@ -132,17 +143,23 @@ class Denoiser(torch.nn.Module):
     def forward(self, x: torch.Tensor, sigma, class_labels=None) -> torch.Tensor:
         """x̂0 = D(x, σ) for x (B, C, H, W) and σ a float, a 0-d or a (B,) floating tensor."""
         s, labels = self._check(x, sigma, class_labels)
+        if x.shape[0] == 0:  # an empty batch has an empty answer
+            return x.clone()
         return self.denoise(x, s, labels).to(x.dtype)
 
     def score(self, x: torch.Tensor, sigma, class_labels=None) -> torch.Tensor:
         """∇ log p_σ(x) = (x̂0 − x) / σ²."""
         s, labels = self._check(x, sigma, class_labels)
+        if x.shape[0] == 0:
+            return x.clone()
         s4 = s.to(x.dtype).view(-1, 1, 1, 1)
         return (self.denoise(x, s, labels).to(x.dtype) - x) / (s4 * s4)
 
     def eps(self, x: torch.Tensor, sigma, class_labels=None) -> torch.Tensor:
         """ε̂ = (x − x̂0) / σ."""
         s, labels = self._check(x, sigma, class_labels)
+        if x.shape[0] == 0:
+            return x.clone()
         return (x - self.denoise(x, s, labels).to(x.dtype)) / s.to(x.dtype).view(-1, 1, 1, 1)
 
     def jvp(self, x: torch.Tensor, sigma, v: torch.Tensor, class_labels=None) -> torch.Tensor:

@@ -244,7 +244,8 @@ class PSPCFlex(LocalDenoiser):
         key = sigma_key(sigma)
         if key not in self._cache:
             if isinstance(spec, str):
-                heat = wiener_heatmap(self.dataset, key)
+                # the statistics of the candidate set this denoiser searches: flips as the denoiser has them
+                heat = wiener_heatmap(self.dataset.with_flips(self.flips), key)
                 hw = heat.shape[0] * heat.shape[1]
                 flat = heat.view(hw, hw)
                 # Pixels with no variance (e.g. MNIST's zero padding) have an all-zero Wiener row: their mask is

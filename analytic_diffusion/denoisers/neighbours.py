@@ -8,16 +8,70 @@ import torch
 from ..ops import gather_rows, knn_search
 from .base import Posterior
 from .optimal import RetrievalDenoiser
+from .sample_seeds import row_generators
+
+
+# The float32 screen may mis-rank near-ties at the k-th place: take this many more, then rank in float64.
+RESCORE_MARGIN = 8
+
+
+def _relative_d2(q: torch.Tensor, rows: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    """‖q − y_j‖² − ‖q − y_ref‖² = ⟨y_j − y_ref, y_j + y_ref − 2q⟩ in float64, row by row (B, K).
+
+    No ‖q‖² term: exact in float64 however large the query (x = 1e30 included), and each row's value depends
+    on that row only, so batch composition never changes it.
+    """
+    q, rows, ref = q.double(), rows.double(), ref.double()
+    return ((rows - ref[:, None]) * (rows + ref[:, None] - 2.0 * q[:, None])).sum(-1)
+
+
+def _coef(s: torch.Tensor, temperature: float) -> torch.Tensor:
+    """1 / (2σ²T) in float64, clamped to the largest finite value (σ → 0: logits −inf, never NaN)."""
+    c = 1.0 / (2.0 * s.double() ** 2 * temperature)
+    return c.clamp_max(torch.finfo(torch.float64).max)
 
 
 def _softmax_summary(logits: torch.Tensor, rows: torch.Tensor, extra_weight=None):
-    """Self-normalised weights over (B, K) logits (−inf allowed) with optional multipliers -> (mean, max w, 1/Σw²)."""
+    """Self-normalised weights over (B, K) logits (−inf allowed, the largest finite) with optional multipliers
+    -> (mean, max w, 1/Σw²), in float64; a row-by-row reduction so that the batch never changes a row."""
     w = torch.exp(logits - logits.max(1, keepdim=True).values)
     if extra_weight is not None:
         w = w * extra_weight
     w = w / w.sum(1, keepdim=True)
-    mean = torch.einsum("bk,bkd->bd", w, rows)
+    mean = (w[:, :, None] * rows.double()).sum(1)
     return mean, w.max(1).values, 1.0 / (w * w).sum(1)
+
+
+def _nearest_exact(den: "RetrievalDenoiser", q: torch.Tensor, k: int, labels):
+    """The k nearest allowed candidates per row, ranked in float64 (ties: lower index).
+
+    Returns (index (B, k), valid (B, k), rows (B, k, D) float64, rel d2 (B, k) float64 relative to the row's
+    nearest). A row with fewer than k allowed candidates has ``valid`` False in its last slots. The working-dtype
+    screen keeps k + RESCORE_MARGIN candidates, so the k-th boundary is decided in float64 whatever ``dtype``.
+    """
+    screen = min(den.num_candidates, k + RESCORE_MARGIN)
+    d2, idx = knn_search(q, den.keys, screen, query_labels=labels, **den._retrieval_kwargs())
+    valid = torch.isfinite(d2) & (idx >= 0)
+    idx = torch.where(valid, idx, torch.zeros_like(idx))
+    rows = gather_rows(den.keys, idx, torch.float64)
+    rel = _relative_d2(q, rows, rows[:, 0])
+    rel = torch.where(valid, rel, torch.full_like(rel, float("inf")))
+    # rank by (float64 distance, index): sort by index first, then a stable sort by distance
+    order = torch.argsort(torch.where(valid, idx, torch.full_like(idx, 2**62)), dim=1)
+    order = torch.gather(order, 1, torch.argsort(torch.gather(rel, 1, order), dim=1, stable=True))[:, :k]
+    idx, valid, rel = (torch.gather(t, 1, order) for t in (idx, valid, rel))
+    rows = torch.gather(rows, 1, order[..., None].expand(-1, -1, rows.shape[-1]))
+    # relative to the (new) nearest, whose logit is then exactly 0
+    rel = torch.where(valid, _relative_d2(q, rows, rows[:, 0]), rel)
+    return idx, valid, rows, rel
+
+
+def _exact_mask(idx, valid, total):
+    """(B, total) bool: the candidates a row took among its exact neighbours."""
+    m = torch.zeros(idx.shape[0], total, dtype=torch.bool, device=idx.device)
+    b = torch.arange(idx.shape[0], device=idx.device)[:, None].expand_as(idx)
+    m[b[valid], idx[valid]] = True
+    return m
 
 
 class TopK(RetrievalDenoiser):
@@ -41,11 +95,10 @@ class TopK(RetrievalDenoiser):
 
     def _posterior(self, x, s, labels) -> Posterior:
         q = x.reshape(x.shape[0], -1)
-        d2, idx = knn_search(q, self.keys, self.k, query_labels=labels, **self._retrieval_kwargs())
-        logits = -d2.to(self.dtype) / (2.0 * s[:, None].to(self.dtype) ** 2 * self.temperature)
-        rows = gather_rows(self.keys, idx.clamp_min(0), self.dtype)
+        _, valid, rows, rel = _nearest_exact(self, q, self.k, labels)
+        logits = torch.where(valid, -rel * _coef(s, self.temperature)[:, None], float("-inf"))
         mean, wmax, neff = _softmax_summary(logits, rows)
-        return Posterior(mean.reshape(x.shape).to(x.dtype), wmax, neff)
+        return Posterior(mean.reshape(x.shape).to(x.dtype), wmax.to(self.dtype), neff.to(self.dtype))
 
     def config(self):
         return {**super().config(), "k": self.k}
@@ -71,7 +124,9 @@ class KNNEstimator(RetrievalDenoiser):
     The k nearest candidates enter exactly; the tail (every other allowed candidate) is estimated from
     ``ref_size`` candidates drawn uniformly without replacement, each standing for (N_tail / ref_size)
     candidates. Weights are self-normalised over both parts. With k ≥ N (no tail) this is the exact posterior
-    mean; the estimate draws from a generator of its own (``seed``), never from the sampler's.
+    mean. Each query's tail draws come from a stream of its own, seeded by a hash of (``seed``, the query's
+    values, σ, label) (:mod:`.sample_seeds`), never from the sampler's: batch size, call order and the number
+    of samples change nothing.
     """
 
     name = "knn"
@@ -85,8 +140,9 @@ class KNNEstimator(RetrievalDenoiser):
             raise ValueError(f"ref_size: expected a non-negative integer, got {ref_size!r}")
         self.k = min(k, self.num_candidates)
         self.ref_size = ref_size
+        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+            raise ValueError(f"seed: expected a non-negative integer, got {seed!r}")
         self.seed = seed
-        self.generator = torch.Generator().manual_seed(seed)
 
     def _allowed(self, labels, batch, device):
         """(B, N_total) bool: candidates each query may use (class filter; flipped copies share labels)."""
@@ -101,31 +157,34 @@ class KNNEstimator(RetrievalDenoiser):
         q = x.reshape(x.shape[0], -1)
         B = q.shape[0]
         allowed = self._allowed(labels, B, q.device)
-        k = min(self.k, int(allowed.sum(1).min()))
-        d2, idx = knn_search(q, self.keys, k, query_labels=labels, **self._retrieval_kwargs())
-        coef = 1.0 / (2.0 * s.to(self.dtype) ** 2 * self.temperature)
-        logits = -d2.to(self.dtype) * coef[:, None]
-        rows = gather_rows(self.keys, idx, self.dtype)
+        # Each row keeps min(k, its allowed count) exact neighbours (padding slots are not valid): no row's
+        # answer depends on the classes of the other rows in its batch.
+        k = min(self.k, int(allowed.sum(1).max()))
+        idx, valid, rows, rel = _nearest_exact(self, q, k, labels)
+        coef = _coef(s, self.temperature)
+        ref = rows[:, 0]
+        logits = torch.where(valid, -rel * coef[:, None], float("-inf"))
         mult = torch.ones_like(logits)
-        tail = allowed.clone()
-        tail.scatter_(1, idx, False)
+        tail = allowed & ~_exact_mask(idx, valid, allowed.shape[1])
         n_tail = tail.sum(1)
         draws = min(self.ref_size, int(n_tail.max()))
         if draws > 0:
-            # Uniform sampling without replacement per row: the top-L of iid uniforms over the allowed tail.
-            u = torch.rand(tail.shape, generator=self.generator, dtype=torch.float64).to(q.device)
+            # Uniform sampling without replacement per row: the top-L of iid uniforms over the allowed tail,
+            # each row from its own stream (a pure function of the row).
+            gens = row_generators(self.name, self.seed, x, s, labels)
+            u = torch.stack([torch.rand(tail.shape[1], generator=g, dtype=torch.float64) for g in gens]).to(q.device)
             u = torch.where(tail, u, torch.full_like(u, -1.0))
             tidx = torch.topk(u, draws, dim=1).indices
-            valid = torch.gather(tail, 1, tidx)  # rows whose tail is shorter than L pick some invalid slots
-            taken = valid.sum(1).clamp_min(1).to(self.dtype)
-            trows = gather_rows(self.keys, tidx, self.dtype)
-            td2 = ((q[:, None, :].to(self.dtype) - trows) ** 2).sum(-1)
-            tlogits = torch.where(valid, -td2 * coef[:, None], torch.full_like(td2, float("-inf")))
+            tvalid = torch.gather(tail, 1, tidx)  # rows whose tail is shorter than L pick some invalid slots
+            taken = tvalid.sum(1).clamp_min(1).double()
+            trows = gather_rows(self.keys, tidx, torch.float64)
+            trel = _relative_d2(q, trows, ref)
+            tlogits = torch.where(tvalid, -trel * coef[:, None], float("-inf"))
             logits = torch.cat([logits, tlogits], 1)
             rows = torch.cat([rows, trows], 1)
-            mult = torch.cat([mult, (n_tail.to(self.dtype) / taken)[:, None].expand(B, draws)], 1)
+            mult = torch.cat([mult, (n_tail.double() / taken)[:, None].expand(B, draws)], 1)
         mean, wmax, neff = _softmax_summary(logits, rows, mult)
-        return Posterior(mean.reshape(x.shape).to(x.dtype), wmax, neff)
+        return Posterior(mean.reshape(x.shape).to(x.dtype), wmax.to(self.dtype), neff.to(self.dtype))
 
     def config(self):
         return {**super().config(), "k": self.k, "ref_size": self.ref_size, "seed": self.seed}

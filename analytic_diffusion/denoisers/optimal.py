@@ -86,6 +86,9 @@ class RetrievalDenoiser(Denoiser):
 
     def posterior(self, x: torch.Tensor, sigma, class_labels=None) -> Posterior:
         s, labels = self._check(x, sigma, class_labels)
+        if x.shape[0] == 0:
+            empty = torch.empty(0, dtype=self.dtype, device=x.device)
+            return Posterior(x.clone(), empty, empty.clone())
         return self._posterior(x, s, labels)
 
     def _posterior(self, x, s, labels) -> Posterior:

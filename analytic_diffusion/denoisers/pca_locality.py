@@ -20,10 +20,11 @@ class PCALocality(LocalDenoiser):
     """The analytic denoiser of Lukoianov et al. in σ-space.
 
     Per σ: the Wiener filter W_σ = U diag(λ/(λ+σ²)) Uᵀ (the σ-space form of their U diag(ᾱλ/(1−ᾱ+ᾱλ)) Vᵀ; λ, U from
-    ``dataset.pca()``, flips included when on), each row divided by its diagonal entry (|diag| < 1e-6 -> 1), then
-    binarised mask[n, m] = |M[n, m]| ≥ θ·max|M|. Every output coordinate m (pixel AND channel) has its own input
-    support mask[:, m]; its distance to training image j is d_j(m) = Σ_n mask[n, m]·(x[n] − y_j[n])², and it gets
-    its own softmax over the N (± mirrored, ± class-filtered) images of −d_j(m)/(2σ²T), with value y_j[m].
+    the PCA of the candidate set, i.e. mirrored images included when the denoiser's ``flips`` is on), each row
+    divided by its diagonal entry (|diag| < 1e-6 -> 1), then binarised mask[n, m] = |M[n, m]| ≥ θ·max|M|. Every
+    output coordinate m (pixel AND channel) has its own input support mask[:, m]; its distance to training image j
+    is d_j(m) = Σ_n mask[n, m]·(x[n] − y_j[n])², and it gets its own softmax over the N (± mirrored,
+    ± class-filtered) images of −d_j(m)/(2σ²T), with value y_j[m].
     Masks are computed once per σ and cached (keyed by σ to 12 significant digits).
 
     Options:
@@ -88,7 +89,8 @@ class PCALocality(LocalDenoiser):
             if self.mask == "full" or self.threshold <= 0:
                 out = torch.ones(D, D, dtype=torch.bool)
             else:
-                _, eigvals, U = self.dataset.pca()
+                # the statistics of the candidate set searched: flips=True here means ds.with_flips(True)
+                _, eigvals, U = self.dataset.with_flips(self.flips).pca()
                 out = locality_mask(wiener_filter_matrix(eigvals, U, key), self.threshold)
             self._cache[key] = out.to(self.keys.device)
         return self._cache[key]

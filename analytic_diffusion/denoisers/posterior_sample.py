@@ -21,8 +21,10 @@ adds, from the same exact chunked scan (torch reference backend, memory-bounded,
   - mode ``"noise"``: x̂0 = E[x0|x] + λ·sqrt(Var[x0|x])·ξ, ξ ~ N(0, I). The injected noise has the posterior's
     *diagonal* covariance only (per-pixel variances, no correlations between pixels), unlike a draw.
 
-  Its randomness comes from its own generator (``seed``), so the sampler's per-sample generators (initial
-  noise, stochastic steps) stay aligned with those of any other denoiser run from the same seeds.
+  Its randomness is per query: a stream seeded by a hash of (``seed``, the query's values, σ, label)
+  (:mod:`.sample_seeds`; the draw uses counter-based Gumbel noise from that seed), so the denoiser is a pure
+  function of each sample whatever the batch size or call order, and the sampler's per-sample generators
+  (initial noise, stochastic steps) stay aligned with those of any other denoiser run from the same seeds.
 The study helper :func:`analytic_diffusion.analysis.variance.variance_sweep` samples the same seeds at several λ.
 """
 from __future__ import annotations
@@ -33,6 +35,7 @@ from typing import Optional, Tuple
 import torch
 
 from .optimal import Optimal, RetrievalDenoiser
+from .sample_seeds import row_generators, row_seeds
 from ..ops import DEFAULT_MEMORY_BUDGET, KeyBank, softmax_retrieval
 from ..ops import posterior_draw as _ops_posterior_draw
 
@@ -126,8 +129,8 @@ class PosteriorSampleDenoiser(Optimal):
     mode="noise": x̂0 = E[x0|x] + λ·sqrt(Var[x0|x])·ξ, ξ ~ N(0, I) — a *diagonal* posterior covariance.
     λ = 0 returns the optimal denoiser's output exactly (same scan, no random numbers used).
 
-    ``seed`` seeds the denoiser's own generator (on the dataset's device); :meth:`reset` restarts it. Draws and
-    noise use the torch reference backend; the mean uses ``backend`` as :class:`Optimal` does.
+    ``seed`` enters the hash that seeds each query's stream (the same query gets the same draw on every call).
+    Draws and noise use the torch reference backend; the mean uses ``backend`` as :class:`Optimal` does.
     """
 
     name = "optimal-draw"
@@ -152,12 +155,6 @@ class PosteriorSampleDenoiser(Optimal):
         if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
             raise ValueError(f"seed: expected a non-negative integer, got {seed!r}")
         self.mode, self.scale, self.seed = mode, scale, seed
-        self.generator = torch.Generator(device=self.keys.device)
-        self.reset()
-
-    def reset(self, seed: Optional[int] = None) -> None:
-        """Restart the denoiser's random stream (at ``seed``, default the constructor's)."""
-        self.generator.manual_seed(self.seed if seed is None else int(seed))
 
     def posterior_variance(self, x: torch.Tensor, sigma, class_labels=None) -> torch.Tensor:
         return posterior_variance(self, x, sigma, class_labels)
@@ -170,15 +167,18 @@ class PosteriorSampleDenoiser(Optimal):
         common = dict(temperature=self.temperature, query_labels=labels, flips=self.flips, dtype=self.dtype,
                       memory_budget=self.memory_budget)
         if self.mode == "draw":
-            _, draw = _ops_posterior_draw(q, self.keys, s, generator=self.generator, **common)
+            seeds = torch.tensor(row_seeds(self.name, self.seed, x, s, labels), dtype=torch.int64)
+            _, draw = _ops_posterior_draw(q, self.keys, s, row_seeds=seeds, **common)
             draw = draw.reshape(x.shape)
             if lam == 1.0:
                 return draw.to(x.dtype)
             mean = self._posterior(x, s, labels).mean.to(draw.dtype)
             return ((1.0 - lam) * mean + lam * draw).to(x.dtype)
         r = softmax_retrieval(q, self.keys, s, backend="torch", second_moment=True, **common)
-        xi = torch.randn(r.mean.shape, generator=self.generator, device=self.generator.device,
-                         dtype=r.mean.dtype).to(r.mean.device)
+        gens = row_generators(self.name, self.seed, x, s, labels)
+        # float64 draws whatever the working dtype: float32 and float64 runs see the same noise
+        xi = torch.stack([torch.randn(r.mean.shape[1], generator=g, dtype=torch.float64) for g in gens]
+                         ).to(r.mean.device, r.mean.dtype)
         out = r.mean + lam * r.variance.sqrt() * xi
         return out.reshape(x.shape).to(x.dtype)
 

@@ -5,15 +5,18 @@ import torch
 
 from .base import Posterior
 from .optimal import Optimal
+from .sample_seeds import row_generators
 
 
 class Smoothed(Optimal):
     """x̂0(x) = (1/M) Σ_m D_opt(x + s·ξ_m), ξ_m ~ N(0, I).
 
-    The M perturbations of all B queries go through one scan of the training set. They are drawn from a
-    generator of the denoiser's own (``seed``), so the sampler's random streams, and therefore the initial
-    noise of later batches, stay aligned with any other method run from the same seeds. With s = 0 this is
-    ``optimal``. Samples concentrate near barycentres of M-tuples of training images.
+    The M perturbations of all B queries go through one scan of the training set. Each query's perturbations
+    come from a stream of its own, seeded by a hash of (``seed``, the query's values, σ, label)
+    (:mod:`.sample_seeds`): the denoiser is a pure function of each sample, whatever the batch size, the
+    call order or the number of samples, and the sampler's random streams stay aligned with any other method
+    run from the same seeds. With s = 0 this is ``optimal``. Samples concentrate near barycentres of M-tuples
+    of training images.
 
     ``smoothing`` is an absolute per-pixel scale in [-1, 1] units. In high dimension a perturbation only
     changes which training image a query snaps to once s·√D is comparable to the distance between images, so
@@ -28,15 +31,18 @@ class Smoothed(Optimal):
             raise ValueError(f"num_perturbations: expected a positive integer, got {num_perturbations!r}")
         if not smoothing >= 0:
             raise ValueError(f"smoothing: expected s >= 0, got {smoothing}")
+        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+            raise ValueError(f"seed: expected a non-negative integer, got {seed!r}")
         self.num_perturbations = num_perturbations
         self.smoothing = float(smoothing)
         self.seed = seed
-        self.generator = torch.Generator().manual_seed(seed)
 
     def _posterior(self, x, s, labels) -> Posterior:
         B, M = x.shape[0], self.num_perturbations
         # Drawn in float64 whatever the working dtype, so float32 and float64 runs see the same perturbations.
-        xi = torch.randn((M,) + tuple(x.shape), generator=self.generator, dtype=torch.float64).to(x.device, x.dtype)
+        gens = row_generators(self.name, self.seed, x, s, labels)
+        xi = torch.stack([torch.randn((M,) + tuple(x.shape[1:]), generator=g, dtype=torch.float64) for g in gens],
+                         1).to(x.device, x.dtype)
         xs = (x[None] + self.smoothing * xi).reshape(M * B, *x.shape[1:])
         rep = lambda t: None if t is None else t.repeat(M)  # noqa: E731 - row m*B + b is perturbation m of b
         p = super()._posterior(xs, rep(s), rep(labels))

@@ -30,20 +30,24 @@ class Wiener(Denoiser):
         self.dataset_repr = repr(dataset)
         self.rank = rank
         self.dtype = dtype
-        # Non-persistent buffers: .to(device) moves them, state_dict() stays empty.
-        self.register_buffer("mean", mean.to(dtype), persistent=False)
-        self.register_buffer("eigvals", eigvals[:r].to(dtype), persistent=False)
-        self.register_buffer("U", U[:, :r].to(dtype).contiguous(), persistent=False)
+        # Non-persistent buffers (.to(device) moves them, state_dict() stays empty), kept and applied in float64
+        # whatever ``dtype`` (the answer is cast to it): a float32 GEMM's rounding changes with the batch shape and
+        # the thread count, float64's stays far below float32 resolution.
+        self.register_buffer("mean", mean.to(torch.float64), persistent=False)
+        self.register_buffer("eigvals", eigvals[:r].to(torch.float64), persistent=False)
+        self.register_buffer("U", U[:, :r].to(torch.float64).contiguous(), persistent=False)
 
     def denoise(self, x, s, labels):
         if labels is not None:
             raise ValueError("class_labels: the wiener denoiser is unconditional")
         dev = x.device
         mu, lam, U = self.mean.to(dev), self.eigvals.to(dev), self.U.to(dev)
-        xc = x.reshape(x.shape[0], -1).to(self.dtype) - mu
-        shrink = lam[None, :] / (lam[None, :] + s.to(self.dtype)[:, None] ** 2)
+        xc = x.reshape(x.shape[0], -1).to(torch.float64) - mu
+        # λ / (λ + σ²), written so that a zero-variance direction gives 0 at every σ (never 0/0 at tiny σ)
+        denom = (lam[None, :] + s.to(torch.float64)[:, None] ** 2).clamp_min(torch.finfo(torch.float64).tiny)
+        shrink = lam[None, :] / denom
         out = mu + ((xc @ U) * shrink) @ U.t()
-        return out.reshape(x.shape)
+        return out.reshape(x.shape).to(self.dtype)
 
     def flow(self, x: torch.Tensor, sigma_from: float, sigma_to: float) -> torch.Tensor:
         """The exact solution of the probability-flow ODE dx/dσ = (x − D(x, σ))/σ of this Gaussian, σ_from → σ_to.

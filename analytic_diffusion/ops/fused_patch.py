@@ -29,6 +29,14 @@ def split_count(rows: int, n_img: int) -> int:
     return max(1, min(TARGET_SPLITS, n_img, -(-TARGET_PROGRAMS // max(1, tiles))))
 
 
+# The C++ kernel runs a few threads, not thousands of programs: a split count fixed by the image count alone, so
+# that a query row's partials, and their combination order, never depend on how many rows share the call
+# (batch size, n): CPU results are bitwise independent of batching. Rows go through in chunks whose partials
+# fit CPU_PARTIAL_BYTES.
+CPU_SPLITS = 4
+CPU_PARTIAL_BYTES = 64 * 2**20
+
+
 def require_fused_inputs(x: torch.Tensor, keys: KeyBank, dtype, what: str, backend: str) -> None:
     """Clear errors before a fused kernel: float32 work, queries and dataset on one device."""
     if dtype != torch.float32:
@@ -72,11 +80,26 @@ def _launcher(backend: str, per_row: bool, whole: bool):
 
 
 def _state(q, images, keys, image_idx, positions, coef, k, per_row: bool, whole: bool, backend: str) -> PartialState:
-    splits = split_count(q.shape[0], image_idx.numel())
     launch = _launcher(backend, per_row, whole)
-    return _finish(*launch(q.to(torch.float32).contiguous(), images, image_idx.to(torch.int32).contiguous(),
-                           positions.to(torch.int32).contiguous(), (coef * LOG2E).to(torch.float32).contiguous(),
-                           k=k, scale=keys.scale, shift=keys.shift, splits=splits))
+    image_idx = image_idx.to(torch.int32).contiguous()
+
+    def run(rows) -> PartialState:
+        pos = positions[rows] if per_row else positions
+        return _finish(*launch(q[rows].to(torch.float32).contiguous(), images, image_idx,
+                               pos.to(torch.int32).contiguous(), (coef[rows] * LOG2E).to(torch.float32).contiguous(),
+                               k=k, scale=keys.scale, shift=keys.shift, splits=splits))
+
+    if backend != "cpu":
+        splits = split_count(q.shape[0], image_idx.numel())
+        return run(slice(None))
+    splits = min(CPU_SPLITS, image_idx.numel())
+    values = images.shape[1] * k * k if whole else images.shape[1]
+    step = max(1, CPU_PARTIAL_BYTES // (4 * (3 + values) * splits))
+    parts = [run(slice(s, s + step)) for s in range(0, q.shape[0], step)]
+    if len(parts) == 1:
+        return parts[0]
+    return PartialState(m=torch.cat([p.m for p in parts]), l=torch.cat([p.l for p in parts]),
+                        l2=torch.cat([p.l2 for p in parts]), o=torch.cat([p.o for p in parts]))
 
 
 def patch_partial(queries: torch.Tensor, keys: KeyBank, coef64: torch.Tensor, positions: torch.Tensor, k: int, *,

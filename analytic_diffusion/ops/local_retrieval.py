@@ -70,7 +70,7 @@ def _prepare(x: torch.Tensor, keys: KeyBank, sigma, temperature: float, query_la
         query_labels = torch.as_tensor(query_labels, device=x.device).reshape(-1)
         if query_labels.shape != (x.shape[0],):
             raise ValueError(f"query_labels: expected shape ({x.shape[0]},), got {tuple(query_labels.shape)}")
-    s = sigma_rows(sigma, x.shape[0], x.device)
+    s = sigma_rows(sigma, x.shape[0], x.device, x)
     coef = 1.0 / (2.0 * s * s * float(temperature))
     # σ so small that 1/(2σ²T) overflows the working dtype: clamp, so that d = 0 gives 0, never 0·inf = NaN.
     coef = coef.clamp_max(torch.finfo(dtype).max).to(dtype)

@@ -125,9 +125,44 @@ def _validate(x: torch.Tensor, keys: KeyBank, query_labels, flips: bool, dtype) 
     return dtype
 
 
-def sigma_rows(sigma, batch: int, device) -> torch.Tensor:
-    """σ as a (B,) float64 tensor; scalars broadcast. Rejects σ ≤ 0, NaN and Inf with a clear error."""
-    s = torch.as_tensor(sigma, dtype=torch.float64).to(device).reshape(-1)
+# The supported domain (docs: README "Determinism"). Every backend computes logits −‖x − y‖²/(2σ²T) in the working
+# dtype; inside these bounds they stay finite in float32 (‖x − y‖/σ ≤ 1e18 keeps them below 5e35, |x| ≤ 1e15 keeps
+# ‖x − y‖² below 1e30·D). Below SIGMA_MIN every method is at its nearest-neighbour limit to float64 distance
+# resolution, above SIGMA_MAX at its large-noise limit; outside them a clear error names σ and the range.
+SIGMA_MIN, SIGMA_MAX = 1e-10, 1e10
+X_MAX = 1e15
+DISTANCE_TO_SIGMA_MAX = 1e18
+
+
+def check_query_scale(x: torch.Tensor, s: torch.Tensor) -> None:
+    """Refuse queries outside the supported domain: max |x| ≤ X_MAX and √D (max|x| + 1) / σ ≤ 1e18 per row."""
+    if x.shape[0] == 0:
+        return
+    amax = x.detach().reshape(x.shape[0], -1).abs().amax(1).double()
+    if float(amax.max()) > X_MAX:
+        raise ValueError(f"x: values up to {float(amax.max()):.3g} are outside the supported magnitude |x| <= "
+                         f"{X_MAX:g}")
+    ratio = (amax.to(s.device) + 1.0) * (x[0].numel() ** 0.5) / s
+    if float(ratio.max()) > DISTANCE_TO_SIGMA_MAX:
+        b = int(ratio.argmax())
+        raise ValueError(f"x, sigma: a query of magnitude {float(amax[b]):.3g} at sigma = {float(s[b]):.3g} is "
+                         f"too far from the data for its noise level (distance / sigma up to {float(ratio[b]):.3g}, "
+                         f"supported up to {DISTANCE_TO_SIGMA_MAX:g}); such a query is at the nearest-neighbour "
+                         "limit: call at a larger sigma")
+
+
+def sigma_rows(sigma, batch: int, device, x: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """σ as a (B,) float64 tensor; scalars broadcast. Rejects σ ≤ 0, NaN, Inf and σ outside
+    [SIGMA_MIN, SIGMA_MAX] with a clear error; with ``x``, also queries outside the supported domain
+    (:func:`check_query_scale`)."""
+    if isinstance(sigma, (str, bytes)) or (torch.is_tensor(sigma) and (sigma.dtype == torch.bool
+                                                                       or sigma.is_complex())):
+        raise TypeError(f"sigma: expected a number, a sequence of numbers or a real tensor, got {sigma!r:.60}")
+    try:
+        s = torch.as_tensor(sigma, dtype=torch.float64).to(device).reshape(-1)
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise TypeError(f"sigma: expected a number, a sequence of numbers or a real tensor, got "
+                        f"{type(sigma).__name__} ({e})") from None
     if s.numel() == 1:
         s = s.expand(batch)
     if s.numel() != batch:
@@ -135,6 +170,13 @@ def sigma_rows(sigma, batch: int, device) -> torch.Tensor:
     if not bool(torch.isfinite(s).all()) or bool((s <= 0).any()):
         raise ValueError(f"sigma: noise levels must be finite and > 0 (got min {float(s.min()):g}); "
                          "samplers never call a denoiser at σ = 0")
+    if s.numel() and (float(s.min()) < SIGMA_MIN or float(s.max()) > SIGMA_MAX):
+        bad = float(s.min()) if float(s.min()) < SIGMA_MIN else float(s.max())
+        raise ValueError(f"sigma: {bad:g} is outside the supported range [{SIGMA_MIN:g}, {SIGMA_MAX:g}] (below it "
+                         f"every method is at its nearest-neighbour limit, above it at its large-noise limit, to "
+                         f"float precision: pass a σ inside the range)")
+    if x is not None:
+        check_query_scale(x, s)
     return s
 
 
@@ -167,7 +209,7 @@ def softmax_retrieval(x: torch.Tensor, keys: KeyBank, sigma, *, temperature: flo
     if not temperature > 0:
         raise ValueError(f"temperature: expected > 0, got {temperature}")
     precision_policy.tolerance(precision, max_logit_error)  # validates both
-    s = sigma_rows(sigma, x.shape[0], x.device)
+    s = sigma_rows(sigma, x.shape[0], x.device, x)
     coef = 1.0 / (2.0 * s * s * temperature)  # float64, cast by the backend
     name, _ = choose_backend(backend, x, keys, dtype, second_moment=second_moment)
     if second_moment and name != "torch":
@@ -239,28 +281,38 @@ def knn_search(x: torch.Tensor, keys: KeyBank, k: int, *, query_labels: Optional
     return d, i
 
 
-def posterior_draw(x: torch.Tensor, keys: KeyBank, sigma, *, generator: torch.Generator,
+def posterior_draw(x: torch.Tensor, keys: KeyBank, sigma, *, generator: Optional[torch.Generator] = None,
                    temperature: float = 1.0, query_labels: Optional[torch.Tensor] = None, flips: bool = False,
-                   dtype: Optional[torch.dtype] = None, memory_budget: int = DEFAULT_MEMORY_BUDGET
-                   ) -> Tuple[torch.Tensor, torch.Tensor]:
+                   dtype: Optional[torch.dtype] = None, memory_budget: int = DEFAULT_MEMORY_BUDGET,
+                   row_seeds: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """One exact draw from the posterior over candidates per query (Gumbel-max in one streaming scan).
 
     Returns (index (B,), row (B, D) in ``dtype``); with ``flips`` the candidate set is 2N rows and index i ≥ N
     is row i − N mirrored (as in :func:`knn_search`), the returned row being the mirrored image. Deterministic
-    given ``generator``'s state (CPU or on x's device); torch backend (the reference) only.
+    given ``generator``'s state (CPU or on x's device); torch backend (the reference) only. Give ``row_seeds``
+    ((B,) int64) instead of a generator for a draw per row that depends only on that row's seed (counter-based
+    noise, :mod:`analytic_diffusion.ops.counter_rng`): then batch composition and chunking change nothing.
     """
     dtype = _validate(x, keys, query_labels, flips, dtype)
     if not temperature > 0:
         raise ValueError(f"temperature: expected > 0, got {temperature}")
-    if not isinstance(generator, torch.Generator):
+    if row_seeds is None and not isinstance(generator, torch.Generator):
         raise TypeError(f"generator: expected a torch.Generator, got {type(generator).__name__}")
-    s = sigma_rows(sigma, x.shape[0], x.device)
+    if row_seeds is not None:
+        if generator is not None:
+            raise ValueError("give either generator or row_seeds, not both")
+        row_seeds = torch.as_tensor(row_seeds)
+        if row_seeds.dtype != torch.int64 or row_seeds.shape != (x.shape[0],):
+            raise ValueError(f"row_seeds: expected a ({x.shape[0]},) int64 tensor, got "
+                             f"{tuple(row_seeds.shape)} {row_seeds.dtype}")
+    s = sigma_rows(sigma, x.shape[0], x.device, x)
     coef = 1.0 / (2.0 * s * s * temperature)
     score, index = torch_backend.gumbel_argmax(x, keys, coef, generator, query_labels=query_labels,
-                                               dtype=dtype, memory_budget=memory_budget)
+                                               dtype=dtype, memory_budget=memory_budget, row_seeds=row_seeds)
     if flips:  # the mirrored candidates get their own independent Gumbel noise (the next (N, B) draws)
         s2, i2 = torch_backend.gumbel_argmax(hflip_rows(x, keys.image_shape), keys, coef, generator,
-                                             query_labels=query_labels, dtype=dtype, memory_budget=memory_budget)
+                                             query_labels=query_labels, dtype=dtype, memory_budget=memory_budget,
+                                             row_seeds=row_seeds, index_offset=keys.n)
         better = s2 > score
         index = torch.where(better, i2 + keys.n, index)
         score = torch.where(better, s2, score)

@@ -11,6 +11,7 @@ from typing import Optional, Tuple
 
 import torch
 
+from . import counter_rng
 from .keys import KeyBank
 from .partial import PartialState
 
@@ -79,8 +80,9 @@ def softmax_partial(q: torch.Tensor, keys: KeyBank, coef: torch.Tensor, *, query
     return state
 
 
-def gumbel_argmax(q: torch.Tensor, keys: KeyBank, coef: torch.Tensor, generator: torch.Generator, *,
-                  query_labels=None, dtype: torch.dtype, memory_budget: int) -> Tuple[torch.Tensor, torch.Tensor]:
+def gumbel_argmax(q: torch.Tensor, keys: KeyBank, coef: torch.Tensor, generator: Optional[torch.Generator], *,
+                  query_labels=None, dtype: torch.dtype, memory_budget: int, row_seeds: Optional[torch.Tensor] = None,
+                  index_offset: int = 0) -> Tuple[torch.Tensor, torch.Tensor]:
     """One exact draw j ~ softmax_j(−coef_b·‖q_b − y_j‖²) per query row, by the Gumbel-max trick.
 
     argmax_j (logit_j + G_j) with G_j i.i.d. standard Gumbel is distributed as softmax(logit); the argmax runs
@@ -90,7 +92,9 @@ def gumbel_argmax(q: torch.Tensor, keys: KeyBank, coef: torch.Tensor, generator:
 
     The noise is float64, drawn from ``generator`` (on its own device) candidate-major, chunk after chunk: one
     (N, B) stream whatever the chunk size or the working dtype, so the draw is a deterministic function of the
-    generator's state. Ties (probability 0) go to the lower index.
+    generator's state. With ``row_seeds`` (B,) int64 instead, the uniform of candidate j for row b is the
+    counter-based :func:`counter_rng.uniform` (row_seeds[b], j + index_offset): each row's draw is then a pure
+    function of its own seed, whatever the batch it shares. Ties (probability 0) go to the lower index.
     """
     dev = q.device
     B = q.shape[0]
@@ -100,7 +104,7 @@ def gumbel_argmax(q: torch.Tensor, keys: KeyBank, coef: torch.Tensor, generator:
     coef = coef.to(device=dev, dtype=dtype)
     best_s = torch.full((B,), float("-inf"), dtype=torch.float64, device=dev)
     best_i = torch.zeros(B, dtype=torch.long, device=dev)
-    gdev = generator.device
+    gdev = None if generator is None else generator.device
     tiny = torch.finfo(torch.float64).tiny
     step = chunk_rows(keys, B, dtype, memory_budget // 2)  # + the float64 noise and scores per chunk
     for s in range(0, keys.n, step):
@@ -109,7 +113,10 @@ def gumbel_argmax(q: torch.Tensor, keys: KeyBank, coef: torch.Tensor, generator:
         mask = _label_mask(keys, s, e, query_labels)
         if mask is not None:
             logits.masked_fill_(mask, float("-inf"))
-        u = torch.rand((e - s, B), generator=generator, dtype=torch.float64, device=gdev).to(dev)
+        if row_seeds is not None:
+            u = counter_rng.uniform(row_seeds, torch.arange(s, e) + index_offset).to(dev)
+        else:
+            u = torch.rand((e - s, B), generator=generator, dtype=torch.float64, device=gdev).to(dev)
         g = u.clamp_min_(tiny).log_().neg_().log_().neg_()  # −log(−log u), u ∈ (0, 1)
         score = logits.to(torch.float64) + g.t()
         cs, ci = score.max(1)

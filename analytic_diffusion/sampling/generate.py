@@ -39,6 +39,15 @@ def initial_noise(seeds, shape, init_std: float, device, dtype: torch.dtype):
     return gens, x * init_std
 
 
+def check_seeds(seed, n) -> None:
+    """Sample i is seeded with seed + i by a torch.Generator, which takes seeds in [0, 2^64)."""
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+    if isinstance(n, int) and seed + max(n, 1) - 1 >= 2**64:
+        raise ValueError(f"seed: sample i uses seed + i, which must stay below 2^64 = {2**64}; got seed {seed} "
+                         f"with n = {n}")
+
+
 def sample(denoiser: Callable, n: int = 64, *, steps: int = 18, sampler: Union[str, Callable] = "heun",
            schedule: Union[str, Schedule] = "karras", schedule_kwargs: Optional[dict] = None, seed: int = 0,
            shape=None, batch_size: Optional[int] = None, eta: float = 0.0, clip_x0: bool = False,
@@ -96,8 +105,7 @@ def sample(denoiser: Callable, n: int = 64, *, steps: int = 18, sampler: Union[s
     if len(shape) != 3 or min(shape) < 1:
         raise ValueError(f"shape must be (C, H, W) with positive sizes, got {shape}")
     batch_size = n if batch_size is None else _positive_int("batch_size", batch_size)
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+    check_seeds(seed, n)
     if class_labels is not None:
         class_labels = torch.as_tensor(class_labels)
         if class_labels.shape != (n,):

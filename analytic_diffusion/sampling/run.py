@@ -3,7 +3,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import tempfile
 import time
+from contextlib import contextmanager
 from typing import Optional
 
 import numpy as np
@@ -14,7 +17,7 @@ from ..denoisers import make_denoiser
 from ..metrics import memorization
 from ..ops import gather_rows
 from ..denoisers.patch_schedule import PatchSchedule
-from .generate import sample
+from .generate import check_seeds, sample
 from ..grids import Schedule, get_schedule
 from ..viz.images import save_grid, save_nearest_panel, save_x0_strips
 
@@ -50,6 +53,62 @@ def class_labels_for(dataset, n: int, *, class_label=None, random_classes=False,
     return torch.as_tensor(classes)[torch.randint(len(classes), (n,), generator=g)]
 
 
+def check_device(device) -> torch.device:
+    """The torch device for ``device``, or a clear ValueError (unknown name, CUDA absent, index out of range)."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise ValueError(f"device: unknown device {device!r} (expected cpu, cuda or cuda:N)") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device: {device!r} asked for, but CUDA is not available on this machine "
+                             "(no GPU, or a CPU-only torch build); use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"device: {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    elif dev.type != "cpu":
+        raise ValueError(f"device: {device!r}: only cpu and cuda devices are supported")
+    return dev
+
+
+def check_out_folder(out: str, overwrite: bool) -> None:
+    """Refuse, before any work, an --out that is a file, lies under a file, or is a non-empty folder (unless
+    ``overwrite``)."""
+    path = os.path.abspath(out)
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ValueError(f"out: {out!r} is an existing file, not a folder")
+    parent = path
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise ValueError(f"out: {out!r} lies under {parent!r}, which is a file")
+    if os.path.isdir(path) and os.listdir(path) and not overwrite:
+        raise ValueError(f"out: the folder {out!r} is not empty; choose a new folder or pass --overwrite "
+                         "(overwrite=True) to replace it")
+
+
+@contextmanager
+def _staged_folder(out: str):
+    """Write into a temporary sibling of ``out`` and move it into place at the end: an interrupted run leaves
+    no folder that looks finished, and a replaced folder never mixes files of two runs."""
+    path = os.path.abspath(out)
+    parent = os.path.dirname(path)
+    os.makedirs(parent, exist_ok=True)
+    stage = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.partial-", dir=parent)
+    try:
+        yield stage
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+    old = None
+    if os.path.isdir(path):
+        old = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.old-", dir=parent)
+        os.rmdir(old)
+        os.rename(path, old)
+    os.rename(stage, path)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
 def check_patch_coverage(denoiser_or_schedule, schedule="karras", steps=18, schedule_kwargs=None) -> None:
     """Raise a clear ValueError up front if a patch-size table does not cover the sampler's σ grid.
 
@@ -72,10 +131,18 @@ def run_sample(*, method="optimal", dataset="mnist", split=None, subset=None, su
                resolution=None, pad_to=None, flips=False, class_label=None, random_classes=False, n=64,
                steps=18, sampler="heun", schedule="karras", schedule_kwargs=None, eta=0.0, clip_x0=False,
                seed=0, batch_size=None, method_options=None, device="cpu", dtype="float32",
-               out: Optional[str] = None, save_x0=False, progress=True) -> dict:
-    """Run one sampling job and write its folder; returns the metrics dict (also in metrics.json)."""
+               out: Optional[str] = None, save_x0=False, progress=True, overwrite: bool = False) -> dict:
+    """Run one sampling job and write its folder; returns the metrics dict (also in metrics.json).
+
+    ``out`` must be a new or empty folder, or ``overwrite=True`` replaces it whole. The files are written to a
+    temporary sibling folder that is renamed to ``out`` at the end, so an interrupted run leaves no ``out``.
+    """
     if dtype not in _DTYPES:
         raise ValueError(f"dtype: expected one of {sorted(_DTYPES)}, got {dtype!r}")
+    device = check_device(device)
+    check_seeds(seed, n)
+    out = out or os.path.join("runs", f"{method}-{os.path.basename(str(dataset)).split('.')[0]}-seed{seed}")
+    check_out_folder(out, overwrite)
     t0 = time.perf_counter()
     patch = (method_options or {}).get("patch")
     if isinstance(patch, PatchSchedule):  # fail before loading any data
@@ -98,8 +165,6 @@ def run_sample(*, method="optimal", dataset="mnist", split=None, subset=None, su
     mem = memorization(samples.to(ds.device), ds)
     neighbours = gather_rows(ds.keys(), mem.nn_index.to(ds.device)).reshape(samples.shape).cpu()
 
-    out = out or os.path.join("runs", f"{method}-{os.path.basename(str(dataset)).split('.')[0]}-seed{seed}")
-    os.makedirs(out, exist_ok=True)
     config = {"method": method, "denoiser": denoiser.config(), "dataset": repr(ds), "n": n, "steps": steps,
               "sampler": sampler, "schedule": schedule, "schedule_kwargs": schedule_kwargs or {}, "eta": eta,
               "clip_x0": clip_x0, "seed": seed, "class_labels": None if labels is None else labels.tolist(),
@@ -110,20 +175,22 @@ def run_sample(*, method="optimal", dataset="mnist", split=None, subset=None, su
     if certificate is not None:  # certified pruning (tolerance > 0): what was scored and how far off it may be
         metrics["scored_fraction"] = certificate["scored_fraction"]
         metrics["certificate"] = certificate
-    save_grid(os.path.join(out, "grid.png"), samples)
-    save_nearest_panel(os.path.join(out, "nearest.png"), samples, neighbours, mem.memorized)
-    if save_x0:
-        # Batches append their steps in turn: regroup by step, samples in order.
-        steps_seen = sorted({s for s, _ in x0_steps})
-        traj = torch.stack([torch.cat([x for s, x in x0_steps if s == k]) for k in steps_seen])
-        save_x0_strips(os.path.join(out, "x0_strips.png"), traj[:, :16])
-    np.savez_compressed(os.path.join(out, "samples.npz"), samples=samples.numpy(),
-                        seeds=np.asarray(result.seeds), nn_index=mem.nn_index.numpy(),
-                        nn_ratio=mem.ratio.numpy(), config=json.dumps(config))
-    with open(os.path.join(out, "config.json"), "w") as f:
-        json.dump(config, f, indent=2)
-    with open(os.path.join(out, "metrics.json"), "w") as f:
-        json.dump(metrics, f, indent=2)
+    with _staged_folder(out) as stage:
+        save_grid(os.path.join(stage, "grid.png"), samples)
+        save_nearest_panel(os.path.join(stage, "nearest.png"), samples, neighbours, mem.memorized)
+        if save_x0:
+            # Batches append their steps in turn: regroup by step, samples in order.
+            steps_seen = sorted({s for s, _ in x0_steps})
+            traj = torch.stack([torch.cat([x for s, x in x0_steps if s == k]) for k in steps_seen])
+            save_x0_strips(os.path.join(stage, "x0_strips.png"), traj[:, :16])
+        # uint64: every seed < 2^64 (check_seeds) is stored exactly, never as a float
+        np.savez_compressed(os.path.join(stage, "samples.npz"), samples=samples.numpy(),
+                            seeds=np.asarray(result.seeds, dtype=np.uint64), nn_index=mem.nn_index.numpy(),
+                            nn_ratio=mem.ratio.numpy(), config=json.dumps(config))
+        with open(os.path.join(stage, "config.json"), "w") as f:
+            json.dump(config, f, indent=2)
+        with open(os.path.join(stage, "metrics.json"), "w") as f:
+            json.dump(metrics, f, indent=2)
     if progress:
         print(f"{method}: {n} samples in {result.elapsed_s:.1f} s; memorisation ratio "
               f"{100 * mem.share:.0f}% (nearest/second-nearest < 1/3); wrote {out}/")

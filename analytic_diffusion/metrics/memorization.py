@@ -50,7 +50,7 @@ def memorization(samples: torch.Tensor, dataset, *, threshold: float = MEMORIZAT
         raise ValueError(f"threshold: expected a value in (0, 1], got {threshold}")
     flips = dataset.flips if flips is None else flips
     keys = dataset.keys()
-    total = keys.n * (2 if flips else 1)
+    total = keys.total * (2 if flips else 1)
     if total < 2:
         raise ValueError("memorization: needs at least 2 training images")
     q = samples.reshape(samples.shape[0], -1).to(device=keys.device, dtype=torch.float64)

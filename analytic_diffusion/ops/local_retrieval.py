@@ -46,6 +46,9 @@ def _prepare(x: torch.Tensor, keys: KeyBank, sigma, temperature: float, query_la
     """Validate the common arguments; return (x in dtype, coef (B,) in dtype, labels, dtype)."""
     if not isinstance(keys, KeyBank):
         raise TypeError(f"keys: expected a KeyBank, got {type(keys).__name__}")
+    if keys.shard is not None:  # LS and the patch softmax combine shard states; these two-pass ops do not yet
+        raise ValueError("keys: this retrieval (PSPC, PSPC-Flex, pca_locality) does not run on a dataset sharded "
+                         "over ranks yet; use --parallel samples (every rank holds the whole set)")
     if keys.image_shape is None:
         raise ValueError("keys: same-location retrieval needs the dataset's image shape (C, H, W)")
     if not torch.is_tensor(x) or not x.is_floating_point():
@@ -195,6 +198,17 @@ def local_score(x: torch.Tensor, keys: KeyBank, sigma, *, patch: int, temperatur
     values, so that shards of a dataset combine exactly (reshape ``state.mean()`` to (B, H, W, C)).
     Memory per chunk O(B·n·H·W).
     """
+    if keys.shard is not None:  # this rank's shard, then every rank's per-pixel state combined in rank order
+        from .retrieval import _local_view
+        state = local_score(x, _local_view(keys), sigma, patch=patch, temperature=temperature,
+                            query_labels=query_labels, flips=flips, dtype=dtype, memory_budget=memory_budget,
+                            return_partial=True, backend=backend)
+        state = keys.shard.group.combine(state, "LS retrieval")
+        if return_partial:
+            return state
+        _require_candidates(state.l, "query_labels")
+        B, C, H, W = x.shape[0], *keys.image_shape
+        return state.mean().reshape(B, H, W, C).permute(0, 3, 1, 2).contiguous()
     x, coef, query_labels, dtype = _prepare(x, keys, sigma, temperature, query_labels, flips, dtype)
     if isinstance(patch, bool) or not isinstance(patch, int) or patch < 1 or patch % 2 == 0:
         raise ValueError(f"patch: LS needs an odd patch size k >= 1, got {patch!r}")

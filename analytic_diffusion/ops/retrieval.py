@@ -194,6 +194,8 @@ def softmax_retrieval(x: torch.Tensor, keys: KeyBank, sigma, *, temperature: flo
         mirrored = run(hflip_rows(x, keys.image_shape)).map_values(lambda o: hflip_rows(o, keys.image_shape))
         state = state.combine(mirrored)
     state = state.to(x.device)
+    if keys.shard is not None:  # every rank's shard state, combined in rank order
+        state = keys.shard.group.combine(state, "softmax retrieval")
     return state if return_partial else RetrievalResult.from_partial(state)
 
 
@@ -208,11 +210,18 @@ def knn_search(x: torch.Tensor, keys: KeyBank, k: int, *, query_labels: Optional
     """
     precision_policy.tolerance(precision, max_logit_error)
     dtype = _validate(x, keys, query_labels, flips, dtype)
-    total = keys.n * (2 if flips else 1)
+    total = keys.total * (2 if flips else 1)
     if not isinstance(k, int) or k < 1:
         raise ValueError(f"k: expected a positive integer, got {k!r}")
     if k > total:
         raise ValueError(f"k: asked for {k} neighbours but the candidate set has only {total}")
+    if keys.shard is not None:  # each shard's own k nearest, then an exact merge of the lists
+        from .distributed import global_index, merge_topk
+        k_local = min(k, keys.n * (2 if flips else 1))
+        d, i = knn_search(x, _local_view(keys), k_local, query_labels=query_labels, flips=flips, backend=backend,
+                          dtype=dtype, memory_budget=memory_budget, precision=precision,
+                          max_logit_error=max_logit_error)
+        return merge_topk(keys.shard, d, global_index(i, keys.n, keys.shard), k)
     name, _ = choose_backend(backend, x, keys, dtype, k=min(k, keys.n))
 
     def run(q):
@@ -256,13 +265,25 @@ def posterior_draw(x: torch.Tensor, keys: KeyBank, sigma, *, generator: torch.Ge
         raise TypeError(f"generator: expected a torch.Generator, got {type(generator).__name__}")
     s = sigma_rows(sigma, x.shape[0], x.device)
     coef = 1.0 / (2.0 * s * s * temperature)
-    score, index = torch_backend.gumbel_argmax(x, keys, coef, generator, query_labels=query_labels,
-                                               dtype=dtype, memory_budget=memory_budget)
+    shard = keys.shard
+
+    def draw(q):
+        if shard is None:
+            return torch_backend.gumbel_argmax(q, keys, coef, generator, query_labels=query_labels, dtype=dtype,
+                                               memory_budget=memory_budget)
+        # The noise is one (N, B) stream over the whole set: this shard draws its own rows of it and skips the
+        # others', so the draw is the single-process one whatever the number of ranks (O(N·B) RNG per rank).
+        from .distributed import global_max
+        sc, ix = torch_backend.gumbel_argmax(q, keys, coef, generator, query_labels=query_labels, dtype=dtype,
+                                             memory_budget=memory_budget, skip_before=shard.start,
+                                             skip_after=shard.total - shard.start - keys.n)
+        return global_max(shard, sc, ix + shard.start)
+
+    score, index = draw(x)
     if flips:  # the mirrored candidates get their own independent Gumbel noise (the next (N, B) draws)
-        s2, i2 = torch_backend.gumbel_argmax(hflip_rows(x, keys.image_shape), keys, coef, generator,
-                                             query_labels=query_labels, dtype=dtype, memory_budget=memory_budget)
+        s2, i2 = draw(hflip_rows(x, keys.image_shape))
         better = s2 > score
-        index = torch.where(better, i2 + keys.n, index)
+        index = torch.where(better, i2 + keys.total, index)
         score = torch.where(better, s2, score)
     if not bool(torch.isfinite(score).all()):
         raise ValueError("posterior_draw: some query rows had no allowed candidate "
@@ -271,8 +292,29 @@ def posterior_draw(x: torch.Tensor, keys: KeyBank, sigma, *, generator: torch.Ge
     return index, gather_rows(keys, index, dtype)
 
 
+def all_labels(keys: KeyBank) -> Optional[torch.Tensor]:
+    """Labels of every stored row, over every shard when sharded (gathered once, in rank order)."""
+    if keys.labels is None or keys.shard is None:
+        return keys.labels
+    return keys.cached("all_labels", lambda: keys.shard.group.all_gather_rows(keys.labels, "gathering labels"))
+
+
+def _local_view(keys: KeyBank) -> KeyBank:
+    """The same rows without the shard (what one rank computes on its own), centred like the whole set."""
+    keys.get_center(torch.float64)
+    view = KeyBank(keys.values, keys.scale, keys.shift, keys.labels, keys.image_shape, keys.center, keys.derived)
+    return view
+
+
 def gather_rows(keys: KeyBank, index: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Candidate rows for indices from :func:`knn_search` (i ≥ N means row i − N mirrored)."""
+    """Candidate rows for indices from :func:`knn_search` (i ≥ N means row i − N mirrored).
+
+    On a sharded bank the indices are global and the rows come from whichever rank holds them (a collective:
+    every rank calls it with the same indices)."""
+    if keys.shard is not None:
+        from .distributed import gather_global_rows
+        return gather_global_rows(keys.shard, lambda i: keys.gather(i, dtype), index, keys.n, keys.dim, dtype,
+                                  lambda r: hflip_rows(r, keys.image_shape))
     flipped = index >= keys.n
     rows = keys.gather(torch.where(flipped, index - keys.n, index), dtype).to(index.device)
     if bool(flipped.any()):

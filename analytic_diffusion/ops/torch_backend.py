@@ -80,7 +80,8 @@ def softmax_partial(q: torch.Tensor, keys: KeyBank, coef: torch.Tensor, *, query
 
 
 def gumbel_argmax(q: torch.Tensor, keys: KeyBank, coef: torch.Tensor, generator: torch.Generator, *,
-                  query_labels=None, dtype: torch.dtype, memory_budget: int) -> Tuple[torch.Tensor, torch.Tensor]:
+                  query_labels=None, dtype: torch.dtype, memory_budget: int, skip_before: int = 0,
+                  skip_after: int = 0) -> Tuple[torch.Tensor, torch.Tensor]:
     """One exact draw j ~ softmax_j(−coef_b·‖q_b − y_j‖²) per query row, by the Gumbel-max trick.
 
     argmax_j (logit_j + G_j) with G_j i.i.d. standard Gumbel is distributed as softmax(logit); the argmax runs
@@ -91,6 +92,9 @@ def gumbel_argmax(q: torch.Tensor, keys: KeyBank, coef: torch.Tensor, generator:
     The noise is float64, drawn from ``generator`` (on its own device) candidate-major, chunk after chunk: one
     (N, B) stream whatever the chunk size or the working dtype, so the draw is a deterministic function of the
     generator's state. Ties (probability 0) go to the lower index.
+
+    ``skip_before`` / ``skip_after``: rows of that stream to draw and discard before and after these keys (the
+    other shards' rows, so that a shard's draw is its part of the whole set's stream).
     """
     dev = q.device
     B = q.shape[0]
@@ -103,6 +107,12 @@ def gumbel_argmax(q: torch.Tensor, keys: KeyBank, coef: torch.Tensor, generator:
     gdev = generator.device
     tiny = torch.finfo(torch.float64).tiny
     step = chunk_rows(keys, B, dtype, memory_budget // 2)  # + the float64 noise and scores per chunk
+
+    def skip(rows: int) -> None:
+        for s in range(0, rows, step):
+            torch.rand((min(step, rows - s), B), generator=generator, dtype=torch.float64, device=gdev)
+
+    skip(skip_before)
     for s in range(0, keys.n, step):
         e = min(s + step, keys.n)
         logits = _chunk_distances(qc, q2, keys.rows(s, e, dtype, dev) - c).mul_(-coef[:, None])
@@ -116,6 +126,7 @@ def gumbel_argmax(q: torch.Tensor, keys: KeyBank, coef: torch.Tensor, generator:
         better = cs > best_s  # strict: an earlier chunk keeps ties
         best_s = torch.where(better, cs, best_s)
         best_i = torch.where(better, ci + s, best_i)
+    skip(skip_after)
     return best_s, best_i
 
 

@@ -4,8 +4,10 @@ answer for every family, the same bits on every rank and from run to run; faults
 One spawned job per world size runs every check inside one process group (torch start-up costs ~2 s a process).
 Rendezvous on 127.0.0.1 only.
 """
+import datetime
 import os
 import socket
+import time
 import traceback
 
 import numpy as np
@@ -20,11 +22,13 @@ from analytic_diffusion.denoisers.posterior_sample import posterior_moments
 from analytic_diffusion.metrics import memorization
 from analytic_diffusion.ops import knn_search, posterior_draw, softmax_retrieval
 from analytic_diffusion.ops.distributed import ShardError, ShardGroup, shard_range
+from analytic_diffusion.sampling.parallel import Parallel, sample_parallel
 
 from conftest import SESSION_SEED  # noqa: E402
 
 SEED = SESSION_SEED % 100_000
-N, SHAPE, B = 23, (1, 8, 8), 5  # 23 rows: uneven shards over 2 and 3 ranks
+N, SHAPE, B = 23, (1, 8, 8), 5
+FAULT_TIMEOUT_S = 3  # 23 rows: uneven shards over 2 and 3 ranks
 SIGMAS = torch.tensor([0.05, 0.3, 1.0, 3.0, 20.0], dtype=torch.float64)
 
 
@@ -56,7 +60,9 @@ METHODS = [
     ("optimal-draw", {"mode": "noise", "scale": 0.5}, torch.float64),
     ("ls", {"patch": 3, "backend": "torch"}, torch.float64), ("ls", {"patch": 3}, torch.float32),
     ("els", {"patch": 3, "backend": "torch"}, torch.float64), ("bbels", {"patch": 3}, torch.float32),
-    ("wiener", {}, torch.float64),
+    ("pspc", {"patch": 5, "backend": "torch"}, torch.float64), ("pspc", {"patch": 5}, torch.float32),
+    ("pspc-flex", {}, torch.float64), ("pca_locality", {"backend": "torch"}, torch.float64),
+    ("pca_locality", {}, torch.float32), ("wiener", {}, torch.float64),
 ]
 
 
@@ -89,17 +95,24 @@ def families(make_ds, seed: int) -> dict:
     return out
 
 
+def _sample_block(par, seed: int) -> torch.Tensor:
+    """Sample parallel: n = 7 samples split over the ranks (seed i stays with sample i), gathered in order."""
+    d = make_denoiser("optimal", _data(seed), backend="torch", dtype=torch.float64)
+    return sample_parallel(d, 7, par, seed=seed, steps=3, dtype=torch.float64, progress=False).samples
+
+
 def _worker(rank: int, world: int, port: int, out_dir: str, job: str, seed: int) -> None:
     os.environ.setdefault("AD_NUM_THREADS", "1")
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                            timeout=__import__("datetime").timedelta(seconds=20))
+                            timeout=datetime.timedelta(seconds=FAULT_TIMEOUT_S if job == "faults" else 60))
     try:
         group = ShardGroup()
         result = {}
         if job == "families":
             shard = lambda flips: _data(seed, flips).shard(group)  # noqa: E731
-            result = {"first": families(shard, seed), "second": families(shard, seed)}
+            result = {"first": families(shard, seed), "second": families(shard, seed),
+                      "samples": _sample_block(Parallel("samples", samples=group, rank=rank, world=world), seed)}
         elif job == "faults":
             try:  # ranks that loaded different data: every rank raises naming the fingerprints
                 _data(seed + rank).shard(group)
@@ -111,13 +124,19 @@ def _worker(rank: int, world: int, port: int, out_dir: str, job: str, seed: int)
                 result["too_many"] = str(e)
             ds = _data(seed).shard(group)
             d = make_denoiser("optimal", ds, backend="torch", dtype=torch.float64)
-            try:  # rank 1 raises before its collective: the others stop within the timeout with a clear error
+            t0 = time.perf_counter()
+            try:  # rank 1 raises and then hangs (alive, never joining): rank 0 stops within the group's timeout
                 if rank == 1:
                     raise RuntimeError("injected failure on rank 1")
                 d(_queries(seed, torch.float64), SIGMAS)
             except (ShardError, RuntimeError) as e:
                 result["peer_failed"] = str(e)
+            result["waited_s"] = time.perf_counter() - t0
+            if rank == 1:
+                time.sleep(FAULT_TIMEOUT_S + 2)
         torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
+        if job == "faults":  # the group is broken on purpose: leave without gloo's teardown (it would abort)
+            os._exit(0)
     except BaseException:
         with open(os.path.join(out_dir, f"rank{rank}.err"), "w") as f:
             f.write(traceback.format_exc())
@@ -144,6 +163,10 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 @pytest.mark.parametrize("world", [2, 3])
 def test_dataset_parallel_matches_single_process(world, single, tmp_path):
     ranks = _spawn(world, "families", tmp_path)
+    alone = _sample_block(Parallel(), SEED)
+    for res in ranks:  # sample parallel: the single-process samples (batches of another size: GEMM rounding)
+        assert torch.equal(res["samples"], ranks[0]["samples"])
+        assert _rel(res["samples"], alone) <= 1e-12
     for r, res in enumerate(ranks):
         for run in ("first", "second"):
             assert res[run].keys() == single.keys()
@@ -177,9 +200,10 @@ def test_shard_range_is_contiguous_and_balanced():
 
 def test_faults_stop_every_rank_with_a_clear_message(tmp_path):
     world = 2
-    ranks = _spawn(world, "faults", tmp_path)  # the group's 20 s timeout bounds every wait
+    ranks = _spawn(world, "faults", tmp_path)
     for r, res in enumerate(ranks):
         assert "different datasets" in res["mismatch"] and "rank 0:" in res["mismatch"], res
         assert "at least one image" in res["too_many"]
     assert "injected failure on rank 1" in ranks[1]["peer_failed"]
     assert "another rank failed" in ranks[0]["peer_failed"], ranks[0]["peer_failed"]
+    assert ranks[0]["waited_s"] < FAULT_TIMEOUT_S + 3  # stopped by the timeout, not a hang

@@ -27,9 +27,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    from ..ops.distributed import ShardError, rank_prefix
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
     except (ValueError, TypeError, FileNotFoundError) as exc:  # bad input: a clear message, not a traceback
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error{rank_prefix()}: {exc}", file=sys.stderr)
         return 2
+    except ShardError as exc:  # another rank failed or the ranks disagree: say so on every rank
+        print(f"error{rank_prefix()}: {exc}", file=sys.stderr)
+        return 3

@@ -25,7 +25,10 @@ def register(sub) -> None:
     g.add_argument("--random-classes", action="store_true",
                    help="class-conditional with a seeded random class per sample")
     s = p.add_argument_group("sampler")
-    s.add_argument("--n", type=int, default=64, help="number of samples")
+    # -n / --num-samples: under torchrun, whose own parser rejects `--n` as an ambiguous abbreviation of its
+    # --nnodes / --nproc-per-node / ... before the command line reaches this one.
+    s.add_argument("--n", "-n", "--num-samples", dest="n", type=int, default=64,
+                   help="number of samples (under torchrun write -n N or --num-samples N)")
     s.add_argument("--steps", type=int, default=18, help="number of sampler steps")
     s.add_argument("--sampler", default="heun", choices=sorted(SAMPLERS))
     add_grid_args(s, default="karras")
@@ -69,6 +72,11 @@ def register(sub) -> None:
     e.add_argument("--out", default=None, help="output folder (default runs/METHOD-DATASET-seedS)")
     e.add_argument("--save-x0", action="store_true", help="also write x0_strips.png (x̂0 at every step)")
     e.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    e.add_argument("--parallel", default="none", choices=["none", "dataset", "samples", "dataset,samples"],
+                   help="under torchrun: shard the training set over the ranks (dataset), split the n samples "
+                        "(samples), or both (with --dataset-ranks); only rank 0 writes files and prints")
+    e.add_argument("--dataset-ranks", type=int, default=None, metavar="G",
+                   help="--parallel dataset,samples: ranks that share one training set (world = S x G)")
     p.set_defaults(func=run)
 
 
@@ -148,5 +156,6 @@ def run(args) -> int:
         class_label=args.class_label, random_classes=args.random_classes, n=args.n, steps=args.steps,
         sampler=args.sampler, schedule=args.schedule, schedule_kwargs=schedule_kwargs(args), eta=args.eta,
         clip_x0=args.clip_x0, seed=args.seed, batch_size=args.batch_size, method_options=_method_options(args),
-        device=args.device, dtype=args.dtype, out=args.out, save_x0=args.save_x0, progress=not args.no_progress)
+        device=args.device, dtype=args.dtype, out=args.out, save_x0=args.save_x0, progress=not args.no_progress,
+        parallel=args.parallel, dataset_ranks=args.dataset_ranks)
     return 0

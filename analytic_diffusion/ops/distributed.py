@@ -35,6 +35,11 @@ def launched() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
+def rank_prefix() -> str:
+    """' (rank r/W)' under a launcher, '' in a single process: for messages every rank prints."""
+    return f" (rank {os.environ.get('RANK', '?')}/{os.environ['WORLD_SIZE']})" if launched() else ""
+
+
 def init_from_env(device: str = "cpu", timeout_s: float = DEFAULT_TIMEOUT_S) -> Tuple["ShardGroup", str]:
     """Join the process group torchrun describes (env://): NCCL for a CUDA ``device``, else gloo.
 
@@ -52,6 +57,27 @@ def init_from_env(device: str = "cpu", timeout_s: float = DEFAULT_TIMEOUT_S) -> 
         dist.init_process_group("nccl" if dev.type == "cuda" else "gloo",
                                 timeout=datetime.timedelta(seconds=timeout_s))
     return ShardGroup(), str(dev)
+
+
+def split_groups(dataset_ranks: int) -> Tuple["ShardGroup", "ShardGroup"]:
+    """(dataset group, sample group) of this rank for a world of S × G ranks, G = ``dataset_ranks``: ranks
+    s·G … s·G + G − 1 shard the training set between them and share samples block s; ranks d, G + d, 2G + d, …
+    hold the same shard and split the samples. A collective (every rank creates every group, in one order)."""
+    world, rank = dist.get_world_size(), dist.get_rank()
+    if isinstance(dataset_ranks, bool) or not isinstance(dataset_ranks, int) or dataset_ranks < 1 \
+            or world % dataset_ranks:
+        raise ValueError(f"dataset_ranks: expected a divisor of the {world} ranks, got {dataset_ranks!r}")
+    G = dataset_ranks
+    data = sample = None
+    for s in range(world // G):
+        g = dist.new_group(list(range(s * G, s * G + G)))
+        if rank // G == s:
+            data = g
+    for d in range(G):
+        g = dist.new_group(list(range(d, world, G)))
+        if rank % G == d:
+            sample = g
+    return ShardGroup(data), ShardGroup(sample)
 
 
 def shard_range(n: int, world: int, rank: int) -> Tuple[int, int]:

@@ -14,7 +14,7 @@ from ..denoisers import make_denoiser
 from ..metrics import memorization
 from ..ops import gather_rows
 from ..denoisers.patch_schedule import PatchSchedule
-from .generate import sample
+from .parallel import setup as setup_parallel, sample_parallel
 from ..grids import Schedule, get_schedule
 from ..viz.images import save_grid, save_nearest_panel, save_x0_strips
 
@@ -72,16 +72,26 @@ def run_sample(*, method="optimal", dataset="mnist", split=None, subset=None, su
                resolution=None, pad_to=None, flips=False, class_label=None, random_classes=False, n=64,
                steps=18, sampler="heun", schedule="karras", schedule_kwargs=None, eta=0.0, clip_x0=False,
                seed=0, batch_size=None, method_options=None, device="cpu", dtype="float32",
-               out: Optional[str] = None, save_x0=False, progress=True) -> dict:
-    """Run one sampling job and write its folder; returns the metrics dict (also in metrics.json)."""
+               out: Optional[str] = None, save_x0=False, progress=True, parallel="none",
+               dataset_ranks=None) -> dict:
+    """Run one sampling job and write its folder; returns the metrics dict (also in metrics.json).
+
+    ``parallel`` (under torchrun): ``dataset`` shards the training set over the ranks, ``samples`` splits the n
+    samples, ``dataset,samples`` both (``dataset_ranks`` ranks per shard set); see :mod:`.parallel`. Only rank 0
+    writes the folder and prints progress; every rank returns the metrics.
+    """
     if dtype not in _DTYPES:
         raise ValueError(f"dtype: expected one of {sorted(_DTYPES)}, got {dtype!r}")
     t0 = time.perf_counter()
     patch = (method_options or {}).get("patch")
     if isinstance(patch, PatchSchedule):  # fail before loading any data
         check_patch_coverage(patch, schedule, steps, schedule_kwargs)
+    par = setup_parallel(parallel, device=device, dataset_ranks=dataset_ranks)
+    device, progress = par.device, progress and par.is_main
     ds = prepare_dataset(dataset, split=split, subset=subset, subset_random=subset_random, resolution=resolution,
                          pad_to=pad_to, flips=flips, seed=seed, device=device)
+    if par.data is not None:
+        ds = ds.shard(par.data)
     denoiser = make_denoiser(method, ds, dtype=_DTYPES[dtype], **(method_options or {}))
     check_patch_coverage(denoiser, schedule, steps, schedule_kwargs)
     labels = class_labels_for(ds, n, class_label=class_label, random_classes=random_classes, seed=seed)
@@ -90,20 +100,22 @@ def run_sample(*, method="optimal", dataset="mnist", split=None, subset=None, su
     def record(step, x, sigma, x0_hat):
         x0_steps.append((step, x0_hat.detach().to("cpu", torch.float32)))
 
-    result = sample(denoiser, n, steps=steps, sampler=sampler, schedule=schedule,
+    result = sample_parallel(denoiser, n, par, steps=steps, sampler=sampler, schedule=schedule,
                     schedule_kwargs=schedule_kwargs or {}, seed=seed, batch_size=batch_size, eta=eta,
                     clip_x0=clip_x0, class_labels=labels, callback=record if save_x0 else None,
                     device=device, dtype=_DTYPES[dtype], progress=progress)
     samples = result.samples
     mem = memorization(samples.to(ds.device), ds)
     neighbours = gather_rows(ds.keys(), mem.nn_index.to(ds.device)).reshape(samples.shape).cpu()
+    if not par.is_main:
+        return {**mem.summary(), "sampling_seconds": result.elapsed_s, "total_seconds": time.perf_counter() - t0}
 
     out = out or os.path.join("runs", f"{method}-{os.path.basename(str(dataset)).split('.')[0]}-seed{seed}")
     os.makedirs(out, exist_ok=True)
     config = {"method": method, "denoiser": denoiser.config(), "dataset": repr(ds), "n": n, "steps": steps,
               "sampler": sampler, "schedule": schedule, "schedule_kwargs": schedule_kwargs or {}, "eta": eta,
               "clip_x0": clip_x0, "seed": seed, "class_labels": None if labels is None else labels.tolist(),
-              "device": str(device), "dtype": dtype, "sampling": result.config}
+              "device": str(device), "dtype": dtype, "sampling": result.config, "parallel": par.config()}
     metrics = {**mem.summary(), "sampling_seconds": result.elapsed_s,
                "total_seconds": time.perf_counter() - t0}
     save_grid(os.path.join(out, "grid.png"), samples)

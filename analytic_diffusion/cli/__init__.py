@@ -10,10 +10,10 @@ import sys
 from typing import List, Optional
 
 from .. import __version__
-from . import bench, calibrate, compare, dynamics, methods, sample, schedules, train
+from . import bench, calibrate, compare, dynamics, methods, pack, sample, schedules, train
 
 # In the order `--help` lists them.
-SUBCOMMANDS = (sample, methods, calibrate, schedules, train, compare, dynamics, bench)
+SUBCOMMANDS = (sample, methods, calibrate, schedules, train, compare, dynamics, bench, pack)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from .common import DTYPES, add_data_args, add_grid_args, load_schedule, schedule_kwargs
+from .common import DTYPES, add_data_args, add_grid_args, load_schedule, parse_bytes, schedule_kwargs
 
 
 def register(sub) -> None:
@@ -72,6 +72,9 @@ def register(sub) -> None:
     e.add_argument("--out", default=None, help="output folder (default runs/METHOD-DATASET-seedS)")
     e.add_argument("--save-x0", action="store_true", help="also write x0_strips.png (x̂0 at every step)")
     e.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    e.add_argument("--memory-budget", type=parse_bytes, default=None, metavar="BYTES",
+                   help="working memory of each retrieval, e.g. 64M or 2G (default 256M or $AD_MEMORY_BUDGET); "
+                        "a packed --dataset is streamed in blocks within it")
     e.add_argument("--parallel", default="none", choices=["none", "dataset", "samples", "dataset,samples"],
                    help="under torchrun: shard the training set over the ranks (dataset), split the n samples "
                         "(samples), or both (with --dataset-ranks); only rank 0 writes files and prints")
@@ -157,5 +160,5 @@ def run(args) -> int:
         sampler=args.sampler, schedule=args.schedule, schedule_kwargs=schedule_kwargs(args), eta=args.eta,
         clip_x0=args.clip_x0, seed=args.seed, batch_size=args.batch_size, method_options=_method_options(args),
         device=args.device, dtype=args.dtype, out=args.out, save_x0=args.save_x0, progress=not args.no_progress,
-        parallel=args.parallel, dataset_ranks=args.dataset_ranks)
+        parallel=args.parallel, dataset_ranks=args.dataset_ranks, memory_budget=args.memory_budget)
     return 0

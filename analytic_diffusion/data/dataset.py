@@ -42,6 +42,7 @@ class Dataset:
         self._fingerprint: Optional[str] = None
         self._stats: Dict[str, Dict[str, torch.Tensor]] = {}
         self._shard = None  # ops.distributed.Shard when this holds one rank's rows of a sharded set
+        self._mapped = None  # data.packed.MappedRows when the images are a view of a memory-mapped file
 
     # ---------------------------------------------------------------- construction
     @classmethod
@@ -72,6 +73,8 @@ class Dataset:
         out._keys, out._stats = None, {}
         if images is not self._images:
             out._fingerprint = None
+            if not (self._mapped is not None and images.data_ptr() == self._images.data_ptr()):
+                out._mapped = None  # a copy (subset, another device): no longer the file's pages
         return out
 
     # ---------------------------------------------------------------- properties
@@ -152,7 +155,7 @@ class Dataset:
         if self._keys is None:
             self._keys = KeyBank(values=self._images.reshape(self.num_stored, self.dim), scale=self.scale,
                                  shift=self.shift, labels=self._labels, image_shape=self.image_shape,
-                                 shard=self._shard)
+                                 shard=self._shard, pages=self._mapped)
             if self._shard is not None:  # a collective: every rank builds its keys at the same point
                 self._keys.get_center(torch.float64)
         return self._keys
@@ -172,6 +175,8 @@ class Dataset:
                          f"{self.subset_desc} flips={self._flips}")
         start, stop = group.shard_range(self.num_stored)
         out = self._derive(self._images[start:stop], _take(self._labels, slice(start, stop)))
+        if self._mapped is not None:  # this rank touches (and releases) only its rows of the file
+            out._mapped = type(self._mapped)(self._mapped.arr, self._mapped.start + start)
         out._shard = Shard(group, start, self.num_stored)
         out._fingerprint = fp  # the whole set's: statistics are the whole set's, and so is their cache key
         return out
@@ -295,9 +300,19 @@ class Dataset:
         return out
 
     def _chunks(self):
-        step = max(1, STATS_CHUNK_ELEMENTS // self.dim)
+        elements = STATS_CHUNK_ELEMENTS
+        if self._mapped is not None:  # out of core: chunks within the retrieval budget too (float64, ~2 copies)
+            from ..ops import retrieval
+            elements = max(1, min(elements, retrieval.DEFAULT_MEMORY_BUDGET // 16))
+        step = max(1, elements // self.dim)
         for s in range(0, self.num_stored, step):
-            yield self._to_float(self._images[s:s + step], torch.float64).reshape(-1, self.dim)
+            rows = self._images[s:s + step].to(torch.float64)
+            if self._images.dtype == torch.uint8:  # in place, the same bits as _to_float
+                rows.mul_(self.scale).add_(self.shift)
+            yield rows.reshape(-1, self.dim)
+            del rows
+            if self._mapped is not None:  # a streaming pass over a mapped file: hand the pages back
+                self._mapped.release(s, s + step)
 
     def _mirror_perm(self) -> torch.Tensor:
         """Permutation p of the D coordinates with flip(x) = x[p]."""

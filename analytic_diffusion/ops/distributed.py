@@ -21,7 +21,7 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 import torch.distributed as dist
 
-from .partial import PartialState, combine_partials
+from .partial import PartialState, combine_partials, merge_knn_lists
 
 DEFAULT_TIMEOUT_S = float(os.environ.get("AD_DIST_TIMEOUT", 120))
 
@@ -195,11 +195,7 @@ def merge_topk(shard: Shard, d: torch.Tensor, i: torch.Tensor, k: int) -> Tuple[
         i = torch.cat([i, torch.full((B, pad), -1, dtype=i.dtype, device=i.device)], 1)
     d_all = torch.cat(shard.group.all_gather(d, "k-NN merge"), 1)
     i_all = torch.cat(shard.group.all_gather(i, "k-NN merge"), 1)
-    key = torch.where(i_all < 0, torch.full_like(i_all, torch.iinfo(torch.long).max), i_all)
-    order = torch.argsort(key, dim=1, stable=True)
-    d_all, i_all = torch.gather(d_all, 1, order), torch.gather(i_all, 1, order)
-    order = torch.argsort(d_all, dim=1, stable=True)[:, :k]
-    return torch.gather(d_all, 1, order), torch.gather(i_all, 1, order)
+    return merge_knn_lists(d_all, i_all, k)
 
 
 def global_max(shard: Shard, score: torch.Tensor, index: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:

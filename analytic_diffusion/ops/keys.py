@@ -28,6 +28,9 @@ class KeyBank:
     # Set when these rows are one rank's shard of a larger set (ops.distributed.Shard): the retrieval entry
     # points then combine every rank's result, and indices are global.
     shard: Optional[object] = field(default=None, repr=False, compare=False)
+    # Set when ``values`` is memory-mapped from a file (data.packed.MappedRows): retrievals then stream it in
+    # blocks within their memory budget and give each block's pages back to the OS (ops/streaming.py).
+    pages: Optional[object] = field(default=None, repr=False, compare=False)
 
     def __post_init__(self):
         v = self.values
@@ -91,6 +94,8 @@ class KeyBank:
             step = max(1, (1 << 24) // max(1, self.dim))
             for s in range(0, self.n, step):
                 acc += self.rows(s, min(s + step, self.n), torch.float64).sum(0)
+                if self.pages is not None:
+                    self.pages.release(s, min(s + step, self.n))
             if self.shard is not None:
                 acc = self.shard.group.sum(acc, "dataset centre")
             self.center = acc / self.total

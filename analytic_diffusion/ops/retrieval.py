@@ -17,7 +17,8 @@ import torch
 
 from . import cpu_backend, precision as precision_policy, torch_backend
 from .keys import KeyBank
-from .partial import PartialState
+from . import streaming
+from .partial import PartialState, combine_partials, merge_knn_lists
 
 BACKENDS = ("auto", "torch", "cpu", "triton", "cuda")
 DEFAULT_MEMORY_BUDGET = int(os.environ.get("AD_MEMORY_BUDGET", 256 * 2**20))
@@ -174,7 +175,7 @@ def softmax_retrieval(x: torch.Tensor, keys: KeyBank, sigma, *, temperature: flo
         raise ValueError(f"second_moment=True: the {name} kernels have no second-moment accumulator; "
                          "use backend='torch' or 'auto'")
 
-    def run(q: torch.Tensor) -> PartialState:
+    def run_bank(q: torch.Tensor, keys: KeyBank, memory_budget: int) -> PartialState:
         if name == "cpu":
             return cpu_backend.softmax_partial(q, keys, coef, query_labels=query_labels, dtype=dtype)
         if name == "triton":
@@ -188,6 +189,13 @@ def softmax_retrieval(x: torch.Tensor, keys: KeyBank, sigma, *, temperature: flo
                                                  memory_budget=memory_budget, second_moment=True)
         return torch_backend.softmax_partial(q, keys, coef, query_labels=query_labels, dtype=dtype,
                                              memory_budget=memory_budget)
+
+    def run(q: torch.Tensor) -> PartialState:
+        if keys.pages is None:
+            return run_bank(q, keys, memory_budget)
+        # A memory-mapped set: blocks within half the budget, combined in order (the backend gets the rest).
+        return combine_partials(run_bank(q, sub, memory_budget // 2)
+                                for _, sub in streaming.blocks(keys, memory_budget))
 
     state = run(x)
     if flips:  # ‖x − flip(y)‖ = ‖flip(x) − y‖: retrieve with the mirrored query, mirror the values back
@@ -224,7 +232,7 @@ def knn_search(x: torch.Tensor, keys: KeyBank, k: int, *, query_labels: Optional
         return merge_topk(keys.shard, d, global_index(i, keys.n, keys.shard), k)
     name, _ = choose_backend(backend, x, keys, dtype, k=min(k, keys.n))
 
-    def run(q):
+    def run_bank(q, keys, memory_budget):
         if name == "cpu":
             return cpu_backend.knn(q, keys, min(k, keys.n), query_labels=query_labels, dtype=dtype)
         if name == "triton":
@@ -234,6 +242,16 @@ def knn_search(x: torch.Tensor, keys: KeyBank, k: int, *, query_labels: Optional
             return _cuda_backend().knn(q, keys, min(k, keys.n), query_labels=query_labels, dtype=dtype)
         return torch_backend.knn(q, keys, min(k, keys.n), query_labels=query_labels, dtype=dtype,
                                  memory_budget=memory_budget)
+
+    def run(q):
+        if keys.pages is None:
+            return run_bank(q, keys, memory_budget)
+        ds, is_ = [], []
+        for start, sub in streaming.blocks(keys, memory_budget):
+            d, i = run_bank(q, sub, memory_budget // 2)
+            ds.append(d.to(x.device))
+            is_.append(i.to(x.device) + start)
+        return merge_knn_lists(torch.cat(ds, 1), torch.cat(is_, 1), min(k, keys.n))
 
     d, i = run(x)
     d, i = d.to(x.device), i.to(x.device)
@@ -267,16 +285,35 @@ def posterior_draw(x: torch.Tensor, keys: KeyBank, sigma, *, generator: torch.Ge
     coef = 1.0 / (2.0 * s * s * temperature)
     shard = keys.shard
 
+    def draw_local(q, skip_before: int = 0, skip_after: int = 0):
+        if keys.pages is None:
+            return torch_backend.gumbel_argmax(q, keys, coef, generator, query_labels=query_labels, dtype=dtype,
+                                               memory_budget=memory_budget, skip_before=skip_before,
+                                               skip_after=skip_after)
+        # Blocks of a memory-mapped set in order: the noise stream runs on across them, ties stay with the
+        # earlier block, so the draw is the one of a single scan.
+        best_s = best_i = None
+        for start, sub in streaming.blocks(keys, memory_budget):
+            last = start + sub.n == keys.n
+            sc, ix = torch_backend.gumbel_argmax(q, sub, coef, generator, query_labels=query_labels, dtype=dtype,
+                                                 memory_budget=memory_budget // 2,
+                                                 skip_before=skip_before if start == 0 else 0,
+                                                 skip_after=skip_after if last else 0)
+            ix = ix + start
+            if best_s is None:
+                best_s, best_i = sc, ix
+            else:
+                better = sc > best_s
+                best_s, best_i = torch.where(better, sc, best_s), torch.where(better, ix, best_i)
+        return best_s, best_i
+
     def draw(q):
         if shard is None:
-            return torch_backend.gumbel_argmax(q, keys, coef, generator, query_labels=query_labels, dtype=dtype,
-                                               memory_budget=memory_budget)
+            return draw_local(q)
         # The noise is one (N, B) stream over the whole set: this shard draws its own rows of it and skips the
         # others', so the draw is the single-process one whatever the number of ranks (O(N·B) RNG per rank).
         from .distributed import global_max
-        sc, ix = torch_backend.gumbel_argmax(q, keys, coef, generator, query_labels=query_labels, dtype=dtype,
-                                             memory_budget=memory_budget, skip_before=shard.start,
-                                             skip_after=shard.total - shard.start - keys.n)
+        sc, ix = draw_local(q, shard.start, shard.total - shard.start - keys.n)
         return global_max(shard, sc, ix + shard.start)
 
     score, index = draw(x)
@@ -302,7 +339,8 @@ def all_labels(keys: KeyBank) -> Optional[torch.Tensor]:
 def _local_view(keys: KeyBank) -> KeyBank:
     """The same rows without the shard (what one rank computes on its own), centred like the whole set."""
     keys.get_center(torch.float64)
-    view = KeyBank(keys.values, keys.scale, keys.shift, keys.labels, keys.image_shape, keys.center, keys.derived)
+    view = KeyBank(keys.values, keys.scale, keys.shift, keys.labels, keys.image_shape, keys.center, keys.derived,
+                   pages=keys.pages)
     return view
 
 

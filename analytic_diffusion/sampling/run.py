@@ -10,7 +10,8 @@ import numpy as np
 import torch
 
 from ..data import load_dataset
-from ..denoisers import make_denoiser
+from ..data.packed import check_options as check_packed_options, is_packed, load_packed_shard
+from ..denoisers import denoiser_options, make_denoiser
 from ..metrics import memorization
 from ..ops import gather_rows
 from ..denoisers.patch_schedule import PatchSchedule
@@ -22,8 +23,13 @@ _DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
 def prepare_dataset(dataset, *, split=None, subset=None, subset_random=False, resolution=None, pad_to=None,
-                    flips=False, seed=0, device="cpu"):
-    """A Dataset from a name or path (or an existing Dataset), with subset and flips applied."""
+                    flips=False, seed=0, device="cpu", shard_group=None):
+    """A Dataset from a name or path (or an existing Dataset), with subset and flips applied; with
+    ``shard_group`` this rank's shard of it (of a packed folder, only the shard is mapped and verified)."""
+    if shard_group is not None and isinstance(dataset, (str, os.PathLike)) and is_packed(dataset) \
+            and subset is None and str(device) == "cpu":
+        check_packed_options(dataset, split=split, resolution=resolution, pad_to=pad_to)
+        return load_packed_shard(dataset, shard_group).with_flips(flips)
     if isinstance(dataset, (str, os.PathLike)):
         kw = {k: v for k, v in dict(split=split, resolution=resolution, pad_to=pad_to).items() if v is not None}
         dataset = load_dataset(dataset, device=device, **kw)
@@ -31,7 +37,7 @@ def prepare_dataset(dataset, *, split=None, subset=None, subset_random=False, re
         dataset = dataset.subset(subset, random=subset_random, seed=seed)
     if flips:
         dataset = dataset.with_flips(True)
-    return dataset
+    return dataset if shard_group is None else dataset.shard(shard_group)
 
 
 def class_labels_for(dataset, n: int, *, class_label=None, random_classes=False, seed=0):
@@ -73,12 +79,13 @@ def run_sample(*, method="optimal", dataset="mnist", split=None, subset=None, su
                steps=18, sampler="heun", schedule="karras", schedule_kwargs=None, eta=0.0, clip_x0=False,
                seed=0, batch_size=None, method_options=None, device="cpu", dtype="float32",
                out: Optional[str] = None, save_x0=False, progress=True, parallel="none",
-               dataset_ranks=None) -> dict:
+               dataset_ranks=None, memory_budget=None) -> dict:
     """Run one sampling job and write its folder; returns the metrics dict (also in metrics.json).
 
     ``parallel`` (under torchrun): ``dataset`` shards the training set over the ranks, ``samples`` splits the n
     samples, ``dataset,samples`` both (``dataset_ranks`` ranks per shard set); see :mod:`.parallel`. Only rank 0
-    writes the folder and prints progress; every rank returns the metrics.
+    writes the folder and prints progress; every rank returns the metrics. ``memory_budget`` (bytes) bounds
+    each retrieval's working memory (the method's and the memorisation scan's).
     """
     if dtype not in _DTYPES:
         raise ValueError(f"dtype: expected one of {sorted(_DTYPES)}, got {dtype!r}")
@@ -89,10 +96,11 @@ def run_sample(*, method="optimal", dataset="mnist", split=None, subset=None, su
     par = setup_parallel(parallel, device=device, dataset_ranks=dataset_ranks)
     device, progress = par.device, progress and par.is_main
     ds = prepare_dataset(dataset, split=split, subset=subset, subset_random=subset_random, resolution=resolution,
-                         pad_to=pad_to, flips=flips, seed=seed, device=device)
-    if par.data is not None:
-        ds = ds.shard(par.data)
-    denoiser = make_denoiser(method, ds, dtype=_DTYPES[dtype], **(method_options or {}))
+                         pad_to=pad_to, flips=flips, seed=seed, device=device, shard_group=par.data)
+    options = dict(method_options or {})
+    if memory_budget is not None and "memory_budget" in denoiser_options(method):
+        options["memory_budget"] = int(memory_budget)
+    denoiser = make_denoiser(method, ds, dtype=_DTYPES[dtype], **options)
     check_patch_coverage(denoiser, schedule, steps, schedule_kwargs)
     labels = class_labels_for(ds, n, class_label=class_label, random_classes=random_classes, seed=seed)
     x0_steps = []
@@ -105,7 +113,7 @@ def run_sample(*, method="optimal", dataset="mnist", split=None, subset=None, su
                     clip_x0=clip_x0, class_labels=labels, callback=record if save_x0 else None,
                     device=device, dtype=_DTYPES[dtype], progress=progress)
     samples = result.samples
-    mem = memorization(samples.to(ds.device), ds)
+    mem = memorization(samples.to(ds.device), ds, memory_budget=memory_budget)
     neighbours = gather_rows(ds.keys(), mem.nn_index.to(ds.device)).reshape(samples.shape).cpu()
     if not par.is_main:
         return {**mem.summary(), "sampling_seconds": result.elapsed_s, "total_seconds": time.perf_counter() - t0}

@@ -153,10 +153,13 @@ class ShardGroup:
 
     def combine(self, state: PartialState, what: str = "retrieval") -> PartialState:
         """Combine every rank's partial state in rank order (exact online-softmax merge)."""
-        fields = [state.m, state.l, state.l2, state.o] + ([] if state.o2 is None else [state.o2])
-        gathered = [self.all_gather(f, what) for f in fields]
-        states = [PartialState(*(g[r] for g in gathered[:4]), o2=gathered[4][r] if len(gathered) > 4 else None)
-                  for r in range(self.world)]
+        # One buffer per rank, (B, 3 + D [+ D]): one collective, one latency.
+        D = state.o.shape[1]
+        cols = [state.m[:, None], state.l[:, None], state.l2[:, None], state.o] + \
+            ([] if state.o2 is None else [state.o2])
+        parts = self.all_gather(torch.cat(cols, 1), what)
+        states = [PartialState(p[:, 0], p[:, 1], p[:, 2], p[:, 3:3 + D],
+                               o2=None if state.o2 is None else p[:, 3 + D:]) for p in parts]
         return combine_partials(states)
 
     def check_same(self, name: str, value: str) -> None:

@@ -5,6 +5,7 @@ One spawned job per world size runs every check inside one process group (torch 
 Rendezvous on 127.0.0.1 only.
 """
 import datetime
+import json
 import os
 import socket
 import time
@@ -208,3 +209,29 @@ def test_faults_stop_every_rank_with_a_clear_message(tmp_path):
     assert "injected failure on rank 1" in ranks[1]["peer_failed"]
     assert "another rank failed" in ranks[0]["peer_failed"], ranks[0]["peer_failed"]
     assert ranks[0]["waited_s"] < FAULT_TIMEOUT_S + 3  # stopped by the timeout, not a hang
+
+
+def test_torchrun_cli_on_a_packed_shard_matches_single_process(tmp_path):
+    """`torchrun ... -m analytic_diffusion sample --parallel dataset` on a packed set streamed in tiny blocks
+    writes the single-process samples; rendezvous on 127.0.0.1."""
+    import subprocess
+    import sys
+
+    from analytic_diffusion.data.packed import pack
+    from analytic_diffusion.sampling.run import run_sample
+    pack(_data(SEED), tmp_path / "packed")
+    out = tmp_path / "dist"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+           "--master-port", str(_free_port()), "-m", "analytic_diffusion", "sample", "--method", "topk", "--k", "6",
+           "--parallel", "dataset", "--dataset", str(tmp_path / "packed"), "--memory-budget", "1K", "-n", "3",
+           "--steps", "3", "--out", str(out), "--no-progress"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "AD_DIST_TIMEOUT": "60"}
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_sample(method="topk", dataset=str(tmp_path / "packed"), n=3, steps=3, method_options={"k": 6},
+               out=str(tmp_path / "single"), progress=False)
+    a, b = np.load(tmp_path / "single" / "samples.npz"), np.load(out / "samples.npz")
+    assert np.abs(a["samples"] - b["samples"]).max() <= 1e-5
+    assert (a["nn_index"] == b["nn_index"]).all()
+    assert json.loads((out / "config.json").read_text())["parallel"] == {
+        "mode": "dataset", "world": 2, "dataset_ranks": 2, "sample_ranks": None}

@@ -27,17 +27,19 @@ def prepare_dataset(dataset, *, split=None, subset=None, subset_random=False, re
     """A Dataset from a name or path (or an existing Dataset), with subset and flips applied; with
     ``shard_group`` this rank's shard of it (of a packed folder, only the shard is mapped and verified)."""
     if shard_group is not None and isinstance(dataset, (str, os.PathLike)) and is_packed(dataset) \
-            and subset is None and str(device) == "cpu":
+            and subset is None:
         check_packed_options(dataset, split=split, resolution=resolution, pad_to=pad_to)
-        return load_packed_shard(dataset, shard_group).with_flips(flips)
+        ds = load_packed_shard(dataset, shard_group).with_flips(flips)
+        return ds if str(device) == "cpu" else ds.to(device)  # a GPU rank holds its shard on its device
     if isinstance(dataset, (str, os.PathLike)):
         kw = {k: v for k, v in dict(split=split, resolution=resolution, pad_to=pad_to).items() if v is not None}
-        dataset = load_dataset(dataset, device=device, **kw)
+        # Sharded: loaded on the host, and only this rank's shard goes to its device.
+        dataset = load_dataset(dataset, device=device if shard_group is None else "cpu", **kw)
     if subset is not None:
         dataset = dataset.subset(subset, random=subset_random, seed=seed)
     if flips:
         dataset = dataset.with_flips(True)
-    return dataset if shard_group is None else dataset.shard(shard_group)
+    return dataset if shard_group is None else dataset.shard(shard_group).to(device)
 
 
 def class_labels_for(dataset, n: int, *, class_label=None, random_classes=False, seed=0):

@@ -29,6 +29,9 @@ _EXPORTS = {
     **dict.fromkeys(["memorization", "novelty", "mse", "r2", "pearson_r", "score_cosine"], "metrics"),
     **dict.fromkeys(["single_step", "trajectories", "posterior_variance"], "analysis"),
     **dict.fromkeys(["KeyBank", "PartialState", "softmax_retrieval", "combine_partials", "knn_search"], "ops"),
+    **dict.fromkeys(["ShardGroup", "ShardError", "init_from_env"], "ops.distributed"),
+    **dict.fromkeys(["pack", "load_packed"], "data.packed"),
+    **dict.fromkeys(["sample_parallel"], "sampling.parallel"),
 }
 # Subpackages reachable as attributes (ad.ops, ad.metrics, ...) without an explicit import.
 _SUBPACKAGES = ("data", "ops", "grids", "denoisers", "metrics", "sampling", "networks", "analysis", "viz",

@@ -63,7 +63,9 @@ METHODS = [
     ("els", {"patch": 3, "backend": "torch"}, torch.float64), ("bbels", {"patch": 3}, torch.float32),
     ("pspc", {"patch": 5, "backend": "torch"}, torch.float64), ("pspc", {"patch": 5}, torch.float32),
     ("pspc-flex", {}, torch.float64), ("pca_locality", {"backend": "torch"}, torch.float64),
-    ("pca_locality", {}, torch.float32), ("wiener", {}, torch.float64),
+    # pca_locality on shards runs the torch path: compared with the same path (the fused kernel's float32
+    # distances differ in rounding, which near-tied coordinates at σ = 0.05 amplify past 1e-5)
+    ("pca_locality", {"backend": "torch"}, torch.float32), ("wiener", {}, torch.float64),
 ]
 
 
@@ -91,6 +93,7 @@ def families(make_ds, seed: int, flip_modes=(False, True)) -> dict:
         out[f"summary-flips{flips}"] = torch.stack([r.max_weight, r.effective_neighbours], 1)
         mean, vals, vecs = ds.pca(cache=False)
         out[f"stats-flips{flips}"] = torch.cat([mean, ds.covariance(cache=False).reshape(-1), vals])
+        out[f"classes-flips{flips}"] = torch.tensor(ds.classes, dtype=torch.float64)
         rep = memorization(_queries(seed + 9, torch.float64), ds)
         out[f"memo-flips{flips}"] = torch.stack([rep.nn_index.double(), rep.nn_distance, rep.ratio], 1)
     return out
@@ -106,7 +109,7 @@ def _worker(rank: int, world: int, port: int, out_dir: str, job: str, seed: int)
     os.environ.setdefault("AD_NUM_THREADS", "1")
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=FAULT_TIMEOUT_S if job == "faults" else 60))
+                            timeout=datetime.timedelta(seconds=FAULT_TIMEOUT_S if job == "faults" else 120))
     try:
         group = ShardGroup()
         result = {}
@@ -224,12 +227,12 @@ def test_torchrun_cli_on_a_packed_shard_matches_single_process(tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
            "--master-port", str(_free_port()), "-m", "analytic_diffusion", "sample", "--method", "topk", "--k", "6",
            "--parallel", "dataset", "--dataset", str(tmp_path / "packed"), "--memory-budget", "1K", "-n", "3",
-           "--steps", "3", "--out", str(out), "--no-progress"]
+           "--random-classes", "--steps", "3", "--out", str(out), "--no-progress"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "AD_DIST_TIMEOUT": "60"}
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     run_sample(method="topk", dataset=str(tmp_path / "packed"), n=3, steps=3, method_options={"k": 6},
-               out=str(tmp_path / "single"), progress=False)
+               random_classes=True, out=str(tmp_path / "single"), progress=False)
     a, b = np.load(tmp_path / "single" / "samples.npz"), np.load(out / "samples.npz")
     assert np.abs(a["samples"] - b["samples"]).max() <= 1e-5
     assert (a["nn_index"] == b["nn_index"]).all()

@@ -140,7 +140,12 @@ class Dataset:
 
     @property
     def classes(self) -> Optional[list]:
-        return None if self._labels is None else torch.unique(self._labels).tolist()
+        """Labels present (over every shard when sharded: then a collective)."""
+        if self._labels is None:
+            return None
+        if self._shard is not None:
+            return torch.unique(self._shard.group.all_gather_rows(self._labels, "gathering labels")).tolist()
+        return torch.unique(self._labels).tolist()
 
     def __repr__(self) -> str:
         split = f", split={self.split!r}" if self.split else ""

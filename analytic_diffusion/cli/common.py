@@ -8,7 +8,8 @@ DTYPES = {"float32", "float64"}
 
 
 DATASET_HELP = ("'mnist' (embedded 10k MNIST test set, 28x28), 'mnist32' (zero-padded to 32x32), or a path: "
-                "idx(.gz) file or folder, CIFAR folder or batch file, image folder, EDM-style .zip, .npy/.npz")
+                "idx(.gz) file or folder, CIFAR folder or batch file, image folder, EDM-style .zip, .npy/.npz, or a "
+                "folder written by `analytic-diffusion pack` (memory-mapped)")
 
 
 def add_data_args(p, *, default: str, subset_help: str) -> None:

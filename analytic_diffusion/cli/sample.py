@@ -73,7 +73,7 @@ def register(sub) -> None:
     e.add_argument("--save-x0", action="store_true", help="also write x0_strips.png (x̂0 at every step)")
     e.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     e.add_argument("--memory-budget", type=parse_bytes, default=None, metavar="BYTES",
-                   help="working memory of each retrieval, e.g. 64M or 2G (default 256M or $AD_MEMORY_BUDGET); "
+                   help="working memory of each retrieval, e.g. 64M or 2G (None: 256M or $AD_MEMORY_BUDGET); "
                         "a packed --dataset is streamed in blocks within it")
     e.add_argument("--parallel", default="none", choices=["none", "dataset", "samples", "dataset,samples"],
                    help="under torchrun: shard the training set over the ranks (dataset), split the n samples "

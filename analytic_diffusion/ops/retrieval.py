@@ -163,6 +163,11 @@ def softmax_retrieval(x: torch.Tensor, keys: KeyBank, sigma, *, temperature: flo
     ``precision`` (``exact`` | ``tf32`` | ``bf16``, see :mod:`analytic_diffusion.ops.precision`) lets the Triton
     kernels use faster dots on the rows whose logit error bound stays within ``max_logit_error`` nats (default
     per mode); the other backends always compute exactly, which satisfies every mode.
+
+    A sharded bank (``keys.shard``, see :mod:`analytic_diffusion.ops.distributed`) combines every rank's state
+    in rank order (a collective); a memory-mapped one (``keys.pages``) is streamed in blocks within
+    ``memory_budget`` (:mod:`analytic_diffusion.ops.streaming`). :func:`knn_search` and :func:`posterior_draw`
+    do the same, with global indices.
     """
     dtype = _validate(x, keys, query_labels, flips, dtype)
     if not temperature > 0:

@@ -32,6 +32,9 @@ _EXPORTS = {
     **dict.fromkeys(["KeyBank", "PartialState", "softmax_retrieval", "combine_partials", "knn_search",
                      "certified_retrieval"], "ops"),
     **dict.fromkeys(["to_diffusers", "to_edm", "to_smalldiffusion"], "integrations"),
+    **dict.fromkeys(["ShardGroup", "ShardError", "init_from_env"], "ops.distributed"),
+    **dict.fromkeys(["pack", "load_packed"], "data.packed"),
+    **dict.fromkeys(["sample_parallel"], "sampling.parallel"),
 }
 # Subpackages reachable as attributes (ad.ops, ad.metrics, ...) without an explicit import.
 _SUBPACKAGES = ("data", "ops", "grids", "denoisers", "metrics", "sampling", "networks", "analysis", "viz",

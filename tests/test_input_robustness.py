@@ -1,7 +1,6 @@
 """Every input works or is refused clearly, before any work starts (issue 14 §2-8 and its tracebacks)."""
 import io
 import json
-import os
 import zipfile
 
 import numpy as np

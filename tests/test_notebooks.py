@@ -2,7 +2,6 @@
 
 Each notebook reads AD_NOTEBOOK_SIZE ("ci" here: seconds; "full": the committed copy; "gpu": paper-like sizes).
 """
-import os
 from pathlib import Path
 
 import pytest

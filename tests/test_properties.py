@@ -10,7 +10,7 @@ import re
 
 import pytest
 import torch
-from hypothesis import assume, given, note, strategies as st
+from hypothesis import given, note, strategies as st
 
 import analytic_diffusion as ad
 from analytic_diffusion.data import Dataset

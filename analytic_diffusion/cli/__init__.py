@@ -10,10 +10,10 @@ import sys
 from typing import List, Optional
 
 from .. import __version__
-from . import bench, calibrate, compare, dynamics, methods, sample, schedules, stability, train
+from . import bench, calibrate, compare, dynamics, methods, pack, sample, schedules, stability, train
 
 # In the order `--help` lists them.
-SUBCOMMANDS = (sample, methods, calibrate, schedules, train, compare, dynamics, stability, bench)
+SUBCOMMANDS = (sample, methods, calibrate, schedules, train, compare, dynamics, stability, bench, pack)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -27,12 +27,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    from ..ops.distributed import ShardError, rank_prefix
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
     except (ValueError, TypeError, FileNotFoundError) as exc:  # bad input: a clear message, not a traceback
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error{rank_prefix()}: {exc}", file=sys.stderr)
         return 2
+    except ShardError as exc:  # another rank failed or the ranks disagree: say so on every rank
+        print(f"error{rank_prefix()}: {exc}", file=sys.stderr)
+        return 3
     except KeyboardInterrupt:  # Ctrl-C: one line and the shell's convention for SIGINT (128 + 2)
         print("interrupted", file=sys.stderr)
         return 130

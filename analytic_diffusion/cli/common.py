@@ -8,7 +8,8 @@ DTYPES = {"float32", "float64"}
 
 
 DATASET_HELP = ("'mnist' (embedded 10k MNIST test set, 28x28), 'mnist32' (zero-padded to 32x32), or a path: "
-                "idx(.gz) file or folder, CIFAR folder or batch file, image folder, EDM-style .zip, .npy/.npz")
+                "idx(.gz) file or folder, CIFAR folder or batch file, image folder, EDM-style .zip, .npy/.npz, or a "
+                "folder written by `analytic-diffusion pack` (memory-mapped)")
 
 
 def add_data_args(p, *, default: str, subset_help: str) -> None:
@@ -45,3 +46,16 @@ def csv_ints(text: str) -> List[int]:
         return [int(v) for v in text.split(",") if v.strip()]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def parse_bytes(text: str) -> int:
+    """'64M' -> 67108864; suffixes K, M, G, T (powers of 1024), or a plain number of bytes."""
+    units = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+    t = text.strip().upper().removesuffix("B").removesuffix("I")
+    try:
+        value = float(t[:-1]) * units[t[-1]] if t and t[-1] in units else float(t)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a size such as 64M or 2G, got {text!r}") from None
+    if not value >= 1:
+        raise argparse.ArgumentTypeError(f"expected a positive size, got {text!r}")
+    return int(value)

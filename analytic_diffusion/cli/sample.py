@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from .common import DTYPES, add_data_args, add_grid_args, load_schedule, schedule_kwargs
+from .common import DTYPES, add_data_args, add_grid_args, load_schedule, parse_bytes, schedule_kwargs
 
 
 def register(sub) -> None:
@@ -25,7 +25,10 @@ def register(sub) -> None:
     g.add_argument("--random-classes", action="store_true",
                    help="class-conditional with a seeded random class per sample")
     s = p.add_argument_group("sampler")
-    s.add_argument("--n", type=int, default=64, help="number of samples")
+    # -n / --num-samples: under torchrun, whose own parser rejects `--n` as an ambiguous abbreviation of its
+    # --nnodes / --nproc-per-node / ... before the command line reaches this one.
+    s.add_argument("--n", "-n", "--num-samples", dest="n", type=int, default=64,
+                   help="number of samples (under torchrun write -n N or --num-samples N)")
     s.add_argument("--steps", type=int, default=18, help="number of sampler steps")
     s.add_argument("--sampler", default="heun", choices=sorted(SAMPLERS))
     add_grid_args(s, default="karras")
@@ -78,6 +81,14 @@ def register(sub) -> None:
                    help="replace a non-empty --out folder as a whole (no files of the old run are kept)")
     e.add_argument("--save-x0", action="store_true", help="also write x0_strips.png (x̂0 at every step)")
     e.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    e.add_argument("--memory-budget", type=parse_bytes, default=None, metavar="BYTES",
+                   help="working memory of each retrieval, e.g. 64M or 2G (None: 256M or $AD_MEMORY_BUDGET); "
+                        "a packed --dataset is streamed in blocks within it")
+    e.add_argument("--parallel", default="none", choices=["none", "dataset", "samples", "dataset,samples"],
+                   help="under torchrun: shard the training set over the ranks (dataset), split the n samples "
+                        "(samples), or both (with --dataset-ranks); only rank 0 writes files and prints")
+    e.add_argument("--dataset-ranks", type=int, default=None, metavar="G",
+                   help="--parallel dataset,samples: ranks that share one training set (world = S x G)")
     p.set_defaults(func=run)
 
 
@@ -162,5 +173,6 @@ def run(args) -> int:
         sampler=args.sampler, schedule=args.schedule, schedule_kwargs=schedule_kwargs(args), eta=args.eta,
         clip_x0=args.clip_x0, seed=args.seed, batch_size=args.batch_size, method_options=_method_options(args),
         device=args.device, dtype=args.dtype, out=args.out, save_x0=args.save_x0, progress=not args.no_progress,
-        overwrite=args.overwrite)
+        overwrite=args.overwrite, parallel=args.parallel, dataset_ranks=args.dataset_ranks,
+        memory_budget=args.memory_budget)
     return 0

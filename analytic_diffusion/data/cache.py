@@ -45,6 +45,15 @@ def cached(kind: str, params: Dict, compute: Callable[[], Dict[str, torch.Tensor
     return tensors
 
 
+def lookup(kind: str, params: Dict) -> Optional[Dict[str, torch.Tensor]]:
+    """The stored entry for ``params``, or None (missing, foreign or unreadable)."""
+    return _load(key_path(kind, params), _canonical(params))
+
+
+def store(kind: str, params: Dict, tensors: Dict[str, torch.Tensor]) -> None:
+    _save_atomic(key_path(kind, params), {"params": _canonical(params), "tensors": tensors})
+
+
 def _canonical(params: Dict) -> str:
     return json.dumps(params, sort_keys=True, default=str)
 

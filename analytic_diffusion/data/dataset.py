@@ -41,6 +41,8 @@ class Dataset:
         self._keys: Optional[KeyBank] = None
         self._fingerprint: Optional[str] = None
         self._stats: Dict[str, Dict[str, torch.Tensor]] = {}
+        self._shard = None  # ops.distributed.Shard when this holds one rank's rows of a sharded set
+        self._mapped = None  # data.packed.MappedRows when the images are a view of a memory-mapped file
 
     # ---------------------------------------------------------------- construction
     @classmethod
@@ -77,6 +79,8 @@ class Dataset:
         out._keys, out._stats = None, {}
         if images is not self._images:
             out._fingerprint = None
+            if not (self._mapped is not None and images.data_ptr() == self._images.data_ptr()):
+                out._mapped = None  # a copy (subset, another device): no longer the file's pages
         return out
 
     # ---------------------------------------------------------------- properties
@@ -94,9 +98,19 @@ class Dataset:
         return self._images.shape[0]
 
     @property
+    def total_stored(self) -> int:
+        """Stored images over every rank's shard (= num_stored when not sharded)."""
+        return self.num_stored if self._shard is None else self._shard.total
+
+    @property
+    def sharding(self):
+        """The :class:`~analytic_diffusion.ops.distributed.Shard` this rank holds, or None."""
+        return self._shard
+
+    @property
     def n(self) -> int:
-        """Number of candidate images: 2N with flips."""
-        return self.num_stored * (2 if self._flips else 1)
+        """Number of candidate images (over every shard): 2N with flips."""
+        return self.total_stored * (2 if self._flips else 1)
 
     def __len__(self) -> int:
         return self.n
@@ -132,12 +146,17 @@ class Dataset:
 
     @property
     def classes(self) -> Optional[list]:
-        return None if self._labels is None else torch.unique(self._labels).tolist()
+        """Labels present (over every shard when sharded: then a collective)."""
+        if self._labels is None:
+            return None
+        if self._shard is not None:
+            return torch.unique(self._shard.group.all_gather_rows(self._labels, "gathering labels")).tolist()
+        return torch.unique(self._labels).tolist()
 
     def __repr__(self) -> str:
         split = f", split={self.split!r}" if self.split else ""
         subset = f", subset={self.subset_desc!r}" if self.subset_desc != "all" else ""
-        return (f"Dataset(source={self.source!r}{split}, N={self.num_stored}, shape={self.image_shape}, "
+        return (f"Dataset(source={self.source!r}{split}, N={self.total_stored}, shape={self.image_shape}, "
                 f"dtype={str(self.dtype).replace('torch.', '')}, flips={self._flips}, "
                 f"labels={'yes' if self._labels is not None else 'no'}{subset}, device={self.device})")
 
@@ -146,14 +165,39 @@ class Dataset:
         """The retrieval ops' view of the stored rows (no copy); cached so its ``center`` is computed once."""
         if self._keys is None:
             self._keys = KeyBank(values=self._images.reshape(self.num_stored, self.dim), scale=self.scale,
-                                 shift=self.shift, labels=self._labels, image_shape=self.image_shape)
+                                 shift=self.shift, labels=self._labels, image_shape=self.image_shape,
+                                 shard=self._shard, pages=self._mapped)
+            if self._shard is not None:  # a collective: every rank builds its keys at the same point
+                self._keys.get_center(torch.float64)
         return self._keys
+
+    def shard(self, group) -> "Dataset":
+        """This rank's contiguous, balanced shard of the stored images (``group``: an
+        :class:`~analytic_diffusion.ops.distributed.ShardGroup`; a collective, every rank calls it).
+
+        The ranks first compare the whole set's content fingerprint and all raise if they differ. Retrievals on
+        the shard's :meth:`keys` combine every rank's result; statistics are reduced over the shards.
+        """
+        from ..ops.distributed import Shard
+        if self._shard is not None:
+            raise ValueError("shard: this dataset is already one rank's shard")
+        fp = self.cache_params()["content"]
+        group.check_same("datasets (content fingerprints)", f"{fp} N={self.num_stored} {self.image_shape} "
+                         f"{self.subset_desc} flips={self._flips}")
+        start, stop = group.shard_range(self.num_stored)
+        out = self._derive(self._images[start:stop], _take(self._labels, slice(start, stop)))
+        if self._mapped is not None:  # this rank touches (and releases) only its rows of the file
+            out._mapped = type(self._mapped)(self._mapped.arr, self._mapped.start + start)
+        out._shard = Shard(group, start, self.num_stored)
+        out._fingerprint = fp  # the whole set's: statistics are the whole set's, and so is their cache key
+        return out
 
     def images_float(self, index=None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """Float images in [-1, 1]: all ``n`` candidates (index None) or those at ``index`` (int, list, tensor).
 
         Index i ≥ N (flips on) is image i − N mirrored left-right.
         """
+        self._unsharded("images_float")
         if index is None:
             out = self._to_float(self._images, dtype, copy=True)  # never hand out the stored tensor itself
             return torch.cat([out, out.flip(-1)]) if self._flips else out
@@ -171,8 +215,14 @@ class Dataset:
         return x * self.scale + self.shift if self._images.dtype == torch.uint8 else x
 
     # ---------------------------------------------------------------- derived datasets
+    def _unsharded(self, what: str) -> None:
+        if self._shard is not None:
+            raise ValueError(f"{what}: this dataset is one rank's shard; call it on the whole set before "
+                             "Dataset.shard")
+
     def subset(self, n: int, *, random: bool = False, seed: int = 0) -> "Dataset":
         """The first ``n`` stored images (a view), or ``n`` drawn without replacement by ``seed`` (kept sorted)."""
+        self._unsharded("subset")
         if not 1 <= int(n) <= self.num_stored:
             raise ValueError(f"subset: n must be in [1, {self.num_stored}], got {n}")
         n = int(n)
@@ -185,6 +235,7 @@ class Dataset:
 
     def filter_classes(self, classes) -> "Dataset":
         """Only the images whose label is in ``classes`` (an int or a collection of ints)."""
+        self._unsharded("filter_classes")
         if self._labels is None:
             raise ValueError(f"filter_classes: dataset {self.source!r} has no labels")
         wanted = sorted({int(c) for c in np.atleast_1d(np.asarray(classes).astype(np.int64))})
@@ -212,7 +263,7 @@ class Dataset:
         if self._fingerprint is None:
             self._fingerprint = stats_cache.fingerprint(self._images)
         return {"source": self.source, "split": self.split, "subset": self.subset_desc,
-                "transform": self.transform, "flips": self._flips, "N": self.num_stored,
+                "transform": self.transform, "flips": self._flips, "N": self.total_stored,
                 "shape": list(self.image_shape), "dtype": str(self.dtype), "scale": self.scale,
                 "shift": self.shift, "content": self._fingerprint, "version": 1}
 
@@ -239,14 +290,40 @@ class Dataset:
 
     def _stat(self, kind: str, compute, use_cache: bool) -> Dict[str, torch.Tensor]:
         if kind not in self._stats:
-            out = stats_cache.cached(kind, self.cache_params(), compute) if use_cache else compute()
+            if self._shard is not None:
+                out = self._stat_sharded(kind, compute, use_cache)
+            else:
+                out = stats_cache.cached(kind, self.cache_params(), compute) if use_cache else compute()
             self._stats[kind] = {k: v.to(self.device) for k, v in out.items()}
         return self._stats[kind]
 
+    def _stat_sharded(self, kind: str, compute, use_cache: bool) -> Dict[str, torch.Tensor]:
+        """The cache is used only when every rank finds the entry (computing is a collective: all ranks or
+        none); rank 0 alone writes it."""
+        group = self._shard.group
+        params = self.cache_params()
+        hit = stats_cache.lookup(kind, params) if use_cache else None
+        if all(group.all_gather_object(hit is not None, f"{kind} cache lookup")):
+            return hit
+        out = {k: v.detach().cpu() for k, v in compute().items()}
+        if use_cache and group.rank == 0:
+            stats_cache.store(kind, params, out)
+        return out
+
     def _chunks(self):
-        step = max(1, STATS_CHUNK_ELEMENTS // self.dim)
+        elements = STATS_CHUNK_ELEMENTS
+        if self._mapped is not None:  # out of core: chunks within the retrieval budget too (float64, ~2 copies)
+            from ..ops import retrieval
+            elements = max(1, min(elements, retrieval.DEFAULT_MEMORY_BUDGET // 16))
+        step = max(1, elements // self.dim)
         for s in range(0, self.num_stored, step):
-            yield self._to_float(self._images[s:s + step], torch.float64).reshape(-1, self.dim)
+            rows = self._images[s:s + step].to(torch.float64)
+            if self._images.dtype == torch.uint8:  # in place, the same bits as _to_float
+                rows.mul_(self.scale).add_(self.shift)
+            yield rows.reshape(-1, self.dim)
+            del rows
+            if self._mapped is not None:  # a streaming pass over a mapped file: hand the pages back
+                self._mapped.release(s, s + step)
 
     def _mirror_perm(self) -> torch.Tensor:
         """Permutation p of the D coordinates with flip(x) = x[p]."""
@@ -257,7 +334,9 @@ class Dataset:
         total = torch.zeros(self.dim, dtype=torch.float64, device=self.device)
         for rows in self._chunks():
             total += rows.sum(0)
-        mean = total / self.num_stored
+        if self._shard is not None:  # float64 sums added in rank order: the same bits on every rank
+            total = self._shard.group.sum(total, "dataset mean")
+        mean = total / self.total_stored
         if self._flips:  # mean of {x} ∪ {flip x} = (μ + flip μ) / 2
             mean = 0.5 * (mean + mean[self._mirror_perm()])
         return {"mean": mean}
@@ -268,6 +347,8 @@ class Dataset:
         for rows in self._chunks():
             rows = rows - mean
             scatter.addmm_(rows.T, rows)
+        if self._shard is not None:
+            scatter = self._shard.group.sum(scatter, "dataset covariance")
         if self._flips:
             # The augmented mean is mirror-symmetric, so flip(x) − μ = P(x − μ) and the mirrored half's scatter
             # is P S Pᵀ: a permutation of S, no second pass over the data.

@@ -336,6 +336,9 @@ def load_array(array, labels=None, *, source: str = "array", split: Optional[str
 def detect_format(path: Path) -> Callable[..., Dataset]:
     """The loader for a path, from its name (files) or contents (folders)."""
     if path.is_dir():
+        from .packed import is_packed, load_packed_dataset
+        if is_packed(path):
+            return load_packed_dataset
         if any(path.glob("*images*idx3-ubyte*")):
             return load_idx
         if _cifar_files(path, "train") is not None or _cifar_files(path, "test") is not None:

@@ -5,7 +5,7 @@ from typing import Optional
 
 import torch
 
-from ..ops import gather_rows, knn_search
+from ..ops import all_labels, gather_rows, knn_search
 from .base import Posterior
 from .optimal import RetrievalDenoiser
 from .sample_seeds import row_generators
@@ -148,7 +148,7 @@ class KNNEstimator(RetrievalDenoiser):
         """(B, N_total) bool: candidates each query may use (class filter; flipped copies share labels)."""
         if labels is None:
             return torch.ones(batch, self.num_candidates, dtype=torch.bool, device=device)
-        key_labels = self.keys.labels.to(device)
+        key_labels = all_labels(self.keys).to(device)
         if self.flips:
             key_labels = torch.cat([key_labels, key_labels])
         return key_labels[None, :] == labels[:, None]

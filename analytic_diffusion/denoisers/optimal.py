@@ -5,7 +5,7 @@ from typing import Optional
 
 import torch
 
-from ..ops import DEFAULT_MEMORY_BUDGET, softmax_retrieval
+from ..ops import DEFAULT_MEMORY_BUDGET, all_labels, softmax_retrieval
 from ..ops.pruning import certified_retrieval, check_tolerance
 from ..ops.precision import check_mode
 from .base import Denoiser, Posterior
@@ -65,7 +65,7 @@ class RetrievalDenoiser(Denoiser):
 
     @property
     def num_candidates(self) -> int:
-        return self.keys.n * (2 if self.flips else 1)
+        return self.keys.total * (2 if self.flips else 1)  # over every shard
 
     def _check(self, x, sigma, class_labels):
         s, labels = super()._check(x, sigma, class_labels)
@@ -73,7 +73,7 @@ class RetrievalDenoiser(Denoiser):
             if self.keys.labels is None:
                 raise ValueError("class_labels: this dataset has no labels, so class-conditional "
                                  "candidates are not available")
-            present = torch.unique(self.keys.labels)
+            present = torch.unique(all_labels(self.keys))
             missing = sorted(set(labels.cpu().tolist()) - set(present.tolist()))
             if missing:
                 raise ValueError(f"class_labels: no training image has label(s) {missing}; "

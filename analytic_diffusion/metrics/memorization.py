@@ -41,8 +41,9 @@ class MemorizationReport:
 
 
 def memorization(samples: torch.Tensor, dataset, *, threshold: float = MEMORIZATION_THRESHOLD,
-                 flips=None, backend: str = "auto") -> MemorizationReport:
-    """Nearest and second-nearest training distances of each sample, in float64, by exact scan."""
+                 flips=None, backend: str = "auto", memory_budget=None) -> MemorizationReport:
+    """Nearest and second-nearest training distances of each sample, in float64, by exact scan
+    (``memory_budget``: bytes of working memory, default the ops' own)."""
     if samples.dim() != 4 or tuple(samples.shape[1:]) != tuple(dataset.image_shape):
         raise ValueError(f"samples: expected shape (n, {', '.join(map(str, dataset.image_shape))}), "
                          f"got {tuple(samples.shape)}")
@@ -50,11 +51,12 @@ def memorization(samples: torch.Tensor, dataset, *, threshold: float = MEMORIZAT
         raise ValueError(f"threshold: expected a value in (0, 1], got {threshold}")
     flips = dataset.flips if flips is None else flips
     keys = dataset.keys()
-    total = keys.n * (2 if flips else 1)
+    total = keys.total * (2 if flips else 1)
     if total < 2:
         raise ValueError("memorization: needs at least 2 training images")
     q = samples.reshape(samples.shape[0], -1).to(device=keys.device, dtype=torch.float64)
-    d2, idx = knn_search(q, keys, 2, flips=flips, backend=backend, dtype=torch.float64)
+    budget = {} if memory_budget is None else {"memory_budget": int(memory_budget)}
+    d2, idx = knn_search(q, keys, 2, flips=flips, backend=backend, dtype=torch.float64, **budget)
     d = d2.clamp_min(0).sqrt()
     ratio = d[:, 0] / d[:, 1].clamp_min(torch.finfo(torch.float64).tiny)
     return MemorizationReport(idx[:, 0].cpu(), d[:, 0].cpu(), d[:, 1].cpu(), ratio.cpu(), threshold)

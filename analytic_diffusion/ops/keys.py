@@ -35,6 +35,12 @@ class KeyBank:
     center: Optional[torch.Tensor] = field(default=None, repr=False)
     # Per-dataset constants the fused kernels derive once (key norms, per-coordinate maxima, device copies).
     derived: dict = field(default_factory=dict, repr=False, compare=False)
+    # Set when these rows are one rank's shard of a larger set (ops.distributed.Shard): the retrieval entry
+    # points then combine every rank's result, and indices are global.
+    shard: Optional[object] = field(default=None, repr=False, compare=False)
+    # Set when ``values`` is memory-mapped from a file (data.packed.MappedRows): retrievals then stream it in
+    # blocks within their memory budget and give each block's pages back to the OS (ops/streaming.py).
+    pages: Optional[object] = field(default=None, repr=False, compare=False)
 
     def __post_init__(self):
         v = self.values
@@ -55,6 +61,11 @@ class KeyBank:
     @property
     def n(self) -> int:
         return self.values.shape[0]
+
+    @property
+    def total(self) -> int:
+        """Stored rows over every shard (= n when not sharded)."""
+        return self.n if self.shard is None else self.shard.total
 
     @property
     def dim(self) -> int:
@@ -86,11 +97,16 @@ class KeyBank:
         return self.derived[name]
 
     def get_center(self, dtype: torch.dtype) -> torch.Tensor:
-        """Mean candidate row (computed once, in float64, chunked)."""
+        """Mean candidate row (computed once, in float64, chunked; over every shard when sharded, so that all
+        ranks centre alike)."""
         if self.center is None:
             acc = torch.zeros(self.dim, dtype=torch.float64, device=self.device)
             step = max(1, (1 << 24) // max(1, self.dim))
             for s in range(0, self.n, step):
                 acc += self.rows(s, min(s + step, self.n), torch.float64).sum(0)
-            self.center = acc / self.n
+                if self.pages is not None:
+                    self.pages.release(s, min(s + step, self.n))
+            if self.shard is not None:
+                acc = self.shard.group.sum(acc, "dataset centre")
+            self.center = acc / self.total
         return self.center.to(dtype)

@@ -77,6 +77,20 @@ def _prepare(x: torch.Tensor, keys: KeyBank, sigma, temperature: float, query_la
     return x.to(dtype), coef, query_labels, dtype
 
 
+def _combine_stats(keys: KeyBank, m, l, l2, what: str):
+    """Pass 1 of a two-pass op on a sharded bank: every rank's (max, normaliser) per output unit, combined in rank
+    order, so that pass 2 forms the whole set's weights on each shard (then :func:`_sum_shards`)."""
+    if keys.shard is None:
+        return m, l, l2
+    st = keys.shard.group.combine(PartialState(m.reshape(-1), l.reshape(-1), l2.reshape(-1),
+                                               m.new_zeros(m.numel(), 0)), what)
+    return st.m.reshape(m.shape), st.l.reshape(l.shape), st.l2.reshape(l2.shape)
+
+
+def _sum_shards(keys: KeyBank, t: torch.Tensor, what: str) -> torch.Tensor:
+    return t if keys.shard is None else keys.shard.group.sum(t, what)
+
+
 def _item(dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
 
@@ -195,6 +209,17 @@ def local_score(x: torch.Tensor, keys: KeyBank, sigma, *, patch: int, temperatur
     values, so that shards of a dataset combine exactly (reshape ``state.mean()`` to (B, H, W, C)).
     Memory per chunk O(B·n·H·W).
     """
+    if keys.shard is not None:  # this rank's shard, then every rank's per-pixel state combined in rank order
+        from .retrieval import _local_view
+        state = local_score(x, _local_view(keys), sigma, patch=patch, temperature=temperature,
+                            query_labels=query_labels, flips=flips, dtype=dtype, memory_budget=memory_budget,
+                            return_partial=True, backend=backend)
+        state = keys.shard.group.combine(state, "LS retrieval")
+        if return_partial:
+            return state
+        _require_candidates(state.l, "query_labels")
+        B, C, H, W = x.shape[0], *keys.image_shape
+        return state.mean().reshape(B, H, W, C).permute(0, 3, 1, 2).contiguous()
     x, coef, query_labels, dtype = _prepare(x, keys, sigma, temperature, query_labels, flips, dtype)
     if isinstance(patch, bool) or not isinstance(patch, int) or patch < 1 or patch % 2 == 0:
         raise ValueError(f"patch: LS needs an odd patch size k >= 1, got {patch!r}")
@@ -305,11 +330,13 @@ def pspc_square(x: torch.Tensor, keys: KeyBank, sigma, *, patch: int, temperatur
     l2 = torch.zeros_like(l)
     for _, y, labels in _candidate_chunks(keys, flips, step, dtype, dev):
         m, l, l2, _, _ = _softmax_step(m, l, l2, chunk_logits(y, labels))
+    m, l, l2 = _combine_stats(keys, m, l, l2, "PSPC pass 1")
     _require_candidates(l, "query_labels")
     out = torch.zeros(B, C, H, W, dtype=dtype, device=dev)
     for _, y, labels in _candidate_chunks(keys, flips, step, dtype, dev):
         w = torch.exp(chunk_logits(y, labels) - m[:, None]) / l[:, None]
         out += torch.einsum("bnhw,nchw->bchw", _box_full(w, k), y)
+    out = _sum_shards(keys, out, "PSPC pass 2")
     count = _box_full(torch.ones(Hc, Wc, dtype=dtype, device=dev), k)
     return out / count
 
@@ -327,6 +354,8 @@ def _pspc_square_fused(x, keys: KeyBank, coef, k: int, query_labels, flips: bool
     state = fused_patch.patch_partial(q, keys, coef.to(torch.float64).repeat_interleave(P),
                                       (top_left + k // 2).repeat(B, 1), k, query_labels=labels, flips=flips,
                                       start=0, stop=keys.n, per_row=True, whole=True, backend=backend)
+    if keys.shard is not None:
+        state = keys.shard.group.combine(state, "PSPC retrieval")
     _require_candidates(state.l, "query_labels")
     crops = state.mean().reshape(B, P, C * k * k).transpose(1, 2)
     count = F.fold(torch.ones(1, C * k * k, P, dtype=crops.dtype, device=x.device), (H, W), k)
@@ -397,6 +426,7 @@ def mask_composite(x: torch.Tensor, keys: KeyBank, sigma, masks: torch.Tensor, *
             mb, lb, l2b, _, _ = _softmax_step(m[:, u0:u1], l[:, u0:u1], l2[:, u0:u1],
                                               block_logits(s_flat, u0, u1, n, mask_bn))
             m[:, u0:u1], l[:, u0:u1], l2[:, u0:u1] = mb, lb, l2b
+    m, l, l2 = _combine_stats(keys, m, l, l2, "PSPC-Flex pass 1")
     _require_candidates(l, "query_labels")
     out = torch.zeros(B, C, HW, dtype=dtype, device=dev)
     for _, y, labels in _candidate_chunks(keys, flips, step, dtype, dev):
@@ -408,6 +438,7 @@ def mask_composite(x: torch.Tensor, keys: KeyBank, sigma, masks: torch.Tensor, *
             w = torch.exp(block_logits(s_flat, u0, u1, n, mask_bn) - m[:, None, u0:u1]) / l[:, None, u0:u1]
             spread.addmm_(w.reshape(B * n, u1 - u0), uniq[u0:u1].to(dtype) * multf[u0:u1, None])
         out += torch.einsum("bnq,ncq->bcq", spread.view(B, n, HW), y.reshape(n, C, HW))
+    out = _sum_shards(keys, out, "PSPC-Flex pass 2")
     count = (uniq.to(dtype) * multf[:, None]).sum(0)
     return (out / count).reshape(B, C, H, W)
 
@@ -505,6 +536,12 @@ def coordinate_retrieval(x: torch.Tensor, keys: KeyBank, sigma, mask: torch.Tens
     xf = x.reshape(B, D)
     from .patch_retrieval import choose_patch_backend
     name = choose_patch_backend(backend, x, keys, dtype, fused=COORDINATE_FUSED_KERNELS)[0]
+    if keys.shard is not None:
+        if softmax == "chunked":
+            raise ValueError("softmax: the chunked softmax averages blocks in the whole set's candidate order, "
+                             "which a dataset sharded over ranks does not keep; use softmax='exact' or "
+                             "--parallel samples")
+        name = "torch"  # the reference keeps the per-coordinate state that shards combine
     if name != "torch":
         return _coordinate_retrieval_fused(name, xf, keys, coef, mask, query_labels, flips, chunk_size, dtype
                                            ).reshape(x.shape)
@@ -555,6 +592,10 @@ def coordinate_retrieval(x: torch.Tensor, keys: KeyBank, sigma, mask: torch.Tens
         close_block()
         _require_candidates(nblocks, "query_labels")
         return (acc / nblocks[:, None]).reshape(x.shape)
+    if keys.shard is not None:
+        st = keys.shard.group.combine(PartialState(m.reshape(-1), l.reshape(-1), l2.reshape(-1), o.reshape(-1, 1)),
+                                      "pca_locality retrieval")
+        l, o = st.l.reshape(B, D), st.o.reshape(B, D)
     _require_candidates(l, "query_labels")
     return (o / l).reshape(x.shape)
 

@@ -134,3 +134,15 @@ def combine_partials(states: Iterable[PartialState]) -> PartialState:
     if out is None:
         raise ValueError("combine_partials: no partial states given")
     return out
+
+
+def merge_knn_lists(d: torch.Tensor, i: torch.Tensor, k: int):
+    """The k smallest (distance, index) pairs of concatenated (B, m) k-NN lists, ascending, ties by index.
+
+    Index −1 marks an empty slot (distance inf) and sorts after every real candidate. Exact (a selection), so
+    per-shard or per-chunk lists merge into the single-scan answer."""
+    key = torch.where(i < 0, torch.full_like(i, torch.iinfo(torch.long).max), i)
+    order = torch.argsort(key, dim=1, stable=True)
+    d, i = torch.gather(d, 1, order), torch.gather(i, 1, order)
+    order = torch.argsort(d, dim=1, stable=True)[:, :k]
+    return torch.gather(d, 1, order), torch.gather(i, 1, order)

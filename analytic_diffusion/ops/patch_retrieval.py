@@ -184,6 +184,12 @@ def patch_softmax_partial(queries: torch.Tensor, keys: KeyBank, sigma, positions
     """
     if not isinstance(keys, KeyBank):
         raise TypeError(f"keys: expected a KeyBank, got {type(keys).__name__}")
+    if keys.shard is not None:  # start:stop of this rank's shard, then every rank's state combined in rank order
+        from .retrieval import _local_view
+        state = patch_softmax_partial(queries, _local_view(keys), sigma, positions, k, temperature=temperature,
+                                      query_labels=query_labels, flips=flips, dtype=dtype,
+                                      memory_budget=memory_budget, start=start, stop=stop, backend=backend)
+        return keys.shard.group.combine(state, "patch retrieval")
     if keys.image_shape is None:
         raise ValueError("keys: patch retrieval needs the dataset's image shape (C, H, W)")
     if isinstance(k, bool) or not isinstance(k, int) or k < 1 or k % 2 == 0:

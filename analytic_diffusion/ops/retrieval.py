@@ -17,7 +17,8 @@ import torch
 
 from . import cpu_backend, precision as precision_policy, torch_backend
 from .keys import KeyBank
-from .partial import PartialState
+from . import streaming
+from .partial import PartialState, combine_partials, merge_knn_lists
 
 BACKENDS = ("auto", "torch", "cpu", "triton", "cuda")
 DEFAULT_MEMORY_BUDGET = int(os.environ.get("AD_MEMORY_BUDGET", 256 * 2**20))
@@ -204,6 +205,11 @@ def softmax_retrieval(x: torch.Tensor, keys: KeyBank, sigma, *, temperature: flo
     ``precision`` (``exact`` | ``tf32`` | ``bf16``, see :mod:`analytic_diffusion.ops.precision`) lets the Triton
     kernels use faster dots on the rows whose logit error bound stays within ``max_logit_error`` nats (default
     per mode); the other backends always compute exactly, which satisfies every mode.
+
+    A sharded bank (``keys.shard``, see :mod:`analytic_diffusion.ops.distributed`) combines every rank's state
+    in rank order (a collective); a memory-mapped one (``keys.pages``) is streamed in blocks within
+    ``memory_budget`` (:mod:`analytic_diffusion.ops.streaming`). :func:`knn_search` and :func:`posterior_draw`
+    do the same, with global indices.
     """
     dtype = _validate(x, keys, query_labels, flips, dtype)
     if not temperature > 0:
@@ -216,7 +222,7 @@ def softmax_retrieval(x: torch.Tensor, keys: KeyBank, sigma, *, temperature: flo
         raise ValueError(f"second_moment=True: the {name} kernels have no second-moment accumulator; "
                          "use backend='torch' or 'auto'")
 
-    def run(q: torch.Tensor) -> PartialState:
+    def run_bank(q: torch.Tensor, keys: KeyBank, memory_budget: int) -> PartialState:
         if name == "cpu":
             return cpu_backend.softmax_partial(q, keys, coef, query_labels=query_labels, dtype=dtype)
         if name == "triton":
@@ -231,11 +237,20 @@ def softmax_retrieval(x: torch.Tensor, keys: KeyBank, sigma, *, temperature: flo
         return torch_backend.softmax_partial(q, keys, coef, query_labels=query_labels, dtype=dtype,
                                              memory_budget=memory_budget)
 
+    def run(q: torch.Tensor) -> PartialState:
+        if keys.pages is None:
+            return run_bank(q, keys, memory_budget)
+        # A memory-mapped set: blocks within half the budget, combined in order (the backend gets the rest).
+        return combine_partials(run_bank(q, sub, memory_budget // 2)
+                                for _, sub in streaming.blocks(keys, memory_budget))
+
     state = run(x)
     if flips:  # ‖x − flip(y)‖ = ‖flip(x) − y‖: retrieve with the mirrored query, mirror the values back
         mirrored = run(hflip_rows(x, keys.image_shape)).map_values(lambda o: hflip_rows(o, keys.image_shape))
         state = state.combine(mirrored)
     state = state.to(x.device)
+    if keys.shard is not None:  # every rank's shard state, combined in rank order
+        state = keys.shard.group.combine(state, "softmax retrieval")
     return state if return_partial else RetrievalResult.from_partial(state)
 
 
@@ -250,14 +265,21 @@ def knn_search(x: torch.Tensor, keys: KeyBank, k: int, *, query_labels: Optional
     """
     precision_policy.tolerance(precision, max_logit_error)
     dtype = _validate(x, keys, query_labels, flips, dtype)
-    total = keys.n * (2 if flips else 1)
+    total = keys.total * (2 if flips else 1)
     if not isinstance(k, int) or k < 1:
         raise ValueError(f"k: expected a positive integer, got {k!r}")
     if k > total:
         raise ValueError(f"k: asked for {k} neighbours but the candidate set has only {total}")
+    if keys.shard is not None:  # each shard's own k nearest, then an exact merge of the lists
+        from .distributed import global_index, merge_topk
+        k_local = min(k, keys.n * (2 if flips else 1))
+        d, i = knn_search(x, _local_view(keys), k_local, query_labels=query_labels, flips=flips, backend=backend,
+                          dtype=dtype, memory_budget=memory_budget, precision=precision,
+                          max_logit_error=max_logit_error)
+        return merge_topk(keys.shard, d, global_index(i, keys.n, keys.shard), k)
     name, _ = choose_backend(backend, x, keys, dtype, k=min(k, keys.n))
 
-    def run(q):
+    def run_bank(q, keys, memory_budget):
         if name == "cpu":
             return cpu_backend.knn(q, keys, min(k, keys.n), query_labels=query_labels, dtype=dtype)
         if name == "triton":
@@ -267,6 +289,16 @@ def knn_search(x: torch.Tensor, keys: KeyBank, k: int, *, query_labels: Optional
             return _cuda_backend().knn(q, keys, min(k, keys.n), query_labels=query_labels, dtype=dtype)
         return torch_backend.knn(q, keys, min(k, keys.n), query_labels=query_labels, dtype=dtype,
                                  memory_budget=memory_budget)
+
+    def run(q):
+        if keys.pages is None:
+            return run_bank(q, keys, memory_budget)
+        ds, is_ = [], []
+        for start, sub in streaming.blocks(keys, memory_budget):
+            d, i = run_bank(q, sub, memory_budget // 2)
+            ds.append(d.to(x.device))
+            is_.append(i.to(x.device) + start)
+        return merge_knn_lists(torch.cat(ds, 1), torch.cat(is_, 1), min(k, keys.n))
 
     d, i = run(x)
     d, i = d.to(x.device), i.to(x.device)
@@ -307,14 +339,49 @@ def posterior_draw(x: torch.Tensor, keys: KeyBank, sigma, *, generator: Optional
                              f"{tuple(row_seeds.shape)} {row_seeds.dtype}")
     s = sigma_rows(sigma, x.shape[0], x.device, x)
     coef = 1.0 / (2.0 * s * s * temperature)
-    score, index = torch_backend.gumbel_argmax(x, keys, coef, generator, query_labels=query_labels,
-                                               dtype=dtype, memory_budget=memory_budget, row_seeds=row_seeds)
+    shard = keys.shard
+    base = 0 if shard is None else shard.start
+
+    def draw_local(q, offset: int, skip_before: int = 0, skip_after: int = 0):
+        # offset: the global index of this bank's first candidate (row_seeds draw candidate j's noise from j)
+        kw = dict(query_labels=query_labels, dtype=dtype, row_seeds=row_seeds)
+        if keys.pages is None:
+            return torch_backend.gumbel_argmax(q, keys, coef, generator, memory_budget=memory_budget,
+                                               index_offset=offset, skip_before=skip_before, skip_after=skip_after,
+                                               **kw)
+        # Blocks of a memory-mapped set in order: the noise stream runs on across them, ties stay with the
+        # earlier block, so the draw is the one of a single scan.
+        best_s = best_i = None
+        for start, sub in streaming.blocks(keys, memory_budget):
+            last = start + sub.n == keys.n
+            sc, ix = torch_backend.gumbel_argmax(q, sub, coef, generator, memory_budget=memory_budget // 2,
+                                                 index_offset=offset + start,
+                                                 skip_before=skip_before if start == 0 else 0,
+                                                 skip_after=skip_after if last else 0, **kw)
+            ix = ix + start
+            if best_s is None:
+                best_s, best_i = sc, ix
+            else:
+                better = sc > best_s
+                best_s, best_i = torch.where(better, sc, best_s), torch.where(better, ix, best_i)
+        return best_s, best_i
+
+    def draw(q, mirrored: bool):
+        offset = base + (keys.total if mirrored else 0)
+        if shard is None:
+            return draw_local(q, offset)
+        # A generator's noise is one (N, B) stream over the whole set: this shard draws its own rows of it and
+        # skips the others', so the draw is the single-process one whatever the number of ranks (O(N·B) RNG per
+        # rank); row seeds need no skipping (the offset places the shard in the whole set).
+        from .distributed import global_max
+        sc, ix = draw_local(q, offset, shard.start, shard.total - shard.start - keys.n)
+        return global_max(shard, sc, ix + shard.start)
+
+    score, index = draw(x, False)
     if flips:  # the mirrored candidates get their own independent Gumbel noise (the next (N, B) draws)
-        s2, i2 = torch_backend.gumbel_argmax(hflip_rows(x, keys.image_shape), keys, coef, generator,
-                                             query_labels=query_labels, dtype=dtype, memory_budget=memory_budget,
-                                             row_seeds=row_seeds, index_offset=keys.n)
+        s2, i2 = draw(hflip_rows(x, keys.image_shape), True)
         better = s2 > score
-        index = torch.where(better, i2 + keys.n, index)
+        index = torch.where(better, i2 + keys.total, index)
         score = torch.where(better, s2, score)
     if not bool(torch.isfinite(score).all()):
         raise ValueError("posterior_draw: some query rows had no allowed candidate "
@@ -323,8 +390,30 @@ def posterior_draw(x: torch.Tensor, keys: KeyBank, sigma, *, generator: Optional
     return index, gather_rows(keys, index, dtype)
 
 
+def all_labels(keys: KeyBank) -> Optional[torch.Tensor]:
+    """Labels of every stored row, over every shard when sharded (gathered once, in rank order)."""
+    if keys.labels is None or keys.shard is None:
+        return keys.labels
+    return keys.cached("all_labels", lambda: keys.shard.group.all_gather_rows(keys.labels, "gathering labels"))
+
+
+def _local_view(keys: KeyBank) -> KeyBank:
+    """The same rows without the shard (what one rank computes on its own), centred like the whole set."""
+    keys.get_center(torch.float64)
+    view = KeyBank(keys.values, keys.scale, keys.shift, keys.labels, keys.image_shape, keys.center, keys.derived,
+                   pages=keys.pages)
+    return view
+
+
 def gather_rows(keys: KeyBank, index: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Candidate rows for indices from :func:`knn_search` (i ≥ N means row i − N mirrored)."""
+    """Candidate rows for indices from :func:`knn_search` (i ≥ N means row i − N mirrored).
+
+    On a sharded bank the indices are global and the rows come from whichever rank holds them (a collective:
+    every rank calls it with the same indices)."""
+    if keys.shard is not None:
+        from .distributed import gather_global_rows
+        return gather_global_rows(keys.shard, lambda i: keys.gather(i, dtype), index, keys.n, keys.dim, dtype,
+                                  lambda r: hflip_rows(r, keys.image_shape))
     flipped = index >= keys.n
     rows = keys.gather(torch.where(flipped, index - keys.n, index), dtype).to(index.device)
     if bool(flipped.any()):

@@ -82,7 +82,7 @@ def softmax_partial(q: torch.Tensor, keys: KeyBank, coef: torch.Tensor, *, query
 
 def gumbel_argmax(q: torch.Tensor, keys: KeyBank, coef: torch.Tensor, generator: Optional[torch.Generator], *,
                   query_labels=None, dtype: torch.dtype, memory_budget: int, row_seeds: Optional[torch.Tensor] = None,
-                  index_offset: int = 0) -> Tuple[torch.Tensor, torch.Tensor]:
+                  index_offset: int = 0, skip_before: int = 0, skip_after: int = 0) -> Tuple[torch.Tensor, torch.Tensor]:
     """One exact draw j ~ softmax_j(−coef_b·‖q_b − y_j‖²) per query row, by the Gumbel-max trick.
 
     argmax_j (logit_j + G_j) with G_j i.i.d. standard Gumbel is distributed as softmax(logit); the argmax runs
@@ -95,6 +95,10 @@ def gumbel_argmax(q: torch.Tensor, keys: KeyBank, coef: torch.Tensor, generator:
     generator's state. With ``row_seeds`` (B,) int64 instead, the uniform of candidate j for row b is the
     counter-based :func:`counter_rng.uniform` (row_seeds[b], j + index_offset): each row's draw is then a pure
     function of its own seed, whatever the batch it shares. Ties (probability 0) go to the lower index.
+
+    ``skip_before`` / ``skip_after`` (generator streams only): rows of that stream to draw and discard before and
+    after these keys (the other shards' rows, so that a shard's draw is its part of the whole set's stream). With
+    ``row_seeds`` a shard passes its global offset as ``index_offset`` instead: nothing needs skipping.
     """
     dev = q.device
     B = q.shape[0]
@@ -107,6 +111,14 @@ def gumbel_argmax(q: torch.Tensor, keys: KeyBank, coef: torch.Tensor, generator:
     gdev = None if generator is None else generator.device
     tiny = torch.finfo(torch.float64).tiny
     step = chunk_rows(keys, B, dtype, memory_budget // 2)  # + the float64 noise and scores per chunk
+
+    def skip(rows: int) -> None:
+        if row_seeds is not None:  # counter-based: candidate j's noise depends on j alone
+            return
+        for s in range(0, rows, step):
+            torch.rand((min(step, rows - s), B), generator=generator, dtype=torch.float64, device=gdev)
+
+    skip(skip_before)
     for s in range(0, keys.n, step):
         e = min(s + step, keys.n)
         logits = _chunk_distances(qc, q2, keys.rows(s, e, dtype, dev) - c).mul_(-coef[:, None])
@@ -123,6 +135,7 @@ def gumbel_argmax(q: torch.Tensor, keys: KeyBank, coef: torch.Tensor, generator:
         better = cs > best_s  # strict: an earlier chunk keeps ties
         best_s = torch.where(better, cs, best_s)
         best_i = torch.where(better, ci + s, best_i)
+    skip(skip_after)
     return best_s, best_i
 
 

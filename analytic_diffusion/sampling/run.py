@@ -13,11 +13,13 @@ import numpy as np
 import torch
 
 from ..data import load_dataset
-from ..denoisers import make_denoiser
+from ..data.packed import check_options as check_packed_options, is_packed, load_packed_shard
+from ..denoisers import denoiser_options, make_denoiser
 from ..metrics import memorization
 from ..ops import gather_rows
 from ..denoisers.patch_schedule import PatchSchedule
-from .generate import check_seeds, sample
+from .generate import check_seeds
+from .parallel import setup as setup_parallel, sample_parallel
 from ..grids import Schedule, get_schedule
 from ..viz.images import save_grid, save_nearest_panel, save_x0_strips
 
@@ -25,16 +27,23 @@ _DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
 def prepare_dataset(dataset, *, split=None, subset=None, subset_random=False, resolution=None, pad_to=None,
-                    flips=False, seed=0, device="cpu"):
-    """A Dataset from a name or path (or an existing Dataset), with subset and flips applied."""
+                    flips=False, seed=0, device="cpu", shard_group=None):
+    """A Dataset from a name or path (or an existing Dataset), with subset and flips applied; with
+    ``shard_group`` this rank's shard of it (of a packed folder, only the shard is mapped and verified)."""
+    if shard_group is not None and isinstance(dataset, (str, os.PathLike)) and is_packed(dataset) \
+            and subset is None:
+        check_packed_options(dataset, split=split, resolution=resolution, pad_to=pad_to)
+        ds = load_packed_shard(dataset, shard_group).with_flips(flips)
+        return ds if str(device) == "cpu" else ds.to(device)  # a GPU rank holds its shard on its device
     if isinstance(dataset, (str, os.PathLike)):
         kw = {k: v for k, v in dict(split=split, resolution=resolution, pad_to=pad_to).items() if v is not None}
-        dataset = load_dataset(dataset, device=device, **kw)
+        # Sharded: loaded on the host, and only this rank's shard goes to its device.
+        dataset = load_dataset(dataset, device=device if shard_group is None else "cpu", **kw)
     if subset is not None:
         dataset = dataset.subset(subset, random=subset_random, seed=seed)
     if flips:
         dataset = dataset.with_flips(True)
-    return dataset
+    return dataset if shard_group is None else dataset.shard(shard_group).to(device)
 
 
 def class_labels_for(dataset, n: int, *, class_label=None, random_classes=False, seed=0):
@@ -131,11 +140,17 @@ def run_sample(*, method="optimal", dataset="mnist", split=None, subset=None, su
                resolution=None, pad_to=None, flips=False, class_label=None, random_classes=False, n=64,
                steps=18, sampler="heun", schedule="karras", schedule_kwargs=None, eta=0.0, clip_x0=False,
                seed=0, batch_size=None, method_options=None, device="cpu", dtype="float32",
-               out: Optional[str] = None, save_x0=False, progress=True, overwrite: bool = False) -> dict:
+               out: Optional[str] = None, save_x0=False, progress=True, overwrite: bool = False, parallel="none",
+               dataset_ranks=None, memory_budget=None) -> dict:
     """Run one sampling job and write its folder; returns the metrics dict (also in metrics.json).
 
     ``out`` must be a new or empty folder, or ``overwrite=True`` replaces it whole. The files are written to a
     temporary sibling folder that is renamed to ``out`` at the end, so an interrupted run leaves no ``out``.
+
+    ``parallel`` (under torchrun): ``dataset`` shards the training set over the ranks, ``samples`` splits the n
+    samples, ``dataset,samples`` both (``dataset_ranks`` ranks per shard set); see :mod:`.parallel`. Only rank 0
+    writes the folder and prints progress; every rank returns the metrics. ``memory_budget`` (bytes) bounds
+    each retrieval's working memory (the method's and the memorisation scan's).
     """
     if dtype not in _DTYPES:
         raise ValueError(f"dtype: expected one of {sorted(_DTYPES)}, got {dtype!r}")
@@ -147,9 +162,14 @@ def run_sample(*, method="optimal", dataset="mnist", split=None, subset=None, su
     patch = (method_options or {}).get("patch")
     if isinstance(patch, PatchSchedule):  # fail before loading any data
         check_patch_coverage(patch, schedule, steps, schedule_kwargs)
+    par = setup_parallel(parallel, device=device, dataset_ranks=dataset_ranks)
+    device, progress = par.device, progress and par.is_main
     ds = prepare_dataset(dataset, split=split, subset=subset, subset_random=subset_random, resolution=resolution,
-                         pad_to=pad_to, flips=flips, seed=seed, device=device)
-    denoiser = make_denoiser(method, ds, dtype=_DTYPES[dtype], **(method_options or {}))
+                         pad_to=pad_to, flips=flips, seed=seed, device=device, shard_group=par.data)
+    options = dict(method_options or {})
+    if memory_budget is not None and "memory_budget" in denoiser_options(method):
+        options["memory_budget"] = int(memory_budget)
+    denoiser = make_denoiser(method, ds, dtype=_DTYPES[dtype], **options)
     check_patch_coverage(denoiser, schedule, steps, schedule_kwargs)
     labels = class_labels_for(ds, n, class_label=class_label, random_classes=random_classes, seed=seed)
     x0_steps = []
@@ -157,18 +177,20 @@ def run_sample(*, method="optimal", dataset="mnist", split=None, subset=None, su
     def record(step, x, sigma, x0_hat):
         x0_steps.append((step, x0_hat.detach().to("cpu", torch.float32)))
 
-    result = sample(denoiser, n, steps=steps, sampler=sampler, schedule=schedule,
+    result = sample_parallel(denoiser, n, par, steps=steps, sampler=sampler, schedule=schedule,
                     schedule_kwargs=schedule_kwargs or {}, seed=seed, batch_size=batch_size, eta=eta,
                     clip_x0=clip_x0, class_labels=labels, callback=record if save_x0 else None,
                     device=device, dtype=_DTYPES[dtype], progress=progress)
     samples = result.samples
-    mem = memorization(samples.to(ds.device), ds)
+    mem = memorization(samples.to(ds.device), ds, memory_budget=memory_budget)
     neighbours = gather_rows(ds.keys(), mem.nn_index.to(ds.device)).reshape(samples.shape).cpu()
+    if not par.is_main:
+        return {**mem.summary(), "sampling_seconds": result.elapsed_s, "total_seconds": time.perf_counter() - t0}
 
     config = {"method": method, "denoiser": denoiser.config(), "dataset": repr(ds), "n": n, "steps": steps,
               "sampler": sampler, "schedule": schedule, "schedule_kwargs": schedule_kwargs or {}, "eta": eta,
               "clip_x0": clip_x0, "seed": seed, "class_labels": None if labels is None else labels.tolist(),
-              "device": str(device), "dtype": dtype, "sampling": result.config}
+              "device": str(device), "dtype": dtype, "sampling": result.config, "parallel": par.config()}
     metrics = {**mem.summary(), "sampling_seconds": result.elapsed_s,
                "total_seconds": time.perf_counter() - t0}
     certificate = getattr(denoiser, "pruning_summary", lambda: None)()

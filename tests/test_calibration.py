@@ -270,7 +270,7 @@ def test_cli_calibrate_then_sample(tmp_path, tiny_ls, capsys):
     assert json.loads((run / "config.json").read_text())["denoiser"]["patch"]["patch_sizes"] == obj["patch_sizes"]
     # ... and a grid it does not cover fails up front with a clear message.
     rc = main(["sample", "--method", method, "--dataset", "mnist32", "--subset", "40", "--n", "2", "--steps", "5",
-               "--patch-schedule", str(out), "--no-progress", "--out", str(run)])
+               "--patch-schedule", str(out), "--no-progress", "--out", str(tmp_path / "uncovered")])
     assert rc == 2 and "sampler visits σ = 80" in capsys.readouterr().err
     rc = main(["sample", "--method", method, "--dataset", "mnist32", "--subset", "40", "--n", "2", "--steps", "3",
                "--patch", "5", "--no-progress", "--out", str(tmp_path / "run2")])

@@ -119,7 +119,8 @@ def test_sampling_and_smoothed_report_the_certificate(tmp_path, capsys):
     assert 0 < saved["scored_fraction"] <= 1 and saved["certificate"]["tolerance"] == 1e-3
     assert math.isfinite(saved["certificate"]["error_bound_max"])
     assert json.loads((tmp_path / "run" / "config.json").read_text())["denoiser"]["tolerance"] == 1e-3
-    assert main(args + ["--tolerance", "-1"]) == 2 and "tolerance" in capsys.readouterr().err
+    bad = args[:-1] + [str(tmp_path / "bad")]  # a fresh folder: a used one is refused before the options
+    assert main(bad + ["--tolerance", "-1"]) == 2 and "tolerance" in capsys.readouterr().err
     from analytic_diffusion.data import load_dataset
     ds = load_dataset("mnist").subset(200)
     d = make_denoiser("smoothed", ds, tolerance=1e-3, num_perturbations=2)

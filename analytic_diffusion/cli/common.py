@@ -59,3 +59,44 @@ def parse_bytes(text: str) -> int:
     if not value >= 1:
         raise argparse.ArgumentTypeError(f"expected a positive size, got {text!r}")
     return int(value)
+
+
+def parse_list(text: str, kind, flag: str) -> list:
+    """'1,2,4' -> [1, 2, 4] (``kind`` converts each item); a clear error naming ``flag`` otherwise."""
+    parts = [v.strip() for v in str(text).split(",") if v.strip()]
+    try:
+        values = [kind(v) for v in parts]
+    except ValueError:
+        raise ValueError(f"{flag}: expected comma-separated {kind.__name__} values, got {text!r}") from None
+    if not values:
+        raise ValueError(f"{flag}: give at least one value, got {text!r}")
+    return values
+
+
+def add_network_args(p) -> None:
+    """The built-in network's flags shared by the subcommands that train one (dynamics, stability)."""
+    p.add_argument("--arch", default="resnet", choices=["resnet", "unet"], help="network architecture")
+    p.add_argument("--channels", type=int, default=64, help="channels (UNet: at full resolution)")
+    p.add_argument("--blocks", type=int, default=None,
+                   help="residual blocks (ResNet: total, default 8; UNet: per level, default 2)")
+    p.add_argument("--batch-size", type=int, default=128, help="images per training step")
+    p.add_argument("--lr", type=float, default=2e-3, help="Adam learning rate")
+
+
+def network_blocks(args) -> int:
+    """--blocks, or the architecture's default (ResNet 8 in all, UNet 2 per level)."""
+    return args.blocks if args.blocks is not None else (8 if args.arch == "resnet" else 2)
+
+
+def network_train_kwargs(args) -> dict:
+    return dict(channels=args.channels, blocks=network_blocks(args), batch_size=args.batch_size, lr=args.lr)
+
+
+def set_threads(threads) -> None:
+    """--threads: torch's CPU thread count (None leaves torch's own choice)."""
+    if threads is None:
+        return
+    if threads < 1:
+        raise ValueError(f"--threads must be >= 1, got {threads}")
+    import torch
+    torch.set_num_threads(threads)

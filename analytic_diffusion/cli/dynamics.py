@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 
+from .common import add_network_args, network_train_kwargs, parse_list, set_threads
 
 
 def register(sub) -> None:
@@ -33,12 +34,7 @@ def register(sub) -> None:
     p.add_argument("--probe", default="auto", choices=["auto", "heldout", "train"],
                    help="inputs of the single-step comparison: held-out images, training images, or held-out "
                         "when the dataset has images outside the largest subset")
-    p.add_argument("--arch", default="resnet", choices=["resnet", "unet"], help="network architecture")
-    p.add_argument("--channels", type=int, default=64, help="channels (UNet: at full resolution)")
-    p.add_argument("--blocks", type=int, default=None,
-                   help="residual blocks (ResNet: total, default 8; UNet: per level, default 2)")
-    p.add_argument("--batch-size", type=int, default=128, help="images per training step")
-    p.add_argument("--lr", type=float, default=2e-3, help="Adam learning rate")
+    add_network_args(p)
     p.add_argument("--seed", type=int, default=0, help="seeds the subsets, weights, batches and noise")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
@@ -48,37 +44,20 @@ def register(sub) -> None:
     p.set_defaults(func=run)
 
 
-def parse_list(text: str, kind, flag: str) -> list:
-    parts = [v.strip() for v in str(text).split(",") if v.strip()]
-    try:
-        values = [kind(v) for v in parts]
-    except ValueError:
-        raise ValueError(f"{flag}: expected comma-separated {kind.__name__} values, got {text!r}") from None
-    if not values:
-        raise ValueError(f"{flag}: give at least one value, got {text!r}")
-    return values
-
-
 def run(args) -> int:
     import os
 
-    import torch
-
     from ..analysis.dynamics import training_dynamics
     from ..sampling.run import prepare_dataset
-    if args.threads is not None:
-        if args.threads < 1:
-            raise ValueError(f"--threads must be >= 1, got {args.threads}")
-        torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     sizes = parse_list(args.sizes, int, "--sizes")
     sigmas = parse_list(args.sigmas, float, "--sigmas")
     every = args.checkpoint_every if args.checkpoint_every is not None else max(1, args.steps // 10)
     ds = prepare_dataset(args.dataset, split=args.split, resolution=args.resolution, device=args.device)
-    blocks = args.blocks if args.blocks is not None else (8 if args.arch == "resnet" else 2)
     res = training_dynamics(
         ds, sizes, steps=args.steps, checkpoint_every=every, n_samples=args.samples, sample_steps=args.sample_steps,
         sampler=args.sampler, sample_seed=args.sample_seed, arch=args.arch, seed=args.seed, out_dir=args.out,
-        train_kwargs=dict(channels=args.channels, blocks=blocks, batch_size=args.batch_size, lr=args.lr),
+        train_kwargs=network_train_kwargs(args),
         sigmas=sigmas, n_probe=args.n_probe, probe=args.probe, device=args.device,
         keep_checkpoints=not args.delete_checkpoints, progress=not args.no_progress)
     for key, entry in res["sizes"].items():

@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from .dynamics import parse_list
+from .common import add_network_args, network_train_kwargs, parse_list, set_threads
 
 
 def register(sub) -> None:
@@ -25,12 +25,7 @@ def register(sub) -> None:
     p.add_argument("--sample-steps", type=int, default=18, help="sampler steps (Karras grid)")
     p.add_argument("--sampler", default="heun", help="euler | heun | ddim")
     p.add_argument("--sample-seed", type=int, default=0, help="first sample seed")
-    p.add_argument("--arch", default="resnet", choices=["resnet", "unet"], help="network architecture")
-    p.add_argument("--channels", type=int, default=64, help="channels (UNet: at full resolution)")
-    p.add_argument("--blocks", type=int, default=None,
-                   help="residual blocks (ResNet: total, default 8; UNet: per level, default 2)")
-    p.add_argument("--batch-size", type=int, default=128, help="images per training step")
-    p.add_argument("--lr", type=float, default=2e-3, help="Adam learning rate")
+    add_network_args(p)
     p.add_argument("--seed", type=int, default=0, help="seeds the halves, the weights, batches and noise")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
@@ -40,21 +35,15 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    import torch
-
     from ..analysis.stability import training_set_stability
     from ..sampling.run import prepare_dataset
-    if args.threads is not None:
-        if args.threads < 1:
-            raise ValueError(f"--threads must be >= 1, got {args.threads}")
-        torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     sizes = parse_list(args.sizes, int, "--sizes")
     ds = prepare_dataset(args.dataset, split=args.split, device=args.device)
-    blocks = args.blocks if args.blocks is not None else (8 if args.arch == "resnet" else 2)
     res = training_set_stability(
         ds, sizes, steps=args.steps, n_samples=args.samples, sample_steps=args.sample_steps, sampler=args.sampler,
         sample_seed=args.sample_seed, seed=args.seed, arch=args.arch, out_dir=args.out, device=args.device,
-        train_kwargs=dict(channels=args.channels, blocks=blocks, batch_size=args.batch_size, lr=args.lr),
+        train_kwargs=network_train_kwargs(args),
         progress=not args.no_progress)
     for n, e in res["sizes"].items():
         print(f"N = {n:>6}: networks A vs B median r {e['network']['pearson_r_median']:.3f}, distance "

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 
+from .common import network_blocks, set_threads
 
 
 def register(sub) -> None:
@@ -41,16 +42,11 @@ def register(sub) -> None:
 def run(args) -> int:
     import os
 
-    import torch
-
     from ..networks.train import plot_losses, train_network
     from ..sampling.run import prepare_dataset
-    if args.threads is not None:
-        if args.threads < 1:
-            raise ValueError(f"--threads must be >= 1, got {args.threads}")
-        torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     ds = prepare_dataset(args.dataset, split=args.split, subset=args.subset, device=args.device)
-    blocks = args.blocks if args.blocks is not None else (8 if args.arch == "resnet" else 2)
+    blocks = network_blocks(args)
     res = train_network(ds, arch=args.arch, padding=args.padding, channels=args.channels, blocks=blocks,
                         steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed, device=args.device,
                         sigma_sampling=args.sigma_sampling, ema=None if args.no_ema else 0.999, out_dir=args.out,

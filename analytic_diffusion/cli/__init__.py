@@ -40,3 +40,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     except KeyboardInterrupt:  # Ctrl-C: one line and the shell's convention for SIGINT (128 + 2)
         print("interrupted", file=sys.stderr)
         return 130
+    finally:
+        _leave_process_group()
+
+
+def _leave_process_group() -> None:
+    """Leave torchrun's process group before the interpreter exits: torn down at exit instead, gloo's threads can
+    abort the process ("terminate called without an active exception") while another rank is still writing."""
+    dist = sys.modules.get("torch.distributed")  # only where a run joined one
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()

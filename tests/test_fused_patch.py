@@ -98,11 +98,14 @@ def test_els_and_bbels_denoisers(fused, rng, method, k):
     imgs = torch.randint(0, 256, (5, 2, 7, 6), generator=rng, dtype=torch.uint8)
     ds = Dataset(imgs)
     x = ds.images_float()[:2] + 0.5 * torch.randn(2, 2, 7, 6, generator=rng)
+    reference = make_denoiser(method, ds, patch=k, backend="torch", dtype=torch.float64)
     for sigma in (0.01, 0.5, 50.0):
-        ref = make_denoiser(method, ds, patch=k, backend="torch", dtype=torch.float64)(x.double(), sigma)
+        ref = reference(x.double(), sigma)
         got = make_denoiser(method, dataset_on(ds, fused.device), patch=k,
                             backend=fused.name)(x.to(fused.device), sigma)
-        assert rel(got.cpu(), ref) <= 1e-4
+        # σ = 0.01: two patches can nearly tie for a pixel at float32's resolution of x (see float32_tolerance)
+        tol = float32_tolerance(lambda xi: reference(xi, sigma), x.double(), ref)
+        assert bool((row_rel(got.cpu(), ref) <= tol).all()), (sigma, row_rel(got.cpu(), ref), tol)
 
 
 def test_bbels_on_mnist_with_flips(fused, rng):

@@ -144,7 +144,7 @@ def sample_euler(denoiser: Callable, x: torch.Tensor, sigmas, *, callback=None, 
 @torch.no_grad()
 def sample_heun(denoiser: Callable, x: torch.Tensor, sigmas, *, callback=None, clip_x0: bool = False,
                 generators=None, progress: bool = False, denoiser_kwargs=None, extra_args=None,
-                 disable=None) -> torch.Tensor:
+                disable=None) -> torch.Tensor:
     """EDM Algorithm 1 (Heun, no churn): trapezoidal correction on every step except those ending at σ = 0,
     where the ODE's derivative is undefined; 2n - 1 denoiser calls on a grid ending at 0."""
     s = _prepare(x, sigmas, generators)

@@ -165,8 +165,12 @@ class Denoiser(torch.nn.Module):
     def jvp(self, x: torch.Tensor, sigma, v: torch.Tensor, class_labels=None) -> torch.Tensor:
         """J·v for J = ∂D(x, σ)/∂x, per sample (each output depends on its own input only).
 
-        Exact for ``optimal`` (one more retrieval pass: J = Cov[x0 | x]/σ², symmetric, so this is also the
-        vector-Jacobian product); through autograd for denoisers built from differentiable torch ops (``wiener``).
+        Exact in closed form for ``optimal``, ``topk`` and ``smoothed`` (one more retrieval pass: J = Cov[x0 | x]/σ²T
+        over the candidates, symmetric, so this is also the vector-Jacobian product; smoothed averages it over its
+        perturbed queries, at fixed perturbations) and ``nearest`` (0: piecewise constant). Through autograd for
+        ``wiener`` and the local family (ls, els, bbels, pspc, pspc-flex, pca_locality: their torch reference is
+        differentiated, per pixel ∂x̂0(p)/∂x = Cov over that pixel's candidates / σ²T) and for ``knn`` at fixed tail
+        draws.
         """
         s, labels = self._check(x, sigma, class_labels)
         if not torch.is_tensor(v) or v.shape != x.shape:
@@ -179,8 +183,8 @@ class Denoiser(torch.nn.Module):
             xr = x.detach().requires_grad_(True)
             out = self.denoise(xr, s, labels)
             if not out.requires_grad:
-                raise TypeError(f"{type(self).__name__}: no gradient; jvp is exact for optimal and goes through "
-                                "autograd for denoisers made of differentiable torch ops (wiener)")
+                raise TypeError(f"{type(self).__name__}: no gradient (a random posterior draw or injected noise "
+                                "has no Jacobian); the retrieval, Gaussian and local denoisers have exact ones")
             # out depends on xr linearly through J: J·v = ∂/∂u [uᵀ J v] = grad of <grad(out·u), v> in u, u = 0.
             u = torch.zeros_like(out, requires_grad=True)
             (g,) = torch.autograd.grad(out, xr, u, create_graph=True)

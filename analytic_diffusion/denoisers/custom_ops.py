@@ -47,7 +47,8 @@ def _lookup(handle: int):
 
 @torch.library.custom_op("analytic_diffusion::optimal_mean", mutates_args=())
 def optimal_mean(x: torch.Tensor, sigma: torch.Tensor, labels: Optional[torch.Tensor], handle: int) -> torch.Tensor:
-    return _lookup(handle)._posterior(x, sigma, labels).mean.clone()
+    # The optimal posterior itself, also for subclasses that compose it (smoothed averages it over perturbed x).
+    return _lookup(handle)._optimal_posterior(x, sigma, labels).mean.clone()
 
 
 @optimal_mean.register_fake
@@ -58,7 +59,7 @@ def _(x, sigma, labels, handle):
 @torch.library.custom_op("analytic_diffusion::optimal_jvp", mutates_args=())
 def optimal_jvp(x: torch.Tensor, sigma: torch.Tensor, labels: Optional[torch.Tensor], v: torch.Tensor,
                 handle: int) -> torch.Tensor:
-    return _lookup(handle)._exact_jvp(x, sigma, labels, v).clone()
+    return _lookup(handle)._optimal_jvp(x, sigma, labels, v).clone()
 
 
 @optimal_jvp.register_fake

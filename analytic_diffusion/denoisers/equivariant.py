@@ -113,7 +113,8 @@ class _PatchScore(LocalDenoiser):
                 sub = patch_softmax_partial(
                     q, self.keys, s[b], cpos, k, temperature=self.temperature,
                     query_labels=None if labels is None else labels[b], flips=self.flips, dtype=dt,
-                    memory_budget=max(1, budget - q.numel() * item), start=start, stop=stop, backend=self.backend)
+                    memory_budget=max(1, budget - q.numel() * item), start=start, stop=stop,
+                    backend=self._backend_for(x))
                 rows = b * (h * w) + pix[p]
                 state.m[rows], state.l[rows], state.l2[rows], state.o[rows] = sub.m, sub.l, sub.l2, sub.o
                 del q, sub

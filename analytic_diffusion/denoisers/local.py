@@ -78,7 +78,7 @@ class LocalScore(LocalDenoiser):
 
     def _denoise_k(self, x, s, labels, k):
         return local_score(x, self.keys, s, patch=k, temperature=self.temperature, query_labels=labels,
-                           flips=self.flips, dtype=self.dtype, memory_budget=self.memory_budget, backend=self.backend)
+                           flips=self.flips, dtype=self.dtype, memory_budget=self.memory_budget, backend=self._backend_for(x))
 
 
 # ----------------------------------------------------------------------------------------------- PSPC-Square
@@ -129,7 +129,7 @@ class PSPC(LocalDenoiser):
     def _denoise_k(self, x, s, labels, k):
         return pspc_square(x, self.keys, s, patch=k, temperature=self.temperature, query_labels=labels,
                            flips=self.flips, dtype=self.dtype, memory_budget=self.memory_budget,
-                           backend=self.backend)
+                           backend=self._backend_for(x))
 
 
 # ----------------------------------------------------------------------------------------------- PSPC-Flex

@@ -28,6 +28,12 @@ class LocalDenoiser(RetrievalDenoiser):
     def _check_patch(self, k: int) -> None:
         """Raise ValueError naming ``patch`` if k cannot be used on this image size."""
 
+    def _backend_for(self, x: torch.Tensor) -> str:
+        """The backend of this call. The fused kernels have no backward, so a call that autograd records (x
+        requires grad) runs the torch reference: the same function in the same working dtype, differentiated
+        exactly by autograd (per pixel, ∂x̂0(p)/∂x = Cov over that pixel's candidates of (value, patch) / σ²T)."""
+        return "torch" if torch.is_grad_enabled() and x.requires_grad else self.backend
+
     def _denoise_k(self, x, s, labels, k: int) -> torch.Tensor:
         raise NotImplementedError
 

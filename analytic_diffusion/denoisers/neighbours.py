@@ -100,6 +100,24 @@ class TopK(RetrievalDenoiser):
         mean, wmax, neff = _softmax_summary(logits, rows)
         return Posterior(mean.reshape(x.shape).to(x.dtype), wmax.to(self.dtype), neff.to(self.dtype))
 
+    def _has_exact_jacobian(self) -> bool:
+        return True
+
+    def _exact_jvp(self, x, s, labels, v):
+        """J·v = Cov_w[y | top k] v / σ²T: the optimal identity over the k retained images (the top-k set is
+        locally constant, so it does not move with x). Autograd gets the same from the float64 formula above."""
+        q = x.reshape(x.shape[0], -1)
+        _, valid, rows, rel = _nearest_exact(self, q, self.k, labels)
+        coef = _coef(s, self.temperature)
+        logits = torch.where(valid, -rel * coef[:, None], float("-inf"))
+        w = torch.softmax(logits, 1)  # (B, k) float64; the nearest has logit 0, so no row is all -inf
+        vf = v.reshape(v.shape[0], -1).double()
+        mean = torch.einsum("bk,bkd->bd", w, rows)
+        proj = torch.einsum("bkd,bd->bk", rows, vf)
+        second = torch.einsum("bk,bkd->bd", w * proj, rows)
+        jv = (second - mean * (mean * vf).sum(1, keepdim=True)) * (2.0 * coef)[:, None]
+        return jv.reshape(x.shape).to(self.dtype)
+
     def config(self):
         return {**super().config(), "k": self.k}
 
@@ -116,6 +134,18 @@ class Nearest(RetrievalDenoiser):
         rows = gather_rows(self.keys, idx[:, 0], self.dtype)
         one = torch.ones(x.shape[0], dtype=self.dtype, device=x.device)
         return Posterior(rows.reshape(x.shape).to(x.dtype), one, one)
+
+    def denoise(self, x, s, labels):
+        out = self._posterior(x, s, labels).mean
+        # Piecewise constant in x: its Jacobian is 0 wherever it is defined (off the ties). Adding 0·x gives
+        # autograd that zero instead of a "does not require grad" error in a larger graph.
+        return out + x.mul(0) if torch.is_grad_enabled() and x.requires_grad else out
+
+    def _has_exact_jacobian(self) -> bool:
+        return True
+
+    def _exact_jvp(self, x, s, labels, v):
+        return torch.zeros_like(x, dtype=self.dtype)
 
 
 class KNNEstimator(RetrievalDenoiser):

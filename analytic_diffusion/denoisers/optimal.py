@@ -137,19 +137,23 @@ class Optimal(RetrievalDenoiser):
         handle_of(self)
 
     def denoise(self, x, s, labels):
-        if self._has_exact_jacobian():
-            # A torch.library op: exact autograd (denoisers/gradients.py) and torch.compile without graph breaks.
-            return optimal_mean(x, s, labels, handle_of(self))
-        return super().denoise(x, s, labels)
+        # A torch.library op: exact autograd (denoisers/gradients.py) and torch.compile without graph breaks.
+        return optimal_mean(x, s, labels, handle_of(self))
 
     def _has_exact_jacobian(self) -> bool:
-        # Subclasses that change the posterior (smoothed's perturbed queries) have other Jacobians.
-        return type(self)._posterior is Optimal._posterior
+        return True
 
     def _exact_jvp(self, x, s, labels, v):
+        return self._optimal_jvp(x, s, labels, v)
+
+    def _optimal_jvp(self, x, s, labels, v):
+        """J·v of the optimal posterior mean (what the custom op's backward calls; subclasses compose it)."""
         flat = posterior_jvp(x.reshape(x.shape[0], -1), self.keys, s, v.reshape(v.shape[0], -1),
                              temperature=self.temperature, flips=self.flips, query_labels=labels, dtype=self.dtype)
         return flat.reshape(x.shape)
+
+    def _optimal_posterior(self, x, s, labels) -> Posterior:
+        return Optimal._posterior(self, x, s, labels)
 
     def _posterior(self, x, s, labels) -> Posterior:
         if self.tolerance > 0:

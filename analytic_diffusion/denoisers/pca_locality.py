@@ -101,7 +101,7 @@ class PCALocality(LocalDenoiser):
                                                  temperature=self.temperature, query_labels=lr, flips=self.flips,
                                                  softmax=self.softmax, chunk_size=self.chunk_size,
                                                  dtype=self.dtype, memory_budget=self.memory_budget,
-                                                 backend=self.backend))
+                                                 backend=self._backend_for(x)))
 
     def config(self) -> dict:
         cfg = {k: v for k, v in super().config().items() if k != "patch"}

@@ -159,10 +159,13 @@ class PosteriorSampleDenoiser(Optimal):
     def posterior_variance(self, x: torch.Tensor, sigma, class_labels=None) -> torch.Tensor:
         return posterior_variance(self, x, sigma, class_labels)
 
+    def _has_exact_jacobian(self) -> bool:
+        return self.scale == 0.0  # a random draw or injected noise has no Jacobian of the posterior-mean kind
+
     def denoise(self, x, s, labels):
         lam = self.scale
         if lam == 0.0:
-            return self._posterior(x, s, labels).mean  # exactly Optimal
+            return super().denoise(x, s, labels)  # exactly Optimal, its gradient included
         q = x.reshape(x.shape[0], -1)
         common = dict(temperature=self.temperature, query_labels=labels, flips=self.flips, dtype=self.dtype,
                       memory_budget=self.memory_budget)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 
 from .base import Posterior
+from .custom_ops import handle_of, optimal_mean
 from .optimal import Optimal
 from .sample_seeds import row_generators
 
@@ -37,20 +38,41 @@ class Smoothed(Optimal):
         self.smoothing = float(smoothing)
         self.seed = seed
 
-    def _posterior(self, x, s, labels) -> Posterior:
-        B, M = x.shape[0], self.num_perturbations
+    def _perturbed(self, x, s, labels):
+        """The M·B perturbed queries (row m·B + b is perturbation m of sample b) with their σ and labels.
+
+        ξ is a constant of the call: drawn from the detached values, so that x + s·ξ carries x's gradient and
+        J = (1/M) Σ_m J_opt(x + s·ξ_m) is the Jacobian at fixed perturbations (the one guidance and Jacobian
+        analyses want; the seed hash makes ξ change with x, so finite differences see a different function).
+        """
+        M = self.num_perturbations
         # Drawn in float64 whatever the working dtype, so float32 and float64 runs see the same perturbations.
-        gens = row_generators(self.name, self.seed, x, s, labels)
+        gens = row_generators(self.name, self.seed, x.detach(), s, labels)
         xi = torch.stack([torch.randn((M,) + tuple(x.shape[1:]), generator=g, dtype=torch.float64) for g in gens],
                          1).to(x.device, x.dtype)
-        xs = (x[None] + self.smoothing * xi).reshape(M * B, *x.shape[1:])
-        rep = lambda t: None if t is None else t.repeat(M)  # noqa: E731 - row m*B + b is perturbation m of b
-        p = super()._posterior(xs, rep(s), rep(labels))
+        xs = (x[None] + self.smoothing * xi).reshape(M * x.shape[0], *x.shape[1:])
+        rep = lambda t: None if t is None else t.repeat(M)  # noqa: E731
+        return xs, rep(s), rep(labels)
+
+    def _posterior(self, x, s, labels) -> Posterior:
+        B, M = x.shape[0], self.num_perturbations
+        p = self._optimal_posterior(*self._perturbed(x, s, labels))
         mean = p.mean.reshape(M, *x.shape).mean(0)
         # The mean of the M bounds bounds the error of the mean of the M posterior means.
         avg = lambda t: None if t is None else t.reshape(M, B).mean(0)  # noqa: E731
         return Posterior(mean, avg(p.max_weight), avg(p.effective_neighbours), avg(p.error_bound),
                          avg(p.skipped_weight), avg(p.scored_fraction))
+
+    def denoise(self, x, s, labels):
+        # Through the optimal custom op, so autograd differentiates each perturbed query exactly.
+        xs, ss, ls = self._perturbed(x, s, labels)
+        return optimal_mean(xs, ss, ls, handle_of(self)).reshape(self.num_perturbations, *x.shape).mean(0)
+
+    def _exact_jvp(self, x, s, labels, v):
+        xs, ss, ls = self._perturbed(x, s, labels)
+        M = self.num_perturbations
+        jv = self._optimal_jvp(xs, ss, ls, v.repeat(M, *([1] * (v.dim() - 1))))
+        return jv.reshape(M, *x.shape).mean(0)
 
     def config(self):
         return {**super().config(), "num_perturbations": self.num_perturbations, "smoothing": self.smoothing,

@@ -415,17 +415,17 @@ def mask_composite(x: torch.Tensor, keys: KeyBank, sigma, masks: torch.Tensor, *
             logits.masked_fill_(mask_bn[:, :, None], float("-inf"))
         return logits
 
-    m = torch.full((B, U), float("-inf"), dtype=dtype, device=dev)
-    l = torch.zeros(B, U, dtype=dtype, device=dev)
-    l2 = torch.zeros_like(l)
+    # Per-block state, replaced rather than written in place (autograd differentiates this reference).
+    st = [(torch.full((B, u1 - u0), float("-inf"), dtype=dtype, device=dev),
+           torch.zeros(B, u1 - u0, dtype=dtype, device=dev), torch.zeros(B, u1 - u0, dtype=dtype, device=dev))
+          for u0, u1 in blocks]
     for _, y, labels in _candidate_chunks(keys, flips, step, dtype, dev):
         n = y.shape[0]
         s_flat = _sqdiff_map(x, y).reshape(B * n, HW)
         mask_bn = _label_mask(query_labels, labels)
-        for u0, u1 in blocks:
-            mb, lb, l2b, _, _ = _softmax_step(m[:, u0:u1], l[:, u0:u1], l2[:, u0:u1],
-                                              block_logits(s_flat, u0, u1, n, mask_bn))
-            m[:, u0:u1], l[:, u0:u1], l2[:, u0:u1] = mb, lb, l2b
+        for i, (u0, u1) in enumerate(blocks):
+            st[i] = _softmax_step(*st[i], block_logits(s_flat, u0, u1, n, mask_bn))[:3]
+    m, l, l2 = (torch.cat([part[i] for part in st], 1) for i in range(3))
     m, l, l2 = _combine_stats(keys, m, l, l2, "PSPC-Flex pass 1")
     _require_candidates(l, "query_labels")
     out = torch.zeros(B, C, HW, dtype=dtype, device=dev)
@@ -552,24 +552,30 @@ def coordinate_retrieval(x: torch.Tensor, keys: KeyBank, sigma, mask: torch.Tens
     blocks = [(c, min(c + mb, D)) for c in range(0, D, mb)]
     neg = -coef.view(B, 1, 1)
 
+    # Per-column-block state, replaced rather than written in place, so that autograd can differentiate the
+    # reference (a denoiser called on x that requires grad runs it).
     def fresh():
-        return (torch.full((B, D), float("-inf"), dtype=dtype, device=dev),
-                torch.zeros(B, D, dtype=dtype, device=dev), torch.zeros(B, D, dtype=dtype, device=dev),
-                torch.zeros(B, D, dtype=dtype, device=dev))
+        return [(torch.full((B, c1 - c0), float("-inf"), dtype=dtype, device=dev),
+                 torch.zeros(B, c1 - c0, dtype=dtype, device=dev), torch.zeros(B, c1 - c0, dtype=dtype, device=dev),
+                 torch.zeros(B, c1 - c0, dtype=dtype, device=dev)) for c0, c1 in blocks]
 
-    m, l, l2, o = fresh()
+    def joined(st):
+        return [torch.cat([part[i] for part in st], 1) for i in range(4)]
+
+    st = fresh()
     acc = torch.zeros(B, D, dtype=dtype, device=dev)  # chunked mode: Σ over blocks of the block means
     nblocks = torch.zeros(B, dtype=dtype, device=dev)
     block = chunk_size if softmax == "chunked" else None
     current = None
 
     def close_block():
-        nonlocal m, l, l2, o
+        nonlocal st, acc, nblocks
+        _, l, _, o = joined(st)
         has = l[:, 0] > 0
-        acc.add_(torch.where(has[:, None], o / torch.where(has[:, None], l, torch.ones_like(l)),
-                             torch.zeros_like(o)))
-        nblocks.add_(has.to(dtype))
-        m, l, l2, o = fresh()
+        acc = acc + torch.where(has[:, None], o / torch.where(has[:, None], l, torch.ones_like(l)),
+                                torch.zeros_like(o))
+        nblocks = nblocks + has.to(dtype)
+        st = fresh()
 
     for a, y, labels in _candidate_chunks(keys, flips, step, dtype, dev, block=block):
         if block is not None:
@@ -581,17 +587,17 @@ def coordinate_retrieval(x: torch.Tensor, keys: KeyBank, sigma, mask: torch.Tens
         e = xf[:, None, :] - yf[None, :, :]
         e = (e * e).reshape(B * n, D)
         lab = _label_mask(query_labels, labels)
-        for c0, c1 in blocks:
+        for i, (c0, c1) in enumerate(blocks):
             logits = (e @ mask[:, c0:c1].to(dtype)).view(B, n, c1 - c0).mul_(neg)
             if lab is not None:
                 logits.masked_fill_(lab[:, :, None], float("-inf"))
-            mm, ll, ll2, p, alpha = _softmax_step(m[:, c0:c1], l[:, c0:c1], l2[:, c0:c1], logits)
-            o[:, c0:c1] = o[:, c0:c1] * alpha + torch.einsum("bnm,nm->bm", p, yf[:, c0:c1])
-            m[:, c0:c1], l[:, c0:c1], l2[:, c0:c1] = mm, ll, ll2
+            mm, ll, ll2, p, alpha = _softmax_step(*st[i][:3], logits)
+            st[i] = (mm, ll, ll2, st[i][3] * alpha + torch.einsum("bnm,nm->bm", p, yf[:, c0:c1]))
     if block is not None:
         close_block()
         _require_candidates(nblocks, "query_labels")
         return (acc / nblocks[:, None]).reshape(x.shape)
+    m, l, l2, o = joined(st)
     if keys.shard is not None:
         st = keys.shard.group.combine(PartialState(m.reshape(-1), l.reshape(-1), l2.reshape(-1), o.reshape(-1, 1)),
                                       "pca_locality retrieval")

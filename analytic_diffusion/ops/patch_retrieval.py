@@ -160,7 +160,7 @@ def _partial_rows(qc: torch.Tensor, q2: torch.Tensor, coef: torch.Tensor, keys: 
             p = logits.sub_(m[:, None]).exp_()
             l = p.sum(1)
             o = p @ v
-            l2 = p.square_().sum(1)
+            l2 = torch.einsum("ij,ij->i", p, p)  # not p.square_(): autograd (the torch reference's gradient) keeps p
             del p, logits
             state = state.combine(PartialState(m=m, l=l, l2=l2, o=o))
     return state

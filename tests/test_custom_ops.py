@@ -52,3 +52,15 @@ def test_handles_follow_copies(ds):
     assert handle_of(den) != handle_of(twin) and handle_of(den) == handle_of(den)
     x = torch.randn(2, 1, 3, 3)
     assert torch.equal(twin(x, 0.5), den(x, 0.5))
+
+
+@pytest.mark.parametrize("method", ["optimal", "smoothed"])
+def test_eager_call_without_grad_equals_the_op(ds, method):
+    # Eager calls without autograd skip the op's dispatch (its first use imports torch._dynamo): same bits.
+    den = make_denoiser(method, ds)
+    x = torch.randn(3, *ds.image_shape)
+    plain = den(x, 0.7)
+    with torch.enable_grad():
+        xr = x.clone().requires_grad_(True)
+        through_op = den(xr, 0.7)
+    assert through_op.requires_grad and torch.equal(plain, through_op.detach())

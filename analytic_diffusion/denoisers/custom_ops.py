@@ -16,7 +16,7 @@ from typing import Optional
 
 import torch
 
-__all__ = ["handle_of", "optimal_mean", "optimal_jvp"]
+__all__ = ["handle_of", "needs_op", "optimal_mean", "optimal_jvp"]
 
 _REGISTRY: "dict[int, weakref.ref]" = {}
 _NEXT = itertools.count(1)
@@ -36,6 +36,13 @@ def handle_of(denoiser) -> int:
         _REGISTRY[h] = weakref.ref(denoiser, lambda _, h=h: _REGISTRY.pop(h, None))
         denoiser.__dict__["_op_handle"] = h
     return h
+
+
+def needs_op(x: torch.Tensor) -> bool:
+    """Whether a call must go through the op: under torch.compile, or when autograd records it. An eager call
+    without grad skips the op's dispatch (same function, same bits), whose first use imports torch._dynamo
+    (about 1.4 s of a fresh process)."""
+    return torch.compiler.is_compiling() or (torch.is_grad_enabled() and x.requires_grad)
 
 
 def _lookup(handle: int):

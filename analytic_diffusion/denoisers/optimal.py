@@ -9,7 +9,7 @@ from ..ops import DEFAULT_MEMORY_BUDGET, all_labels, softmax_retrieval
 from ..ops.pruning import certified_retrieval, check_tolerance
 from ..ops.precision import check_mode
 from .base import Denoiser, Posterior
-from .custom_ops import handle_of, optimal_mean
+from .custom_ops import handle_of, needs_op, optimal_mean
 from .gradients import posterior_jvp
 
 
@@ -138,7 +138,9 @@ class Optimal(RetrievalDenoiser):
 
     def denoise(self, x, s, labels):
         # A torch.library op: exact autograd (denoisers/gradients.py) and torch.compile without graph breaks.
-        return optimal_mean(x, s, labels, handle_of(self))
+        if needs_op(x):
+            return optimal_mean(x, s, labels, handle_of(self))
+        return self._optimal_posterior(x, s, labels).mean
 
     def _has_exact_jacobian(self) -> bool:
         return True

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from .base import Posterior
-from .custom_ops import handle_of, optimal_mean
+from .custom_ops import handle_of, needs_op, optimal_mean
 from .optimal import Optimal
 from .sample_seeds import row_generators
 
@@ -66,7 +66,8 @@ class Smoothed(Optimal):
     def denoise(self, x, s, labels):
         # Through the optimal custom op, so autograd differentiates each perturbed query exactly.
         xs, ss, ls = self._perturbed(x, s, labels)
-        return optimal_mean(xs, ss, ls, handle_of(self)).reshape(self.num_perturbations, *x.shape).mean(0)
+        mean = optimal_mean(xs, ss, ls, handle_of(self)) if needs_op(x) else self._optimal_posterior(xs, ss, ls).mean
+        return mean.reshape(self.num_perturbations, *x.shape).mean(0)
 
     def _exact_jvp(self, x, s, labels, v):
         xs, ss, ls = self._perturbed(x, s, labels)

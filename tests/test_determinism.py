@@ -94,7 +94,8 @@ def test_counter_uniforms_match_splitmix64(rng):
 
 
 @pytest.mark.parametrize("name, opts", [("ls", {"patch": 5}), ("pspc", {"patch": 3}), ("els", {"patch": 3}),
-                                        ("bbels", {"patch": 3}), ("wiener", {}), ("pca_locality", {})])
+                                        ("bbels", {"patch": 3}), ("wiener", {}), ("pca_locality", {}),
+                                        ("pspc-flex", {"tau": 0.5, "memory_budget": 1 << 15})])
 def test_deterministic_methods_are_bitwise_independent_of_the_batch(rng, name, opts):
     """The C++ patch kernel's split count and wiener's filter no longer follow the number of query rows.
 

@@ -43,9 +43,10 @@ def _gamma(k: int) -> float:
     return k * U32 / (1.0 - k * U32)
 
 
-def _factor(lam: torch.Tensor, U: torch.Tensor, U2: torch.Tensor, colmax: torch.Tensor, sigma: float, budget_of
-            ) -> Tuple[torch.Tensor, float, torch.Tensor, torch.Tensor]:
-    """(F, sign, tail, diag): W = sign·F Fᵀ (+ I when sign = −1) + R with |R_nm| ≤ √(tail_n tail_m), float64.
+def _factor(lam: torch.Tensor, U2: torch.Tensor, colmax: torch.Tensor, sigma: float, budget_of
+            ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(f, h, keep, tail, diag): W = ±F Fᵀ (+ I for h = 1 − f) + R off the diagonal, F = U[:, keep]·diag(√h[keep]),
+    |R_nm| ≤ √(tail_n tail_m); f = λ/(λ+σ²); diag = W's diagonal; all float64.
 
     ``budget_of(diag)`` gives the largest tail allowed; columns are dropped smallest weight first while
     Σ_dropped h_k·max_n U_nk² (an upper bound of every row's dropped mass) stays within it."""
@@ -54,14 +55,16 @@ def _factor(lam: torch.Tensor, U: torch.Tensor, U2: torch.Tensor, colmax: torch.
     diag = U2 @ f
     budget = budget_of(diag)
     best = None
-    for h, sign in ((f, 1.0), (1.0 - f, -1.0)):
+    for h in (f, 1.0 - f):
         order = torch.argsort(h, stable=True)
         ndrop = int((torch.cumsum(h[order] * colmax[order], 0) <= budget).sum())
-        if best is None or order.numel() - ndrop < best[0].numel():
-            best = (order[ndrop:], order[:ndrop], h, sign)
-    keep, drop, h, sign = best
-    tail = U2[:, drop] @ h[drop] if drop.numel() else torch.zeros_like(diag)
-    return U[:, keep] * h[keep].sqrt()[None, :], sign, tail, diag
+        if best is None or ndrop > best[1]:
+            best = (h, ndrop, order)
+    h, ndrop, order = best
+    keep = torch.ones_like(h, dtype=torch.bool)
+    keep[order[:ndrop]] = False
+    tail = U2 @ torch.where(keep, torch.zeros_like(h), h)
+    return f, h, keep, tail, diag
 
 
 def _upper_gram32(F32: torch.Tensor) -> torch.Tensor:
@@ -76,34 +79,23 @@ def _upper_gram32(F32: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def _exact_entries(Uf: torch.Tensor, U: torch.Tensor, n: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
-    """W_nm = Σ_k U_nk f_k U_mk in float64 for the listed entries (Uf = U diag f)."""
+def _exact_at(f: torch.Tensor, U: torch.Tensor, n: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """W_nm = Σ_k U_nk f_k U_mk in float64 at the listed entries; rows holding many of them as one GEMM."""
+    D = U.shape[0]
     out = torch.empty(n.numel(), dtype=torch.float64)
-    for c in range(0, n.numel(), ENTRY_CHUNK):
-        out[c:c + ENTRY_CHUNK] = (Uf[n[c:c + ENTRY_CHUNK]] * U[m[c:c + ENTRY_CHUNK]]).sum(1)
+    rows, inverse, counts = torch.unique(n, return_inverse=True, return_counts=True)
+    dense = counts > D // 16
+    if bool(dense.any()):
+        Wr = (U[rows[dense]] * f[None, :]) @ U.t()
+        slot = torch.full((rows.numel(),), -1, dtype=torch.long)
+        slot[dense] = torch.arange(int(dense.sum()))
+        at = (slot[inverse] >= 0).nonzero().flatten()
+        out[at] = Wr[slot[inverse[at]], m[at]]
+    rest = (~dense[inverse]).nonzero().flatten()
+    for c in range(0, rest.numel(), ENTRY_CHUNK):
+        i = rest[c:c + ENTRY_CHUNK]
+        out[i] = (U[n[i]] * f[None, :] * U[m[i]]).sum(1)
     return out
-
-
-def _exact_at(Uf: torch.Tensor, U: torch.Tensor, where: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor,
-                                                                               torch.Tensor]:
-    """(rows, cols, float64 W values) at the True entries of ``where``; rows with many of them as one GEMM."""
-    D = where.shape[0]
-    per_row = where.sum(1)
-    dense = (per_row > D // 16).nonzero().flatten()
-    ns, ms, vs = [], [], []
-    if dense.numel():
-        Wr = Uf[dense] @ U.t()
-        r, c = where[dense].nonzero(as_tuple=True)
-        ns.append(dense[r]), ms.append(c), vs.append(Wr[r, c])
-    sparse_rows = where.clone()
-    sparse_rows[dense] = False
-    n, m = sparse_rows.nonzero(as_tuple=True)
-    if n.numel():
-        ns.append(n), ms.append(m), vs.append(_exact_entries(Uf, U, n, m))
-    if not ns:
-        e = torch.zeros(0, dtype=torch.long)
-        return e, e, torch.zeros(0, dtype=torch.float64)
-    return torch.cat(ns), torch.cat(ms), torch.cat(vs)
 
 
 class WienerMasks:
@@ -117,6 +109,7 @@ class WienerMasks:
             raise ValueError(f"U: expected a square (D, D) matrix and D eigenvalues, got {tuple(self.U.shape)} and "
                              f"{tuple(self.lam.shape)}")
         self.U2 = self.U * self.U
+        self.U32 = self.U.to(torch.float32)
         self.colmax = self.U2.max(0).values
 
     def __call__(self, sigma: float, threshold: float) -> torch.Tensor:
@@ -137,48 +130,60 @@ class WienerMasks:
             floor = 1.0 if bool((diag.abs() >= DIAG_EPS).any()) else float(diag.abs().max())
             return 1e-3 * threshold * floor * float(piv.min())
 
-        Fk, sign, tail, diag = _factor(lam, U, self.U2, self.colmax, sigma, budget_of)
+        f, h, keep, tail, diag = _factor(lam, self.U2, self.colmax, sigma, budget_of)
         piv = torch.where(diag.abs() < DIAG_EPS, torch.ones_like(diag), diag)
-        K = Fk.shape[1]
-        # entry bound e_nm ≥ |W̃_nm − W_nm|: 2·γ_{K+3}‖f_n‖‖f_m‖ (float32 product) + √(t_n t_m) (dropped columns)
-        # + underflow; as an outer product of r = √(2γ)‖f_n‖ + √t_n (cross terms only add)
-        gam = 2.0 * _gamma(K + 3)
-        r32 = (math.sqrt(gam) * (Fk * Fk).sum(1).sqrt() + tail.sqrt()).to(torch.float32)
+        apiv = piv.abs()
+        K = int(keep.sum())
+        # F in float32 from the float32 copy of U: each entry is F_nk(1 + δ), |δ| ≤ 4u. The float32 product then
+        # errs by ≤ γ_{K+9}·Σ_k |F_nk F_mk| ≤ γ_{K+9}·‖F_n‖‖F_m‖ (any summation order); taken twice for margin.
+        # Entry bound e_nm = 2γ‖F_n‖‖F_m‖ + √(t_n t_m) (dropped columns) + underflow, as the outer product of
+        # r = √(2γ)‖F_n‖ + √t_n (cross terms only add).
+        sq = h.sqrt().to(torch.float32)
+        F32 = self.U32 * sq[None, :] if K == D else self.U32[:, keep] * sq[keep][None, :]
+        gam = 2.0 * _gamma(K + 9)
+        norms = (self.U2 @ torch.where(keep, h, torch.zeros_like(h))).clamp_min(0.0).sqrt()
+        r = math.sqrt(gam) * norms + tail.sqrt()  # float64
         absolute = 4.0 * (K + 1) * 2.0 ** -149  # off the diagonal neither form involves the identity
-        bound = torch.outer(r32, r32).add_(absolute)
-        G = _upper_gram32(Fk.to(torch.float32)) if K else torch.zeros(D, D, dtype=torch.float32)
-        del Fk
-        W32 = G.abs_()  # |W̃| off the diagonal in both forms (W = ±F Fᵀ there); the diagonal is taken in float64
-        del G
-        apiv32 = piv.abs().to(torch.float32)
-        f = torch.where(lam + float(sigma) ** 2 > 0, lam / (lam + float(sigma) ** 2), torch.zeros_like(lam))
-        Uf = U * f[None, :]
+        W32 = _upper_gram32(F32).abs_() if K else torch.zeros(D, D, dtype=torch.float32)
+        del F32
+        W32.diagonal().zero_()  # |W̃| off the diagonal in both forms (W = ±F Fᵀ there); the diagonal is float64
+        rmax = float(r.max())
 
-        # max|W/piv|: the diagonal is a lower bound; recompute every off-diagonal entry that could reach it
-        lower = float((diag.abs() / piv.abs()).max())
-        ub = (W32 + bound).div_(apiv32[:, None])
-        ub.diagonal().zero_()
-        reach = ub >= lower * (1.0 - BAND_SLACK)
-        del ub
+        # max|W/piv|: the diagonal is a lower bound; recompute every off-diagonal entry that could reach it.
+        # A row can only if (its largest |W̃| + r_n·max r + underflow) / |piv_n| does (a row-level upper bound).
+        lower = float((diag.abs() / apiv).max())
+        rowmax = W32.max(1).values.to(torch.float64)
+        cut = lower * (1.0 - BAND_SLACK)
+        rows = (((rowmax * (1 + BAND_SLACK) + r * rmax + absolute) / apiv) >= cut).nonzero().flatten()
         mstar = lower
-        if bool(reach.any()):
-            n, m, v = _exact_at(Uf, U, reach)
-            mstar = max(mstar, float((v / piv[n]).abs().max()))
-        del reach
+        if rows.numel():
+            sub = W32[rows].to(torch.float64)
+            ub = (sub + r[rows, None] * r[None, :] + absolute) * (1 + BAND_SLACK) / apiv[rows, None]
+            ub[torch.arange(rows.numel()), rows] = 0.0
+            i, m = (ub >= cut).nonzero(as_tuple=True)
+            if i.numel():
+                n = rows[i]
+                mstar = max(mstar, float((_exact_at(f, self.U, n, m) / piv[n]).abs().max()))
         thr = threshold * mstar  # the dense rule's threshold θ·max|M|
 
-        # decided by the float32 value outside the band, by the float64 value inside
-        T32 = (thr * piv.abs()).to(torch.float32)
-        mask = W32 >= T32[:, None]
-        band = (W32 - T32[:, None]).abs_() <= bound.mul_(2.0).add_((BAND_SLACK * T32)[:, None])
-        del W32, bound
-        band.diagonal().zero_()
+        # decided by the float32 value outside the band |W̃ − T_n| ≤ 2e_nm + slack·T_n, in float64 inside it.
+        # Candidates first with a row-level half-width (max r for r_m, slightly wider), then the exact band.
+        T = thr * apiv
+        half = 2.0 * (r * rmax + absolute) * (1 + 2 * BAND_SLACK) + 2 * BAND_SLACK * T  # ⊇ the band, rounding too
+        lo32, hi32 = (T - half).to(torch.float32), (T + half).to(torch.float32)
+        mask = W32 >= T.to(torch.float32)[:, None]
+        cand = (W32 >= lo32[:, None]).logical_and_(W32 <= hi32[:, None])
+        cand.diagonal().zero_()
+        n, m = cand.nonzero(as_tuple=True)
+        del cand
+        w = W32[n, m].to(torch.float64)
+        del W32
+        inside = (w - T[n]).abs() <= 2.0 * (r[n] * r[m] + absolute) * (1 + BAND_SLACK) + BAND_SLACK * T[n]
+        n, m = n[inside], m[inside]
         mask.diagonal().copy_((diag / piv).abs() >= thr)
-        self.last_band = int(band.sum())  # entries re-decided in float64 (diagnostics for the bench)
-        self.last_kept = K
-        if self.last_band:
-            n, m, v = _exact_at(Uf, U, band)
-            mask[n, m] = (v / piv[n]).abs() >= thr
+        self.last_band, self.last_kept = int(n.numel()), K  # diagnostics (bench): entries re-decided, columns kept
+        if n.numel():
+            mask[n, m] = (_exact_at(f, self.U, n, m) / piv[n]).abs() >= thr
         return mask
 
 

@@ -11,7 +11,7 @@ from analytic_diffusion.ops.local_retrieval import coordinate_retrieval, localit
 from analytic_diffusion.ops.wiener_mask import WienerMasks, studio_locality_mask
 
 SIGMAS = (1e-3, 1e-2, 0.1, 1.0, 10.0, 1e3)
-THETAS = (0.005, 0.3)
+THETAS = (0.005, 0.05, 0.3)
 
 
 def dense_rule(lam, U, sigma, theta):
@@ -45,8 +45,11 @@ def test_bounded_masks_equal_the_dense_rule_on_random_data(rng):
 def test_bounded_masks_equal_the_dense_rule_on_mnist(mnist2000):
     _, lam, U = mnist2000.pca()
     masks = WienerMasks(lam, U)
-    for sigma, theta in ((1e-3, 0.005), (0.1, 0.05), (10.0, 0.005), (1e3, 0.05)):
+    redecided = 0
+    for sigma, theta in [(s, t) for s in SIGMAS for t in (0.005, 0.05)]:
         assert torch.equal(masks(sigma, theta), dense_rule(lam, U, sigma, theta)), (sigma, theta)
+        redecided += masks.last_band
+    assert redecided > 0  # the float64 re-decision ran (entries the float32 value alone could not decide)
 
 
 def test_denoiser_masks_and_output_unchanged(rng):
@@ -112,7 +115,8 @@ def test_studio_rule_on_mnist(mnist2000):
     # The formula in float64 agrees with the reference to rounding. (In float32 — the studio's own precision —
     # MNIST's near-constant border pixels give tiny pivots whose rounding moves max|M| by per cents, and with it
     # thousands of entries: that is the studio's behaviour, not checked against a float64 reference here.)
-    check_studio(mnist2000, 1.0, 0.005, 1e-8, torch.float64)
+    for sigma in (0.1, 10.0):
+        check_studio(mnist2000, sigma, 0.005, 1e-8, torch.float64)
 
 
 def test_mask_rule_option(rng):
@@ -122,3 +126,13 @@ def test_mask_rule_option(rng):
     den = PCALocality(ds, threshold=0.05, mask_rule="studio")
     assert den.config()["mask_rule"] == "studio"
     assert torch.equal(den.mask_for(0.3), studio_locality_mask(ds.covariance(), ds.n, 0.3, 0.05))
+
+
+def test_mask_rule_on_the_cli():
+    from analytic_diffusion.cli import build_parser
+    from analytic_diffusion.cli.sample import _method_options
+    opts = _method_options(build_parser().parse_args(["sample", "--method", "pca_locality", "--mask-rule", "studio",
+                                                      "--threshold", "0.05"]))
+    assert opts["mask_rule"] == "studio" and opts["threshold"] == 0.05
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["sample", "--method", "pca_locality", "--mask-rule", "paper"])

@@ -21,8 +21,8 @@ def dense_rule(lam, U, sigma, theta):
 def random_sets(rng):
     """White noise (flat spectrum), smoothed noise (spread spectrum: columns get dropped) and a set with
     constant pixels (zero pivots, rows left unnormalised, the max off the diagonal)."""
-    white = torch.rand(40, 3, 5, 6, generator=rng) * 2 - 1
-    smooth = torch.nn.functional.avg_pool2d(torch.rand(60, 1, 12, 12, generator=rng), 3, 1, 1) * 2 - 1
+    white = torch.rand(150, 2, 4, 5, generator=rng) * 2 - 1
+    smooth = torch.nn.functional.avg_pool2d(torch.rand(300, 1, 10, 10, generator=rng), 3, 1, 1) * 2 - 1
     const = torch.rand(30, 1, 8, 8, generator=rng) * 2 - 1
     const[:, :, 0, :] = -1.0
     const[:, 0, :, 0] = 0.25 + 1e-4 * torch.rand(30, 8, generator=rng)  # tiny but non-zero variance
@@ -30,6 +30,7 @@ def random_sets(rng):
 
 
 def test_bounded_masks_equal_the_dense_rule_on_random_data(rng):
+    forms = set()
     for ds in random_sets(rng):
         _, lam, U = ds.pca()
         masks = WienerMasks(lam, U)
@@ -37,9 +38,11 @@ def test_bounded_masks_equal_the_dense_rule_on_random_data(rng):
             for theta in THETAS:
                 assert torch.equal(masks(sigma, theta), dense_rule(lam, U, sigma, theta)), (ds.image_shape, sigma,
                                                                                            theta)
+                forms.add((masks.last_complement, masks.last_kept < ds.dim))
         assert torch.equal(masks(0.5, 0.0), torch.ones_like(masks(0.5, 0.1)))
         with pytest.raises(ValueError, match="threshold"):
             masks(0.5, float("nan"))
+    assert {(False, False), (True, True), (False, True)} <= forms, forms  # both forms ran; columns dropped in each
 
 
 def test_bounded_masks_equal_the_dense_rule_on_mnist(mnist2000):

@@ -6,8 +6,9 @@ divided by piv_n = W_nn (1 where |W_nn| < 1e-6), mask[n, m] = |W_nm / piv_n| ≥
 float64 costs a dense D³ product per σ (2 s at D = 3072 on one core), while the decision needs float64 accuracy
 only near the threshold. So, per σ:
 
-1. W is written as F Fᵀ (plus a bounded remainder) with F = U diag(√f) — or, when that keeps fewer columns,
-   W = I − F Fᵀ with F = U diag(√(1−f)) (off the diagonal only F Fᵀ matters). Columns are dropped, smallest
+1. W is written as F Fᵀ (plus a bounded remainder) with F = U diag(√f) — or, when that keeps a quarter of D
+   fewer columns, W = U Uᵀ − F Fᵀ with F = U diag(√(1−f)), where off the diagonal U Uᵀ is bounded by U's
+   orthogonality defect (measured once). Columns are dropped, smallest
    weight first, while Σ_dropped h_k·max_n U_nk² stays within 1e-3 of the smallest possible threshold; their
    contribution to entry (n, m) is at most √(t_n t_m) (Cauchy–Schwarz), t_n = Σ_dropped h_k U_nk².
 2. The kept product is formed in float32 from a float32 copy of U (entries F_nk(1 + δ), |δ| ≤ 4u), over the
@@ -48,8 +49,8 @@ def _gamma(k: int) -> float:
 
 def _factor(lam: torch.Tensor, U2: torch.Tensor, colmax: torch.Tensor, sigma: float, budget_of
             ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(f, h, keep, tail, diag): W = ±F Fᵀ (+ I for h = 1 − f) + R off the diagonal, F = U[:, keep]·diag(√h[keep]),
-    |R_nm| ≤ √(tail_n tail_m); f = λ/(λ+σ²); diag = W's diagonal; all float64.
+    """(f, h, keep, tail, diag, complement): W = ±F Fᵀ (+ U Uᵀ for h = 1 − f, the complement form) + R off the
+    diagonal, F = U[:, keep]·diag(√h[keep]), |R_nm| ≤ √(tail_n tail_m); f = λ/(λ+σ²); diag = W's diagonal.
 
     ``budget_of(diag)`` gives the largest tail allowed; columns are dropped smallest weight first while
     Σ_dropped h_k·max_n U_nk² (an upper bound of every row's dropped mass) stays within it."""
@@ -58,16 +59,18 @@ def _factor(lam: torch.Tensor, U2: torch.Tensor, colmax: torch.Tensor, sigma: fl
     diag = U2 @ f
     budget = budget_of(diag)
     best = None
+    D = f.numel()
     for h in (f, 1.0 - f):
         order = torch.argsort(h, stable=True)
         ndrop = int((torch.cumsum(h[order] * colmax[order], 0) <= budget).sum())
-        if best is None or ndrop > best[1]:
+        # I − F Fᵀ leans on U Uᵀ = I, which costs one check of U's orthogonality: only worth a quarter of D
+        if best is None or ndrop > best[1] + D // 4:
             best = (h, ndrop, order)
     h, ndrop, order = best
     keep = torch.ones_like(h, dtype=torch.bool)
     keep[order[:ndrop]] = False
     tail = U2 @ torch.where(keep, torch.zeros_like(h), h)
-    return f, h, keep, tail, diag
+    return f, h, keep, tail, diag, h is not f
 
 
 def _upper_gram32(F32: torch.Tensor) -> torch.Tensor:
@@ -114,6 +117,16 @@ class WienerMasks:
         self.U2 = self.U * self.U
         self.U32 = self.U.to(torch.float32)
         self.colmax = self.U2.max(0).values
+        self._defect = None
+
+    def orthogonality_defect(self) -> float:
+        """An upper bound of max_{n≠m} |(U Uᵀ)_nm| (computed once: one float64 product, plus its rounding)."""
+        if self._defect is None:
+            G = self.U @ self.U.t()
+            G.diagonal().zero_()
+            D = self.U.shape[0]
+            self._defect = float(G.abs().max()) * (1 + 1e-6) + 2.0 * (D + 2) * 2.0 ** -53
+        return self._defect
 
     def __call__(self, sigma: float, threshold: float) -> torch.Tensor:
         """(D, D) bool mask — the same booleans as ``locality_mask(wiener_filter_matrix(eigvals, U, sigma),
@@ -133,7 +146,7 @@ class WienerMasks:
             floor = 1.0 if bool((diag.abs() >= DIAG_EPS).any()) else float(diag.abs().max())
             return 1e-3 * threshold * floor * float(piv.min())
 
-        f, h, keep, tail, diag = _factor(lam, self.U2, self.colmax, sigma, budget_of)
+        f, h, keep, tail, diag, complement = _factor(lam, self.U2, self.colmax, sigma, budget_of)
         piv = torch.where(diag.abs() < DIAG_EPS, torch.ones_like(diag), diag)
         apiv = piv.abs()
         K = int(keep.sum())
@@ -146,7 +159,10 @@ class WienerMasks:
         gam = 2.0 * _gamma(K + 9)
         norms = (self.U2 @ torch.where(keep, h, torch.zeros_like(h))).clamp_min(0.0).sqrt()
         r = math.sqrt(gam) * norms + tail.sqrt()  # float64
-        absolute = 4.0 * (K + 1) * 2.0 ** -149  # off the diagonal neither form involves the identity
+        absolute = 4.0 * (K + 1) * 2.0 ** -149  # float32 underflow
+        if complement:  # W_nm = (U Uᵀ)_nm − (F Fᵀ)_nm off the diagonal: add U's measured orthogonality defect
+            absolute += self.orthogonality_defect()
+        self.last_complement = complement
         W32 = _upper_gram32(F32).abs_() if K else torch.zeros(D, D, dtype=torch.float32)
         del F32
         W32.diagonal().zero_()  # |W̃| off the diagonal in both forms (W = ±F Fᵀ there); the diagonal is float64

@@ -63,6 +63,8 @@ def register(sub) -> None:
     m.add_argument("--softmax", default=None, choices=["exact", "chunked"],
                    help="pca_locality: exact online softmax, or the studio's chunk-averaged one")
     m.add_argument("--chunk-size", type=int, default=None, help="pca_locality: chunk size of --softmax chunked")
+    m.add_argument("--mask-rule", default=None, choices=["engine", "studio"],
+                   help="pca_locality: the engine's float64 mask rule, or the studio's float32 pipeline (parity)")
     m.add_argument("--tau", default=None, metavar="T|SIGMA:T,...",
                    help="pspc-flex: heatmap mass fraction τ kept, one value or a table of SIGMA:T pairs "
                         "(nearest σ in log space)")
@@ -97,7 +99,8 @@ _METHOD_FLAGS = {"k": "k", "ref_size": "ref_size", "rank": "rank", "smoothing": 
                  "perturbations": "num_perturbations", "temperature": "temperature", "tolerance": "tolerance",
                  "method_seed": "seed",
                  "patch": "patch", "patch_schedule": "patch", "masks": ("masks", "mask"), "threshold": "threshold",
-                 "softmax": "softmax", "chunk_size": "chunk_size", "tau": "tau", "draw_mode": "mode",
+                 "softmax": "softmax", "chunk_size": "chunk_size", "mask_rule": "mask_rule", "tau": "tau",
+                 "draw_mode": "mode",
                  "scale": "scale", "precision": "precision"}
 
 

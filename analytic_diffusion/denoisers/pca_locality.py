@@ -12,6 +12,7 @@ import torch
 
 from ..ops.local_retrieval import (COORDINATE_FUSED_KERNELS, SOFTMAX_MODES, coordinate_retrieval, locality_mask,
                                    wiener_filter_matrix)
+from ..ops.wiener_mask import MASK_RULES, WienerMasks, studio_locality_mask
 from .local import check_patch_backend, sigma_key
 from .local_base import LocalDenoiser
 
@@ -25,13 +26,23 @@ class PCALocality(LocalDenoiser):
     output coordinate m (pixel AND channel) has its own input support mask[:, m]; its distance to training image j
     is d_j(m) = Σ_n mask[n, m]·(x[n] − y_j[n])², and it gets its own softmax over the N (± mirrored,
     ± class-filtered) images of −d_j(m)/(2σ²T), with value y_j[m].
-    Masks are computed once per σ and cached (keyed by σ to 12 significant digits).
+    Masks are computed once per σ and cached (keyed by σ to 12 significant digits). On the CPU a new σ does not
+    form W in float64: :class:`~analytic_diffusion.ops.wiener_mask.WienerMasks` decides every entry from a float32
+    product with a rigorous error bound and re-decides in float64 the entries within that bound of the threshold,
+    so the masks are the float64 rule's (docs/methods.md §5); with the statistics on a GPU the dense float64
+    product is formed there.
 
     Options:
       ``threshold`` θ (default 0.005, the authors' setting for 1-channel 28/32-px MNIST/Fashion-MNIST; they use
         0.05 for CIFAR-10 and 0.02 for CelebA-HQ/AFHQ). θ ≤ 0 gives the full mask (every input in every distance:
         the optimal denoiser). NaN is rejected.
       ``mask`` — ``"wiener"`` (default, as above) or ``"full"`` (force the full mask, no PCA needed).
+      ``mask_rule`` — ``"engine"`` (default: the rule above, decided as in float64) or ``"studio"`` (the Analytic
+        Diffusion Studio's pipeline, for parity with its numbers): the same formula, but from the covariance with
+        the unbiased 1/(n−1) denominator, its float32 SVD U·diag(λ)·Vh, the factors s = ᾱλ/(β̄+ᾱλ) with ᾱ =
+        1/(1+σ²), W = U·diag(s)·Vh, the pivots, max|M| and the comparison all in float32. In exact arithmetic the
+        two rules differ only by the n/(n−1) scaling of λ; in practice the float32 rounding moves max|M| where a
+        row's pivot is tiny (near-constant pixels: MNIST's border), and with it the threshold of every entry.
       ``softmax`` — ``"exact"`` (default): the true posterior mean per coordinate. ``"chunked"``: the studio's
         weighted streaming softmax ("WSSM"): the softmax is normalised within each consecutive block of
         ``chunk_size`` training images in dataset order (stored images, then mirrors), and the per-block means are
@@ -53,7 +64,7 @@ class PCALocality(LocalDenoiser):
     default_patch = 1  # LocalDenoiser wants a schedule; never used (denoise groups samples by σ, not by k)
 
     def __init__(self, dataset, *, threshold: float = 0.005, mask: str = "wiener", softmax: str = "exact",
-                 chunk_size: Optional[int] = None, **kw):
+                 chunk_size: Optional[int] = None, mask_rule: str = "engine", **kw):
         if kw.get("patch") is not None:
             raise ValueError("patch: pca_locality has no patch size; its locality comes from the Wiener masks")
         kw.pop("patch", None)
@@ -68,6 +79,8 @@ class PCALocality(LocalDenoiser):
             raise ValueError(f"mask: expected 'wiener' or 'full', got {mask!r}")
         if softmax not in SOFTMAX_MODES:
             raise ValueError(f"softmax: expected one of {', '.join(SOFTMAX_MODES)}, got {softmax!r}")
+        if mask_rule not in MASK_RULES:
+            raise ValueError(f"mask_rule: expected one of {', '.join(MASK_RULES)}, got {mask_rule!r}")
         if softmax == "chunked":
             if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
                 raise ValueError(f"chunk_size: the chunked softmax needs an integer block size >= 1, "
@@ -79,7 +92,10 @@ class PCALocality(LocalDenoiser):
         self.mask = mask
         self.softmax = softmax
         self.chunk_size = chunk_size
+        self.mask_rule = mask_rule
         self._cache: Dict[float, torch.Tensor] = {}
+        self._pca = None  # (eigenvalues, U) of the candidate set, fetched at the first σ
+        self._masks: Optional[WienerMasks] = None  # their σ-independent factors (CPU), built at the first σ
 
     def mask_for(self, sigma: float) -> torch.Tensor:
         """The (D, D) bool mask at σ: mask[n, m] = input n enters output m's distance (cached per σ)."""
@@ -88,10 +104,20 @@ class PCALocality(LocalDenoiser):
             D = self.keys.dim
             if self.mask == "full" or self.threshold <= 0:
                 out = torch.ones(D, D, dtype=torch.bool)
+            elif self.mask_rule == "studio":
+                stats = self.dataset.with_flips(self.flips)
+                out = studio_locality_mask(stats.covariance(), stats.n, key, self.threshold)
             else:
-                # the statistics of the candidate set searched: flips=True here means ds.with_flips(True)
-                _, eigvals, U = self.dataset.with_flips(self.flips).pca()
-                out = locality_mask(wiener_filter_matrix(eigvals, U, key), self.threshold)
+                if self._pca is None:
+                    # the statistics of the candidate set searched: flips=True here means ds.with_flips(True)
+                    self._pca = self.dataset.with_flips(self.flips).pca()[1:]
+                eigvals, U = self._pca
+                if U.is_cuda:  # a GPU forms the dense float64 product in milliseconds: the rule as written
+                    out = locality_mask(wiener_filter_matrix(eigvals, U, key), self.threshold)
+                else:  # on the CPU the bounded float32 route decides the same booleans at half the cost
+                    if self._masks is None:
+                        self._masks = WienerMasks(eigvals, U)
+                    out = self._masks(key, self.threshold)
             self._cache[key] = out.to(self.keys.device)
         return self._cache[key]
 
@@ -105,5 +131,6 @@ class PCALocality(LocalDenoiser):
 
     def config(self) -> dict:
         cfg = {k: v for k, v in super().config().items() if k != "patch"}
-        cfg.update(threshold=self.threshold, mask=self.mask, softmax=self.softmax, chunk_size=self.chunk_size)
+        cfg.update(threshold=self.threshold, mask=self.mask, softmax=self.softmax, chunk_size=self.chunk_size,
+                   mask_rule=self.mask_rule)
         return cfg

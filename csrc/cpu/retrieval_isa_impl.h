@@ -442,8 +442,13 @@ void knn_task_tk(const Problem& p, int64_t b0, int64_t b1, int64_t j0, int64_t j
   std::vector<int64_t> fill(static_cast<size_t>(nq), 0);
   std::vector<KnnEntry<T>> thr(static_cast<size_t>(nq), KnnEntry<T>{std::numeric_limits<T>::infinity(),
                                                                     std::numeric_limits<int64_t>::max()});
-  for (int64_t jt = j0; jt < j1; jt += kTileRows) {
-    const int64_t nt = std::min<int64_t>(kTileRows, j1 - jt);
+  // Tiles of at most ~24 KiB of converted rows (4 rows at least, for the 2x4 distance blocks): the tile stays in
+  // L1 between its conversion and its use, which is most of the cost when few queries share it. A distance does
+  // not depend on the tiling (every pair takes the same operations), and the selection is exact.
+  const int64_t tile = std::max<int64_t>(4, std::min<int64_t>(kTileRows, (24 << 10) / std::max<int64_t>(1, p.D *
+                                                                                   static_cast<int64_t>(sizeof(T)))));
+  for (int64_t jt = j0; jt < j1; jt += tile) {
+    const int64_t nt = std::min<int64_t>(tile, j1 - jt);
     tile_needed(p, b0, b1, jt, nt, need);
     load_tile<T, K>(p, jt, nt, need, ybuf, rows);
     tile_queries<T>(p, b0, b1, jt, nt, need, rows, [&](int64_t b, const int* idx, int n, const T* dist) {

@@ -53,9 +53,14 @@ def _nearest_exact(den: "RetrievalDenoiser", q: torch.Tensor, k: int, labels):
     idx = torch.where(valid, idx, torch.full_like(idx, -1))
     ref = idx[:, 0].clamp_min(0)  # every row has an allowed candidate (the class check ran before)
     rel = subset.relative_d2(q, den.keys, idx, ref, flips=den.flips)
-    # rank by (float64 distance, index): sort by index first, then a stable sort by distance
-    order = torch.argsort(torch.where(valid, idx, torch.full_like(idx, 2**62)), dim=1)
-    order = torch.gather(order, 1, torch.argsort(torch.gather(rel, 1, order), dim=1, stable=True))[:, :k]
+    # rank by (float64 distance, index). The screen's order is by (working-dtype distance, index): one stable sort
+    # by distance settles every pair unless two float64 distances tie, and then only an index-first order is right.
+    order = torch.argsort(rel, dim=1, stable=True)
+    r, i = torch.gather(rel, 1, order), torch.gather(idx, 1, order)
+    if bool(((r[:, 1:] == r[:, :-1]) & torch.isfinite(r[:, 1:]) & (i[:, 1:] < i[:, :-1])).any()):
+        order = torch.argsort(torch.where(valid, idx, torch.full_like(idx, 2**62)), dim=1)
+        order = torch.gather(order, 1, torch.argsort(torch.gather(rel, 1, order), dim=1, stable=True))
+    order = order[:, :k]
     idx, rel = torch.gather(idx, 1, order), torch.gather(rel, 1, order)
     # relative to the (new) nearest, whose logit is then exactly 0: recomputed only for the rows whose float64
     # nearest is not the screen's (a near-tie at the top)

@@ -95,3 +95,35 @@ def test_denoisers_native_path_matches_torch_path(rng, method):
         slow = den(x.clone().requires_grad_(True), sigma, class_labels=labels)
         assert slow.requires_grad
         assert torch.allclose(fast, slow.detach(), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("method", ["topk", "knn"])
+def test_skipping_negligible_candidates_changes_nothing(rng, monkeypatch, method):
+    """At low σ most screened candidates are proven negligible from the screen's distances and never rescored;
+    the output equals the one that rescores every candidate (to 1e-15) and the brute-force float64 posterior over
+    the exact k nearest (to 1e-6: a near-tie at the k-th place may swap a candidate of weight ~1e-9)."""
+    import analytic_diffusion.denoisers.neighbours as nb
+    from analytic_diffusion.data.dataset import Dataset
+    from analytic_diffusion.denoisers import make_denoiser
+    from analytic_diffusion.ops import knn_search
+    from reference import posterior_bruteforce
+    u = torch.randint(0, 256, (300, 1, 4, 6), generator=rng, dtype=torch.uint8)
+    ds = Dataset.from_array(u)
+    y = ds.keys().rows(0, 300, torch.float64)
+    x = ds.images_float(torch.randint(0, 300, (6,), generator=rng), torch.float64)
+    x = (x + 0.3 * torch.randn(x.shape, generator=rng, dtype=torch.float64)).float()
+    den = make_denoiser(method, ds, k=40, **({"ref_size": 0} if method == "knn" else {}))
+    q = x.reshape(6, -1)
+    for sigma in (0.15, 0.6, 3.0):
+        got = den(x, sigma).reshape(6, -1).double()
+        with monkeypatch.context() as m:
+            m.setattr(nb, "_negligible", lambda den, q, d2, valid, coef: torch.zeros_like(valid))
+            full = den(x, sigma).reshape(6, -1).double()
+        assert torch.allclose(got, full, rtol=0, atol=1e-15)
+        d = ((q.double()[:, None] - y[None]) ** 2).sum(-1)
+        allowed = torch.zeros_like(d, dtype=torch.bool).scatter_(1, torch.argsort(d, dim=1, stable=True)[:, :40], True)
+        want, _, _ = posterior_bruteforce(q, y, torch.full((6,), sigma), allowed=allowed)
+        assert torch.allclose(got, want, rtol=0, atol=1e-6)
+    d2, _ = knn_search(q, ds.keys(), 48)
+    coef = nb._coef(torch.full((6,), 0.15, dtype=torch.float64), 1.0)
+    assert bool(nb._negligible(den, q, d2, torch.isfinite(d2), coef).any())  # the skip was exercised

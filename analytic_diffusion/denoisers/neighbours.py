@@ -39,20 +39,66 @@ def _softmax_summary(logits: torch.Tensor, index: torch.Tensor, keys, flips: boo
     return mean, wmax[:, 0], 1.0 / (w * w).sum(1)
 
 
-def _nearest_exact(den: "RetrievalDenoiser", q: torch.Tensor, k: int, labels):
+# A candidate whose logit is provably below the nearest's by more than this (nats) weighs under 2^-64 of it:
+# 64 ln 2 = 44.4, plus a margin for the float64 rounding of the logits themselves.
+NEGLIGIBLE_LOGIT_GAP = 46.0
+
+
+def _row_norm_max(keys) -> float:
+    """max_j ‖y_j‖₂ over the stored rows (mirrored rows have the same norms), in float64, kept with the dataset."""
+    def make():
+        step = max(1, (1 << 22) // max(1, keys.dim))
+        return max(float(keys.rows(s, min(s + step, keys.n), torch.float64).norm(dim=1).max())
+                   for s in range(0, keys.n, step))
+    return keys.cached("row_norm_max", make)
+
+
+def _negligible(den, q: torch.Tensor, d2: torch.Tensor, valid: torch.Tensor, coef: torch.Tensor) -> torch.Tensor:
+    """(B, S) bool: screened candidates whose weight is provably under 2^-64 of the row's nearest, from the screen's
+    working-dtype direct distances alone (their float64 distances need not be computed).
+
+    The screen computes ‖q̃ − ỹ‖² with q̃, ỹ the query and row rounded to the working dtype (unit roundoff u) and a
+    sum of D + 1 rounded non-negative terms: its value is within a factor 1 ± γ, γ = (D + 2)u / (1 − (D + 2)u), of
+    ‖q̃ − ỹ‖², and ‖q̃ − ỹ‖ is within A = 4u(‖q‖ + 2 max‖y‖ + 2√D |shift|) of ‖q − y‖ (generous for the affine map's
+    rounding). So ‖q − y_j‖² ≥ L_j = (√(d_j / (1 + γ)) − A)²₊ and the nearest's true distance is at most
+    U = (√(d_0 / (1 − γ)) + A)²; a candidate with coef · (L_j − U) > NEGLIGIBLE_LOGIT_GAP weighs under 2^-64.
+    Empty for a sharded bank (no global row norms here).
+    """
+    keys = den.keys
+    skip = torch.zeros_like(valid)
+    if keys.shard is not None or d2.shape[1] < 2:
+        return skip
+    u = torch.finfo(d2.dtype).eps / 2
+    dim = keys.dim
+    gamma = (dim + 2) * u / (1 - (dim + 2) * u)
+    a = 4 * u * (q.detach().double().norm(dim=1) + 2 * _row_norm_max(keys) + 2 * dim ** 0.5 * abs(keys.shift))
+    d = torch.where(valid, d2.detach().double(), torch.zeros_like(d2, dtype=torch.float64)).clamp_min(0)
+    lower = ((d / (1 + gamma)).sqrt() - a[:, None]).clamp_min(0) ** 2
+    upper = ((d[:, :1] / (1 - gamma)).sqrt() + a[:, None]) ** 2
+    skip = valid & (coef[:, None] * (lower - upper) > NEGLIGIBLE_LOGIT_GAP)
+    skip[:, 0] = False  # the screen's nearest is the reference row
+    return skip
+
+
+def _nearest_exact(den: "RetrievalDenoiser", q: torch.Tensor, k: int, labels, coef: Optional[torch.Tensor] = None):
     """The k nearest allowed candidates per row, ranked in float64 (ties: lower index).
 
     Returns (index (B, k), rel d2 (B, k) float64 relative to the row's nearest). A row with fewer than k allowed
     candidates has index −1 (and rel +inf) in its last slots. The working-dtype screen keeps k + RESCORE_MARGIN
     candidates, so the k-th boundary is decided in float64 whatever ``dtype``; the float64 distances come from
     :func:`..ops.subset.relative_d2` (C++ on the CPU, straight from the stored rows).
+
+    With ``coef`` (1/2σ²T per row), candidates that the screen's distances already prove to weigh under 2^-64 of
+    the nearest (:func:`_negligible`) are not rescored: they keep their index, rank after the rescored ones in the
+    screen's order, and get rel = +inf (weight 0, a change of the mean below K·2^-64 of the data's range).
     """
     screen = min(den.num_candidates, k + RESCORE_MARGIN)
     d2, idx = knn_search(q, den.keys, screen, query_labels=labels, **den._retrieval_kwargs())
     valid = torch.isfinite(d2) & (idx >= 0)
     idx = torch.where(valid, idx, torch.full_like(idx, -1))
     ref = idx[:, 0].clamp_min(0)  # every row has an allowed candidate (the class check ran before)
-    rel = subset.relative_d2(q, den.keys, idx, ref, flips=den.flips)
+    skip = _negligible(den, q, d2, valid, coef) if coef is not None else torch.zeros_like(valid)
+    rel = subset.relative_d2(q, den.keys, torch.where(skip, torch.full_like(idx, -1), idx), ref, flips=den.flips)
     # rank by (float64 distance, index). The screen's order is by (working-dtype distance, index): one stable sort
     # by distance settles every pair unless two float64 distances tie, and then only an index-first order is right.
     order = torch.argsort(rel, dim=1, stable=True)
@@ -101,8 +147,9 @@ class TopK(RetrievalDenoiser):
 
     def _posterior(self, x, s, labels) -> Posterior:
         q = x.reshape(x.shape[0], -1)
-        idx, rel = _nearest_exact(self, q, self.k, labels)
-        logits = torch.where(idx >= 0, -rel * _coef(s, self.temperature)[:, None], float("-inf"))
+        coef = _coef(s, self.temperature)
+        idx, rel = _nearest_exact(self, q, self.k, labels, coef)
+        logits = torch.where(idx >= 0, -rel * coef[:, None], float("-inf"))
         mean, wmax, neff = _softmax_summary(logits, idx, self.keys, self.flips)
         return Posterior(mean.reshape(x.shape).to(x.dtype), wmax.to(self.dtype), neff.to(self.dtype))
 
@@ -113,9 +160,9 @@ class TopK(RetrievalDenoiser):
         """J·v = Cov_w[y | top k] v / σ²T: the optimal identity over the k retained images (the top-k set is
         locally constant, so it does not move with x). Autograd gets the same from the float64 formula above."""
         q = x.reshape(x.shape[0], -1)
-        idx, rel = _nearest_exact(self, q, self.k, labels)
-        rows = gather_rows(self.keys, idx.clamp_min(0), torch.float64)
         coef = _coef(s, self.temperature)
+        idx, rel = _nearest_exact(self, q, self.k, labels, coef)
+        rows = gather_rows(self.keys, idx.clamp_min(0), torch.float64)
         logits = torch.where(idx >= 0, -rel * coef[:, None], float("-inf"))
         w = torch.softmax(logits, 1)  # (B, k) float64; the nearest has logit 0, so no row is all -inf
         vf = v.reshape(v.shape[0], -1).double()
@@ -197,8 +244,8 @@ class KNNEstimator(RetrievalDenoiser):
         # Each row keeps min(k, its allowed count) exact neighbours (padding slots are not valid): no row's
         # answer depends on the classes of the other rows in its batch.
         k = min(self.k, int(allowed.sum(1).max()))
-        idx, rel = _nearest_exact(self, q, k, labels)
         coef = _coef(s, self.temperature)
+        idx, rel = _nearest_exact(self, q, k, labels, coef)
         logits = torch.where(idx >= 0, -rel * coef[:, None], float("-inf"))
         mult = torch.ones_like(logits)
         tail = allowed & ~_exact_mask(idx, allowed.shape[1])

@@ -57,8 +57,8 @@ def _negligible(den, q: torch.Tensor, d2: torch.Tensor, valid: torch.Tensor, coe
     """(B, S) bool: screened candidates whose weight is provably under 2^-64 of the row's nearest, from the screen's
     working-dtype direct distances alone (their float64 distances need not be computed).
 
-    The screen computes ‖q̃ − ỹ‖² with q̃, ỹ the query and row rounded to the working dtype (unit roundoff u) and a
-    sum of D + 1 rounded non-negative terms: its value is within a factor 1 ± γ, γ = (D + 2)u / (1 − (D + 2)u), of
+    The screen computes ‖q̃ − ỹ‖² with q̃, ỹ the query and row rounded to the working dtype (unit roundoff u) as a
+    sum, in any order, of D rounded non-negative terms: its value is within a factor 1 ± γ, γ = (D + 2)u / (1 − (D + 2)u), of
     ‖q̃ − ỹ‖², and ‖q̃ − ỹ‖ is within A = 4u(‖q‖ + 2 max‖y‖ + 2√D |shift|) of ‖q − y‖ (generous for the affine map's
     rounding). So ‖q − y_j‖² ≥ L_j = (√(d_j / (1 + γ)) − A)²₊ and the nearest's true distance is at most
     U = (√(d_0 / (1 − γ)) + A)²; a candidate with coef · (L_j − U) > NEGLIGIBLE_LOGIT_GAP weighs under 2^-64.

@@ -180,7 +180,7 @@ setup(
                              "triton==3.6.0; platform_system == 'Linux' and platform_machine == 'x86_64'",
                              "diffusers>=0.30", "accelerate>=0.30", "einops>=0.6",
                              "nbformat>=5", "nbclient>=0.7", "ipykernel>=6"],
-                    "triton": ["triton>=3.6"], "bench": ["faiss-cpu>=1.7"]},
+                    "triton": ["triton>=3.6"], "bench": ["faiss-cpu>=1.7", "pykeops>=2.3"]},
     entry_points={"console_scripts": ["analytic-diffusion=analytic_diffusion.cli:main"]},
     zip_safe=False,
 )

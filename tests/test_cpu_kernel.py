@@ -299,6 +299,18 @@ def test_knn(qdtype, kdtype, N, D, k, nrng):
         check_knn(q, keys, SCALE, SHIFT, k, d, i, qdtype)
 
 
+@pytest.mark.parametrize("k", [3, 150, 700, 2048])
+def test_knn_selection_buffer(k, nrng):
+    """The per-segment buffer + threshold selection: k small, near and above the segment size (compactions and
+    none), with a class filter; float64 queries so that the indices must match the reference exactly."""
+    keys = make_keys(nrng, 4099, 17, np.uint8)
+    q = make_queries(nrng, keys, 5, 0.3, np.float64)
+    key_labels = nrng.integers(0, 3, 4099).astype(np.int64)
+    query_labels = np.array([0, 1, 2, 1, 0], np.int64)
+    d, i = _cpu.knn_search(q, keys, SCALE, SHIFT, k, key_labels, query_labels, 2)
+    check_knn(q, keys, SCALE, SHIFT, k, d, i, np.float64, key_labels, query_labels)
+
+
 def test_knn_ties_and_padding(nrng):
     rng = nrng
     base = make_keys(rng, 40, 13, np.uint8)

@@ -5,7 +5,7 @@ from typing import Optional
 
 import torch
 
-from ..ops import all_labels, gather_rows, knn_search
+from ..ops import all_labels, gather_rows, knn_search, subset
 from .base import Posterior
 from .optimal import RetrievalDenoiser
 from .sample_seeds import row_generators
@@ -13,16 +13,8 @@ from .sample_seeds import row_generators
 
 # The float32 screen may mis-rank near-ties at the k-th place: take this many more, then rank in float64.
 RESCORE_MARGIN = 8
-
-
-def _relative_d2(q: torch.Tensor, rows: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
-    """‖q − y_j‖² − ‖q − y_ref‖² = ⟨y_j − y_ref, y_j + y_ref − 2q⟩ in float64, row by row (B, K).
-
-    No ‖q‖² term: exact in float64 however large the query (x = 1e30 included), and each row's value depends
-    on that row only, so batch composition never changes it.
-    """
-    q, rows, ref = q.double(), rows.double(), ref.double()
-    return ((rows - ref[:, None]) * (rows + ref[:, None] - 2.0 * q[:, None])).sum(-1)
+# Relative weight below which a candidate's row is left out of the weighted mean (see _softmax_summary).
+NEGLIGIBLE_WEIGHT = 2.0 ** -64
 
 
 def _coef(s: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -31,44 +23,104 @@ def _coef(s: torch.Tensor, temperature: float) -> torch.Tensor:
     return c.clamp_max(torch.finfo(torch.float64).max)
 
 
-def _softmax_summary(logits: torch.Tensor, rows: torch.Tensor, extra_weight=None):
-    """Self-normalised weights over (B, K) logits (−inf allowed, the largest finite) with optional multipliers
-    -> (mean, max w, 1/Σw²), in float64; a row-by-row reduction so that the batch never changes a row."""
+def _softmax_summary(logits: torch.Tensor, index: torch.Tensor, keys, flips: bool, extra_weight=None):
+    """Self-normalised weights over (B, K) logits (−inf allowed, the largest finite) of the candidates ``index``
+    with optional multipliers -> (mean, max w, 1/Σw²), in float64; a row-by-row reduction so that the batch never
+    changes a row. The mean is a weighted sum over the listed rows (:func:`..ops.subset.weighted_sum`): on the CPU
+    nothing of shape (B, K, D) is built."""
     w = torch.exp(logits - logits.max(1, keepdim=True).values)
     if extra_weight is not None:
         w = w * extra_weight
     w = w / w.sum(1, keepdim=True)
-    mean = (w[:, :, None] * rows.double()).sum(1)
-    return mean, w.max(1).values, 1.0 / (w * w).sum(1)
+    wmax = w.max(1, keepdim=True).values
+    # Rows weighing under 2^-64 of the largest move the mean by at most K·2^-64 of the data's range (below float64
+    # resolution for any K here): the weighted sum skips them, which at low σ is nearly all of them.
+    mean = subset.weighted_sum(keys, index, w.masked_fill(w < wmax * NEGLIGIBLE_WEIGHT, 0.0), flips=flips)
+    return mean, wmax[:, 0], 1.0 / (w * w).sum(1)
 
 
-def _nearest_exact(den: "RetrievalDenoiser", q: torch.Tensor, k: int, labels):
+# A candidate whose logit is provably below the nearest's by more than this (nats) weighs under 2^-64 of it:
+# 64 ln 2 = 44.4, plus a margin for the float64 rounding of the logits themselves.
+NEGLIGIBLE_LOGIT_GAP = 46.0
+
+
+def _row_norm_max(keys) -> float:
+    """max_j ‖y_j‖₂ over the stored rows (mirrored rows have the same norms), in float64, kept with the dataset."""
+    def make():
+        step = max(1, (1 << 22) // max(1, keys.dim))
+        return max(float(keys.rows(s, min(s + step, keys.n), torch.float64).norm(dim=1).max())
+                   for s in range(0, keys.n, step))
+    return keys.cached("row_norm_max", make)
+
+
+def _negligible(den, q: torch.Tensor, d2: torch.Tensor, valid: torch.Tensor, coef: torch.Tensor) -> torch.Tensor:
+    """(B, S) bool: screened candidates whose weight is provably under 2^-64 of the row's nearest, from the screen's
+    working-dtype direct distances alone (their float64 distances need not be computed).
+
+    The screen computes ‖q̃ − ỹ‖² with q̃, ỹ the query and row rounded to the working dtype (unit roundoff u) as a
+    sum, in any order, of D rounded non-negative terms: its value is within a factor 1 ± γ, γ = (D + 2)u / (1 − (D + 2)u), of
+    ‖q̃ − ỹ‖², and ‖q̃ − ỹ‖ is within A = 4u(‖q‖ + 2 max‖y‖ + 2√D |shift|) of ‖q − y‖ (generous for the affine map's
+    rounding). So ‖q − y_j‖² ≥ L_j = (√(d_j / (1 + γ)) − A)²₊ and the nearest's true distance is at most
+    U = (√(d_0 / (1 − γ)) + A)²; a candidate with coef · (L_j − U) > NEGLIGIBLE_LOGIT_GAP weighs under 2^-64.
+    Empty for a sharded bank (no global row norms here).
+    """
+    keys = den.keys
+    skip = torch.zeros_like(valid)
+    if keys.shard is not None or d2.shape[1] < 2:
+        return skip
+    u = torch.finfo(d2.dtype).eps / 2
+    dim = keys.dim
+    gamma = (dim + 2) * u / (1 - (dim + 2) * u)
+    a = 4 * u * (q.detach().double().norm(dim=1) + 2 * _row_norm_max(keys) + 2 * dim ** 0.5 * abs(keys.shift))
+    d = torch.where(valid, d2.detach().double(), torch.zeros_like(d2, dtype=torch.float64)).clamp_min(0)
+    lower = ((d / (1 + gamma)).sqrt() - a[:, None]).clamp_min(0) ** 2
+    upper = ((d[:, :1] / (1 - gamma)).sqrt() + a[:, None]) ** 2
+    skip = valid & (coef[:, None] * (lower - upper) > NEGLIGIBLE_LOGIT_GAP)
+    skip[:, 0] = False  # the screen's nearest is the reference row
+    return skip
+
+
+def _nearest_exact(den: "RetrievalDenoiser", q: torch.Tensor, k: int, labels, coef: Optional[torch.Tensor] = None):
     """The k nearest allowed candidates per row, ranked in float64 (ties: lower index).
 
-    Returns (index (B, k), valid (B, k), rows (B, k, D) float64, rel d2 (B, k) float64 relative to the row's
-    nearest). A row with fewer than k allowed candidates has ``valid`` False in its last slots. The working-dtype
-    screen keeps k + RESCORE_MARGIN candidates, so the k-th boundary is decided in float64 whatever ``dtype``.
+    Returns (index (B, k), rel d2 (B, k) float64 relative to the row's nearest). A row with fewer than k allowed
+    candidates has index −1 (and rel +inf) in its last slots. The working-dtype screen keeps k + RESCORE_MARGIN
+    candidates, so the k-th boundary is decided in float64 whatever ``dtype``; the float64 distances come from
+    :func:`..ops.subset.relative_d2` (C++ on the CPU, straight from the stored rows).
+
+    With ``coef`` (1/2σ²T per row), candidates that the screen's distances already prove to weigh under 2^-64 of
+    the nearest (:func:`_negligible`) are not rescored: they keep their index, rank after the rescored ones in the
+    screen's order, and get rel = +inf (weight 0, a change of the mean below K·2^-64 of the data's range).
     """
     screen = min(den.num_candidates, k + RESCORE_MARGIN)
     d2, idx = knn_search(q, den.keys, screen, query_labels=labels, **den._retrieval_kwargs())
     valid = torch.isfinite(d2) & (idx >= 0)
-    idx = torch.where(valid, idx, torch.zeros_like(idx))
-    rows = gather_rows(den.keys, idx, torch.float64)
-    rel = _relative_d2(q, rows, rows[:, 0])
-    rel = torch.where(valid, rel, torch.full_like(rel, float("inf")))
-    # rank by (float64 distance, index): sort by index first, then a stable sort by distance
-    order = torch.argsort(torch.where(valid, idx, torch.full_like(idx, 2**62)), dim=1)
-    order = torch.gather(order, 1, torch.argsort(torch.gather(rel, 1, order), dim=1, stable=True))[:, :k]
-    idx, valid, rel = (torch.gather(t, 1, order) for t in (idx, valid, rel))
-    rows = torch.gather(rows, 1, order[..., None].expand(-1, -1, rows.shape[-1]))
-    # relative to the (new) nearest, whose logit is then exactly 0
-    rel = torch.where(valid, _relative_d2(q, rows, rows[:, 0]), rel)
-    return idx, valid, rows, rel
+    idx = torch.where(valid, idx, torch.full_like(idx, -1))
+    ref = idx[:, 0].clamp_min(0)  # every row has an allowed candidate (the class check ran before)
+    skip = _negligible(den, q, d2, valid, coef) if coef is not None else torch.zeros_like(valid)
+    rel = subset.relative_d2(q, den.keys, torch.where(skip, torch.full_like(idx, -1), idx), ref, flips=den.flips)
+    # rank by (float64 distance, index). The screen's order is by (working-dtype distance, index): one stable sort
+    # by distance settles every pair unless two float64 distances tie, and then only an index-first order is right.
+    order = torch.argsort(rel, dim=1, stable=True)
+    r, i = torch.gather(rel, 1, order), torch.gather(idx, 1, order)
+    if bool(((r[:, 1:] == r[:, :-1]) & torch.isfinite(r[:, 1:]) & (i[:, 1:] < i[:, :-1])).any()):
+        order = torch.argsort(torch.where(valid, idx, torch.full_like(idx, 2**62)), dim=1)
+        order = torch.gather(order, 1, torch.argsort(torch.gather(rel, 1, order), dim=1, stable=True))
+    order = order[:, :k]
+    idx, rel = torch.gather(idx, 1, order), torch.gather(rel, 1, order)
+    # relative to the (new) nearest, whose logit is then exactly 0: recomputed only for the rows whose float64
+    # nearest is not the screen's (a near-tie at the top)
+    moved = torch.nonzero(idx[:, 0] != ref).reshape(-1)
+    if moved.numel():
+        again = subset.relative_d2(q[moved], den.keys, idx[moved], idx[moved, 0], flips=den.flips)
+        rel = rel.index_put((moved,), again)
+    return idx, rel
 
 
-def _exact_mask(idx, valid, total):
-    """(B, total) bool: the candidates a row took among its exact neighbours."""
+def _exact_mask(idx, total):
+    """(B, total) bool: the candidates a row took among its exact neighbours (index −1: none)."""
     m = torch.zeros(idx.shape[0], total, dtype=torch.bool, device=idx.device)
+    valid = idx >= 0
     b = torch.arange(idx.shape[0], device=idx.device)[:, None].expand_as(idx)
     m[b[valid], idx[valid]] = True
     return m
@@ -95,9 +147,10 @@ class TopK(RetrievalDenoiser):
 
     def _posterior(self, x, s, labels) -> Posterior:
         q = x.reshape(x.shape[0], -1)
-        _, valid, rows, rel = _nearest_exact(self, q, self.k, labels)
-        logits = torch.where(valid, -rel * _coef(s, self.temperature)[:, None], float("-inf"))
-        mean, wmax, neff = _softmax_summary(logits, rows)
+        coef = _coef(s, self.temperature)
+        idx, rel = _nearest_exact(self, q, self.k, labels, coef)
+        logits = torch.where(idx >= 0, -rel * coef[:, None], float("-inf"))
+        mean, wmax, neff = _softmax_summary(logits, idx, self.keys, self.flips)
         return Posterior(mean.reshape(x.shape).to(x.dtype), wmax.to(self.dtype), neff.to(self.dtype))
 
     def _has_exact_jacobian(self) -> bool:
@@ -107,9 +160,10 @@ class TopK(RetrievalDenoiser):
         """J·v = Cov_w[y | top k] v / σ²T: the optimal identity over the k retained images (the top-k set is
         locally constant, so it does not move with x). Autograd gets the same from the float64 formula above."""
         q = x.reshape(x.shape[0], -1)
-        _, valid, rows, rel = _nearest_exact(self, q, self.k, labels)
         coef = _coef(s, self.temperature)
-        logits = torch.where(valid, -rel * coef[:, None], float("-inf"))
+        idx, rel = _nearest_exact(self, q, self.k, labels, coef)
+        rows = gather_rows(self.keys, idx.clamp_min(0), torch.float64)
+        logits = torch.where(idx >= 0, -rel * coef[:, None], float("-inf"))
         w = torch.softmax(logits, 1)  # (B, k) float64; the nearest has logit 0, so no row is all -inf
         vf = v.reshape(v.shape[0], -1).double()
         mean = torch.einsum("bk,bkd->bd", w, rows)
@@ -190,12 +244,11 @@ class KNNEstimator(RetrievalDenoiser):
         # Each row keeps min(k, its allowed count) exact neighbours (padding slots are not valid): no row's
         # answer depends on the classes of the other rows in its batch.
         k = min(self.k, int(allowed.sum(1).max()))
-        idx, valid, rows, rel = _nearest_exact(self, q, k, labels)
         coef = _coef(s, self.temperature)
-        ref = rows[:, 0]
-        logits = torch.where(valid, -rel * coef[:, None], float("-inf"))
+        idx, rel = _nearest_exact(self, q, k, labels, coef)
+        logits = torch.where(idx >= 0, -rel * coef[:, None], float("-inf"))
         mult = torch.ones_like(logits)
-        tail = allowed & ~_exact_mask(idx, valid, allowed.shape[1])
+        tail = allowed & ~_exact_mask(idx, allowed.shape[1])
         n_tail = tail.sum(1)
         draws = min(self.ref_size, int(n_tail.max()))
         if draws > 0:
@@ -207,13 +260,13 @@ class KNNEstimator(RetrievalDenoiser):
             tidx = torch.topk(u, draws, dim=1).indices
             tvalid = torch.gather(tail, 1, tidx)  # rows whose tail is shorter than L pick some invalid slots
             taken = tvalid.sum(1).clamp_min(1).double()
-            trows = gather_rows(self.keys, tidx, torch.float64)
-            trel = _relative_d2(q, trows, ref)
+            tidx = torch.where(tvalid, tidx, torch.full_like(tidx, -1))
+            trel = subset.relative_d2(q, self.keys, tidx, idx[:, 0], flips=self.flips)
             tlogits = torch.where(tvalid, -trel * coef[:, None], float("-inf"))
             logits = torch.cat([logits, tlogits], 1)
-            rows = torch.cat([rows, trows], 1)
+            idx = torch.cat([idx, tidx], 1)
             mult = torch.cat([mult, (n_tail.double() / taken)[:, None].expand(B, draws)], 1)
-        mean, wmax, neff = _softmax_summary(logits, rows, mult)
+        mean, wmax, neff = _softmax_summary(logits, idx, self.keys, self.flips, mult)
         return Posterior(mean.reshape(x.shape).to(x.dtype), wmax.to(self.dtype), neff.to(self.dtype))
 
     def config(self):

@@ -142,3 +142,21 @@ def coordinate_partials(x: torch.Tensor, images: torch.Tensor, stencil: torch.Te
                             float(scale), float(shift), _np(image_labels), _np(query_labels), num_threads(),
                             m.numpy(), l.numpy(), o.numpy())
     return m, l, o
+
+
+def subset_relative_d2(q: torch.Tensor, keys: KeyBank, index: torch.Tensor, ref: torch.Tensor,
+                       width: int) -> torch.Tensor:
+    """(B, K) float64 relative squared distances to listed candidates (:func:`analytic_diffusion.ops.subset.
+    relative_d2`); ``width`` > 0 allows mirrored indices i ≥ N (rows of that many values reversed)."""
+    ext = _require()
+    out = ext.subset_relative_d2(_np(q.to(torch.float64)), _np(keys.values), float(keys.scale), float(keys.shift),
+                                 _np(index.to(torch.int64)), _np(ref.to(torch.int64)), int(width), num_threads())
+    return torch.from_numpy(out)
+
+
+def subset_weighted_sum(keys: KeyBank, index: torch.Tensor, weight: torch.Tensor, width: int) -> torch.Tensor:
+    """(B, D) float64 Σ_j weight[b, j] y_index[b, j] (:func:`analytic_diffusion.ops.subset.weighted_sum`)."""
+    ext = _require()
+    out = ext.subset_weighted_sum(_np(keys.values), float(keys.scale), float(keys.shift), _np(index.to(torch.int64)),
+                                  _np(weight.to(torch.float64)), int(width), num_threads())
+    return torch.from_numpy(out)

@@ -149,6 +149,93 @@ py::tuple knn_search(const py::object& queries, const py::object& keys, double k
   return c.f64 ? knn_impl<double>(c, k, num_threads) : knn_impl<float>(c, k, num_threads);
 }
 
+// Shared validation of the subset kernels' (keys, index) arguments; fills the SubsetProblem.
+ad_cpu::SubsetProblem subset_problem(const py::object& keys_o, double key_scale, double key_shift, int64_t width,
+                                     const py::array& index, py::ssize_t rows) {
+  ad_cpu::SubsetProblem p;
+  py::array k = as_array(keys_o, "keys");
+  if (is_dtype<uint8_t>(k)) p.key_type = ad_cpu::KeyType::U8;
+  else if (is_dtype<float>(k)) p.key_type = ad_cpu::KeyType::F32;
+  else if (is_dtype<double>(k)) p.key_type = ad_cpu::KeyType::F64;
+  else throw py::type_error("keys: expected uint8, float32 or float64, got " + dtype_name(k));
+  require_layout(k, "keys", 2);
+  if (!std::isfinite(key_scale) || !std::isfinite(key_shift))
+    throw py::value_error("key_scale, key_shift: expected finite numbers");
+  p.keys = k.data();
+  p.N = k.shape(0);
+  p.D = k.shape(1);
+  p.scale = key_scale;
+  p.shift = key_shift;
+  if (width < 0 || (width > 0 && p.D % width != 0))
+    throw py::value_error("width: expected 0 (no mirrored rows) or a divisor of D = " + std::to_string(p.D) +
+                          ", got " + std::to_string(width));
+  p.width = width;
+  if (!is_dtype<int64_t>(index)) throw py::type_error("index: expected int64, got " + dtype_name(index));
+  require_layout(index, "index", 2);
+  if (index.shape(0) != rows)
+    throw py::value_error("index: expected " + std::to_string(rows) + " rows, got " + std::to_string(index.shape(0)));
+  const int64_t limit = width > 0 ? 2 * p.N : p.N;
+  const int64_t* ix = static_cast<const int64_t*>(index.data());
+  for (py::ssize_t e = 0; e < index.size(); ++e)
+    if (ix[e] < -1 || ix[e] >= limit)
+      throw py::value_error("index: entries must lie in [-1, " + std::to_string(limit) + "), got " +
+                            std::to_string(ix[e]));
+  return p;
+}
+
+py::array_t<double> subset_relative_d2(const py::object& queries_o, const py::object& keys, double key_scale,
+                                       double key_shift, const py::object& index_o, const py::object& ref_o,
+                                       int64_t width, int num_threads) {
+  py::array q = as_array(queries_o, "queries");
+  if (!is_dtype<double>(q)) throw py::type_error("queries: expected float64, got " + dtype_name(q));
+  require_layout(q, "queries", 2);
+  py::array index = as_array(index_o, "index");
+  ad_cpu::SubsetProblem p = subset_problem(keys, key_scale, key_shift, width, index, q.shape(0));
+  if (q.shape(1) != p.D)
+    throw py::value_error("queries: expected D = " + std::to_string(p.D) + " values per row (the keys'), got " +
+                          std::to_string(q.shape(1)));
+  py::array ref = as_array(ref_o, "ref");
+  if (!is_dtype<int64_t>(ref)) throw py::type_error("ref: expected int64, got " + dtype_name(ref));
+  require_layout(ref, "ref", 1);
+  if (ref.shape(0) != q.shape(0))
+    throw py::value_error("ref: expected shape (" + std::to_string(q.shape(0)) + ",), got (" +
+                          std::to_string(ref.shape(0)) + ",)");
+  const int64_t* pr = static_cast<const int64_t*>(ref.data());
+  for (py::ssize_t b = 0; b < ref.shape(0); ++b)
+    if (pr[b] < 0 || pr[b] >= (width > 0 ? 2 * p.N : p.N))
+      throw py::value_error("ref: entries must be valid candidate indices, got " + std::to_string(pr[b]));
+  const py::ssize_t B = q.shape(0), K = index.shape(1);
+  py::array_t<double> out({B, K});
+  double* po = out.mutable_data();
+  {
+    py::gil_scoped_release release;
+    ad_cpu::subset_relative_d2(p, static_cast<const double*>(q.data()), B,
+                               static_cast<const int64_t*>(index.data()), K, pr, num_threads, po);
+  }
+  return out;
+}
+
+py::array_t<double> subset_weighted_sum(const py::object& keys, double key_scale, double key_shift,
+                                        const py::object& index_o, const py::object& weight_o, int64_t width,
+                                        int num_threads) {
+  py::array index = as_array(index_o, "index");
+  py::array w = as_array(weight_o, "weight");
+  if (!is_dtype<double>(w)) throw py::type_error("weight: expected float64, got " + dtype_name(w));
+  require_layout(w, "weight", 2);
+  ad_cpu::SubsetProblem p = subset_problem(keys, key_scale, key_shift, width, index, w.shape(0));
+  if (w.shape(1) != index.shape(1))
+    throw py::value_error("weight: expected the index's shape, got " + std::to_string(w.shape(1)) + " columns");
+  const py::ssize_t B = w.shape(0), K = w.shape(1), D = p.D;
+  py::array_t<double> out({B, D});
+  double* po = out.mutable_data();
+  {
+    py::gil_scoped_release release;
+    ad_cpu::subset_weighted_sum(p, B, static_cast<const int64_t*>(index.data()),
+                                static_cast<const double*>(w.data()), K, num_threads, po);
+  }
+  return out;
+}
+
 template <class T>
 const T* checked_data(const py::object& obj, const char* name, py::ssize_t ndim) {
   py::array a = as_array(obj, name);
@@ -319,6 +406,17 @@ o = sum exp(logit - m) * y_j. num_threads <= 0 uses OpenMP's default. Bitwise in
           py::arg("query_labels") = py::none(), py::arg("num_threads") = 0,
           R"doc(The k nearest candidates by exact squared distance: (dist2 (B, k) queries' dtype, index (B, k) int64),
 ascending, ties by the smaller index; rows with fewer than k allowed candidates are padded with (inf, -1).)doc");
+  mod.def("subset_relative_d2", &subset_relative_d2, py::arg("queries"), py::arg("keys"), py::arg("key_scale"),
+          py::arg("key_shift"), py::arg("index"), py::arg("ref"), py::arg("width") = 0,
+          py::arg("num_threads") = 0,
+          R"doc(Float64 relative squared distances over explicit candidates: out[b, j] = ||q_b - y_index[b, j]||^2 -
+||q_b - y_ref[b]||^2 as sum_d (y - y_ref)(y + y_ref - 2 q) (no ||q||^2 term), +inf where index is -1. Candidate i
+is key_scale * keys[i] + key_shift in float64, i >= N the row i - N mirrored within rows of `width` values
+(width 0: no mirrored index allowed). queries (B, D) float64, index (B, K) int64, ref (B,) int64.)doc");
+  mod.def("subset_weighted_sum", &subset_weighted_sum, py::arg("keys"), py::arg("key_scale"), py::arg("key_shift"),
+          py::arg("index"), py::arg("weight"), py::arg("width") = 0, py::arg("num_threads") = 0,
+          R"doc(Float64 weighted sums over explicit candidates: out[b] = sum_j weight[b, j] y_index[b, j] over index >= 0
+and weight != 0, in list order (candidates as in subset_relative_d2). index (B, K) int64, weight (B, K) float64.)doc");
   mod.def("patch_partials", &patch_partials, py::arg("queries"), py::arg("images"), py::arg("image_index"),
           py::arg("positions"), py::arg("coef2"), py::arg("k"), py::arg("scale"), py::arg("shift"),
           py::arg("splits"), py::arg("rule"), py::arg("num_threads"), py::arg("m"), py::arg("l"), py::arg("l2"),

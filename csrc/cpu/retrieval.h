@@ -47,12 +47,31 @@ using KnnTaskF = void (*)(const Problem&, int64_t b0, int64_t b1, int64_t j0, in
 using KnnTaskD = void (*)(const Problem&, int64_t b0, int64_t b1, int64_t j0, int64_t j1, int64_t cap,
                           double* dist, int64_t* index, int64_t stride, int64_t* count, double* ybuf);
 
+// An explicit subset of candidates (the k-NN denoisers' exact float64 rescoring and weighted mean): row i of
+// keys (N, D) as scale * keys[i] + shift in float64; i >= N is row i - N mirrored left-right within rows of
+// `width` values (the image width; 0 when the caller allows no mirrored index).
+struct SubsetProblem {
+  const void* keys = nullptr;
+  KeyType key_type = KeyType::U8;
+  int64_t N = 0, D = 0, width = 0;
+  double scale = 1.0, shift = 0.0;
+};
+
+// One query row: out[j] = ||q - y_idx[j]||^2 - ||q - y_ref||^2 (+inf where idx[j] < 0); buf: 3 D doubles.
+using SubsetRelRow = void (*)(const SubsetProblem&, const double* q, const int64_t* idx, int64_t K, int64_t ref,
+                              double* out, double* buf);
+// One query row: out (D) = sum_j w[j] y_idx[j] over idx[j] >= 0, w[j] != 0, in list order; buf: D doubles.
+using SubsetSumRow = void (*)(const SubsetProblem&, const int64_t* idx, const double* w, int64_t K, double* out,
+                              double* buf);
+
 struct KernelTable {
   const char* isa;
   SoftmaxTaskF softmax_f;
   SoftmaxTaskD softmax_d;
   KnnTaskF knn_f;
   KnnTaskD knn_d;
+  SubsetRelRow subset_rel;
+  SubsetSumRow subset_sum;
 };
 
 // Baseline kernels (whatever the compiler targets by default: SSE2 on x86-64, NEON on arm64).
@@ -69,6 +88,12 @@ template <class T>
 void softmax_retrieval(const Problem& p, int num_threads, T* m, T* l, T* l2, T* o);
 template <class T>
 void knn_search(const Problem& p, int64_t k, int num_threads, T* dist, int64_t* index);
+
+// Subset drivers (subset_driver.cpp): rows of (B, K) index lists, parallel over query rows.
+void subset_relative_d2(const SubsetProblem& p, const double* q, int64_t B, const int64_t* index, int64_t K,
+                        const int64_t* ref, int num_threads, double* out);
+void subset_weighted_sum(const SubsetProblem& p, int64_t B, const int64_t* index, const double* weight, int64_t K,
+                         int num_threads, double* out);
 
 // Number of candidate segments: depends only on N (determinism across thread counts).
 int64_t num_segments(int64_t N);

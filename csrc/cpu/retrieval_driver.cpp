@@ -167,7 +167,10 @@ void knn_search(const Problem& p, int64_t k, int num_threads, T* dist, int64_t* 
   const int64_t B = p.B, N = p.N;
   if (B == 0 || k <= 0) return;
   const auto task = Tasks<T>::knn(kernels_selected());
-  const int64_t nseg = num_segments(N);
+  // Segments of at least ~4k rows where N allows (but no fewer than 8, or num_segments(N) if smaller): each
+  // segment keeps up to k survivors per row for the merge, so a k close to the segment size would hand nearly
+  // every row to the merge. Depends on (N, k) only, never on the thread count.
+  const int64_t nseg = std::min(num_segments(N), std::max<int64_t>(8, N / std::max<int64_t>(1, 4 * k)));
   // Segment s keeps its best min(k, |s|) candidates per row, at offset off[s] of the row's candidate list.
   std::vector<int64_t> cap(nseg), off(nseg + 1, 0);
   for (int64_t s = 0; s < nseg; ++s) {
@@ -203,10 +206,13 @@ void knn_search(const Problem& p, int64_t k, int num_threads, T* dist, int64_t* 
         for (int64_t e = 0; e < cnt[s * nc + bb]; ++e) cand.emplace_back(cd[base + e], ci[base + e]);
       }
       const int64_t keep = std::min<int64_t>(k, static_cast<int64_t>(cand.size()));
-      std::partial_sort(cand.begin(), cand.begin() + keep, cand.end(),
-                        [](const std::pair<T, int64_t>& a, const std::pair<T, int64_t>& b) {
-                          return knn_less(a.first, a.second, b.first, b.second);
-                        });
+      const auto less = [](const std::pair<T, int64_t>& a, const std::pair<T, int64_t>& b) {
+        return knn_less(a.first, a.second, b.first, b.second);
+      };
+      // Select, then sort only the kept (a total order: the result does not depend on the algorithm).
+      if (keep > 0 && keep < static_cast<int64_t>(cand.size()))
+        std::nth_element(cand.begin(), cand.begin() + (keep - 1), cand.end(), less);
+      std::sort(cand.begin(), cand.begin() + keep, less);
       const int64_t b = c0 + bb;
       for (int64_t e = 0; e < k; ++e) {
         dist[b * k + e] = e < keep ? cand[e].first : std::numeric_limits<T>::infinity();

@@ -10,6 +10,7 @@
 #include <limits>
 #include <type_traits>
 #include <utility>
+#include <vector>
 
 #include "patch.h"
 #include "retrieval.h"
@@ -25,6 +26,7 @@
 #define AD_ISA_NS isa_avx2
 #define AD_LANE_BYTES 32  // one AVX register per (query, row) pair: 8 accumulators in the 2x4 block
 #include "retrieval_isa_impl.h"
+#include "subset_isa_impl.h"
 #include "patch_isa_impl.h"
 #include "coordinate_isa_impl.h"
 #if defined(__clang__)
@@ -40,7 +42,8 @@ namespace ad_cpu {
 const KernelTable* kernels_avx2() {
 #if AD_HAVE_AVX2_KERNELS
   static const KernelTable table{"avx2", &isa_avx2::softmax_task<float>, &isa_avx2::softmax_task<double>,
-                                 &isa_avx2::knn_task<float>, &isa_avx2::knn_task<double>};
+                                 &isa_avx2::knn_task<float>, &isa_avx2::knn_task<double>,
+                                 &isa_avx2::subset_rel_row, &isa_avx2::subset_sum_row};
   return &table;
 #else
   return nullptr;

@@ -10,6 +10,7 @@
 #include <limits>
 #include <type_traits>
 #include <utility>
+#include <vector>
 
 #include "patch.h"
 #include "retrieval.h"
@@ -25,6 +26,7 @@
 #define AD_ISA_NS isa_avx512
 #define AD_LANE_BYTES 64  // one AVX-512 register per (query, row) pair: 8 of the 32 registers in the 2x4 block
 #include "retrieval_isa_impl.h"
+#include "subset_isa_impl.h"
 #include "patch_isa_impl.h"
 #include "coordinate_isa_impl.h"
 #if defined(__clang__)
@@ -40,7 +42,8 @@ namespace ad_cpu {
 const KernelTable* kernels_avx512() {
 #if AD_HAVE_AVX512_KERNELS
   static const KernelTable table{"avx512", &isa_avx512::softmax_task<float>, &isa_avx512::softmax_task<double>,
-                                 &isa_avx512::knn_task<float>, &isa_avx512::knn_task<double>};
+                                 &isa_avx512::knn_task<float>, &isa_avx512::knn_task<double>,
+                                 &isa_avx512::subset_rel_row, &isa_avx512::subset_sum_row};
   return &table;
 #else
   return nullptr;

@@ -6,6 +6,7 @@
 #include <limits>
 #include <type_traits>
 #include <utility>
+#include <vector>
 
 #include "patch.h"
 #include "retrieval.h"
@@ -13,6 +14,7 @@
 #define AD_ISA_NS isa_base
 #define AD_LANE_BYTES 16  // one SSE / NEON register per (query, row) pair: 8 accumulators in the 2x4 block
 #include "retrieval_isa_impl.h"
+#include "subset_isa_impl.h"
 #include "patch_isa_impl.h"
 #include "coordinate_isa_impl.h"
 
@@ -20,7 +22,8 @@ namespace ad_cpu {
 
 const KernelTable& kernels_base() {
   static const KernelTable table{"base", &isa_base::softmax_task<float>, &isa_base::softmax_task<double>,
-                                 &isa_base::knn_task<float>, &isa_base::knn_task<double>};
+                                 &isa_base::knn_task<float>, &isa_base::knn_task<double>,
+                                 &isa_base::subset_rel_row, &isa_base::subset_sum_row};
   return table;
 }
 

@@ -410,6 +410,24 @@ AD_INLINE void heap_push(T* d, int64_t* ix, int64_t n, T dv, int64_t iv) {  // n
   }
 }
 
+// Per query: a buffer of up to 2·cap candidates; when it fills, nth_element keeps the best cap and the worst of
+// them becomes a threshold that rejects most later rows with one comparison (amortised O(1) per candidate, where
+// a heap of a cap close to the segment size paid a sift for nearly every row). The kept set is the exact best
+// min(cap, allowed) by (dist, index) whatever the order of the scan.
+template <class T>
+struct KnnEntry {
+  T d;
+  int64_t i;
+};
+
+// Not always_inline: std::nth_element was compiled for the default target (headers come before the pragma).
+struct KnnEntryLess {
+  template <class T>
+  bool operator()(const KnnEntry<T>& a, const KnnEntry<T>& b) const {
+    return a.d < b.d || (a.d == b.d && a.i < b.i);
+  }
+};
+
 template <class T, class K>
 void knn_task_tk(const Problem& p, int64_t b0, int64_t b1, int64_t j0, int64_t j1, int64_t cap, T* dist_out,
                  int64_t* index_out, int64_t stride, int64_t* count, T* ybuf) {
@@ -417,27 +435,53 @@ void knn_task_tk(const Problem& p, int64_t b0, int64_t b1, int64_t j0, int64_t j
   bool need[kTileRows];
   for (int64_t b = b0; b < b1; ++b) count[b - b0] = 0;
   if (cap <= 0) return;
-  for (int64_t jt = j0; jt < j1; jt += kTileRows) {
-    const int64_t nt = std::min<int64_t>(kTileRows, j1 - jt);
+  const int64_t nq = b1 - b0;
+  // A segment no longer than 2·cap needs no compaction: its buffer holds every row.
+  const int64_t room = std::min<int64_t>(2 * cap, j1 - j0);
+  std::vector<KnnEntry<T>> buf(static_cast<size_t>(nq * room));
+  std::vector<int64_t> fill(static_cast<size_t>(nq), 0);
+  std::vector<KnnEntry<T>> thr(static_cast<size_t>(nq), KnnEntry<T>{std::numeric_limits<T>::infinity(),
+                                                                    std::numeric_limits<int64_t>::max()});
+  // Tiles of at most ~24 KiB of converted rows (4 rows at least, for the 2x4 distance blocks): the tile stays in
+  // L1 between its conversion and its use, which is most of the cost when few queries share it. A distance does
+  // not depend on the tiling (every pair takes the same operations), and the selection is exact.
+  const int64_t tile = std::max<int64_t>(4, std::min<int64_t>(kTileRows, (24 << 10) / std::max<int64_t>(1, p.D *
+                                                                                   static_cast<int64_t>(sizeof(T)))));
+  for (int64_t jt = j0; jt < j1; jt += tile) {
+    const int64_t nt = std::min<int64_t>(tile, j1 - jt);
     tile_needed(p, b0, b1, jt, nt, need);
     load_tile<T, K>(p, jt, nt, need, ybuf, rows);
     tile_queries<T>(p, b0, b1, jt, nt, need, rows, [&](int64_t b, const int* idx, int n, const T* dist) {
       const int64_t bb = b - b0;
-      T* hd = dist_out + bb * stride;
-      int64_t* hi = index_out + bb * stride;
-      int64_t& cnt = count[bb];
+      KnnEntry<T>* e = buf.data() + bb * room;
+      int64_t f = fill[bb];
+      KnnEntry<T>& t = thr[bb];
       for (int i = 0; i < n; ++i) {
         const int64_t j = jt + idx[i];
-        if (cnt < cap) {
-          heap_push<T>(hd, hi, cnt, dist[i], j);
-          ++cnt;
-        } else if (knn_less(dist[i], j, hd[0], hi[0])) {
-          hd[0] = dist[i];
-          hi[0] = j;
-          heap_sift_down<T>(hd, hi, cnt, 0);
+        // Rows come in increasing j: a distance equal to the threshold's loses the tie-break.
+        if (!(dist[i] < t.d)) continue;
+        e[f++] = KnnEntry<T>{dist[i], j};
+        if (f == room && room > cap) {
+          std::nth_element(e, e + (cap - 1), e + f, KnnEntryLess());
+          t = e[cap - 1];
+          f = cap;
         }
       }
+      fill[bb] = f;
     });
+  }
+  for (int64_t bb = 0; bb < nq; ++bb) {
+    KnnEntry<T>* e = buf.data() + bb * room;
+    int64_t f = fill[bb];
+    if (f > cap) {
+      std::nth_element(e, e + (cap - 1), e + f, KnnEntryLess());
+      f = cap;
+    }
+    for (int64_t u = 0; u < f; ++u) {
+      dist_out[bb * stride + u] = e[u].d;
+      index_out[bb * stride + u] = e[u].i;
+    }
+    count[bb] = f;
   }
 }
 

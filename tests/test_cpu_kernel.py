@@ -133,8 +133,12 @@ def check_state(out, ref, qdtype, *, empty_rows=()):
     # m: the max logit (nats); relative, with a floor of 1 nat-scale for logits near 0.
     assert np.max(np.abs(m - rm) / np.maximum(1.0, np.abs(rm))) <= tol, (m, rm)
     assert rel(o / l[:, None], ro / rl[:, None]) <= tol
-    # l and l2 are sums of weights exp(logit - m): their error is the logit error, ~coef·|dist error|.
-    assert rel(l, rl) <= tol * 10 and rel(l2, rl2) <= tol * 10
+    # l and l2 are sums of weights exp(logit - m): their relative error is the absolute logit error, ~coef·|dist
+    # error|. A float32 distance sum of D terms carries ~√D·u relative rounding, so at |logit| ~ 3e4 nats (σ = 1e-3)
+    # the logits themselves are only known to ~0.05 nats: the bound grows with |m|.
+    u = float(np.finfo(qdtype).eps) / 2
+    ltol = tol * 10 + np.sqrt(o.shape[1]) * u * float(np.max(np.abs(rm)))
+    assert rel(l, rl) <= ltol and rel(l2, rl2) <= 2 * ltol
 
 
 # -------------------------------------------------------------------------------------------- softmax tests

@@ -4,7 +4,6 @@ from __future__ import annotations
 import torch
 
 from .base import Posterior
-from .custom_ops import handle_of, needs_op, optimal_mean
 from .optimal import Optimal
 from .sample_seeds import row_generators
 
@@ -64,9 +63,9 @@ class Smoothed(Optimal):
                          avg(p.skipped_weight), avg(p.scored_fraction))
 
     def denoise(self, x, s, labels):
-        # Through the optimal custom op, so autograd differentiates each perturbed query exactly.
+        # The optimal denoiser on each perturbed query (its custom op where autograd needs it).
         xs, ss, ls = self._perturbed(x, s, labels)
-        mean = optimal_mean(xs, ss, ls, handle_of(self)) if needs_op(x) else self._optimal_posterior(xs, ss, ls).mean
+        mean = super().denoise(xs, ss, ls)
         return mean.reshape(self.num_perturbations, *x.shape).mean(0)
 
     def _exact_jvp(self, x, s, labels, v):

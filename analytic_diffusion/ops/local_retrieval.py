@@ -403,21 +403,17 @@ def mask_composite(x: torch.Tensor, keys: KeyBank, sigma, masks: torch.Tensor, *
     # One query at a time, candidates in chunks sized for one query: the chunking and every product's shape, and so
     # each sample's summation order, are the same whatever the batch size (a pure function of each sample; the
     # batched form differed by 5e-5 between batch sizes, and was no faster on CPU).
-    per_cand = item * (2 * C * HW + _FLEX_GROUP * (3 * HW + 4 * ub))
+    per_cand = item * (2 * C * HW + 3 * HW + 4 * ub)
     step = _chunk_rows(memory_budget // 2, per_cand, _num_candidates(keys, flips))
-    parts = [_mask_composite_group(x[g:g + _FLEX_GROUP], keys, coef[g:g + _FLEX_GROUP],
-                                   None if query_labels is None else query_labels[g:g + _FLEX_GROUP],
-                                   flips, dtype, uniq, mult, ub, step)
-             for g in range(0, x.shape[0], _FLEX_GROUP)]
-    return torch.cat(parts)
+    rows = [_mask_composite_one(x[b:b + 1], keys, coef[b:b + 1],
+                                None if query_labels is None else query_labels[b:b + 1],
+                                flips, dtype, uniq, mult, ub, step) for b in range(x.shape[0])]
+    return torch.cat(rows) if rows else x.new_zeros(x.shape, dtype=dtype)
 
 
-_FLEX_GROUP = 1  # queries per PSPC-Flex pass
-
-
-def _mask_composite_group(x, keys: KeyBank, coef, query_labels, flips: bool, dtype, uniq, mult, ub: int,
-                          step: int) -> torch.Tensor:
-    """:func:`mask_composite` for one group of queries (both passes)."""
+def _mask_composite_one(x, keys: KeyBank, coef, query_labels, flips: bool, dtype, uniq, mult, ub: int,
+                        step: int) -> torch.Tensor:
+    """:func:`mask_composite` for one query (1, C, H, W), both passes."""
     B, C, H, W = x.shape
     HW, U, dev = H * W, uniq.shape[0], x.device
     blocks = [(u, min(u + ub, U)) for u in range(0, U, ub)]

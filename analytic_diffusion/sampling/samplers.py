@@ -59,14 +59,15 @@ def _bcast(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return v.reshape(-1, *([1] * (x.dim() - 1)))
 
 
-def _options(denoiser_kwargs, extra_args, progress, disable):
-    """(denoiser keyword arguments, progress) from the engine's and k-diffusion's spellings of both."""
+def _options(denoiser_kwargs, extra_args, progress, disable, callback):
+    """(denoiser keyword arguments, progress, emit) from the engine's and k-diffusion's spellings of each;
+    emit(i, x, sigma, x0) calls the callback in its own convention, decided once per run."""
     if denoiser_kwargs and extra_args:
         raise ValueError("pass the denoiser's keyword arguments as denoiser_kwargs= or extra_args=, not both")
     kw = denoiser_kwargs or extra_args or {}
     if not isinstance(kw, dict):
         raise TypeError(f"extra_args / denoiser_kwargs: expected a dict, got {type(kw).__name__}")
-    return kw, (progress if disable is None else not disable)
+    return kw, (progress if disable is None else not disable), _emitter(callback)
 
 
 def _takes_one_argument(callback) -> bool:
@@ -82,14 +83,17 @@ def _takes_one_argument(callback) -> bool:
     return len(required) == 1
 
 
-def _emit(callback, i, x, sigma, x0):
+def _emitter(callback):
+    """fn(i, x, sigma, x0) that reports a step to ``callback`` (None: does nothing)."""
     if callback is None:
-        return
-    if _takes_one_argument(callback):
+        return lambda i, x, sigma, x0: None
+    if not _takes_one_argument(callback):
+        return callback
+
+    def emit(i, x, sigma, x0):  # k-diffusion's dict, with a scalar σ when the batch shares one
         s = sigma[0] if bool((sigma == sigma[0]).all()) else sigma
         callback({"x": x, "i": i, "sigma": s, "sigma_hat": s, "denoised": x0})
-    else:
-        callback(i, x, sigma, x0)
+    return emit
 
 
 def dict_callback(callback):
@@ -132,11 +136,11 @@ def sample_euler(denoiser: Callable, x: torch.Tensor, sigmas, *, callback=None, 
                  disable=None) -> torch.Tensor:
     """Euler on the probability-flow ODE dx/dσ = (x - x̂0)/σ; n denoiser calls."""
     s = _prepare(x, sigmas, generators)
-    kw, progress = _options(denoiser_kwargs, extra_args, progress, disable)
+    kw, progress, emit = _options(denoiser_kwargs, extra_args, progress, disable, callback)
     for i in _steps(len(s) - 1, progress):
         sigma, sigma_next = s[i], s[i + 1]
         x0, d = _derivative(denoiser, x, sigma, kw, clip_x0)
-        _emit(callback, i, x, sigma, x0)
+        emit(i, x, sigma, x0)
         x = x + d * _bcast(sigma_next - sigma, x)
     return x
 
@@ -148,11 +152,11 @@ def sample_heun(denoiser: Callable, x: torch.Tensor, sigmas, *, callback=None, c
     """EDM Algorithm 1 (Heun, no churn): trapezoidal correction on every step except those ending at σ = 0,
     where the ODE's derivative is undefined; 2n - 1 denoiser calls on a grid ending at 0."""
     s = _prepare(x, sigmas, generators)
-    kw, progress = _options(denoiser_kwargs, extra_args, progress, disable)
+    kw, progress, emit = _options(denoiser_kwargs, extra_args, progress, disable, callback)
     for i in _steps(len(s) - 1, progress):
         sigma, sigma_next = s[i], s[i + 1]
         x0, d = _derivative(denoiser, x, sigma, kw, clip_x0)
-        _emit(callback, i, x, sigma, x0)
+        emit(i, x, sigma, x0)
         x_euler = x + d * _bcast(sigma_next - sigma, x)
         last = sigma_next == 0
         if bool(last.all()):
@@ -182,11 +186,11 @@ def sample_ddim(denoiser: Callable, x: torch.Tensor, sigmas, *, eta: float = 0.0
     if not 0.0 <= float(eta) <= 1.0:
         raise ValueError(f"eta must be in [0, 1], got {eta!r}")
     s = _prepare(x, sigmas, generators)
-    kw, progress = _options(denoiser_kwargs, extra_args, progress, disable)
+    kw, progress, emit = _options(denoiser_kwargs, extra_args, progress, disable, callback)
     for i in _steps(len(s) - 1, progress):
         sigma, sigma_next = s[i], s[i + 1]
         x0 = _denoise(denoiser, x, sigma, kw)
-        _emit(callback, i, x, sigma, x0)
+        emit(i, x, sigma, x0)
         eps = (x - x0) / _bcast(sigma, x)
         s_up = eta * sigma_next * (1 - (sigma_next / sigma) ** 2).clamp(min=0).sqrt()
         s_dir = (sigma_next ** 2 - s_up ** 2).clamp(min=0).sqrt()

@@ -22,6 +22,8 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
+from ..ops.local_retrieval import wiener_filter_matrix
+
 __all__ = ["JacobianSpectrum", "jacobian_matrix", "jacobian_spectrum", "effective_dimensionality",
            "jacobian_rows", "lanczos"]
 
@@ -76,11 +78,6 @@ def _optimal_jacobian(den, x: torch.Tensor, s: float, label) -> torch.Tensor:
     return (yc.t() * w) @ yc / (s * s * den.temperature)
 
 
-def _wiener_jacobian(den, s: float) -> torch.Tensor:
-    lam, U = den.eigvals.to(torch.float64), den.U.to(torch.float64)
-    return (U * (lam / (lam + s * s))) @ U.t()
-
-
 def _function(den, x: torch.Tensor, s: float, label) -> Callable:
     """x ↦ D(x, σ) with gradients: a network adapter's differentiable core, else the denoiser itself."""
     kw = {} if label is None else {"class_labels": torch.as_tensor([int(label)])}
@@ -102,7 +99,7 @@ def jacobian_matrix(den, x: torch.Tensor, sigma, *, class_label=None) -> torch.T
     if name == "optimal":
         return _optimal_jacobian(den, x, s, class_label)
     if name == "wiener":
-        return _wiener_jacobian(den, s)
+        return wiener_filter_matrix(den.eigvals, den.U, s)  # J = U diag(λ/(λ+σ²)) Uᵀ
     f = _function(den, x, s, class_label)
     with torch.enable_grad():
         jac = torch.autograd.functional.jacobian(lambda v: f(v.reshape(x.shape)).reshape(-1), x.reshape(-1).clone())

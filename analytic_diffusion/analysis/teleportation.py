@@ -12,10 +12,9 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from ..grids import get_schedule
 from ..metrics.agreement import pearson_r
 from ..sampling.generate import sample
-from ..sampling.teleport import sample_teleported, teleport_grid
+from ..sampling.teleport import sample_teleported
 
 __all__ = ["teleportation_study"]
 
@@ -41,23 +40,24 @@ def teleportation_study(denoiser: Callable, gaussian, n: int = 8, *, steps: int 
         raise ValueError(f"r_min: expected a correlation in (0, 1], got {r_min!r}")
     kw = dict(sampler=sampler, seed=seed, batch_size=batch_size, progress=progress)
     full = sample(denoiser, n, steps=steps, schedule=schedule, schedule_kwargs=schedule_kwargs, **kw)
-    sched = get_schedule(schedule, steps, **(schedule_kwargs or {}))
 
     def evaluations(grid) -> int:
         k = len(grid) - 1
         return 2 * k - int(float(grid[-1]) == 0.0) if sampler == "heun" else k
 
+    full_evaluations = evaluations(full.sigmas)
+
     rows, samples = [], {"full": full.samples}
     for s in sorted({float(v) for v in sigma_skips}, reverse=True):
-        grid, skipped = teleport_grid(sched.sigmas, s)
         tele = sample_teleported(denoiser, gaussian, n, sigma_skip=s, steps=steps, schedule=schedule,
                                  schedule_kwargs=schedule_kwargs, **kw)
+        skipped = tele.config["steps_skipped"]
         left = steps - skipped
         plain = sample(denoiser, n, steps=left, schedule=schedule, schedule_kwargs=schedule_kwargs, **kw) \
             if left < steps else full
         samples[s] = tele.samples
         rows.append({"sigma_skip": s, "steps_skipped": skipped, "fraction_skipped": skipped / steps,
-                     "evaluations": evaluations(grid), "full_evaluations": evaluations(sched.sigmas),
+                     "evaluations": evaluations(tele.sigmas), "full_evaluations": full_evaluations,
                      "teleported": _agreement(tele.samples, full.samples),
                      "plain": _agreement(plain.samples, full.samples)})
     good = [r["steps_skipped"] for r in rows if r["teleported"]["pearson_r"] >= r_min]

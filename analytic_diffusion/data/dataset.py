@@ -73,6 +73,7 @@ class Dataset:
         """A new Dataset over (already validated) tensors, inheriting the metadata."""
         out = object.__new__(Dataset)
         out.__dict__.update(self.__dict__)
+        out.__dict__.pop("_flip_twin", None)
         out._images, out._labels = images.contiguous(), labels
         out.subset_desc = self.subset_desc if subset is None else subset
         out._flips = self._flips if flips is None else flips
@@ -246,8 +247,14 @@ class Dataset:
         return self._derive(self._images[idx], self._labels[idx], self._chain(f"classes{wanted}"))
 
     def with_flips(self, on: bool = True) -> "Dataset":
-        """Horizontal-flip augmentation as a flag: nothing is copied."""
-        return self._derive(self._images, self._labels, flips=bool(on))
+        """Horizontal-flip augmentation as a flag: nothing is copied. The same flag is this dataset; the other
+        flag's twin is kept, so that its cached statistics (PCA, covariance) are computed or loaded once."""
+        if bool(on) == self._flips:
+            return self
+        twin = self.__dict__.get("_flip_twin")
+        if twin is None:
+            twin = self.__dict__["_flip_twin"] = self._derive(self._images, self._labels, flips=bool(on))
+        return twin
 
     def to(self, device) -> "Dataset":
         out = self._derive(self._images.to(device), _take(self._labels, None, device))

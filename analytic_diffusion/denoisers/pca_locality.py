@@ -12,7 +12,7 @@ import torch
 
 from ..ops.local_retrieval import (COORDINATE_FUSED_KERNELS, SOFTMAX_MODES, coordinate_retrieval, locality_mask,
                                    wiener_filter_matrix)
-from ..ops.wiener_mask import MASK_RULES, WienerMasks, studio_locality_mask
+from ..ops.wiener_mask import MASK_RULES, WienerMasks, studio_factors, studio_mask
 from .local import check_patch_backend, sigma_key
 from .local_base import LocalDenoiser
 
@@ -94,8 +94,8 @@ class PCALocality(LocalDenoiser):
         self.chunk_size = chunk_size
         self.mask_rule = mask_rule
         self._cache: Dict[float, torch.Tensor] = {}
-        self._pca = None  # (eigenvalues, U) of the candidate set, fetched at the first σ
         self._masks: Optional[WienerMasks] = None  # their σ-independent factors (CPU), built at the first σ
+        self._studio = None  # mask_rule='studio': its σ-independent SVD, at the first σ
 
     def mask_for(self, sigma: float) -> torch.Tensor:
         """The (D, D) bool mask at σ: mask[n, m] = input n enters output m's distance (cached per σ)."""
@@ -105,13 +105,13 @@ class PCALocality(LocalDenoiser):
             if self.mask == "full" or self.threshold <= 0:
                 out = torch.ones(D, D, dtype=torch.bool)
             elif self.mask_rule == "studio":
-                stats = self.dataset.with_flips(self.flips)
-                out = studio_locality_mask(stats.covariance(), stats.n, key, self.threshold)
+                if self._studio is None:  # the SVD is σ-independent: once per denoiser
+                    stats = self.dataset.with_flips(self.flips)
+                    self._studio = studio_factors(stats.covariance(), stats.n)
+                out = studio_mask(self._studio, key, self.threshold)
             else:
-                if self._pca is None:
-                    # the statistics of the candidate set searched: flips=True here means ds.with_flips(True)
-                    self._pca = self.dataset.with_flips(self.flips).pca()[1:]
-                eigvals, U = self._pca
+                # the statistics of the candidate set searched: flips=True here means ds.with_flips(True)
+                eigvals, U = self.dataset.with_flips(self.flips).pca()[1:]
                 if U.is_cuda:  # a GPU forms the dense float64 product in milliseconds: the rule as written
                     out = locality_mask(wiener_filter_matrix(eigvals, U, key), self.threshold)
                 else:  # on the CPU the bounded float32 route decides the same booleans at half the cost

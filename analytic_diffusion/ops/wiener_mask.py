@@ -206,11 +206,6 @@ class WienerMasks:
         return mask
 
 
-def wiener_locality_mask(eigvals: torch.Tensor, U: torch.Tensor, sigma: float, threshold: float) -> torch.Tensor:
-    """One-off form of :class:`WienerMasks` (reuse an instance when several σ share the PCA)."""
-    return WienerMasks(eigvals, U)(sigma, threshold)
-
-
 MASK_RULES = ("engine", "studio")
 
 
@@ -226,14 +221,23 @@ def studio_locality_mask(cov: torch.Tensor, n: int, sigma: float, threshold: flo
     threshold = float(threshold)
     if math.isnan(threshold):
         raise ValueError("threshold: got NaN")
-    D = cov.shape[0]
     if threshold <= 0:
-        return torch.ones(D, D, dtype=torch.bool)
+        return torch.ones(cov.shape[0], cov.shape[0], dtype=torch.bool)
+    return studio_mask(studio_factors(cov, n, dtype), sigma, threshold)
+
+
+def studio_factors(cov: torch.Tensor, n: int, dtype: torch.dtype = torch.float32):
+    """The σ-independent part of :func:`studio_locality_mask`: the SVD (U, λ, Vh) of the unbiased covariance."""
     if n < 2:
         raise ValueError(f"mask_rule='studio': the unbiased covariance needs at least 2 candidates, got {n}")
     S = (cov.detach().to("cpu", torch.float64) * (n / (n - 1))).to(dtype)
-    Us, lam, Vh = torch.linalg.svd(S)
-    abar = torch.tensor(1.0 / (1.0 + float(sigma) ** 2), dtype=dtype)
+    return torch.linalg.svd(S)
+
+
+def studio_mask(factors, sigma: float, threshold: float) -> torch.Tensor:
+    """The per-σ part of :func:`studio_locality_mask` from :func:`studio_factors` (threshold > 0)."""
+    Us, lam, Vh = factors
+    abar = torch.tensor(1.0 / (1.0 + float(sigma) ** 2), dtype=lam.dtype)
     s = abar * lam / ((1 - abar) + abar * lam)
     A = (Us * s[None, :]) @ Vh
     denom = A.diagonal().clone()
@@ -242,4 +246,4 @@ def studio_locality_mask(cov: torch.Tensor, n: int, sigma: float, threshold: flo
     return M >= M.max() * threshold
 
 
-__all__ = ["WienerMasks", "wiener_locality_mask", "studio_locality_mask", "MASK_RULES"]
+__all__ = ["WienerMasks", "studio_locality_mask", "studio_factors", "studio_mask", "MASK_RULES"]

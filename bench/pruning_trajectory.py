@@ -34,8 +34,8 @@ from analytic_diffusion.sampling import sample  # noqa: E402
 class Probe:
     """Wraps a posterior-mean callable: times it, and compares each output with the exact float64 mean."""
 
-    def __init__(self, fn, keys, image_shape, bound_of=None):
-        self.fn, self.keys, self.image_shape, self.bound_of = fn, keys, image_shape, bound_of
+    def __init__(self, fn, keys):
+        self.fn, self.keys = fn, keys
         self.seconds, self.max_err, self.max_bound, self.calls = 0.0, 0.0, 0.0, 0
         self.bound_ok = True
         self.per_call = []  # (σ, seconds, scored fraction or None)
@@ -89,7 +89,7 @@ def run(name, ds, args, lines):
     results = []
 
     def trajectory(label, fn, scored=None):
-        probe = Probe(fn, keys, ds.image_shape)
+        probe = Probe(fn, keys)
         sample(probe, shape=ds.image_shape, **common)
         results.append((label, probe, scored() if scored else None))
         print(f"  {label}: {probe.seconds:.2f} s", flush=True)

@@ -36,12 +36,11 @@ def cached(kind: str, params: Dict, compute: Callable[[], Dict[str, torch.Tensor
     The file also stores the full parameter text and is only trusted when it matches (guards against hash
     collisions); an unreadable or foreign file is recomputed and overwritten rather than raising.
     """
-    path, text = key_path(kind, params), _canonical(params)
-    hit = _load(path, text)
+    hit = lookup(kind, params)
     if hit is not None:
         return hit
     tensors = {k: v.detach().cpu() for k, v in compute().items()}
-    _save_atomic(path, {"params": text, "tensors": tensors})
+    store(kind, params, tensors)
     return tensors
 
 

@@ -191,7 +191,6 @@ def load_packed(path, *, rows: Optional[Tuple[int, int]] = None, verify: bool = 
     ds._fingerprint = f"packed:{header['checksum']}" + ("" if rows is None else f"[{start}:{stop}]")
     if str(device) == "cpu":
         ds._mapped = MappedRows(arr, start)
-        ds._packed_path = str(path)
     return ds
 
 

@@ -4,7 +4,9 @@ Its own module so that the format loaders and the embedded MNIST both import it 
 """
 from __future__ import annotations
 
+
 import gzip
+import math
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -65,9 +67,7 @@ def read_idx(path, magic: int) -> np.ndarray:
     if len(data) < header:
         raise ValueError(f"{path}: truncated inside the idx header")
     dims = tuple(int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
-    count = 1
-    for d in dims:  # Python ints: a header claiming huge sizes must not overflow into a small product
-        count *= d
+    count = math.prod(dims)  # Python ints: a header claiming huge sizes cannot overflow into a small product
     body = len(data) - header
     if body < count:
         raise ValueError(f"{path}: truncated: header says {'x'.join(map(str, dims))} = {count} bytes of data, "

@@ -13,10 +13,9 @@ still waiting, naming the step, instead of hanging.
 from __future__ import annotations
 
 import datetime
-import hashlib
 import os
 from dataclasses import dataclass
-from typing import List, Sequence, Tuple
+from typing import List, Tuple
 
 import torch
 import torch.distributed as dist
@@ -238,11 +237,3 @@ def owner_of(base: torch.Tensor, shard: Shard) -> torch.Tensor:
     starts = torch.tensor([shard_range(shard.total, shard.group.world, r)[0] for r in range(shard.group.world)],
                           device=base.device)
     return torch.searchsorted(starts, base, right=True) - 1
-
-
-def fingerprint_parts(parts: Sequence[str]) -> str:
-    """One content hash for the shards' hashes in rank order (the stats-cache key of a sharded set)."""
-    h = hashlib.blake2b(digest_size=16)
-    for p in parts:
-        h.update(p.encode())
-    return h.hexdigest()

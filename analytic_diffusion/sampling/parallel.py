@@ -74,8 +74,7 @@ def sample_parallel(denoiser, n: int, par: Parallel, *, seed: int = 0, class_lab
                          "ask for at least one sample per rank")
     start, stop = group.shard_range(n)
     labels = None if class_labels is None else torch.as_tensor(class_labels)[start:stop]
-    cb = kw.pop("callback", None)
-    part = sample(denoiser, stop - start, seed=seed + start, class_labels=labels, callback=cb, **kw)
+    part = sample(denoiser, stop - start, seed=seed + start, class_labels=labels, **kw)
     samples = group.all_gather_rows(part.samples.contiguous(), "gathering samples")
     elapsed = max(group.all_gather_object(part.elapsed_s, "gathering timings"))
     config = {**part.config, "n": n, "seed": seed,

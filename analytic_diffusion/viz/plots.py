@@ -292,5 +292,5 @@ def labelled_rows(path, rows: Sequence[Tuple[str, np.ndarray]], *, gap: int = 4,
         fig.figimage(img, xo=label_w, yo=y, origin="upper")
         fig.text(8 / width, (y + img.shape[0] / 2) / height, label, fontsize=fontsize, ha="left", va="center")
         y -= gap
-    fig.savefig(os.fspath(path), dpi=dpi, format="png", facecolor="white")
+    _save(fig, path)
     return width, height

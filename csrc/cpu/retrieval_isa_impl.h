@@ -382,34 +382,6 @@ AD_INLINE bool knn_less(T da, int64_t ia, T db, int64_t ib) {
   return da < db || (da == db && ia < ib);
 }
 
-// Max-heap on (d, i) of at most cap entries: the root is the current worst of the best.
-template <class T>
-AD_INLINE void heap_sift_down(T* d, int64_t* ix, int64_t n, int64_t pos) {
-  for (;;) {
-    int64_t c = 2 * pos + 1;
-    if (c >= n) return;
-    if (c + 1 < n && knn_less(d[c], ix[c], d[c + 1], ix[c + 1])) ++c;
-    if (!knn_less(d[pos], ix[pos], d[c], ix[c])) return;
-    std::swap(d[pos], d[c]);
-    std::swap(ix[pos], ix[c]);
-    pos = c;
-  }
-}
-
-template <class T>
-AD_INLINE void heap_push(T* d, int64_t* ix, int64_t n, T dv, int64_t iv) {  // n = size before the push
-  int64_t pos = n;
-  d[pos] = dv;
-  ix[pos] = iv;
-  while (pos > 0) {
-    int64_t parent = (pos - 1) / 2;
-    if (!knn_less(d[parent], ix[parent], d[pos], ix[pos])) break;
-    std::swap(d[parent], d[pos]);
-    std::swap(ix[parent], ix[pos]);
-    pos = parent;
-  }
-}
-
 // Per query: a buffer of up to 2·cap candidates; when it fills, nth_element keeps the best cap and the worst of
 // them becomes a threshold that rejects most later rows with one comparison (amortised O(1) per candidate, where
 // a heap of a cap close to the segment size paid a sift for nearly every row). The kept set is the exact best

@@ -164,11 +164,6 @@ def cached_build():
     return load(cached(cache_root(), source_key(), compile_into))
 
 
-def build(out_dir: str):
-    """Compile the emulated extension into ``out_dir`` and import it (``HOST_EMULATION = True`` is set on it)."""
-    return load(compile_into(out_dir))
-
-
 def load(target: str):
     spec = importlib.util.spec_from_file_location("_cuda", target)
     module = importlib.util.module_from_spec(spec)

@@ -64,6 +64,10 @@ class Denoiser(torch.nn.Module):
         """JSON-serialisable description of the method and its options."""
         return {"method": self.name}
 
+    def _has_exact_jacobian(self) -> bool:
+        """Whether :meth:`_exact_jvp` (a closed form) gives J·v; otherwise :meth:`jvp` goes through autograd."""
+        return False
+
     def _moved(self, device: torch.device) -> None:
         """Called by :meth:`_apply` once the buffers are on ``device``: rebuild views of them (retrieval keys)."""
 
@@ -176,8 +180,7 @@ class Denoiser(torch.nn.Module):
         if not torch.is_tensor(v) or v.shape != x.shape:
             raise ValueError(f"v: expected a tensor of the shape of x {tuple(x.shape)}, "
                              f"got {tuple(getattr(v, 'shape', ()))}")
-        exact = getattr(self, "_has_exact_jacobian", None)
-        if exact is not None and exact():
+        if self._has_exact_jacobian():
             return self._exact_jvp(x.detach(), s, labels, v.detach()).to(x.dtype)
         with torch.enable_grad():
             xr = x.detach().requires_grad_(True)

@@ -19,7 +19,7 @@ import torch
 from ..ops import KeyBank
 from ..ops.retrieval import hflip_rows
 
-__all__ = ["posterior_jvp"]
+__all__ = ["posterior_jvp", "covariance_product"]
 
 # Elements of the (B, chunk, D) difference tensor per chunk: 32 MiB of float64.
 _CHUNK_ELEMENTS = 1 << 22
@@ -57,6 +57,10 @@ def posterior_jvp(x: torch.Tensor, keys: KeyBank, sigma: torch.Tensor, v: torch.
             o = o * rescale[:, None] + p @ y
             q = q * rescale[:, None] + (p * (vq @ y.t())) @ y
             m = new_m
-    mean = o / l[:, None]
-    second = q / l[:, None]
-    return (second - mean * (mean * vq).sum(1, keepdim=True)) * (2.0 * coef)[:, None]
+    return covariance_product(o / l[:, None], q / l[:, None], vq, coef)
+
+
+def covariance_product(mean: torch.Tensor, second: torch.Tensor, v: torch.Tensor, coef: torch.Tensor) -> torch.Tensor:
+    """Cov·v / σ²T = (E[y (y·v)] − m (m·v)) · 2·coef from the weighted mean m and second moment E[y (y·v)], (B, D);
+    coef = 1/(2σ²T) per row."""
+    return (second - mean * (mean * v).sum(1, keepdim=True)) * (2.0 * coef)[:, None]

@@ -7,6 +7,7 @@ import torch
 
 from ..ops import all_labels, gather_rows, knn_search, subset
 from .base import Posterior
+from .gradients import covariance_product
 from .optimal import RetrievalDenoiser
 from .sample_seeds import row_generators
 
@@ -145,11 +146,14 @@ class TopK(RetrievalDenoiser):
             raise ValueError(f"k: {k} exceeds the {self.num_candidates} training candidates")
         self.k = k
 
-    def _posterior(self, x, s, labels) -> Posterior:
-        q = x.reshape(x.shape[0], -1)
+    def _scored(self, x, s, labels):
+        """(candidate indices (B, k), float64 logits (B, k), 1/(2σ²T)) of the k nearest: the posterior's support."""
         coef = _coef(s, self.temperature)
-        idx, rel = _nearest_exact(self, q, self.k, labels, coef)
-        logits = torch.where(idx >= 0, -rel * coef[:, None], float("-inf"))
+        idx, rel = _nearest_exact(self, x.reshape(x.shape[0], -1), self.k, labels, coef)
+        return idx, torch.where(idx >= 0, -rel * coef[:, None], float("-inf")), coef
+
+    def _posterior(self, x, s, labels) -> Posterior:
+        idx, logits, _ = self._scored(x, s, labels)
         mean, wmax, neff = _softmax_summary(logits, idx, self.keys, self.flips)
         return Posterior(mean.reshape(x.shape).to(x.dtype), wmax.to(self.dtype), neff.to(self.dtype))
 
@@ -159,18 +163,13 @@ class TopK(RetrievalDenoiser):
     def _exact_jvp(self, x, s, labels, v):
         """J·v = Cov_w[y | top k] v / σ²T: the optimal identity over the k retained images (the top-k set is
         locally constant, so it does not move with x). Autograd gets the same from the float64 formula above."""
-        q = x.reshape(x.shape[0], -1)
-        coef = _coef(s, self.temperature)
-        idx, rel = _nearest_exact(self, q, self.k, labels, coef)
+        idx, logits, coef = self._scored(x, s, labels)
         rows = gather_rows(self.keys, idx.clamp_min(0), torch.float64)
-        logits = torch.where(idx >= 0, -rel * coef[:, None], float("-inf"))
         w = torch.softmax(logits, 1)  # (B, k) float64; the nearest has logit 0, so no row is all -inf
         vf = v.reshape(v.shape[0], -1).double()
         mean = torch.einsum("bk,bkd->bd", w, rows)
-        proj = torch.einsum("bkd,bd->bk", rows, vf)
-        second = torch.einsum("bk,bkd->bd", w * proj, rows)
-        jv = (second - mean * (mean * vf).sum(1, keepdim=True)) * (2.0 * coef)[:, None]
-        return jv.reshape(x.shape).to(self.dtype)
+        second = torch.einsum("bk,bkd->bd", w * torch.einsum("bkd,bd->bk", rows, vf), rows)
+        return covariance_product(mean, second, vf, coef).reshape(x.shape).to(self.dtype)
 
     def config(self):
         return {**super().config(), "k": self.k}

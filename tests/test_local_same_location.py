@@ -504,4 +504,6 @@ def test_mnist_outputs_finite():
         for den in dens:
             out = den(x, sigma)
             assert out.shape == x.shape and torch.isfinite(out).all(), (den.name, sigma)
-            assert out.abs().max() <= 1.0 + 1e-5  # convex combinations of images in [-1, 1]
+            # convex combinations of images in [-1, 1], each normalised by its own weight total: a few ulps (it was
+            # 1 + 1.1e-5 for pspc-flex when an einsum's sequential float32 sums made the numerator)
+            assert out.abs().max() <= 1.0 + 4 * torch.finfo(torch.float32).eps, (den.name, sigma)

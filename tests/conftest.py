@@ -1,5 +1,19 @@
-"""Shared fixtures: fresh random data every run (seeded per test for reproducible failures)."""
+"""Shared fixtures, and the suite's randomness: every test's inputs come from one base seed and the test's id.
+
+The base seed is ``AD_TEST_SEED``: unset, the fixed ``CI_SEED`` (CI and a plain ``pytest`` draw the same inputs
+every run); an integer, that seed; ``random``, a fresh one, printed in the header and after a failure, the search
+for inputs that only some draws hit (docs/contributing: run it over many seeds before a numerics change lands).
+Before each test, torch's, NumPy's and Python's global generators are seeded from (base seed, test id), and the
+``rng`` fixture is a torch.Generator from the same pair, so ``AD_TEST_SEED=S pytest tests/x.py::test_y`` replays
+that test's inputs exactly, whatever ran before it and on whichever xdist worker; module-scoped data comes from
+``module_seed`` (base seed, module). Torch runs one thread per test process (as under ``-n auto`` on 2 cores), so
+a replay also sums in the same order; ``AD_TEST_THREADS`` changes that.
+"""
+import hashlib
 import os
+import random
+import re
+import secrets
 
 # Triton kernels run under the CPU interpreter unless a GPU is there to compile them for (the flag is read when
 # the kernel module is imported, so it is set before any test imports it). On a GPU machine export
@@ -25,8 +39,9 @@ def _cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
-# Two threads per process at most; under pytest-xdist the workers share the cores (2 workers on 2 cores: 1 each).
-torch.set_num_threads(max(1, min(2, _cores() // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))))
+# One torch thread per test process whether or not xdist runs the suite, so that a replay of one test sums in the
+# same order as the CI run that failed (tests of thread-count independence set their own counts).
+torch.set_num_threads(int(os.environ.get("AD_TEST_THREADS", "1")))
 
 MAX_AUTO_WORKERS = 4  # `-n auto` (the README's test command): one worker per core, at most this many
 
@@ -41,38 +56,113 @@ def pytest_xdist_auto_num_workers(config):
     return max(1, min(MAX_AUTO_WORKERS, _cores()))
 
 
-# Fresh inputs on every run; set AD_TEST_SEED to replay a failing run (the header prints the seed).
-SESSION_SEED = int(os.environ.get("AD_TEST_SEED", torch.seed() % (2**31)))
+CI_SEED = 20261208  # the base seed of CI and of a plain run: same inputs every time
+
+
+def _base_seed() -> int:
+    env = os.environ.get("AD_TEST_SEED", "").strip()
+    if not env:
+        return CI_SEED
+    if env == "random":
+        return secrets.randbelow(2**31)
+    try:
+        return int(env)
+    except ValueError:
+        raise pytest.UsageError(f"AD_TEST_SEED: expected an integer or 'random', got {env!r}") from None
+
+
+BASE_SEED = _base_seed()
+
+
+def seed_for(key: str) -> int:
+    """A 63-bit seed from the base seed and ``key`` (a test's or module's id): the same pair, the same seed."""
+    digest = hashlib.blake2b(f"{BASE_SEED}:{key}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
 
 
 @pytest.hookimpl(optionalhook=True)
 def pytest_configure_node(node):
-    """pytest-xdist: every worker draws from the controller's seed (the one the summary prints)."""
-    node.workerinput["ad_test_seed"] = SESSION_SEED
+    """pytest-xdist: every worker uses the controller's base seed (a ``random`` one is drawn once)."""
+    node.workerinput["ad_test_seed"] = BASE_SEED
 
 
 def pytest_configure(config):
-    global SESSION_SEED
+    global BASE_SEED
     worker_input = getattr(config, "workerinput", None)
     if worker_input is not None and "ad_test_seed" in worker_input:
-        SESSION_SEED = int(worker_input["ad_test_seed"])
+        BASE_SEED = int(worker_input["ad_test_seed"])
+    isa = os.environ.get("AD_CPU_ISA")
+    if isa:  # a path this CPU cannot run would be replaced by a narrower one: refuse, so no run tests the wrong path
+        from analytic_diffusion.ops import cpu_backend
+        runnable = cpu_backend.runnable_isas() if cpu_backend.available() else ("base",)
+        if isa not in runnable:
+            raise pytest.UsageError(f"AD_CPU_ISA={isa}: this CPU and build run {', '.join(runnable)}")
 
 
 def pytest_report_header(config):
-    return f"analytic-diffusion test seed: AD_TEST_SEED={SESSION_SEED}"
+    return f"analytic-diffusion test seed: AD_TEST_SEED={BASE_SEED}"
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
     # `pytest -q` (CI) prints no header: repeat the seed at the end, where a failure's reader looks.
     if exitstatus != 0:
-        terminalreporter.write_line(f"replay this run's random inputs with AD_TEST_SEED={SESSION_SEED}")
+        terminalreporter.write_line(f"replay this run's random inputs with AD_TEST_SEED={BASE_SEED} "
+                                    f"(and AD_CPU_ISA as this run had it, if set)")
+
+
+# A skip in CI must have a reason CI accepts (no GPU here, an instruction set this CPU lacks): AD_TEST_ALLOWED_SKIPS
+# is a regular expression (.ci/run sets it); any other skip, such as a missing test dependency, fails the run.
+_UNEXPECTED_SKIPS = []
+
+
+def _note_skip(report):
+    allowed = os.environ.get("AD_TEST_ALLOWED_SKIPS")
+    if not allowed or not report.skipped or getattr(report, "wasxfail", None) is not None:
+        return
+    reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+    if not re.search(allowed, reason):
+        _UNEXPECTED_SKIPS.append(f"{report.nodeid}: {reason}")
+
+
+def pytest_runtest_logreport(report):
+    _note_skip(report)
+
+
+def pytest_collectreport(report):
+    _note_skip(report)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if _UNEXPECTED_SKIPS and not hasattr(session.config, "workerinput"):
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+        reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+        lines = [f"skips outside AD_TEST_ALLOWED_SKIPS={os.environ['AD_TEST_ALLOWED_SKIPS']!r}:"]
+        lines += sorted(set(_UNEXPECTED_SKIPS))
+        if reporter is not None:
+            for line in lines:
+                reporter.write_line(line, red=True)
+
+
+@pytest.fixture(autouse=True)
+def _seeded_globals(request):
+    """torch's, NumPy's and Python's global generators, seeded from (base seed, test id) before every test."""
+    import numpy as np
+    seed = seed_for(request.node.nodeid)
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+    random.seed(seed)
 
 
 @pytest.fixture
 def rng(request):
-    """A generator per test, from the session seed and the test's name."""
-    import zlib
-    return torch.Generator().manual_seed(SESSION_SEED ^ zlib.crc32(request.node.nodeid.encode()))
+    """A torch.Generator per test, from (base seed, test id); independent of the global one."""
+    return torch.Generator().manual_seed(seed_for("rng:" + request.node.nodeid))
+
+
+@pytest.fixture(scope="module")
+def module_seed(request):
+    """A seed for module-scoped data, from (base seed, module): the same whichever test of it runs first."""
+    return seed_for("module:" + request.node.nodeid)
 
 
 @pytest.fixture(autouse=True)
@@ -112,14 +202,18 @@ def cpu_kernels(monkeypatch):
     return cpu_backend._cpu
 
 
-@pytest.fixture(params=["triton", "cuda", "cpu"])
+# The C++ backend's parameter carries the ``cpu_isa`` mark: CI reruns it under every lower instruction set.
+FUSED_BACKENDS = ["triton", "cuda", pytest.param("cpu", marks=pytest.mark.cpu_isa)]
+
+
+@pytest.fixture(params=FUSED_BACKENDS)
 def fused(request):
     """(backend name, device) of each fused local-family backend: Triton (the interpreter on CPU), CUDA (the real
     extension on a GPU, else the host emulation of the same sources on CPU tensors), and the C++ CPU kernel."""
     return _fused_backend(request)
 
 
-@pytest.fixture(params=["triton", "cuda", "cpu"])
+@pytest.fixture(params=FUSED_BACKENDS)
 def coordinate_fused(request):
     """(backend name, device) of pca_locality's fused backends, as ``fused``."""
     return _fused_backend(request)

@@ -13,7 +13,7 @@ from analytic_diffusion.denoisers import make_denoiser
 from analytic_diffusion.ops import cpu_backend
 from analytic_diffusion.ops.fused_coordinate import stencil_table
 
-pytestmark = pytest.mark.usefixtures("cpu_kernels")  # built (else a failure), outputs poisoned
+pytestmark = [pytest.mark.cpu_isa, pytest.mark.usefixtures("cpu_kernels")]  # built (else a failure), outputs poisoned
 ext = cpu_backend._cpu
 
 

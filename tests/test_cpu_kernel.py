@@ -9,10 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-_cpu = pytest.importorskip("analytic_diffusion._cpu")
+from analytic_diffusion import _cpu  # the package builds it everywhere: an import error fails, never skips
+from analytic_diffusion.ops import KeyBank, knn_search, softmax_retrieval
+from analytic_diffusion.ops import cpu_backend, torch_backend
 
-from analytic_diffusion.ops import KeyBank, knn_search, softmax_retrieval  # noqa: E402
-from analytic_diffusion.ops import cpu_backend, torch_backend  # noqa: E402
+pytestmark = pytest.mark.cpu_isa
 
 SIGMAS = (1e-3, 1e-1, 1.0, 10.0, 1e3)
 SCALE, SHIFT = 2.0 / 255.0, -1.0
@@ -21,7 +22,7 @@ TOL = {np.float64: 1e-10, np.float32: 1e-4}
 
 @pytest.fixture
 def nrng(rng):
-    """A NumPy generator seeded from the session's fresh seed and the test id (conftest's ``rng``)."""
+    """A NumPy generator from the test's own seed (conftest's ``rng``)."""
     return np.random.default_rng(int(torch.randint(0, 2**62, (1,), generator=rng)))
 
 
@@ -262,6 +263,24 @@ def test_batch_invariance(nrng):
                                      query_labels[b:b + 1], 2)
         for x, y in zip(full, one):
             np.testing.assert_array_equal(x[b:b + 1], y)
+
+
+def test_isa_override(monkeypatch):
+    """AD_CPU_ISA selects each instruction set this CPU runs (global and patch tables alike), unset means the
+    widest, and a name that is not an instruction set is an error rather than the default path."""
+    runnable = cpu_backend.runnable_isas()
+    assert runnable[0] == "base" and set(runnable) <= {"base", "avx2", "avx512"}
+    monkeypatch.delenv("AD_CPU_ISA", raising=False)
+    assert cpu_backend.isa() == _cpu.patch_isa() == runnable[-1]
+    for isa in runnable:
+        monkeypatch.setenv("AD_CPU_ISA", isa)
+        assert cpu_backend.isa() == _cpu.patch_isa() == isa
+    monkeypatch.setenv("AD_CPU_ISA", "avx512f")
+    with pytest.raises(ValueError, match="AD_CPU_ISA: expected one of base, avx2, avx512"):
+        cpu_backend.isa()
+    keys = np.zeros((3, 4), np.uint8)
+    with pytest.raises(ValueError, match="AD_CPU_ISA"):
+        _cpu.softmax_retrieval(np.zeros((1, 4)), keys, SCALE, SHIFT, np.ones(1), None, None, 1)
 
 
 @pytest.mark.parametrize("isa", ["base", "avx2", "avx512"])

@@ -13,7 +13,7 @@ from analytic_diffusion.ops.fused_patch import _finish, patch_partial
 from analytic_diffusion.ops.patch_retrieval import interior_positions, patch_softmax_partial
 from reference import check_patch_contract, rel, uint8_bank
 
-pytestmark = pytest.mark.usefixtures("cpu_kernels")  # built (else a failure), outputs poisoned
+pytestmark = [pytest.mark.cpu_isa, pytest.mark.usefixtures("cpu_kernels")]  # built (else a failure), outputs poisoned
 ext = cpu_backend._cpu
 
 

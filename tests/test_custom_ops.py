@@ -12,8 +12,8 @@ from analytic_diffusion.denoisers.custom_ops import handle_of, optimal_jvp, opti
 
 
 @pytest.fixture(scope="module")
-def ds():
-    g = torch.Generator().manual_seed(int(torch.randint(0, 2**31, (1,))))
+def ds(module_seed):
+    g = torch.Generator().manual_seed(module_seed)
     return ad.Dataset.from_array(torch.rand(12, 1, 3, 3, generator=g) * 2 - 1, labels=torch.arange(12) % 2)
 
 

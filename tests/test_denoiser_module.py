@@ -10,8 +10,8 @@ from analytic_diffusion.networks.adapters import CallableAdapter, EDMAdapter
 
 
 @pytest.fixture(scope="module")
-def ds():
-    g = torch.Generator().manual_seed(int(torch.randint(0, 2**31, (1,))))
+def ds(module_seed):
+    g = torch.Generator().manual_seed(module_seed)
     return ad.Dataset.from_array(torch.rand(20, 1, 4, 4, generator=g) * 2 - 1, labels=torch.arange(20) % 2)
 
 

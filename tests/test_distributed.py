@@ -25,9 +25,9 @@ from analytic_diffusion.ops import knn_search, posterior_draw, softmax_retrieval
 from analytic_diffusion.ops.distributed import ShardError, ShardGroup, shard_range
 from analytic_diffusion.sampling.parallel import Parallel, sample_parallel
 
-from conftest import SESSION_SEED  # noqa: E402
+from conftest import seed_for  # noqa: E402
 
-SEED = SESSION_SEED % 100_000
+SEED = seed_for("module:tests/test_distributed.py") % 100_000
 N, SHAPE, B = 23, (1, 8, 8), 5
 FAULT_TIMEOUT_S = 3  # 23 rows: uneven shards over 2 and 3 ranks
 SIGMAS = torch.tensor([0.05, 0.3, 1.0, 3.0, 20.0], dtype=torch.float64)

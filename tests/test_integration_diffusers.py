@@ -11,8 +11,8 @@ diffusers = pytest.importorskip("diffusers", reason="diffusers is in the test ex
 
 
 @pytest.fixture(scope="module")
-def ds():
-    g = torch.Generator().manual_seed(int(torch.randint(0, 2**31, (1,))))
+def ds(module_seed):
+    g = torch.Generator().manual_seed(module_seed)
     return ad.Dataset.from_array(torch.rand(32, 1, 6, 6, generator=g) * 2 - 1, labels=torch.arange(32) % 2)
 
 

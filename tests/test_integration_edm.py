@@ -17,8 +17,8 @@ from analytic_diffusion.networks import load_network
 
 
 @pytest.fixture(scope="module")
-def den():
-    g = torch.Generator().manual_seed(int(torch.randint(0, 2**31, (1,))))
+def den(module_seed):
+    g = torch.Generator().manual_seed(module_seed)
     ds = ad.Dataset.from_array(torch.rand(30, 1, 5, 5, generator=g) * 2 - 1, labels=torch.arange(30) % 3)
     return make_denoiser("optimal", ds, dtype=torch.float64)
 

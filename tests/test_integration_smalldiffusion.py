@@ -19,8 +19,8 @@ if sd is None or sd_model is None:
 
 
 @pytest.fixture(scope="module")
-def ds():
-    g = torch.Generator().manual_seed(int(torch.randint(0, 2**31, (1,))))
+def ds(module_seed):
+    g = torch.Generator().manual_seed(module_seed)
     return ad.Dataset.from_array(torch.rand(40, 1, 4, 4, generator=g) * 2 - 1, labels=torch.arange(40) % 2)
 
 

@@ -19,8 +19,8 @@ from analytic_diffusion.sampling import sample_ddim, sample_euler, sample_heun
 
 
 @pytest.fixture(scope="module")
-def den():
-    g = torch.Generator().manual_seed(int(torch.randint(0, 2**31, (1,))))
+def den(module_seed):
+    g = torch.Generator().manual_seed(module_seed)
     images = torch.rand(24, 1, 4, 4, generator=g, dtype=torch.float64) * 2 - 1
     ds = ad.Dataset.from_array(images.float(), labels=torch.arange(24) % 3)
     return make_denoiser("optimal", ds, dtype=torch.float64, backend="torch")

@@ -6,6 +6,8 @@ from analytic_diffusion.denoisers import make_denoiser
 from analytic_diffusion.ops import knn_search, softmax_retrieval
 from reference import noisy_images, rel
 
+pytestmark = pytest.mark.cpu_isa  # CI reruns these under every lower AD_CPU_ISA
+
 SIGMAS = [1e-3, 1e-2, 0.1, 0.3, 1.0, 3.0, 10.0, 1e2, 1e3]
 
 

@@ -6,7 +6,7 @@ import torch
 from analytic_diffusion.ops import KeyBank, cpu_backend, subset
 from reference import mirror
 
-pytestmark = pytest.mark.skipif(not cpu_backend.available(), reason="C++ extension not built")
+pytestmark = [pytest.mark.cpu_isa, pytest.mark.usefixtures("cpu_kernels")]  # built (else a failure)
 
 
 def _bank(rng, kind, n=37, c=2, h=3, w=5):

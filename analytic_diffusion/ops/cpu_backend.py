@@ -41,6 +41,20 @@ def _require():
     return _cpu
 
 
+def isa() -> str:
+    """The instruction set of the kernels a call would use now: ``"avx512"``, ``"avx2"`` or ``"base"``.
+
+    The widest one this CPU runs, unless the environment variable ``AD_CPU_ISA`` caps it (read at every call, so
+    tests and benchmarks can switch paths in one process; an unknown value raises ValueError)."""
+    return _require().isa()
+
+
+def runnable_isas() -> Tuple[str, ...]:
+    """The instruction sets this build runs on this CPU, narrowest first (every value of ``AD_CPU_ISA`` that
+    selects kernels of its own here; CI runs the kernel tests under each)."""
+    return tuple(_require().runnable_isas())
+
+
 def num_threads() -> int:
     env = os.environ.get("AD_NUM_THREADS")
     return int(env) if env else torch.get_num_threads()

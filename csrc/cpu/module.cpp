@@ -5,6 +5,7 @@
 // the kernels run. Python side: analytic_diffusion/ops/cpu_backend.py.
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
 
 #include <cmath>
 #include <cstdint>
@@ -439,7 +440,10 @@ splits[s] .. splits[s + 1] - 1, restricted to image_labels[j] == query_labels[b]
           "Instruction set of the patch kernels in use (AD_CPU_ISA caps it as for the global kernels).");
   mod.def("isa", []() { return std::string(ad_cpu::kernels_selected().isa); },
           "Instruction set of the kernels in use: 'avx512', 'avx2' or 'base' (the environment variable "
-          "AD_CPU_ISA=base|avx2|avx512 caps it; read at every call).");
+          "AD_CPU_ISA=base|avx2|avx512 caps it; read at every call; another value raises ValueError).");
+  mod.def("runnable_isas", &ad_cpu::runnable_isas,
+          "The instruction sets this build can run on this CPU, narrowest first: the values of AD_CPU_ISA that "
+          "select a kernel of their own.");
   mod.def("num_segments", &ad_cpu::num_segments, py::arg("n"),
           "Number of candidate segments combined in order for n candidates (independent of threads).");
   mod.attr("coordinate_queries_per_task") = py::int_(ad_cpu::kCoordinateQueries);

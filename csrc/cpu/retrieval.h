@@ -12,6 +12,8 @@
 #pragma once
 
 #include <cstdint>
+#include <string>
+#include <vector>
 
 namespace ad_cpu {
 
@@ -80,8 +82,11 @@ const KernelTable& kernels_base();
 const KernelTable* kernels_avx2();
 const KernelTable* kernels_avx512();
 // The table used by the driver: the widest compiled instruction set the CPU has, capped by the environment
-// variable AD_CPU_ISA ("base", "avx2" or "avx512"; tests and debugging).
+// variable AD_CPU_ISA ("base", "avx2" or "avx512"; tests and debugging; any other value throws
+// std::invalid_argument).
 const KernelTable& kernels_selected();
+// The instruction sets this build can run on this CPU, narrowest first (each one's global and patch tables exist).
+std::vector<std::string> runnable_isas();
 
 // Drivers (retrieval_driver.cpp). Plain C++; the caller has validated the arguments and released the GIL.
 template <class T>

@@ -6,6 +6,8 @@
 #include <cstdlib>
 #include <cstring>
 #include <limits>
+#include <stdexcept>
+#include <string>
 #include <vector>
 
 #include "parallel.h"
@@ -78,18 +80,38 @@ int64_t num_segments(int64_t N) {
 
 namespace {
 
-// The widest compiled table the CPU can run. AD_CPU_ISA caps the instruction set: "base" (portable), "avx2",
-// or "avx512" / unset (the widest available).
+// The instruction sets, narrowest first; AD_CPU_ISA names one of them as a cap (unset: no cap). An unknown name is
+// an error rather than the widest set, so that a typo in a CI matrix cannot test the default path twice.
+constexpr const char* kIsaNames[] = {"base", "avx2", "avx512"};
+constexpr int kIsaCount = 3;
+
+int isa_cap() {
+  const char* env = std::getenv("AD_CPU_ISA");
+  if (env == nullptr || *env == '\0') return kIsaCount - 1;
+  for (int i = 0; i < kIsaCount; ++i)
+    if (std::strcmp(env, kIsaNames[i]) == 0) return i;
+  throw std::invalid_argument(std::string("AD_CPU_ISA: expected one of base, avx2, avx512 (or unset), got '") + env +
+                              "'");
+}
+
+// The widest compiled table the CPU can run, within the cap.
 template <class Table>
 const Table& widest(const Table& base, const Table* avx2, const Table* avx512) {
-  const char* env = std::getenv("AD_CPU_ISA");
-  const int cap = env == nullptr ? 2 : std::strcmp(env, "base") == 0 ? 0 : std::strcmp(env, "avx2") == 0 ? 1 : 2;
+  const int cap = isa_cap();
   if (cap >= 2 && avx512 != nullptr && cpu_has_avx512()) return *avx512;
   if (cap >= 1 && avx2 != nullptr && cpu_has_avx2()) return *avx2;
   return base;
 }
 
 }  // namespace
+
+std::vector<std::string> runnable_isas() {
+  std::vector<std::string> out{kIsaNames[0]};
+  if (kernels_avx2() != nullptr && patch_kernels_avx2() != nullptr && cpu_has_avx2()) out.emplace_back(kIsaNames[1]);
+  if (kernels_avx512() != nullptr && patch_kernels_avx512() != nullptr && cpu_has_avx512())
+    out.emplace_back(kIsaNames[2]);
+  return out;
+}
 
 const KernelTable& kernels_selected() { return widest(kernels_base(), kernels_avx2(), kernels_avx512()); }
 

@@ -7,6 +7,7 @@ CUDA build switch (environment; the rules: csrc/cuda_build_plan.py): AD_BUILD_CU
 exist); AD_BUILD_CUDA=0 never builds it; unset builds it when nvcc exists and the machine has a GPU (found through
 torch, nvidia-smi or /dev/nvidia0, so also in an isolated build). Whenever it is built, a failed nvcc fails the
 install. AD_CUDA_ARCH (e.g. 90a, 8.6) picks the architecture; else the GPU's own, else a portable list."""
+
 import os
 import re
 import shlex
@@ -15,8 +16,12 @@ import subprocess
 import sys
 import tempfile
 
+from pybind11.setup_helpers import ParallelCompile, Pybind11Extension, build_ext
 from setuptools import find_packages, setup
-from pybind11.setup_helpers import Pybind11Extension, build_ext
+
+# The C++ sources compile in parallel, one per core (AD_BUILD_JOBS overrides): the AVX-512 and AVX2 files take most
+# of the build, and an install on 2 cores compiles them side by side.
+ParallelCompile("AD_BUILD_JOBS").install()
 
 
 def _compiler_has_openmp() -> bool:
@@ -29,8 +34,7 @@ def _compiler_has_openmp() -> bool:
         with open(src, "w") as f:
             f.write("#include <omp.h>\nint main(){return omp_get_max_threads() > 0 ? 0 : 1;}\n")
         try:
-            r = subprocess.run([cxx, "-fopenmp", src, "-o", os.path.join(tmp, "omp")],
-                               capture_output=True, timeout=60)
+            r = subprocess.run([cxx, "-fopenmp", src, "-o", os.path.join(tmp, "omp")], capture_output=True, timeout=60)
         except (OSError, subprocess.TimeoutExpired):
             return False
         return r.returncode == 0
@@ -72,8 +76,7 @@ def _cuda_dirs(nvcc):
     """
     inc, lib = [], []
     try:
-        out = subprocess.run([nvcc, "--dryrun", "-c", "ad_probe.cu"], capture_output=True, text=True,
-                             timeout=60)
+        out = subprocess.run([nvcc, "--dryrun", "-c", "ad_probe.cu"], capture_output=True, text=True, timeout=60)
         text = out.stdout + out.stderr
     except (OSError, subprocess.TimeoutExpired):
         text = ""
@@ -103,22 +106,27 @@ class BuildExt(build_ext):
                 try:
                     ext.extra_objects = list(ext.extra_objects or []) + self._nvcc_compile(ext)
                 except Exception as exc:
-                    raise RuntimeError(f"analytic_diffusion._cuda: the CUDA build failed on a machine that needs it "
-                                       f"({exc}); fix the toolkit, or install without it: AD_BUILD_CUDA=0") from exc
+                    raise RuntimeError(
+                        f"analytic_diffusion._cuda: the CUDA build failed on a machine that needs it "
+                        f"({exc}); fix the toolkit, or install without it: AD_BUILD_CUDA=0"
+                    ) from exc
         super().run()
 
     def _nvcc_compile(self, ext):
         out_dir = os.path.join(self.build_temp, "cuda")
         os.makedirs(out_dir, exist_ok=True)
-        cmds = cuda_build_plan.nvcc_commands(ext.nvcc, NVCC_FLAGS, ext.cuda_arch_flags, ext.include_dirs,
-                                             ext.cuda_sources, out_dir)
+        cmds = cuda_build_plan.nvcc_commands(
+            ext.nvcc, NVCC_FLAGS, ext.cuda_arch_flags, ext.include_dirs, ext.cuda_sources, out_dir
+        )
         stale = []
         for obj, cmd in cmds:
             src = cmd[cmd.index("-c") + 1]
-            deps = [src] + [os.path.join(os.path.dirname(src), f) for f in os.listdir(os.path.dirname(src))
-                            if f.endswith((".cuh", ".h"))]
-            if self.force or not os.path.exists(obj) or any(os.path.getmtime(d) > os.path.getmtime(obj)
-                                                            for d in deps):
+            deps = [src] + [
+                os.path.join(os.path.dirname(src), f)
+                for f in os.listdir(os.path.dirname(src))
+                if f.endswith((".cuh", ".h"))
+            ]
+            if self.force or not os.path.exists(obj) or any(os.path.getmtime(d) > os.path.getmtime(obj) for d in deps):
                 stale.append(cmd)
         cuda_build_plan.run_parallel(stale)
         return [obj for obj, _ in cmds]
@@ -152,35 +160,16 @@ def _cuda_extension():
     return [ext]
 
 
-packages = find_packages(include=["analytic_diffusion", "analytic_diffusion.*"]) + ["analytic_diffusion.kernels"]
-
+# Metadata, dependencies and extras live in pyproject.toml ([project]); this file adds what only code can say:
+# the packages (kernels/ installs as analytic_diffusion.kernels) and the compiled extensions.
 setup(
-    name="analytic-diffusion",
-    version="0.1.0",
-    description="Exact, fast training-free (analytic) diffusion denoisers, samplers and kernels",
-    long_description=open("README.md", encoding="utf-8").read() if os.path.exists("README.md") else "",
-    long_description_content_type="text/markdown",
-    python_requires=">=3.9",
-    packages=packages,
+    packages=find_packages(include=["analytic_diffusion", "analytic_diffusion.*"]) + ["analytic_diffusion.kernels"],
     package_dir={"analytic_diffusion.kernels": "kernels"},
-    package_data={"analytic_diffusion.data": ["mnist/*.gz", "mnist/MD5SUMS"]},
-    include_package_data=True,
-    ext_modules=[cpu_ext] + _cuda_extension(),
+    package_data={
+        "analytic_diffusion": ["py.typed"],
+        "analytic_diffusion.data": ["mnist/*.gz", "mnist/MD5SUMS", "mnist/NOTICE"],
+    },
+    ext_modules=[cpu_ext, *_cuda_extension()],
     cmdclass={"build_ext": BuildExt},
-    install_requires=["torch>=2.4", "numpy>=1.22", "pillow>=9", "matplotlib>=3.5", "tqdm>=4.60"],
-    # Triton: the GPU kernels, and on CPU their interpreter tests (3.6 = the GPU machines' version, see docs/design.md §7).
-    # pybind11 in "test": tests/cuda_emu builds csrc/cuda for the host SIMT emulator (where CUDA headers exist).
-    # pytest-xdist: the README's test command runs the suite on up to 4 cores (-n auto); scipy: the cross-check of
-    # the hand-written Mann–Whitney U (scipy is not a runtime dependency); hypothesis: property tests; diffusers,
-    # accelerate, einops: the integration tests run against the real packages (none pulls a new torch);
-    # nbformat, nbclient, ipykernel: the tutorial notebooks run under pytest. smalldiffusion is installed
-    # separately with --no-deps (its torchvision dependency would pull a newer torch). faiss-cpu: bench/ only.
-    extras_require={"test": ["pytest>=7", "pytest-benchmark>=4", "pytest-xdist>=3", "scipy>=1.9", "hypothesis>=6.100",
-                             "pybind11>=2.10",
-                             "triton==3.6.0; platform_system == 'Linux' and platform_machine == 'x86_64'",
-                             "diffusers>=0.30", "accelerate>=0.30", "einops>=0.6",
-                             "nbformat>=5", "nbclient>=0.7", "ipykernel>=6"],
-                    "triton": ["triton>=3.6"], "bench": ["faiss-cpu>=1.7", "pykeops>=2.3"]},
-    entry_points={"console_scripts": ["analytic-diffusion=analytic_diffusion.cli:main"]},
     zip_safe=False,
 )

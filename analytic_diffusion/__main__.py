@@ -1,4 +1,5 @@
 """``python -m analytic_diffusion ...`` runs the command line (what ``torchrun -m analytic_diffusion`` starts)."""
+
 import sys
 
 from .cli import main

@@ -6,17 +6,25 @@ maps in by x = x_vp / a, σ = b / a = sqrt((1-ᾱ)/ᾱ), so one sampler serves E
 Every grid is a :class:`Schedule` whose ``sigmas`` has ``steps + 1`` float64 entries, decreasing, normally
 ending at 0. Discrete VP grids reproduce diffusers' ``DDIMScheduler.set_timesteps`` timestep spacings.
 """
+
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional
 
 import numpy as np
 import torch
 
-__all__ = ["Schedule", "karras", "vp_linear", "vp_cosine", "kamb_sigma", "get_schedule", "SCHEDULES",
-           "SPACINGS"]
+__all__ = [
+    "SCHEDULES",
+    "SPACINGS",
+    "Schedule",
+    "get_schedule",
+    "kamb_sigma",
+    "karras",
+    "vp_cosine",
+    "vp_linear",
+]
 
 SPACINGS = ("leading", "trailing", "linspace")
 _FINALS = ("zero", "alpha0")
@@ -32,10 +40,11 @@ class Schedule:
     timesteps: the timesteps each step evaluates at (discrete VP grids: integer train timesteps; the Kamb
                cosine grid: continuous t in [0, 1]); None for σ-native grids.
     """
+
     sigmas: torch.Tensor
     kind: str
     name: str
-    timesteps: Optional[torch.Tensor] = None
+    timesteps: torch.Tensor | None = None
 
     def __post_init__(self):
         self.sigmas = torch.as_tensor(self.sigmas, dtype=torch.float64)
@@ -107,8 +116,9 @@ def _ddim_timesteps(steps: int, spacing: str, num_train_timesteps: int, steps_of
     return t
 
 
-def _discrete_vp(alphas_cumprod: torch.Tensor, name: str, steps: int, spacing: str, steps_offset: int,
-                 final: str) -> Schedule:
+def _discrete_vp(
+    alphas_cumprod: torch.Tensor, name: str, steps: int, spacing: str, steps_offset: int, final: str
+) -> Schedule:
     T = len(alphas_cumprod)
     _check_choice("spacing", spacing, SPACINGS)
     _check_choice("final", final, _FINALS)
@@ -118,8 +128,10 @@ def _discrete_vp(alphas_cumprod: torch.Tensor, name: str, steps: int, spacing: s
         raise ValueError(f"steps_offset must be >= 0, got {steps_offset!r}")
     t = _ddim_timesteps(steps, spacing, T, steps_offset)
     if len(t) != steps or t.max() >= T or t.min() < 0 or np.any(np.diff(t) >= 0):
-        raise ValueError(f"spacing={spacing!r} with steps={steps}, steps_offset={steps_offset} gives invalid "
-                         f"timesteps {t.tolist()} for num_train_timesteps={T}")
+        raise ValueError(
+            f"spacing={spacing!r} with steps={steps}, steps_offset={steps_offset} gives invalid "
+            f"timesteps {t.tolist()} for num_train_timesteps={T}"
+        )
     sig = ((1 - alphas_cumprod) / alphas_cumprod).sqrt()
     # The last step lands at ᾱ = 1 (set_alpha_to_one=True) or at ᾱ_0. Note diffusers' DDIM step targets
     # t - T//steps rather than the next listed timestep; the two agree for "leading" (and for "trailing" when
@@ -130,8 +142,15 @@ def _discrete_vp(alphas_cumprod: torch.Tensor, name: str, steps: int, spacing: s
     return Schedule(torch.cat([sig[torch.from_numpy(t)], last]), "vp", name, torch.from_numpy(t))
 
 
-def vp_linear(steps: int, spacing: str = "leading", beta_start: float = 1e-4, beta_end: float = 0.02,
-              num_train_timesteps: int = 1000, steps_offset: int = 0, final: str = "zero") -> Schedule:
+def vp_linear(
+    steps: int,
+    spacing: str = "leading",
+    beta_start: float = 1e-4,
+    beta_end: float = 0.02,
+    num_train_timesteps: int = 1000,
+    steps_offset: int = 0,
+    final: str = "zero",
+) -> Schedule:
     """DDPM linear-β grid (diffusers ``beta_schedule="linear"``) at DDIM timesteps.
 
     β = linspace(beta_start, beta_end, T), ᾱ_t = Π_{s<=t}(1 - β_s), σ_t = sqrt((1-ᾱ_t)/ᾱ_t). ᾱ is computed in
@@ -141,8 +160,7 @@ def vp_linear(steps: int, spacing: str = "leading", beta_start: float = 1e-4, be
     """
     steps = _check_steps(steps)
     if not 0 < beta_start <= beta_end < 1:
-        raise ValueError(f"need 0 < beta_start <= beta_end < 1, got beta_start={beta_start!r}, "
-                         f"beta_end={beta_end!r}")
+        raise ValueError(f"need 0 < beta_start <= beta_end < 1, got beta_start={beta_start!r}, beta_end={beta_end!r}")
     if num_train_timesteps < 1:
         raise ValueError(f"num_train_timesteps must be >= 1, got {num_train_timesteps!r}")
     betas = torch.linspace(beta_start, beta_end, num_train_timesteps, dtype=torch.float64)
@@ -159,9 +177,18 @@ def kamb_sigma(t):
     return math.tan(t / 1.008 * (math.pi / 2))
 
 
-def vp_cosine(steps: int, kind: str = "iddpm", *, spacing: str = "leading", num_train_timesteps: int = 1000,
-              steps_offset: int = 0, final: str = "zero", s: float = 0.008, max_beta: float = 0.999,
-              include_t1: bool = False) -> Schedule:
+def vp_cosine(
+    steps: int,
+    kind: str = "iddpm",
+    *,
+    spacing: str = "leading",
+    num_train_timesteps: int = 1000,
+    steps_offset: int = 0,
+    final: str = "zero",
+    s: float = 0.008,
+    max_beta: float = 0.999,
+    include_t1: bool = False,
+) -> Schedule:
     """Cosine VP grids.
 
     kind="iddpm": improved-DDPM / diffusers ``squaredcos_cap_v2``: f(u) = cos²((u + s)/(1 + s)·π/2),
@@ -199,8 +226,13 @@ def _kamb_cosine(steps: int, include_t1: bool = False) -> Schedule:
     return vp_cosine(steps, "kamb", include_t1=include_t1)
 
 
-SCHEDULES = {"karras": karras, "edm": karras, "vp-linear": vp_linear, "vp-cosine": vp_cosine,
-             "kamb-cosine": _kamb_cosine}
+SCHEDULES = {
+    "karras": karras,
+    "edm": karras,
+    "vp-linear": vp_linear,
+    "vp-cosine": vp_cosine,
+    "kamb-cosine": _kamb_cosine,
+}
 
 
 def get_schedule(name: str, steps: int, **kw) -> Schedule:

@@ -8,6 +8,7 @@ Training rows are random uint8 (D = 784, seeded: every rank builds the same set 
 JSON line from rank 0: median seconds per denoiser call (B queries, float32, backend auto), and the bytes each
 rank sends per call (the all-gathered partial state: B·(3 + D) float32).
 """
+
 import argparse
 import json
 import os
@@ -41,11 +42,13 @@ def main() -> None:
     p.add_argument("--memory-budget", type=int, default=64 * 2**20)
     args = p.parse_args()
     group = distributed.init_from_env("cpu")[0] if distributed.launched() else None
-    side = int(round(args.dim ** 0.5))
+    side = round(args.dim**0.5)
     if args.packed and not is_packed(args.packed) and (group is None or group.rank == 0):
         g = torch.Generator().manual_seed(0)
-        pack(Dataset.from_array(torch.randint(0, 256, (args.n_train, 1, side, side), generator=g,
-                                              dtype=torch.uint8)), args.packed)
+        pack(
+            Dataset.from_array(torch.randint(0, 256, (args.n_train, 1, side, side), generator=g, dtype=torch.uint8)),
+            args.packed,
+        )
     if group is not None:
         group.all_gather_object(None, "waiting for the pack")
     if args.packed:
@@ -67,10 +70,20 @@ def main() -> None:
         d(x, 1.0)
         times.append(time.perf_counter() - t0)
     if group is None or group.rank == 0:
-        print(json.dumps({"n_train": args.n_train, "dim": args.dim, "batch": args.batch,
-                          "processes": 1 if group is None else group.world, "packed": bool(args.packed),
-                          "cold": args.cold, "seconds_per_call": statistics.median(times),
-                          "bytes_sent_per_rank": 0 if group is None else args.batch * (3 + args.dim) * 4}))
+        print(
+            json.dumps(
+                {
+                    "n_train": args.n_train,
+                    "dim": args.dim,
+                    "batch": args.batch,
+                    "processes": 1 if group is None else group.world,
+                    "packed": bool(args.packed),
+                    "cold": args.cold,
+                    "seconds_per_call": statistics.median(times),
+                    "bytes_sent_per_rank": 0 if group is None else args.batch * (3 + args.dim) * 4,
+                }
+            )
+        )
 
 
 if __name__ == "__main__":

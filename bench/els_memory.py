@@ -14,6 +14,7 @@ The patch reference caps its temporaries at PATCH_MEMORY_CAP (2 GiB) whatever bu
 stop=M)``, the way datasets are sharded): the chunk loop's steady state is the same, so the peak memory is the
 full call's, in a fraction of the time; the output says so. Without it the call is complete.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -69,9 +70,21 @@ def child(args) -> None:
         ok = bool(torch.isfinite(out).all())
     dt = time.perf_counter() - t0
     peak = _status("VmHWM")
-    print(json.dumps({"k": args.k, "requested": den.memory_budget, "effective": effective_budget(den.memory_budget),
-                      "base_mb": base / 2**20, "extra_mb": (peak - base) / 2**20, "seconds": dt,
-                      "hwm_reset": reset, "finite": ok, "images": args.shard_images or "all"}))
+    print(
+        json.dumps(
+            {
+                "k": args.k,
+                "requested": den.memory_budget,
+                "effective": effective_budget(den.memory_budget),
+                "base_mb": base / 2**20,
+                "extra_mb": (peak - base) / 2**20,
+                "seconds": dt,
+                "hwm_reset": reset,
+                "finite": ok,
+                "images": args.shard_images or "all",
+            }
+        )
+    )
 
 
 def main() -> None:
@@ -79,8 +92,12 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=50_000)
     ap.add_argument("--ks", default="3,15")
     ap.add_argument("--budgets", default="default,64e9", help="comma list: 'default' or bytes")
-    ap.add_argument("--shard-images", type=int, default=0,
-                    help="run each call over the first M stored images only (same chunk sizes, less time)")
+    ap.add_argument(
+        "--shard-images",
+        type=int,
+        default=0,
+        help="run each call over the first M stored images only (same chunk sizes, less time)",
+    )
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--k", type=int, help=argparse.SUPPRESS)
@@ -92,8 +109,19 @@ def main() -> None:
     rows = []
     for k in [int(v) for v in args.ks.split(",")]:
         for b in args.budgets.split(","):
-            cmd = [sys.executable, __file__, "--child", "--k", str(k), "--n", str(args.n),
-                   "--threads", str(args.threads), "--shard-images", str(args.shard_images)]
+            cmd = [
+                sys.executable,
+                __file__,
+                "--child",
+                "--k",
+                str(k),
+                "--n",
+                str(args.n),
+                "--threads",
+                str(args.threads),
+                "--shard-images",
+                str(args.shard_images),
+            ]
             if b != "default":
                 cmd += ["--budget", b]
             r = subprocess.run(cmd, capture_output=True, text=True)
@@ -105,15 +133,22 @@ def main() -> None:
             rows.append(res)
             print(json.dumps(res), file=sys.stderr, flush=True)
     partial = args.shard_images > 0
-    print(f"\nELS, one call, B = 1, N = {args.n} random uint8 images 3×32×32, σ = 1, {args.threads} threads"
-          + (f"; SHARD: each call covers the first {args.shard_images} images (same chunk sizes)" if partial
-             else "; complete calls"))
+    print(
+        f"\nELS, one call, B = 1, N = {args.n} random uint8 images 3×32×32, σ = 1, {args.threads} threads"
+        + (
+            f"; SHARD: each call covers the first {args.shard_images} images (same chunk sizes)"
+            if partial
+            else "; complete calls"
+        )
+    )
     print("\n| k | requested budget | effective budget | peak extra MB | seconds |")
     print("|---|---|---|---|---|")
     for r in rows:
         req = "default" if r["budget_label"] == "default" else f"{float(r['budget_label']) / 1e9:g} GB"
-        print(f"| {r['k']} | {req} ({r['requested'] / 2**20:.0f} MiB) | {r['effective'] / 2**20:.0f} MiB | "
-              f"{r['extra_mb']:.0f} | {r['seconds']:.1f} |")
+        print(
+            f"| {r['k']} | {req} ({r['requested'] / 2**20:.0f} MiB) | {r['effective'] / 2**20:.0f} MiB | "
+            f"{r['extra_mb']:.0f} | {r['seconds']:.1f} |"
+        )
     if not all(r["hwm_reset"] for r in rows):
         print("\n(VmHWM could not be reset: peak is since process start, an upper bound)")
 

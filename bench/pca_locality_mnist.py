@@ -8,6 +8,7 @@ A script, not a test (bench/RESULTS.md records its output).
 shows the gain on the masks the method actually uses (the mask's mean support is printed: the sparse kernel's
 work is proportional to it, the reference's to D). Errors are against the float64 reference.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -47,12 +48,15 @@ def main() -> None:
         for backend in ("torch", "cpu"):
             den = make_denoiser("pca_locality", ds, backend=backend, threshold=args.threshold)
             out = den(x, sigma)  # warm-up: the mask (and the stencil table) are built once per σ
-            cells.append((median_ms(lambda: den(x, sigma), args.repeats),
-                          float((out.double() - ref).norm() / ref.norm())))
+            cells.append(
+                (median_ms(lambda: den(x, sigma), args.repeats), float((out.double() - ref).norm() / ref.norm()))
+            )
         support = float(oracle.mask_for(sigma).sum(0).double().mean())
         (t_ref, e_ref), (t_cpu, e_cpu) = cells
-        print(f"| {sigma:g} | {support:.1f} | {t_ref:.1f} | {t_cpu:.1f} | {t_ref / t_cpu:.1f} | {e_ref:.1e} | "
-              f"{e_cpu:.1e} |")
+        print(
+            f"| {sigma:g} | {support:.1f} | {t_ref:.1f} | {t_cpu:.1f} | {t_ref / t_cpu:.1f} | {e_ref:.1e} | "
+            f"{e_cpu:.1e} |"
+        )
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ Both give the same booleans (checked here on every σ). A script, not a test (be
 ``cifar``: N = 10 000 random uint8 images of 3×32×32 (white noise: the spectrum is flat, so no column of the
 factor can be dropped — the worst case of the bounded route); ``mnist``: the embedded MNIST (28×28).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -44,10 +45,14 @@ def main() -> None:
         ds = load_dataset("mnist")
     _, lam, U = ds.pca()  # warm (cached in memory and on disk; the denoiser reuses it)
     load = os.getloadavg()
-    print(f"{args.data}: N = {ds.n}, D = {ds.dim}, θ = {args.threshold}, {torch.get_num_threads()} thread(s), "
-          f"load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
-    print("| B | σ | mask nnz | dense mask s | bounded mask s | old new-σ step s | new-σ step s | cached step s "
-          "| old / cached | new / cached |")
+    print(
+        f"{args.data}: N = {ds.n}, D = {ds.dim}, θ = {args.threshold}, {torch.get_num_threads()} thread(s), "
+        f"load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}"
+    )
+    print(
+        "| B | σ | mask nnz | dense mask s | bounded mask s | old new-σ step s | new-σ step s | cached step s "
+        "| old / cached | new / cached |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|")
     gen = torch.Generator().manual_seed(1)
     for B in (int(b) for b in args.batches.split(",")):
@@ -63,8 +68,10 @@ def main() -> None:
                 raise SystemExit(f"mask mismatch at σ = {sigma}")
             _, t_cached = timed(lambda: den(x, sigma))
             t_old = t_dense + t_old_kernel
-            print(f"| {B} | {sigma:g} | {int(dense.sum())} | {t_dense:.2f} | {t_mask:.2f} | {t_old:.2f} | "
-                  f"{t_new:.2f} | {t_cached:.2f} | {t_old / t_cached:.1f} | {t_new / t_cached:.1f} |")
+            print(
+                f"| {B} | {sigma:g} | {int(dense.sum())} | {t_dense:.2f} | {t_mask:.2f} | {t_old:.2f} | "
+                f"{t_new:.2f} | {t_cached:.2f} | {t_old / t_cached:.1f} | {t_new / t_cached:.1f} |"
+            )
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ except ``*-optimal``, approximate.
 
     OMP_NUM_THREADS=1 python bench/peer_global.py [--batches 1,16,64] [--repeats 5] [--no-keops]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -53,6 +54,7 @@ def _time_interleaved(fns: dict, repeats: int) -> dict:
 
 def faiss_topk(rows, k=200):
     import faiss
+
     faiss.omp_set_num_threads(1)
     index = faiss.IndexFlatL2(rows.shape[1])
     index.add(np.ascontiguousarray(rows.numpy()))
@@ -62,6 +64,7 @@ def faiss_topk(rows, k=200):
         d, i = index.search(q, k)
         w = torch.softmax(-torch.from_numpy(d) / (2 * sigma * sigma), 1)
         return torch.einsum("bk,bkd->bd", w, rows[torch.from_numpy(i)]).reshape(x.shape)
+
     return fn
 
 
@@ -123,9 +126,10 @@ def main():
     torch.set_num_threads(1)
     os.environ.setdefault("AD_NUM_THREADS", "1")
     g = torch.Generator().manual_seed(0)
-    sets = {"MNIST 1×28×28": load_dataset("mnist"),
-            "CIFAR-shaped 3×32×32": load_array(torch.randint(0, 256, (10_000, 3, 32, 32), generator=g,
-                                                             dtype=torch.uint8))}
+    sets = {
+        "MNIST 1×28×28": load_dataset("mnist"),
+        "CIFAR-shaped 3×32×32": load_array(torch.randint(0, 256, (10_000, 3, 32, 32), generator=g, dtype=torch.uint8)),
+    }
     print(f"date {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; load before {os.getloadavg()}")
     cols = None
     for name, ds in sets.items():
@@ -144,20 +148,25 @@ def main():
                 print("pykeops not installed: no KeOps rows")
         if cols is None:
             cols = list(methods) + list(peers)
-            print("\n| shape | B | " + " | ".join(f"{c} ms" for c in cols) +
-                  " | topk × faiss | nearest × faiss | knn × faiss | topk / optimal | nearest / optimal | "
-                  "knn / optimal |")
+            print(
+                "\n| shape | B | "
+                + " | ".join(f"{c} ms" for c in cols)
+                + " | topk × faiss | nearest × faiss | knn × faiss | topk / optimal | nearest / optimal | "
+                "knn / optimal |"
+            )
             print("|---|---|" + "---|" * (len(cols) + 6))
         for b in [int(v) for v in args.batches.split(",")]:
             idx = torch.randint(0, ds.num_stored, (b,), generator=g)
             x = (ds.images_float(idx, torch.float32) + torch.randn(b, *ds.image_shape, generator=g)).float()
-            t = _time_interleaved({m: (lambda d=d: d(x, 1.0)) for m, d in {**methods, **peers}.items()},
-                                  args.repeats)
+            t = _time_interleaved({m: (lambda d=d: d(x, 1.0)) for m, d in {**methods, **peers}.items()}, args.repeats)
             tf = t.get("faiss-flat-k200", float("nan"))
-            print(f"| {name} | {b} | " + " | ".join(f"{1e3 * t[c]:.1f}" if c in t else "–" for c in cols) +
-                  f" | {tf / t['topk']:.2f} | {tf / t['nearest']:.2f} | {tf / t['knn']:.2f} | "
-                  f"{t['topk'] / t['optimal']:.2f} | {t['nearest'] / t['optimal']:.2f} | {t['knn'] / t['optimal']:.2f} |",
-                  flush=True)
+            print(
+                f"| {name} | {b} | "
+                + " | ".join(f"{1e3 * t[c]:.1f}" if c in t else "–" for c in cols)
+                + f" | {tf / t['topk']:.2f} | {tf / t['nearest']:.2f} | {tf / t['knn']:.2f} | "
+                f"{t['topk'] / t['optimal']:.2f} | {t['nearest'] / t['optimal']:.2f} | {t['knn'] / t['optimal']:.2f} |",
+                flush=True,
+            )
     print(f"\nload after {os.getloadavg()}")
 
 

@@ -15,6 +15,7 @@ and the largest certified bound (pruned runs only). Baselines:
 
 Run: ``OMP_NUM_THREADS=1 python bench/pruning_trajectory.py`` (one thread per method; prints a Markdown table).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -26,9 +27,9 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from analytic_diffusion.denoisers import make_denoiser  # noqa: E402
-from analytic_diffusion.ops import softmax_retrieval  # noqa: E402
-from analytic_diffusion.sampling import sample  # noqa: E402
+from analytic_diffusion.denoisers import make_denoiser
+from analytic_diffusion.ops import softmax_retrieval
+from analytic_diffusion.sampling import sample
 
 
 class Probe:
@@ -45,12 +46,14 @@ class Probe:
         out, bound, scored = self.fn(x, sigma)
         dt = time.perf_counter() - t0
         self.seconds += dt
-        self.per_call.append((float(torch.as_tensor(sigma).reshape(-1)[0]), dt,
-                              None if scored is None else float(scored.mean())))
+        self.per_call.append(
+            (float(torch.as_tensor(sigma).reshape(-1)[0]), dt, None if scored is None else float(scored.mean()))
+        )
         s = torch.as_tensor(sigma, dtype=torch.float64).reshape(-1).expand(x.shape[0])
         # The exact posterior mean in float64 (the C++ kernel in float64, tested against the torch oracle).
-        ref = softmax_retrieval(x.reshape(x.shape[0], -1).double(), self.keys, s, backend="cpu",
-                                dtype=torch.float64).mean
+        ref = softmax_retrieval(
+            x.reshape(x.shape[0], -1).double(), self.keys, s, backend="cpu", dtype=torch.float64
+        ).mean
         err = (out.reshape(x.shape[0], -1).double() - ref).norm(dim=1)
         self.max_err = max(self.max_err, float(err.max()))
         if bound is not None:
@@ -64,11 +67,13 @@ def _posterior_fn(denoiser):
     def fn(x, sigma):
         p = denoiser.posterior(x, sigma)
         return p.mean, p.error_bound, p.scored_fraction
+
     return fn
 
 
 def _faiss_fn(ds, index, k):
     import numpy as np
+
     keys = ds.keys()
     rows = keys.rows(0, keys.n, torch.float32)
 
@@ -80,6 +85,7 @@ def _faiss_fn(ds, index, k):
         w = torch.softmax(-d / (2 * s * s), 1)
         out = torch.einsum("bk,bkd->bd", w.float(), rows[i])
         return out.reshape(x.shape), None, None
+
     return fn
 
 
@@ -101,6 +107,7 @@ def run(name, ds, args, lines):
         d = make_denoiser("optimal", ds, tolerance=tol)
         t0 = time.perf_counter()
         from analytic_diffusion.ops.pruning import pruning_index
+
         pruning_index(keys)  # built once per dataset: reported apart
         build = time.perf_counter() - t0
         pruned[tol] = trajectory(f"tolerance {tol:g}", _posterior_fn(d), lambda d=d: d.pruning_summary())
@@ -114,6 +121,7 @@ def run(name, ds, args, lines):
     try:
         import faiss
         import numpy as np
+
         faiss.omp_set_num_threads(1)
         data = np.ascontiguousarray(keys.rows(0, keys.n, torch.float32).numpy())
         flat = faiss.IndexFlatL2(data.shape[1])
@@ -128,8 +136,10 @@ def run(name, ds, args, lines):
     except ImportError:
         print("  faiss-cpu not installed: FAISS rows left out", flush=True)
 
-    lines.append(f"\n{name}: N = {keys.n}, D = {keys.dim}, {args.n} samples, 18 Heun steps (35 calls)"
-                 + (f"; prefilter index built once in {index_seconds:.1f} s (not in the times)" if pruned else ""))
+    lines.append(
+        f"\n{name}: N = {keys.n}, D = {keys.dim}, {args.n} samples, 18 Heun steps (35 calls)"
+        + (f"; prefilter index built once in {index_seconds:.1f} s (not in the times)" if pruned else "")
+    )
     lines.append("\n| method | denoiser s | × exact | scored | max ‖err‖₂ | max certified bound | bound held |")
     lines.append("|---|---|---|---|---|---|---|")
     for label, probe, summary in results:
@@ -138,8 +148,10 @@ def run(name, ds, args, lines):
             scored = "1"
         bound = f"{probe.max_bound:.1e}" if summary is not None else "—"
         held = ("yes" if probe.bound_ok else "**no**") if summary is not None else "—"
-        lines.append(f"| {label} | {probe.seconds:.2f} | {exact.seconds / probe.seconds:.1f} | {scored} | "
-                     f"{probe.max_err:.1e} | {bound} | {held} |")
+        lines.append(
+            f"| {label} | {probe.seconds:.2f} | {exact.seconds / probe.seconds:.1f} | {scored} | "
+            f"{probe.max_err:.1e} | {bound} | {held} |"
+        )
     if args.per_sigma in pruned:  # where the time goes: per call along the trajectory
         p = pruned[args.per_sigma]
         lines.append(f"\nPer call, tolerance {args.per_sigma:g} vs the exact scan (first evaluation of each step):")
@@ -161,12 +173,14 @@ def main():
     os.environ.setdefault("AD_NUM_THREADS", "1")
     lines = [f"date {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; load before: {os.getloadavg()}"]
     from analytic_diffusion.data import load_dataset
+
     for name in args.datasets.split(","):
         print(name, flush=True)
         if name == "mnist":
             run("embedded MNIST", load_dataset("mnist"), args, lines)
         else:
             from shifted_mnist import shifted_mnist
+
             run("MNIST shifted ±1 px and mirrored", shifted_mnist(), args, lines)
     lines.append(f"\nload after: {os.getloadavg()}")
     print("\n".join(lines))

@@ -7,6 +7,7 @@ One "step" is one denoiser call (what an Euler/DDIM step costs; Heun makes about
 warmed once (PCA, masks, dataset centre: one-off costs cached per dataset or per σ), then timed as the median
 of --repeats calls. This is the baseline the fused kernels are measured against (bench/RESULTS.md).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -51,15 +52,18 @@ def main() -> None:
     ds = Dataset.from_array(torch.randint(0, 256, (args.n, 3, 32, 32), generator=g, dtype=torch.uint8))
     wanted = None if args.methods is None else set(args.methods.split(","))
     ks = [int(v) for v in args.ks.split(",")]
-    print(f"CPU reference, N = {args.n} random uint8 images 3×32×32, σ = {args.sigma}, fp32, "
-          f"{args.threads} threads, median of {args.repeats} calls after one warm-up\n")
+    print(
+        f"CPU reference, N = {args.n} random uint8 images 3×32×32, σ = {args.sigma}, fp32, "
+        f"{args.threads} threads, median of {args.repeats} calls after one warm-up\n"
+    )
     print("| method | options | B | s per step | ms per image per step |")
     print("|---|---|---|---|---|", flush=True)
     for method, opts, batches in PLAN:
         if wanted is not None and method not in wanted:
             continue
-        variants = [{k: (kk if v == "{k}" else v) for k, v in opts.items()} for kk in ks] \
-            if "{k}" in opts.values() else [opts]
+        variants = (
+            [{k: (kk if v == "{k}" else v) for k, v in opts.items()} for kk in ks] if "{k}" in opts.values() else [opts]
+        )
         for o in variants:
             den = make_denoiser(method, ds, **o)
             for b in batches:

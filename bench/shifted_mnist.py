@@ -4,6 +4,7 @@ four directions or not at all, each with its left-right mirror (10 000 × 5 × 2
 Shifts fill with the background (0). Nothing is downloaded. ``python bench/shifted_mnist.py out.npz`` writes the
 images and labels (uint8, int64); :func:`shifted_mnist` builds the Dataset in memory (about 1 s).
 """
+
 from __future__ import annotations
 
 import sys
@@ -15,6 +16,7 @@ SHIFTS = ((0, 0), (1, 0), (-1, 0), (0, 1), (0, -1))
 
 def shifted_mnist_arrays():
     from analytic_diffusion.data import load_dataset
+
     ds = load_dataset("mnist")
     keys = ds.keys()
     images = keys.values.reshape(-1, 28, 28).numpy()
@@ -34,6 +36,7 @@ def shifted_mnist_arrays():
 def shifted_mnist():
     """The 100 000-image Dataset (uint8, labelled)."""
     from analytic_diffusion.data import load_array
+
     images, labels = shifted_mnist_arrays()
     return load_array(images, labels, source="mnist-shift-flip")
 

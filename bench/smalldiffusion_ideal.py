@@ -10,6 +10,7 @@ smalldiffusion`` fails on this machine (its __init__ imports torchvision, whose 
 import against the CPU torch build), so model.py is loaded from the installed package by file path (it needs
 only einops). Both sides get the same float32 queries; errors are of x̂0 = x − σ·ε̂, max |·| over the batch.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -28,7 +29,7 @@ def _ideal_class():
     spec = importlib.util.find_spec("smalldiffusion")
     if spec is None:
         raise SystemExit("smalldiffusion is not installed (pip install --no-deps smalldiffusion einops)")
-    path = os.path.join(list(spec.submodule_search_locations)[0], "model.py")
+    path = os.path.join(next(iter(spec.submodule_search_locations)), "model.py")
     mspec = importlib.util.spec_from_file_location("_smalldiffusion_model", path)
     mod = importlib.util.module_from_spec(mspec)
     mspec.loader.exec_module(mod)
@@ -75,7 +76,7 @@ def main():
         noise = torch.randn((a.batch,) + shape, generator=g, dtype=torch.float64)
         cases = [("near one image", r * half_gap, data32[i].double() + r * half_gap * noise) for r in (0.01, 0.1)]
         # midway between two images, where the posterior mixes them and logit errors move x̂0
-        mid = (data32[i].double() + data32[j].double()) / 2 + 0.01 * half_gap * noise / D ** 0.5
+        mid = (data32[i].double() + data32[j].double()) / 2 + 0.01 * half_gap * noise / D**0.5
         cases += [("midway between two", r * half_gap, mid) for r in (1.0, 0.5, 0.3)]
         for kind, sigma, xq in cases:
             x = xq.float()
@@ -85,8 +86,10 @@ def main():
             out_fast = fast(x, sigma).double()
             t_ideal = _median_ms(lambda: ideal(x, s), a.repeats)
             t_fast = _median_ms(lambda: fast(x, sigma), a.repeats)
-            for name, out, t in (("smalldiffusion IdealDenoiser (fp32)", out_ideal, t_ideal),
-                                 ("engine optimal (fp32, backend auto)", out_fast, t_fast)):
+            for name, out, t in (
+                ("smalldiffusion IdealDenoiser (fp32)", out_ideal, t_ideal),
+                ("engine optimal (fp32, backend auto)", out_fast, t_fast),
+            ):
                 err = (out - ref).abs().max().item()
                 e = "nan" if err != err else f"{err:.1e}"
                 r = "nan" if err != err else f"{err / (2 * hw):.1e}"

@@ -6,6 +6,7 @@ The network's full Heun run on the Karras grid is the reference; for each σ_ski
 Gaussian flow of the training set's Gaussian down to σ_skip, then the rest of the same grid) and a plain run with as
 many steps are compared with it by per-sample Pearson r and RMS of the final samples. Prints a markdown table.
 """
+
 import argparse
 import time
 
@@ -28,17 +29,22 @@ def main():
     net = ad.load_network(a.checkpoint)
     wiener = ad.make_denoiser("wiener", ds)
     t = time.perf_counter()
-    res = ad.teleportation_study(net, wiener, a.n, steps=a.steps, sigma_skips=[float(v) for v in a.skips.split(",")],
-                                 r_min=a.r_min)
-    print(f"{a.checkpoint}: {a.n} samples, {a.steps}-step Heun on karras, Gaussian of {ds!r} "
-          f"({time.perf_counter() - t:.0f} s)\n")
+    res = ad.teleportation_study(
+        net, wiener, a.n, steps=a.steps, sigma_skips=[float(v) for v in a.skips.split(",")], r_min=a.r_min
+    )
+    print(
+        f"{a.checkpoint}: {a.n} samples, {a.steps}-step Heun on karras, Gaussian of {ds!r} "
+        f"({time.perf_counter() - t:.0f} s)\n"
+    )
     print("| σ_skip | steps skipped | evaluations (full) | teleported r (min) | teleported RMS | plain r | plain RMS |")
     print("|---:|---:|---:|---:|---:|---:|---:|")
     for r in res["rows"]:
         t, pl = r["teleported"], r["plain"]
-        print(f"| {r['sigma_skip']:g} | {r['steps_skipped']} of {a.steps} ({r['fraction_skipped']:.0%}) | "
-              f"{r['evaluations']} ({r['full_evaluations']}) | {t['pearson_r']:.4f} ({t['pearson_r_min']:.4f}) | "
-              f"{t['rms']:.4f} | {pl['pearson_r']:.4f} | {pl['rms']:.4f} |")
+        print(
+            f"| {r['sigma_skip']:g} | {r['steps_skipped']} of {a.steps} ({r['fraction_skipped']:.0%}) | "
+            f"{r['evaluations']} ({r['full_evaluations']}) | {t['pearson_r']:.4f} ({t['pearson_r_min']:.4f}) | "
+            f"{t['rms']:.4f} | {pl['pearson_r']:.4f} | {pl['rms']:.4f} |"
+        )
     print(f"\nsteps saved at mean r >= {a.r_min}: {res['steps_saved']} of {a.steps} ({res['fraction_saved']:.0%})")
 
 

@@ -7,6 +7,7 @@ Not part of the test suite (pytest's testpaths is tests/): timings belong here, 
 `analytic-diffusion bench global` command runs the same paths and adds ratios and roofline floors.
 Default shapes: N = 10,000 MNIST-shaped uint8 keys (D = 784), fp32, σ = 1; the device is CUDA when present.
 """
+
 import os
 
 import pytest

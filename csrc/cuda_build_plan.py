@@ -13,14 +13,15 @@ torch if importable, else ``nvidia-smi``, else the ``/dev/nvidia0`` device node.
 the GPU's architecture when it is known (``AD_CUDA_ARCH``, e.g. ``90a`` or ``8.0``, overrides it), else for the
 portable fallback list; the .cu files compile in parallel.
 """
+
 from __future__ import annotations
 
 import os
 import re
 import shutil
 import subprocess
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import List, Mapping, Optional, Tuple
 
 # Hopper SASS with the sm_90a features, Ampere SASS, and Ampere PTX for anything newer (JIT by the driver).
 FALLBACK_ARCH_FLAGS = [
@@ -34,11 +35,11 @@ FALLBACK_ARCH_FLAGS = [
 class Plan:
     build: bool
     required: bool = False  # a failed nvcc fails the install
-    arch_flags: List[str] = field(default_factory=list)
-    message: str = ""       # printed (stderr) when not building, or to say what is built for
+    arch_flags: list[str] = field(default_factory=list)
+    message: str = ""  # printed (stderr) when not building, or to say what is built for
 
 
-def arch_flags(arch: Optional[str]) -> List[str]:
+def arch_flags(arch: str | None) -> list[str]:
     """nvcc -gencode flags for one architecture ("90a", "9.0", "sm_86", "8.6"), or the fallback list for None.
     Compute capability 9.0 gets sm_90a (the Hopper-specific features); others SASS + PTX of their own number."""
     if not arch:
@@ -53,7 +54,7 @@ def arch_flags(arch: Optional[str]) -> List[str]:
     return [f"-gencode=arch=compute_{a},code=sm_{a}", f"-gencode=arch=compute_{a},code=compute_{a}"]
 
 
-def plan(env: Mapping[str, str], nvcc: Optional[str], gpu: bool, arch: Optional[str], how: str = "") -> Plan:
+def plan(env: Mapping[str, str], nvcc: str | None, gpu: bool, arch: str | None, how: str = "") -> Plan:
     """The build decision from the environment, the nvcc path (or None), whether a GPU was seen (and how) and its
     architecture (None when unknown)."""
     flag = env.get("AD_BUILD_CUDA", "").strip()
@@ -66,20 +67,28 @@ def plan(env: Mapping[str, str], nvcc: Optional[str], gpu: bool, arch: Optional[
         if flag == "1":
             raise RuntimeError("AD_BUILD_CUDA=1 but nvcc was not found (set CUDA_HOME or put nvcc on PATH)")
         if gpu:
-            return Plan(False, message=f"NOT BUILT although this machine has a GPU ({how}): nvcc not found (set "
-                                       "CUDA_HOME or put nvcc on PATH); backend 'cuda' and its GPU tests will fail")
+            return Plan(
+                False,
+                message=f"NOT BUILT although this machine has a GPU ({how}): nvcc not found (set "
+                "CUDA_HOME or put nvcc on PATH); backend 'cuda' and its GPU tests will fail",
+            )
         return Plan(False, message="not built (nvcc not found)")
     if flag != "1" and not gpu:
         return Plan(False, message="not built (no GPU seen on this machine; set AD_BUILD_CUDA=1 to build anyway)")
     target = f"sm_{chosen}" if chosen else "the fallback architectures (GPU architecture unknown)"
-    return Plan(True, required=True, arch_flags=arch_flags(chosen),
-                message=f"building for {target}" + (f" ({how})" if how else ""))
+    return Plan(
+        True,
+        required=True,
+        arch_flags=arch_flags(chosen),
+        message=f"building for {target}" + (f" ({how})" if how else ""),
+    )
 
 
-def detect_gpu() -> Tuple[bool, Optional[str], str]:
+def detect_gpu() -> tuple[bool, str | None, str]:
     """(GPU present, compute capability like "90" or None, how it was found), without requiring torch."""
     try:
         import torch
+
         if torch.cuda.is_available():
             major, minor = torch.cuda.get_device_capability(0)
             return True, f"{major}{minor}", "torch"
@@ -88,8 +97,9 @@ def detect_gpu() -> Tuple[bool, Optional[str], str]:
     smi = shutil.which("nvidia-smi")
     if smi:
         try:
-            r = subprocess.run([smi, "--query-gpu=compute_cap", "--format=csv,noheader"], capture_output=True,
-                               text=True, timeout=30)
+            r = subprocess.run(
+                [smi, "--query-gpu=compute_cap", "--format=csv,noheader"], capture_output=True, text=True, timeout=30
+            )
             caps = [c.strip() for c in r.stdout.splitlines() if re.fullmatch(r"\d+\.\d", c.strip())]
             if r.returncode == 0 and caps:
                 return True, caps[0].replace(".", ""), "nvidia-smi"
@@ -100,8 +110,9 @@ def detect_gpu() -> Tuple[bool, Optional[str], str]:
     return False, None, ""
 
 
-def nvcc_commands(nvcc: str, flags: List[str], arch: List[str], includes: List[str], sources: List[str],
-                  out_dir: str) -> List[Tuple[str, List[str]]]:
+def nvcc_commands(
+    nvcc: str, flags: list[str], arch: list[str], includes: list[str], sources: list[str], out_dir: str
+) -> list[tuple[str, list[str]]]:
     """(object path, command) per .cu source."""
     out = []
     for src in sources:
@@ -110,9 +121,10 @@ def nvcc_commands(nvcc: str, flags: List[str], arch: List[str], includes: List[s
     return out
 
 
-def run_parallel(commands: List[List[str]], jobs: Optional[int] = None) -> None:
+def run_parallel(commands: list[list[str]], jobs: int | None = None) -> None:
     """Run the nvcc commands concurrently; raise with every failing command's output."""
     from concurrent.futures import ThreadPoolExecutor
+
     if not commands:
         return
     jobs = jobs or max(1, min(len(commands), os.cpu_count() or 1))

@@ -4,6 +4,7 @@ converted to Python scalars"), so ``for i in range(0, n, BLOCK)`` over a runtime
 the interpreter's ``__index__`` use ``.item()``. It touches nothing when not interpreting (GPU compilation is
 unaffected) and is a no-op on Triton versions without that helper.
 """
+
 from __future__ import annotations
 
 

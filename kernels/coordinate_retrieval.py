@@ -16,6 +16,7 @@ exact at every σ), runs an online softmax in base 2 and accumulates the values.
 (XLAB[j] == QLAB[b]). Partials per (split, query, coordinate) are combined by the caller: log-sum-exp for the
 exact softmax, or one mean per split when the splits are the chunks of the studio's chunk-averaged softmax.
 """
+
 from __future__ import annotations
 
 import torch
@@ -29,9 +30,27 @@ BLOCKS = (32, 64) if INTERPRET else (32, 32)
 
 
 @triton.jit
-def _coordinate_kernel(X, IMG, SUPP, VIDX, COEF, SPLITS, XLAB, QLAB, M, L, O,
-                       B, D, nnz, scale, shift,
-                       HAS_LABELS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+def _coordinate_kernel(
+    X,
+    IMG,
+    SUPP,
+    VIDX,
+    COEF,
+    SPLITS,
+    XLAB,
+    QLAB,
+    M,
+    L,
+    O,
+    B,
+    D,
+    nnz,
+    scale,
+    shift,
+    HAS_LABELS: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
     pid_m = tl.program_id(0)
     b = tl.program_id(1)
     pid_s = tl.program_id(2)
@@ -51,12 +70,14 @@ def _coordinate_kernel(X, IMG, SUPP, VIDX, COEF, SPLITS, XLAB, QLAB, M, L, O,
         nmask = offs_n < j_stop
         rows = IMG + offs_n.to(tl.int64) * D
         dist = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-        for t in range(0, nnz):
+        for t in range(nnz):
             idx = tl.load(SUPP + t * D + offs_m, mask=mmask, other=-1)  # (NNZ, D): coalesced along m
             on = idx >= 0
             xv = tl.load(x_row + idx, mask=on, other=0.0)
-            yv = tl.load(rows[None, :] + idx[:, None], mask=on[:, None] & nmask[None, :],
-                         other=0).to(tl.float32) * scale + shift
+            yv = (
+                tl.load(rows[None, :] + idx[:, None], mask=on[:, None] & nmask[None, :], other=0).to(tl.float32) * scale
+                + shift
+            )
             diff = tl.where(on[:, None], xv[:, None] - yv, 0.0)
             dist += diff * diff
         valid = mmask[:, None] & nmask[None, :]
@@ -65,8 +86,10 @@ def _coordinate_kernel(X, IMG, SUPP, VIDX, COEF, SPLITS, XLAB, QLAB, M, L, O,
             valid = valid & (lab == qlab)[None, :]
         logit = tl.where(valid, -coef * dist, float("-inf"))
         m, l, l2, alpha, p = _online_softmax_step(m, l, l2, logit)
-        v = tl.load(rows[None, :] + vidx[:, None], mask=mmask[:, None] & nmask[None, :],
-                    other=0).to(tl.float32) * scale + shift
+        v = (
+            tl.load(rows[None, :] + vidx[:, None], mask=mmask[:, None] & nmask[None, :], other=0).to(tl.float32) * scale
+            + shift
+        )
         o = o * alpha + tl.sum(p * v, axis=1)
     part = (_wide(pid_s, B) + b) * D + offs_m
     tl.store(M + part, m, mask=mmask)
@@ -74,9 +97,19 @@ def _coordinate_kernel(X, IMG, SUPP, VIDX, COEF, SPLITS, XLAB, QLAB, M, L, O,
     tl.store(O + part, o, mask=mmask)
 
 
-def coordinate_partials(x: torch.Tensor, images: torch.Tensor, stencil: torch.Tensor, value_index: torch.Tensor,
-                        coef2: torch.Tensor, splits: torch.Tensor, *, scale: float, shift: float,
-                        image_labels=None, query_labels=None):
+def coordinate_partials(
+    x: torch.Tensor,
+    images: torch.Tensor,
+    stencil: torch.Tensor,
+    value_index: torch.Tensor,
+    coef2: torch.Tensor,
+    splits: torch.Tensor,
+    *,
+    scale: float,
+    shift: float,
+    image_labels=None,
+    query_labels=None,
+):
     """(m base 2, l, o), each (S, B, D) float32: the softmax partials of every (split, query, coordinate).
 
     ``x`` (B, D) float32 queries; ``images`` (N, D) uint8 or float32 candidates (value = scale·raw + shift);
@@ -93,8 +126,25 @@ def coordinate_partials(x: torch.Tensor, images: torch.Tensor, stencil: torch.Te
     has_labels = image_labels is not None
     dummy = splits  # never read without labels
     _coordinate_kernel[(triton.cdiv(D, bm), B, S)](
-        x, images, stencil, value_index, coef2, splits,
-        image_labels if has_labels else dummy, query_labels if has_labels else dummy, m, l, o,
-        B, D, stencil.shape[0], float(scale), float(shift),
-        HAS_LABELS=has_labels, BLOCK_M=bm, BLOCK_N=bn, num_warps=4)
+        x,
+        images,
+        stencil,
+        value_index,
+        coef2,
+        splits,
+        image_labels if has_labels else dummy,
+        query_labels if has_labels else dummy,
+        m,
+        l,
+        o,
+        B,
+        D,
+        stencil.shape[0],
+        float(scale),
+        float(shift),
+        HAS_LABELS=has_labels,
+        BLOCK_M=bm,
+        BLOCK_N=bn,
+        num_warps=4,
+    )
     return m, l, o

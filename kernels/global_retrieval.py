@@ -18,6 +18,7 @@ are bitwise repeatable):
 The wrappers take and return torch tensors; the ops layer (``ops.triton_backend``) prepares the inputs,
 combines the partials and decides which rows each kernel may serve.
 """
+
 from __future__ import annotations
 
 import os
@@ -27,12 +28,15 @@ import triton
 import triton.language as tl
 
 if not hasattr(tl, "topk"):  # public since Triton 3.3; the private sort_impl it wraps moved between releases
-    raise ImportError(f"analytic_diffusion.kernels needs triton>=3.3 (tl.topk); found triton {triton.__version__}. "
-                      "Install triton>=3.6 or use backend='torch' / 'cpu' / 'cuda'.")
+    raise ImportError(
+        f"analytic_diffusion.kernels needs triton>=3.3 (tl.topk); found triton {triton.__version__}. "
+        "Install triton>=3.6 or use backend='torch' / 'cpu' / 'cuda'."
+    )
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 if INTERPRET:
     from . import _interpreter_compat
+
     _interpreter_compat.apply()
 PRECISIONS = {"ieee": 0, "tf32": 1, "bf16x2": 2}
 _INT64_MAX = tl.constexpr(2**63 - 1)
@@ -63,11 +67,34 @@ def _empty(shape, dtype, device):
 
 
 @triton.jit
-def _split_n_kernel(Q, X, COEF, XLAB, QLAB, M, L, L2, O, TOPK,
-                    B, N, D, keys_per_split, scale, shift,
-                    stride_q, stride_x, stride_os, stride_ob,
-                    BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                    HAS_LABELS: tl.constexpr, SOFTMAX: tl.constexpr, TOPK_K: tl.constexpr):
+def _split_n_kernel(
+    Q,
+    X,
+    COEF,
+    XLAB,
+    QLAB,
+    M,
+    L,
+    L2,
+    O,
+    TOPK,
+    B,
+    N,
+    D,
+    keys_per_split,
+    scale,
+    shift,
+    stride_q,
+    stride_x,
+    stride_os,
+    stride_ob,
+    BLOCK_B: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    HAS_LABELS: tl.constexpr,
+    SOFTMAX: tl.constexpr,
+    TOPK_K: tl.constexpr,
+):
     pid_s = tl.program_id(0)
     pid_b = tl.program_id(1)
     offs_b = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
@@ -82,8 +109,11 @@ def _split_n_kernel(Q, X, COEF, XLAB, QLAB, M, L, L2, O, TOPK,
     if SOFTMAX:  # the slot may hold garbage (poisoned in tests): start from zeros
         for d0 in range(0, D, BLOCK_D):
             offs_d = d0 + tl.arange(0, BLOCK_D)
-            tl.store(o_base + offs_d[None, :], tl.zeros([BLOCK_B, BLOCK_D], tl.float32),
-                     mask=bmask[:, None] & (offs_d[None, :] < D))
+            tl.store(
+                o_base + offs_d[None, :],
+                tl.zeros([BLOCK_B, BLOCK_D], tl.float32),
+                mask=bmask[:, None] & (offs_d[None, :] < D),
+            )
     if TOPK_K > 0:
         best = tl.full([BLOCK_B, TOPK_K], _INT64_MAX, tl.int64)
     for n0 in range(start, stop, BLOCK_N):
@@ -93,10 +123,18 @@ def _split_n_kernel(Q, X, COEF, XLAB, QLAB, M, L, L2, O, TOPK,
         for d0 in range(0, D, BLOCK_D):
             offs_d = d0 + tl.arange(0, BLOCK_D)
             dmask = offs_d < D
-            x = tl.load(X + _wide(offs_n, stride_x)[:, None] + offs_d[None, :], mask=nmask[:, None] & dmask[None, :],
-                        other=0).to(tl.float32) * scale + shift
-            q = tl.load(Q + _wide(offs_b, stride_q)[:, None] + offs_d[None, :], mask=bmask[:, None] & dmask[None, :],
-                        other=0.0)
+            x = (
+                tl.load(
+                    X + _wide(offs_n, stride_x)[:, None] + offs_d[None, :],
+                    mask=nmask[:, None] & dmask[None, :],
+                    other=0,
+                ).to(tl.float32)
+                * scale
+                + shift
+            )
+            q = tl.load(
+                Q + _wide(offs_b, stride_q)[:, None] + offs_d[None, :], mask=bmask[:, None] & dmask[None, :], other=0.0
+            )
             diff = tl.where(dmask[None, None, :], q[:, None, :] - x[None, :, :], 0.0)
             dist += tl.sum(diff * diff, axis=2)
         valid = bmask[:, None] & nmask[None, :]
@@ -109,8 +147,15 @@ def _split_n_kernel(Q, X, COEF, XLAB, QLAB, M, L, L2, O, TOPK,
             for d0 in range(0, D, BLOCK_D):
                 offs_d = d0 + tl.arange(0, BLOCK_D)
                 dmask = offs_d < D
-                x = tl.load(X + _wide(offs_n, stride_x)[:, None] + offs_d[None, :],
-                            mask=nmask[:, None] & dmask[None, :], other=0).to(tl.float32) * scale + shift
+                x = (
+                    tl.load(
+                        X + _wide(offs_n, stride_x)[:, None] + offs_d[None, :],
+                        mask=nmask[:, None] & dmask[None, :],
+                        other=0,
+                    ).to(tl.float32)
+                    * scale
+                    + shift
+                )
                 omask = bmask[:, None] & dmask[None, :]
                 o = tl.load(o_base + offs_d[None, :], mask=omask, other=0.0)
                 o = o * alpha[:, None] + tl.sum(p[:, :, None] * x[None, :, :], axis=1)
@@ -137,9 +182,22 @@ def split_n_warps(topk: int) -> int:
     return 8 if topk >= 32 else 4
 
 
-def split_n(q: torch.Tensor, x: torch.Tensor, coef2: torch.Tensor, *, scale: float, shift: float,
-            xlab=None, qlab=None, splits: int, softmax: bool = True, topk: int = 0,
-            block_b: int = 4, block_n: int = None, block_d: int = None):
+def split_n(
+    q: torch.Tensor,
+    x: torch.Tensor,
+    coef2: torch.Tensor,
+    *,
+    scale: float,
+    shift: float,
+    xlab=None,
+    qlab=None,
+    splits: int,
+    softmax: bool = True,
+    topk: int = 0,
+    block_b: int = 4,
+    block_n: int | None = None,
+    block_d: int | None = None,
+):
     """Partials of the split-N kernel.
 
     q (B, D) float32, x (N, D) uint8/float32 (candidate = scale·x + shift), coef2 (B,) base-2 coefficients.
@@ -162,11 +220,34 @@ def split_n(q: torch.Tensor, x: torch.Tensor, coef2: torch.Tensor, *, scale: flo
     labels = xlab is not None and qlab is not None  # class filter only when the queries carry labels
     grid = (S, triton.cdiv(B, block_b))
     _split_n_kernel[grid](
-        q, x, coef2, xlab if labels else coef2, qlab if labels else coef2, m, l, l2, o, tk,
-        B, N, D, keys_per_split, float(scale), float(shift),
-        q.stride(0), x.stride(0), o.stride(0) if softmax else 0, o.stride(1) if softmax else 0,
-        BLOCK_B=block_b, BLOCK_N=block_n, BLOCK_D=block_d, HAS_LABELS=labels, SOFTMAX=softmax, TOPK_K=kk,
-        num_warps=split_n_warps(kk))
+        q,
+        x,
+        coef2,
+        xlab if labels else coef2,
+        qlab if labels else coef2,
+        m,
+        l,
+        l2,
+        o,
+        tk,
+        B,
+        N,
+        D,
+        keys_per_split,
+        float(scale),
+        float(shift),
+        q.stride(0),
+        x.stride(0),
+        o.stride(0) if softmax else 0,
+        o.stride(1) if softmax else 0,
+        BLOCK_B=block_b,
+        BLOCK_N=block_n,
+        BLOCK_D=block_d,
+        HAS_LABELS=labels,
+        SOFTMAX=softmax,
+        TOPK_K=kk,
+        num_warps=split_n_warps(kk),
+    )
     return m, l, l2, (o if softmax else None), (tk if kk else None)
 
 
@@ -229,10 +310,33 @@ def _store_state(M, L, L2, part, m, l, l2, mask):
 
 
 @triton.jit
-def _logits_kernel(QHI, QLO, X, A2, KN, K2, XLAB, QLAB, LOGITS, TM, TL, TL2,
-                   B, N, D, stride_q, stride_x, stride_lb, stride_tb,
-                   BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                   PRECISION: tl.constexpr, HAS_LABELS: tl.constexpr, INTERP: tl.constexpr):
+def _logits_kernel(
+    QHI,
+    QLO,
+    X,
+    A2,
+    KN,
+    K2,
+    XLAB,
+    QLAB,
+    LOGITS,
+    TM,
+    TL,
+    TL2,
+    B,
+    N,
+    D,
+    stride_q,
+    stride_x,
+    stride_lb,
+    stride_tb,
+    BLOCK_B: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    PRECISION: tl.constexpr,
+    HAS_LABELS: tl.constexpr,
+    INTERP: tl.constexpr,
+):
     """Pass A: z2_bj = a2_b·⟨q_b, x_j⟩ − k2_b·n_j (base 2, per-row constants added by the caller) and per-(row, key tile) max / Σ2^z / Σ2^2z."""
     pid_n = tl.program_id(0)
     pid_b = tl.program_id(1)
@@ -244,8 +348,9 @@ def _logits_kernel(QHI, QLO, X, A2, KN, K2, XLAB, QLAB, LOGITS, TM, TL, TL2,
     for k0 in range(0, D, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         kmask = offs_k < D
-        xt = tl.load(X + _wide(offs_n, stride_x)[None, :] + offs_k[:, None], mask=nmask[None, :] & kmask[:, None],
-                     other=0)  # (BLOCK_K, BLOCK_N): keys as the dot's second operand, no transpose copy
+        xt = tl.load(
+            X + _wide(offs_n, stride_x)[None, :] + offs_k[:, None], mask=nmask[None, :] & kmask[:, None], other=0
+        )  # (BLOCK_K, BLOCK_N): keys as the dot's second operand, no transpose copy
         qmask = bmask[:, None] & kmask[None, :]
         qh = tl.load(QHI + _wide(offs_b, stride_q)[:, None] + offs_k[None, :], mask=qmask, other=0.0)
         ql = qh
@@ -273,9 +378,25 @@ def _logits_kernel(QHI, QLO, X, A2, KN, K2, XLAB, QLAB, LOGITS, TM, TL, TL2,
 
 
 @triton.jit
-def _weighted_sum_kernel(LOGITS, MROW, X, O, B, N, D, keys_per_split, stride_lb, stride_x, stride_os, stride_ob,
-                         BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                         PRECISION: tl.constexpr, INTERP: tl.constexpr):
+def _weighted_sum_kernel(
+    LOGITS,
+    MROW,
+    X,
+    O,
+    B,
+    N,
+    D,
+    keys_per_split,
+    stride_lb,
+    stride_x,
+    stride_os,
+    stride_ob,
+    BLOCK_B: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    PRECISION: tl.constexpr,
+    INTERP: tl.constexpr,
+):
     """Pass B: partial O_s[b, d] = Σ_{j in split s} 2^(z_bj − M_b) · x_jd (raw key values; affine map later)."""
     pid_d = tl.program_id(0)
     pid_b = tl.program_id(1)
@@ -291,22 +412,42 @@ def _weighted_sum_kernel(LOGITS, MROW, X, O, B, N, D, keys_per_split, stride_lb,
     for n0 in range(start, stop, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         nmask = offs_n < stop
-        z = tl.load(LOGITS + _wide(offs_b, stride_lb)[:, None] + offs_n[None, :], mask=bmask[:, None] & nmask[None, :],
-                    other=float("-inf"))
+        z = tl.load(
+            LOGITS + _wide(offs_b, stride_lb)[:, None] + offs_n[None, :],
+            mask=bmask[:, None] & nmask[None, :],
+            other=float("-inf"),
+        )
         p = tl.exp2(z - mrow[:, None])
-        x = tl.load(X + _wide(offs_n, stride_x)[:, None] + offs_d[None, :], mask=nmask[:, None] & dmask[None, :], other=0)
+        x = tl.load(
+            X + _wide(offs_n, stride_x)[:, None] + offs_d[None, :], mask=nmask[:, None] & dmask[None, :], other=0
+        )
         p_hi = p
         p_lo = p
         if PRECISION == 2:  # p = hi + lo + r with hi, lo truncated to bf16 (|r| ≤ 2^-14 p)
             p_hi = _trunc_bf16(p)
             p_lo = _trunc_bf16(p - p_hi)
         acc = _acc_dot(acc, p_hi, p_lo, x, PRECISION, INTERP)
-    tl.store(O + _wide(pid_s, stride_os) + _wide(offs_b, stride_ob)[:, None] + offs_d[None, :], acc,
-             mask=bmask[:, None] & dmask[None, :])
+    tl.store(
+        O + _wide(pid_s, stride_os) + _wide(offs_b, stride_ob)[:, None] + offs_d[None, :],
+        acc,
+        mask=bmask[:, None] & dmask[None, :],
+    )
 
 
-def two_pass(q_hi: torch.Tensor, q_lo, x: torch.Tensor, a2, k2, key_norms, *, xlab=None, qlab=None,
-             precision: str = "ieee", splits: int = 8, config=None):
+def two_pass(
+    q_hi: torch.Tensor,
+    q_lo,
+    x: torch.Tensor,
+    a2,
+    k2,
+    key_norms,
+    *,
+    xlab=None,
+    qlab=None,
+    precision: str = "ieee",
+    splits: int = 8,
+    config=None,
+):
     """Partials of the two-pass kernels: (m (B,) base 2, l (B,), l2 (B,), o (S, B, D) of raw key values).
 
     z2_bj = a2_b·⟨q_b, x_j⟩ − k2_b·n_j; per-tile statistics are reduced here in a fixed order.
@@ -318,7 +459,8 @@ def two_pass(q_hi: torch.Tensor, q_lo, x: torch.Tensor, a2, k2, key_norms, *, xl
     dev = q_hi.device
     code = PRECISIONS[precision]
     block_b, block_n, block_k, block_d, warps = config or (
-        _TWO_PASS_CONFIG_INTERP if INTERPRET else TWO_PASS_CONFIG_GPU[precision])
+        _TWO_PASS_CONFIG_INTERP if INTERPRET else TWO_PASS_CONFIG_GPU[precision]
+    )
     T = triton.cdiv(N, block_n)
     logits = _empty((B, N), torch.float32, dev)
     tm = _empty((B, T), torch.float32, dev)
@@ -326,11 +468,33 @@ def two_pass(q_hi: torch.Tensor, q_lo, x: torch.Tensor, a2, k2, key_norms, *, xl
     tl2 = _empty((B, T), torch.float32, dev)
     labels = xlab is not None and qlab is not None  # class filter only when the queries carry labels
     _logits_kernel[(T, triton.cdiv(B, block_b))](
-        q_hi, q_lo if q_lo is not None else q_hi, x, a2, key_norms, k2,
-        xlab if labels else a2, qlab if labels else a2, logits, tm, tl_, tl2,
-        B, N, D, q_hi.stride(0), x.stride(0), logits.stride(0), tm.stride(0),
-        BLOCK_B=block_b, BLOCK_N=block_n, BLOCK_K=block_k, PRECISION=code, HAS_LABELS=labels, INTERP=INTERPRET,
-        num_warps=warps)
+        q_hi,
+        q_lo if q_lo is not None else q_hi,
+        x,
+        a2,
+        key_norms,
+        k2,
+        xlab if labels else a2,
+        qlab if labels else a2,
+        logits,
+        tm,
+        tl_,
+        tl2,
+        B,
+        N,
+        D,
+        q_hi.stride(0),
+        x.stride(0),
+        logits.stride(0),
+        tm.stride(0),
+        BLOCK_B=block_b,
+        BLOCK_N=block_n,
+        BLOCK_K=block_k,
+        PRECISION=code,
+        HAS_LABELS=labels,
+        INTERP=INTERPRET,
+        num_warps=warps,
+    )
     # Log-sum-exp of the tile statistics (B × N/BLOCK_N numbers), fixed order.
     m = tm.max(1).values
     m_safe = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
@@ -341,7 +505,23 @@ def two_pass(q_hi: torch.Tensor, q_lo, x: torch.Tensor, a2, k2, key_norms, *, xl
     S = triton.cdiv(N, keys_per_split)
     o = _empty((S, B, D), torch.float32, dev)
     _weighted_sum_kernel[(triton.cdiv(D, block_d), triton.cdiv(B, block_b), S)](
-        logits, m_safe.contiguous(), x, o, B, N, D, keys_per_split, logits.stride(0), x.stride(0),
-        o.stride(0), o.stride(1), BLOCK_B=block_b, BLOCK_N=block_k, BLOCK_D=block_d, PRECISION=code,
-        INTERP=INTERPRET, num_warps=warps)
+        logits,
+        m_safe.contiguous(),
+        x,
+        o,
+        B,
+        N,
+        D,
+        keys_per_split,
+        logits.stride(0),
+        x.stride(0),
+        o.stride(0),
+        o.stride(1),
+        BLOCK_B=block_b,
+        BLOCK_N=block_k,
+        BLOCK_D=block_d,
+        PRECISION=code,
+        INTERP=INTERPRET,
+        num_warps=warps,
+    )
     return m, l, l2, o

@@ -17,6 +17,7 @@ of its running maximum from a key tile, the exponentials and the value update of
 large win at low noise; the neglected mass is below N·P·2^-SKIP of the total). Partials per (split, row) are
 combined by the caller in a fixed order.
 """
+
 from __future__ import annotations
 
 import os
@@ -34,10 +35,33 @@ BLOCKS = (16, 32, 32) if INTERPRET else (32, 16, 16)  # GPU: no ptxas spills for
 
 
 @triton.jit
-def _patch_kernel(Q, IMG, IMGIDX, POS, COEF, M, L, L2, O,
-                  n_rows, n_img, n_pos, imgs_per_split, H, W, scale, shift, stride_q, SKIP,
-                  K: tl.constexpr, C: tl.constexpr, C_PAD: tl.constexpr,
-                  BLOCK_Q: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_F: tl.constexpr):
+def _patch_kernel(
+    Q,
+    IMG,
+    IMGIDX,
+    POS,
+    COEF,
+    M,
+    L,
+    L2,
+    O,
+    n_rows,
+    n_img,
+    n_pos,
+    imgs_per_split,
+    H,
+    W,
+    scale,
+    shift,
+    stride_q,
+    SKIP,
+    K: tl.constexpr,
+    C: tl.constexpr,
+    C_PAD: tl.constexpr,
+    BLOCK_Q: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+    BLOCK_F: tl.constexpr,
+):
     pid_q = tl.program_id(0)
     pid_s = tl.program_id(1)
     F: tl.constexpr = C * K * K
@@ -82,16 +106,34 @@ def _patch_kernel(Q, IMG, IMGIDX, POS, COEF, M, L, L2, O,
             gap = tl.where(qmask, tile_max - tl.maximum(m, -3.0e38), float("-inf"))
             if tl.max(gap, axis=0) > -SKIP:
                 m, l, l2, alpha, p = _online_softmax_step(m, l, l2, logit)
-                v = tl.load(IMG + base + offs_c[None, :] * hw + (pr * W + pc)[:, None],
-                            mask=pmask[:, None] & cmask[None, :], other=0).to(tl.float32) * scale + shift
+                v = (
+                    tl.load(
+                        IMG + base + offs_c[None, :] * hw + (pr * W + pc)[:, None],
+                        mask=pmask[:, None] & cmask[None, :],
+                        other=0,
+                    ).to(tl.float32)
+                    * scale
+                    + shift
+                )
                 o = o * alpha[:, None] + tl.sum(p[:, :, None] * v[None, :, :], axis=1)
     part = pid_s * n_rows + offs_q  # the slot: S·rows stays far below 2^31 (the host sizes S·rows·C to its budget)
     _store_state(M, L, L2, part, m, l, l2, qmask)
     tl.store(O + _wide(part, C)[:, None] + offs_c[None, :], o, mask=qmask[:, None] & cmask[None, :])
 
 
-def patch_partials(q: torch.Tensor, images: torch.Tensor, image_index: torch.Tensor, positions: torch.Tensor,
-                   coef2: torch.Tensor, *, k: int, scale: float, shift: float, splits: int, skip_bits=SKIP_BITS):
+def patch_partials(
+    q: torch.Tensor,
+    images: torch.Tensor,
+    image_index: torch.Tensor,
+    positions: torch.Tensor,
+    coef2: torch.Tensor,
+    *,
+    k: int,
+    scale: float,
+    shift: float,
+    splits: int,
+    skip_bits=SKIP_BITS,
+):
     """Partials (m base 2, l, l2 (S, Q); o (S, Q, C)) of the patch softmax.
 
     q (Q, C·k²) float32 in (C, k, k) layout; images (N, C, H, W) uint8 or float32 (candidate = scale·u + shift,
@@ -109,15 +151,40 @@ def patch_partials(q: torch.Tensor, images: torch.Tensor, image_index: torch.Ten
     o = _empty((S, Qn, C), torch.float32, dev)
     bq, bp, bf = BLOCKS
     _patch_kernel[(triton.cdiv(Qn, bq), S)](
-        q, images, image_index, positions, coef2, m, l, l2, o,
-        Qn, n_img, positions.shape[0], per, H, W, float(scale), float(shift), q.stride(0), float(skip_bits),
-        K=k, C=C, C_PAD=max(2, triton.next_power_of_2(C)), BLOCK_Q=bq, BLOCK_P=bp, BLOCK_F=bf, num_warps=4)
+        q,
+        images,
+        image_index,
+        positions,
+        coef2,
+        m,
+        l,
+        l2,
+        o,
+        Qn,
+        n_img,
+        positions.shape[0],
+        per,
+        H,
+        W,
+        float(scale),
+        float(shift),
+        q.stride(0),
+        float(skip_bits),
+        K=k,
+        C=C,
+        C_PAD=max(2, triton.next_power_of_2(C)),
+        BLOCK_Q=bq,
+        BLOCK_P=bp,
+        BLOCK_F=bf,
+        num_warps=4,
+    )
     return m, l, l2, o
 
 
 @triton.jit
-def _same_position_keys(IMG, base, nmask, pr, pc, f0, H, W, scale, shift,
-                        K: tl.constexpr, C: tl.constexpr, BLOCK_F: tl.constexpr):
+def _same_position_keys(
+    IMG, base, nmask, pr, pc, f0, H, W, scale, shift, K: tl.constexpr, C: tl.constexpr, BLOCK_F: tl.constexpr
+):
     """Features f0 … f0 + BLOCK_F of the k×k patches centred at (pr, pc) (one per row) of the images at ``base``:
     a (rows, images, BLOCK_F) tile, zero outside the image and beyond C·k²; also the feature offsets and mask."""
     F: tl.constexpr = C * K * K
@@ -135,10 +202,32 @@ def _same_position_keys(IMG, base, nmask, pr, pc, f0, H, W, scale, shift,
 
 
 @triton.jit
-def _same_position_kernel(Q, IMG, IMGIDX, POS, COEF, M, L, L2, O,
-                          n_rows, n_img, imgs_per_split, H, W, scale, shift, stride_q,
-                          K: tl.constexpr, C: tl.constexpr, C_PAD: tl.constexpr, WHOLE: tl.constexpr,
-                          BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_F: tl.constexpr):
+def _same_position_kernel(
+    Q,
+    IMG,
+    IMGIDX,
+    POS,
+    COEF,
+    M,
+    L,
+    L2,
+    O,
+    n_rows,
+    n_img,
+    imgs_per_split,
+    H,
+    W,
+    scale,
+    shift,
+    stride_q,
+    K: tl.constexpr,
+    C: tl.constexpr,
+    C_PAD: tl.constexpr,
+    WHOLE: tl.constexpr,
+    BLOCK_Q: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_F: tl.constexpr,
+):
     """The same-position rule: row r's candidates are the k×k patches of every listed image centred at row r's
     own position POS[r]; keys are gathered per (row, image) from the uint8 images, zero-padded. Values: the
     centre pixel (C values, LS) or, with WHOLE, the whole patch (C·k² values, PSPC), accumulated in the
@@ -161,8 +250,11 @@ def _same_position_kernel(Q, IMG, IMGIDX, POS, COEF, M, L, L2, O,
     if WHOLE:  # the slot starts at 0 (the first tile rescales it by alpha = 0, and 0 · a NaN poison is NaN)
         for f0 in range(0, F, BLOCK_F):
             offs_f = f0 + tl.arange(0, BLOCK_F)
-            tl.store(o_rows[:, None] + offs_f[None, :], tl.zeros([BLOCK_Q, BLOCK_F], tl.float32),
-                     mask=qmask[:, None] & (offs_f < F)[None, :])
+            tl.store(
+                o_rows[:, None] + offs_f[None, :],
+                tl.zeros([BLOCK_Q, BLOCK_F], tl.float32),
+                mask=qmask[:, None] & (offs_f < F)[None, :],
+            )
     i_start = pid_s * imgs_per_split
     i_stop = tl.minimum(i_start + imgs_per_split, n_img)
     for n0 in range(i_start, i_stop, BLOCK_N):
@@ -171,26 +263,34 @@ def _same_position_kernel(Q, IMG, IMGIDX, POS, COEF, M, L, L2, O,
         base = tl.load(IMGIDX + offs_n, mask=nmask, other=0).to(tl.int64) * (C * hw)
         dist = tl.zeros([BLOCK_Q, BLOCK_N], tl.float32)
         for f0 in range(0, F, BLOCK_F):
-            offs_f, fmask, key = _same_position_keys(IMG, base, nmask, pr, pc, f0, H, W, scale, shift,
-                                                     K, C, BLOCK_F)
-            q = tl.load(Q + _wide(offs_q, stride_q)[:, None] + offs_f[None, :], mask=qmask[:, None] & fmask[None, :],
-                        other=0.0)
+            offs_f, fmask, key = _same_position_keys(IMG, base, nmask, pr, pc, f0, H, W, scale, shift, K, C, BLOCK_F)
+            q = tl.load(
+                Q + _wide(offs_q, stride_q)[:, None] + offs_f[None, :], mask=qmask[:, None] & fmask[None, :], other=0.0
+            )
             diff = tl.where(fmask[None, None, :], q[:, None, :] - key, 0.0)
             dist += tl.sum(diff * diff, axis=2)
         logit = tl.where(qmask[:, None] & nmask[None, :], -coef[:, None] * dist, float("-inf"))
         m, l, l2, alpha, p = _online_softmax_step(m, l, l2, logit)
         if WHOLE:
             for f0 in range(0, F, BLOCK_F):
-                offs_f, fmask, key = _same_position_keys(IMG, base, nmask, pr, pc, f0, H, W, scale, shift,
-                                                         K, C, BLOCK_F)
+                offs_f, fmask, key = _same_position_keys(
+                    IMG, base, nmask, pr, pc, f0, H, W, scale, shift, K, C, BLOCK_F
+                )
                 slot = o_rows[:, None] + offs_f[None, :]
                 smask = qmask[:, None] & fmask[None, :]
                 prev = tl.load(slot, mask=smask, other=0.0)
                 tl.store(slot, prev * alpha[:, None] + tl.sum(p[:, :, None] * key, axis=1), mask=smask)
         else:
             vmask = qmask[:, None, None] & nmask[None, :, None] & cmask[None, None, :]
-            v = tl.load(IMG + base[None, :, None] + offs_c[None, None, :] * hw + (pr * W + pc)[:, None, None],
-                        mask=vmask, other=0).to(tl.float32) * scale + shift
+            v = (
+                tl.load(
+                    IMG + base[None, :, None] + offs_c[None, None, :] * hw + (pr * W + pc)[:, None, None],
+                    mask=vmask,
+                    other=0,
+                ).to(tl.float32)
+                * scale
+                + shift
+            )
             o = o * alpha[:, None] + tl.sum(p[:, :, None] * v, axis=1)
     _store_state(M, L, L2, part, m, l, l2, qmask)
     if not WHOLE:
@@ -208,9 +308,19 @@ def same_position_warps(features: int, whole: bool) -> int:
     return 8 if whole and features % SAME_POSITION_BLOCKS[2] else 4
 
 
-def same_position_partials(q: torch.Tensor, images: torch.Tensor, image_index: torch.Tensor, row_positions,
-                           coef2: torch.Tensor, *, k: int, scale: float, shift: float, splits: int,
-                           whole: bool = False):
+def same_position_partials(
+    q: torch.Tensor,
+    images: torch.Tensor,
+    image_index: torch.Tensor,
+    row_positions,
+    coef2: torch.Tensor,
+    *,
+    k: int,
+    scale: float,
+    shift: float,
+    splits: int,
+    whole: bool = False,
+):
     """Partials like :func:`patch_partials`, but row r's only candidate position is ``row_positions[r]``; with
     ``whole`` the value is the whole C·k² patch (o has C·k² columns) instead of the centre pixel."""
     Qn = q.shape[0]
@@ -225,8 +335,30 @@ def same_position_partials(q: torch.Tensor, images: torch.Tensor, image_index: t
     l2 = _empty((S, Qn), torch.float32, dev)
     o = _empty((S, Qn, C * k * k if whole else C), torch.float32, dev)
     _same_position_kernel[(triton.cdiv(Qn, bq), S)](
-        q, images, image_index, row_positions, coef2, m, l, l2, o,
-        Qn, n_img, per, H, W, float(scale), float(shift), q.stride(0),
-        K=k, C=C, C_PAD=max(2, triton.next_power_of_2(C)), WHOLE=whole, BLOCK_Q=bq, BLOCK_N=bn, BLOCK_F=bf,
-        num_warps=same_position_warps(C * k * k, whole))
+        q,
+        images,
+        image_index,
+        row_positions,
+        coef2,
+        m,
+        l,
+        l2,
+        o,
+        Qn,
+        n_img,
+        per,
+        H,
+        W,
+        float(scale),
+        float(shift),
+        q.stride(0),
+        K=k,
+        C=C,
+        C_PAD=max(2, triton.next_power_of_2(C)),
+        WHOLE=whole,
+        BLOCK_Q=bq,
+        BLOCK_N=bn,
+        BLOCK_F=bf,
+        num_warps=same_position_warps(C * k * k, whole),
+    )
     return m, l, l2, o

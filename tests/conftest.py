@@ -9,6 +9,7 @@ that test's inputs exactly, whatever ran before it and on whichever xdist worker
 ``module_seed`` (base seed, module). Torch runs one thread per test process (as under ``-n auto`` on 2 cores), so
 a replay also sums in the same order; ``AD_TEST_THREADS`` changes that.
 """
+
 import hashlib
 import os
 import random
@@ -20,18 +21,28 @@ import secrets
 # TRITON_INTERPRET=0 to test the compiled kernels.
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
-from hypothesis import HealthCheck, settings  # noqa: E402
+import pytest
+import torch
+from hypothesis import HealthCheck, settings
 
 # Property tests (tests/test_properties.py): CI runs a derandomised, bounded profile (same examples every run);
 # HYPOTHESIS_PROFILE=long explores far more, with fresh examples and the example database, for local runs.
-settings.register_profile("ci", derandomize=True, database=None, max_examples=25, deadline=None,
-                          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
-                          print_blob=True)
-settings.register_profile("long", max_examples=1500, deadline=None,
-                          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
-                          print_blob=True)
+settings.register_profile(
+    "ci",
+    derandomize=True,
+    database=None,
+    max_examples=25,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+    print_blob=True,
+)
+settings.register_profile(
+    "long",
+    max_examples=1500,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+    print_blob=True,
+)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
@@ -94,6 +105,7 @@ def pytest_configure(config):
     isa = os.environ.get("AD_CPU_ISA")
     if isa:  # a path this CPU cannot run would be replaced by a narrower one: refuse, so no run tests the wrong path
         from analytic_diffusion.ops import cpu_backend
+
         runnable = cpu_backend.runnable_isas() if cpu_backend.available() else ("base",)
         if isa not in runnable:
             raise pytest.UsageError(f"AD_CPU_ISA={isa}: this CPU and build run {', '.join(runnable)}")
@@ -106,8 +118,9 @@ def pytest_report_header(config):
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
     # `pytest -q` (CI) prints no header: repeat the seed at the end, where a failure's reader looks.
     if exitstatus != 0:
-        terminalreporter.write_line(f"replay this run's random inputs with AD_TEST_SEED={BASE_SEED} "
-                                    f"(and AD_CPU_ISA as this run had it, if set)")
+        terminalreporter.write_line(
+            f"replay this run's random inputs with AD_TEST_SEED={BASE_SEED} (and AD_CPU_ISA as this run had it, if set)"
+        )
 
 
 # A skip in CI must have a reason CI accepts (no GPU here, an instruction set this CPU lacks): AD_TEST_ALLOWED_SKIPS
@@ -147,9 +160,10 @@ def pytest_sessionfinish(session, exitstatus):
 def _seeded_globals(request):
     """torch's, NumPy's and Python's global generators, seeded from (base seed, test id) before every test."""
     import numpy as np
+
     seed = seed_for(request.node.nodeid)
     torch.manual_seed(seed)
-    np.random.seed(seed % 2**32)
+    np.random.seed(seed % 2**32)  # noqa: NPY002 (the legacy global generator is what tests draw from)
     random.seed(seed)
 
 
@@ -175,6 +189,7 @@ def _isolated_cache(tmp_path, monkeypatch):
 def mnist2000():
     """2000 random images of the embedded MNIST test set (fixed subset: the backends are compared on it)."""
     from analytic_diffusion.data import load_dataset
+
     return load_dataset("mnist").subset(2000, random=True, seed=7)
 
 
@@ -185,6 +200,7 @@ def emulated_cuda():
     hash of its sources (tests/cuda_emu/build.py: ~/.cache/analytic_diffusion/cuda_emu, or $AD_CUDA_EMU_CACHE),
     built once under a file lock however many xdist workers ask for it."""
     from cuda_emu import build
+
     reason = build.unavailable_reason()
     if reason is not None:
         pytest.skip(f"CUDA host emulation unavailable: {reason}")
@@ -196,6 +212,7 @@ def cpu_kernels(monkeypatch):
     """The C++ extension (a failure, not a skip, where it is not built: the package builds it everywhere), with the
     local-family kernels' outputs filled with NaN before every call, so that a slot left unwritten shows."""
     from analytic_diffusion.ops import cpu_backend
+
     if not cpu_backend.available():
         pytest.fail("the C++ extension analytic_diffusion._cpu is not built (pip install -e .)", pytrace=False)
     monkeypatch.setattr(cpu_backend, "poison_outputs", True)
@@ -221,7 +238,9 @@ def coordinate_fused(request):
 
 def _fused_backend(request):
     from types import SimpleNamespace
+
     from analytic_diffusion.ops import cpu_backend, triton_backend
+
     if request.param == "cpu":
         if not cpu_backend.available():
             pytest.fail("the C++ extension analytic_diffusion._cpu is not built (pip install -e .)")
@@ -239,12 +258,16 @@ def _fused_backend(request):
 def cuda_fused(request, monkeypatch):
     """(``"cuda"``, device): the built CUDA extension on a GPU, else csrc/cuda under the host emulator on CPU."""
     from types import SimpleNamespace
+
     from analytic_diffusion.ops import cuda_backend
+
     if cuda_backend.available() and not cuda_backend._emulated():
         return SimpleNamespace(name="cuda", device=torch.device("cuda"))
     if torch.cuda.is_available():  # a GPU machine without its CUDA kernels: fail, never fall back to the emulator
-        pytest.fail(f"this machine has a GPU but backend 'cuda' is unavailable: {cuda_backend.unavailable_reason()}",
-                    pytrace=False)
+        pytest.fail(
+            f"this machine has a GPU but backend 'cuda' is unavailable: {cuda_backend.unavailable_reason()}",
+            pytrace=False,
+        )
     monkeypatch.setattr(cuda_backend, "_cuda", request.getfixturevalue("emulated_cuda"))
     monkeypatch.setattr(cuda_backend, "_REASON", None)
     return SimpleNamespace(name="cuda", device=torch.device("cpu"))

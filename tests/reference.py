@@ -1,4 +1,5 @@
 """Brute-force float64 references written independently of the package (direct distances, full softmax)."""
+
 import torch
 
 
@@ -34,7 +35,7 @@ def row_rel(a, b):
     return (a - b).norm(dim=1) / b.norm(dim=1).clamp_min(1e-300)
 
 
-def float32_tolerance(denoise, x, out, base=1e-4, trials=4, eps=2.0 ** -20):
+def float32_tolerance(denoise, x, out, base=1e-4, trials=4, eps=2.0**-20):
     """Per-sample tolerance of a float32 result against the float64 one: ``base`` plus 4 × how far the float64
     output ``out`` = denoise(x) moves when x moves by a few float32 ulps (relative ``eps``, random directions).
 
@@ -55,6 +56,7 @@ def float32_tolerance(denoise, x, out, base=1e-4, trials=4, eps=2.0 ** -20):
 def uint8_bank(rng, n, c=1, h=3, w=5, labels=None):
     """A random uint8 KeyBank with the [-1, 1] affine map."""
     from analytic_diffusion.ops import KeyBank
+
     u = torch.randint(0, 256, (n, c * h * w), generator=rng, dtype=torch.uint8)
     return KeyBank(u, 2 / 255, -1.0, labels=labels, image_shape=(c, h, w))
 
@@ -77,8 +79,12 @@ def noisy_images(ds, rng, b, sigma):
 # The patch kernels' contract (kernels/patch_retrieval.py, csrc/cuda/patch_retrieval.cuh, csrc/cpu/patch.h): rule,
 # C, H, W, k, R query rows, n training images. Several candidate tiles per split and a partial last tile; R not a
 # multiple of any query block; a 3×32×32 whole-crop patch (the largest PSPC crop of CIFAR-10 shapes).
-PATCH_CONTRACT_CASES = [("shared", 1, 9, 9, 3, 11, 300), ("same_centre", 3, 6, 5, 5, 13, 150),
-                        ("same_whole", 2, 7, 6, 4, 5, 300), ("same_whole", 3, 32, 32, 32, 2, 3)]
+PATCH_CONTRACT_CASES = [
+    ("shared", 1, 9, 9, 3, 11, 300),
+    ("same_centre", 3, 6, 5, 5, 13, 150),
+    ("same_whole", 2, 7, 6, 4, 5, 300),
+    ("same_whole", 3, 32, 32, 32, 2, 3),
+]
 
 
 def check_patch_contract(rng, launch, device, cases=PATCH_CONTRACT_CASES, shuffle_positions=False):
@@ -88,6 +94,7 @@ def check_patch_contract(rng, launch, device, cases=PATCH_CONTRACT_CASES, shuffl
     from analytic_diffusion.ops import KeyBank
     from analytic_diffusion.ops.fused_patch import LOG2E, _finish
     from analytic_diffusion.ops.patch_retrieval import interior_positions
+
     for rule, c, h, w, k, R, n in cases:
         imgs = torch.randint(0, 256, (n, c, h, w), generator=rng, dtype=torch.uint8)
         if rule == "shared":
@@ -108,16 +115,30 @@ def check_patch_contract(rng, launch, device, cases=PATCH_CONTRACT_CASES, shuffl
         pad = torch.nn.functional.pad(y, (k // 2,) * 4)
         cands, vals = [], []
         for r in range(R):
-            centres = (pos if rule == "shared" else pos[r:r + 1]).tolist()
-            cands.append(torch.stack([pad[:, :, a:a + k, b:b + k] for a, b in centres], 1).reshape(-1, c * k * k))
-            vals.append(cands[-1] if rule == "same_whole" else
-                        torch.stack([y[:, :, a, b] for a, b in centres], 1).reshape(-1, c))
+            centres = (pos if rule == "shared" else pos[r : r + 1]).tolist()
+            cands.append(torch.stack([pad[:, :, a : a + k, b : b + k] for a, b in centres], 1).reshape(-1, c * k * k))
+            vals.append(
+                cands[-1]
+                if rule == "same_whole"
+                else torch.stack([y[:, :, a, b] for a, b in centres], 1).reshape(-1, c)
+            )
         q = torch.stack([cd[torch.randint(0, cd.shape[0], (1,), generator=rng)].squeeze(0) for cd in cands])
         q = (q + sigma.clamp(max=2.0)[:, None] * torch.randn(q.shape, generator=rng, dtype=torch.float64)).float()
         splits = 2 if rule != "same_whole" else 1  # 150 candidates per split or more: several tiles
-        got = _finish(*launch(
-            q.to(device), imgs.to(device), idx.to(device), pos.to(torch.int32).to(device),
-            (coef * LOG2E).float().to(device), k=k, scale=kb.scale, shift=kb.shift, splits=splits, rule=rule))
+        got = _finish(
+            *launch(
+                q.to(device),
+                imgs.to(device),
+                idx.to(device),
+                pos.to(torch.int32).to(device),
+                (coef * LOG2E).float().to(device),
+                k=k,
+                scale=kb.scale,
+                shift=kb.shift,
+                splits=splits,
+                rule=rule,
+            )
+        )
         assert torch.isfinite(got.o).all() and torch.isfinite(got.l).all()
         for r in range(R):
             z = -coef[r] * ((q[r].double() - cands[r]) ** 2).sum(1)

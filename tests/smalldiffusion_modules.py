@@ -6,6 +6,7 @@ torchvision::nms does not exist"). diffusion.py (Schedule*, samples) and model.p
 not need torchvision (diffusion.py needs accelerate, model.py einops, both installed with --no-deps), so they are
 loaded as standalone modules; the code that runs is the package's own.
 """
+
 import importlib.util
 import os
 
@@ -15,7 +16,7 @@ def load(name: str):
     spec = importlib.util.find_spec("smalldiffusion")  # locates the package without running its __init__
     if spec is None or not spec.submodule_search_locations:
         return None
-    path = os.path.join(list(spec.submodule_search_locations)[0], f"{name}.py")
+    path = os.path.join(next(iter(spec.submodule_search_locations)), f"{name}.py")
     mod_spec = importlib.util.spec_from_file_location(f"_smalldiffusion_{name}", path)
     mod = importlib.util.module_from_spec(mod_spec)
     mod_spec.loader.exec_module(mod)

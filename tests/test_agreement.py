@@ -1,15 +1,24 @@
 """Agreement metrics against hand-computed values, and the comparison drivers on a denoiser vs itself."""
+
 import json
 import math
 
 import pytest
 import torch
 
+from analytic_diffusion.analysis.agreement import single_step, trajectories
 from analytic_diffusion.data import Dataset
 from analytic_diffusion.denoisers import make_denoiser
-from analytic_diffusion.analysis.agreement import single_step, trajectories
-from analytic_diffusion.metrics import (mann_whitney_u, mse, nearest_train_distance, novelty, pearson_r, r2,
-                                        score_cosine, to_jsonable)
+from analytic_diffusion.metrics import (
+    mann_whitney_u,
+    mse,
+    nearest_train_distance,
+    novelty,
+    pearson_r,
+    r2,
+    score_cosine,
+    to_jsonable,
+)
 from analytic_diffusion.sampling.generate import sample
 
 
@@ -91,8 +100,10 @@ def test_mann_whitney_u_matches_pair_count(rng):
     assert mann_whitney_u([1.0, 1.0], [1.0])["z"] == 0.0  # all tied
 
 
-@pytest.mark.parametrize("m, n, levels", [(1, 1, 0), (2, 1, 0), (7, 5, 0), (40, 33, 0), (300, 211, 0),
-                                           (9, 12, 3), (50, 61, 6), (400, 350, 20), (3, 3, 1)])
+@pytest.mark.parametrize(
+    "m, n, levels",
+    [(1, 1, 0), (2, 1, 0), (7, 5, 0), (40, 33, 0), (300, 211, 0), (9, 12, 3), (50, 61, 6), (400, 350, 20), (3, 3, 1)],
+)
 def test_mann_whitney_u_matches_scipy(m, n, levels, rng):
     """The hand-written U against scipy.stats.mannwhitneyu (the test extra): U of the first sample, and the
     two-sided p of the tie-corrected normal approximation without continuity correction (ours). Continuous
@@ -115,8 +126,7 @@ def test_mann_whitney_u_matches_scipy(m, n, levels, rng):
         assert ours["p_value"] == pytest.approx(float(ref.pvalue), rel=1e-9, abs=1e-15)
     # scipy's statistic is U of its first argument whichever way round: swapping the samples mirrors U and z.
     swapped = mann_whitney_u(b, a)
-    ref_swapped = mannwhitneyu(b.numpy(), a.numpy(), alternative="two-sided", use_continuity=False,
-                               method="asymptotic")
+    ref_swapped = mannwhitneyu(b.numpy(), a.numpy(), alternative="two-sided", use_continuity=False, method="asymptotic")
     assert swapped["U"] == pytest.approx(float(ref_swapped.statistic), rel=1e-12, abs=1e-12)
     assert swapped["z"] == pytest.approx(-ours["z"], abs=1e-12)
 
@@ -136,7 +146,7 @@ def test_novelty_distances_are_exact(rng):
 # ------------------------------------------------------------------------------------------- drivers
 @pytest.fixture
 def tiny(rng):
-    x = (torch.rand(40, 1, 6, 6, generator=rng) * 2 - 1)
+    x = torch.rand(40, 1, 6, 6, generator=rng) * 2 - 1
     return Dataset.from_array(x)
 
 
@@ -164,8 +174,9 @@ def test_single_step_hand_case_and_self_agreement(tiny):
 def test_trajectories_self_and_other(tiny):
     wiener = make_denoiser("wiener", tiny)
     optimal = make_denoiser("optimal", tiny)
-    out = trajectories({"self": wiener, "optimal": optimal}, wiener, steps=4, sampler="ddim",
-                       schedule="kamb-cosine", seeds=[3, 0, 1])
+    out = trajectories(
+        {"self": wiener, "optimal": optimal}, wiener, steps=4, sampler="ddim", schedule="kamb-cosine", seeds=[3, 0, 1]
+    )
     assert out["seeds"] == [3, 0, 1] and out["sigmas"].shape == (4,)
     assert bool((out["sigmas"][1:] < out["sigmas"][:-1]).all())
     s = out["methods"]["self"]

@@ -1,12 +1,13 @@
 """The benchmark harness: baselines are correct, rows carry ratios and oracle errors, the CLI writes its files."""
+
 import json
 
 import pytest
 import torch
+from reference import posterior_bruteforce, rel
 
 from analytic_diffusion.benchmark import baselines, markdown_table, roofline, run_global_bench
 from analytic_diffusion.cli import main
-from reference import posterior_bruteforce, rel
 
 
 @pytest.mark.parametrize("sigma", [0.05, 1.0, 30.0])
@@ -22,8 +23,9 @@ def test_baselines_match_bruteforce(rng, sigma):
 
 
 def test_run_global_bench_rows_and_ratios():
-    rows = run_global_bench([30], [500], [1, 3], paths=["naive", "chunked", "sdpa", "torch", "cpu", "triton"],
-                            repeats=1)
+    rows = run_global_bench(
+        [30], [500], [1, 3], paths=["naive", "chunked", "sdpa", "torch", "cpu", "triton"], repeats=1
+    )
     assert {(r["B"], r["path"]) for r in rows} >= {(1, "naive"), (3, "cpu")}
     timed = [r for r in rows if "seconds" in r]
     assert all(r["rel_err"] < 1e-4 and r["seconds"] > 0 for r in timed)
@@ -49,13 +51,53 @@ def test_roofline_floor_model():
 
 def test_bench_cli_global_and_e2e(tmp_path, capsys):
     out = tmp_path / "bench"
-    assert main(["bench", "global", "--dims", "16", "--n", "200", "--batches", "2", "--paths", "naive,cpu",
-                 "--repeats", "1", "--device", "cpu", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "bench",
+                "global",
+                "--dims",
+                "16",
+                "--n",
+                "200",
+                "--batches",
+                "2",
+                "--paths",
+                "naive,cpu",
+                "--repeats",
+                "1",
+                "--device",
+                "cpu",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     rows = json.loads((out / "results.json").read_text())
     assert [r["path"] for r in rows] == ["naive", "cpu"] and "| cpu |" in (out / "table.md").read_text()
     res_file = tmp_path / "e2e.json"
-    assert main(["bench", "e2e", "--n-train", "50", "--shape", "1,4,4", "--samples", "3", "--steps", "3",
-                 "--device", "cpu", "--out", str(res_file)]) == 0
+    assert (
+        main(
+            [
+                "bench",
+                "e2e",
+                "--n-train",
+                "50",
+                "--shape",
+                "1,4,4",
+                "--samples",
+                "3",
+                "--steps",
+                "3",
+                "--device",
+                "cpu",
+                "--out",
+                str(res_file),
+            ]
+        )
+        == 0
+    )
     res = json.loads(res_file.read_text())
     assert res["finite"] and res["samples"] == 3 and res["seconds"] > 0
     assert main(["bench", "global", "--precisions", "fp8", "--device", "cpu"]) == 2
@@ -76,6 +118,7 @@ def test_patch_floor_model():
 def test_patch_pair_counts():
     from analytic_diffusion.data.dataset import Dataset
     from analytic_diffusion.denoisers import make_denoiser
+
     ds = Dataset(torch.zeros(7, 2, 6, 5, dtype=torch.uint8))
     # ELS: every pixel against every interior patch of every image (×2 with flips)
     assert make_denoiser("els", ds).pairs_per_image(3) == 30 * (4 * 3) * 7
@@ -92,9 +135,11 @@ def test_studio_els_computes_els(rng, sigma):
     from analytic_diffusion.benchmark.local_bench import studio_chunk, studio_els
     from analytic_diffusion.data.dataset import Dataset
     from analytic_diffusion.denoisers import make_denoiser
+
     ds = Dataset(torch.randint(0, 256, (7, 2, 6, 5), generator=rng, dtype=torch.uint8))
-    x = ds.images_float(torch.arange(2), torch.float64) + sigma * torch.randn(2, 2, 6, 5, generator=rng,
-                                                                              dtype=torch.float64)
+    x = ds.images_float(torch.arange(2), torch.float64) + sigma * torch.randn(
+        2, 2, 6, 5, generator=rng, dtype=torch.float64
+    )
     for k in (1, 3, 5):
         ref = make_denoiser("els", ds, dtype=torch.float64, patch=k)(x, sigma)
         got = studio_els(x, ds.images_float(dtype=torch.float64), k, sigma, chunk=3)  # 3 chunks: 3 + 3 + 1
@@ -105,11 +150,18 @@ def test_studio_els_computes_els(rng, sigma):
 
 
 def test_bench_local_rows_and_naive_els(tmp_path):
-    from analytic_diffusion.benchmark.local_bench import markdown_table as local_table, run_local_bench
-    rows = run_local_bench(["ls", "els", "pspc", "pca_locality"], [3], n=20, shape=(1, 6, 6),
-                           paths=["naive", "studio", "torch", "cpu", "triton", "cuda"], sigma=0.5)
-    assert {r["method"] for r in rows if r["path"] == "cpu" and "seconds" in r} == {"ls", "els", "pspc",
-                                                                                   "pca_locality"}
+    from analytic_diffusion.benchmark.local_bench import markdown_table as local_table
+    from analytic_diffusion.benchmark.local_bench import run_local_bench
+
+    rows = run_local_bench(
+        ["ls", "els", "pspc", "pca_locality"],
+        [3],
+        n=20,
+        shape=(1, 6, 6),
+        paths=["naive", "studio", "torch", "cpu", "triton", "cuda"],
+        sigma=0.5,
+    )
+    assert {r["method"] for r in rows if r["path"] == "cpu" and "seconds" in r} == {"ls", "els", "pspc", "pca_locality"}
     els_naive = next(r for r in rows if r["method"] == "els" and r["path"] == "naive")
     assert els_naive["rel_err"] < 1e-4  # the naive baseline computes the same ELS
     els_studio = next(r for r in rows if r["method"] == "els" and r["path"] == "studio")
@@ -129,6 +181,27 @@ def test_bench_local_rows_and_naive_els(tmp_path):
     pca = next(r for r in rows if r["method"] == "pca_locality" and r["path"] == "torch")
     assert pca["k"] is None and pca["threshold"] == 0.005 and 1 <= pca["mean_support"] <= 36
     assert "θ = 0.005: mask support" in local_table(rows)
-    assert main(["bench", "local", "--methods", "ls", "--patch", "1", "--n-train", "8", "--shape", "1,4,4",
-                 "--paths", "torch", "--device", "cpu", "--out", str(tmp_path / "loc")]) == 0
+    assert (
+        main(
+            [
+                "bench",
+                "local",
+                "--methods",
+                "ls",
+                "--patch",
+                "1",
+                "--n-train",
+                "8",
+                "--shape",
+                "1,4,4",
+                "--paths",
+                "torch",
+                "--device",
+                "cpu",
+                "--out",
+                str(tmp_path / "loc"),
+            ]
+        )
+        == 0
+    )
     assert (tmp_path / "loc" / "table.md").exists()

@@ -1,4 +1,5 @@
 """Patch-size calibration: toy denoisers with a known best k per σ, real denoisers end to end, and the CLI."""
+
 import json
 import math
 
@@ -22,11 +23,12 @@ SHAPE = (1, 6, 6)
 
 def target_index(sigma: float) -> int:
     """The toy's best size index at σ: grows with log σ (0 … 4)."""
-    return max(0, min(4, int(math.floor(math.log2(sigma) + 3))))
+    return max(0, min(4, math.floor(math.log2(sigma) + 3)))
 
 
 class ToyReference:
     """x̂0 = x / (1 + σ²): the posterior mean of N(0, I) data."""
+
     image_shape = SHAPE
 
     def __call__(self, x, sigma, class_labels=None):
@@ -64,8 +66,9 @@ def expected_table(sched, shift=0):
 @pytest.mark.parametrize("metric", ["cosine", "mse"])
 def test_toy_recovers_the_known_table(metric):
     sched = get_schedule("kamb-cosine", 9)
-    table, report = calibrate_patch_sizes(ToyMethod, ToyReference(), None, candidate_sizes=SIZES,
-                                          schedule=sched, seeds=3, metric=metric, progress=False)
+    table, report = calibrate_patch_sizes(
+        ToyMethod, ToyReference(), None, candidate_sizes=SIZES, schedule=sched, seeds=3, metric=metric, progress=False
+    )
     want = expected_table(sched)
     assert len(set(want)) >= 4  # the grid spans several sizes
     assert table.sizes == want and table.sigmas == pytest.approx(sched.sigmas[:-1].tolist())
@@ -88,8 +91,16 @@ def test_toy_recovers_the_known_table(metric):
 def test_median_over_seeds():
     sched = get_schedule("karras", 6, sigma_min=0.3, sigma_max=3.0)
     # Labels shift each seed's best k by 0, 0, 1, 2, 2 sizes: the median pick is the +1 size.
-    table, report = calibrate_patch_sizes(ToyMethod, ToyReference(), None, candidate_sizes=SIZES, schedule=sched,
-                                          seeds=[5, 6, 7, 8, 9], class_labels=[0, 0, 1, 2, 2], progress=False)
+    table, report = calibrate_patch_sizes(
+        ToyMethod,
+        ToyReference(),
+        None,
+        candidate_sizes=SIZES,
+        schedule=sched,
+        seeds=[5, 6, 7, 8, 9],
+        class_labels=[0, 0, 1, 2, 2],
+        progress=False,
+    )
     assert table.sizes == expected_table(sched, 1)
     assert report["seeds"] == [5, 6, 7, 8, 9] and report["class_labels"] == [0, 0, 1, 2, 2]
     for picks, base in zip(report["best_per_seed"], expected_table(sched)):
@@ -97,11 +108,20 @@ def test_median_over_seeds():
         assert picks == [SIZES[min(4, i + h)] for h in (0, 0, 1, 2, 2)]
     assert report["mode"] == [min(p, key=lambda k: (-p.count(k), k)) for p in report["best_per_seed"]]
     # Two seeds a size apart: the median falls between two sizes and rounds to the smaller one.
-    table, _ = calibrate_patch_sizes(ToyMethod, ToyReference(), None, candidate_sizes=SIZES, schedule=sched,
-                                     seeds=2, class_labels=[0, 1], progress=False)
+    table, _ = calibrate_patch_sizes(
+        ToyMethod,
+        ToyReference(),
+        None,
+        candidate_sizes=SIZES,
+        schedule=sched,
+        seeds=2,
+        class_labels=[0, 1],
+        progress=False,
+    )
     assert table.sizes == expected_table(sched)
     # Median of 3 and 9 among (3, 5, 9, ...) is 6: rounds to the nearest allowed size, 5.
     from analytic_diffusion.analysis.calibration import _median_size
+
     assert _median_size([3, 9], (3, 5, 9, 11)) == 5 and _median_size([3, 7], (3, 5, 7)) == 5
     assert _median_size([3, 5], (3, 5, 7)) == 3
 
@@ -116,8 +136,15 @@ def test_trajectory_follows_the_reference_ddim():
             seen.append(x.clone())
             return super().__call__(x, sigma)
 
-    calibrate_patch_sizes(lambda k: Recorder() if k == 3 else ToyReference(), ToyReference(), None,
-                          candidate_sizes=(3, 5), schedule=sched, seeds=[11, 12], progress=False)
+    calibrate_patch_sizes(
+        lambda k: Recorder() if k == 3 else ToyReference(),
+        ToyReference(),
+        None,
+        candidate_sizes=(3, 5),
+        schedule=sched,
+        seeds=[11, 12],
+        progress=False,
+    )
     x = torch.stack([torch.randn(SHAPE, generator=torch.Generator().manual_seed(s)) for s in (11, 12)]) * 5.0
     s = sched.sigmas.tolist()
     for i in range(4):
@@ -131,9 +158,18 @@ def test_clean_reference_with_probe_images(metric):
     g = torch.Generator().manual_seed(0)
     probes = torch.rand((4, *SHAPE), generator=g) * 2 - 1
     sched = get_schedule("karras", 7, sigma_min=0.2, sigma_max=5.0)
-    table, report = calibrate_patch_sizes(lambda k: ToyMethod(k, probes), "clean", None, candidate_sizes=SIZES,
-                                          schedule=sched, seeds=3, metric=metric, probe_images=probes,
-                                          class_labels=torch.arange(4), progress=False)
+    table, report = calibrate_patch_sizes(
+        lambda k: ToyMethod(k, probes),
+        "clean",
+        None,
+        candidate_sizes=SIZES,
+        schedule=sched,
+        seeds=3,
+        metric=metric,
+        probe_images=probes,
+        class_labels=torch.arange(4),
+        progress=False,
+    )
     assert table.sizes == expected_table(sched)
     assert report["reference"] == "clean" and report["n_probe"] == 4
 
@@ -151,13 +187,20 @@ def test_split_probes_and_clean_reference_holds_them_out():
         built.append(dataset.num_stored)
         return make_denoiser("optimal", dataset)
 
-    calibrate_patch_sizes(make, "clean", ds, candidate_sizes=(1, 3), steps=3, seeds=2, n_probe=5,
-                          progress=False)
+    calibrate_patch_sizes(make, "clean", ds, candidate_sizes=(1, 3), steps=3, seeds=2, n_probe=5, progress=False)
     assert built == [25, 25]
     # A one-argument make_method built on the full dataset would contain the probes: refused.
     with pytest.raises(ValueError, match="split_probes"):
-        calibrate_patch_sizes(lambda k: make_denoiser("optimal", ds), "clean", ds, candidate_sizes=(3,),
-                              steps=3, seeds=1, n_probe=5, progress=False)
+        calibrate_patch_sizes(
+            lambda k: make_denoiser("optimal", ds),
+            "clean",
+            ds,
+            candidate_sizes=(3,),
+            steps=3,
+            seeds=1,
+            n_probe=5,
+            progress=False,
+        )
 
 
 def test_argument_errors():
@@ -169,13 +212,13 @@ def test_argument_errors():
     with pytest.raises(ValueError, match="seeds"):
         calibrate_patch_sizes(ToyMethod, ref, None, candidate_sizes=SIZES, seeds=0, progress=False)
     with pytest.raises(ValueError, match="class_labels"):
-        calibrate_patch_sizes(ToyMethod, ref, None, candidate_sizes=SIZES, seeds=2, class_labels=[1],
-                              progress=False)
+        calibrate_patch_sizes(ToyMethod, ref, None, candidate_sizes=SIZES, seeds=2, class_labels=[1], progress=False)
     with pytest.raises(ValueError, match="no 'patch' option"):
         calibrate_patch_sizes("optimal", "clean", None, candidate_sizes=SIZES, progress=False)
 
 
 # ---------------------------------------------------------------- real denoisers
+
 
 class TinyLS(LocalDenoiser):
     """Kamb & Ganguli's LS machine (same-location k×k windows, zero padding, centre-pixel values), written
@@ -214,6 +257,7 @@ def tiny_ls(monkeypatch):
 @pytest.fixture(scope="module")
 def mnist8():
     from analytic_diffusion.data import load_dataset
+
     ds = load_dataset("mnist32").subset(120)
     small = F.avg_pool2d(ds.images_float(), 4)  # 8×8 keeps the test fast
     return Dataset.from_array(small, labels=ds.labels)
@@ -222,10 +266,17 @@ def mnist8():
 def test_end_to_end_against_optimal(mnist8, tiny_ls):
     """LS with a window covering the image equals the optimal denoiser: it wins every step (cos = 1)."""
     sched = get_schedule("karras", 5, sigma_min=0.3, sigma_max=5.0)
-    table, report = calibrate_patch_sizes(tiny_ls, make_denoiser("optimal", mnist8, dtype=torch.float64),
-                                          mnist8, candidate_sizes=(3, 5, 15), schedule=sched, seeds=3,
-                                          method_options={"dtype": torch.float64}, dtype=torch.float64,
-                                          progress=False)
+    table, report = calibrate_patch_sizes(
+        tiny_ls,
+        make_denoiser("optimal", mnist8, dtype=torch.float64),
+        mnist8,
+        candidate_sizes=(3, 5, 15),
+        schedule=sched,
+        seeds=3,
+        method_options={"dtype": torch.float64},
+        dtype=torch.float64,
+        progress=False,
+    )
     assert table.sizes == [15] * 5
     values = np.asarray(report["values"])
     assert values[:, -1] == pytest.approx(1.0, abs=1e-9)
@@ -234,24 +285,59 @@ def test_end_to_end_against_optimal(mnist8, tiny_ls):
 
 
 def test_end_to_end_clean_and_wiener(mnist8, tiny_ls):
-    table, report = calibrate_patch_sizes(tiny_ls, "clean", mnist8, candidate_sizes=(1, 3, 5, 7), steps=6,
-                                          seeds=2, n_probe=6, metric="mse", progress=False)
+    table, report = calibrate_patch_sizes(
+        tiny_ls,
+        "clean",
+        mnist8,
+        candidate_sizes=(1, 3, 5, 7),
+        steps=6,
+        seeds=2,
+        n_probe=6,
+        metric="mse",
+        progress=False,
+    )
     assert set(table.sizes) <= {1, 3, 5, 7} and len(table.sizes) == 6 and np.isfinite(report["values"]).all()
-    table, _ = calibrate_patch_sizes(tiny_ls, "wiener", mnist8, candidate_sizes=(3, 7), steps=4, seeds=2,
-                                     progress=False)
+    table, _ = calibrate_patch_sizes(
+        tiny_ls, "wiener", mnist8, candidate_sizes=(3, 7), steps=4, seeds=2, progress=False
+    )
     assert len(table.sizes) == 4
 
 
 # ---------------------------------------------------------------- CLI
 
+
 def test_cli_calibrate_then_sample(tmp_path, tiny_ls, capsys):
     method = local_method() or tiny_ls
     out = tmp_path / "cal" / "sched.json"
-    rc = main(["calibrate", "--method", method, "--dataset", "mnist32", "--subset", "40", "--reference", "clean",
-               "--n-probe", "4", "--sizes", "3,5,7", "--steps", "5", "--seeds", "2", "--metric", "mse",
-               "--out", str(out), "--no-progress"])
+    rc = main(
+        [
+            "calibrate",
+            "--method",
+            method,
+            "--dataset",
+            "mnist32",
+            "--subset",
+            "40",
+            "--reference",
+            "clean",
+            "--n-probe",
+            "4",
+            "--sizes",
+            "3,5,7",
+            "--steps",
+            "5",
+            "--seeds",
+            "2",
+            "--metric",
+            "mse",
+            "--out",
+            str(out),
+            "--no-progress",
+        ]
+    )
     assert rc == 0, capsys.readouterr().err
     from PIL import Image
+
     with Image.open(tmp_path / "cal" / "sched.png") as im:
         assert im.format == "PNG" and im.size == (1200, 500)
         assert len(im.convert("RGB").getcolors(1 << 20)) > 20  # drawn, not blank
@@ -263,25 +349,106 @@ def test_cli_calibrate_then_sample(tmp_path, tiny_ls, capsys):
     assert "k = " in capsys.readouterr().out
     # The file feeds `sample --patch-schedule` on the same grid ...
     run = tmp_path / "run"
-    rc = main(["sample", "--method", method, "--dataset", "mnist32", "--subset", "40", "--n", "2", "--steps", "5",
-               "--sampler", "ddim", "--schedule", "kamb-cosine", "--patch-schedule", str(out), "--no-progress",
-               "--out", str(run)])
+    rc = main(
+        [
+            "sample",
+            "--method",
+            method,
+            "--dataset",
+            "mnist32",
+            "--subset",
+            "40",
+            "--n",
+            "2",
+            "--steps",
+            "5",
+            "--sampler",
+            "ddim",
+            "--schedule",
+            "kamb-cosine",
+            "--patch-schedule",
+            str(out),
+            "--no-progress",
+            "--out",
+            str(run),
+        ]
+    )
     assert rc == 0, capsys.readouterr().err
     assert json.loads((run / "config.json").read_text())["denoiser"]["patch"]["patch_sizes"] == obj["patch_sizes"]
     # ... and a grid it does not cover fails up front with a clear message.
-    rc = main(["sample", "--method", method, "--dataset", "mnist32", "--subset", "40", "--n", "2", "--steps", "5",
-               "--patch-schedule", str(out), "--no-progress", "--out", str(tmp_path / "uncovered")])
+    rc = main(
+        [
+            "sample",
+            "--method",
+            method,
+            "--dataset",
+            "mnist32",
+            "--subset",
+            "40",
+            "--n",
+            "2",
+            "--steps",
+            "5",
+            "--patch-schedule",
+            str(out),
+            "--no-progress",
+            "--out",
+            str(tmp_path / "uncovered"),
+        ]
+    )
     assert rc == 2 and "sampler visits σ = 80" in capsys.readouterr().err
-    rc = main(["sample", "--method", method, "--dataset", "mnist32", "--subset", "40", "--n", "2", "--steps", "3",
-               "--patch", "5", "--no-progress", "--out", str(tmp_path / "run2")])
+    rc = main(
+        [
+            "sample",
+            "--method",
+            method,
+            "--dataset",
+            "mnist32",
+            "--subset",
+            "40",
+            "--n",
+            "2",
+            "--steps",
+            "3",
+            "--patch",
+            "5",
+            "--no-progress",
+            "--out",
+            str(tmp_path / "run2"),
+        ]
+    )
     assert rc == 0, capsys.readouterr().err
 
 
 def test_cli_reference_trajectories(tmp_path, tiny_ls, capsys):
     out = tmp_path / "s.json"
-    rc = main(["calibrate", "--method", tiny_ls, "--dataset", "mnist32", "--subset", "30", "--reference", "wiener",
-               "--sizes", "3,9", "--steps", "3", "--seeds", "2", "--schedule", "karras", "--sigma-max", "10",
-               "--out", str(out), "--no-progress", "--no-plot"])
+    rc = main(
+        [
+            "calibrate",
+            "--method",
+            tiny_ls,
+            "--dataset",
+            "mnist32",
+            "--subset",
+            "30",
+            "--reference",
+            "wiener",
+            "--sizes",
+            "3,9",
+            "--steps",
+            "3",
+            "--seeds",
+            "2",
+            "--schedule",
+            "karras",
+            "--sigma-max",
+            "10",
+            "--out",
+            str(out),
+            "--no-progress",
+            "--no-plot",
+        ]
+    )
     assert rc == 0, capsys.readouterr().err
     assert not (tmp_path / "s.png").exists()
     obj = json.loads(out.read_text())
@@ -293,11 +460,36 @@ def test_cli_reference_checkpoint(tmp_path, tiny_ls, capsys):
     """A trained network's checkpoint is a reference too (Kamb & Ganguli calibrate against their CNNs)."""
     from analytic_diffusion.data import load_dataset
     from analytic_diffusion.networks import train_network
-    train_network(load_dataset("mnist32").subset(16), steps=2, channels=8, blocks=1, batch_size=4, progress=False,
-                  out_dir=tmp_path / "net")
+
+    train_network(
+        load_dataset("mnist32").subset(16),
+        steps=2,
+        channels=8,
+        blocks=1,
+        batch_size=4,
+        progress=False,
+        out_dir=tmp_path / "net",
+    )
     out = tmp_path / "s.json"
-    args = ["calibrate", "--method", tiny_ls, "--dataset", "mnist32", "--subset", "30", "--sizes", "3,9",
-            "--steps", "3", "--seeds", "2", "--out", str(out), "--no-progress", "--no-plot"]
+    args = [
+        "calibrate",
+        "--method",
+        tiny_ls,
+        "--dataset",
+        "mnist32",
+        "--subset",
+        "30",
+        "--sizes",
+        "3,9",
+        "--steps",
+        "3",
+        "--seeds",
+        "2",
+        "--out",
+        str(out),
+        "--no-progress",
+        "--no-plot",
+    ]
     assert main([*args, "--reference", str(tmp_path / "net" / "net.pt")]) == 0, capsys.readouterr().err
     obj = json.loads(out.read_text())
     assert obj["calibration"]["reference"] == "net" and len(obj["calibration"]["sizes"]) == 3
@@ -307,8 +499,19 @@ def test_cli_reference_checkpoint(tmp_path, tiny_ls, capsys):
 
 
 def test_cli_errors(tmp_path, tiny_ls, capsys):
-    base = ["--dataset", "mnist32", "--subset", "20", "--n", "1", "--steps", "2", "--no-progress",
-            "--out", str(tmp_path / "r")]
+    base = [
+        "--dataset",
+        "mnist32",
+        "--subset",
+        "20",
+        "--n",
+        "1",
+        "--steps",
+        "2",
+        "--no-progress",
+        "--out",
+        str(tmp_path / "r"),
+    ]
     assert main(["sample", "--method", "optimal", "--patch", "5", *base]) == 2
     assert "--patch does not apply to --method optimal" in capsys.readouterr().err
     assert main(["sample", "--method", "wiener", "--patch-schedule", "kamb-mnist", *base]) == 2
@@ -319,8 +522,13 @@ def test_cli_errors(tmp_path, tiny_ls, capsys):
     assert "unknown patch schedule 'nope'" in capsys.readouterr().err
     assert main(["sample", "--method", tiny_ls, "--patch", "4", *base]) == 2
     assert "odd" in capsys.readouterr().err
-    for flag, value in (("--threshold", "0.05"), ("--softmax", "chunked"), ("--chunk-size", "64"),
-                        ("--masks", "wiener"), ("--tau", "0.5")):
+    for flag, value in (
+        ("--threshold", "0.05"),
+        ("--softmax", "chunked"),
+        ("--chunk-size", "64"),
+        ("--masks", "wiener"),
+        ("--tau", "0.5"),
+    ):
         assert main(["sample", "--method", "optimal", flag, value, *base]) == 2
         assert f"{flag} does not apply to --method optimal" in capsys.readouterr().err
     assert main(["calibrate", "--method", "optimal", "--out", str(tmp_path / "x.json")]) == 2
@@ -344,14 +552,29 @@ def test_method_options_wiring(monkeypatch):
     class Opts(LocalDenoiser):
         name = "opts"
 
-        def __init__(self, dataset, *, masks=None, threshold=None, softmax="exact", chunk_size=None, tau=None,
-                     **kw):
+        def __init__(self, dataset, *, masks=None, threshold=None, softmax="exact", chunk_size=None, tau=None, **kw):
             super().__init__(dataset, **kw)
 
     monkeypatch.setitem(DENOISERS, "opts", Opts)
-    args = build_parser().parse_args(["sample", "--method", "opts", "--patch-schedule", "kamb-mnist", "--masks",
-                                      "wiener", "--threshold", "0.05", "--softmax", "chunked", "--chunk-size",
-                                      "512", "--tau", "80:1,1.5:0.7, 0.002:0.3"])
+    args = build_parser().parse_args(
+        [
+            "sample",
+            "--method",
+            "opts",
+            "--patch-schedule",
+            "kamb-mnist",
+            "--masks",
+            "wiener",
+            "--threshold",
+            "0.05",
+            "--softmax",
+            "chunked",
+            "--chunk-size",
+            "512",
+            "--tau",
+            "80:1,1.5:0.7, 0.002:0.3",
+        ]
+    )
     opts = _method_options(args)
     assert isinstance(opts["patch"], PatchSchedule) and opts["patch"].name == "kamb-mnist-resnet-zeros"
     assert opts["masks"] == "wiener" and opts["threshold"] == 0.05 and opts["softmax"] == "chunked"
@@ -375,6 +598,7 @@ def test_method_options_wiring(monkeypatch):
 
 def test_masks_file(tmp_path, monkeypatch):
     from analytic_diffusion.cli.sample import _load_masks
+
     np.save(tmp_path / "m.npy", np.ones((4, 4), dtype=np.float32))
     assert torch.equal(_load_masks(str(tmp_path / "m.npy")), torch.ones(4, 4))
     with pytest.raises(FileNotFoundError, match="missing.npy"):
@@ -387,6 +611,7 @@ def test_masks_file(tmp_path, monkeypatch):
 
 def test_make_method_dataset_argument_detection():
     from analytic_diffusion.analysis.calibration import _accepts_dataset
+
     assert not _accepts_dataset(lambda k: k) and not _accepts_dataset(lambda k, probes=None: k)
     assert _accepts_dataset(lambda k, ds: k) and _accepts_dataset(lambda k, dataset=None: k)
     assert not _accepts_dataset(ToyMethod)  # (k, probes=None)

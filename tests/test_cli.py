@@ -1,4 +1,5 @@
 """The CLI's main job end to end on the embedded MNIST (small n and subset to stay fast)."""
+
 import json
 
 import numpy as np
@@ -32,18 +33,33 @@ def test_optimal_writes_a_run_folder_and_copies(tmp_path):
 
 
 def test_wiener_samples_are_not_copies(tmp_path):
-    rc, out = run(tmp_path, "--method", "wiener", "--dataset", "mnist32", "--sampler", "ddim",
-                  "--schedule", "vp-linear", "--clip-x0")
+    rc, out = run(
+        tmp_path,
+        "--method",
+        "wiener",
+        "--dataset",
+        "mnist32",
+        "--sampler",
+        "ddim",
+        "--schedule",
+        "vp-linear",
+        "--clip-x0",
+    )
     assert rc == 0
     assert json.loads((out / "metrics.json").read_text())["memorization_ratio"] == 0.0
     assert np.load(out / "samples.npz")["samples"].shape == (6, 1, 32, 32)
 
 
-@pytest.mark.parametrize("method, extra", [("topk", ["--k", "20"]), ("nearest", []),
-                                           ("smoothed", ["--perturbations", "2"]), ("knn", ["--k", "50"])])
+@pytest.mark.parametrize(
+    "method, extra",
+    [("topk", ["--k", "20"]), ("nearest", []), ("smoothed", ["--perturbations", "2"]), ("knn", ["--k", "50"])],
+)
 def test_every_method_runs(tmp_path, method, extra):
-    rc, out = run(tmp_path, "--method", method, "--random-classes", *extra) if method != "smoothed" else \
-        run(tmp_path, "--method", method, *extra)
+    rc, out = (
+        run(tmp_path, "--method", method, "--random-classes", *extra)
+        if method != "smoothed"
+        else run(tmp_path, "--method", method, *extra)
+    )
     assert rc == 0 and (out / "grid.png").is_file()
 
 
@@ -60,6 +76,7 @@ def test_bad_input_gets_a_clear_error(tmp_path, capsys):
 
 def test_methods_lists_every_method(capsys):
     from analytic_diffusion.denoisers import DENOISERS
+
     assert main(["methods"]) == 0
     text = capsys.readouterr().out
     assert all(name in text for name in DENOISERS)

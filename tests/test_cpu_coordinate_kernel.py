@@ -2,6 +2,7 @@
 against a float64 evaluation of the contract on every compiled instruction set (labels, empty supports, empty
 splits, query groups of odd size, poisoned outputs), thread-count independence, and the binding's argument checks.
 Through the denoiser it is also one of the ``coordinate_fused`` backends of tests/test_fused_patch.py."""
+
 import math
 
 import numpy as np
@@ -26,7 +27,7 @@ def contract_partials(x, y, mask, vidx, coef2, cuts, image_labels=None, query_la
     d = (e * e) @ mask.double()  # (B, N, D): masked distance per output coordinate
     a1 = e.abs() @ mask.double()
     z = -coef2[:, None, None] * d
-    err = coef2[:, None, None] * (2.0 ** -22 * a1 + 2.0 ** -19 * d) + 1e-6
+    err = coef2[:, None, None] * (2.0**-22 * a1 + 2.0**-19 * d) + 1e-6
     if image_labels is not None:
         z = z.masked_fill((image_labels[None, :] != query_labels[:, None])[:, :, None], float("-inf"))
     vals = y[:, vidx.long()]  # (N, D)
@@ -73,10 +74,19 @@ def test_partials_match_the_contract(rng, monkeypatch, isa, labels):
     cuts = [0, 5, 5, 36, 37]  # an empty split, a long one (several candidate blocks), a single candidate
     st = stencil_table(mask)
     for sigma in (1e-3, 0.1, 1.0, 1e3):
-        coef2 = torch.full((x.shape[0],), 1 / (2 * sigma ** 2) / math.log(2), dtype=torch.float32)
+        coef2 = torch.full((x.shape[0],), 1 / (2 * sigma**2) / math.log(2), dtype=torch.float32)
         m, l, o = cpu_backend.coordinate_partials(
-            x, images, st, vidx, coef2, torch.tensor(cuts, dtype=torch.int32), scale=scale, shift=shift,
-            image_labels=il, query_labels=ql)
+            x,
+            images,
+            st,
+            vidx,
+            coef2,
+            torch.tensor(cuts, dtype=torch.int32),
+            scale=scale,
+            shift=shift,
+            image_labels=il,
+            query_labels=ql,
+        )
         rm, rl, ro, tol_z = contract_partials(x, y, mask, vidx, coef2, cuts, il, ql)
         assert not (torch.isnan(m).any() or torch.isnan(l).any() or torch.isnan(o).any()), sigma
         assert torch.equal(torch.isfinite(m), torch.isfinite(rm)), sigma
@@ -106,6 +116,7 @@ def test_bitwise_independent_of_threads(rng, monkeypatch):
 def test_auto_takes_the_cpu_kernel_for_float32():
     from analytic_diffusion.ops.local_retrieval import COORDINATE_FUSED_KERNELS
     from analytic_diffusion.ops.patch_retrieval import choose_patch_backend
+
     ds = Dataset(torch.zeros(3, 1, 4, 4, dtype=torch.uint8))
     q = torch.zeros(1, 16)
     assert choose_patch_backend("auto", q, ds.keys(), torch.float32, fused=COORDINATE_FUSED_KERNELS)[0] == "cpu"
@@ -121,8 +132,19 @@ def test_binding_checks_its_arguments():
     splits = np.array([0, 3], np.int32)
 
     def call(**kw):
-        args = dict(x=x, images=imgs, stencil=st, value_index=vidx, coef2=coef, splits=splits, scale=1.0, shift=0.0,
-                    image_labels=None, query_labels=None, num_threads=1)
+        args = dict(
+            x=x,
+            images=imgs,
+            stencil=st,
+            value_index=vidx,
+            coef2=coef,
+            splits=splits,
+            scale=1.0,
+            shift=0.0,
+            image_labels=None,
+            query_labels=None,
+            num_threads=1,
+        )
         args.update(kw)
         S = len(args["splits"]) - 1
         out = {k: np.empty((S, 2, 4), np.float32) for k in ("m", "l", "o")}
@@ -153,7 +175,13 @@ def test_binding_checks_its_arguments():
     with pytest.raises(ValueError, match="scale, shift"):
         call(scale=float("nan"))
     with pytest.raises(ValueError, match="needs every operand on the CPU"):
-        cpu_backend.coordinate_partials(torch.zeros(2, 4), torch.zeros(3, 4, dtype=torch.uint8),
-                                        torch.zeros(1, 4, dtype=torch.int32), torch.zeros(4, dtype=torch.int32),
-                                        torch.ones(2), torch.tensor([0, 3], dtype=torch.int32, device="meta"),
-                                        scale=1.0, shift=0.0)
+        cpu_backend.coordinate_partials(
+            torch.zeros(2, 4),
+            torch.zeros(3, 4, dtype=torch.uint8),
+            torch.zeros(1, 4, dtype=torch.int32),
+            torch.zeros(4, dtype=torch.int32),
+            torch.ones(2),
+            torch.tensor([0, 3], dtype=torch.int32, device="meta"),
+            scale=1.0,
+            shift=0.0,
+        )

@@ -5,13 +5,13 @@ and the partial state (m, l, l2, o) with exp(logit − max). Inputs are fresh ra
 uint8 / float32 / float64 keys, σ from 1e-3 to 1e3, class filters, data near +1). The kernel allocates its own
 outputs, so instead of poisoning buffers every output is checked to be finite where it should be.
 """
+
 import numpy as np
 import pytest
 import torch
 
 from analytic_diffusion import _cpu  # the package builds it everywhere: an import error fails, never skips
-from analytic_diffusion.ops import KeyBank, knn_search, softmax_retrieval
-from analytic_diffusion.ops import cpu_backend, torch_backend
+from analytic_diffusion.ops import KeyBank, cpu_backend, knn_search, softmax_retrieval, torch_backend
 
 pytestmark = pytest.mark.cpu_isa
 
@@ -61,7 +61,7 @@ def ref_knn(q, keys, scale, shift, k, key_labels=None, query_labels=None):
     for b in range(q.shape[0]):
         order = np.lexsort((np.arange(d.shape[1]), d[b]))  # by distance, then index
         order = order[np.isfinite(d[b, order])][:k]
-        out_d[b, :len(order)], out_i[b, :len(order)] = d[b, order], order
+        out_d[b, : len(order)], out_i[b, : len(order)] = d[b, order], order
     return out_d, out_i
 
 
@@ -83,7 +83,7 @@ def check_knn(q, keys, scale, shift, k, d, i, qdtype, key_labels=None, query_lab
     for b in range(q.shape[0]):
         sel = i[b][i[b] >= 0]
         assert len(set(sel.tolist())) == len(sel) and allowed[b, sel].all()
-        np.testing.assert_allclose(full[b, sel], rd[b, :len(sel)], rtol=TOL[qdtype] * 10, atol=TOL[qdtype] * 10)
+        np.testing.assert_allclose(full[b, sel], rd[b, : len(sel)], rtol=TOL[qdtype] * 10, atol=TOL[qdtype] * 10)
     return rd, ri
 
 
@@ -221,8 +221,9 @@ def test_softmax_all_rows_empty(nrng):
     rng = nrng
     keys = make_keys(rng, 300, 13, np.uint8)
     q = make_queries(rng, keys, 3, 1.0, np.float32)
-    m, l, l2, o = _cpu.softmax_retrieval(q, keys, SCALE, SHIFT, coef_for(1.0, 3, np.float32),
-                                         np.zeros(300, np.int64), np.ones(3, np.int64), 2)
+    m, l, l2, o = _cpu.softmax_retrieval(
+        q, keys, SCALE, SHIFT, coef_for(1.0, 3, np.float32), np.zeros(300, np.int64), np.ones(3, np.int64), 2
+    )
     assert np.all(m == -np.inf) and np.all(l == 0) and np.all(l2 == 0) and np.all(o == 0)
 
 
@@ -259,10 +260,11 @@ def test_batch_invariance(nrng):
     coef = coef_for(1.0, B, np.float32)
     full = _cpu.softmax_retrieval(q, keys, SCALE, SHIFT, coef, key_labels, query_labels, 2)
     for b in (0, 7, 16):
-        one = _cpu.softmax_retrieval(q[b:b + 1], keys, SCALE, SHIFT, coef[b:b + 1], key_labels,
-                                     query_labels[b:b + 1], 2)
+        one = _cpu.softmax_retrieval(
+            q[b : b + 1], keys, SCALE, SHIFT, coef[b : b + 1], key_labels, query_labels[b : b + 1], 2
+        )
         for x, y in zip(full, one):
-            np.testing.assert_array_equal(x[b:b + 1], y)
+            np.testing.assert_array_equal(x[b : b + 1], y)
 
 
 def test_isa_override(monkeypatch):
@@ -340,7 +342,7 @@ def test_knn_ties_and_padding(nrng):
     keys = np.concatenate([base, base, base])  # every row three times: exact ties, broken by index
     q = make_queries(rng, keys, 3, 0.2, np.float64)
     d, i = _cpu.knn_search(q, keys, SCALE, SHIFT, 9, None, None, 2)
-    rd, ri = ref_knn(q, keys, SCALE, SHIFT, 9)
+    _, ri = ref_knn(q, keys, SCALE, SHIFT, 9)
     np.testing.assert_array_equal(i, ri)
     assert np.all(i[:, 0] < 40) and np.all(i[:, 1] == i[:, 0] + 40) and np.all(i[:, 2] == i[:, 0] + 80)
     np.testing.assert_array_equal(d[:, 0], d[:, 1])
@@ -348,7 +350,7 @@ def test_knn_ties_and_padding(nrng):
     key_labels = np.zeros(120, np.int64)
     key_labels[[3, 50, 111]] = 1
     d, i = _cpu.knn_search(q, keys, SCALE, SHIFT, 5, key_labels, np.array([1, 2, 0], np.int64), 2)
-    rd, ri = ref_knn(q, keys, SCALE, SHIFT, 5, key_labels, np.array([1, 2, 0], np.int64))
+    _rd, ri = ref_knn(q, keys, SCALE, SHIFT, 5, key_labels, np.array([1, 2, 0], np.int64))
     np.testing.assert_array_equal(i, ri)
     assert set(i[0, :3]) == {3, 50, 111} and np.all(i[0, 3:] == -1) and np.all(np.isinf(d[0, 3:]))
     assert np.all(i[1] == -1) and np.all(d[1] == np.inf)
@@ -358,31 +360,42 @@ def test_knn_ties_and_padding(nrng):
 # --------------------------------------------------------------------------------------------- error tests
 def _args(**over):
     rng = np.random.default_rng(0)
-    a = dict(queries=rng.standard_normal((3, 13)), keys=rng.integers(0, 256, (20, 13), dtype=np.uint8),
-             key_scale=SCALE, key_shift=SHIFT, coef=np.ones(3), key_labels=None, query_labels=None, num_threads=1)
+    a = dict(
+        queries=rng.standard_normal((3, 13)),
+        keys=rng.integers(0, 256, (20, 13), dtype=np.uint8),
+        key_scale=SCALE,
+        key_shift=SHIFT,
+        coef=np.ones(3),
+        key_labels=None,
+        query_labels=None,
+        num_threads=1,
+    )
     a.update(over)
     return a
 
 
-@pytest.mark.parametrize("over,exc,match", [
-    (dict(queries=np.zeros((3, 13), np.int32)), TypeError, "queries"),
-    (dict(queries=np.zeros((3, 13), np.float16)), TypeError, "queries"),
-    (dict(queries=[[0.0] * 13] * 3), TypeError, "queries"),
-    (dict(keys=np.zeros((20, 13), np.int16)), TypeError, "keys"),
-    (dict(coef=np.ones(3, np.float32)), TypeError, "coef"),
-    (dict(key_labels=np.zeros(20, np.int32)), TypeError, "key_labels"),
-    (dict(key_labels=np.zeros(20, np.int64), query_labels=np.zeros(3, np.int32)), TypeError, "query_labels"),
-    (dict(queries=np.zeros(13)), ValueError, "queries"),
-    (dict(queries=np.zeros((3, 12))), ValueError, "keys"),
-    (dict(keys=np.zeros((20, 13, 1), np.uint8)), ValueError, "keys"),
-    (dict(coef=np.ones(4)), ValueError, "coef"),
-    (dict(queries=np.zeros((13, 3)).T), ValueError, "contiguous"),
-    (dict(keys=np.zeros((13, 20), np.uint8).T), ValueError, "contiguous"),
-    (dict(key_labels=np.zeros(19, np.int64)), ValueError, "key_labels"),
-    (dict(key_labels=np.zeros(20, np.int64), query_labels=np.zeros(2, np.int64)), ValueError, "query_labels"),
-    (dict(query_labels=np.zeros(3, np.int64)), ValueError, "key_labels"),
-    (dict(key_scale=float("nan")), ValueError, "key_scale"),
-])
+@pytest.mark.parametrize(
+    "over,exc,match",
+    [
+        (dict(queries=np.zeros((3, 13), np.int32)), TypeError, "queries"),
+        (dict(queries=np.zeros((3, 13), np.float16)), TypeError, "queries"),
+        (dict(queries=[[0.0] * 13] * 3), TypeError, "queries"),
+        (dict(keys=np.zeros((20, 13), np.int16)), TypeError, "keys"),
+        (dict(coef=np.ones(3, np.float32)), TypeError, "coef"),
+        (dict(key_labels=np.zeros(20, np.int32)), TypeError, "key_labels"),
+        (dict(key_labels=np.zeros(20, np.int64), query_labels=np.zeros(3, np.int32)), TypeError, "query_labels"),
+        (dict(queries=np.zeros(13)), ValueError, "queries"),
+        (dict(queries=np.zeros((3, 12))), ValueError, "keys"),
+        (dict(keys=np.zeros((20, 13, 1), np.uint8)), ValueError, "keys"),
+        (dict(coef=np.ones(4)), ValueError, "coef"),
+        (dict(queries=np.zeros((13, 3)).T), ValueError, "contiguous"),
+        (dict(keys=np.zeros((13, 20), np.uint8).T), ValueError, "contiguous"),
+        (dict(key_labels=np.zeros(19, np.int64)), ValueError, "key_labels"),
+        (dict(key_labels=np.zeros(20, np.int64), query_labels=np.zeros(2, np.int64)), ValueError, "query_labels"),
+        (dict(query_labels=np.zeros(3, np.int64)), ValueError, "key_labels"),
+        (dict(key_scale=float("nan")), ValueError, "key_scale"),
+    ],
+)
 def test_errors(over, exc, match):
     a = _args(**over)
     with pytest.raises(exc, match=match):
@@ -400,7 +413,7 @@ def test_knn_k_errors():
         _cpu.knn_search(k=21, **a)
     with pytest.raises(ValueError, match="k"):
         _cpu.knn_search(k=0, **a)
-    d, i = _cpu.knn_search(k=20, **a)  # k == N is allowed
+    _d, i = _cpu.knn_search(k=20, **a)  # k == N is allowed
     assert np.all(np.sort(i, 1) == np.arange(20))
 
 
@@ -419,8 +432,7 @@ def test_cpu_backend_wrappers(dtype, nrng):
     coef = torch.full((5,), 2.0, dtype=torch.float64)
     ql = torch.tensor([0, 1, 2, 0, 1])
     got = cpu_backend.softmax_partial(q, bank, coef, query_labels=ql, dtype=dtype)
-    ref = torch_backend.softmax_partial(q, bank, coef, query_labels=ql, dtype=torch.float64,
-                                        memory_budget=1 << 20)
+    ref = torch_backend.softmax_partial(q, bank, coef, query_labels=ql, dtype=torch.float64, memory_budget=1 << 20)
     tol = 1e-10 if dtype == torch.float64 else 1e-4
     assert got.o.dtype == dtype
     assert rel(got.mean().numpy(), ref.mean().numpy()) <= tol
@@ -432,8 +444,18 @@ def test_cpu_backend_wrappers(dtype, nrng):
     if dtype == torch.float64:
         assert torch.equal(i, ri)
     else:
-        check_knn(q.numpy().astype(np.float32), bank.values.numpy(), SCALE, SHIFT, 7, d.numpy(), i.numpy(),
-                  np.float32, bank.labels.numpy(), ql.numpy())
+        check_knn(
+            q.numpy().astype(np.float32),
+            bank.values.numpy(),
+            SCALE,
+            SHIFT,
+            7,
+            d.numpy(),
+            i.numpy(),
+            np.float32,
+            bank.labels.numpy(),
+            ql.numpy(),
+        )
 
 
 @pytest.mark.parametrize("sigma", [1e-3, 1.0, 1e3])

@@ -2,16 +2,17 @@
 Triton and CUDA kernels, every compiled instruction set, thread-count independence, runs of centres in any order
 and direction, and the binding's argument checks. Through the denoisers it is also one of the ``fused`` backends
 of tests/test_fused_patch.py."""
+
 import numpy as np
 import pytest
 import torch
+from reference import check_patch_contract, rel, uint8_bank
 
 from analytic_diffusion.data import Dataset
 from analytic_diffusion.denoisers import make_denoiser
 from analytic_diffusion.ops import cpu_backend
 from analytic_diffusion.ops.fused_patch import _finish, patch_partial
 from analytic_diffusion.ops.patch_retrieval import interior_positions, patch_softmax_partial
-from reference import check_patch_contract, rel, uint8_bank
 
 pytestmark = [pytest.mark.cpu_isa, pytest.mark.usefixtures("cpu_kernels")]  # built (else a failure), outputs poisoned
 ext = cpu_backend._cpu
@@ -31,8 +32,9 @@ def test_bitwise_independent_of_threads(rng, monkeypatch):
     outs = {}
     for threads in ("1", "2", "3"):
         monkeypatch.setenv("AD_NUM_THREADS", threads)
-        outs[threads] = [make_denoiser(m, ds, patch=3, backend="cpu", flips=True)(x, 0.2)
-                         for m in ("els", "bbels", "ls", "pspc")]
+        outs[threads] = [
+            make_denoiser(m, ds, patch=3, backend="cpu", flips=True)(x, 0.2) for m in ("els", "bbels", "ls", "pspc")
+        ]
     for a, b, c in zip(outs["1"], outs["2"], outs["3"]):
         assert torch.equal(a, b) and torch.equal(a, c)
 
@@ -46,21 +48,50 @@ def test_centres_in_any_order(rng, per_row, whole):
     row = torch.full((w,), 3)
     cols = torch.arange(w)
     if per_row:  # a left-to-right run, a right-to-left run, then scattered centres
-        pos = torch.cat([torch.stack([row, cols], 1)[:10], torch.stack([row, cols.flip(0)], 1)[:9],
-                         torch.tensor([[0, 0], [6, 18], [2, 7], [2, 5]])])
+        pos = torch.cat(
+            [
+                torch.stack([row, cols], 1)[:10],
+                torch.stack([row, cols.flip(0)], 1)[:9],
+                torch.tensor([[0, 0], [6, 18], [2, 7], [2, 5]]),
+            ]
+        )
     else:
         pos = torch.cartesian_prod(torch.arange(h), torch.arange(w))[torch.randperm(h * w, generator=rng)]
-    q = (torch.rand(R, c * k * k, generator=rng) * 2 - 1)
-    coef = torch.full((R,), 1 / (2 * 0.3 ** 2), dtype=torch.float64)
-    ref = patch_partial(q, kb, coef, pos, k, query_labels=None, flips=True, start=0, stop=kb.n, per_row=per_row,
-                        whole=whole, backend="cpu")
+    q = torch.rand(R, c * k * k, generator=rng) * 2 - 1
+    coef = torch.full((R,), 1 / (2 * 0.3**2), dtype=torch.float64)
+    ref = patch_partial(
+        q,
+        kb,
+        coef,
+        pos,
+        k,
+        query_labels=None,
+        flips=True,
+        start=0,
+        stop=kb.n,
+        per_row=per_row,
+        whole=whole,
+        backend="cpu",
+    )
     if not per_row:
         oracle = patch_softmax_partial(q.double(), kb, 0.3, pos, k, flips=True, dtype=torch.float64, backend="torch")
         assert rel(ref.mean(), oracle.mean()) < 1e-5
     # the same call with the centres in list order reversed: the same state per row
     order = torch.arange(R - 1, -1, -1)
-    rev = patch_partial(q[order], kb, coef, pos[order] if per_row else pos.flip(0), k, query_labels=None, flips=True,
-                        start=0, stop=kb.n, per_row=per_row, whole=whole, backend="cpu")
+    rev = patch_partial(
+        q[order],
+        kb,
+        coef,
+        pos[order] if per_row else pos.flip(0),
+        k,
+        query_labels=None,
+        flips=True,
+        start=0,
+        stop=kb.n,
+        per_row=per_row,
+        whole=whole,
+        backend="cpu",
+    )
     assert rel(rev.mean()[order], ref.mean()) < 1e-6
 
 
@@ -83,13 +114,28 @@ def test_binding_checks_its_arguments():
     coef = np.ones(2, np.float32)
 
     def call(**kw):
-        args = dict(queries=q, images=imgs, image_index=idx, positions=pos, coef2=coef, k=3, scale=1.0, shift=0.0,
-                    splits=1, rule=0, num_threads=1)
+        args = dict(
+            queries=q,
+            images=imgs,
+            image_index=idx,
+            positions=pos,
+            coef2=coef,
+            k=3,
+            scale=1.0,
+            shift=0.0,
+            splits=1,
+            rule=0,
+            num_threads=1,
+        )
         args.update(kw)
         S = ext.patch_num_splits(len(args["image_index"]), args["splits"])
         V = 9 if args["rule"] == 2 else 1
-        out = dict(m=np.empty((S, 2), np.float32), l=np.empty((S, 2), np.float32),
-                   l2=np.empty((S, 2), np.float32), o=np.empty((S, 2, V), np.float32))
+        out = dict(
+            m=np.empty((S, 2), np.float32),
+            l=np.empty((S, 2), np.float32),
+            l2=np.empty((S, 2), np.float32),
+            o=np.empty((S, 2, V), np.float32),
+        )
         out.update({k: v for k, v in kw.items() if k in out})
         args.update(out)
         ext.patch_partials(**args)
@@ -120,21 +166,48 @@ def test_binding_checks_its_arguments():
     with pytest.raises(ValueError, match="scale"):
         call(scale=float("nan"))
     with pytest.raises(ValueError, match="rule"):
-        cpu_backend.patch_partials(torch.zeros(1, 9), torch.zeros(1, 1, 4, 4, dtype=torch.uint8),
-                                   torch.zeros(1, dtype=torch.int32), torch.ones(1, 2, dtype=torch.int32),
-                                   torch.ones(1), k=3, scale=1.0, shift=0.0, splits=1, rule="bogus")
+        cpu_backend.patch_partials(
+            torch.zeros(1, 9),
+            torch.zeros(1, 1, 4, 4, dtype=torch.uint8),
+            torch.zeros(1, dtype=torch.int32),
+            torch.ones(1, 2, dtype=torch.int32),
+            torch.ones(1),
+            k=3,
+            scale=1.0,
+            shift=0.0,
+            splits=1,
+            rule="bogus",
+        )
 
 
 def test_no_images_leaves_rows_empty():
     """A split with no images (all of a class in another shard) is a valid empty state, not garbage."""
-    m, l, l2, o = cpu_backend.patch_partials(
-        torch.zeros(3, 9), torch.zeros(2, 1, 5, 5, dtype=torch.uint8), torch.zeros(0, dtype=torch.int32),
-        interior_positions(5, 5, 3).to(torch.int32), torch.ones(3), k=3, scale=1.0, shift=0.0, splits=4,
-        rule="shared")
+    m, _l, _l2, o = cpu_backend.patch_partials(
+        torch.zeros(3, 9),
+        torch.zeros(2, 1, 5, 5, dtype=torch.uint8),
+        torch.zeros(0, dtype=torch.int32),
+        interior_positions(5, 5, 3).to(torch.int32),
+        torch.ones(3),
+        k=3,
+        scale=1.0,
+        shift=0.0,
+        splits=4,
+        rule="shared",
+    )
     assert m.shape == (0, 3) and o.shape == (0, 3, 1)
-    st = _finish(*cpu_backend.patch_partials(
-        torch.zeros(3, 9), torch.zeros(2, 1, 5, 5, dtype=torch.uint8), torch.tensor([1], dtype=torch.int32),
-        interior_positions(5, 5, 3).to(torch.int32), torch.full((3,), float("inf")), k=3, scale=1.0, shift=0.0,
-        splits=4, rule="shared"))
+    st = _finish(
+        *cpu_backend.patch_partials(
+            torch.zeros(3, 9),
+            torch.zeros(2, 1, 5, 5, dtype=torch.uint8),
+            torch.tensor([1], dtype=torch.int32),
+            interior_positions(5, 5, 3).to(torch.int32),
+            torch.full((3,), float("inf")),
+            k=3,
+            scale=1.0,
+            shift=0.0,
+            splits=4,
+            rule="shared",
+        )
+    )
     # σ → 0 with exact matches (zero image, zero queries): logit 0, not 0·inf = NaN
     assert torch.equal(st.m, torch.zeros(3)) and torch.equal(st.l, torch.full((3,), 9.0))

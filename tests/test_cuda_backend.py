@@ -10,6 +10,7 @@
   labels with an empty class), outputs and scratch poisoned with NaN before every call, determinism (two calls
   bitwise equal), and on a 2000-image subset of the real MNIST.
 """
+
 import os
 import re
 import shutil
@@ -17,9 +18,9 @@ import subprocess
 
 import pytest
 import torch
+from reference import noisy_images, noisy_queries, rel, uint8_bank
 
 from analytic_diffusion.ops import KeyBank, cuda_backend, torch_backend
-from reference import noisy_images, noisy_queries, rel, uint8_bank
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CUDA_DIR = os.path.join(ROOT, "csrc", "cuda")
@@ -34,10 +35,15 @@ needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CU
 
 @pytest.fixture(autouse=True)
 def _extension_on_gpu_machines(request):
-    if request.node.get_closest_marker("gpu") is not None and torch.cuda.is_available() \
-            and (not cuda_backend.available() or cuda_backend._emulated()):
-        pytest.fail(f"this machine has a GPU but backend 'cuda' is unavailable: {cuda_backend.unavailable_reason()}",
-                    pytrace=False)
+    if (
+        request.node.get_closest_marker("gpu") is not None
+        and torch.cuda.is_available()
+        and (not cuda_backend.available() or cuda_backend._emulated())
+    ):
+        pytest.fail(
+            f"this machine has a GPU but backend 'cuda' is unavailable: {cuda_backend.unavailable_reason()}",
+            pytrace=False,
+        )
 
 
 # ----------------------------------------------------------------------------------------- compile check
@@ -68,8 +74,19 @@ def parse_ptxas(text):
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not on PATH")
 @pytest.mark.parametrize("source", sorted(f for f in os.listdir(CUDA_DIR) if f.endswith(".cu")))
 def test_cuda_sources_compile_without_spills(source, tmp_path):
-    cmd = ["nvcc", "-std=c++17", "-arch=sm_90a", "-Xptxas", "-v", "-I", CUDA_DIR, "-c",
-           os.path.join(CUDA_DIR, source), "-o", str(tmp_path / "x.o")]
+    cmd = [
+        "nvcc",
+        "-std=c++17",
+        "-arch=sm_90a",
+        "-Xptxas",
+        "-v",
+        "-I",
+        CUDA_DIR,
+        "-c",
+        os.path.join(CUDA_DIR, source),
+        "-o",
+        str(tmp_path / "x.o"),
+    ]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout + r.stderr
     kernels = parse_ptxas(r.stdout + r.stderr)
@@ -80,10 +97,12 @@ def test_cuda_sources_compile_without_spills(source, tmp_path):
 
 
 def test_parse_ptxas():
-    text = ("ptxas info    : Compiling entry function '_Z1kv' for 'sm_90a'\n"
-            "ptxas info    : Function properties for _Z1kv\n"
-            "    0 bytes stack frame, 8 bytes spill stores, 8 bytes spill loads\n"
-            "ptxas info    : Used 40 registers, used 1 barriers, 356 bytes cmem[0]\n")
+    text = (
+        "ptxas info    : Compiling entry function '_Z1kv' for 'sm_90a'\n"
+        "ptxas info    : Function properties for _Z1kv\n"
+        "    0 bytes stack frame, 8 bytes spill stores, 8 bytes spill loads\n"
+        "ptxas info    : Used 40 registers, used 1 barriers, 356 bytes cmem[0]\n"
+    )
     assert parse_ptxas(text) == {"_Z1kv": (40, 8)}
 
 
@@ -123,15 +142,54 @@ def test_extension_host_helpers(cuda_fused):  # the built extension, or its host
 
 def test_extension_validates_arguments(cuda_fused):
     ext = cuda_backend._cuda
-    args = dict(queries=1, keys=1, key_type=0, B=1, N=1, D=1, scale=1.0, shift=0.0, coef=1, key_labels=0,
-                query_labels=0, m=1, l=1, l2=1, o=1, scratch=1, scratch_bytes=1 << 20, stream=0)
-    for bad, match in (({"key_type": 3}, "key_type"), ({"N": 0}, "N"), ({"D": 0}, "D"),
-                       ({"queries": 0}, "queries"), ({"query_labels": 8}, "query_labels"),
-                       ({"scratch_bytes": 0}, "scratch")):
+    args = dict(
+        queries=1,
+        keys=1,
+        key_type=0,
+        B=1,
+        N=1,
+        D=1,
+        scale=1.0,
+        shift=0.0,
+        coef=1,
+        key_labels=0,
+        query_labels=0,
+        m=1,
+        l=1,
+        l2=1,
+        o=1,
+        scratch=1,
+        scratch_bytes=1 << 20,
+        stream=0,
+    )
+    for bad, match in (
+        ({"key_type": 3}, "key_type"),
+        ({"N": 0}, "N"),
+        ({"D": 0}, "D"),
+        ({"queries": 0}, "queries"),
+        ({"query_labels": 8}, "query_labels"),
+        ({"scratch_bytes": 0}, "scratch"),
+    ):
         with pytest.raises(ValueError, match=match):
             ext.softmax_retrieval(**{**args, **bad})
-    kargs = dict(queries=1, keys=1, key_type=0, B=1, N=1, D=1, scale=1.0, shift=0.0, k=33, key_labels=0,
-                 query_labels=0, dist=1, index=1, scratch=1, scratch_bytes=1 << 20, stream=0)
+    kargs = dict(
+        queries=1,
+        keys=1,
+        key_type=0,
+        B=1,
+        N=1,
+        D=1,
+        scale=1.0,
+        shift=0.0,
+        k=33,
+        key_labels=0,
+        query_labels=0,
+        dist=1,
+        index=1,
+        scratch=1,
+        scratch_bytes=1 << 20,
+        stream=0,
+    )
     with pytest.raises(ValueError, match="k"):
         ext.knn_search(**kargs)
 
@@ -147,8 +205,13 @@ def make_bank(rng, kind, n, d, labels=None):
 
 
 def to_device(bank, dev):
-    return KeyBank(bank.values.to(dev), bank.scale, bank.shift,
-                   labels=None if bank.labels is None else bank.labels.to(dev), image_shape=bank.image_shape)
+    return KeyBank(
+        bank.values.to(dev),
+        bank.scale,
+        bank.shift,
+        labels=None if bank.labels is None else bank.labels.to(dev),
+        image_shape=bank.image_shape,
+    )
 
 
 def to_cuda(bank):
@@ -160,14 +223,20 @@ def coef_for(sigma, b):
 
 
 def oracle(q, bank, coef, query_labels=None):
-    return torch_backend.softmax_partial(q, bank, coef, query_labels=query_labels, dtype=torch.float64,
-                                         memory_budget=BUDGET)
+    return torch_backend.softmax_partial(
+        q, bank, coef, query_labels=query_labels, dtype=torch.float64, memory_budget=BUDGET
+    )
 
 
 def device_softmax(q, bank, coef, dev, query_labels=None):
-    out = cuda_backend.softmax_partial(q.to(dev), to_device(bank, dev), coef.to(dev), dtype=torch.float32,
-                                       query_labels=None if query_labels is None else query_labels.to(dev),
-                                       poison=True)
+    out = cuda_backend.softmax_partial(
+        q.to(dev),
+        to_device(bank, dev),
+        coef.to(dev),
+        dtype=torch.float32,
+        query_labels=None if query_labels is None else query_labels.to(dev),
+        poison=True,
+    )
     return out.to("cpu")
 
 
@@ -226,8 +295,14 @@ def check_random_softmax(rng, kind, sigma, B, N, D):
 
 
 def device_knn(q, bank, k, dev, query_labels=None):
-    d, i = cuda_backend.knn(q.to(dev), to_device(bank, dev), k, dtype=torch.float32, poison=True,
-                            query_labels=None if query_labels is None else query_labels.to(dev))
+    d, i = cuda_backend.knn(
+        q.to(dev),
+        to_device(bank, dev),
+        k,
+        dtype=torch.float32,
+        poison=True,
+        query_labels=None if query_labels is None else query_labels.to(dev),
+    )
     return d.cpu(), i.cpu()
 
 
@@ -241,8 +316,11 @@ def test_global_kernels_under_host_emulation(cuda_fused, rng):
     the real extension): softmax partials at σ 1e-3 … 1e3 across the query-block sizes (D = 13, 787, 4097), with
     labels and an empty class, and the k-NN scan, against the float64 oracle, outputs and scratch poisoned."""
     dev = cuda_fused.device
-    for kind, sigma, B, N, D in (("uint8", 1e3, 3, 31, 13), ("float32", 1e-3, 17, 300, 787),
-                                 ("uint8", 1.0, 2, 100, 4097)):
+    for kind, sigma, B, N, D in (
+        ("uint8", 1e3, 3, 31, 13),
+        ("float32", 1e-3, 17, 300, 787),
+        ("uint8", 1.0, 2, 100, 4097),
+    ):
         bank = make_bank(rng, kind, N, D)
         q = noisy_queries(rng, bank, B, sigma)
         check_state(device_softmax(q, bank, coef_for(sigma, B), dev), oracle(q, bank, coef_for(sigma, B)))
@@ -250,8 +328,9 @@ def test_global_kernels_under_host_emulation(cuda_fused, rng):
     bank = make_bank(rng, "uint8", 200, 50, labels=labels)
     q = noisy_queries(rng, bank, 5, 0.3)
     ql = torch.tensor([0, 1, 2, 3, 1])  # class 3 has no candidate
-    check_state(device_softmax(q, bank, coef_for(0.3, 5), dev, ql), oracle(q, bank, coef_for(0.3, 5), ql),
-                empty=ql == 3)
+    check_state(
+        device_softmax(q, bank, coef_for(0.3, 5), dev, ql), oracle(q, bank, coef_for(0.3, 5), ql), empty=ql == 3
+    )
     for k in (1, 5):
         rd, ri = torch_backend.knn(q, bank, k, dtype=torch.float64, memory_budget=BUDGET)
         check_knn(*device_knn(q, bank, k, dev), rd, ri, q, bank)
@@ -350,8 +429,10 @@ def test_knn_ties_labels_and_padding(rng):
 def test_deterministic(rng):
     B, N, D = 19, 5003, 787
     bank = to_cuda(make_bank(rng, "uint8", N, D, labels=torch.randint(0, 3, (N,), generator=rng)))
-    q = (bank.gather(torch.randint(0, N, (B,), generator=rng).cuda(), torch.float32)
-         + 0.3 * torch.randn((B, D), generator=rng).cuda())
+    q = (
+        bank.gather(torch.randint(0, N, (B,), generator=rng).cuda(), torch.float32)
+        + 0.3 * torch.randn((B, D), generator=rng).cuda()
+    )
     coef = coef_for(0.3, B).cuda()
     ql = torch.randint(0, 3, (B,), generator=rng).cuda()
     for labels in (None, ql):

@@ -1,12 +1,13 @@
 """The host-emulator build cache (tests/cuda_emu/build.py): a changed source gives a new key and a rebuild, a
 finished build is reused, concurrent callers build once, a failed build leaves nothing behind, stale builds go."""
+
 import os
 import shutil
 import threading
 import time
+from pathlib import Path
 
 import pytest
-
 from cuda_emu import build
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -27,8 +28,13 @@ def test_key_follows_every_source(tmp_path):
     base = build.source_key(cuda, emu)
     assert base == build.source_key(), "an identical copy of the sources must give the same key"
     keys = {base}
-    for folder, name in ((cuda, "patch_retrieval.cu"), (cuda, "global_retrieval.cuh"), (cuda, "bindings.cpp"),
-                         (emu, "emu.h"), (emu, "build.py")):
+    for folder, name in (
+        (cuda, "patch_retrieval.cu"),
+        (cuda, "global_retrieval.cuh"),
+        (cuda, "bindings.cpp"),
+        (emu, "emu.h"),
+        (emu, "build.py"),
+    ):
         path = os.path.join(folder, name)
         with open(path, "rb") as fh:
             original = fh.read()
@@ -54,6 +60,7 @@ def _counting_builder(calls, delay=0.0, fail=False):
         with open(path, "w") as fh:
             fh.write(str(len(calls)))
         return path
+
     return build_into
 
 
@@ -61,17 +68,19 @@ def test_cache_builds_once_per_key_and_rebuilds_on_a_new_key(tmp_path):
     calls = []
     first = build.cached(str(tmp_path), "a" * 24, _counting_builder(calls))
     assert build.cached(str(tmp_path), "a" * 24, _counting_builder(calls)) == first
-    assert len(calls) == 1 and open(first).read() == "1"
+    assert len(calls) == 1 and Path(first).read_text() == "1"
     second = build.cached(str(tmp_path), "b" * 24, _counting_builder(calls))
-    assert len(calls) == 2 and second != first and open(second).read() == "2"
+    assert len(calls) == 2 and second != first and Path(second).read_text() == "2"
     assert not [n for n in os.listdir(tmp_path) if ".tmp-" in n], "no work folder may stay behind"
 
 
 def test_concurrent_callers_build_once(tmp_path):
     calls, results = [], []
     builder = _counting_builder(calls, delay=0.3)
-    threads = [threading.Thread(target=lambda: results.append(build.cached(str(tmp_path), "c" * 24, builder)))
-               for _ in range(3)]
+    threads = [
+        threading.Thread(target=lambda: results.append(build.cached(str(tmp_path), "c" * 24, builder)))
+        for _ in range(3)
+    ]
     for t in threads:
         t.start()
     for t in threads:

@@ -3,6 +3,7 @@ registration, AOT dispatch), and torch.compile(fullgraph=True) of a sampler step
 
 The compile test uses the aot_eager backend (Dynamo's full-graph capture and AOT autograd over the fake
 implementations); Inductor compiles the same graph, but its C++ code generation takes minutes on 2 cores."""
+
 import pytest
 import torch
 
@@ -25,8 +26,9 @@ def test_opcheck(ds, labels):
     lab = torch.tensor([0, 1, 1]) if labels else None
     h = handle_of(den)
     # the AOT-dispatch check (the slow one) once; schema, fake and autograd registration for both variants
-    utils = ("test_schema", "test_autograd_registration", "test_faketensor") + (() if labels else
-                                                                                ("test_aot_dispatch_dynamic",))
+    utils = ("test_schema", "test_autograd_registration", "test_faketensor") + (
+        () if labels else ("test_aot_dispatch_dynamic",)
+    )
     torch.library.opcheck(optimal_mean, (x, s, lab, h), test_utils=utils)
     torch.library.opcheck(optimal_jvp, (x.detach(), s, lab, torch.randn_like(x.detach()), h), test_utils=utils)
     assert torch.equal(optimal_mean(x, s, lab, h), den(x, s, lab))
@@ -47,6 +49,7 @@ def test_compiled_sampler_step_has_no_graph_break(ds):
 
 def test_handles_follow_copies(ds):
     import copy
+
     den = make_denoiser("optimal", ds)
     twin = copy.deepcopy(den)
     assert handle_of(den) != handle_of(twin) and handle_of(den) == handle_of(den)

@@ -1,4 +1,5 @@
 """Dataset: storage, views, subsets, flips, and the float64 statistics with their on-disk cache."""
+
 import os
 
 import numpy as np
@@ -71,10 +72,12 @@ def test_float_input_and_value_ranges():
     unit = g.random((6, 2, 5, 5)).astype(np.float32)
     signed = Dataset.from_array(unit * 2 - 1)
     assert signed.images.dtype == torch.float32 and signed.scale == 1.0 and signed.shift == 0.0
-    assert torch.allclose(Dataset.from_array(unit, value_range=(0, 1)).images, torch.from_numpy(unit * 2 - 1),
-                          atol=1e-6)
-    assert torch.allclose(Dataset.from_array(unit * 255, value_range=(0, 255)).images,
-                          torch.from_numpy(unit * 2 - 1), atol=1e-5)
+    assert torch.allclose(
+        Dataset.from_array(unit, value_range=(0, 1)).images, torch.from_numpy(unit * 2 - 1), atol=1e-6
+    )
+    assert torch.allclose(
+        Dataset.from_array(unit * 255, value_range=(0, 255)).images, torch.from_numpy(unit * 2 - 1), atol=1e-5
+    )
     ints = Dataset.from_array(np.arange(16, dtype=np.int64).reshape(1, 4, 4))  # 0..255 integers -> uint8
     assert ints.images.dtype == torch.uint8
 
@@ -171,7 +174,7 @@ def test_mean_covariance_pca_match_numpy(dtype):
     mean, cov = ds.mean(cache=False), ds.covariance(cache=False)
     assert mean.dtype == cov.dtype == torch.float64 and cov.shape == (30, 30)
     assert rel_err(mean, mean_ref) < 1e-12 and rel_err(cov, cov_ref) < 1e-12
-    m, vals, U = ds.pca(cache=False)
+    _m, vals, U = ds.pca(cache=False)
     assert vals.shape == (30,) and U.shape == (30, 30) and bool((vals >= 0).all())
     assert bool((vals[:-1] >= vals[1:]).all())
     assert rel_err(U @ torch.diag(vals) @ U.T, cov_ref) < 1e-10
@@ -239,8 +242,9 @@ def test_cache_key_changes_with_every_parameter():
     }
     paths = {name: stats_cache.key_path("cov", d.cache_params()) for name, d in variants.items()}
     assert len(set(paths.values())) == len(paths)
-    assert stats_cache.key_path("cov", Dataset.from_array(x, source="toy", split="train").cache_params()) == \
-        paths["base"]
+    assert (
+        stats_cache.key_path("cov", Dataset.from_array(x, source="toy", split="train").cache_params()) == paths["base"]
+    )
 
 
 def test_corrupt_cache_file_is_recomputed(cache_dir):
@@ -264,6 +268,7 @@ def test_cache_false_writes_nothing(cache_dir):
 def test_flip_index_convention_matches_the_retrieval_ops():
     """Index i ≥ N means image i − N mirrored, in images_float and in knn_search alike."""
     from analytic_diffusion.ops import knn_search
+
     x, _ = random_uint8(n=12, c=1, h=5, w=6)
     fl = Dataset.from_array(x).with_flips()
     want = torch.tensor([2, 12 + 5, 12 + 11])

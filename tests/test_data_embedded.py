@@ -1,4 +1,5 @@
 """The MNIST test set shipped in the package."""
+
 import numpy as np
 import pytest
 import torch
@@ -56,7 +57,7 @@ def test_md5_is_checked(monkeypatch, tmp_path):
 def test_subset_classes_and_cached_pca_on_mnist(mnist):
     ones = mnist.filter_classes([1]).subset(200, random=True, seed=1)
     assert ones.classes == [1] and ones.num_stored == 200
-    mean, vals, U = ones.pca(rank=10)
+    mean, vals, _U = ones.pca(rank=10)
     x = ones.images_float(dtype=torch.float64).reshape(200, -1).numpy()
     assert np.allclose(mean.numpy(), x.mean(0), atol=1e-12)
     assert np.allclose(vals.numpy(), np.linalg.eigvalsh(np.cov(x.T, bias=True))[::-1][:10], atol=1e-9)

@@ -1,4 +1,5 @@
 """Every loader on small files written here, plus the errors for bad input (each naming the file/argument)."""
+
 import gzip
 import io
 import json
@@ -10,8 +11,15 @@ import pytest
 import torch
 from PIL import Image
 
-from analytic_diffusion.data import (load_array, load_cifar, load_dataset, load_edm_zip, load_idx,
-                                     load_image_folder, load_numpy)
+from analytic_diffusion.data import (
+    load_array,
+    load_cifar,
+    load_dataset,
+    load_edm_zip,
+    load_idx,
+    load_image_folder,
+    load_numpy,
+)
 
 
 @pytest.fixture(autouse=True)
@@ -97,8 +105,9 @@ def test_idx_errors_name_the_file(tmp_path):
 def write_cifar_pickle(path, images, labels, key):
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "wb") as f:
-        pickle.dump({b"data": images.reshape(len(images), -1), key: list(map(int, labels)),
-                     b"batch_label": b"x"}, f, protocol=2)
+        pickle.dump(
+            {b"data": images.reshape(len(images), -1), key: list(map(int, labels)), b"batch_label": b"x"}, f, protocol=2
+        )
 
 
 def test_cifar10_python_batches(tmp_path):

@@ -1,5 +1,6 @@
 """Denoisers as torch.nn.Module: resident tensors are non-persistent buffers that .to(device) moves, .dtype /
 .device / repr, .to(dtype) refused, and integer σ (a diffusers-style timestep) refused with a pointer."""
+
 import numpy as np
 import pytest
 import torch
@@ -15,8 +16,7 @@ def ds(module_seed):
     return ad.Dataset.from_array(torch.rand(20, 1, 4, 4, generator=g) * 2 - 1, labels=torch.arange(20) % 2)
 
 
-@pytest.mark.parametrize("method,opts", [("optimal", {}), ("topk", {"k": 5}), ("wiener", {}),
-                                         ("ls", {"patch": 3})])
+@pytest.mark.parametrize("method,opts", [("optimal", {}), ("topk", {"k": 5}), ("wiener", {}), ("ls", {"patch": 3})])
 def test_module_basics(ds, method, opts):
     den = make_denoiser(method, ds, dtype=torch.float64, **opts)
     assert isinstance(den, torch.nn.Module)
@@ -77,8 +77,7 @@ def test_adapters_follow_module_casts():
     assert c.device is None and c.dtype is None  # the caller's
 
 
-@pytest.mark.parametrize("sigma", [500, np.int64(500), torch.tensor(500), torch.tensor([500, 400, 3]), [1, 2, 3],
-                                   True])
+@pytest.mark.parametrize("sigma", [500, np.int64(500), torch.tensor(500), torch.tensor([500, 400, 3]), [1, 2, 3], True])
 def test_integer_sigma_is_refused(ds, sigma):
     den = make_denoiser("optimal", ds)
     x = torch.randn(3, 1, 4, 4)

@@ -1,10 +1,11 @@
 """Global denoisers: identities between methods, limits, numerics at extreme σ, and clear errors."""
+
 import pytest
 import torch
+from reference import float32_tolerance, posterior_bruteforce, rel, row_rel
 
 from analytic_diffusion.data.dataset import Dataset
 from analytic_diffusion.denoisers import DENOISERS, make_denoiser
-from reference import float32_tolerance, posterior_bruteforce, rel, row_rel
 
 SHAPE = (2, 4, 5)
 
@@ -93,6 +94,7 @@ def test_smoothed_averages_optimal_over_its_own_draws(rng):
     x = queries(rng, ds).double()
     sm = make_denoiser("smoothed", ds, smoothing=0.3, num_perturbations=4, seed=5, dtype=torch.float64)
     from analytic_diffusion.denoisers.sample_seeds import row_generators
+
     gens = row_generators("smoothed", 5, x, torch.full((x.shape[0],), 0.2, dtype=torch.float64))
     xi = torch.stack([torch.randn((4,) + tuple(x.shape[1:]), generator=g, dtype=torch.float64) for g in gens], 1)
     opt = make_denoiser("optimal", ds, dtype=torch.float64)
@@ -124,8 +126,7 @@ def test_wiener_on_gaussian_data_is_the_true_posterior_mean(rng):
     x = mu + torch.randn(5, d, generator=rng, dtype=torch.float64) * 0.3
     for sigma in (0.01, 0.1, 1.0, 10.0):
         cov = A @ A.t()
-        ref = mu + (cov @ torch.linalg.solve(cov + sigma**2 * torch.eye(d, dtype=torch.float64),
-                                             (x - mu).t())).t()
+        ref = mu + (cov @ torch.linalg.solve(cov + sigma**2 * torch.eye(d, dtype=torch.float64), (x - mu).t())).t()
         out = wien(x.reshape(5, 1, 2, 3), sigma).reshape(5, d)
         # Sampling error of 2e5 draws (μ̂ is ~1e-3 off), measured against the query's own scale.
         assert (out - ref).norm() < 0.01 * (x - mu).norm()
@@ -138,8 +139,10 @@ def test_wiener_equals_explicit_filter_with_sample_moments_and_rank(rng):
     cov = (y - mu).t() @ (y - mu) / y.shape[0]
     x = queries(rng, ds).double()
     full = make_denoiser("wiener", ds, dtype=torch.float64)(x, 0.5).reshape(4, -1)
-    ref = mu + (cov @ torch.linalg.solve(cov + 0.25 * torch.eye(40, dtype=torch.float64),
-                                         (x.reshape(4, -1) - mu).t())).t()
+    ref = (
+        mu
+        + (cov @ torch.linalg.solve(cov + 0.25 * torch.eye(40, dtype=torch.float64), (x.reshape(4, -1) - mu).t())).t()
+    )
     assert rel(full, ref) < 1e-8
     lam, U = torch.linalg.eigh(cov)
     U3 = U[:, -3:]
@@ -155,8 +158,8 @@ def test_class_conditional_equals_filtered_dataset(rng):
     out = make_denoiser("optimal", ds, dtype=torch.float64)(x, 0.6, class_labels=labels)
     for b in range(4):
         sub = ds.filter_classes([int(labels[b])])
-        ref = make_denoiser("optimal", sub, dtype=torch.float64)(x[b:b + 1], 0.6)
-        assert rel(out[b:b + 1], ref) < 1e-12
+        ref = make_denoiser("optimal", sub, dtype=torch.float64)(x[b : b + 1], 0.6)
+        assert rel(out[b : b + 1], ref) < 1e-12
     top = make_denoiser("topk", ds, k=ds.n, dtype=torch.float64)(x, 0.6, class_labels=labels)
     assert rel(top, out) < 1e-10
 
@@ -186,8 +189,15 @@ def test_score_and_eps_forms(rng):
 def test_no_nan_and_float32_matches_float64(rng, name, near_one):
     ds = make_dataset(rng, near_one=near_one)
     x = queries(rng, ds, noise=0.05)
-    opts = {"topk": {"k": 20}, "knn": {"k": 20}, "ls": {"patch": 3}, "els": {"patch": 3},
-            "bbels": {"patch": 3}, "pspc": {"patch": 3}}.get(name, {})
+    opts = {
+        "topk": {"k": 20},
+        "knn": {"k": 20},
+        "ls": {"patch": 3},
+        "els": {"patch": 3},
+        "bbels": {"patch": 3},
+        "pspc": {"patch": 3},
+    }.get(name, {})
+
     # A fresh denoiser per call: the seeded ones (smoothed, optimal-draw) then see the same draws every time.
     def fresh(dtype):
         return make_denoiser(name, ds, dtype=dtype, **opts)

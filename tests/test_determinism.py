@@ -3,6 +3,7 @@
 The stochastic methods (smoothed, knn, optimal-draw) draw from a stream per query, seeded by a hash of what
 belongs to the query; these tests fail on a denoiser that holds one generator advancing with every call.
 """
+
 import pytest
 import torch
 
@@ -41,7 +42,7 @@ def test_same_query_same_answer_whatever_the_batch(rng, name, flips):
     # The noise mode's mean and variance come from the torch reference GEMMs, whose rounding may change with
     # the batch shape (a 1-row product is a GEMV): same draws, answers equal to rounding. The others: bitwise.
     same = (lambda a, b: bool((a - b).abs().max() < 1e-5)) if name == "optimal-draw-noise" else torch.equal
-    rows = torch.cat([den(x[i:i + 1], sig[i:i + 1]) for i in range(7)])
+    rows = torch.cat([den(x[i : i + 1], sig[i : i + 1]) for i in range(7)])
     assert same(rows, whole), "batch size changed the answer"
     perm = torch.randperm(7, generator=rng)
     assert same(den(x[perm], sig[perm]), whole[perm]), "batch order changed the answer"
@@ -50,7 +51,7 @@ def test_same_query_same_answer_whatever_the_batch(rng, name, flips):
     # the same query with a class label is conditioned, and still a pure function
     lab = torch.randint(0, 3, (7,), generator=rng)
     cond = den(x, sig, class_labels=lab)
-    assert same(torch.cat([den(x[i:i + 1], sig[i:i + 1], class_labels=lab[i:i + 1]) for i in range(7)]), cond)
+    assert same(torch.cat([den(x[i : i + 1], sig[i : i + 1], class_labels=lab[i : i + 1]) for i in range(7)]), cond)
 
 
 @pytest.mark.parametrize("name", sorted(STOCHASTIC))
@@ -81,7 +82,7 @@ def _splitmix_reference(seed: int, j: int) -> float:
     z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & m
     z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & m
     z ^= z >> 31
-    return ((z >> 11) + 0.5) / 2.0 ** 53
+    return ((z >> 11) + 0.5) / 2.0**53
 
 
 def test_counter_uniforms_match_splitmix64(rng):
@@ -93,9 +94,18 @@ def test_counter_uniforms_match_splitmix64(rng):
     assert float(u.min()) > 0 and float(u.max()) < 1
 
 
-@pytest.mark.parametrize("name, opts", [("ls", {"patch": 5}), ("pspc", {"patch": 3}), ("els", {"patch": 3}),
-                                        ("bbels", {"patch": 3}), ("wiener", {}), ("pca_locality", {}),
-                                        ("pspc-flex", {"tau": 0.5, "memory_budget": 1 << 15})])
+@pytest.mark.parametrize(
+    "name, opts",
+    [
+        ("ls", {"patch": 5}),
+        ("pspc", {"patch": 3}),
+        ("els", {"patch": 3}),
+        ("bbels", {"patch": 3}),
+        ("wiener", {}),
+        ("pca_locality", {}),
+        ("pspc-flex", {"tau": 0.5, "memory_budget": 1 << 15}),
+    ],
+)
 def test_deterministic_methods_are_bitwise_independent_of_the_batch(rng, name, opts):
     """The C++ patch kernel's split count and wiener's filter no longer follow the number of query rows.
 
@@ -107,5 +117,5 @@ def test_deterministic_methods_are_bitwise_independent_of_the_batch(rng, name, o
     den = ad.make_denoiser(name, ds, **opts)
     whole = den(x, 0.5)
     same = (lambda a, b: bool((a - b).abs().max() <= 1e-6)) if name in ("bbels", "pspc") else torch.equal
-    assert same(torch.cat([den(x[i:i + 1], 0.5) for i in range(4)]), whole)
+    assert same(torch.cat([den(x[i : i + 1], 0.5) for i in range(4)]), whole)
     assert same(torch.cat([den(x[:3], 0.5), den(x[3:], 0.5)]), whole)

@@ -4,6 +4,7 @@ answer for every family, the same bits on every rank and from run to run; faults
 One spawned job per world size runs every check inside one process group (torch start-up costs ~2 s a process).
 Rendezvous on 127.0.0.1 only.
 """
+
 import datetime
 import json
 import os
@@ -16,6 +17,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from conftest import seed_for
 
 from analytic_diffusion.data import Dataset
 from analytic_diffusion.denoisers import make_denoiser
@@ -24,8 +26,6 @@ from analytic_diffusion.metrics import memorization
 from analytic_diffusion.ops import knn_search, posterior_draw, softmax_retrieval
 from analytic_diffusion.ops.distributed import ShardError, ShardGroup, shard_range
 from analytic_diffusion.sampling.parallel import Parallel, sample_parallel
-
-from conftest import seed_for  # noqa: E402
 
 SEED = seed_for("module:tests/test_distributed.py") % 100_000
 N, SHAPE, B = 23, (1, 8, 8), 5
@@ -53,19 +53,26 @@ def _queries(seed: int, dtype) -> torch.Tensor:
 
 # (method, options, dtype): the families of the issue, float64 on the oracle, float32 on the default backends.
 METHODS = [
-    ("optimal", {"backend": "torch"}, torch.float64), ("optimal", {}, torch.float32),
-    ("topk", {"k": 5}, torch.float64), ("nearest", {}, torch.float32),
-    ("knn", {"k": 4, "ref_size": 6}, torch.float64), ("smoothed", {"smoothing": 0.4, "num_perturbations": 2},
-                                                        torch.float64),
+    ("optimal", {"backend": "torch"}, torch.float64),
+    ("optimal", {}, torch.float32),
+    ("topk", {"k": 5}, torch.float64),
+    ("nearest", {}, torch.float32),
+    ("knn", {"k": 4, "ref_size": 6}, torch.float64),
+    ("smoothed", {"smoothing": 0.4, "num_perturbations": 2}, torch.float64),
     ("optimal-draw", {"mode": "draw", "scale": 0.5}, torch.float64),
     ("optimal-draw", {"mode": "noise", "scale": 0.5}, torch.float64),
-    ("ls", {"patch": 3, "backend": "torch"}, torch.float64), ("ls", {"patch": 3}, torch.float32),
-    ("els", {"patch": 3, "backend": "torch"}, torch.float64), ("bbels", {"patch": 3}, torch.float32),
-    ("pspc", {"patch": 5, "backend": "torch"}, torch.float64), ("pspc", {"patch": 5}, torch.float32),
-    ("pspc-flex", {}, torch.float64), ("pca_locality", {"backend": "torch"}, torch.float64),
+    ("ls", {"patch": 3, "backend": "torch"}, torch.float64),
+    ("ls", {"patch": 3}, torch.float32),
+    ("els", {"patch": 3, "backend": "torch"}, torch.float64),
+    ("bbels", {"patch": 3}, torch.float32),
+    ("pspc", {"patch": 5, "backend": "torch"}, torch.float64),
+    ("pspc", {"patch": 5}, torch.float32),
+    ("pspc-flex", {}, torch.float64),
+    ("pca_locality", {"backend": "torch"}, torch.float64),
     # pca_locality on shards runs the torch path: compared with the same path (the fused kernel's float32
     # distances differ in rounding, which near-tied coordinates at σ = 0.05 amplify past 1e-5)
-    ("pca_locality", {"backend": "torch"}, torch.float32), ("wiener", {}, torch.float64),
+    ("pca_locality", {"backend": "torch"}, torch.float32),
+    ("wiener", {}, torch.float64),
 ]
 
 
@@ -84,14 +91,16 @@ def families(make_ds, seed: int, flip_modes=(False, True)) -> dict:
         keys = ds.keys()
         mean, var = posterior_moments(q, ds, SIGMAS)
         out[f"moments-flips{flips}"] = torch.cat([mean, var], 1)
-        out[f"knn-flips{flips}"] = torch.cat([t.double() for t in knn_search(q, keys, 7, flips=flips,
-                                                                           dtype=torch.float64)], 1)
+        out[f"knn-flips{flips}"] = torch.cat(
+            [t.double() for t in knn_search(q, keys, 7, flips=flips, dtype=torch.float64)], 1
+        )
         gen = torch.Generator().manual_seed(seed + 5)
-        out[f"draw-flips{flips}"] = torch.cat([t.double().reshape(B, -1) for t in
-                                               posterior_draw(q, keys, SIGMAS, generator=gen, flips=flips)], 1)
+        out[f"draw-flips{flips}"] = torch.cat(
+            [t.double().reshape(B, -1) for t in posterior_draw(q, keys, SIGMAS, generator=gen, flips=flips)], 1
+        )
         r = softmax_retrieval(q, keys, SIGMAS, flips=flips, dtype=torch.float64, backend="torch")
         out[f"summary-flips{flips}"] = torch.stack([r.max_weight, r.effective_neighbours], 1)
-        mean, vals, vecs = ds.pca(cache=False)
+        mean, vals, _vecs = ds.pca(cache=False)
         out[f"stats-flips{flips}"] = torch.cat([mean, ds.covariance(cache=False).reshape(-1), vals])
         out[f"classes-flips{flips}"] = torch.tensor(ds.classes, dtype=torch.float64)
         rep = memorization(_queries(seed + 9, torch.float64), ds)
@@ -108,8 +117,13 @@ def _sample_block(par, seed: int) -> torch.Tensor:
 def _worker(rank: int, world: int, port: int, out_dir: str, job: str, seed: int) -> None:
     os.environ.setdefault("AD_NUM_THREADS", "1")
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=FAULT_TIMEOUT_S if job == "faults" else 120))
+    dist.init_process_group(
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=world,
+        timeout=datetime.timedelta(seconds=FAULT_TIMEOUT_S if job == "faults" else 120),
+    )
     try:
         group = ShardGroup()
         result = {}
@@ -118,8 +132,11 @@ def _worker(rank: int, world: int, port: int, out_dir: str, job: str, seed: int)
             # 2 ranks: both flip modes, twice (run to run); 3 ranks: flips on (the longer path), once
             modes = (False, True) if world == 2 else (True,)
             first = families(shard, seed, modes)
-            result = {"first": first, "second": families(shard, seed, modes) if world == 2 else first,
-                      "samples": _sample_block(Parallel("samples", samples=group, rank=rank, world=world), seed)}
+            result = {
+                "first": first,
+                "second": families(shard, seed, modes) if world == 2 else first,
+                "samples": _sample_block(Parallel("samples", samples=group, rank=rank, world=world), seed),
+            }
         elif job == "faults":
             try:  # ranks that loaded different data: every rank raises naming the fingerprints
                 _data(seed + rank).shard(group)
@@ -206,7 +223,7 @@ def test_shard_range_is_contiguous_and_balanced():
 def test_faults_stop_every_rank_with_a_clear_message(tmp_path):
     world = 2
     ranks = _spawn(world, "faults", tmp_path)
-    for r, res in enumerate(ranks):
+    for _r, res in enumerate(ranks):
         assert "different datasets" in res["mismatch"] and "rank 0:" in res["mismatch"], res
         assert "at least one image" in res["too_many"]
     assert "injected failure on rank 1" in ranks[1]["peer_failed"]
@@ -222,19 +239,60 @@ def test_torchrun_cli_on_a_packed_shard_matches_single_process(tmp_path):
 
     from analytic_diffusion.data.packed import pack
     from analytic_diffusion.sampling.run import run_sample
+
     pack(_data(SEED), tmp_path / "packed")
     out = tmp_path / "dist"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
-           "--master-port", str(_free_port()), "-m", "analytic_diffusion", "sample", "--method", "topk", "--k", "6",
-           "--parallel", "dataset", "--dataset", str(tmp_path / "packed"), "--memory-budget", "1K", "-n", "3",
-           "--random-classes", "--steps", "3", "--out", str(out), "--no-progress"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        "2",
+        "--master-addr",
+        "127.0.0.1",
+        "--master-port",
+        str(_free_port()),
+        "-m",
+        "analytic_diffusion",
+        "sample",
+        "--method",
+        "topk",
+        "--k",
+        "6",
+        "--parallel",
+        "dataset",
+        "--dataset",
+        str(tmp_path / "packed"),
+        "--memory-budget",
+        "1K",
+        "-n",
+        "3",
+        "--random-classes",
+        "--steps",
+        "3",
+        "--out",
+        str(out),
+        "--no-progress",
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "AD_DIST_TIMEOUT": "60"}
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    run_sample(method="topk", dataset=str(tmp_path / "packed"), n=3, steps=3, method_options={"k": 6},
-               random_classes=True, out=str(tmp_path / "single"), progress=False)
+    run_sample(
+        method="topk",
+        dataset=str(tmp_path / "packed"),
+        n=3,
+        steps=3,
+        method_options={"k": 6},
+        random_classes=True,
+        out=str(tmp_path / "single"),
+        progress=False,
+    )
     a, b = np.load(tmp_path / "single" / "samples.npz"), np.load(out / "samples.npz")
     assert np.abs(a["samples"] - b["samples"]).max() <= 1e-5
     assert (a["nn_index"] == b["nn_index"]).all()
     assert json.loads((out / "config.json").read_text())["parallel"] == {
-        "mode": "dataset", "world": 2, "dataset_ranks": 2, "sample_ranks": None}
+        "mode": "dataset",
+        "world": 2,
+        "dataset_ranks": 2,
+        "sample_ranks": None,
+    }

@@ -1,5 +1,6 @@
 """The design notes are part of the repository: every "docs/<file>.md §n" reference points at a heading that
 exists, and no file cites a document that is not in the repository."""
+
 import re
 import subprocess
 from pathlib import Path
@@ -16,8 +17,14 @@ FOLLOWING = re.compile(SECTION)
 HEADING = re.compile(r"^#{1,6}\s+(\d+(?:\.\d+)*)\.?\s")
 # Documents that live outside the repository (the project's private notes); spelt in pieces so that this file
 # does not cite them itself.
-OUTSIDE = ["DESIGN" + ".md", "reference/" + "methods.md", "kernel-" + "performance.md",
-           "peer-analytic-diffusion-" + "studio.md", "peer " + "spec §", "/work/" + "shared"]
+OUTSIDE = [
+    "DESIGN" + ".md",
+    "reference/" + "methods.md",
+    "kernel-" + "performance.md",
+    "peer-analytic-diffusion-" + "studio.md",
+    "peer " + "spec §",
+    "/work/" + "shared",
+]
 
 
 def tracked_text_files():
@@ -100,8 +107,12 @@ def test_the_checks_catch_planted_mistakes(tmp_path):
     good.write_text('"""See docs/design.md §5, §8.4 and §9a; design.md §5."""\n', encoding="utf-8")
     assert bad_references([good], docs) == []
     planted = tmp_path / "bad.py"
-    planted.write_text('"""docs/design.md §8.5, docs/design.md §5-6, docs/design.md §5, §7, docs/methods.md §1.2\n'
-                       + OUTSIDE[0] + ' §3"""\n', encoding="utf-8")
+    planted.write_text(
+        '"""docs/design.md §8.5, docs/design.md §5-6, docs/design.md §5, §7, docs/methods.md §1.2\n'
+        + OUTSIDE[0]
+        + ' §3"""\n',
+        encoding="utf-8",
+    )
     bad = bad_references([planted], docs)
     assert len(bad) == 4, bad
     assert any("8.5" in b for b in bad) and any("§ 6" in b for b in bad) and any("§ 7" in b for b in bad)

@@ -1,18 +1,26 @@
 """Training dynamics of memorisation (analytic_diffusion.analysis.dynamics): tiny end-to-end runs, onset logic, CLI, errors."""
+
 import json
 import math
 
 import pytest
 import torch
 
+from analytic_diffusion.analysis.dynamics import memorization_onset, training_dynamics
 from analytic_diffusion.cli import main
 from analytic_diffusion.data import Dataset
-from analytic_diffusion.analysis.dynamics import memorization_onset, training_dynamics
 
 torch.set_num_threads(1)
 
-TINY = dict(steps=4, checkpoint_every=2, n_samples=4, sample_steps=2, n_probe=2, progress=False,
-            train_kwargs=dict(channels=8, blocks=1, batch_size=4))
+TINY = dict(
+    steps=4,
+    checkpoint_every=2,
+    n_samples=4,
+    sample_steps=2,
+    n_probe=2,
+    progress=False,
+    train_kwargs=dict(channels=8, blocks=1, batch_size=4),
+)
 
 
 def random_images(n=12, side=8, seed=0):
@@ -65,6 +73,7 @@ def test_tiny_run_writes_metrics_and_plots(tmp_path):
         for f in entry["checkpoint_files"]:
             assert (tmp_path / f).is_file()
     from PIL import Image
+
     for name in ("memorization_vs_step.png", "agreement_vs_step.png", "peak_ratio_vs_size.png"):
         with Image.open(tmp_path / name) as im:
             assert im.format == "PNG" and im.size == (960, 600), name
@@ -104,9 +113,38 @@ def test_copying_sampler_gives_an_onset_at_the_first_checkpoint(tmp_path, monkey
 
 def test_cli_end_to_end(tmp_path, capsys):
     out = tmp_path / "dyn"
-    rc = main(["dynamics", "--dataset", "mnist", "--resolution", "8", "--sizes", "4,8", "--steps", "4",
-               "--checkpoint-every", "2", "--samples", "4", "--sample-steps", "2", "--channels", "8", "--blocks", "1",
-               "--batch-size", "4", "--n-probe", "2", "--threads", "1", "--out", str(out), "--no-progress"])
+    rc = main(
+        [
+            "dynamics",
+            "--dataset",
+            "mnist",
+            "--resolution",
+            "8",
+            "--sizes",
+            "4,8",
+            "--steps",
+            "4",
+            "--checkpoint-every",
+            "2",
+            "--samples",
+            "4",
+            "--sample-steps",
+            "2",
+            "--channels",
+            "8",
+            "--blocks",
+            "1",
+            "--batch-size",
+            "4",
+            "--n-probe",
+            "2",
+            "--threads",
+            "1",
+            "--out",
+            str(out),
+            "--no-progress",
+        ]
+    )
     assert rc == 0
     m = json.loads((out / "metrics.json").read_text())
     assert m["config"]["sizes"] == [4, 8] and m["config"]["train_kwargs"]["channels"] == 8
@@ -117,19 +155,22 @@ def test_cli_end_to_end(tmp_path, capsys):
 
 
 # ----------------------------------------------------------------------------------------- bad arguments
-@pytest.mark.parametrize("sizes, kw, match", [
-    ((), {}, "at least one"),
-    ((4, 13), {}, "13 is larger than the dataset"),
-    ((1,), {}, "integer >= 2"),
-    ((4, 4), {}, "duplicate"),
-    ((4,), {"checkpoint_every": 5}, r"checkpoint_every \(5\) must be <= steps \(4\)"),
-    ((4,), {"steps": 0}, "steps must be"),
-    ((4,), {"n_samples": 0}, "n_samples must be"),
-    ((4,), {"train_kwargs": {"seed": 1}}, "set by training_dynamics"),
-    ((12,), {"probe": "heldout"}, "no image is left"),
-    ((4,), {"arch": "mlp"}, "arch must be"),
-    ((4,), {"sigmas": (0.0,)}, "sigmas"),
-])
+@pytest.mark.parametrize(
+    "sizes, kw, match",
+    [
+        ((), {}, "at least one"),
+        ((4, 13), {}, "13 is larger than the dataset"),
+        ((1,), {}, "integer >= 2"),
+        ((4, 4), {}, "duplicate"),
+        ((4,), {"checkpoint_every": 5}, r"checkpoint_every \(5\) must be <= steps \(4\)"),
+        ((4,), {"steps": 0}, "steps must be"),
+        ((4,), {"n_samples": 0}, "n_samples must be"),
+        ((4,), {"train_kwargs": {"seed": 1}}, "set by training_dynamics"),
+        ((12,), {"probe": "heldout"}, "no image is left"),
+        ((4,), {"arch": "mlp"}, "arch must be"),
+        ((4,), {"sigmas": (0.0,)}, "sigmas"),
+    ],
+)
 def test_bad_arguments_raise_clear_errors(tmp_path, sizes, kw, match):
     args = {**TINY, **kw}
     with pytest.raises(ValueError, match=match):
@@ -137,14 +178,16 @@ def test_bad_arguments_raise_clear_errors(tmp_path, sizes, kw, match):
     assert not (tmp_path / "metrics.json").exists()
 
 
-@pytest.mark.parametrize("argv, match", [
-    (["--sizes", ""], "--sizes: give at least one value"),
-    (["--sizes", "4,x"], "--sizes: expected"),
-    (["--sizes", "4", "--checkpoint-every", "9"], "checkpoint_every"),
-    (["--sizes", "20000"], "larger than the dataset"),
-])
+@pytest.mark.parametrize(
+    "argv, match",
+    [
+        (["--sizes", ""], "--sizes: give at least one value"),
+        (["--sizes", "4,x"], "--sizes: expected"),
+        (["--sizes", "4", "--checkpoint-every", "9"], "checkpoint_every"),
+        (["--sizes", "20000"], "larger than the dataset"),
+    ],
+)
 def test_cli_bad_arguments(tmp_path, capsys, argv, match):
-    rc = main(["dynamics", "--dataset", "mnist", "--steps", "4", *argv, "--out", str(tmp_path / "x"),
-               "--no-progress"])
+    rc = main(["dynamics", "--dataset", "mnist", "--steps", "4", *argv, "--out", str(tmp_path / "x"), "--no-progress"])
     assert rc == 2
     assert match in capsys.readouterr().err

@@ -7,6 +7,7 @@
 * The kit's dry run (the same steps on the CPU at tiny sizes) ends with every section ok and a summary with the
   tables; its header's expected GPU times add up to at most 8 minutes, and its sections are the issue's list.
 """
+
 import importlib.util
 import os
 import re
@@ -35,8 +36,11 @@ def test_build_plan_rules():
     P = _plan_module()
     nvcc = "/usr/local/cuda/bin/nvcc"
     p = P.plan({}, nvcc, True, "90", "torch")  # a GPU machine with nvcc: build, and a failure fails the install
-    assert p.build and p.required and p.arch_flags == ["-gencode=arch=compute_90a,code=sm_90a",
-                                                       "-gencode=arch=compute_90a,code=compute_90a"]
+    assert (
+        p.build
+        and p.required
+        and p.arch_flags == ["-gencode=arch=compute_90a,code=sm_90a", "-gencode=arch=compute_90a,code=compute_90a"]
+    )
     p = P.plan({}, nvcc, True, None, "/dev/nvidia0")  # GPU of unknown architecture (isolated build, no nvidia-smi)
     assert p.build and p.required and p.arch_flags == P.FALLBACK_ARCH_FLAGS
     p = P.plan({"AD_CUDA_ARCH": "8.6"}, nvcc, True, "90")  # the override wins
@@ -78,6 +82,7 @@ def test_setup_uses_the_plan():
 # --------------------------------------------------------------------------------------------------- timer
 def test_time_call_is_the_median_after_a_warm_up(monkeypatch):
     from analytic_diffusion.benchmark import global_bench
+
     ticks = iter([0.0, 1.0, 10.0, 10.5, 20.0, 29.0])  # calls of 1, 0.5 and 9 s after the warm-up
     monkeypatch.setattr(global_bench.time, "perf_counter", lambda: next(ticks))
     calls = []
@@ -89,6 +94,7 @@ def test_time_call_on_a_gpu_flushes_l2_before_every_timed_call(monkeypatch):
     """The CUDA path with fake events: one L2-sized write before each timed call (not inside the timed span),
     event times in ms, the median in seconds."""
     from analytic_diffusion.benchmark import global_bench
+
     log, spans = [], iter([3.0, 1.0, 2.0])
 
     class FakeEvent:
@@ -136,15 +142,29 @@ def test_kit_header_budget_and_sections():
     assert list(expected) == SECTIONS
     assert sum(expected.values()) <= 8 * 60
     text = "\n".join(head)
-    for must in ("N=50k D=3072 B=1,64,1024 exact+bf16", "N=1.28M D=12288 B=256", "k=3,7 over 10k", "B=8",
-                 "LS, PSPC", "over 50k, B=64", "pca_locality", "1000 CIFAR-shaped optimal samples over 50k"):
+    for must in (
+        "N=50k D=3072 B=1,64,1024 exact+bf16",
+        "N=1.28M D=12288 B=256",
+        "k=3,7 over 10k",
+        "B=8",
+        "LS, PSPC",
+        "over 50k, B=64",
+        "pca_locality",
+        "1000 CIFAR-shaped optimal samples over 50k",
+    ):
         assert must in text, must
     with open(KIT) as f:
         body = f.read()
-    for flag in ("--dims 3072 --n 50000 --batches 1,64,1024 --precisions exact,bf16",
-                 "--dims 12288 --n 1280000 --batches 256", "--methods els,bbels --patch 3,7 --n-train 10000",
-                 "--batch 8", "--methods ls,pspc --patch 3,7 --n-train 50000", "--methods pca_locality",
-                 "--samples 1000", "pip install --no-build-isolation --no-deps -e ."):
+    for flag in (
+        "--dims 3072 --n 50000 --batches 1,64,1024 --precisions exact,bf16",
+        "--dims 12288 --n 1280000 --batches 256",
+        "--methods els,bbels --patch 3,7 --n-train 10000",
+        "--batch 8",
+        "--methods ls,pspc --patch 3,7 --n-train 50000",
+        "--methods pca_locality",
+        "--samples 1000",
+        "pip install --no-build-isolation --no-deps -e .",
+    ):
         assert flag in body, flag
 
 
@@ -153,15 +173,23 @@ def test_kit_dry_run(tmp_path):
     """The whole kit on the CPU at tiny sizes (CI: the emulator tests it would add run elsewhere in the suite)."""
     out = tmp_path / "kit"
     env = dict(os.environ, AD_GPU_CHECK_NO_EMU="1", PYTHON=sys.executable)
-    r = subprocess.run(["bash", KIT, "--dry-run", str(out)], cwd=ROOT, env=env, capture_output=True, text=True,
-                       timeout=600)
+    r = subprocess.run(
+        ["bash", KIT, "--dry-run", str(out)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
+    )
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
     status = [line.split("\t") for line in (out / "status.tsv").read_text().splitlines()]
     assert [s[0] for s in status] == SECTIONS and all(s[1] == "ok" for s in status), status
     summary = (out / "summary.md").read_text()
     assert "DRY RUN" in summary
-    for table in ("### global50k", "### in64", "### local_els", "### local_base", "### local_ls", "### pca_b64",
-                  "### e2e"):
+    for table in (
+        "### global50k",
+        "### in64",
+        "### local_els",
+        "### local_base",
+        "### local_ls",
+        "### pca_b64",
+        "### e2e",
+    ):
         assert table in summary, table
     assert "| 48 | 257 | 3 | naive | exact |" in summary  # a timed row of the global table
     assert "| els | 3 | 4 | 1 | studio |" in summary and "| bbels | 3 | 6 | 2 | cpu |" in summary
@@ -174,8 +202,14 @@ def test_kit_stops_and_names_the_failed_section(tmp_path):
     fake = tmp_path / "python"
     fake.write_text("#!/bin/sh\nexit 3\n")
     fake.chmod(0o755)
-    r = subprocess.run(["bash", KIT, "--dry-run", str(out)], cwd=ROOT, env=dict(os.environ, PYTHON=str(fake)),
-                       capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        ["bash", KIT, "--dry-run", str(out)],
+        cwd=ROOT,
+        env=dict(os.environ, PYTHON=str(fake)),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 1
     assert "STOP: install failed" in r.stdout
     assert "| install | failed (rc 3) |" in (out / "summary.md").read_text()

@@ -1,6 +1,7 @@
 """Exact gradients (∂E[x0|x]/∂x = Cov[x0|x]/σ²T through one more retrieval pass for optimal, topk, smoothed; the
 torch reference differentiated by autograd for the local family, per pixel), checked by gradcheck in float64
 against finite differences; denoiser.jvp against autograd and finite differences."""
+
 import pytest
 import torch
 
@@ -17,8 +18,9 @@ def _ds(uint8=False):
     return ad.Dataset.from_array(imgs, labels=torch.arange(9) % 3)
 
 
-@pytest.mark.parametrize("flips,temperature,labels,uint8", [(False, 1.0, False, False), (True, 1.3, True, False),
-                                                            (True, 1.0, False, True)])
+@pytest.mark.parametrize(
+    "flips,temperature,labels,uint8", [(False, 1.0, False, False), (True, 1.3, True, False), (True, 1.0, False, True)]
+)
 def test_gradcheck_optimal(flips, temperature, labels, uint8):
     den = make_denoiser("optimal", _ds(uint8), dtype=torch.float64, temperature=temperature, flips=flips)
     x = torch.randn(3, 1, 2, 3, dtype=torch.float64, requires_grad=True)
@@ -58,7 +60,7 @@ def test_wiener_jvp_through_autograd():
     w = make_denoiser("wiener", ds, dtype=torch.float64)
     x = torch.randn(2, 1, 2, 3, dtype=torch.float64)
     v = torch.randn_like(x)
-    shrink = w.eigvals / (w.eigvals + 0.6 ** 2)
+    shrink = w.eigvals / (w.eigvals + 0.6**2)
     expect = (((v.reshape(2, -1) @ w.U) * shrink) @ w.U.t()).reshape(x.shape)  # J = U diag(λ/(λ+σ²)) Uᵀ
     assert torch.allclose(w.jvp(x, 0.6, v), expect, rtol=0, atol=1e-12)
 
@@ -119,8 +121,14 @@ def test_nearest_gradient_is_zero():
     assert torch.equal(den.jvp(x, 0.5, torch.randn_like(x)), torch.zeros_like(x))
 
 
-_LOCAL = [("ls", dict(patch=3)), ("els", dict(patch=3)), ("bbels", dict(patch=3)), ("pspc", dict(patch=3)),
-          ("pspc-flex", {}), ("pca_locality", {})]
+_LOCAL = [
+    ("ls", dict(patch=3)),
+    ("els", dict(patch=3)),
+    ("bbels", dict(patch=3)),
+    ("pspc", dict(patch=3)),
+    ("pspc-flex", {}),
+    ("pca_locality", {}),
+]
 
 
 def _local_ds():

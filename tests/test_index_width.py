@@ -9,6 +9,7 @@ starts in the middle of a 2^32-byte region, so a wrapped (negative) offset lands
 and shows as a wrong answer rather than a crash. Compared against the same kernel on a contiguous copy of the
 same rows (bitwise: same arithmetic, only the addresses differ) and the float64 oracle.
 """
+
 import os
 import re
 import sys
@@ -17,14 +18,14 @@ import pytest
 import torch
 
 pytest.importorskip("triton", reason="triton is not installed (pip install -e '.[test]')")
-from analytic_diffusion.ops import triton_backend as T  # noqa: E402
+from analytic_diffusion.ops import triton_backend as T
 
 if not T.interpreting():
     pytest.skip("the virtual-buffer trick needs the CPU interpreter (TRITON_INTERPRET=1)", allow_module_level=True)
 if not sys.platform.startswith("linux"):
     pytest.skip("relies on Linux's lazily mapped anonymous memory", allow_module_level=True)
 
-from analytic_diffusion.kernels import global_retrieval as G  # noqa: E402
+from analytic_diffusion.kernels import global_retrieval as G
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ROW_STRIDE = 1 << 26  # bytes (uint8 keys): row 32 starts at 2^31
@@ -59,7 +60,7 @@ def _oracle_mean(q, keys, coef):
 
 
 def _split_n_mean(q, keys, coef):
-    m, l, l2, o, tk = G.split_n(q, keys, coef * 1.4426950408889634, scale=2 / 255, shift=-1.0, splits=2, topk=4)
+    m, l, _l2, o, tk = G.split_n(q, keys, coef * 1.4426950408889634, scale=2 / 255, shift=-1.0, splits=2, topk=4)
     w = torch.exp2(m - m.max(0).values)
     mean = (w[:, :, None] * o).sum(0) / (w * l).sum(0)[:, None]
     return mean, tk
@@ -68,7 +69,7 @@ def _split_n_mean(q, keys, coef):
 def test_split_n_reads_rows_past_2_31(far_keys):
     view, dense = far_keys
     q = _queries(dense, 5, 0.3, 1)
-    coef = torch.full((5,), 1 / (2 * 0.3 ** 2))
+    coef = torch.full((5,), 1 / (2 * 0.3**2))
     got, got_tk = _split_n_mean(q, view, coef)
     want, want_tk = _split_n_mean(q, dense, coef)
     assert torch.equal(got, want) and torch.equal(got_tk, want_tk)
@@ -80,7 +81,7 @@ def test_two_pass_reads_rows_past_2_31(far_keys):
     b = 3
     gen = torch.Generator().manual_seed(2)
     q = dense[N_ROWS - 1 - torch.arange(b)].float() + 30 * torch.randn(b, D, generator=gen)  # raw key units
-    c = 1.4426950408889634 / (2 * 40.0 ** 2)  # base 2, σ = 40 raw units: weights spread over several rows
+    c = 1.4426950408889634 / (2 * 40.0**2)  # base 2, σ = 40 raw units: weights spread over several rows
     a2 = torch.full((b,), 2 * c)
     k2 = torch.full((b,), c)
     norms = (dense.float() ** 2).sum(1)
@@ -101,6 +102,8 @@ def test_every_kernel_offset_is_widened():
         with open(os.path.join(ROOT, "kernels", name)) as f:
             for i, line in enumerate(f, 1):
                 code = line.split("#")[0]
-                if re.search(r"\boffs_\w+(\[[^\]]*\])?\s*\*\s*stride", code) or re.search(r"\bpid_\w+\s*\*\s*stride", code):
+                if re.search(r"\boffs_\w+(\[[^\]]*\])?\s*\*\s*stride", code) or re.search(
+                    r"\bpid_\w+\s*\*\s*stride", code
+                ):
                     bad.append(f"{name}:{i}: {line.strip()}")
     assert not bad, "32-bit row offsets:\n" + "\n".join(bad)

@@ -1,4 +1,5 @@
 """Every input works or is refused clearly, before any work starts (issue 14 §2-8 and its tracebacks)."""
+
 import io
 import json
 import zipfile
@@ -15,8 +16,14 @@ from analytic_diffusion.denoisers import DENOISERS
 from analytic_diffusion.sampling import run as run_module
 
 FAST = ["--subset", "40", "--n", "2", "--steps", "2", "--no-progress", "--method", "nearest"]
-OPTS = {"topk": {"k": 5}, "knn": {"k": 5, "ref_size": 5}, "ls": {"patch": 3}, "els": {"patch": 3},
-        "bbels": {"patch": 3}, "pspc": {"patch": 3}}
+OPTS = {
+    "topk": {"k": 5},
+    "knn": {"k": 5, "ref_size": 5},
+    "ls": {"patch": 3},
+    "els": {"patch": 3},
+    "bbels": {"patch": 3},
+    "pspc": {"patch": 3},
+}
 
 
 def small(rng, n=40, labels=True):
@@ -26,8 +33,10 @@ def small(rng, n=40, labels=True):
 
 def no_data_loading(monkeypatch):
     """Make any dataset load fail loudly: the checks under test must run before it."""
+
     def boom(*a, **k):
         raise AssertionError("the dataset was loaded before the input was checked")
+
     monkeypatch.setattr(run_module, "load_dataset", boom)
 
 
@@ -75,12 +84,15 @@ def test_negative_npz_labels_are_refused(tmp_path):
         load_numpy(path)
 
 
-@pytest.mark.parametrize("meta, message", [
-    ([["a.png", 0]], "must be an object"),
-    ({"labels": [["a.png"]]}, "pairs"),
-    ({"labels": {"a.png": 0}}, "pairs"),
-    ({"labels": [["a.png", -2]]}, "non-negative"),
-])
+@pytest.mark.parametrize(
+    "meta, message",
+    [
+        ([["a.png", 0]], "must be an object"),
+        ({"labels": [["a.png"]]}, "pairs"),
+        ({"labels": {"a.png": 0}}, "pairs"),
+        ({"labels": [["a.png", -2]]}, "non-negative"),
+    ],
+)
 def test_edm_zip_bad_dataset_json_is_refused(tmp_path, meta, message):
     path = tmp_path / "d.zip"
     buf = io.BytesIO()
@@ -119,10 +131,10 @@ def test_float64_data_stays_float64(rng):
     y = torch.rand(30, 1, 4, 4, generator=rng, dtype=torch.float64) * 2 - 1
     ds = Dataset.from_array(y)
     assert ds.images.dtype == torch.float64 and torch.equal(ds.images, y)
-    x = (y[:3] + 0.05 * torch.randn(3, 1, 4, 4, generator=rng, dtype=torch.float64))
+    x = y[:3] + 0.05 * torch.randn(3, 1, 4, 4, generator=rng, dtype=torch.float64)
     out = ad.make_denoiser("optimal", ds, dtype=torch.float64)(x, 0.05)
     d2 = ((x.reshape(3, 1, -1) - y.reshape(1, 30, -1)) ** 2).sum(-1)
-    ref = (torch.softmax(-d2 / (2 * 0.05 ** 2), 1) @ y.reshape(30, -1)).reshape(x.shape)
+    ref = (torch.softmax(-d2 / (2 * 0.05**2), 1) @ y.reshape(30, -1)).reshape(x.shape)
     assert float((out - ref).abs().max()) < 1e-12  # float32 storage would be ~1e-8 off
 
 
@@ -160,9 +172,13 @@ def test_extreme_sigma_and_huge_queries_are_refused_clearly(rng, name):
 def test_sigma_limits_nearest_and_mean(rng, name, dtype):
     ds = small(rng)
     y = ds.images_float(dtype=torch.float64)
-    x = (y[:3] + 0.2 * torch.randn(3, 1, 6, 6, generator=rng, dtype=torch.float64))
-    opts = {"topk": {"k": ds.n}, "knn": {"k": ds.n}, "smoothed": {"smoothing": 0.0},
-            "optimal-draw": {"scale": 0.0}}.get(name, {})
+    x = y[:3] + 0.2 * torch.randn(3, 1, 6, 6, generator=rng, dtype=torch.float64)
+    opts = {
+        "topk": {"k": ds.n},
+        "knn": {"k": ds.n},
+        "smoothed": {"smoothing": 0.0},
+        "optimal-draw": {"scale": 0.0},
+    }.get(name, {})
     den = ad.make_denoiser(name, ds, dtype=dtype, **opts)
     d2 = ((x.reshape(3, 1, -1) - y.reshape(1, ds.n, -1)) ** 2).sum(-1)
     nn = y[d2.argmin(1)]
@@ -187,7 +203,7 @@ def test_topk_boundary_is_decided_in_float64():
     assert float(d2[4] - d2[5]) > 0  # the twin is farther in float64 ...
     assert float(d2[4].float() - d2[5].float()) == 0  # ... and tied in float32
     ref_set = torch.argsort(d2)[:5]
-    w = torch.softmax(-d2[ref_set] / (2 * 1e4 ** 2), 0)
+    w = torch.softmax(-d2[ref_set] / (2 * 1e4**2), 0)
     ref = (w[:, None] * y[ref_set].reshape(5, -1)).sum(0).reshape(x.shape)
     for dtype in (torch.float32, torch.float64):
         for backend in ("torch", "cpu"):
@@ -200,8 +216,10 @@ def test_non_integral_class_labels_are_refused(rng, labels):
     den = ad.make_denoiser("optimal", small(rng))
     with pytest.raises((ValueError, TypeError), match="class_labels"):
         den(torch.zeros(2, 1, 6, 6), 1.0, class_labels=labels)
-    assert torch.equal(den(torch.zeros(2, 1, 6, 6), 1.0, class_labels=[1.0, 0.0]),
-                       den(torch.zeros(2, 1, 6, 6), 1.0, class_labels=[1, 0]))
+    assert torch.equal(
+        den(torch.zeros(2, 1, 6, 6), 1.0, class_labels=[1.0, 0.0]),
+        den(torch.zeros(2, 1, 6, 6), 1.0, class_labels=[1, 0]),
+    )
 
 
 def test_sigma_as_a_string_is_refused(rng):
@@ -260,6 +278,7 @@ def test_interrupted_run_leaves_no_finished_looking_folder(tmp_path, monkeypatch
 
     def interrupted(*a, **k):
         raise KeyboardInterrupt
+
     monkeypatch.setattr(run_module, "save_nearest_panel", interrupted)
     assert _main_catching_interrupt(["sample", *FAST, "--out", str(out)]) == 130
     assert list(tmp_path.iterdir()) == []
@@ -298,6 +317,7 @@ def _main_catching_interrupt(argv):
 def test_ctrl_c_prints_one_line_and_exits_130(monkeypatch, capsys, tmp_path):
     def interrupted(*a, **k):
         raise KeyboardInterrupt
+
     monkeypatch.setattr(run_module, "run_sample", interrupted)
     assert _main_catching_interrupt(["sample", *FAST, "--out", str(tmp_path / "o")]) == 130
     err = capsys.readouterr().err

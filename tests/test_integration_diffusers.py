@@ -1,5 +1,6 @@
 """diffusers runs analytic denoisers unchanged: DDIMPipeline / DDPMPipeline / an EulerDiscreteScheduler loop with
 to_diffusers(...) as the UNet, against the engine's own samplers on the matching σ grids (real diffusers)."""
+
 import pytest
 import torch
 
@@ -22,13 +23,16 @@ def _run(pipe, n, steps):
     return pipe(batch_size=n, generator=gens, num_inference_steps=steps, output_type="pt").images
 
 
-@pytest.mark.parametrize("pipeline,sampler,method,pred", [
-    ("DDIMPipeline", "ddim", "wiener", "epsilon"),
-    ("DDIMPipeline", "ddim", "wiener", "v_prediction"),
-    ("DDIMPipeline", "ddim", "optimal", "epsilon"),
-    ("DDPMPipeline", "ddpm", "wiener", "epsilon"),
-    ("DDPMPipeline", "ddpm", "optimal", "v_prediction"),
-])
+@pytest.mark.parametrize(
+    "pipeline,sampler,method,pred",
+    [
+        ("DDIMPipeline", "ddim", "wiener", "epsilon"),
+        ("DDIMPipeline", "ddim", "wiener", "v_prediction"),
+        ("DDIMPipeline", "ddim", "optimal", "epsilon"),
+        ("DDPMPipeline", "ddpm", "wiener", "epsilon"),
+        ("DDPMPipeline", "ddpm", "optimal", "v_prediction"),
+    ],
+)
 def test_pipelines_match_engine(ds, pipeline, sampler, method, pred):
     den = make_denoiser(method, ds, dtype=torch.float64)
     Sched = diffusers.DDIMScheduler if pipeline == "DDIMPipeline" else diffusers.DDPMScheduler
@@ -99,9 +103,12 @@ def test_model_mapping_and_errors(ds):
     (tup,) = model(x, 500, return_dict=False)
     assert torch.allclose(tup, model(x, torch.tensor(500)).sample, rtol=0, atol=0)
     labels = torch.tensor([1, 0])
-    assert torch.allclose(model(x, t, class_labels=labels).sample,
-                          (x - abar.sqrt() * den(x / abar.sqrt(), sigma.reshape(-1), labels)) / (1 - abar).sqrt(),
-                          rtol=0, atol=1e-10)
+    assert torch.allclose(
+        model(x, t, class_labels=labels).sample,
+        (x - abar.sqrt() * den(x / abar.sqrt(), sigma.reshape(-1), labels)) / (1 - abar).sqrt(),
+        rtol=0,
+        atol=1e-10,
+    )
     with pytest.raises(ValueError, match="timestep"):
         model(x, 1000)
     with pytest.raises(ValueError, match="prediction_type"):

@@ -4,6 +4,7 @@
 NVlabs EDM is not a package (no PyPI release), so its deterministic sampler (Algorithm 2 with S_churn = 0, as
 in its generate.py) is written here against the network protocol it uses: net.sigma_min / sigma_max /
 round_sigma / img_* / label_dim and net(x, t, class_labels) with one-hot labels, all in float64."""
+
 import pickle
 
 import pytest

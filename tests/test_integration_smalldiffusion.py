@@ -1,14 +1,14 @@
 """smalldiffusion runs analytic denoisers: its own samples() loop over to_smalldiffusion(den) equals the engine's
 Euler on the same σ grid, σ given as [] or [B, 1, …, 1] (see tests/smalldiffusion_modules.py for how the package
 is loaded)."""
+
 import pytest
 import torch
+from smalldiffusion_modules import load
 
 import analytic_diffusion as ad
 from analytic_diffusion.denoisers import make_denoiser
 from analytic_diffusion.integrations import to_smalldiffusion
-
-from smalldiffusion_modules import load
 
 pytest.importorskip("accelerate", reason="smalldiffusion's diffusion.py imports accelerate (pip install --no-deps)")
 pytest.importorskip("einops", reason="smalldiffusion's model.py imports einops")
@@ -48,8 +48,7 @@ def test_sigma_shapes_and_labels(ds):
     assert torch.equal(model(x, sig.view(-1, 1, 1, 1)), ref)
     assert torch.equal(model.predict_eps(x, torch.tensor(0.8, dtype=torch.float64)), (x - den(x, 0.8)) / 0.8)
     labels = torch.tensor([1, 0, 1])
-    assert torch.equal(model(x, sig.view(-1, 1, 1, 1), cond=labels),
-                       (x - den(x, sig, labels)) / sig.view(-1, 1, 1, 1))
+    assert torch.equal(model(x, sig.view(-1, 1, 1, 1), cond=labels), (x - den(x, sig, labels)) / sig.view(-1, 1, 1, 1))
     with pytest.raises(ValueError, match="sigma"):
         model(x, torch.ones(2, 1, 1, 1))
     with pytest.raises(ValueError, match="cfg_scale"):

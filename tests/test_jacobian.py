@@ -1,9 +1,15 @@
 """Denoiser Jacobians: exact posterior-covariance Jacobians against finite differences, Lanczos against eigh."""
+
 import pytest
 import torch
 
-from analytic_diffusion.analysis import (effective_dimensionality, jacobian_matrix, jacobian_rows, jacobian_spectrum,
-                                         lanczos)
+from analytic_diffusion.analysis import (
+    effective_dimensionality,
+    jacobian_matrix,
+    jacobian_rows,
+    jacobian_spectrum,
+    lanczos,
+)
 from analytic_diffusion.data import Dataset
 from analytic_diffusion.denoisers import make_denoiser
 from analytic_diffusion.networks import EDMAdapter
@@ -25,8 +31,10 @@ def finite_difference_jacobian(f, x, h=1e-5):
     return torch.stack(cols, 1)
 
 
-@pytest.mark.parametrize("sigma,flips,temperature,label", [(0.4, False, 1.0, None), (0.8, True, 1.0, None),
-                                                          (0.3, False, 2.0, None), (0.6, False, 1.0, 1)])
+@pytest.mark.parametrize(
+    "sigma,flips,temperature,label",
+    [(0.4, False, 1.0, None), (0.8, True, 1.0, None), (0.3, False, 2.0, None), (0.6, False, 1.0, 1)],
+)
 def test_optimal_jacobian_is_the_posterior_covariance(rng, sigma, flips, temperature, label):
     ds = small_data(rng)
     den = make_denoiser("optimal", ds, dtype=torch.float64, backend="torch", flips=flips, temperature=temperature)
@@ -62,8 +70,9 @@ def tiny_network(rng, shape=(1, 4, 4)):
     torch.manual_seed(int(torch.randint(0, 2**31, (1,), generator=rng)))
     net = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3, padding=1), torch.nn.Tanh(), torch.nn.Conv2d(4, 1, 3, padding=1))
     net = net.double()
-    return EDMAdapter(lambda x, c_noise: net(x) * (1 + c_noise.view(-1, 1, 1, 1)), shape, precondition=True,
-                      dtype=torch.float64)
+    return EDMAdapter(
+        lambda x, c_noise: net(x) * (1 + c_noise.view(-1, 1, 1, 1)), shape, precondition=True, dtype=torch.float64
+    )
 
 
 def test_network_jacobian_by_autograd_and_lanczos(rng):

@@ -7,6 +7,7 @@ The k-diffusion package itself cannot be imported here: ``import k_diffusion`` (
 protocol is tested with samplers written here in k-diffusion's calling convention (same signature, same
 dict-callback keys, same noise_sampler(sigma, sigma_next) hook, same model(x, sigma * s_in, **extra_args) call).
 """
+
 import math
 
 import numpy as np
@@ -39,8 +40,9 @@ def kd_sample_euler(model, x, sigmas, extra_args=None, callback=None, disable=No
     return x
 
 
-def kd_sample_euler_ancestral(model, x, sigmas, extra_args=None, callback=None, disable=None, eta=1.0,
-                              noise_sampler=None):
+def kd_sample_euler_ancestral(
+    model, x, sigmas, extra_args=None, callback=None, disable=None, eta=1.0, noise_sampler=None
+):
     """k-diffusion's sample_euler_ancestral, in its calling convention (noise from noise_sampler)."""
     extra_args = {} if extra_args is None else extra_args
     noise_sampler = (lambda s, sn: torch.randn_like(x)) if noise_sampler is None else noise_sampler
@@ -48,8 +50,8 @@ def kd_sample_euler_ancestral(model, x, sigmas, extra_args=None, callback=None, 
     for i in range(len(sigmas) - 1):
         denoised = model(x, sigmas[i] * s_in, **extra_args)
         s, sn = sigmas[i], sigmas[i + 1]
-        sigma_up = torch.minimum(sn, eta * (sn ** 2 * (s ** 2 - sn ** 2) / s ** 2) ** 0.5)
-        sigma_down = (sn ** 2 - sigma_up ** 2) ** 0.5
+        sigma_up = torch.minimum(sn, eta * (sn**2 * (s**2 - sn**2) / s**2) ** 0.5)
+        sigma_down = (sn**2 - sigma_up**2) ** 0.5
         x = x + (x - denoised) / s * (sigma_down - s)
         if sn > 0:
             x = x + noise_sampler(s, sn) * sigma_up
@@ -63,12 +65,17 @@ def test_engine_samplers_take_kdiffusion_keywords(den, name):
     x = torch.randn(4, 1, 4, 4, dtype=torch.float64) * sched.init_sigma
     labels = torch.tensor([0, 1, 2, 0])
     seen, positional = [], []
-    ref = fn(den, x, sched.sigmas, denoiser_kwargs={"class_labels": labels},
-             callback=lambda i, xi, s, x0: positional.append((i, s.clone(), x0.clone())))
+    ref = fn(
+        den,
+        x,
+        sched.sigmas,
+        denoiser_kwargs={"class_labels": labels},
+        callback=lambda i, xi, s, x0: positional.append((i, s.clone(), x0.clone())),
+    )
     out = fn(den, x, sched, extra_args={"class_labels": labels}, disable=True, callback=seen.append)
     assert torch.equal(out, ref)
     assert [d["i"] for d in seen] == list(range(sched.steps))
-    for d, (i, s, x0) in zip(seen, positional):
+    for d, (_i, s, x0) in zip(seen, positional):
         assert set(d) == {"x", "i", "sigma", "sigma_hat", "denoised"}
         assert d["sigma"].dim() == 0 and float(d["sigma"]) == pytest.approx(float(s[0]), rel=0, abs=0)
         assert torch.equal(d["denoised"], x0)
@@ -77,8 +84,17 @@ def test_engine_samplers_take_kdiffusion_keywords(den, name):
 
 
 def test_sample_runs_a_kdiffusion_style_sampler(den):
-    kw = dict(n=5, steps=6, schedule="karras", schedule_kwargs={"sigma_max": 10.0}, seed=3, dtype=torch.float64,
-              progress=False, class_labels=[0, 1, 2, 1, 0], batch_size=2)
+    kw = dict(
+        n=5,
+        steps=6,
+        schedule="karras",
+        schedule_kwargs={"sigma_max": 10.0},
+        seed=3,
+        dtype=torch.float64,
+        progress=False,
+        class_labels=[0, 1, 2, 1, 0],
+        batch_size=2,
+    )
     ref = ad.sample(den, sampler="euler", **kw)
     steps = []
     got = ad.sample(den, sampler=kd_sample_euler, callback=lambda i, x, s, x0: steps.append(i), **kw)
@@ -90,8 +106,15 @@ def test_sample_runs_a_kdiffusion_style_sampler(den):
 def test_kdiffusion_noise_sampler_gets_per_sample_generators(den):
     """An ancestral k-diffusion sampler with the engine's noise_sampler equals the engine's DDPM, whatever the
     batch size (each sample's noise comes from its own seeded generator)."""
-    kw = dict(n=4, steps=5, schedule="karras", schedule_kwargs={"sigma_max": 10.0}, seed=11, dtype=torch.float64,
-              progress=False)
+    kw = dict(
+        n=4,
+        steps=5,
+        schedule="karras",
+        schedule_kwargs={"sigma_max": 10.0},
+        seed=11,
+        dtype=torch.float64,
+        progress=False,
+    )
     ref = ad.sample(den, sampler="ddpm", **kw)
     one = ad.sample(den, sampler=kd_sample_euler_ancestral, batch_size=1, **kw)
     all_ = ad.sample(den, sampler=kd_sample_euler_ancestral, batch_size=4, **kw)

@@ -2,6 +2,7 @@
 
 Every import in every module counts, the ones inside functions too (a lazy import is still a dependency).
 """
+
 import ast
 from pathlib import Path
 
@@ -14,15 +15,15 @@ KERNELS = Path(__file__).resolve().parents[1] / "kernels"  # installed as analyt
 # at its own rank or above (two packages of one rank are siblings that stay independent).
 LAYERS = [
     ("kernels", "_cpu", "_cuda"),  # Triton kernels and the compiled C++ / CUDA extensions
-    ("ops",),                       # the retrieval primitive and its backends
-    ("grids", "viz"),               # σ grids; pictures (no knowledge of denoisers)
-    ("data",),                      # datasets, loaders
-    ("denoisers", "metrics"),       # analytic denoisers; measures on samples and the training set
-    ("sampling", "networks"),       # samplers and runs; trained networks and their adapters
+    ("ops",),  # the retrieval primitive and its backends
+    ("grids", "viz"),  # σ grids; pictures (no knowledge of denoisers)
+    ("data",),  # datasets, loaders
+    ("denoisers", "metrics"),  # analytic denoisers; measures on samples and the training set
+    ("sampling", "networks"),  # samplers and runs; trained networks and their adapters
     ("analysis", "benchmark", "integrations"),  # experiments over samplers and networks; benchmarks; other
     #                                            ecosystems' models (diffusers, EDM, smalldiffusion) over denoisers
-    ("cli",),                       # the command line
-    ("__init__", "__main__"),       # the public API, the -m entry point
+    ("cli",),  # the command line
+    ("__init__", "__main__"),  # the public API, the -m entry point
 ]
 RANK = {name: i for i, names in enumerate(LAYERS) for name in names}
 
@@ -95,8 +96,10 @@ def test_imports_only_go_down():
                 continue
             dep = _layer(target)
             if dep != own and RANK[dep] >= RANK[own]:
-                bad.append(f"{path.relative_to(PKG.parent)}:{line}: {own} (layer {RANK[own]}) imports {target} "
-                           f"({dep}, layer {RANK[dep]})")
+                bad.append(
+                    f"{path.relative_to(PKG.parent)}:{line}: {own} (layer {RANK[own]}) imports {target} "
+                    f"({dep}, layer {RANK[dep]})"
+                )
     assert not bad, "imports against the layering:\n" + "\n".join(bad)
 
 
@@ -109,7 +112,7 @@ def test_no_import_cycles():
         stack.append(m)
         for d in edges[m]:
             if state.get(d) == "open":
-                cycles.append(stack[stack.index(d):] + [d])
+                cycles.append(stack[stack.index(d) :] + [d])
             elif d not in state:
                 visit(d)
         stack.pop()

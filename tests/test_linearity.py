@@ -1,4 +1,5 @@
 """Linear distillation and the linearity score (Li, Dai & Qu) on known affine and non-linear denoisers."""
+
 import math
 
 import pytest
@@ -56,8 +57,9 @@ def test_wiener_fit_is_the_wiener_matrix(tiny):
     # the closed-form Wiener matrix itself reproduces the denoiser
     Ww, bw = wiener_matrix(tiny, 0.8)
     x = tiny.images_float(dtype=torch.float64)[:5] + 0.8
-    torch.testing.assert_close((x.reshape(5, -1) @ Ww.T + bw).reshape(x.shape),
-                               wiener(x, torch.full((5,), 0.8, dtype=torch.float64)))
+    torch.testing.assert_close(
+        (x.reshape(5, -1) @ Ww.T + bw).reshape(x.shape), wiener(x, torch.full((5,), 0.8, dtype=torch.float64))
+    )
 
 
 def test_optimal_at_small_sigma_is_far_from_linear(tiny):

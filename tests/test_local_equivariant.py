@@ -5,16 +5,21 @@ loops over training images (and their mirrors), candidate centres and border cla
 an explicitly padded numpy copy, computes direct squared differences, a full softmax and the weighted centre
 pixels. Nothing here calls the package's padding, grouping or chunking code.
 """
+
 import numpy as np
 import pytest
 import torch
+from reference import float32_tolerance, rel, row_rel
 
 from analytic_diffusion.data.dataset import Dataset
 from analytic_diffusion.denoisers.equivariant import BoundaryBrokenELS, EquivariantLocalScore
 from analytic_diffusion.ops.partial import combine_partials
-from analytic_diffusion.ops.patch_retrieval import (PATCH_MEMORY_CAP, _chunk_plan, effective_budget,
-                                                    patch_softmax_retrieval)
-from reference import float32_tolerance, rel, row_rel
+from analytic_diffusion.ops.patch_retrieval import (
+    PATCH_MEMORY_CAP,
+    _chunk_plan,
+    effective_budget,
+    patch_softmax_retrieval,
+)
 
 C, N = 2, 5
 SIGMAS = [1e-3, 0.05, 1.0, 1e3]
@@ -50,7 +55,7 @@ def brute(x, train, sigmas, k, rule, query_mode, flips=False, train_labels=None,
     """float64 numpy loops -> (B, C, H, W) torch."""
     x = x.double().numpy()
     train = train.double().numpy()
-    b_, c_, h, w = x.shape
+    b_, _, h, w = x.shape
     d = k // 2
     variants = []  # (padded image, image, label)
     for n in range(train.shape[0]):
@@ -62,13 +67,13 @@ def brute(x, train, sigmas, k, rule, query_mode, flips=False, train_labels=None,
         xp = _pad(x[b], d, query_mode)
         for i in range(h):
             for j in range(w):
-                q = xp[:, i:i + k, j:j + k].ravel()
+                q = xp[:, i : i + k, j : j + k].ravel()
                 keys, vals = [], []
                 for padded, img, lab in variants:
                     if labels is not None and lab != int(labels[b]):
                         continue
-                    for (r, c) in rule(i, j, h, w, d):
-                        keys.append(padded[:, r:r + k, c:c + k].ravel())
+                    for r, c in rule(i, j, h, w, d):
+                        keys.append(padded[:, r : r + k, c : c + k].ravel())
                         vals.append(img[:, r, c])
                 keys, vals = np.stack(keys), np.stack(vals)
                 dist = ((keys - q[None, :]) ** 2).sum(1)
@@ -94,8 +99,7 @@ def make_query(rng, train, sigmas):
     x0 = train[idx].clone()
     x0[1::2] = 0.5 * (train[idx[1::2]] + train[(idx[1::2] + 1) % train.shape[0]])
     s = torch.tensor(sigmas, dtype=torch.float64).view(-1, 1, 1, 1)
-    return x0 + s * torch.randn(x0.shape, generator=rng, dtype=torch.float64), torch.tensor(sigmas,
-                                                                                         dtype=torch.float64)
+    return x0 + s * torch.randn(x0.shape, generator=rng, dtype=torch.float64), torch.tensor(sigmas, dtype=torch.float64)
 
 
 SHAPES = [(6, 6), (5, 7)]
@@ -128,9 +132,14 @@ def test_bbels_matches_bruteforce(rng, shape, k, flips, cond):
     assert rel(out, ref) < 1e-10
 
 
-@pytest.mark.parametrize("cls,rule,mode,k", [(EquivariantLocalScore, _els_rule, "circular", 3),
-                                             (BoundaryBrokenELS, _bbels_rule, "zeros", 3),
-                                             (BoundaryBrokenELS, _bbels_rule, "zeros", 5)])
+@pytest.mark.parametrize(
+    "cls,rule,mode,k",
+    [
+        (EquivariantLocalScore, _els_rule, "circular", 3),
+        (BoundaryBrokenELS, _bbels_rule, "zeros", 3),
+        (BoundaryBrokenELS, _bbels_rule, "zeros", 5),
+    ],
+)
 def test_tiny_budget_forces_many_chunks(rng, cls, rule, mode, k):
     h, w = 5, 7
     ds, train = make_data(rng, h, w)
@@ -245,8 +254,9 @@ def test_op_keys_differ_from_values_arbitrary_positions(rng):
     q = torch.randn(9, C * k * k, generator=rng, dtype=torch.float64)
     sig = torch.rand(9, generator=rng, dtype=torch.float64) + 0.1
     qlab = torch.randint(0, 2, (9,), generator=rng)
-    res = patch_softmax_retrieval(q, keys, sig, positions, k, query_labels=qlab, flips=True,
-                                  dtype=torch.float64, memory_budget=5000)
+    res = patch_softmax_retrieval(
+        q, keys, sig, positions, k, query_labels=qlab, flips=True, dtype=torch.float64, memory_budget=5000
+    )
     tr = train.numpy()
     for r in range(9):
         cand, vals = [], []
@@ -255,8 +265,8 @@ def test_op_keys_differ_from_values_arbitrary_positions(rng):
                 continue
             for img in (tr[n], tr[n][:, :, ::-1]):
                 p = _pad(img, d, "zeros")
-                for (i, j) in positions.tolist():
-                    cand.append(p[:, i:i + k, j:j + k].ravel())
+                for i, j in positions.tolist():
+                    cand.append(p[:, i : i + k, j : j + k].ravel())
                     vals.append(img[:, i, j])
         cand, vals = np.stack(cand), np.stack(vals)
         lg = -((cand - q[r].numpy()) ** 2).sum(1) / (2 * float(sig[r]) ** 2)
@@ -264,12 +274,26 @@ def test_op_keys_differ_from_values_arbitrary_positions(rng):
         ref = (wgt[:, None] * vals).sum(0) / wgt.sum()
         assert np.abs(res.mean[r].numpy() - ref).max() < 1e-12
         assert abs(float(res.max_weight[r]) - wgt.max() / wgt.sum()) < 1e-12
-    st = patch_softmax_retrieval(q, keys, sig, positions, k, query_labels=qlab, flips=True,
-                                 dtype=torch.float64, return_partial=True)
+    st = patch_softmax_retrieval(
+        q, keys, sig, positions, k, query_labels=qlab, flips=True, dtype=torch.float64, return_partial=True
+    )
     torch.testing.assert_close(st.o / st.l[:, None], res.mean, rtol=1e-12, atol=1e-14)
-    shards = [patch_softmax_retrieval(q, keys, sig, positions, k, query_labels=qlab, flips=True,
-                                      dtype=torch.float64, return_partial=True, start=a, stop=b)
-              for a, b in [(0, 2), (2, 5)]]
+    shards = [
+        patch_softmax_retrieval(
+            q,
+            keys,
+            sig,
+            positions,
+            k,
+            query_labels=qlab,
+            flips=True,
+            dtype=torch.float64,
+            return_partial=True,
+            start=a,
+            stop=b,
+        )
+        for a, b in [(0, 2), (2, 5)]
+    ]
     torch.testing.assert_close(combine_partials(shards).mean(), res.mean, rtol=1e-13, atol=1e-15)
 
 
@@ -280,6 +304,7 @@ def test_budget_is_capped():
 
 def test_schedule_groups_samples_by_k(rng):
     from analytic_diffusion.denoisers.patch_schedule import PatchSchedule
+
     ds, train = make_data(rng, 6, 6)
     x, s = make_query(rng, train, [0.01, 1.0, 0.01])
     sched = PatchSchedule([1, 3], [0.01, 1.0])
@@ -291,7 +316,7 @@ def test_schedule_groups_samples_by_k(rng):
 
 # ------------------------------------------------------------------------------------------- bad input
 def test_bad_inputs(rng):
-    ds, train = make_data(rng, 5, 7)
+    ds, _train = make_data(rng, 5, 7)
     with pytest.raises(ValueError, match="patch"):
         EquivariantLocalScore(ds, patch=4)
     with pytest.raises(ValueError, match="patch"):

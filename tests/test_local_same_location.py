@@ -4,21 +4,27 @@ The references below are written independently of the package: explicit Python l
 coordinates, full (non-streamed) softmax over an explicitly built candidate list (mirrors included), on tiny
 images with fresh random inputs. Tiny memory budgets force many chunks in the package code.
 """
+
 import math
 
 import pytest
 import torch
+from reference import rel
 
 from analytic_diffusion.data import Dataset
 from analytic_diffusion.denoisers import Optimal
 from analytic_diffusion.denoisers.local import PSPC, LocalScore, PSPCFlex, wiener_heatmap
+from analytic_diffusion.denoisers.patch_schedule import PatchSchedule
 from analytic_diffusion.denoisers.pca_locality import PCALocality
 from analytic_diffusion.ops import combine_partials
-from analytic_diffusion.denoisers.patch_schedule import PatchSchedule
-from analytic_diffusion.ops.local_retrieval import (coordinate_retrieval, crop_masks, local_score, mask_composite,
-                                                    masks_from_heatmap, pspc_square)
-
-from reference import rel
+from analytic_diffusion.ops.local_retrieval import (
+    coordinate_retrieval,
+    crop_masks,
+    local_score,
+    mask_composite,
+    masks_from_heatmap,
+    pspc_square,
+)
 
 TINY = 3000  # bytes: a handful of candidates per chunk
 SIGMAS = (1e-3, 0.05, 0.7, 4.0, 1e3)
@@ -70,7 +76,7 @@ def allowed_for(lab, label):
 
 
 def ls_brute(x, y, lab, sigma, k, label=None):
-    C, H, W = x.shape
+    _C, H, W = x.shape
     r = k // 2
     allowed = allowed_for(lab, label)
     out = torch.empty_like(x)
@@ -84,21 +90,21 @@ def ls_brute(x, y, lab, sigma, k, label=None):
 
 
 def pspc_brute(x, y, lab, sigma, k, label=None):
-    C, H, W = x.shape
+    _C, H, W = x.shape
     allowed = allowed_for(lab, label)
     comp = torch.zeros_like(x)
     cnt = torch.zeros_like(x)
     for i in range(H - k + 1):
         for j in range(W - k + 1):
-            d = ((x[None, :, i:i + k, j:j + k] - y[:, :, i:i + k, j:j + k]) ** 2).sum((1, 2, 3))
+            d = ((x[None, :, i : i + k, j : j + k] - y[:, :, i : i + k, j : j + k]) ** 2).sum((1, 2, 3))
             w = softmax_weights(d, sigma, allowed)
-            comp[:, i:i + k, j:j + k] += (w[:, None, None, None] * y[:, :, i:i + k, j:j + k]).sum(0)
-            cnt[:, i:i + k, j:j + k] += 1
+            comp[:, i : i + k, j : j + k] += (w[:, None, None, None] * y[:, :, i : i + k, j : j + k]).sum(0)
+            cnt[:, i : i + k, j : j + k] += 1
     return comp / cnt
 
 
 def flex_brute(x, y, lab, sigma, masks, label=None):
-    C, H, W = x.shape
+    _C, _H, _W = x.shape
     allowed = allowed_for(lab, label)
     comp = torch.zeros_like(x)
     cnt = torch.zeros_like(x)
@@ -125,9 +131,9 @@ def coord_brute(x, y, lab, sigma, mask, label=None, block=None):
         else:
             means = []
             for s in range(0, yf.shape[0], block):
-                a = allowed[s:s + block]
+                a = allowed[s : s + block]
                 if a.any():
-                    means.append((softmax_weights(d[s:s + block], sigma, a) * yf[s:s + block, m]).sum())
+                    means.append((softmax_weights(d[s : s + block], sigma, a) * yf[s : s + block, m]).sum())
             out[m] = sum(means) / len(means)
     return out.reshape(x.shape)
 
@@ -172,8 +178,19 @@ def test_ls_shards_combine_exactly(rng):
     x = queries(rng, full, 3, 0.5)
     sigma = torch.tensor([0.05, 0.5, 5.0], dtype=torch.float64)
     whole = local_score(x, full.keys(), sigma, patch=3, flips=True, dtype=torch.float64, memory_budget=TINY)
-    parts = [local_score(x, Dataset.from_array(imgs[a:b]).keys(), sigma, patch=3, flips=True, dtype=torch.float64,
-                         memory_budget=TINY, return_partial=True) for a, b in ((0, 4), (4, 5), (5, 9))]
+    parts = [
+        local_score(
+            x,
+            Dataset.from_array(imgs[a:b]).keys(),
+            sigma,
+            patch=3,
+            flips=True,
+            dtype=torch.float64,
+            memory_budget=TINY,
+            return_partial=True,
+        )
+        for a, b in ((0, 4), (4, 5), (5, 9))
+    ]
     merged = combine_partials(parts).mean().reshape(3, 6, 6, 2).permute(0, 3, 1, 2)
     assert rel(merged, whole) < 1e-12
     state = parts[0]
@@ -226,14 +243,16 @@ def test_mixed_sigma_batches_fill_poisoned_outputs(rng, monkeypatch):
     """Samples at different σ (different k, masks) are grouped; every row of the (poisoned) output is written."""
     ds = make_data(rng, (2, 6, 6))
     table = {0.01: 3, 1.0: 4, 50.0: 6}
-    dens = [LocalScore(ds, patch=PatchSchedule([1, 3, 5], [0.01, 1.0, 50.0]), dtype=torch.float64),
-            PSPC(ds, patch=table, dtype=torch.float64),
-            PSPCFlex(ds, tau=0.6, dtype=torch.float64),
-            PCALocality(ds, threshold=0.05, dtype=torch.float64)]
+    dens = [
+        LocalScore(ds, patch=PatchSchedule([1, 3, 5], [0.01, 1.0, 50.0]), dtype=torch.float64),
+        PSPC(ds, patch=table, dtype=torch.float64),
+        PSPCFlex(ds, tau=0.6, dtype=torch.float64),
+        PCALocality(ds, threshold=0.05, dtype=torch.float64),
+    ]
     sigma = torch.tensor([50.0, 0.01, 1.0, 50.0, 0.01], dtype=torch.float64)
     x = queries(rng, ds, 5, 1.0)
     labels = pick_labels(rng, 5, True)
-    singles = [torch.stack([den(x[i:i + 1], sigma[i], labels[i:i + 1])[0] for i in range(5)]) for den in dens]
+    singles = [torch.stack([den(x[i : i + 1], sigma[i], labels[i : i + 1])[0] for i in range(5)]) for den in dens]
     real = torch.empty_like
     monkeypatch.setattr(torch, "empty_like", lambda *a, **k: real(*a, **k).fill_(float("nan")))
     for den, single in zip(dens, singles):
@@ -333,9 +352,18 @@ def test_coordinate_retrieval_matches_bruteforce(rng, flips, labelled):
         x = queries(rng, ds, 2, sigma)
         labels = pick_labels(rng, 2, labelled)
         for block in (None, 1, 2, 3, y.shape[0]):
-            out = coordinate_retrieval(x, ds.keys(), sigma, mask, query_labels=labels, flips=flips,
-                                       softmax="exact" if block is None else "chunked", chunk_size=block,
-                                       dtype=torch.float64, memory_budget=TINY)
+            out = coordinate_retrieval(
+                x,
+                ds.keys(),
+                sigma,
+                mask,
+                query_labels=labels,
+                flips=flips,
+                softmax="exact" if block is None else "chunked",
+                chunk_size=block,
+                dtype=torch.float64,
+                memory_budget=TINY,
+            )
             for b in range(2):
                 ref = coord_brute(x[b], y, lab, sigma, mask, None if labels is None else int(labels[b]), block)
                 assert rel(out[b], ref) < 1e-10, (sigma, block, b)
@@ -348,7 +376,7 @@ def independent_locality_mask(ds, sigma, theta, flips):
     fc = f - f.mean(0)
     lam, U = torch.linalg.eigh(fc.t() @ fc / f.shape[0])
     lam = lam.clamp_min(0)
-    A = U @ torch.diag(lam / (lam + sigma ** 2)) @ U.t()
+    A = U @ torch.diag(lam / (lam + sigma**2)) @ U.t()
     M = torch.empty_like(A)
     for n in range(A.shape[0]):
         dg = A[n, n] if abs(float(A[n, n])) >= 1e-6 else 1.0
@@ -388,8 +416,15 @@ def test_pca_locality_identities(rng):
                 assert rel(out, opt) < 1e-10
             total = N * (2 if flips else 1)
             exact = PCALocality(ds, flips=flips, threshold=0.05, dtype=torch.float64, memory_budget=TINY)(x, sigma)
-            one = PCALocality(ds, flips=flips, threshold=0.05, softmax="chunked", chunk_size=total,
-                              dtype=torch.float64, memory_budget=TINY)(x, sigma)
+            one = PCALocality(
+                ds,
+                flips=flips,
+                threshold=0.05,
+                softmax="chunked",
+                chunk_size=total,
+                dtype=torch.float64,
+                memory_budget=TINY,
+            )(x, sigma)
             assert rel(one, exact) < 1e-10
     # K < N is the studio's chunk-averaged softmax: not the posterior mean
     x = queries(rng, ds, 2, 2.0)
@@ -402,12 +437,14 @@ def test_pca_locality_identities(rng):
 def test_float32_matches_float64(rng):
     ds = make_data(rng, (2, 6, 6), n=6, uint8=True)
     masks = random_masks(rng, 6, 6)
-    makers = [lambda dt: LocalScore(ds, patch=3, dtype=dt, memory_budget=TINY),
-              lambda dt: LocalScore(ds, patch=7, flips=True, dtype=dt),
-              lambda dt: PSPC(ds, patch=4, dtype=dt, memory_budget=TINY),
-              lambda dt: PSPCFlex(ds, masks=masks, dtype=dt, memory_budget=TINY),
-              lambda dt: PCALocality(ds, threshold=0.01, dtype=dt, memory_budget=TINY),
-              lambda dt: PCALocality(ds, threshold=0.01, softmax="chunked", chunk_size=4, flips=True, dtype=dt)]
+    makers = [
+        lambda dt: LocalScore(ds, patch=3, dtype=dt, memory_budget=TINY),
+        lambda dt: LocalScore(ds, patch=7, flips=True, dtype=dt),
+        lambda dt: PSPC(ds, patch=4, dtype=dt, memory_budget=TINY),
+        lambda dt: PSPCFlex(ds, masks=masks, dtype=dt, memory_budget=TINY),
+        lambda dt: PCALocality(ds, threshold=0.01, dtype=dt, memory_budget=TINY),
+        lambda dt: PCALocality(ds, threshold=0.01, softmax="chunked", chunk_size=4, flips=True, dtype=dt),
+    ]
     for sigma in (1e-3, 0.3, 1e3):
         x = queries(rng, ds, 2, sigma)
         labels = pick_labels(rng, 2, True)
@@ -420,11 +457,14 @@ def test_float32_matches_float64(rng):
 def test_budget_does_not_change_result(rng):
     ds = make_data(rng, (2, 6, 6), n=7)
     x = queries(rng, ds, 2, 0.3)
-    for make in (lambda mb: LocalScore(ds, patch=5, flips=True, dtype=torch.float64, memory_budget=mb),
-                 lambda mb: PSPC(ds, patch=3, dtype=torch.float64, memory_budget=mb),
-                 lambda mb: PSPCFlex(ds, masks=random_masks(torch.Generator().manual_seed(1), 6, 6),
-                                     dtype=torch.float64, memory_budget=mb),
-                 lambda mb: PCALocality(ds, threshold=0.02, dtype=torch.float64, memory_budget=mb)):
+    for make in (
+        lambda mb: LocalScore(ds, patch=5, flips=True, dtype=torch.float64, memory_budget=mb),
+        lambda mb: PSPC(ds, patch=3, dtype=torch.float64, memory_budget=mb),
+        lambda mb: PSPCFlex(
+            ds, masks=random_masks(torch.Generator().manual_seed(1), 6, 6), dtype=torch.float64, memory_budget=mb
+        ),
+        lambda mb: PCALocality(ds, threshold=0.02, dtype=torch.float64, memory_budget=mb),
+    ):
         big, tiny = make(1 << 28)(x, 0.3), make(1)(x, 0.3)
         assert rel(tiny, big) < 1e-12
 
@@ -494,11 +534,17 @@ def test_bad_inputs(rng):
 # ------------------------------------------------------------------------------------------- real data
 def test_mnist_outputs_finite():
     from analytic_diffusion.data import load_dataset
+
     ds = load_dataset("mnist32").subset(300)
     x0 = ds.images_float([0, 1])
     g = torch.Generator().manual_seed(0)
-    dens = [LocalScore(ds, patch=7), PSPC(ds), PSPCFlex(ds, tau=0.5), PCALocality(ds),
-            PCALocality(ds, softmax="chunked", chunk_size=128)]
+    dens = [
+        LocalScore(ds, patch=7),
+        PSPC(ds),
+        PSPCFlex(ds, tau=0.5),
+        PCALocality(ds),
+        PCALocality(ds, softmax="chunked", chunk_size=128),
+    ]
     for sigma in (0.01, 1.0, 80.0):
         x = x0 + sigma * torch.randn(x0.shape, generator=g)
         for den in dens:

@@ -1,4 +1,5 @@
 """The memorisation ratio against hand-computed distances."""
+
 import pytest
 import torch
 

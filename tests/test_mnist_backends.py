@@ -1,10 +1,11 @@
 """Backends against the float64 reference on the real (embedded) MNIST, σ from 1e-3 to 1e3."""
+
 import pytest
 import torch
+from reference import noisy_images, rel
 
 from analytic_diffusion.denoisers import make_denoiser
 from analytic_diffusion.ops import knn_search, softmax_retrieval
-from reference import noisy_images, rel
 
 pytestmark = pytest.mark.cpu_isa  # CI reruns these under every lower AD_CPU_ISA
 

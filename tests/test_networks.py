@@ -1,4 +1,5 @@
 """analytic_diffusion.networks: adapters on toy networks with known answers, the reference models, the trainer."""
+
 import json
 import math
 
@@ -6,8 +7,16 @@ import pytest
 import torch
 
 from analytic_diffusion.cli import main
-from analytic_diffusion.networks import (CallableAdapter, EDMAdapter, LocalResNet, SmallUNet, VPAdapter,
-                                         load_network, train_network, vp_alphas_cumprod)
+from analytic_diffusion.networks import (
+    CallableAdapter,
+    EDMAdapter,
+    LocalResNet,
+    SmallUNet,
+    VPAdapter,
+    load_network,
+    train_network,
+    vp_alphas_cumprod,
+)
 
 SHAPE = (2, 4, 4)
 MU, S = 0.3, 0.7  # data ~ N(MU, S² I)
@@ -16,7 +25,7 @@ MU, S = 0.3, 0.7  # data ~ N(MU, S² I)
 def gauss_x0(x, sigma):
     """Exact posterior mean for N(MU, S² I) data at noise level σ (per row)."""
     s = torch.as_tensor(sigma, dtype=x.dtype).reshape(-1, 1, 1, 1)
-    return MU + S ** 2 / (S ** 2 + s ** 2) * (x - MU)
+    return MU + S**2 / (S**2 + s**2) * (x - MU)
 
 
 def rows(n=5, seed=0, dtype=torch.float64):
@@ -30,12 +39,14 @@ SIGMAS = torch.tensor([0.05, 0.3, 1.0, 2.5, 7.0], dtype=torch.float64)
 # ------------------------------------------------------------------------------------------------- EDMAdapter
 class EDMDirect(torch.nn.Module):
     """EDMPrecond style: returns D(x; σ) itself."""
+
     def forward(self, x, sigma, class_labels=None):
         return gauss_x0(x, sigma)
 
 
 class EDMRaw(torch.nn.Module):
     """Raw F such that c_skip·x + c_out·F(c_in·x, c_noise) is the exact posterior mean."""
+
     def __init__(self, sd=0.5):
         super().__init__()
         self.sd = sd
@@ -43,9 +54,9 @@ class EDMRaw(torch.nn.Module):
 
     def forward(self, y, c_noise):
         s = torch.exp(4 * c_noise).reshape(-1, 1, 1, 1)
-        sd2 = self.sd ** 2
-        x = y * (s ** 2 + sd2).sqrt()
-        c_skip, c_out = sd2 / (s ** 2 + sd2), s * self.sd / (s ** 2 + sd2).sqrt()
+        sd2 = self.sd**2
+        x = y * (s**2 + sd2).sqrt()
+        c_skip, c_out = sd2 / (s**2 + sd2), s * self.sd / (s**2 + sd2).sqrt()
         return (gauss_x0(x, s.reshape(-1)) - c_skip * x) / c_out
 
 
@@ -71,6 +82,7 @@ def lam_interp(ac, t):
 
 class VPToy(torch.nn.Module):
     """ε or v prediction that is exact for the Gaussian data at its (integer or fractional/continuous) t."""
+
     def __init__(self, ac=None, prediction="epsilon", kamb=False):
         super().__init__()
         self.ac, self.prediction, self.kamb = ac, prediction, kamb
@@ -95,10 +107,16 @@ class VPToy(torch.nn.Module):
 @pytest.mark.parametrize("prediction", ["epsilon", "v"])
 def test_vp_adapter_nearest_quantises_sigma(prediction):
     ac = vp_alphas_cumprod("linear")
-    d = VPAdapter(VPToy(ac, prediction), image_shape=SHAPE, alphas_cumprod="linear", prediction=prediction,
-                  t_mapping="nearest", dtype=torch.float64)
+    d = VPAdapter(
+        VPToy(ac, prediction),
+        image_shape=SHAPE,
+        alphas_cumprod="linear",
+        prediction=prediction,
+        t_mapping="nearest",
+        dtype=torch.float64,
+    )
     x = rows()
-    t = (ac[None] - (1 / (1 + SIGMAS ** 2))[:, None]).abs().argmin(1)
+    t = (ac[None] - (1 / (1 + SIGMAS**2))[:, None]).abs().argmin(1)
     sig_t = ((1 - ac[t]) / ac[t]).sqrt()
     torch.testing.assert_close(d(x, SIGMAS), gauss_x0(x, sig_t), rtol=1e-9, atol=1e-9)
     assert not torch.allclose(sig_t, SIGMAS)  # the grid really is coarser than the request
@@ -108,8 +126,14 @@ def test_vp_adapter_nearest_quantises_sigma(prediction):
 @pytest.mark.parametrize("prediction", ["epsilon", "v"])
 def test_vp_adapter_interp_is_exact_at_sigma(prediction):
     ac = vp_alphas_cumprod("cosine")
-    d = VPAdapter(VPToy(ac, prediction), image_shape=SHAPE, alphas_cumprod=ac, prediction=prediction,
-                  t_mapping="interp", dtype=torch.float64)
+    d = VPAdapter(
+        VPToy(ac, prediction),
+        image_shape=SHAPE,
+        alphas_cumprod=ac,
+        prediction=prediction,
+        t_mapping="interp",
+        dtype=torch.float64,
+    )
     x = rows()
     torch.testing.assert_close(d(x, SIGMAS), gauss_x0(x, SIGMAS), rtol=1e-9, atol=1e-9)
 
@@ -129,7 +153,9 @@ def test_vp_adapter_float32_engine_grid_is_not_clamped(t_mapping):
     """The engine's own VP grid run in float32 rounds σ(t_0) just below its float64 value: not a clamp; a σ
     really below the range still is."""
     import warnings
+
     import analytic_diffusion as ad
+
     ac = vp_alphas_cumprod("linear")
     d = VPAdapter(VPToy(ac), image_shape=SHAPE, alphas_cumprod="linear", t_mapping=t_mapping, dtype=torch.float32)
     grid = ad.get_schedule("vp-linear", 10)
@@ -151,6 +177,7 @@ def test_vp_adapter_tuple_output_and_learned_variance():
     def model(x_vp, t):  # diffusers-style tuple with 2·C channels (ε, variance)
         eps = toy(x_vp, t).sample
         return (torch.cat([eps, torch.full_like(eps, 99.0)], 1),)
+
     d = VPAdapter(model, image_shape=SHAPE, dtype=torch.float64)
     ref = VPAdapter(toy, image_shape=SHAPE, dtype=torch.float64)
     x = rows()
@@ -161,10 +188,12 @@ def test_vp_adapter_tuple_output_and_learned_variance():
 def test_callable_adapter_kinds_agree():
     x = rows()
     x0 = CallableAdapter(lambda x, s: gauss_x0(x, s), SHAPE, kind="x0", dtype=torch.float64)
-    eps = CallableAdapter(lambda x, s: (x - gauss_x0(x, s)) / s.view(-1, 1, 1, 1), SHAPE, kind="eps",
-                          dtype=torch.float64)
-    score = CallableAdapter(lambda x, s: (gauss_x0(x, s) - x) / s.view(-1, 1, 1, 1) ** 2, SHAPE, kind="score",
-                            dtype=torch.float64)
+    eps = CallableAdapter(
+        lambda x, s: (x - gauss_x0(x, s)) / s.view(-1, 1, 1, 1), SHAPE, kind="eps", dtype=torch.float64
+    )
+    score = CallableAdapter(
+        lambda x, s: (gauss_x0(x, s) - x) / s.view(-1, 1, 1, 1) ** 2, SHAPE, kind="score", dtype=torch.float64
+    )
     ref = gauss_x0(x, SIGMAS)
     for d in (x0, eps, score):
         torch.testing.assert_close(d(x, SIGMAS), ref, rtol=1e-10, atol=1e-10)
@@ -178,6 +207,7 @@ def test_batch_chunking_is_identical():
     def fn(x, s):
         calls.append(x.shape[0])
         return gauss_x0(x, s)
+
     x = rows(11)
     s = torch.linspace(0.1, 3, 11, dtype=torch.float64)
     one = CallableAdapter(fn, SHAPE, dtype=torch.float64)(x, s)
@@ -199,6 +229,7 @@ def test_dtype_and_device_handling():
         def forward(self, x, sigma):
             seen["x"], seen["s"] = x.dtype, sigma.dtype
             return gauss_x0(x, sigma) * self.w
+
     d = EDMAdapter(Net32(), SHAPE, precondition=False)
     assert d.dtype == torch.float32 and d.device == torch.device("cpu")
     x = rows()
@@ -219,6 +250,7 @@ def test_class_labels_reach_the_net():
     def fn(x, s, class_labels):
         got.append(class_labels.clone())
         return x * 0 + class_labels.view(-1, 1, 1, 1).to(x.dtype)
+
     d = CallableAdapter(fn, SHAPE, batch_size=2)
     x = rows(3, dtype=torch.float32)
     out = d(x, 1.0, class_labels=torch.tensor([4, 5, 6]))
@@ -228,6 +260,7 @@ def test_class_labels_reach_the_net():
     def kw(x, sigma, labels=None):
         got.append(labels)
         return x
+
     CallableAdapter(kw, SHAPE, label_kw="labels")(x, 1.0, class_labels=2)
     assert got[-1].tolist() == [2, 2, 2]
     CallableAdapter(kw, SHAPE, label_kw="labels")(x, 1.0)
@@ -238,6 +271,7 @@ def test_class_labels_reach_the_net():
     def edm(x, sigma, class_labels=None):
         one_hot.append(class_labels)
         return x
+
     EDMAdapter(edm, SHAPE, precondition=False, label_dim=10)(x, 1.0, class_labels=torch.tensor([1, 2, 9]))
     assert one_hot[0].shape == (3, 10) and one_hot[0].argmax(1).tolist() == [1, 2, 9]
 
@@ -345,8 +379,8 @@ def test_training_memorises_a_small_set():
     x0 = data.repeat(4, 1, 1, 1)
     x = x0 + sig.view(-1, 1, 1, 1) * torch.randn(x0.shape, generator=torch.Generator().manual_seed(1))
     s4 = sig.view(-1, 1, 1, 1)
-    lam = (s4 ** 2 + 0.25) / (s4 * 0.5) ** 2
-    base = (lam * (0.25 / (s4 ** 2 + 0.25) * x - x0) ** 2).mean()
+    lam = (s4**2 + 0.25) / (s4 * 0.5) ** 2
+    base = (lam * (0.25 / (s4**2 + 0.25) * x - x0) ** 2).mean()
     trained = (lam * (res.denoiser(x, sig) - x0) ** 2).mean()
     assert trained < 0.5 * base, (float(trained), float(base))
     assert isinstance(res.denoiser, EDMAdapter) and res.denoiser.image_shape == (1, 8, 8)
@@ -402,14 +436,36 @@ def test_load_network_fallbacks(tmp_path):
 
 def test_cli_train_end_to_end(tmp_path, capsys):
     out = tmp_path / "run"
-    rc = main(["train", "--dataset", "mnist32", "--subset", "16", "--steps", "4", "--batch-size", "4",
-               "--channels", "8", "--blocks", "1", "--checkpoint-every", "2", "--threads", "1", "--out", str(out),
-               "--no-progress"])
+    rc = main(
+        [
+            "train",
+            "--dataset",
+            "mnist32",
+            "--subset",
+            "16",
+            "--steps",
+            "4",
+            "--batch-size",
+            "4",
+            "--channels",
+            "8",
+            "--blocks",
+            "1",
+            "--checkpoint-every",
+            "2",
+            "--threads",
+            "1",
+            "--out",
+            str(out),
+            "--no-progress",
+        ]
+    )
     assert rc == 0
     for name in ("net.pt", "step0000002.pt", "losses.json", "loss.png"):
         assert (out / name).is_file(), name
     assert len(json.loads((out / "losses.json").read_text())["losses"]) == 4
     from PIL import Image
+
     with Image.open(out / "loss.png") as im:
         assert im.format == "PNG" and im.size == (960, 540)
         assert len(im.convert("RGB").getcolors(1 << 20)) > 20  # drawn, not blank
@@ -421,6 +477,7 @@ def test_cli_train_end_to_end(tmp_path, capsys):
 # ------------------------------------------------------------------------------------------------- with the samplers
 def test_adapters_drive_the_samplers():
     from analytic_diffusion import sample
+
     exact = CallableAdapter(lambda x, s: gauss_x0(x, s), SHAPE)
     # EDM grid with Heun: the exact Gaussian denoiser reproduces the data distribution N(MU, S²)
     res = sample(EDMAdapter(EDMRaw(), SHAPE), n=64, steps=18, sampler="heun", progress=False, dtype=torch.float64)

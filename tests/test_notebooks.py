@@ -2,6 +2,7 @@
 
 Each notebook reads AD_NOTEBOOK_SIZE ("ci" here: seconds; "full": the committed copy; "gpu": paper-like sizes).
 """
+
 from pathlib import Path
 
 import pytest
@@ -34,7 +35,11 @@ def test_notebook_runs_at_ci_size(path, tmp_path, monkeypatch):
     monkeypatch.setenv("AD_THREADS", "1")  # one thread per kernel: CI runs tests in parallel
     monkeypatch.setenv("MPLBACKEND", "module://matplotlib_inline.backend_inline")
     nb = nbformat.read(path, as_version=4)
-    client = nbclient.NotebookClient(nb, timeout=90, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}})
+    client = nbclient.NotebookClient(
+        nb, timeout=90, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}
+    )
     client.execute()  # raises CellExecutionError naming the cell on any failure
-    images = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []) if "image/png" in o.get("data", {})]
+    images = [
+        o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []) if "image/png" in o.get("data", {})
+    ]
     assert images, "no picture came out"

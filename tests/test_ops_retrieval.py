@@ -1,10 +1,10 @@
 """The global retrieval primitive on the reference torch backend, against brute force in float64."""
+
 import pytest
 import torch
-
-from analytic_diffusion.ops import (KeyBank, PartialState, combine_partials, gather_rows, knn_search,
-                                    softmax_retrieval)
 from reference import knn_bruteforce, noisy_queries, posterior_bruteforce, rel, uint8_bank
+
+from analytic_diffusion.ops import KeyBank, PartialState, combine_partials, gather_rows, knn_search, softmax_retrieval
 
 SIGMAS = [1e-4, 1e-3, 1e-2, 0.1, 0.5, 1.0, 10.0, 1e3, 1e4]
 
@@ -44,8 +44,7 @@ def test_per_row_sigma_and_labels(rng):
     ql = torch.tensor([0, 1, 2, 2, 1, 0])
     allowed = labels[None, :] == ql[:, None]
     ref, _, _ = posterior_bruteforce(x, bank.rows(0, 211, torch.float64), sig, allowed=allowed)
-    r = softmax_retrieval(x, bank, sig, query_labels=ql, backend="torch", dtype=torch.float64,
-                          memory_budget=1 << 12)
+    r = softmax_retrieval(x, bank, sig, query_labels=ql, backend="torch", dtype=torch.float64, memory_budget=1 << 12)
     assert rel(r.mean, ref) < 1e-10
 
 
@@ -67,11 +66,19 @@ def test_shards_combine_exactly(rng):
     x = torch.randn(4, 20, generator=rng)
     ql = torch.tensor([0, 1, 1, 0])
     whole = KeyBank(u, 2 / 255, -1.0, labels=labels)
-    full = softmax_retrieval(x, whole, 0.4, query_labels=ql, backend="torch", dtype=torch.float64,
-                             return_partial=True)
-    parts = [softmax_retrieval(x, KeyBank(u[s:e], 2 / 255, -1.0, labels=labels[s:e]), 0.4, query_labels=ql,
-                               backend="torch", dtype=torch.float64, return_partial=True)
-             for s, e in [(0, 1), (1, 200), (200, 300)]]
+    full = softmax_retrieval(x, whole, 0.4, query_labels=ql, backend="torch", dtype=torch.float64, return_partial=True)
+    parts = [
+        softmax_retrieval(
+            x,
+            KeyBank(u[s:e], 2 / 255, -1.0, labels=labels[s:e]),
+            0.4,
+            query_labels=ql,
+            backend="torch",
+            dtype=torch.float64,
+            return_partial=True,
+        )
+        for s, e in [(0, 1), (1, 200), (200, 300)]
+    ]
     comb = combine_partials(parts)
     assert torch.isfinite(comb.o).all()
     assert rel(comb.mean(), full.mean()) < 1e-12
@@ -80,8 +87,12 @@ def test_shards_combine_exactly(rng):
 
 def test_empty_partial_is_neutral_and_mean_refuses_empty(rng):
     s = PartialState.empty(2, 3, dtype=torch.float64)
-    other = PartialState(torch.tensor([0.5, -1.0], dtype=torch.float64), torch.tensor([2.0, 1.0]).double(),
-                         torch.tensor([1.5, 1.0]).double(), torch.rand(2, 3, generator=rng).double())
+    other = PartialState(
+        torch.tensor([0.5, -1.0], dtype=torch.float64),
+        torch.tensor([2.0, 1.0]).double(),
+        torch.tensor([1.5, 1.0]).double(),
+        torch.rand(2, 3, generator=rng).double(),
+    )
     c = s.combine(other)
     assert torch.equal(c.o, other.o) and torch.equal(c.l, other.l)
     with pytest.raises(ValueError, match="no allowed candidate"):
@@ -116,19 +127,27 @@ def test_knn_flips_index_convention(rng):
     imgs = bank.rows(0, 31, torch.float64).reshape(-1, 1, 4, 6)
     aug = torch.cat([imgs, imgs.flip(-1)]).reshape(62, -1)
     x = (aug[[40, 3]] + 0.01 * torch.randn(2, 24, generator=rng, dtype=torch.float64)).float()
-    d, i = knn_search(x, bank, 4, flips=True, backend="torch", dtype=torch.float64)
-    d_ref, i_ref = knn_bruteforce(x, aug, 4)
+    _d, i = knn_search(x, bank, 4, flips=True, backend="torch", dtype=torch.float64)
+    _d_ref, i_ref = knn_bruteforce(x, aug, 4)
     assert torch.equal(i, i_ref) and i[0, 0] == 40
     assert torch.allclose(gather_rows(bank, i, torch.float64), aug[i_ref])
 
 
-@pytest.mark.parametrize("bad, match", [
-    (dict(sigma=0.0), "sigma"), (dict(sigma=-1.0), "sigma"), (dict(sigma=float("nan")), "sigma"),
-    (dict(backend="gpu"), "backend"), (dict(temperature=0.0), "temperature"),
-    (dict(x=torch.zeros(2, 5)), "D = 15"), (dict(x=torch.full((2, 15), float("nan"))), "NaN"),
-    (dict(query_labels=torch.tensor([0, 1])), "labels"), (dict(flips=True, image_shape=None), "image shape"),
-    (dict(sigma=torch.ones(3)), "one value per sample"),
-])
+@pytest.mark.parametrize(
+    "bad, match",
+    [
+        (dict(sigma=0.0), "sigma"),
+        (dict(sigma=-1.0), "sigma"),
+        (dict(sigma=float("nan")), "sigma"),
+        (dict(backend="gpu"), "backend"),
+        (dict(temperature=0.0), "temperature"),
+        (dict(x=torch.zeros(2, 5)), "D = 15"),
+        (dict(x=torch.full((2, 15), float("nan"))), "NaN"),
+        (dict(query_labels=torch.tensor([0, 1])), "labels"),
+        (dict(flips=True, image_shape=None), "image shape"),
+        (dict(sigma=torch.ones(3)), "one value per sample"),
+    ],
+)
 def test_bad_input_is_named(rng, bad, match):
     args = dict(x=torch.zeros(2, 15), sigma=1.0)
     bank = uint8_bank(rng, 10)

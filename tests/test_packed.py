@@ -1,5 +1,6 @@
 """Packed datasets: pack / map round trip, clear errors for damaged files, and out-of-core retrieval that streams
 the mapped file within the memory budget (peak RSS measured) and gives the in-memory answer."""
+
 import json
 import re
 
@@ -38,15 +39,16 @@ def test_pack_round_trip(rng, tmp_path):
     for flips in (False, True):
         kw = dict(flips=flips, dtype=torch.float64)
         ref = softmax_retrieval(x, ds.keys(), sigma, backend="torch", second_moment=True, **kw)
-        got = softmax_retrieval(x, back.keys(), sigma, backend="torch", second_moment=True, memory_budget=budget,
-                                **kw)
+        got = softmax_retrieval(x, back.keys(), sigma, backend="torch", second_moment=True, memory_budget=budget, **kw)
         assert (got.mean - ref.mean).norm() / ref.mean.norm() < 1e-12
         assert (got.variance - ref.variance).norm() / ref.variance.norm() < 1e-12
         d_ref, i_ref = knn_search(x, ds.keys(), 6, **kw)
         d, i = knn_search(x, back.keys(), 6, memory_budget=budget, **kw)
         assert torch.equal(i, i_ref) and torch.allclose(d, d_ref, rtol=1e-12)
-        draws = [posterior_draw(x, k, sigma, generator=torch.Generator().manual_seed(4), memory_budget=b, **kw)[0]
-                 for k, b in ((ds.keys(), 2**20), (back.keys(), budget))]
+        draws = [
+            posterior_draw(x, k, sigma, generator=torch.Generator().manual_seed(4), memory_budget=b, **kw)[0]
+            for k, b in ((ds.keys(), 2**20), (back.keys(), budget))
+        ]
         assert torch.equal(draws[0], draws[1])
     with pytest.raises(ValueError, match="uint8"):
         pack(Dataset.from_array(torch.rand(3, 1, 4, 4) * 2 - 1), tmp_path / "f")
@@ -108,6 +110,7 @@ def test_out_of_core_scan_within_budget(rng, tmp_path, monkeypatch):
     in_memory = (softmax_retrieval(x, ds.keys(), sigma).mean, knn_search(x, ds.keys(), 5), exact_mean)
     del ds
     from analytic_diffusion.ops import retrieval
+
     monkeypatch.setattr(retrieval, "DEFAULT_MEMORY_BUDGET", 4 * 2**20)  # what AD_MEMORY_BUDGET=4M sets
     mapped = load_packed(tmp_path / "big")  # verifying the checksums is itself a streaming pass
     budget = 4 * 2**20

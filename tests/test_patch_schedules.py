@@ -1,20 +1,35 @@
 """Patch-size schedules: presets, nearest lookup, coverage, JSON files and clear errors."""
+
 import json
 import math
 
 import pytest
 import torch
 
-from analytic_diffusion.denoisers.patch_presets import (ALIASES, KAMB_TABLES, PRESETS, PSPC_CIFAR10_SIZES, list_presets,
-                                              load_patch_schedule)
-from analytic_diffusion.denoisers.patch_presets import as_patch_schedule
+from analytic_diffusion.denoisers.patch_presets import (
+    ALIASES,
+    KAMB_TABLES,
+    PRESETS,
+    PSPC_CIFAR10_SIZES,
+    as_patch_schedule,
+    list_presets,
+    load_patch_schedule,
+)
 from analytic_diffusion.denoisers.patch_schedule import PatchSchedule
 from analytic_diffusion.grids import get_schedule, kamb_sigma, karras
 
-KAMB_NAMES = ["kamb-mnist-resnet-zeros", "kamb-mnist-resnet-circular", "kamb-mnist-unet-zeros",
-              "kamb-fashionmnist-resnet-zeros-cond", "kamb-fashionmnist-unet-zeros-cond",
-              "kamb-cifar10-resnet-zeros-cond", "kamb-cifar10-resnet-circular-cond", "kamb-cifar10-unet-zeros-cond",
-              "kamb-celeba-resnet-zeros", "kamb-celeba-unet-zeros"]
+KAMB_NAMES = [
+    "kamb-mnist-resnet-zeros",
+    "kamb-mnist-resnet-circular",
+    "kamb-mnist-unet-zeros",
+    "kamb-fashionmnist-resnet-zeros-cond",
+    "kamb-fashionmnist-unet-zeros-cond",
+    "kamb-cifar10-resnet-zeros-cond",
+    "kamb-cifar10-resnet-circular-cond",
+    "kamb-cifar10-unet-zeros-cond",
+    "kamb-celeba-resnet-zeros",
+    "kamb-celeba-unet-zeros",
+]
 
 
 def test_preset_names():
@@ -116,10 +131,15 @@ def test_unknown_names_and_bad_files(tmp_path):
     bad.write_text("{not json")
     with pytest.raises(ValueError, match=r"bad\.json.*not valid JSON.*kamb-mnist"):
         load_patch_schedule(str(bad))
-    cases = {"nokey.json": {"sigmas": [1.0]}, "list.json": [3, 5], "str.json": {"sigmas": "x", "patch_sizes": [3]},
-             "nan.json": {"sigmas": [None], "patch_sizes": [3]}, "even.json": {"sigmas": [1.0], "patch_sizes": [4]},
-             "lens.json": {"sigmas": [1.0, 2.0], "patch_sizes": [3]}, "neg.json": {"sigmas": [-1.0],
-                                                                                    "patch_sizes": [3]}}
+    cases = {
+        "nokey.json": {"sigmas": [1.0]},
+        "list.json": [3, 5],
+        "str.json": {"sigmas": "x", "patch_sizes": [3]},
+        "nan.json": {"sigmas": [None], "patch_sizes": [3]},
+        "even.json": {"sigmas": [1.0], "patch_sizes": [4]},
+        "lens.json": {"sigmas": [1.0, 2.0], "patch_sizes": [3]},
+        "neg.json": {"sigmas": [-1.0], "patch_sizes": [3]},
+    }
     for fname, obj in cases.items():
         path = tmp_path / fname
         path.write_text(json.dumps(obj))

@@ -1,4 +1,5 @@
 """viz.plots: matplotlib (Agg) figures written as PNGs of the requested size, that show what they were given."""
+
 import sys
 import warnings
 
@@ -31,7 +32,8 @@ def near(a: np.ndarray, colour, tol=40) -> int:
 def nrng(rng):
     """A numpy generator seeded from the session's per-test torch generator (replayable with AD_TEST_SEED)."""
     import torch
-    return np.random.default_rng(int(torch.randint(2 ** 31, (1,), generator=rng)))
+
+    return np.random.default_rng(int(torch.randint(2**31, (1,), generator=rng)))
 
 
 @pytest.fixture
@@ -59,8 +61,9 @@ def test_line_plot_gaps_and_clipping(tmp_path, nrng, sig):
     line_plot(tmp_path / "full.png", sig, {"gappy": y.tolist(), "neg": -y}, logy=True, ylim=(0.05, 0.5))
     g, full = png(tmp_path / "g.png"), png(tmp_path / "full.png")
     assert near(g, TAB_BLUE) < near(full, TAB_BLUE)  # the gap removes part of the line
-    line_plot(tmp_path / "lin.png", np.arange(5), {"x": [0, 1, 2, 3, 40]}, logx=False, ylim=(None, 3),
-              size=(500, 300), dpi=80)
+    line_plot(
+        tmp_path / "lin.png", np.arange(5), {"x": [0, 1, 2, 3, 40]}, logx=False, ylim=(None, 3), size=(500, 300), dpi=80
+    )
     lin = png(tmp_path / "lin.png")
     assert lin.shape == (300, 500, 3) and ink(lin) > 0.02
     with warnings.catch_warnings():
@@ -96,6 +99,7 @@ def test_line_plot_refuses_nothing_to_draw(tmp_path, sig):
 
 def test_plots_leave_pyplot_and_the_backend_alone(tmp_path):
     import matplotlib
+
     backend = dict.__getitem__(matplotlib.rcParams, "backend")  # raw value: get_backend() may resolve it
     had_pyplot = "matplotlib.pyplot" in sys.modules
     line_plot(tmp_path / "p.png", [1, 2, 3], {"a": [1, 2, 3]}, logx=False)
@@ -149,6 +153,7 @@ def test_calibration_plot(tmp_path, nrng):
 
 def test_labelled_rows_places_tiles_pixel_for_pixel(tmp_path, nrng):
     import torch
+
     x = torch.from_numpy(nrng.uniform(-1, 1, (5, 3, 16, 16))).float()
     strips = [("network", np.asarray(tile(x, 5))), ("λ = 0.5\nmem 20%\nNN 1.23", np.asarray(tile(x[:3], 3)))]
     w, h = labelled_rows(tmp_path / "r.png", strips)
@@ -157,8 +162,8 @@ def test_labelled_rows_places_tiles_pixel_for_pixel(tmp_path, nrng):
     s0, s1 = strips[0][1], strips[1][1]
     label_w = w - s0.shape[1]
     assert h == s0.shape[0] + s1.shape[0] + 4 and label_w > 30
-    np.testing.assert_array_equal(a[:s0.shape[0], label_w:], s0)
-    np.testing.assert_array_equal(a[s0.shape[0] + 4:, label_w:label_w + s1.shape[1]], s1)
+    np.testing.assert_array_equal(a[: s0.shape[0], label_w:], s0)
+    np.testing.assert_array_equal(a[s0.shape[0] + 4 :, label_w : label_w + s1.shape[1]], s1)
     assert ink(a[:, :label_w]) > 0.01  # the labels
     with pytest.raises(ValueError, match="rows: expected at least one"):
         labelled_rows(tmp_path / "e.png", [])

@@ -6,21 +6,51 @@ reference of the same method. Shapes, σ over the whole positive float range, k,
 class labels and flips are drawn. The profile comes from tests/conftest.py: "ci" (derandomised, bounded) by
 default, HYPOTHESIS_PROFILE=long for a longer local search.
 """
+
 import re
 
 import pytest
 import torch
-from hypothesis import given, note, strategies as st
+from hypothesis import given, note
+from hypothesis import strategies as st
+from reference import float32_tolerance, row_rel
 
 import analytic_diffusion as ad
 from analytic_diffusion.data import Dataset
 from analytic_diffusion.denoisers import DENOISERS, denoiser_options
-from reference import float32_tolerance, row_rel
 
-ARGUMENTS = {"x", "sigma", "k", "patch", "class_labels", "dtype", "backend", "flips", "ref_size", "mode",
-             "scale", "threshold", "tau", "masks", "mask", "smoothing", "num_perturbations", "seed", "temperature",
-             "rank", "softmax", "chunk_size", "method", "n", "steps", "batch_size", "shape", "eta", "sampler",
-             "schedule"}
+ARGUMENTS = {
+    "x",
+    "sigma",
+    "k",
+    "patch",
+    "class_labels",
+    "dtype",
+    "backend",
+    "flips",
+    "ref_size",
+    "mode",
+    "scale",
+    "threshold",
+    "tau",
+    "masks",
+    "mask",
+    "smoothing",
+    "num_perturbations",
+    "seed",
+    "temperature",
+    "rank",
+    "softmax",
+    "chunk_size",
+    "method",
+    "n",
+    "steps",
+    "batch_size",
+    "shape",
+    "eta",
+    "sampler",
+    "schedule",
+}
 LOCAL = {"ls", "els", "bbels", "pspc"}
 STOCHASTIC = {"smoothed", "knn", "optimal-draw"}
 
@@ -46,13 +76,22 @@ def datasets(draw):
     return Dataset(imgs, labels), seed
 
 
-sigmas = st.one_of(st.floats(min_value=5e-324, max_value=1.7e308, allow_nan=False, allow_infinity=False),
-                   st.floats(min_value=1e-3, max_value=1e3), st.sampled_from([1e-10, 1e10, 1e-11, 1.1e10]))
+sigmas = st.one_of(
+    st.floats(min_value=5e-324, max_value=1.7e308, allow_nan=False, allow_infinity=False),
+    st.floats(min_value=1e-3, max_value=1e3),
+    st.sampled_from([1e-10, 1e10, 1e-11, 1.1e10]),
+)
 
 
-@given(data=st.data(), ds_seed=datasets(), name=st.sampled_from(sorted(DENOISERS)),
-       dtype=st.sampled_from([torch.float32, torch.float64]), backend=st.sampled_from(["torch", "cpu"]),
-       flips=st.booleans(), batch=st.integers(0, 3))
+@given(
+    data=st.data(),
+    ds_seed=datasets(),
+    name=st.sampled_from(sorted(DENOISERS)),
+    dtype=st.sampled_from([torch.float32, torch.float64]),
+    backend=st.sampled_from(["torch", "cpu"]),
+    flips=st.booleans(),
+    batch=st.integers(0, 3),
+)
 def test_denoiser_outcome_is_an_error_or_the_float64_answer(data, ds_seed, name, dtype, backend, flips, batch):
     ds, seed = ds_seed
     valid = denoiser_options(name)
@@ -81,7 +120,7 @@ def test_denoiser_outcome_is_an_error_or_the_float64_answer(data, ds_seed, name,
     try:
         den = ad.make_denoiser(name, ds, dtype=dtype, **opts)
         out = den(x.to(dtype), sigma, class_labels=labels)
-    except Exception as exc:  # noqa: BLE001 - the property is about which exceptions come out
+    except Exception as exc:
         check_error(exc)
         return
     assert out.shape == x.shape and out.dtype == dtype
@@ -106,16 +145,21 @@ def test_denoiser_outcome_is_an_error_or_the_float64_answer(data, ds_seed, name,
         # same draws, and the float32 kernels' rounding alone separates the answers
         assert float((out.double() - ref).abs().max()) < (1e-4 if dtype == torch.float32 else 1e-9)
         return
-    base, eps = (1e-4, 2.0 ** -20) if dtype == torch.float32 else (1e-9, 2.0 ** -45)
+    base, eps = (1e-4, 2.0**-20) if dtype == torch.float32 else (1e-9, 2.0**-45)
     tol = float32_tolerance(lambda xi: ref_den(xi, sigma, class_labels=labels), x, ref, base=base, eps=eps)
     err = row_rel(out.double(), ref)
     assert bool((err <= tol).all()), (err.tolist(), tol.tolist())
 
 
-@given(method=st.sampled_from(["optimal", "nearest", "topk", "wiener", "smoothed", "knn", "optimal-draw"]),
-       n=st.integers(1, 5), batch_size=st.integers(1, 5), seed=st.integers(0, 2**64 + 5),
-       steps=st.integers(1, 3), sampler=st.sampled_from(["euler", "heun", "ddim", "ddpm"]),
-       schedule=st.sampled_from(["karras", "vp-linear", "vp-cosine", "kamb-cosine"]))
+@given(
+    method=st.sampled_from(["optimal", "nearest", "topk", "wiener", "smoothed", "knn", "optimal-draw"]),
+    n=st.integers(1, 5),
+    batch_size=st.integers(1, 5),
+    seed=st.integers(0, 2**64 + 5),
+    steps=st.integers(1, 3),
+    sampler=st.sampled_from(["euler", "heun", "ddim", "ddpm"]),
+    schedule=st.sampled_from(["karras", "vp-linear", "vp-cosine", "kamb-cosine"]),
+)
 def test_sampling_is_finite_and_independent_of_batch_size(method, n, batch_size, seed, steps, sampler, schedule):
     ds = _mnist_subset()
     opts = {"topk": {"k": 10}, "knn": {"k": 10, "ref_size": 10}}.get(method, {})
@@ -123,7 +167,7 @@ def test_sampling_is_finite_and_independent_of_batch_size(method, n, batch_size,
     kw = dict(steps=steps, sampler=sampler, schedule=schedule, seed=seed, progress=False)
     try:
         whole = ad.sample(den, n, **kw)
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         check_error(exc)
         assert seed + n - 1 >= 2**64, exc  # the only refusal these inputs can earn
         return

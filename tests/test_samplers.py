@@ -1,14 +1,21 @@
 """Samplers against closed forms: Gaussian data has an exact denoiser and an exact probability-flow ODE."""
+
 import json
 import math
 
 import pytest
 import torch
 
-from analytic_diffusion.sampling.samplers import (SAMPLERS, get_sampler, sample_ddim, sample_ddpm, sample_euler,
-                                         sample_heun)
-from analytic_diffusion.sampling.generate import SampleResult, sample
 from analytic_diffusion.grids import karras, vp_linear
+from analytic_diffusion.sampling.generate import SampleResult, sample
+from analytic_diffusion.sampling.samplers import (
+    SAMPLERS,
+    get_sampler,
+    sample_ddim,
+    sample_ddpm,
+    sample_euler,
+    sample_heun,
+)
 
 SHAPE = (2, 2, 2)  # D = 8
 
@@ -98,23 +105,33 @@ def test_ddim_equals_diffusers_ddim_step_in_vp_space(eta, clip):
         x0 = (x_vp - (1 - a_t).sqrt() * eps) / a_t.sqrt()
         x0 = x0.clamp(-1, 1) if clip else x0
         std = eta * ((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)).sqrt()
-        x_vp = a_prev.sqrt() * x0 + (1 - a_prev - std ** 2).sqrt() * eps
+        x_vp = a_prev.sqrt() * x0 + (1 - a_prev - std**2).sqrt() * eps
         if eta > 0:
             x_vp = x_vp + std * torch.stack([torch.randn(SHAPE, generator=g, dtype=torch.float64) for g in gens])
         ref.append(x_vp)
     sch = vp_linear(steps)
     gens = [torch.Generator().manual_seed(100 + i) for i in range(B)]
     ours = []
-    out = sample_ddim(den, ref[0] * sch.init_sigma, sch.sigmas, eta=eta, clip_x0=clip, generators=gens,
-                      callback=lambda i, x, sig, x0: ours.append(x / (1 + sig[0] ** 2).sqrt()))
+    out = sample_ddim(
+        den,
+        ref[0] * sch.init_sigma,
+        sch.sigmas,
+        eta=eta,
+        clip_x0=clip,
+        generators=gens,
+        callback=lambda i, x, sig, x0: ours.append(x / (1 + sig[0] ** 2).sqrt()),
+    )
     for a, b in zip(ours + [out], ref):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
 
 
 def test_heun_matches_exact_pf_ode_1d():
     """1-D N(μ, s²): x(σ) = μ + sqrt((s²+σ²)/(s²+σ0²))·(x0 - μ) along the whole trajectory."""
-    mu, s2 = 0.3, 0.7 ** 2
-    den = lambda x, sigma: mu + s2 / (s2 + sigma[:, None, None, None] ** 2) * (x - mu)
+    mu, s2 = 0.3, 0.7**2
+
+    def den(x, sigma):
+        return mu + s2 / (s2 + sigma[:, None, None, None] ** 2) * (x - mu)
+
     x_start = torch.linspace(-100, 100, 9, dtype=torch.float64).reshape(9, 1, 1, 1)
     errs = []
     for steps in (500, 1000):
@@ -123,7 +140,7 @@ def test_heun_matches_exact_pf_ode_1d():
         sample_heun(den, x_start, sch.sigmas, callback=lambda i, x, sig, x0: traj.append((x, sig)))
         err = 0.0
         for x, sig in traj:
-            exact = mu + ((s2 + sig ** 2) / (s2 + 80.0 ** 2)).sqrt().reshape(-1, 1, 1, 1) * (x_start - mu)
+            exact = mu + ((s2 + sig**2) / (s2 + 80.0**2)).sqrt().reshape(-1, 1, 1, 1) * (x_start - mu)
             err = max(err, float(((x - exact) / (exact - mu)).abs().max()))
         errs.append(err)
     assert errs[0] < 1e-4
@@ -133,8 +150,9 @@ def test_heun_matches_exact_pf_ode_1d():
 def test_per_sample_grids_equal_running_alone():
     den = GaussianDenoiser(seed=4)
     # Sample 2 ends at σ(ᾱ_0) > 0 after a zero-length step: Heun corrects its last step, not the others'.
-    grids = torch.stack([karras(10, sigma_max=80.0).sigmas, karras(10, sigma_max=5.0).sigmas,
-                         vp_linear(10, final="alpha0").sigmas], 1)  # (11, 3)
+    grids = torch.stack(
+        [karras(10, sigma_max=80.0).sigmas, karras(10, sigma_max=5.0).sigmas, vp_linear(10, final="alpha0").sigmas], 1
+    )  # (11, 3)
     x = _noise(3, 1.0) * grids[0].reshape(3, 1, 1, 1)
     for name, fn in SAMPLERS.items():
         gens = [torch.Generator().manual_seed(i) for i in range(3)]
@@ -142,8 +160,8 @@ def test_per_sample_grids_equal_running_alone():
         for i in range(3):
             g = [torch.Generator().manual_seed(i)]
             sig = grids[:, i]
-            alone = fn(den, x[i:i + 1], sig, generators=g) if name == "ddpm" else fn(den, x[i:i + 1], sig)
-            torch.testing.assert_close(batch[i:i + 1], alone, rtol=1e-12, atol=1e-12, msg=name)
+            alone = fn(den, x[i : i + 1], sig, generators=g) if name == "ddpm" else fn(den, x[i : i + 1], sig)
+            torch.testing.assert_close(batch[i : i + 1], alone, rtol=1e-12, atol=1e-12, msg=name)
 
 
 @pytest.mark.parametrize("name", list(SAMPLERS))
@@ -151,8 +169,12 @@ def test_callback_counts_and_shapes(name):
     den = GaussianDenoiser()
     s = karras(7)
     seen = []
-    get_sampler(name)(den, _noise(5, 80.0), s.sigmas,
-                      callback=lambda i, x, sig, x0: seen.append((i, x.shape, sig.shape, x0.shape, sig[0].item())))
+    get_sampler(name)(
+        den,
+        _noise(5, 80.0),
+        s.sigmas,
+        callback=lambda i, x, sig, x0: seen.append((i, x.shape, sig.shape, x0.shape, sig[0].item())),
+    )
     assert [r[0] for r in seen] == list(range(7))
     assert all(r[1] == r[3] == (5, *SHAPE) and r[2] == (5,) for r in seen)
     assert [r[4] for r in seen] == pytest.approx(s.sigmas[:-1].tolist())
@@ -161,7 +183,10 @@ def test_callback_counts_and_shapes(name):
 
 def test_clip_x0():
     x = torch.full((2, 1, 2, 2), 10.0, dtype=torch.float64)
-    den = lambda x, sigma: torch.full_like(x, 5.0)  # far outside [-1, 1]
+
+    def den(x, sigma):
+        return torch.full_like(x, 5.0)  # far outside [-1, 1]
+
     sig = torch.tensor([10.0, 4.0, 0.0], dtype=torch.float64)
     # one step 10 -> 4 by hand
     eps = (10.0 - 5.0) / 10.0
@@ -179,7 +204,10 @@ def test_clip_x0():
 
 def test_ddpm_step_noise_scale():
     """One η = 1 step with a constant denoiser: x' = x̂0 + sqrt(σ'² - s_up²)·ε̂ + s_up·z, s_up² = σ'²(1 - σ'²/σ²)."""
-    den = lambda x, sigma: torch.zeros_like(x)
+
+    def den(x, sigma):
+        return torch.zeros_like(x)
+
     x = torch.zeros(40000, 1, 1, 1, dtype=torch.float64)
     out = sample_ddpm(den, x, torch.tensor([2.0, 1.0], dtype=torch.float64))
     assert out.std().item() == pytest.approx(math.sqrt(1.0 * (1 - 1 / 4)), rel=0.02)
@@ -203,12 +231,21 @@ def test_sample_seeds_independent_of_batch_size():
 def test_sample_result_and_vp_init():
     den = GaussianDenoiser()
     seen = []
-    r = sample(den, 3, steps=10, sampler="ddim", schedule="vp-linear", schedule_kwargs={"spacing": "trailing"},
-               dtype=torch.float64, progress=False, callback=lambda i, x, s, x0: seen.append(x) if i == 0 else 0)
+    r = sample(
+        den,
+        3,
+        steps=10,
+        sampler="ddim",
+        schedule="vp-linear",
+        schedule_kwargs={"spacing": "trailing"},
+        dtype=torch.float64,
+        progress=False,
+        callback=lambda i, x, s, x0: seen.append(x) if i == 0 else 0,
+    )
     assert isinstance(r, SampleResult) and r.samples.shape == (3, *SHAPE) and r.samples.dtype == torch.float64
     assert r.sigmas.tolist() == vp_linear(10, spacing="trailing").sigmas.tolist()
     s0 = float(r.sigmas[0])
-    ref = torch.randn(SHAPE, generator=torch.Generator().manual_seed(0)).double() * math.sqrt(1 + s0 ** 2)
+    ref = torch.randn(SHAPE, generator=torch.Generator().manual_seed(0)).double() * math.sqrt(1 + s0**2)
     torch.testing.assert_close(seen[0][0], ref)
     cfg = json.loads(json.dumps(r.config))
     assert cfg["sampler"] == "ddim" and cfg["schedule"] == "vp-linear" and cfg["steps"] == 10
@@ -222,31 +259,49 @@ def test_sample_class_labels_passed_through():
         got.append(class_labels.tolist())
         return torch.zeros_like(x)
 
-    sample(den, 4, steps=2, shape=(1, 2, 2), class_labels=torch.tensor([0, 1, 2, 3]), batch_size=3,
-           sampler="euler", progress=False)
+    sample(
+        den,
+        4,
+        steps=2,
+        shape=(1, 2, 2),
+        class_labels=torch.tensor([0, 1, 2, 3]),
+        batch_size=3,
+        sampler="euler",
+        progress=False,
+    )
     assert got == [[0, 1, 2], [0, 1, 2], [3], [3]]
     sample(lambda x, sigma: torch.zeros_like(x), 2, steps=2, shape=(1, 2, 2), progress=False)  # no kwarg
 
 
-@pytest.mark.parametrize("call, match", [
-    (lambda: get_sampler("dpm"), "valid names: euler, heun, ddim, ddpm"),
-    (lambda: sample_euler(lambda x, s: x, torch.zeros(2, 1, 1, 1), torch.tensor([1.0, 2.0, 0.0])), "non-increasing"),
-    (lambda: sample_euler(lambda x, s: x, torch.zeros(2, 1, 1, 1), torch.tensor([1.0, 0.0, 0.0])), "> 0"),
-    (lambda: sample_euler(lambda x, s: x, torch.zeros(2, 1, 1, 1), torch.ones(3, 3)), "sigmas must have shape"),
-    (lambda: sample_ddim(lambda x, s: x, torch.zeros(2, 1, 1, 1), torch.tensor([1.0, 0.0]), eta=1.5), "eta"),
-    (lambda: sample_ddpm(lambda x, s: x, torch.zeros(2, 1, 1, 1), torch.tensor([1.0, 0.0]),
-                         generators=[torch.Generator()]), "generators"),
-    (lambda: sample(GaussianDenoiser(), 0), "n must"),
-    (lambda: sample(GaussianDenoiser(), 2, batch_size=0), "batch_size"),
-    (lambda: sample(GaussianDenoiser(), 2, sampler="lms"), "sampler"),
-    (lambda: sample(GaussianDenoiser(), 2, schedule="cos"), "valid names"),
-    (lambda: sample(GaussianDenoiser(), 2, steps=0), "steps"),
-    (lambda: sample(GaussianDenoiser(), 2, eta=0.5), "eta applies only"),
-    (lambda: sample(lambda x, s: x, 2), "shape"),
-    (lambda: sample(GaussianDenoiser(), 2, class_labels=[1, 2, 3]), "class_labels"),
-    (lambda: sample(GaussianDenoiser(), 2, schedule=karras(4), schedule_kwargs={"rho": 3}), "schedule_kwargs"),
-    (lambda: sample(GaussianDenoiser(), 2, seed=-1), "seed"),
-])
+@pytest.mark.parametrize(
+    "call, match",
+    [
+        (lambda: get_sampler("dpm"), "valid names: euler, heun, ddim, ddpm"),
+        (
+            lambda: sample_euler(lambda x, s: x, torch.zeros(2, 1, 1, 1), torch.tensor([1.0, 2.0, 0.0])),
+            "non-increasing",
+        ),
+        (lambda: sample_euler(lambda x, s: x, torch.zeros(2, 1, 1, 1), torch.tensor([1.0, 0.0, 0.0])), "> 0"),
+        (lambda: sample_euler(lambda x, s: x, torch.zeros(2, 1, 1, 1), torch.ones(3, 3)), "sigmas must have shape"),
+        (lambda: sample_ddim(lambda x, s: x, torch.zeros(2, 1, 1, 1), torch.tensor([1.0, 0.0]), eta=1.5), "eta"),
+        (
+            lambda: sample_ddpm(
+                lambda x, s: x, torch.zeros(2, 1, 1, 1), torch.tensor([1.0, 0.0]), generators=[torch.Generator()]
+            ),
+            "generators",
+        ),
+        (lambda: sample(GaussianDenoiser(), 0), "n must"),
+        (lambda: sample(GaussianDenoiser(), 2, batch_size=0), "batch_size"),
+        (lambda: sample(GaussianDenoiser(), 2, sampler="lms"), "sampler"),
+        (lambda: sample(GaussianDenoiser(), 2, schedule="cos"), "valid names"),
+        (lambda: sample(GaussianDenoiser(), 2, steps=0), "steps"),
+        (lambda: sample(GaussianDenoiser(), 2, eta=0.5), "eta applies only"),
+        (lambda: sample(lambda x, s: x, 2), "shape"),
+        (lambda: sample(GaussianDenoiser(), 2, class_labels=[1, 2, 3]), "class_labels"),
+        (lambda: sample(GaussianDenoiser(), 2, schedule=karras(4), schedule_kwargs={"rho": 3}), "schedule_kwargs"),
+        (lambda: sample(GaussianDenoiser(), 2, seed=-1), "seed"),
+    ],
+)
 def test_bad_inputs(call, match):
     with pytest.raises(ValueError, match=match):
         call()

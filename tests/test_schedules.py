@@ -1,4 +1,5 @@
 """σ grids against hand computations and diffusers' timestep formulas (re-derived here with numpy)."""
+
 import math
 
 import numpy as np
@@ -76,7 +77,10 @@ def test_vp_linear_offset_and_final_alpha0():
 
 def test_vp_cosine_iddpm():
     T, s_ = 1000, 0.008
-    f = lambda u: math.cos((u + s_) / (1 + s_) * math.pi / 2) ** 2
+
+    def f(u):
+        return math.cos((u + s_) / (1 + s_) * math.pi / 2) ** 2
+
     betas = np.minimum([1 - f((i + 1) / T) / f(i / T) for i in range(T)], 0.999)
     ac = np.cumprod(1 - betas)
     for spacing in ("leading", "trailing", "linspace"):
@@ -89,7 +93,9 @@ def test_vp_cosine_iddpm():
 
 
 def test_kamb_cosine():
-    beta = lambda t: 1 - math.cos(t / 1.008 * math.pi / 2) ** 2
+    def beta(t):
+        return 1 - math.cos(t / 1.008 * math.pi / 2) ** 2
+
     assert beta(0.95) == pytest.approx(0.99185, abs=1e-4)
     assert beta(0.05) == pytest.approx(0.0061, abs=1e-4)
     assert beta(1.0) == pytest.approx(0.99984, abs=1e-5)
@@ -103,8 +109,7 @@ def test_kamb_cosine():
     s1 = get_schedule("kamb-cosine", 20, include_t1=True)
     _check_grid(s1, 20)
     assert float(s1.timesteps[0]) == 1.0 and float(s1.timesteps[1]) == pytest.approx(0.95)
-    torch.testing.assert_close(kamb_sigma(torch.tensor([0.5])), torch.tensor([kamb_sigma(0.5)],
-                                                                                dtype=torch.float64))
+    torch.testing.assert_close(kamb_sigma(torch.tensor([0.5])), torch.tensor([kamb_sigma(0.5)], dtype=torch.float64))
 
 
 def test_get_schedule_names():
@@ -113,24 +118,27 @@ def test_get_schedule_names():
     assert get_schedule("vp-cosine", 4).name == "vp-cosine"
 
 
-@pytest.mark.parametrize("call, match", [
-    (lambda: get_schedule("cosine", 10), "valid names: karras, edm, vp-linear"),
-    (lambda: get_schedule("karras", 0), "steps"),
-    (lambda: karras(2.5), "steps"),
-    (lambda: karras(10, sigma_min=1.0, sigma_max=1.0), "sigma_max"),
-    (lambda: karras(10, sigma_min=0.0), "sigma_min"),
-    (lambda: karras(10, rho=0), "rho"),
-    (lambda: vp_linear(10, spacing="uniform"), "spacing"),
-    (lambda: vp_linear(10, final="one"), "final"),
-    (lambda: vp_linear(1001), "num_train_timesteps"),
-    (lambda: vp_linear(10, beta_start=0.1, beta_end=0.01), "beta_start"),
-    (lambda: vp_linear(10, steps_offset=-1), "steps_offset"),
-    (lambda: vp_cosine(10, kind="edm"), "kind"),
-    (lambda: vp_cosine(10, include_t1=True), "include_t1"),
-    (lambda: get_schedule("karras", 10, spacing="leading"), "spacing"),
-    (lambda: Schedule(torch.tensor([1.0, 0.0]), "edm", "custom"), "kind"),
-    (lambda: Schedule(torch.tensor([1.0]), "ve", "custom"), "sigmas"),
-])
+@pytest.mark.parametrize(
+    "call, match",
+    [
+        (lambda: get_schedule("cosine", 10), "valid names: karras, edm, vp-linear"),
+        (lambda: get_schedule("karras", 0), "steps"),
+        (lambda: karras(2.5), "steps"),
+        (lambda: karras(10, sigma_min=1.0, sigma_max=1.0), "sigma_max"),
+        (lambda: karras(10, sigma_min=0.0), "sigma_min"),
+        (lambda: karras(10, rho=0), "rho"),
+        (lambda: vp_linear(10, spacing="uniform"), "spacing"),
+        (lambda: vp_linear(10, final="one"), "final"),
+        (lambda: vp_linear(1001), "num_train_timesteps"),
+        (lambda: vp_linear(10, beta_start=0.1, beta_end=0.01), "beta_start"),
+        (lambda: vp_linear(10, steps_offset=-1), "steps_offset"),
+        (lambda: vp_cosine(10, kind="edm"), "kind"),
+        (lambda: vp_cosine(10, include_t1=True), "include_t1"),
+        (lambda: get_schedule("karras", 10, spacing="leading"), "spacing"),
+        (lambda: Schedule(torch.tensor([1.0, 0.0]), "edm", "custom"), "kind"),
+        (lambda: Schedule(torch.tensor([1.0]), "ve", "custom"), "sigmas"),
+    ],
+)
 def test_bad_arguments(call, match):
     with pytest.raises(ValueError, match=match):
         call()

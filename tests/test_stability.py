@@ -1,4 +1,5 @@
 """Training-set stability: disjoint halves, a tiny end-to-end run, the CLI."""
+
 import json
 
 import pytest
@@ -12,8 +13,7 @@ TINY = dict(steps=3, n_samples=2, sample_steps=3, train_kwargs=dict(channels=8, 
 
 
 def random_images(rng, n=24, side=8):
-    return Dataset.from_array((torch.rand(n, 1, side, side, generator=rng) * 255).to(torch.uint8),
-                              torch.arange(n) % 3)
+    return Dataset.from_array((torch.rand(n, 1, side, side, generator=rng) * 255).to(torch.uint8), torch.arange(n) % 3)
 
 
 def test_halves_are_disjoint_and_nested(rng):
@@ -56,9 +56,30 @@ def test_stability_checks_its_arguments(rng):
 
 
 def test_stability_cli(tmp_path, capsys):
-    rc = main(["stability", "--dataset", "mnist", "--sizes", "4", "--steps", "2", "--samples", "2",
-               "--sample-steps", "2", "--channels", "4", "--blocks", "1", "--batch-size", "4", "--out",
-               str(tmp_path), "--no-progress"])
+    rc = main(
+        [
+            "stability",
+            "--dataset",
+            "mnist",
+            "--sizes",
+            "4",
+            "--steps",
+            "2",
+            "--samples",
+            "2",
+            "--sample-steps",
+            "2",
+            "--channels",
+            "4",
+            "--blocks",
+            "1",
+            "--batch-size",
+            "4",
+            "--out",
+            str(tmp_path),
+            "--no-progress",
+        ]
+    )
     assert rc == 0 and "networks A vs B median r" in capsys.readouterr().out
     assert json.loads((tmp_path / "metrics.json").read_text())["config"]["sizes"] == [4]
     assert main(["stability", "--sizes", "4,x", "--out", str(tmp_path)]) == 2

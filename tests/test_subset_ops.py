@@ -1,10 +1,11 @@
 """ops.subset (the k-NN denoisers' float64 rescoring and weighted mean): the C++ kernels against the torch path
 and a brute-force float64 reference, with mirrored indices, empty slots, every key dtype and bad input."""
+
 import pytest
 import torch
+from reference import mirror
 
 from analytic_diffusion.ops import KeyBank, cpu_backend, subset
-from reference import mirror
 
 pytestmark = [pytest.mark.cpu_isa, pytest.mark.usefixtures("cpu_kernels")]  # built (else a failure)
 
@@ -32,8 +33,11 @@ def test_relative_d2_and_weighted_sum_match_reference(rng, kind):
     index[torch.rand(index.shape, generator=rng) < 0.2] = -1
     ref = torch.randint(0, 2 * bank.n, (6,), generator=rng)
     d = ((q[:, None] - y[None]) ** 2).sum(-1)  # (6, 2N) brute force
-    want = torch.where(index >= 0, torch.gather(d, 1, index.clamp_min(0)) - d.gather(1, ref[:, None]),
-                       torch.full(index.shape, float("inf"), dtype=torch.float64))
+    want = torch.where(
+        index >= 0,
+        torch.gather(d, 1, index.clamp_min(0)) - d.gather(1, ref[:, None]),
+        torch.full(index.shape, float("inf"), dtype=torch.float64),
+    )
     got = subset.relative_d2(q, bank, index, ref, flips=True)
     fin = index >= 0
     assert torch.equal(torch.isinf(got), ~fin)
@@ -56,7 +60,7 @@ def test_a_row_depends_on_that_row_only(rng):
     index = torch.randint(0, bank.n, (9, 31), generator=rng)
     ref = index[:, 0].contiguous()
     whole = subset.relative_d2(q, bank, index, ref)
-    parts = torch.cat([subset.relative_d2(q[b:b + 1], bank, index[b:b + 1], ref[b:b + 1]) for b in range(9)])
+    parts = torch.cat([subset.relative_d2(q[b : b + 1], bank, index[b : b + 1], ref[b : b + 1]) for b in range(9)])
     assert torch.equal(whole, parts)
 
 
@@ -83,6 +87,7 @@ def test_denoisers_native_path_matches_torch_path(rng, method):
     with mirrored candidates and class labels."""
     from analytic_diffusion.data.dataset import Dataset
     from analytic_diffusion.denoisers import make_denoiser
+
     u = torch.randint(0, 256, (61, 1, 4, 6), generator=rng, dtype=torch.uint8)
     ds = Dataset.from_array(u, torch.randint(0, 3, (61,), generator=rng))
     opts = {"k": 9} if method == "topk" else {"k": 9, "ref_size": 7}
@@ -102,11 +107,13 @@ def test_skipping_negligible_candidates_changes_nothing(rng, monkeypatch, method
     """At low σ most screened candidates are proven negligible from the screen's distances and never rescored;
     the output equals the one that rescores every candidate (to 1e-15) and the brute-force float64 posterior over
     the exact k nearest (to 1e-6: a near-tie at the k-th place may swap a candidate of weight ~1e-9)."""
+    from reference import posterior_bruteforce
+
     import analytic_diffusion.denoisers.neighbours as nb
     from analytic_diffusion.data.dataset import Dataset
     from analytic_diffusion.denoisers import make_denoiser
     from analytic_diffusion.ops import knn_search
-    from reference import posterior_bruteforce
+
     u = torch.randint(0, 256, (300, 1, 4, 6), generator=rng, dtype=torch.uint8)
     ds = Dataset.from_array(u)
     y = ds.keys().rows(0, 300, torch.float64)

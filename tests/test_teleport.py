@@ -1,4 +1,5 @@
 """The Gaussian flow in closed form and analytic teleportation against numerical integration and the full run."""
+
 import pytest
 import torch
 
@@ -82,9 +83,14 @@ def test_teleporting_a_gaussian_is_free(rng):
     full = sample(wiener, 4, progress=False, **kw)
     tele = sample_teleported(wiener, wiener, 4, sigma_skip=2.0, **kw)
     sched = karras(40)
-    exact = wiener.flow(torch.stack([torch.randn(ds.image_shape, generator=torch.Generator().manual_seed(1 + i))
-                                     for i in range(4)]).double() * float(sched.sigmas[0]),
-                        float(sched.sigmas[0]), 0.0)
+    exact = wiener.flow(
+        torch.stack(
+            [torch.randn(ds.image_shape, generator=torch.Generator().manual_seed(1 + i)) for i in range(4)]
+        ).double()
+        * float(sched.sigmas[0]),
+        float(sched.sigmas[0]),
+        0.0,
+    )
     assert tele.config["steps_skipped"] > 10
     assert (tele.samples - exact).norm() <= (full.samples - exact).norm() * 1.01 + 1e-9
 
@@ -113,7 +119,8 @@ def test_teleportation_study_on_the_optimal_denoiser(rng):
     for r in rows.values():
         assert -1 <= r["teleported"]["pearson_r"] <= 1 and r["teleported"]["rms"] >= 0
     assert res["steps_saved"] in [r["steps_skipped"] for r in rows.values()] + [0]
-    assert res["steps_saved"] == max([r["steps_skipped"] for r in rows.values()
-                                      if r["teleported"]["pearson_r"] >= 0.9], default=0)
+    assert res["steps_saved"] == max(
+        [r["steps_skipped"] for r in rows.values() if r["teleported"]["pearson_r"] >= 0.9], default=0
+    )
     with pytest.raises(ValueError, match="r_min"):
         teleportation_study(den, wiener, 2, steps=4, r_min=0)

@@ -5,6 +5,7 @@ exact fp32 products of the bf16 halves, which is what the tensor cores compute);
 TRITON_INTERPRET unset the same tests run compiled on the GPU. Outputs and scratch buffers are poisoned before
 every launch.
 """
+
 import json
 import math
 import os
@@ -16,10 +17,11 @@ import torch
 
 triton = pytest.importorskip("triton", reason="triton is not installed (pip install -e '.[test]')")
 
+from reference import noisy_queries, rel, uint8_bank  # noqa: E402
+
 from analytic_diffusion.ops import KeyBank, knn_search, softmax_retrieval, torch_backend  # noqa: E402
 from analytic_diffusion.ops import precision as P  # noqa: E402
 from analytic_diffusion.ops import triton_backend as T  # noqa: E402
-from reference import noisy_queries, rel, uint8_bank  # noqa: E402
 
 if T.unavailable_reason(torch.device("cuda") if not T.interpreting() else torch.device("cpu")) is not None:
     pytest.skip("Triton kernels need a CUDA device or TRITON_INTERPRET=1", allow_module_level=True)
@@ -32,14 +34,20 @@ BUDGET = 1 << 22
 @pytest.fixture(autouse=True)
 def poisoned():
     from analytic_diffusion.kernels import global_retrieval
+
     global_retrieval.poison_outputs = True
     yield
     global_retrieval.poison_outputs = False
 
 
 def to_dev(bank: KeyBank) -> KeyBank:
-    return KeyBank(bank.values.to(DEVICE), bank.scale, bank.shift,
-                   labels=None if bank.labels is None else bank.labels.to(DEVICE), image_shape=bank.image_shape)
+    return KeyBank(
+        bank.values.to(DEVICE),
+        bank.scale,
+        bank.shift,
+        labels=None if bank.labels is None else bank.labels.to(DEVICE),
+        image_shape=bank.image_shape,
+    )
 
 
 def float_bank(rng, n, d, labels=None):
@@ -50,14 +58,16 @@ def float_bank(rng, n, d, labels=None):
 def oracle(q, bank, sigma, labels=None):
     coef = torch.full((q.shape[0],), 1 / (2 * sigma * sigma), dtype=torch.float64)
     cpu = KeyBank(bank.values.cpu(), bank.scale, bank.shift, labels=None if bank.labels is None else bank.labels.cpu())
-    return torch_backend.softmax_partial(q.double().cpu(), cpu, coef, query_labels=labels, dtype=torch.float64,
-                                         memory_budget=BUDGET)
+    return torch_backend.softmax_partial(
+        q.double().cpu(), cpu, coef, query_labels=labels, dtype=torch.float64, memory_budget=BUDGET
+    )
 
 
 def ours(q, bank, sigma, labels=None, **kw):
     coef = torch.full((q.shape[0],), 1 / (2 * sigma * sigma), dtype=torch.float64, device=DEVICE)
-    return T.softmax_partial(q.to(DEVICE), bank, coef, dtype=torch.float32,
-                             query_labels=None if labels is None else labels.to(DEVICE), **kw)
+    return T.softmax_partial(
+        q.to(DEVICE), bank, coef, dtype=torch.float32, query_labels=None if labels is None else labels.to(DEVICE), **kw
+    )
 
 
 def assert_close(st, ref, tol=1e-4):
@@ -72,7 +82,7 @@ def assert_close(st, ref, tol=1e-4):
 def test_split_n_matches_float64(rng, keys, n, d, b):
     bank = uint8_bank(rng, n, 1, 1, d) if keys == "uint8" else float_bank(rng, n, d)
     dev_bank = to_dev(bank)
-    for sigma in (SIGMAS if d < 100 else [1e-3, 0.1, 1e3]):
+    for sigma in SIGMAS if d < 100 else [1e-3, 0.1, 1e3]:
         q = noisy_queries(rng, bank, b, sigma)
         assert T.plan(q.to(DEVICE), dev_bank, torch.ones(b, dtype=torch.float64, device=DEVICE))[0][0] == "split_n"
         assert_close(ours(q, dev_bank, sigma), oracle(q, bank, sigma))
@@ -90,8 +100,9 @@ def test_two_pass_error_within_stated_bound(rng, mode):
         got = ours(q, dev_bank, sigma, precision=mode, max_logit_error=1e30)
         ref = oracle(q, bank, sigma)
         coef = torch.full((19,), 1 / (2 * sigma * sigma), dtype=torch.float64)
-        bound = P.logit_error_bound(coef, q.double() - consts["center"].cpu(), consts["absmax"].cpu(), bank.scale,
-                                    consts["norm_max"], kind)
+        bound = P.logit_error_bound(
+            coef, q.double() - consts["center"].cpu(), consts["absmax"].cpu(), bank.scale, consts["norm_max"], kind
+        )
         m_err = (got.m.double().cpu() - ref.m).abs()
         assert (m_err <= bound + 1e-6 * ref.m.abs()).all(), (sigma, m_err.max(), bound.min())
         mean_err = (got.mean().double().cpu() - ref.mean()).abs().max(1).values
@@ -124,8 +135,12 @@ def test_plan_follows_the_bound(rng):
     assert kinds(16, 1e3, "exact") == ["two_pass:ieee"]
     assert kinds(16, 1e3, "bf16") == ["two_pass:bf16x2"]
     assert "two_pass:bf16x2" not in kinds(16, 1e3, "bf16", fbank)  # float keys are not exact in bf16
-    rows = T.plan(noisy_queries(rng, bank, 16, 0.1).to(DEVICE), bank,
-                  torch.full((16,), 50.0, dtype=torch.float64, device=DEVICE), "exact")
+    rows = T.plan(
+        noisy_queries(rng, bank, 16, 0.1).to(DEVICE),
+        bank,
+        torch.full((16,), 50.0, dtype=torch.float64, device=DEVICE),
+        "exact",
+    )
     assert sorted(torch.cat([r for _, r in rows]).tolist()) == list(range(16))  # every row served once
 
 
@@ -153,8 +168,7 @@ def test_knn_fused_topk_matches_reference(rng, k):
     dev_bank = to_dev(bank)
     q = noisy_queries(rng, bank, 5, 0.3)
     for ql in (None, torch.randint(0, 2, (5,), generator=rng)):
-        d, i = T.knn(q.to(DEVICE), dev_bank, k, query_labels=None if ql is None else ql.to(DEVICE),
-                     dtype=torch.float32)
+        d, i = T.knn(q.to(DEVICE), dev_bank, k, query_labels=None if ql is None else ql.to(DEVICE), dtype=torch.float32)
         dr, ir = torch_backend.knn(q.double(), bank, k, query_labels=ql, dtype=torch.float64, memory_budget=BUDGET)
         assert torch.equal(i.cpu(), ir)
         assert rel(d.cpu(), dr) <= 1e-5
@@ -196,12 +210,14 @@ def test_clear_errors(rng):
     with pytest.raises(ValueError, match="max_logit_error"):
         softmax_retrieval(q, bank, 0.5, backend="triton", precision="bf16", max_logit_error=0)
     with pytest.raises(ValueError, match="uint8 or float32"):
-        T.softmax_partial(q, KeyBank(bank.values.double()), torch.ones(2, dtype=torch.float64, device=DEVICE),
-                          dtype=torch.float32)
+        T.softmax_partial(
+            q, KeyBank(bank.values.double()), torch.ones(2, dtype=torch.float64, device=DEVICE), dtype=torch.float32
+        )
 
 
 def test_real_mnist(rng):
     from analytic_diffusion.data import load_dataset
+
     ds = load_dataset("mnist").subset(1000, random=True, seed=3)
     bank = ds.keys()
     dev_bank = to_dev(bank)
@@ -217,8 +233,9 @@ def test_real_mnist(rng):
 def test_denoisers_run_on_the_triton_backend(rng):
     from analytic_diffusion.data import load_dataset
     from analytic_diffusion.denoisers import make_denoiser
+
     ds = load_dataset("mnist").subset(300, random=True, seed=5)
-    x = (ds.images_float()[:3] + 0.3 * torch.randn(3, 1, 28, 28, generator=rng))
+    x = ds.images_float()[:3] + 0.3 * torch.randn(3, 1, 28, 28, generator=rng)
     for method in ("optimal", "nearest"):
         ref = make_denoiser(method, ds, backend="torch", dtype=torch.float64)(x.double(), 0.3)
         got = make_denoiser(method, ds.to(DEVICE) if DEVICE.type == "cuda" else ds, backend="triton")(x.to(DEVICE), 0.3)

@@ -1,17 +1,28 @@
 """Posterior variance, Gumbel-max posterior draws and the variance-injected denoiser, against brute force."""
+
 import math
 
 import pytest
 import torch
+from reference import mirror, noisy_queries, rel, uint8_bank
 
+from analytic_diffusion.analysis.variance import (
+    PosteriorSampleDenoiser,
+    posterior_moments,
+    posterior_variance,
+    variance_sweep,
+)
 from analytic_diffusion.data import Dataset
 from analytic_diffusion.denoisers import Optimal
 from analytic_diffusion.denoisers.sample_seeds import row_generators
-from analytic_diffusion.ops import (KeyBank, PartialState, combine_partials, knn_search, posterior_draw,
-                                    softmax_retrieval)
-from analytic_diffusion.analysis.variance import (PosteriorSampleDenoiser, posterior_moments, posterior_variance,
-                                         variance_sweep)
-from reference import mirror, noisy_queries, rel, uint8_bank
+from analytic_diffusion.ops import (
+    KeyBank,
+    PartialState,
+    combine_partials,
+    knn_search,
+    posterior_draw,
+    softmax_retrieval,
+)
 
 SIGMAS = [1e-3, 1e-2, 0.1, 0.5, 1.0, 10.0, 1e3]
 
@@ -50,8 +61,9 @@ def test_variance_float64_matches_bruteforce(rng, sigma, flips, budget):
     bank = uint8_bank(rng, 157)
     x = noisy_queries(rng, bank, 5, min(sigma, 3.0))
     mean_ref, var_ref = moments_bruteforce(x, candidates(bank, flips), torch.full((5,), sigma, dtype=torch.float64))
-    r = softmax_retrieval(x, bank, sigma, backend="torch", dtype=torch.float64, memory_budget=budget,
-                          flips=flips, second_moment=True)
+    r = softmax_retrieval(
+        x, bank, sigma, backend="torch", dtype=torch.float64, memory_budget=budget, flips=flips, second_moment=True
+    )
     assert rel(r.mean, mean_ref) < 1e-10
     scale = max(float(var_ref.abs().max()), 1e-3)  # the variance scale (≈ 0 only when σ → 0)
     assert float((r.variance - var_ref).abs().max()) / scale < 1e-9
@@ -63,8 +75,7 @@ def test_default_path_unchanged_and_mean_bit_identical(rng):
     x = noisy_queries(rng, bank, 4, 0.5)
     for dtype in (torch.float32, torch.float64):
         a = softmax_retrieval(x, bank, 0.4, backend="torch", dtype=dtype, memory_budget=1 << 12)
-        b = softmax_retrieval(x, bank, 0.4, backend="torch", dtype=dtype, memory_budget=1 << 12,
-                              second_moment=True)
+        b = softmax_retrieval(x, bank, 0.4, backend="torch", dtype=dtype, memory_budget=1 << 12, second_moment=True)
         assert a.variance is None and b.variance is not None
         assert torch.equal(a.mean, b.mean)
         assert softmax_retrieval(x, bank, 0.4, backend="torch", return_partial=True).o2 is None
@@ -79,8 +90,17 @@ def test_variance_per_sample_sigma_labels_flips(rng):
     allowed = (labels[None, :] == ql[:, None]).repeat(1, 2)
     mean_ref, var_ref = moments_bruteforce(x, candidates(bank, True), sig, allowed=allowed)
     for budget in (1 << 10, 1 << 26):
-        r = softmax_retrieval(x, bank, sig, query_labels=ql, flips=True, backend="torch", dtype=torch.float64,
-                              memory_budget=budget, second_moment=True)
+        r = softmax_retrieval(
+            x,
+            bank,
+            sig,
+            query_labels=ql,
+            flips=True,
+            backend="torch",
+            dtype=torch.float64,
+            memory_budget=budget,
+            second_moment=True,
+        )
         assert rel(r.mean, mean_ref) < 1e-10
         assert float((r.variance - var_ref).abs().max()) < 1e-10
 
@@ -92,12 +112,15 @@ def test_variance_float32_close_to_float64_far_from_origin(rng, sigma):
     y = 1.0 - 0.02 * torch.rand(n, d, generator=rng, dtype=torch.float64)
     bank = KeyBank(y.float())
     x = (y[:4] + min(sigma, 0.05) * torch.randn(4, d, generator=rng, dtype=torch.float64)).float()
-    r64 = softmax_retrieval(x, bank, sigma, backend="torch", dtype=torch.float64, second_moment=True,
-                            memory_budget=1 << 14)
-    r32 = softmax_retrieval(x, bank, sigma, backend="torch", dtype=torch.float32, second_moment=True,
-                            memory_budget=1 << 14)
-    _, var_ref = moments_bruteforce(x, bank.rows(0, n, torch.float64), torch.full((4,), sigma, dtype=torch.float64),
-                                    centred=True)
+    r64 = softmax_retrieval(
+        x, bank, sigma, backend="torch", dtype=torch.float64, second_moment=True, memory_budget=1 << 14
+    )
+    r32 = softmax_retrieval(
+        x, bank, sigma, backend="torch", dtype=torch.float32, second_moment=True, memory_budget=1 << 14
+    )
+    _, var_ref = moments_bruteforce(
+        x, bank.rows(0, n, torch.float64), torch.full((4,), sigma, dtype=torch.float64), centred=True
+    )
     data_var = bank.rows(0, n, torch.float64).var(0, unbiased=False).mean()
     assert float((r64.variance - var_ref).abs().max()) / float(data_var) < 1e-9
     assert float((r32.variance.double() - r64.variance).abs().max()) / float(data_var) < 1e-4
@@ -109,8 +132,9 @@ def test_variance_float32_uint8_images(rng, sigma):
     bank = uint8_bank(rng, 400, c=1, h=8, w=8)
     x = noisy_queries(rng, bank, 8, sigma)
     r64 = softmax_retrieval(x, bank, sigma, backend="torch", dtype=torch.float64, second_moment=True)
-    r32 = softmax_retrieval(x, bank, sigma, backend="torch", dtype=torch.float32, second_moment=True,
-                            memory_budget=1 << 13)
+    r32 = softmax_retrieval(
+        x, bank, sigma, backend="torch", dtype=torch.float32, second_moment=True, memory_budget=1 << 13
+    )
     data_var = bank.rows(0, bank.n, torch.float64).var(0, unbiased=False).mean()
     assert float((r32.variance.double() - r64.variance).abs().max()) / float(data_var) < 1e-4
     assert bool((r32.variance >= 0).all())
@@ -120,15 +144,36 @@ def test_shards_combine_exactly(rng):
     bank = uint8_bank(rng, 240, labels=torch.randint(0, 2, (240,), generator=rng))
     x = noisy_queries(rng, bank, 5, 0.4)
     ql = torch.tensor([0, 1, 1, 0, 1])
-    full = softmax_retrieval(x, bank, 0.4, query_labels=ql, flips=True, backend="torch", dtype=torch.float64,
-                             second_moment=True, return_partial=True)
+    full = softmax_retrieval(
+        x,
+        bank,
+        0.4,
+        query_labels=ql,
+        flips=True,
+        backend="torch",
+        dtype=torch.float64,
+        second_moment=True,
+        return_partial=True,
+    )
     cuts = [0, 7, 90, 91, 240]  # uneven shards, one of a single row (often no candidate of the class)
     shards = []
     for a, b in zip(cuts[:-1], cuts[1:]):
-        sub = KeyBank(bank.values[a:b], bank.scale, bank.shift, labels=bank.labels[a:b],
-                      image_shape=bank.image_shape)  # each shard centres on its own mean
-        shards.append(softmax_retrieval(x, sub, 0.4, query_labels=ql, flips=True, backend="torch",
-                                        dtype=torch.float64, second_moment=True, return_partial=True))
+        sub = KeyBank(
+            bank.values[a:b], bank.scale, bank.shift, labels=bank.labels[a:b], image_shape=bank.image_shape
+        )  # each shard centres on its own mean
+        shards.append(
+            softmax_retrieval(
+                x,
+                sub,
+                0.4,
+                query_labels=ql,
+                flips=True,
+                backend="torch",
+                dtype=torch.float64,
+                second_moment=True,
+                return_partial=True,
+            )
+        )
     comb = combine_partials(shards)
     assert rel(comb.mean(), full.mean()) < 1e-12
     assert float((comb.variance() - full.variance()).abs().max()) < 1e-12
@@ -141,8 +186,7 @@ def test_shards_combine_exactly(rng):
 def test_empty_state_combines(rng):
     bank = uint8_bank(rng, 30)
     x = noisy_queries(rng, bank, 3, 0.5)
-    s = softmax_retrieval(x, bank, 0.5, backend="torch", dtype=torch.float64, second_moment=True,
-                          return_partial=True)
+    s = softmax_retrieval(x, bank, 0.5, backend="torch", dtype=torch.float64, second_moment=True, return_partial=True)
     e = PartialState.empty(3, bank.dim, dtype=torch.float64, second_moment=True)
     for c in (e.combine(s), s.combine(e)):
         assert torch.equal(c.mean(), s.mean()) and torch.equal(c.variance(), s.variance())
@@ -183,7 +227,7 @@ def test_denoiser_level_variance(rng):
     cl = torch.tensor([0, 2, 1, 1])
     mean, var = posterior_moments(x, den, sig, class_labels=cl)
     y = ds.images_float(dtype=torch.float64).reshape(ds.n, -1)
-    allowed = (labels.repeat(2)[None, :] == cl[:, None])
+    allowed = labels.repeat(2)[None, :] == cl[:, None]
     mean_ref, var_ref = moments_bruteforce(x.reshape(4, -1), y, sig, allowed=allowed)
     assert mean.shape == x.shape and var.shape == x.shape
     assert rel(mean.reshape(4, -1), mean_ref) < 1e-10
@@ -203,15 +247,16 @@ def test_gumbel_draw_frequencies_match_softmax(rng):
     """20000 draws on N = 5 candidates: frequencies within 4 standard errors of the softmax weights."""
     y = torch.randn(5, 6, generator=rng, dtype=torch.float64)
     bank = KeyBank(y)
-    x = (y.mean(0, keepdim=True) + 0.1 * torch.randn(1, 6, generator=rng, dtype=torch.float64))
+    x = y.mean(0, keepdim=True) + 0.1 * torch.randn(1, 6, generator=rng, dtype=torch.float64)
     d = ((x - y) ** 2).sum(1)
     sigma = float((d.max() - d.min()).sqrt())  # logits span 1/2 nat: every weight is well above 0
     w = weights_bruteforce(x, y, torch.tensor([sigma]))[0]
     assert float(w.min()) > 0.01  # non-trivial weights
     draws = 20000
     xs = x.expand(draws, -1).contiguous()  # one query per draw: independent Gumbel noise for each
-    idx, rows = posterior_draw(xs, bank, sigma, generator=torch.Generator().manual_seed(7), dtype=torch.float64,
-                               memory_budget=1 << 16)
+    idx, rows = posterior_draw(
+        xs, bank, sigma, generator=torch.Generator().manual_seed(7), dtype=torch.float64, memory_budget=1 << 16
+    )
     assert torch.equal(rows, y[idx])
     freq = torch.bincount(idx, minlength=5).double() / draws
     se = (w * (1 - w) / draws).sqrt()
@@ -230,8 +275,9 @@ def test_gumbel_draws_with_flips_labels_and_per_sample_sigma(rng):
     x = (y[:1] + 0.2 * torch.randn(1, 6, generator=rng, dtype=torch.float64)).float().expand(draws, -1)
     sig = torch.where(torch.arange(draws) % 2 == 0, torch.tensor(0.8), torch.tensor(2.0))
     ql = torch.zeros(draws, dtype=torch.long)
-    idx, rows = posterior_draw(x, bank, sig, generator=torch.Generator().manual_seed(3), query_labels=ql,
-                               flips=True, memory_budget=1 << 12)
+    idx, rows = posterior_draw(
+        x, bank, sig, generator=torch.Generator().manual_seed(3), query_labels=ql, flips=True, memory_budget=1 << 12
+    )
     assert torch.allclose(rows.double(), y[idx], atol=1e-6)  # mirrored rows come back mirrored
     allowed = (labels.repeat(2) == 0)[None, :]
     assert bool(allowed[0, idx].all())
@@ -248,8 +294,9 @@ def test_gumbel_draw_deterministic_and_chunk_independent(rng):
     x = noisy_queries(rng, bank, 6, 1.0)
     out = []
     for budget, dtype in ((1 << 10, torch.float32), (1 << 26, torch.float32), (1 << 12, torch.float64)):
-        idx, _ = posterior_draw(x, bank, 3.0, generator=torch.Generator().manual_seed(11), dtype=dtype,
-                                memory_budget=budget)
+        idx, _ = posterior_draw(
+            x, bank, 3.0, generator=torch.Generator().manual_seed(11), dtype=dtype, memory_budget=budget
+        )
         out.append(idx)
     assert torch.equal(out[0], out[1])  # the same noise stream whatever the chunking
     assert torch.equal(out[0], out[2])  # and the dtype (float32 logit rounding cannot flip this argmax)
@@ -310,7 +357,7 @@ def test_wrapper_draw_mode(rng):
     again = PosteriorSampleDenoiser(ds, mode="draw", scale=1.0, seed=5, dtype=torch.float64)
     assert torch.equal(again(x.double(), sig), out)
     assert torch.equal(naive(x.double(), sig), out)
-    rows = torch.cat([naive(x[i:i + 1].double(), sig[i:i + 1]) for i in range(6)])
+    rows = torch.cat([naive(x[i : i + 1].double(), sig[i : i + 1]) for i in range(6)])
     assert torch.equal(rows, out)
     # λ in (0, 1) mixes the optimal mean and the same draw stream
     half = PosteriorSampleDenoiser(ds, mode="draw", scale=0.25, seed=5, dtype=torch.float64)
@@ -358,6 +405,7 @@ def test_variance_sweep_smoke(rng, tmp_path):
         assert 0.0 <= r["memorization_ratio"] <= 1.0 and math.isfinite(r["nn_distance_median"])
     assert "lambda" in res.table()
     from PIL import Image
+
     with Image.open(tmp_path / "grid.png") as im:  # one labelled row per λ, each 3 tiles wide
         h, w = ds.image_shape[1:]
         zoom = max(1, 64 // h)
@@ -367,5 +415,6 @@ def test_variance_sweep_smoke(rng, tmp_path):
         assert labels.getextrema()[0] < 128  # the λ labels are drawn
     # same seeds: λ = 0 is the optimal denoiser's run
     from analytic_diffusion.sampling.generate import sample
+
     ref = sample(Optimal(ds), 3, steps=4, progress=False).samples
     assert torch.equal(res.samples[0.0], ref)

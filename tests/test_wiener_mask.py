@@ -1,6 +1,7 @@
 """pca_locality's masks: the bounded float32 route (ops/wiener_mask.WienerMasks) gives the dense float64 rule's
 booleans, and the studio rule (mask_rule="studio") matches an independent float64 re-implementation of the
 studio's formula away from float32 rounding."""
+
 import numpy as np
 import pytest
 import torch
@@ -36,8 +37,11 @@ def test_bounded_masks_equal_the_dense_rule_on_random_data(rng):
         masks = WienerMasks(lam, U)
         for sigma in SIGMAS:
             for theta in THETAS:
-                assert torch.equal(masks(sigma, theta), dense_rule(lam, U, sigma, theta)), (ds.image_shape, sigma,
-                                                                                           theta)
+                assert torch.equal(masks(sigma, theta), dense_rule(lam, U, sigma, theta)), (
+                    ds.image_shape,
+                    sigma,
+                    theta,
+                )
                 forms.add((masks.last_complement, masks.last_kept < ds.dim))
         assert torch.equal(masks(0.5, 0.0), torch.ones_like(masks(0.5, 0.1)))
         with pytest.raises(ValueError, match="threshold"):
@@ -77,13 +81,13 @@ def studio_reference(images: np.ndarray, sigma: float, theta: float):
     S = C.T @ C / (X.shape[0] - 1)
     lam, u = np.linalg.eigh(S)
     lam = np.clip(lam, 0.0, None)
-    abar = 1.0 / (1.0 + sigma ** 2)
+    abar = 1.0 / (1.0 + sigma**2)
     s = abar * lam / ((1.0 - abar) + abar * lam)
     A = (u * s) @ u.T
     d = np.diag(A).copy()
     d[np.abs(d) < 1e-6] = 1.0
     M = np.abs(A / d[:, None])
-    return M >= theta * M.max(), M, theta * M.max()
+    return theta * M.max() <= M, M, theta * M.max()
 
 
 def check_studio(ds, sigma, theta, rel_band, dtype=torch.float32):
@@ -109,8 +113,7 @@ def test_studio_rule_uses_the_unbiased_covariance(rng):
     parted = 0
     for sigma in np.geomspace(0.05, 5, 25):
         check_studio(ds, float(sigma), 0.1, 1e-3)
-        parted += int((studio_locality_mask(ds.covariance(), ds.n, sigma, 0.1) != dense_rule(lam, U, sigma, 0.1)
-                       ).sum())
+        parted += int((studio_locality_mask(ds.covariance(), ds.n, sigma, 0.1) != dense_rule(lam, U, sigma, 0.1)).sum())
     assert parted > 0
 
 
@@ -134,8 +137,12 @@ def test_mask_rule_option(rng):
 def test_mask_rule_on_the_cli():
     from analytic_diffusion.cli import build_parser
     from analytic_diffusion.cli.sample import _method_options
-    opts = _method_options(build_parser().parse_args(["sample", "--method", "pca_locality", "--mask-rule", "studio",
-                                                      "--threshold", "0.05"]))
+
+    opts = _method_options(
+        build_parser().parse_args(
+            ["sample", "--method", "pca_locality", "--mask-rule", "studio", "--threshold", "0.05"]
+        )
+    )
     assert opts["mask_rule"] == "studio" and opts["threshold"] == 0.05
     with pytest.raises(SystemExit):
         build_parser().parse_args(["sample", "--method", "pca_locality", "--mask-rule", "paper"])

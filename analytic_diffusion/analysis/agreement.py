@@ -9,10 +9,12 @@
 
 The per-sample measures (mse, r2, pearson_r, score_cosine) are in :mod:`analytic_diffusion.metrics.agreement`.
 """
+
 from __future__ import annotations
 
 import time
-from typing import Callable, Dict, Iterable, Optional, Union
+from collections.abc import Iterable
+from typing import Callable
 
 import torch
 from tqdm.auto import tqdm
@@ -23,13 +25,13 @@ from ..sampling.generate import sample
 __all__ = ["single_step", "trajectories"]
 
 
-def _call(den: Callable, x: torch.Tensor, sigma: torch.Tensor, labels, batch_size: Optional[int]):
+def _call(den: Callable, x: torch.Tensor, sigma: torch.Tensor, labels, batch_size: int | None):
     """D(x, σ) in batches; output on CPU float64."""
     outs = []
     step = x.shape[0] if batch_size is None else batch_size
     for s in range(0, x.shape[0], step):
-        kw = {} if labels is None else {"class_labels": labels[s:s + step]}
-        out = den(x[s:s + step], sigma[s:s + step], **kw)
+        kw = {} if labels is None else {"class_labels": labels[s : s + step]}
+        out = den(x[s : s + step], sigma[s : s + step], **kw)
         outs.append(out.detach().to("cpu", torch.float64))
     return torch.cat(outs)
 
@@ -38,7 +40,7 @@ def _device_of(den, default="cpu"):
     return torch.device(getattr(den, "device", None) or default)
 
 
-def _check_models(denoisers: Dict[str, Callable], reference: Callable):
+def _check_models(denoisers: dict[str, Callable], reference: Callable):
     if not isinstance(denoisers, dict) or not denoisers:
         raise ValueError("denoisers: expected a non-empty dict name -> denoiser")
     for name, d in list(denoisers.items()) + [("reference", reference)]:
@@ -47,9 +49,18 @@ def _check_models(denoisers: Dict[str, Callable], reference: Callable):
 
 
 # ----------------------------------------------------------------------------------------- single step
-def single_step(denoisers: Dict[str, Callable], reference: Callable, x0: torch.Tensor, sigmas, *, seed: int = 0,
-                class_labels=None, batch_size: Optional[int] = None, dtype: torch.dtype = torch.float32,
-                progress: bool = False) -> dict:
+def single_step(
+    denoisers: dict[str, Callable],
+    reference: Callable,
+    x0: torch.Tensor,
+    sigmas,
+    *,
+    seed: int = 0,
+    class_labels=None,
+    batch_size: int | None = None,
+    dtype: torch.dtype = torch.float32,
+    progress: bool = False,
+) -> dict:
     """Every denoiser and the reference on the same noisy inputs x0 + σ·ε, for each σ in ``sigmas``.
 
     ε is drawn once per σ (in the order of ``sigmas``) from a CPU generator seeded with ``seed`` and shared by
@@ -110,25 +121,57 @@ def _runs(seeds: list):
     return [tuple(r) for r in out]
 
 
-def _trajectory(den, seeds, *, steps, sampler, schedule, schedule_kwargs, shape, class_labels, batch_size, eta,
-                clip_x0, dtype, progress=False):
+def _trajectory(
+    den,
+    seeds,
+    *,
+    steps,
+    sampler,
+    schedule,
+    schedule_kwargs,
+    shape,
+    class_labels,
+    batch_size,
+    eta,
+    clip_x0,
+    dtype,
+    progress=False,
+):
     """Sample from ``seeds`` recording x, σ and x̂0 at every step: (samples (n,...), xs, x0s (steps, n, ...), σ)."""
     chunks = []
     elapsed = 0.0
     offset = 0
     sigmas = None
     for first, count in _runs(seeds):
-        rec: Dict[int, list] = {}
+        rec: dict[int, list] = {}
 
         def callback(step, x, sigma, x0_hat, rec=rec):
-            rec.setdefault(step, []).append((x.detach().to("cpu", torch.float32),
-                                             sigma.detach().to("cpu", torch.float64),
-                                             x0_hat.detach().to("cpu", torch.float32)))
+            rec.setdefault(step, []).append(
+                (
+                    x.detach().to("cpu", torch.float32),
+                    sigma.detach().to("cpu", torch.float64),
+                    x0_hat.detach().to("cpu", torch.float32),
+                )
+            )
 
-        labels = None if class_labels is None else class_labels[offset:offset + count]
-        res = sample(den, count, steps=steps, sampler=sampler, schedule=schedule,
-                     schedule_kwargs=schedule_kwargs, seed=first, shape=shape, batch_size=batch_size, eta=eta,
-                     clip_x0=clip_x0, class_labels=labels, callback=callback, dtype=dtype, progress=progress)
+        labels = None if class_labels is None else class_labels[offset : offset + count]
+        res = sample(
+            den,
+            count,
+            steps=steps,
+            sampler=sampler,
+            schedule=schedule,
+            schedule_kwargs=schedule_kwargs,
+            seed=first,
+            shape=shape,
+            batch_size=batch_size,
+            eta=eta,
+            clip_x0=clip_x0,
+            class_labels=labels,
+            callback=callback,
+            dtype=dtype,
+            progress=progress,
+        )
         elapsed += res.elapsed_s
         sigmas = res.sigmas
         keys = sorted(rec)
@@ -144,11 +187,24 @@ def _trajectory(den, seeds, *, steps, sampler, schedule, schedule_kwargs, shape,
     return samples, xs, sg, x0s, sigmas, elapsed
 
 
-def trajectories(denoisers: Dict[str, Callable], reference: Callable, n: Optional[int] = None, steps: int = 19,
-                 sampler: str = "ddim", schedule="kamb-cosine", seeds: Union[int, Iterable[int]] = 0, *,
-                 schedule_kwargs: Optional[dict] = None, shape=None, class_labels=None,
-                 batch_size: Optional[int] = None, eta: float = 0.0, clip_x0: bool = False,
-                 dtype: torch.dtype = torch.float32, progress: bool = False) -> dict:
+def trajectories(
+    denoisers: dict[str, Callable],
+    reference: Callable,
+    n: int | None = None,
+    steps: int = 19,
+    sampler: str = "ddim",
+    schedule="kamb-cosine",
+    seeds: int | Iterable[int] = 0,
+    *,
+    schedule_kwargs: dict | None = None,
+    shape=None,
+    class_labels=None,
+    batch_size: int | None = None,
+    eta: float = 0.0,
+    clip_x0: bool = False,
+    dtype: torch.dtype = torch.float32,
+    progress: bool = False,
+) -> dict:
     """Each model samples its own trajectory from the same seeds (sample i: seed i, as in :func:`sample`).
 
     seeds: an explicit list of seeds, or an int = the first seed of ``n`` consecutive ones (then ``n`` is
@@ -175,11 +231,22 @@ def trajectories(denoisers: Dict[str, Callable], reference: Callable, n: Optiona
     labels = None if class_labels is None else torch.as_tensor(class_labels, dtype=torch.long).reshape(-1)
     if labels is not None and labels.numel() != len(seed_values):
         raise ValueError(f"class_labels: expected {len(seed_values)} labels, got {labels.numel()}")
-    kw = dict(steps=steps, sampler=sampler, schedule=schedule, schedule_kwargs=schedule_kwargs, shape=shape,
-              class_labels=labels, batch_size=batch_size, eta=eta, clip_x0=clip_x0, dtype=dtype, progress=progress)
+    kw = dict(
+        steps=steps,
+        sampler=sampler,
+        schedule=schedule,
+        schedule_kwargs=schedule_kwargs,
+        shape=shape,
+        class_labels=labels,
+        batch_size=batch_size,
+        eta=eta,
+        clip_x0=clip_x0,
+        dtype=dtype,
+        progress=progress,
+    )
     bar = tqdm(total=len(denoisers) + 1, desc="trajectories", disable=not progress, leave=False)
     bar.set_postfix_str("reference")
-    r_samples, r_xs, r_sg, r_x0s, grid, r_sec = _trajectory(reference, seed_values, **kw)
+    r_samples, _r_xs, r_sg, r_x0s, grid, r_sec = _trajectory(reference, seed_values, **kw)
     bar.update(1)
     step_sigmas = r_sg[:, 0].clone()
     methods = {}
@@ -196,8 +263,15 @@ def trajectories(denoisers: Dict[str, Callable], reference: Callable, n: Optiona
             parts, start = [], 0
             for _, count in _runs(seed_values):
                 sl = slice(start, start + count)
-                parts.append(_call(reference, m_xs[j, sl].to(dev, dtype), m_sg[j, sl].to(dev, dtype),
-                                   None if labels is None else labels[sl].to(dev), batch_size))
+                parts.append(
+                    _call(
+                        reference,
+                        m_xs[j, sl].to(dev, dtype),
+                        m_sg[j, sl].to(dev, dtype),
+                        None if labels is None else labels[sl].to(dev),
+                        batch_size,
+                    )
+                )
                 start += count
             ref_on_m = torch.cat(parts)
             single_mse.append(mse(m_x0s[j], ref_on_m).mean())
@@ -206,14 +280,26 @@ def trajectories(denoisers: Dict[str, Callable], reference: Callable, n: Optiona
         methods[name] = {
             "trajectory": {"mse": traj_mse, "r2": traj_r2},
             "single": {"mse": torch.stack(single_mse), "r2": torch.stack(single_r2)},
-            "final": {"pearson_r": pr, "pearson_r_median": float(pr.median()), "pearson_r_mean": float(pr.mean()),
-                      "mse": float(mse(m_samples, r_samples).mean()), "r2": float(r2(m_samples, r_samples).mean())},
+            "final": {
+                "pearson_r": pr,
+                "pearson_r_median": float(pr.median()),
+                "pearson_r_mean": float(pr.mean()),
+                "mse": float(mse(m_samples, r_samples).mean()),
+                "r2": float(r2(m_samples, r_samples).mean()),
+            },
             "samples": m_samples,
             "seconds": m_sec,
             "total_seconds": time.perf_counter() - t0,
         }
         bar.update(1)
     bar.close()
-    return {"sigmas": step_sigmas, "grid": grid, "seeds": seed_values, "steps": int(step_sigmas.numel()),
-            "sampler": sampler, "schedule": schedule if isinstance(schedule, str) else schedule.name,
-            "reference": {"samples": r_samples, "seconds": r_sec}, "methods": methods}
+    return {
+        "sigmas": step_sigmas,
+        "grid": grid,
+        "seeds": seed_values,
+        "steps": int(step_sigmas.numel()),
+        "sampler": sampler,
+        "schedule": schedule if isinstance(schedule, str) else schedule.name,
+        "reference": {"samples": r_samples, "seconds": r_sec},
+        "methods": methods,
+    }

@@ -14,10 +14,12 @@ and step the best k is picked (ties go to the smaller k); the table's k at that 
 over seeds, rounded to the nearest candidate size (ties to the smaller one). With probes, a seed's metric is
 the mean over its probes.
 """
+
 from __future__ import annotations
 
 import inspect
-from typing import Callable, Optional, Sequence, Tuple, Union
+from collections.abc import Sequence
+from typing import Callable
 
 import numpy as np
 import torch
@@ -25,7 +27,7 @@ import torch
 from ..denoisers.patch_schedule import PatchSchedule, check_patch_size
 from ..grids import Schedule, get_schedule
 
-__all__ = ["calibrate_patch_sizes", "split_probes", "plot_calibration", "METRICS"]
+__all__ = ["METRICS", "calibrate_patch_sizes", "plot_calibration", "split_probes"]
 
 METRICS = ("cosine", "mse")
 
@@ -37,8 +39,9 @@ def split_probes(dataset, n_probe: int):
     """
     n = dataset.num_stored
     if isinstance(n_probe, bool) or not isinstance(n_probe, int) or not 1 <= n_probe < n:
-        raise ValueError(f"n_probe: expected an integer in [1, {n - 1}] (the dataset holds {n} images), "
-                         f"got {n_probe!r}")
+        raise ValueError(
+            f"n_probe: expected an integer in [1, {n - 1}] (the dataset holds {n} images), got {n_probe!r}"
+        )
     idx = torch.arange(n - n_probe, n)
     probes = dataset.images_float(idx)
     labels = None if dataset.labels is None else dataset.labels[idx.to(dataset.labels.device)].cpu()
@@ -60,6 +63,7 @@ def _method_factory(make_method, method_options):
     """make_method as a callable (k) or (k, dataset), or a method name built with ``patch=k``."""
     if isinstance(make_method, str):
         from ..denoisers import denoiser_options, make_denoiser
+
         name = make_method
         if "patch" not in denoiser_options(name):
             raise ValueError(f"method {name!r} takes no 'patch' option, so it has no patch size to calibrate")
@@ -67,14 +71,16 @@ def _method_factory(make_method, method_options):
     if method_options:
         raise ValueError("method_options apply only when make_method is a method name")
     if not callable(make_method):
-        raise TypeError(f"make_method: expected a callable k -> denoiser or a method name, "
-                        f"got {type(make_method).__name__}")
+        raise TypeError(
+            f"make_method: expected a callable k -> denoiser or a method name, got {type(make_method).__name__}"
+        )
     return make_method, _accepts_dataset(make_method), getattr(make_method, "__name__", "method")
 
 
 def _reference_denoiser(reference, dataset):
     if isinstance(reference, str):
         from ..denoisers import make_denoiser
+
         return make_denoiser(reference, dataset), reference
     if not callable(reference):
         raise TypeError(f"reference: expected a denoiser, a method name or 'clean', got {type(reference).__name__}")
@@ -134,9 +140,13 @@ def _labels_for(class_labels, rows: int, what: str, dataset, seeds, default):
         classes = getattr(dataset, "classes", None)
         if not classes:
             raise ValueError("class_labels='auto': the dataset has no labels")
-        return torch.tensor([classes[int(torch.randint(len(classes), (1,),
-                                                       generator=torch.Generator().manual_seed(s)))]
-                             for s in seeds], dtype=torch.long)
+        return torch.tensor(
+            [
+                classes[int(torch.randint(len(classes), (1,), generator=torch.Generator().manual_seed(s)))]
+                for s in seeds
+            ],
+            dtype=torch.long,
+        )
     labels = torch.as_tensor(class_labels, dtype=torch.long).reshape(-1)
     if labels.numel() != rows:
         raise ValueError(f"class_labels: expected one label per {what} ({rows}), got {labels.numel()}")
@@ -144,15 +154,28 @@ def _labels_for(class_labels, rows: int, what: str, dataset, seeds, default):
 
 
 @torch.no_grad()
-def calibrate_patch_sizes(make_method: Union[Callable, str], reference, dataset=None, *,
-                          candidate_sizes: Optional[Sequence[int]] = None,
-                          schedule: Union[str, Schedule] = "kamb-cosine", steps: int = 19,
-                          schedule_kwargs: Optional[dict] = None, seeds: Union[int, Sequence[int]] = 8,
-                          seed: int = 0, metric: str = "cosine", n_probe: int = 16,
-                          probe_images: Optional[torch.Tensor] = None, class_labels=None,
-                          method_options: Optional[dict] = None, batch_size: Optional[int] = None,
-                          device=None, dtype: torch.dtype = torch.float32, name: Optional[str] = None,
-                          progress: bool = True) -> Tuple[PatchSchedule, dict]:
+def calibrate_patch_sizes(
+    make_method: Callable | str,
+    reference,
+    dataset=None,
+    *,
+    candidate_sizes: Sequence[int] | None = None,
+    schedule: str | Schedule = "kamb-cosine",
+    steps: int = 19,
+    schedule_kwargs: dict | None = None,
+    seeds: int | Sequence[int] = 8,
+    seed: int = 0,
+    metric: str = "cosine",
+    n_probe: int = 16,
+    probe_images: torch.Tensor | None = None,
+    class_labels=None,
+    method_options: dict | None = None,
+    batch_size: int | None = None,
+    device=None,
+    dtype: torch.dtype = torch.float32,
+    name: str | None = None,
+    progress: bool = True,
+) -> tuple[PatchSchedule, dict]:
     """Choose a patch size per σ so that ``make_method(k)`` best matches ``reference``.
 
     make_method:     ``k -> denoiser``, or ``(k, dataset) -> denoiser`` (a second required parameter, or one
@@ -192,7 +215,7 @@ def calibrate_patch_sizes(make_method: Union[Callable, str], reference, dataset=
     else:
         sched = get_schedule(schedule, steps, **(schedule_kwargs or {}))
     sig = sched.sigmas.tolist()
-    step_sigmas = [s for s in sig[:-1]]
+    step_sigmas = list(sig[:-1])
     if any(not s > 0 for s in step_sigmas):
         raise ValueError("schedule: every σ but the last must be > 0")
     clean = isinstance(reference, str) and reference == "clean"
@@ -204,8 +227,9 @@ def calibrate_patch_sizes(make_method: Union[Callable, str], reference, dataset=
         if probe_images is not None:
             probes = torch.as_tensor(probe_images)
             if probes.dim() != 4 or not probes.is_floating_point():
-                raise ValueError(f"probe_images: expected a float (P, C, H, W) tensor, got "
-                                 f"{tuple(probes.shape)} {probes.dtype}")
+                raise ValueError(
+                    f"probe_images: expected a float (P, C, H, W) tensor, got {tuple(probes.shape)} {probes.dtype}"
+                )
         else:
             if dataset is None:
                 raise ValueError("reference='clean' needs probe_images or a dataset to hold out probes from")
@@ -228,8 +252,12 @@ def calibrate_patch_sizes(make_method: Union[Callable, str], reference, dataset=
     if candidate_sizes is None:
         candidate_sizes = list(range(3, shape[1] + 1, 2))
     # Even sizes are allowed for methods that take them (PSPC crops); the method itself rejects what it cannot use.
-    sizes = sorted({check_patch_size(int(k) if isinstance(k, np.integer) else k, "candidate_sizes", odd=False)
-                    for k in candidate_sizes})
+    sizes = sorted(
+        {
+            check_patch_size(int(k) if isinstance(k, np.integer) else k, "candidate_sizes", odd=False)
+            for k in candidate_sizes
+        }
+    )
     if not sizes:
         raise ValueError("candidate_sizes: give at least one size")
 
@@ -238,9 +266,11 @@ def calibrate_patch_sizes(make_method: Union[Callable, str], reference, dataset=
     for k in sizes:
         den = factory(k, cand_ds) if takes_dataset else factory(k)
         if clean and probe_images is None and dataset is not None and getattr(den, "dataset", None) is dataset:
-            raise ValueError("reference='clean' holds out the dataset's last n_probe images as probes, but "
-                             "make_method(k) built its denoiser on the full dataset; accept a second "
-                             "argument (k, dataset) or build it on split_probes(dataset, n_probe)[0]")
+            raise ValueError(
+                "reference='clean' holds out the dataset's last n_probe images as probes, but "
+                "make_method(k) built its denoiser on the full dataset; accept a second "
+                "argument (k, dataset) or build it on split_probes(dataset, n_probe)[0]"
+            )
         methods[k] = den
     ref_den, ref_name = (None, "clean") if clean else _reference_denoiser(reference, dataset)
 
@@ -250,8 +280,9 @@ def calibrate_patch_sizes(make_method: Union[Callable, str], reference, dataset=
         P = probes.shape[0]
         labels = _labels_for(class_labels, P, "probe", dataset, seed_list, probe_labels)
         x0_rows = probes.to(device=device, dtype=dtype).repeat(S, 1, 1, 1)
-        eps = torch.cat([torch.randn((P, *shape), generator=torch.Generator().manual_seed(s))
-                         for s in seed_list]).to(device=device, dtype=dtype)
+        eps = torch.cat([torch.randn((P, *shape), generator=torch.Generator().manual_seed(s)) for s in seed_list]).to(
+            device=device, dtype=dtype
+        )
         row_labels = None if labels is None else labels.repeat(S).to(device)
     else:
         P = 1
@@ -267,14 +298,15 @@ def calibrate_patch_sizes(make_method: Union[Callable, str], reference, dataset=
     def run(den, xq, s_rows):
         outs = []
         for a in range(0, rows, bs):
-            lab = None if row_labels is None else row_labels[a:a + bs]
-            outs.append(_call(den, xq[a:a + bs], s_rows[a:a + bs], lab))
+            lab = None if row_labels is None else row_labels[a : a + bs]
+            outs.append(_call(den, xq[a : a + bs], s_rows[a : a + bs], lab))
         return torch.cat(outs)
 
     values = torch.empty(len(step_sigmas), len(sizes), S, dtype=torch.float64)
     iterator = range(len(step_sigmas))
     if progress:
         from tqdm.auto import tqdm
+
         iterator = tqdm(iterator, desc=f"calibrating {method_name}", leave=False)
     for i in iterator:
         s = step_sigmas[i]
@@ -297,29 +329,50 @@ def calibrate_patch_sizes(make_method: Union[Callable, str], reference, dataset=
     best = values.argmax(1) if metric == "cosine" else values.argmin(1)  # (steps, S); ties -> smaller k
     picks = [[sizes[int(j)] for j in row] for row in best]
     chosen = [_median_size(p, sizes) for p in picks]
-    table = PatchSchedule(chosen, step_sigmas, name=name or f"calibrated-{method_name}-vs-{ref_name}-{metric}",
-                          odd=all(k % 2 for k in sizes))
+    table = PatchSchedule(
+        chosen,
+        step_sigmas,
+        name=name or f"calibrated-{method_name}-vs-{ref_name}-{metric}",
+        odd=all(k % 2 for k in sizes),
+    )
     report = {
-        "method": method_name, "reference": ref_name, "metric": metric,
-        "higher_is_better": metric == "cosine", "schedule": sched.name, "schedule_kind": sched.kind,
+        "method": method_name,
+        "reference": ref_name,
+        "metric": metric,
+        "higher_is_better": metric == "cosine",
+        "schedule": sched.name,
+        "schedule_kind": sched.kind,
         "sigmas": step_sigmas,
         "timesteps": None if sched.timesteps is None else [float(t) for t in sched.timesteps.tolist()],
-        "candidate_sizes": sizes, "seeds": seed_list, "n_probe": P if clean else None,
+        "candidate_sizes": sizes,
+        "seeds": seed_list,
+        "n_probe": P if clean else None,
         "class_labels": None if labels is None else labels.tolist(),
         "values": values.quantile(0.5, dim=2).tolist(),
         "values_mean": values.mean(2).tolist(),
-        "best_per_seed": picks, "sizes": chosen, "mode": [_mode_size(p) for p in picks],
+        "best_per_seed": picks,
+        "sizes": chosen,
+        "mode": [_mode_size(p) for p in picks],
     }
     return table, report
 
 
-def plot_calibration(report: dict, path, size: Tuple[int, int] = (1200, 500)) -> None:
+def plot_calibration(report: dict, path, size: tuple[int, int] = (1200, 500)) -> None:
     """A PNG of a calibration ``report``: left, the chosen k (line) and every seed's pick (dots) against σ (log
     axis); right, the metric of each candidate k per step (rows: σ in sampling order; columns: k), scaled per
     row, bright = better, the chosen k framed (drawn by viz.plots.calibration_plot)."""
     from ..viz.plots import calibration_plot
 
-    calibration_plot(path, report["sigmas"], report["candidate_sizes"], report["sizes"], report["best_per_seed"],
-                     report["values"], higher_is_better=report.get("higher_is_better", True),
-                     metric=report["metric"], title=f"{report['method']} vs {report['reference']}: patch size "
-                     f"per σ ({report['metric']}, {len(report['seeds'])} seeds)", size=size)
+    calibration_plot(
+        path,
+        report["sigmas"],
+        report["candidate_sizes"],
+        report["sizes"],
+        report["best_per_seed"],
+        report["values"],
+        higher_is_better=report.get("higher_is_better", True),
+        metric=report["metric"],
+        title=f"{report['method']} vs {report['reference']}: patch size "
+        f"per σ ({report['metric']}, {len(report['seeds'])} seeds)",
+        size=size,
+    )

@@ -20,22 +20,23 @@ the next ones; without a subset the last ``max(n_test, n_single)`` stored images
 the training set. Distances-to-train are to that training set; for a network trained elsewhere they say how
 close its samples come to *this* data, not to its own training set.
 """
+
 from __future__ import annotations
 
 import json
 import math
 import os
 import time
-from typing import Callable, Dict, Optional, Union
+from typing import Callable
 
 import numpy as np
 import torch
 
 from ..metrics.agreement import seed_list, to_jsonable
-from .agreement import single_step, trajectories
 from ..metrics.novelty import nearest_train_distance, novelty
+from .agreement import single_step, trajectories
 
-__all__ = ["run_compare", "parse_methods", "load_network_spec", "split_methods_options", "METHOD_PREFIX"]
+__all__ = ["METHOD_PREFIX", "load_network_spec", "parse_methods", "run_compare", "split_methods_options"]
 
 METHOD_PREFIX = "method:"
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -44,24 +45,27 @@ _DTYPES = {"float32": torch.float32, "float64": torch.float64}
 def parse_methods(methods) -> list:
     """'optimal, wiener' or a list -> validated, de-duplicated list of analytic method names."""
     from ..denoisers import DENOISERS
+
     names = [m.strip() for m in methods.split(",")] if isinstance(methods, str) else [str(m).strip() for m in methods]
     names = [m for m in names if m]
     if not names:
         raise ValueError("methods: give at least one analytic method, e.g. --methods optimal,wiener")
     unknown = [m for m in names if m not in DENOISERS]
     if unknown:
-        raise ValueError(f"methods: unknown method(s) {', '.join(map(repr, unknown))}; "
-                         f"expected names from: {', '.join(DENOISERS)}")
+        raise ValueError(
+            f"methods: unknown method(s) {', '.join(map(repr, unknown))}; expected names from: {', '.join(DENOISERS)}"
+        )
     return list(dict.fromkeys(names))
 
 
-def split_methods_options(names, options: Optional[dict], *, extra: Optional[dict] = None) -> Dict[str, dict]:
+def split_methods_options(names, options: dict | None, *, extra: dict | None = None) -> dict[str, dict]:
     """Per method, the keyword options from ``options`` that it takes (``denoiser_options``).
 
     An option that no listed method takes is an error (a typo or a flag for the wrong method). ``extra``
     (backend, dtype) is passed wherever accepted, silently.
     """
     from ..denoisers import denoiser_options
+
     options = dict(options or {})
     out, used = {}, set()
     for name in names:
@@ -76,10 +80,10 @@ def split_methods_options(names, options: Optional[dict], *, extra: Optional[dic
     return out
 
 
-def _network_method(network) -> Optional[str]:
+def _network_method(network) -> str | None:
     """The method name of a ``method:NAME`` spec (validated), else None."""
     if isinstance(network, str) and network.startswith(METHOD_PREFIX):
-        name = parse_methods(network[len(METHOD_PREFIX):])
+        name = parse_methods(network[len(METHOD_PREFIX) :])
         if len(name) != 1:
             raise ValueError(f"network: method:NAME takes one method name, got {network!r}")
         return name[0]
@@ -93,18 +97,20 @@ def _check_network_spec(network) -> None:
     if not isinstance(network, (str, os.PathLike)) or not str(network).strip():
         raise ValueError("network: expected a checkpoint path or method:NAME")
     if _network_method(str(network)) is None and not os.path.exists(str(network)):
-        raise FileNotFoundError(f"network: checkpoint {str(network)!r} does not exist (give a checkpoint file, "
-                                f"or method:NAME to use an analytic method as the reference)")
+        raise FileNotFoundError(
+            f"network: checkpoint {str(network)!r} does not exist (give a checkpoint file, "
+            f"or method:NAME to use an analytic method as the reference)"
+        )
 
 
-def load_network_spec(network, dataset, *, device="cpu", options: Optional[dict] = None,
-                      allow_pickle: bool = False):
+def load_network_spec(network, dataset, *, device="cpu", options: dict | None = None, allow_pickle: bool = False):
     """(denoiser, label, description) from a denoiser object, ``method:NAME`` or a checkpoint path.
 
     ``options``: keyword options of a ``method:NAME`` reference (ignored for checkpoints). ``allow_pickle``:
     also load pickled modules and NVlabs EDM network pickles (a pickle runs code: trusted files only).
     """
     from ..denoisers import make_denoiser
+
     _check_network_spec(network)
     if callable(network) and not isinstance(network, (str, os.PathLike)):
         label = str(getattr(network, "name", None) or type(network).__name__)
@@ -117,13 +123,16 @@ def load_network_spec(network, dataset, *, device="cpu", options: Optional[dict]
     try:
         from ..networks import load_network
     except ImportError as e:
-        raise ValueError(f"network: cannot load checkpoints, analytic_diffusion.networks is unavailable ({e})") \
-            from None
+        raise ValueError(
+            f"network: cannot load checkpoints, analytic_diffusion.networks is unavailable ({e})"
+        ) from None
     den = load_network(spec, device=device, allow_pickle=allow_pickle)
     shape = getattr(den, "image_shape", None)
     if shape is not None and tuple(shape) != tuple(dataset.image_shape):
-        raise ValueError(f"network: {spec!r} works on images of shape {tuple(shape)}, the dataset's are "
-                         f"{tuple(dataset.image_shape)} (see --resolution / --pad-to)")
+        raise ValueError(
+            f"network: {spec!r} works on images of shape {tuple(shape)}, the dataset's are "
+            f"{tuple(dataset.image_shape)} (see --resolution / --pad-to)"
+        )
     label = os.path.splitext(os.path.basename(spec))[0]
     return den, label, {"kind": "checkpoint", "path": os.path.abspath(spec), "name": label}
 
@@ -144,15 +153,15 @@ def _split_data(ds_full, subset, n_hold):
     return train, held, {"train": [0, n_train], "held_out": [n_train, n_train + n_hold]}
 
 
-def _save_rows(path, rows: Dict[str, torch.Tensor], max_cols: int = 16) -> None:
+def _save_rows(path, rows: dict[str, torch.Tensor], max_cols: int = 16) -> None:
     """One labelled row per model (same seed in each column)."""
     from ..viz.images import tile
     from ..viz.plots import labelled_rows
-    labelled_rows(path, [(name, np.asarray(tile(x[:max_cols], min(max_cols, x.shape[0]))))
-                         for name, x in rows.items()])
+
+    labelled_rows(path, [(name, np.asarray(tile(x[:max_cols], min(max_cols, x.shape[0])))) for name, x in rows.items()])
 
 
-def _best(values: Dict[str, float]):
+def _best(values: dict[str, float]):
     finite = {k: v for k, v in values.items() if v is not None and math.isfinite(v)}
     return max(finite, key=finite.get) if finite else None
 
@@ -166,44 +175,79 @@ def _fmt(v, digits=3):
 def _summary_md(report: dict) -> str:
     cfg = report["config"]
     m = report["methods"]
-    lines = [f"# compare: analytic methods vs {report['network']['label']}", "",
-             f"Dataset {cfg['dataset']}; {cfg['sampler']} sampler, {cfg['schedule']} schedule, {cfg['steps']} "
-             f"steps; {len(cfg['seeds'])} seeds; single-step probes: {cfg['n_single']} held-out images.", "",
-             "Pearson r: Kamb & Ganguli's agreement of final samples (not squared). r²: 1 − ‖x̂0 − x̂0_net‖² / "
-             "(D·Var(x̂0_net)) per sample, averaged over samples and steps. Novelty z: Mann–Whitney z of the "
-             "samples' distance-to-train against held-out images' (≪ 0: closer to the training set than new "
-             "data, i.e. copying).", "",
-             "| method | median Pearson r (final) | final r² | mean trajectory r² | mean single r² | "
-             "mean single-step r² | mean single-step score cos | memorised | novelty z |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"# compare: analytic methods vs {report['network']['label']}",
+        "",
+        f"Dataset {cfg['dataset']}; {cfg['sampler']} sampler, {cfg['schedule']} schedule, {cfg['steps']} "
+        f"steps; {len(cfg['seeds'])} seeds; single-step probes: {cfg['n_single']} held-out images.",
+        "",
+        "Pearson r: Kamb & Ganguli's agreement of final samples (not squared). r²: 1 − ‖x̂0 − x̂0_net‖² / "
+        "(D·Var(x̂0_net)) per sample, averaged over samples and steps. Novelty z: Mann–Whitney z of the "
+        "samples' distance-to-train against held-out images' (≪ 0: closer to the training set than new "
+        "data, i.e. copying).",
+        "",
+        "| method | median Pearson r (final) | final r² | mean trajectory r² | mean single r² | "
+        "mean single-step r² | mean single-step score cos | memorised | novelty z |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for name, e in m.items():
         nov = e.get("novelty", {}).get("mann_whitney", {}).get("z")
-        lines.append(f"| {name} | {_fmt(e['final']['pearson_r_median'])} | {_fmt(e['final']['r2'])} | "
-                     f"{_fmt(e['headline']['trajectory_r2_mean'])} | {_fmt(e['headline']['single_r2_mean'])} | "
-                     f"{_fmt(e['headline']['single_step_r2_mean'])} | "
-                     f"{_fmt(e['headline']['single_step_score_cosine_mean'])} | "
-                     f"{100 * e['memorization']['memorization_ratio']:.0f}% | {_fmt(nov, 2)} |")
+        lines.append(
+            f"| {name} | {_fmt(e['final']['pearson_r_median'])} | {_fmt(e['final']['r2'])} | "
+            f"{_fmt(e['headline']['trajectory_r2_mean'])} | {_fmt(e['headline']['single_r2_mean'])} | "
+            f"{_fmt(e['headline']['single_step_r2_mean'])} | "
+            f"{_fmt(e['headline']['single_step_score_cosine_mean'])} | "
+            f"{100 * e['memorization']['memorization_ratio']:.0f}% | {_fmt(nov, 2)} |"
+        )
     net = report["network"]
     nz = net.get("novelty", {}).get("mann_whitney", {}).get("z")
-    lines.append(f"| *{net['label']}* (the reference itself) | 1 | 1 | 1 | 1 | 1 | 1 | "
-                 f"{100 * net['memorization']['memorization_ratio']:.0f}% | {_fmt(nz, 2)} |")
+    lines.append(
+        f"| *{net['label']}* (the reference itself) | 1 | 1 | 1 | 1 | 1 | 1 | "
+        f"{100 * net['memorization']['memorization_ratio']:.0f}% | {_fmt(nz, 2)} |"
+    )
     b = report["best"]
     lines += ["", "## Which method tracks the network best", ""]
     lines.append(f"* by median Pearson r of the final samples: **{b['pearson_r_median']}**")
     lines.append(f"* by mean trajectory r² of x̂0: **{b['trajectory_r2_mean']}**")
     lines.append(f"* by mean single-step r² (same noisy inputs): **{b['single_step_r2_mean']}**")
-    lines += ["", "Files: metrics.json (all numbers), samples.png (one row per model, same seed per column), "
-              "r2_vs_sigma.png, mse_vs_sigma.png (trajectories), single_step_r2_vs_sigma.png, "
-              "single_step_mse_vs_sigma.png, samples.npz, config.json.", ""]
+    lines += [
+        "",
+        "Files: metrics.json (all numbers), samples.png (one row per model, same seed per column), "
+        "r2_vs_sigma.png, mse_vs_sigma.png (trajectories), single_step_r2_vs_sigma.png, "
+        "single_step_mse_vs_sigma.png, samples.npz, config.json.",
+        "",
+    ]
     return "\n".join(lines)
 
 
-def run_compare(*, network: Union[str, Callable], methods, dataset="mnist32", split=None, subset=None,
-                resolution=None, pad_to=None, flips=False, steps=19, sampler="ddim", schedule="kamb-cosine",
-                schedule_kwargs=None, seeds: Union[int, list] = 8, seed: int = 0, n_single: int = 16,
-                n_test: int = 256, method_options: Optional[dict] = None, network_options: Optional[dict] = None,
-                backend: str = "auto", device="cpu", dtype="float32", batch_size=None, out: Optional[str] = None,
-                progress: bool = True, allow_pickle: bool = False) -> dict:
+def run_compare(
+    *,
+    network: str | Callable,
+    methods,
+    dataset="mnist32",
+    split=None,
+    subset=None,
+    resolution=None,
+    pad_to=None,
+    flips=False,
+    steps=19,
+    sampler="ddim",
+    schedule="kamb-cosine",
+    schedule_kwargs=None,
+    seeds: int | list = 8,
+    seed: int = 0,
+    n_single: int = 16,
+    n_test: int = 256,
+    method_options: dict | None = None,
+    network_options: dict | None = None,
+    backend: str = "auto",
+    device="cpu",
+    dtype="float32",
+    batch_size=None,
+    out: str | None = None,
+    progress: bool = True,
+    allow_pickle: bool = False,
+) -> dict:
     """Compare analytic ``methods`` with ``network`` and write the report folder ``out``; returns the report.
 
     network: a checkpoint path, ``method:NAME``, or a denoiser object. methods: names (list or comma string).
@@ -213,9 +257,9 @@ def run_compare(*, network: Union[str, Callable], methods, dataset="mnist32", sp
     snapshots included); a pickle runs code, so trusted files only.
     """
     from ..denoisers import make_denoiser
-    from ..viz.plots import line_plot
-    from ..sampling.run import check_patch_coverage, prepare_dataset
     from ..grids import get_schedule
+    from ..sampling.run import check_patch_coverage, prepare_dataset
+    from ..viz.plots import line_plot
 
     t_start = time.perf_counter()
     names = parse_methods(methods)
@@ -223,6 +267,7 @@ def run_compare(*, network: Union[str, Callable], methods, dataset="mnist32", sp
         raise ValueError(f"dtype: expected one of {sorted(_DTYPES)}, got {dtype!r}")
     tdtype = _DTYPES[dtype]
     from ..sampling.samplers import SAMPLERS
+
     if sampler not in SAMPLERS:
         raise ValueError(f"sampler: expected one of {', '.join(SAMPLERS)}, got {sampler!r}")
     seed_values = seed_list(seeds, first=seed)
@@ -245,8 +290,9 @@ def run_compare(*, network: Union[str, Callable], methods, dataset="mnist32", sp
     train, held, split_desc = _split_data(ds_full, subset, max(n_test, n_single))
     if flips:
         train = train.with_flips(True)
-    net, net_label, net_info = load_network_spec(network, train, device=device, options=net_opts,
-                                                 allow_pickle=allow_pickle)
+    net, net_label, net_info = load_network_spec(
+        network, train, device=device, options=net_opts, allow_pickle=allow_pickle
+    )
     models = {}
     for name in names:
         den = make_denoiser(name, train, **per_method[name])
@@ -254,8 +300,17 @@ def run_compare(*, network: Union[str, Callable], methods, dataset="mnist32", sp
         models[name] = den
 
     # Trajectories (progress over models).
-    traj = trajectories(models, net, steps=steps, sampler=sampler, schedule=sched, seeds=seed_values,
-                        batch_size=batch_size, dtype=tdtype, progress=progress)
+    traj = trajectories(
+        models,
+        net,
+        steps=steps,
+        sampler=sampler,
+        schedule=sched,
+        seeds=seed_values,
+        batch_size=batch_size,
+        dtype=tdtype,
+        progress=progress,
+    )
     sig = traj["sigmas"]
     # Single steps on held-out images (training images if none are left over).
     probes = held[:n_single] if held is not None and n_single > 0 else None
@@ -265,8 +320,11 @@ def run_compare(*, network: Union[str, Callable], methods, dataset="mnist32", sp
         probe_source = "training"
     ss = single_step(models, net, probes, sig, seed=seed, batch_size=batch_size, dtype=tdtype, progress=progress)
     # Memorisation and novelty.
-    test_d = nearest_train_distance(held[:n_test].to(train.device), train, backend=backend) \
-        if held is not None and n_test > 0 and held.shape[0] > 0 else None
+    test_d = (
+        nearest_train_distance(held[:n_test].to(train.device), train, backend=backend)
+        if held is not None and n_test > 0 and held.shape[0] > 0
+        else None
+    )
     net_samples = traj["reference"]["samples"]
     net_nov = novelty(net_samples.to(train.device), train, test_distances=test_d, backend=backend)
 
@@ -277,7 +335,9 @@ def run_compare(*, network: Union[str, Callable], methods, dataset="mnist32", sp
         nov = novelty(t["samples"].to(train.device), train, test_distances=test_d, backend=backend)
         report_methods[name] = {
             "denoiser": models[name].config(),
-            "trajectory": t["trajectory"], "single": t["single"], "final": t["final"],
+            "trajectory": t["trajectory"],
+            "single": t["single"],
+            "final": t["final"],
             "single_step": {k: s[k] for k in ("mse", "r2", "score_cosine")},
             "headline": {
                 "trajectory_r2_mean": float(t["trajectory"]["r2"].mean()),
@@ -287,7 +347,8 @@ def run_compare(*, network: Union[str, Callable], methods, dataset="mnist32", sp
                 "single_step_mse_mean": float(s["mse"].mean()),
                 "single_step_score_cosine_mean": float(s["score_cosine"].mean()),
             },
-            "memorization": nov.pop("memorization"), "novelty": nov,
+            "memorization": nov.pop("memorization"),
+            "novelty": nov,
             "sampling_seconds": t["seconds"],
         }
     net_mem = net_nov.pop("memorization")
@@ -296,26 +357,47 @@ def run_compare(*, network: Union[str, Callable], methods, dataset="mnist32", sp
         "trajectory_r2_mean": _best({k: v["headline"]["trajectory_r2_mean"] for k, v in report_methods.items()}),
         "single_step_r2_mean": _best({k: v["headline"]["single_step_r2_mean"] for k, v in report_methods.items()}),
     }
-    config = {"network": net_info, "methods": names, "method_options": {k: {o: (str(v) if not isinstance(
-        v, (int, float, str, bool, type(None))) else v) for o, v in opts.items()} for k, opts in per_method.items()},
-        "dataset": repr(train), "data_split": split_desc, "steps": steps, "sampler": sampler,
+    config = {
+        "network": net_info,
+        "methods": names,
+        "method_options": {
+            k: {o: (str(v) if not isinstance(v, (int, float, str, bool, type(None))) else v) for o, v in opts.items()}
+            for k, opts in per_method.items()
+        },
+        "dataset": repr(train),
+        "data_split": split_desc,
+        "steps": steps,
+        "sampler": sampler,
         "schedule": schedule if isinstance(schedule, str) else getattr(schedule, "name", str(schedule)),
-        "schedule_kwargs": schedule_kwargs or {}, "seeds": seed_values, "n_single": int(probes.shape[0]),
-        "single_step_probes": probe_source, "n_test": 0 if test_d is None else int(test_d.numel()),
-        "device": str(device), "dtype": dtype, "batch_size": batch_size}
+        "schedule_kwargs": schedule_kwargs or {},
+        "seeds": seed_values,
+        "n_single": int(probes.shape[0]),
+        "single_step_probes": probe_source,
+        "n_test": 0 if test_d is None else int(test_d.numel()),
+        "device": str(device),
+        "dtype": dtype,
+        "batch_size": batch_size,
+    }
     report = {
         "config": config,
-        "sigmas": sig, "grid": traj["grid"],
-        "network": {"label": net_label, "memorization": net_mem, "novelty": net_nov,
-                    "sampling_seconds": traj["reference"]["seconds"]},
-        "methods": report_methods, "best": best,
-        "notes": {"pearson_r": "Kamb & Ganguli's final-sample agreement, NOT squared (their plots say r²)",
-                  "r2": "1 - ||a - u||^2 / (D Var(u)), u = network x0_hat, unbiased Var, 0 -> 1; mean over "
-                        "samples", "trajectory": "method x0_hat on its own path vs network x0_hat on its own "
-                        "path, same seed", "single": "method x0_hat vs network evaluated on the method's x_t",
-                  "single_step": "same held-out images noised with the same eps at each sigma for all models",
-                  "novelty": "Mann-Whitney U/z of samples' nearest-train distances vs held-out images' "
-                             "(z << 0: copying)"},
+        "sigmas": sig,
+        "grid": traj["grid"],
+        "network": {
+            "label": net_label,
+            "memorization": net_mem,
+            "novelty": net_nov,
+            "sampling_seconds": traj["reference"]["seconds"],
+        },
+        "methods": report_methods,
+        "best": best,
+        "notes": {
+            "pearson_r": "Kamb & Ganguli's final-sample agreement, NOT squared (their plots say r²)",
+            "r2": "1 - ||a - u||^2 / (D Var(u)), u = network x0_hat, unbiased Var, 0 -> 1; mean over samples",
+            "trajectory": "method x0_hat on its own path vs network x0_hat on its own path, same seed",
+            "single": "method x0_hat vs network evaluated on the method's x_t",
+            "single_step": "same held-out images noised with the same eps at each sigma for all models",
+            "novelty": "Mann-Whitney U/z of samples' nearest-train distances vs held-out images' (z << 0: copying)",
+        },
     }
 
     out = out or os.path.join("runs", f"compare-{net_label.split(' ')[0]}")
@@ -328,27 +410,48 @@ def run_compare(*, network: Union[str, Callable], methods, dataset="mnist32", sp
     xs = sig.tolist()
     r2_lo = lambda series: max(-1.0, min(min(v) for v in series.values()))  # noqa: E731
     for key, label, fname_r2, fname_mse in (
-            ("trajectory", "trajectory", "r2_vs_sigma.png", "mse_vs_sigma.png"),
-            ("single_step", "single-step", "single_step_r2_vs_sigma.png", "single_step_mse_vs_sigma.png")):
+        ("trajectory", "trajectory", "r2_vs_sigma.png", "mse_vs_sigma.png"),
+        ("single_step", "single-step", "single_step_r2_vs_sigma.png", "single_step_mse_vs_sigma.png"),
+    ):
         r2s = {n: report_methods[n][key]["r2"].tolist() for n in names}
         mses = {n: report_methods[n][key]["mse"].tolist() for n in names}
-        line_plot(os.path.join(out, fname_r2), xs, r2s, xlabel="σ", ylabel=f"r² vs {net_label}",
-                  title=f"{label} r² of x̂0 vs {net_label} (clipped at −1)", logx=True,
-                  ylim=(r2_lo(r2s), 1.0))
+        line_plot(
+            os.path.join(out, fname_r2),
+            xs,
+            r2s,
+            xlabel="σ",
+            ylabel=f"r² vs {net_label}",
+            title=f"{label} r² of x̂0 vs {net_label} (clipped at −1)",
+            logx=True,
+            ylim=(r2_lo(r2s), 1.0),
+        )
         pos = all(v > 0 for vals in mses.values() for v in vals)
-        line_plot(os.path.join(out, fname_mse), xs, mses, xlabel="σ", ylabel="MSE of x̂0",
-                  title=f"{label} MSE of x̂0 vs {net_label}", logx=True, logy=pos)
+        line_plot(
+            os.path.join(out, fname_mse),
+            xs,
+            mses,
+            xlabel="σ",
+            ylabel="MSE of x̂0",
+            title=f"{label} MSE of x̂0 vs {net_label}",
+            logx=True,
+            logy=pos,
+        )
     rows = {net_label if net_label not in names else f"network:{net_label}": net_samples}
     rows.update({n: traj["methods"][n]["samples"] for n in names})
     _save_rows(os.path.join(out, "samples.png"), rows)
-    np.savez_compressed(os.path.join(out, "samples.npz"), seeds=np.asarray(seed_values),
-                        network=net_samples.numpy(), **{f"method_{n}": traj["methods"][n]["samples"].numpy()
-                                                        for n in names})
+    np.savez_compressed(
+        os.path.join(out, "samples.npz"),
+        seeds=np.asarray(seed_values),
+        network=net_samples.numpy(),
+        **{f"method_{n}": traj["methods"][n]["samples"].numpy() for n in names},
+    )
     with open(os.path.join(out, "summary.md"), "w") as f:
         f.write(_summary_md(report))
     report["out"] = out
     if progress:
-        print(f"compare: {len(names)} method(s) vs {net_label}, {len(seed_values)} seeds in "
-              f"{report['total_seconds']:.1f} s; best by median Pearson r: {best['pearson_r_median']}; "
-              f"wrote {out}/")
+        print(
+            f"compare: {len(names)} method(s) vs {net_label}, {len(seed_values)} seeds in "
+            f"{report['total_seconds']:.1f} s; best by median Pearson r: {best['pearson_r_median']}; "
+            f"wrote {out}/"
+        )
     return report

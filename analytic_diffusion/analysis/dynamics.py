@@ -24,17 +24,18 @@ The memorisation onset of a size is the first checkpoint step whose memorisation
 Subsets: ``dataset.subset(N, random=True, seed=seed)`` for every N, i.e. prefixes of one seeded permutation, so
 the subsets are nested (the 64-image set is inside the 256-image set).
 """
+
 from __future__ import annotations
 
 import json
 import math
 import os
 import time
-from typing import Dict, Iterable, List, Optional, Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
 
-__all__ = ["training_dynamics", "memorization_onset", "ONSET_THRESHOLD", "DEFAULT_SIGMAS"]
+__all__ = ["DEFAULT_SIGMAS", "ONSET_THRESHOLD", "memorization_onset", "training_dynamics"]
 
 ONSET_THRESHOLD = 0.5
 DEFAULT_SIGMAS = (0.5, 1.0, 2.0)
@@ -63,7 +64,7 @@ def _int_at_least(name, v, lo):
     return v
 
 
-def _check_sizes(sizes: Iterable[int], available: int) -> List[int]:
+def _check_sizes(sizes: Iterable[int], available: int) -> list[int]:
     try:
         sizes = list(sizes)
     except TypeError:
@@ -72,8 +73,10 @@ def _check_sizes(sizes: Iterable[int], available: int) -> List[int]:
         raise ValueError("sizes: give at least one training-set size")
     for n in sizes:
         if isinstance(n, bool) or not isinstance(n, int) or n < 2:
-            raise ValueError(f"sizes: every size must be an integer >= 2 (the memorisation ratio needs a nearest "
-                             f"and a second-nearest image), got {n!r}")
+            raise ValueError(
+                f"sizes: every size must be an integer >= 2 (the memorisation ratio needs a nearest "
+                f"and a second-nearest image), got {n!r}"
+            )
         if n > available:
             raise ValueError(f"sizes: {n} is larger than the dataset ({available} images)")
     if len(set(sizes)) != len(sizes):
@@ -81,27 +84,46 @@ def _check_sizes(sizes: Iterable[int], available: int) -> List[int]:
     return sorted(sizes)
 
 
-def _checkpoint_steps(steps: int, every: int) -> List[int]:
+def _checkpoint_steps(steps: int, every: int) -> list[int]:
     """The steps train_network saves at: every ``every`` steps before the end, then the final step."""
-    return [s for s in range(every, steps, every)] + [steps]
+    return list(range(every, steps, every)) + [steps]
 
 
 def _as_dataset(dataset):
     from ..data import Dataset
+
     if isinstance(dataset, Dataset):
         return dataset
     if torch.is_tensor(dataset):
         return Dataset.from_array(dataset)
-    raise TypeError(f"dataset: expected an analytic_diffusion Dataset or an (N, C, H, W) tensor in [-1, 1], got "
-                    f"{type(dataset).__name__}")
+    raise TypeError(
+        f"dataset: expected an analytic_diffusion Dataset or an (N, C, H, W) tensor in [-1, 1], got "
+        f"{type(dataset).__name__}"
+    )
 
 
-def training_dynamics(dataset, sizes: Sequence[int] = (64, 256, 1024), *, steps: int, checkpoint_every: int,
-                      n_samples: int = 16, sample_steps: int = 18, sampler: str = "heun", sample_seed: int = 0,
-                      arch: str = "resnet", seed: int = 0, out_dir, train_kwargs: Optional[dict] = None,
-                      sigmas: Sequence[float] = DEFAULT_SIGMAS, n_probe: int = 16, probe: str = "auto",
-                      onset_threshold: float = ONSET_THRESHOLD, device="cpu", keep_checkpoints: bool = True,
-                      progress: bool = True) -> dict:
+def training_dynamics(
+    dataset,
+    sizes: Sequence[int] = (64, 256, 1024),
+    *,
+    steps: int,
+    checkpoint_every: int,
+    n_samples: int = 16,
+    sample_steps: int = 18,
+    sampler: str = "heun",
+    sample_seed: int = 0,
+    arch: str = "resnet",
+    seed: int = 0,
+    out_dir,
+    train_kwargs: dict | None = None,
+    sigmas: Sequence[float] = DEFAULT_SIGMAS,
+    n_probe: int = 16,
+    probe: str = "auto",
+    onset_threshold: float = ONSET_THRESHOLD,
+    device="cpu",
+    keep_checkpoints: bool = True,
+    progress: bool = True,
+) -> dict:
     """Train one network per training-set size and track memorisation through training (module docstring).
 
     dataset:          a Dataset (or an (N, C, H, W) float tensor in [-1, 1]); no flips.
@@ -123,11 +145,11 @@ def training_dynamics(dataset, sizes: Sequence[int] = (64, 256, 1024), *, steps:
     """
     from ..denoisers import make_denoiser
     from ..metrics import memorization
-    from .agreement import single_step
     from ..networks.models import ARCHITECTURES
     from ..networks.train import load_network, train_network
-    from ..viz.plots import line_plot
     from ..sampling.generate import sample
+    from ..viz.plots import line_plot
+    from .agreement import single_step
 
     ds = _as_dataset(dataset)
     if ds.flips:
@@ -161,25 +183,35 @@ def training_dynamics(dataset, sizes: Sequence[int] = (64, 256, 1024), *, steps:
     # Probe inputs for the agreement: held out = the tail of the permutation that Dataset.subset draws from.
     room = ds.num_stored - max(sizes)
     if probe == "heldout" and room < 1:
-        raise ValueError(f"probe='heldout': no image is left outside the largest subset ({max(sizes)} of "
-                         f"{ds.num_stored})")
+        raise ValueError(
+            f"probe='heldout': no image is left outside the largest subset ({max(sizes)} of {ds.num_stored})"
+        )
     probe_kind = "heldout" if probe == "heldout" or (probe == "auto" and room >= 1) else "train"
     if probe_kind == "heldout":
         perm = torch.randperm(ds.num_stored, generator=torch.Generator().manual_seed(int(seed)))
         k = min(n_probe, room)
-        probe_idx = perm[ds.num_stored - k:].sort().values
+        probe_idx = perm[ds.num_stored - k :].sort().values
         probe_x0 = ds.images_float(probe_idx.to(ds.device)).cpu()
 
     os.makedirs(out_dir, exist_ok=True)
     ck_steps = _checkpoint_steps(steps, checkpoint_every)
     t_all = time.time()
-    per_size: Dict[str, dict] = {}
+    per_size: dict[str, dict] = {}
     for N in sizes:
         sub = ds.subset(N, random=True, seed=seed)
         x0 = probe_x0 if probe_kind == "heldout" else sub.images_float()[:n_probe].cpu()
         size_dir = os.path.join(out_dir, f"size_{N}")
-        res = train_network(sub, arch=arch, steps=steps, seed=seed, out_dir=size_dir,
-                            checkpoint_every=checkpoint_every, progress=progress, device=device, **train_kwargs)
+        res = train_network(
+            sub,
+            arch=arch,
+            steps=steps,
+            seed=seed,
+            out_dir=size_dir,
+            checkpoint_every=checkpoint_every,
+            progress=progress,
+            device=device,
+            **train_kwargs,
+        )
         if len(res.checkpoints) != len(ck_steps):  # guards the assumption about train_network's schedule
             raise RuntimeError(f"expected checkpoints at steps {ck_steps}, train_network wrote {res.checkpoints}")
         optimal = make_denoiser("optimal", sub)
@@ -191,21 +223,26 @@ def training_dynamics(dataset, sizes: Sequence[int] = (64, 256, 1024), *, steps:
             agree = single_step({"network": net}, optimal, x0, sig, seed=seed)["methods"]["network"]
             k = min(max(1, checkpoint_every), step)
             r2 = [float(v) for v in agree["r2"]]
-            rows.append({
-                "step": step,
-                "loss": float(sum(res.losses[step - k:step]) / k),
-                "memorization_ratio": mem.share,
-                "nn_distance_median": float(mem.nn_distance.median()),
-                "nn_ratio_median": float(mem.ratio.median()),
-                "agreement": {"sigmas": sig, "r2": r2, "mse": [float(v) for v in agree["mse"]]},
-                "r2_mean": sum(r2) / len(r2),
-            })
+            rows.append(
+                {
+                    "step": step,
+                    "loss": float(sum(res.losses[step - k : step]) / k),
+                    "memorization_ratio": mem.share,
+                    "nn_distance_median": float(mem.nn_distance.median()),
+                    "nn_ratio_median": float(mem.ratio.median()),
+                    "agreement": {"sigmas": sig, "r2": r2, "mse": [float(v) for v in agree["mse"]]},
+                    "r2_mean": sum(r2) / len(r2),
+                }
+            )
             if not keep_checkpoints:
                 os.remove(path)
-        onset = memorization_onset([r["step"] for r in rows], [r["memorization_ratio"] for r in rows],
-                                   onset_threshold)
+        onset = memorization_onset([r["step"] for r in rows], [r["memorization_ratio"] for r in rows], onset_threshold)
         per_size[str(N)] = {
-            "n": N, "subset": repr(sub), "steps": ck_steps, "checkpoints": rows, "onset_step": onset,
+            "n": N,
+            "subset": repr(sub),
+            "steps": ck_steps,
+            "checkpoints": rows,
+            "onset_step": onset,
             "peak_memorization_ratio": max(r["memorization_ratio"] for r in rows),
             "train_s": res.elapsed_s,
             "checkpoint_files": [os.path.relpath(p, out_dir) for p in res.checkpoints] if keep_checkpoints else [],
@@ -214,42 +251,86 @@ def training_dynamics(dataset, sizes: Sequence[int] = (64, 256, 1024), *, steps:
     plots = {}
     lab = {str(N): f"N = {N}" for N in sizes}
     p = os.path.join(out_dir, "memorization_vs_step.png")
-    line_plot(p, ck_steps, {lab[k]: [r["memorization_ratio"] for r in v["checkpoints"]] for k, v in per_size.items()},
-              xlabel="training step", ylabel="memorisation ratio (NN1/NN2 < 1/3)",
-              title="memorisation ratio through training", logx=False, ylim=(0, 1))
+    line_plot(
+        p,
+        ck_steps,
+        {lab[k]: [r["memorization_ratio"] for r in v["checkpoints"]] for k, v in per_size.items()},
+        xlabel="training step",
+        ylabel="memorisation ratio (NN1/NN2 < 1/3)",
+        title="memorisation ratio through training",
+        logx=False,
+        ylim=(0, 1),
+    )
     plots["memorization_vs_step"] = os.path.basename(p)
     p = os.path.join(out_dir, "agreement_vs_step.png")
-    line_plot(p, ck_steps, {lab[k]: [r["r2_mean"] for r in v["checkpoints"]] for k, v in per_size.items()},
-              xlabel="training step", ylabel=f"single-step r² vs optimal (mean over σ = {', '.join(map(str, sig))})",
-              title=f"agreement with the optimal denoiser ({probe_kind} inputs)", logx=False)
+    line_plot(
+        p,
+        ck_steps,
+        {lab[k]: [r["r2_mean"] for r in v["checkpoints"]] for k, v in per_size.items()},
+        xlabel="training step",
+        ylabel=f"single-step r² vs optimal (mean over σ = {', '.join(map(str, sig))})",
+        title=f"agreement with the optimal denoiser ({probe_kind} inputs)",
+        logx=False,
+    )
     plots["agreement_vs_step"] = os.path.basename(p)
     p = os.path.join(out_dir, "peak_ratio_vs_size.png")
-    line_plot(p, sizes, {"peak ratio": [per_size[str(N)]["peak_memorization_ratio"] for N in sizes]},
-              xlabel="training-set size N", ylabel="highest memorisation ratio over checkpoints",
-              title="peak memorisation vs dataset size", logx=len(sizes) > 1, ylim=(0, 1))
+    line_plot(
+        p,
+        sizes,
+        {"peak ratio": [per_size[str(N)]["peak_memorization_ratio"] for N in sizes]},
+        xlabel="training-set size N",
+        ylabel="highest memorisation ratio over checkpoints",
+        title="peak memorisation vs dataset size",
+        logx=len(sizes) > 1,
+        ylim=(0, 1),
+    )
     plots["peak_ratio_vs_size"] = os.path.basename(p)
     onsets = {str(N): per_size[str(N)]["onset_step"] for N in sizes}
     if any(v is not None for v in onsets.values()):
         p = os.path.join(out_dir, "onset_vs_size.png")
-        line_plot(p, sizes, {f"onset (ratio >= {onset_threshold:g})": [onsets[str(N)] for N in sizes]},
-                  xlabel="training-set size N", ylabel="memorisation onset (training step)",
-                  title="memorisation onset vs dataset size (sizes that never memorised are left out)",
-                  logx=len(sizes) > 1)
+        line_plot(
+            p,
+            sizes,
+            {f"onset (ratio >= {onset_threshold:g})": [onsets[str(N)] for N in sizes]},
+            xlabel="training-set size N",
+            ylabel="memorisation onset (training step)",
+            title="memorisation onset vs dataset size (sizes that never memorised are left out)",
+            logx=len(sizes) > 1,
+        )
         plots["onset_vs_size"] = os.path.basename(p)
     else:
         plots["onset_vs_size"] = None  # no size reached the threshold: nothing to draw
 
     result = {
-        "config": {"sizes": sizes, "steps": steps, "checkpoint_every": checkpoint_every, "n_samples": n_samples,
-                   "sample_steps": sample_steps, "sampler": sampler, "schedule": "karras",
-                   "sample_seeds": [sample_seed, sample_seed + n_samples - 1], "arch": arch, "seed": seed,
-                   "train_kwargs": {k: (v if isinstance(v, (int, float, str, bool, type(None))) else repr(v))
-                                    for k, v in train_kwargs.items()},
-                   "onset_threshold": float(onset_threshold), "memorization_threshold": 1.0 / 3.0,
-                   "dataset": repr(ds), "device": str(device)},
-        "probe": {"kind": probe_kind, "n": int(x0.shape[0]), "sigmas": sig, "seed": seed, "reference": "optimal",
-                  "metric": "r² of the network's x̂0 vs optimal's x̂0 on the same x0 + σ·ε (variance of "
-                            "optimal's output), and MSE"},
+        "config": {
+            "sizes": sizes,
+            "steps": steps,
+            "checkpoint_every": checkpoint_every,
+            "n_samples": n_samples,
+            "sample_steps": sample_steps,
+            "sampler": sampler,
+            "schedule": "karras",
+            "sample_seeds": [sample_seed, sample_seed + n_samples - 1],
+            "arch": arch,
+            "seed": seed,
+            "train_kwargs": {
+                k: (v if isinstance(v, (int, float, str, bool, type(None))) else repr(v))
+                for k, v in train_kwargs.items()
+            },
+            "onset_threshold": float(onset_threshold),
+            "memorization_threshold": 1.0 / 3.0,
+            "dataset": repr(ds),
+            "device": str(device),
+        },
+        "probe": {
+            "kind": probe_kind,
+            "n": int(x0.shape[0]),
+            "sigmas": sig,
+            "seed": seed,
+            "reference": "optimal",
+            "metric": "r² of the network's x̂0 vs optimal's x̂0 on the same x0 + σ·ε (variance of "
+            "optimal's output), and MSE",
+        },
         "sizes": per_size,
         "onset": onsets,
         "plots": plots,

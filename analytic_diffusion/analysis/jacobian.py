@@ -14,18 +14,26 @@ Jacobian-vector products; :func:`jacobian_spectrum` runs Lanczos on the symmetri
 denoiser's Jacobian is close to symmetric; the asymmetry ‖J − Jᵀ‖/‖J‖ is reported on request via
 :func:`jacobian_matrix`).
 """
+
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Callable, Optional, Sequence
+from typing import Callable
 
 import torch
 
 from ..ops.local_retrieval import wiener_filter_matrix
 
-__all__ = ["JacobianSpectrum", "jacobian_matrix", "jacobian_spectrum", "effective_dimensionality",
-           "jacobian_rows", "lanczos"]
+__all__ = [
+    "JacobianSpectrum",
+    "effective_dimensionality",
+    "jacobian_matrix",
+    "jacobian_rows",
+    "jacobian_spectrum",
+    "lanczos",
+]
 
 
 @dataclass
@@ -33,6 +41,7 @@ class JacobianSpectrum:
     """Eigen-decomposition of ∂D/∂x at one point: ``eigenvalues`` (k,) descending, ``eigenvectors`` (k, C, H, W),
     ``trace`` (the effective dimensionality Σλ, exact when the full matrix was formed, else the sum of the k found),
     ``participation_ratio`` (Σλ)²/Σλ² of the eigenvalues found, ``method`` ("exact" | "autograd" | "lanczos")."""
+
     eigenvalues: torch.Tensor
     eigenvectors: torch.Tensor
     trace: float
@@ -46,8 +55,9 @@ def _point(den, x: torch.Tensor, sigma) -> tuple:
         raise TypeError(f"x: expected a floating tensor, got {type(x).__name__}")
     x = x.reshape(1, *shape) if x.dim() == 3 else x
     if x.dim() != 4 or x.shape[0] != 1 or tuple(x.shape[1:]) != shape:
-        raise ValueError(f"x: expected one image of shape {shape} (or (1, {', '.join(map(str, shape))})), "
-                         f"got {tuple(x.shape)}")
+        raise ValueError(
+            f"x: expected one image of shape {shape} (or (1, {', '.join(map(str, shape))})), got {tuple(x.shape)}"
+        )
     s = float(sigma)
     if not (0 < s < math.inf):
         raise ValueError(f"sigma: expected a finite σ > 0, got {sigma!r}")
@@ -106,8 +116,15 @@ def jacobian_matrix(den, x: torch.Tensor, sigma, *, class_label=None) -> torch.T
     return jac.to(torch.float64)
 
 
-def lanczos(matvec: Callable[[torch.Tensor], torch.Tensor], dim: int, k: int, *, iters: Optional[int] = None,
-            seed: int = 0, dtype=torch.float64) -> tuple:
+def lanczos(
+    matvec: Callable[[torch.Tensor], torch.Tensor],
+    dim: int,
+    k: int,
+    *,
+    iters: int | None = None,
+    seed: int = 0,
+    dtype=torch.float64,
+) -> tuple:
     """Top-k eigenpairs (by value, descending) of a symmetric operator on R^dim from ``iters`` Lanczos steps with
     full re-orthogonalisation (stable for the few dozen steps a spectrum needs). Returns (values (k,), vectors
     (dim, k)). ``iters`` defaults to min(dim, max(2k + 10, 30))."""
@@ -142,12 +159,21 @@ def lanczos(matvec: Callable[[torch.Tensor], torch.Tensor], dim: int, k: int, *,
 
 
 def _spectrum(vals, vecs, shape, trace, method) -> JacobianSpectrum:
-    pr = float(vals.sum() ** 2 / (vals ** 2).sum()) if float((vals ** 2).sum()) > 0 else 0.0
+    pr = float(vals.sum() ** 2 / (vals**2).sum()) if float((vals**2).sum()) > 0 else 0.0
     return JacobianSpectrum(vals, vecs.t().reshape(-1, *shape), float(trace), pr, method)
 
 
-def jacobian_spectrum(den, x: torch.Tensor, sigma, *, k: int = 16, method: str = "auto", iters: Optional[int] = None,
-                      class_label=None, seed: int = 0) -> JacobianSpectrum:
+def jacobian_spectrum(
+    den,
+    x: torch.Tensor,
+    sigma,
+    *,
+    k: int = 16,
+    method: str = "auto",
+    iters: int | None = None,
+    class_label=None,
+    seed: int = 0,
+) -> JacobianSpectrum:
     """The top-k eigenvalues and eigenvectors of ∂D/∂x at one image x (C, H, W) and noise level σ.
 
     method: "exact" forms the full matrix (optimal / wiener exactly, other denoisers by autograd) and
@@ -181,16 +207,24 @@ def jacobian_spectrum(den, x: torch.Tensor, sigma, *, k: int = 16, method: str =
     return _spectrum(vals, vecs, shape, vals.sum(), "lanczos")
 
 
-def effective_dimensionality(den, x: torch.Tensor, sigmas: Sequence[float], *, k: int = 32, method: str = "auto",
-                             class_label=None) -> dict:
+def effective_dimensionality(
+    den, x: torch.Tensor, sigmas: Sequence[float], *, k: int = 32, method: str = "auto", class_label=None
+) -> dict:
     """trace(∂D/∂x) and the participation ratio at each σ (one image). Exact for optimal / wiener (the trace of
     the full Jacobian); with Lanczos the trace is that of the top-k part, a lower bound for a PSD Jacobian."""
     rows = []
     k = min(int(k), x[0].numel() if x.dim() == 4 else x.numel())
     for s in sigmas:
         sp = jacobian_spectrum(den, x, s, k=k, method=method, class_label=class_label)
-        rows.append({"sigma": float(s), "trace": sp.trace, "participation_ratio": sp.participation_ratio,
-                     "top_eigenvalue": float(sp.eigenvalues[0]), "method": sp.method})
+        rows.append(
+            {
+                "sigma": float(s),
+                "trace": sp.trace,
+                "participation_ratio": sp.participation_ratio,
+                "top_eigenvalue": float(sp.eigenvalues[0]),
+                "method": sp.method,
+            }
+        )
     return {"sigmas": [r["sigma"] for r in rows], "rows": rows}
 
 

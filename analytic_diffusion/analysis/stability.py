@@ -10,12 +10,13 @@ its first N images, half B the next N, so the halves are disjoint and nested acr
 Per N it records the per-sample Pearson r and RMS distance between the A and B samples, for the networks and for
 the optimal denoisers, and the networks' memorisation ratio against their own halves.
 """
+
 from __future__ import annotations
 
 import json
 import os
 import time
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -25,7 +26,7 @@ from ..metrics import memorization, pearson_r
 from ..networks.train import train_network
 from ..sampling.generate import sample
 
-__all__ = ["training_set_stability", "disjoint_halves"]
+__all__ = ["disjoint_halves", "training_set_stability"]
 
 
 def disjoint_halves(dataset, n: int, *, seed: int = 0):
@@ -36,26 +37,47 @@ def disjoint_halves(dataset, n: int, *, seed: int = 0):
         raise ValueError(f"n: two disjoint halves of {n} need {2 * n} images; the dataset has {dataset.num_stored}")
     perm = torch.randperm(dataset.num_stored, generator=torch.Generator().manual_seed(int(seed)))
     halves = []
-    for name, idx in (("A", perm[:n]), ("B", perm[n:2 * n])):
+    for name, idx in (("A", perm[:n]), ("B", perm[n : 2 * n])):
         idx = idx.sort().values.to(dataset.images.device)
         labels = None if dataset.labels is None else dataset.labels[idx]
-        halves.append(Dataset.from_array(dataset.images[idx], labels,
-                                         source=f"{dataset.source} half {name} ({n} of seed {seed})",
-                                         device=dataset.images.device))
+        halves.append(
+            Dataset.from_array(
+                dataset.images[idx],
+                labels,
+                source=f"{dataset.source} half {name} ({n} of seed {seed})",
+                device=dataset.images.device,
+            )
+        )
     return halves
 
 
 def _pair_stats(a: torch.Tensor, b: torch.Tensor) -> dict:
     r = pearson_r(a.double(), b.double())
     d = (a.double() - b.double()).flatten(1).norm(dim=1)
-    return {"pearson_r": r.tolist(), "distance": d.tolist(), "pearson_r_median": float(r.median()),
-            "distance_median": float(d.median())}
+    return {
+        "pearson_r": r.tolist(),
+        "distance": d.tolist(),
+        "pearson_r_median": float(r.median()),
+        "distance_median": float(d.median()),
+    }
 
 
-def training_set_stability(dataset, sizes: Sequence[int] = (8, 64, 512), *, steps: int = 2000, n_samples: int = 16,
-                           sample_steps: int = 18, sampler: str = "heun", sample_seed: int = 0, seed: int = 0,
-                           arch: str = "resnet", train_kwargs: Optional[dict] = None, out_dir=None,
-                           device="cpu", progress: bool = False) -> dict:
+def training_set_stability(
+    dataset,
+    sizes: Sequence[int] = (8, 64, 512),
+    *,
+    steps: int = 2000,
+    n_samples: int = 16,
+    sample_steps: int = 18,
+    sampler: str = "heun",
+    sample_seed: int = 0,
+    seed: int = 0,
+    arch: str = "resnet",
+    train_kwargs: dict | None = None,
+    out_dir=None,
+    device="cpu",
+    progress: bool = False,
+) -> dict:
     """For each N in ``sizes``: train on halves A and B (same architecture, same initial weights and batch seed,
     so the data are the only difference), sample both networks and both halves' optimal denoisers from seeds
     ``sample_seed`` …, and compare A with B. Writes metrics.json, stability.png and samples_N.png to ``out_dir``
@@ -65,8 +87,10 @@ def training_set_stability(dataset, sizes: Sequence[int] = (8, 64, 512), *, step
     if not sizes or any(v < 1 for v in sizes):
         raise ValueError(f"sizes: expected positive integers, got {list(sizes)}")
     if 2 * max(sizes) > dataset.num_stored:
-        raise ValueError(f"sizes: the largest size {max(sizes)} needs {2 * max(sizes)} images for two disjoint "
-                         f"halves; the dataset has {dataset.num_stored}")
+        raise ValueError(
+            f"sizes: the largest size {max(sizes)} needs {2 * max(sizes)} images for two disjoint "
+            f"halves; the dataset has {dataset.num_stored}"
+        )
     train_kwargs = dict(train_kwargs or {})
     reserved = {"arch", "steps", "seed", "out_dir", "progress", "device"} & set(train_kwargs)
     if reserved:
@@ -74,21 +98,41 @@ def training_set_stability(dataset, sizes: Sequence[int] = (8, 64, 512), *, step
     if out_dir is not None:
         os.makedirs(out_dir, exist_ok=True)
     kw = dict(steps=sample_steps, sampler=sampler, seed=sample_seed, progress=False)
-    result = {"sizes": {}, "config": {"dataset": repr(dataset), "sizes": sizes, "steps": steps, "arch": arch,
-                                      "n_samples": n_samples, "sample_steps": sample_steps, "sampler": sampler,
-                                      "sample_seed": sample_seed, "seed": seed, "train_kwargs": train_kwargs}}
+    result = {
+        "sizes": {},
+        "config": {
+            "dataset": repr(dataset),
+            "sizes": sizes,
+            "steps": steps,
+            "arch": arch,
+            "n_samples": n_samples,
+            "sample_steps": sample_steps,
+            "sampler": sampler,
+            "sample_seed": sample_seed,
+            "seed": seed,
+            "train_kwargs": train_kwargs,
+        },
+    }
     grids = {}
     for n in sizes:
         half_a, half_b = disjoint_halves(dataset, n, seed=seed)
         t0 = time.perf_counter()
-        nets = [train_network(h, arch=arch, steps=steps, seed=seed, device=device, progress=progress,
-                              **train_kwargs).denoiser for h in (half_a, half_b)]
+        nets = [
+            train_network(
+                h, arch=arch, steps=steps, seed=seed, device=device, progress=progress, **train_kwargs
+            ).denoiser
+            for h in (half_a, half_b)
+        ]
         train_s = time.perf_counter() - t0
         net_samples = [sample(net, n_samples, **kw).samples for net in nets]
         opt_samples = [sample(make_denoiser("optimal", h), n_samples, **kw).samples for h in (half_a, half_b)]
         mem = {name: memorization(s, h).share for name, s, h in zip("AB", net_samples, (half_a, half_b))}
-        result["sizes"][str(n)] = {"network": _pair_stats(*net_samples), "optimal": _pair_stats(*opt_samples),
-                                   "memorization": mem, "train_seconds": train_s}
+        result["sizes"][str(n)] = {
+            "network": _pair_stats(*net_samples),
+            "optimal": _pair_stats(*opt_samples),
+            "memorization": mem,
+            "train_seconds": train_s,
+        }
         grids[n] = torch.cat(net_samples + opt_samples)
     if out_dir is not None:
         _write(out_dir, result, grids, n_samples)
@@ -101,11 +145,15 @@ def _write(out_dir, result: dict, grids: dict, n_samples: int) -> None:
 
     sizes = [int(k) for k in result["sizes"]]
     med = lambda kind, key: [result["sizes"][str(n)][kind][key] for n in sizes]  # noqa: E731
-    line_plot(os.path.join(out_dir, "stability.png"), sizes,
-              {"networks A vs B": med("network", "pearson_r_median"),
-               "optimal A vs B": med("optimal", "pearson_r_median")},
-              xlabel="training images per half N", ylabel="median Pearson r of A and B samples",
-              title="training-set stability (disjoint halves)", logx=True)
+    line_plot(
+        os.path.join(out_dir, "stability.png"),
+        sizes,
+        {"networks A vs B": med("network", "pearson_r_median"), "optimal A vs B": med("optimal", "pearson_r_median")},
+        xlabel="training images per half N",
+        ylabel="median Pearson r of A and B samples",
+        title="training-set stability (disjoint halves)",
+        logx=True,
+    )
     for n, g in grids.items():  # rows: network A, network B, optimal A, optimal B
         save_grid(os.path.join(out_dir, f"samples_{n}.png"), g, nrow=n_samples)
     result["plots"] = ["stability.png"] + [f"samples_{n}.png" for n in grids]

@@ -6,9 +6,11 @@ a plain run on a coarser grid with as many steps as the teleported run has left.
 per-sample Pearson r and the RMS difference of the final samples, so "steps saved at equal agreement" reads off the
 table: the largest share of steps skipped whose teleported agreement still reaches ``r_min``.
 """
+
 from __future__ import annotations
 
-from typing import Callable, Optional, Sequence
+from collections.abc import Sequence
+from typing import Callable
 
 import torch
 
@@ -25,10 +27,21 @@ def _agreement(a: torch.Tensor, b: torch.Tensor) -> dict:
     return {"pearson_r": float(r.mean()), "pearson_r_min": float(r.min()), "rms": float(rms.mean())}
 
 
-def teleportation_study(denoiser: Callable, gaussian, n: int = 8, *, steps: int = 18,
-                        sigma_skips: Sequence[float] = (20.0, 10.0, 5.0, 2.0, 1.0), sampler: str = "heun",
-                        schedule: str = "karras", schedule_kwargs: Optional[dict] = None, seed: int = 0,
-                        r_min: float = 0.99, batch_size: Optional[int] = None, progress: bool = False) -> dict:
+def teleportation_study(
+    denoiser: Callable,
+    gaussian,
+    n: int = 8,
+    *,
+    steps: int = 18,
+    sigma_skips: Sequence[float] = (20.0, 10.0, 5.0, 2.0, 1.0),
+    sampler: str = "heun",
+    schedule: str = "karras",
+    schedule_kwargs: dict | None = None,
+    seed: int = 0,
+    r_min: float = 0.99,
+    batch_size: int | None = None,
+    progress: bool = False,
+) -> dict:
     """Full run vs teleported runs vs equally cheap plain runs, one row per σ_skip (see the module docstring).
 
     Returns {"rows": [{sigma_skip, steps_skipped, fraction_skipped, evaluations, teleported: {pearson_r,
@@ -49,18 +62,35 @@ def teleportation_study(denoiser: Callable, gaussian, n: int = 8, *, steps: int 
 
     rows, samples = [], {"full": full.samples}
     for s in sorted({float(v) for v in sigma_skips}, reverse=True):
-        tele = sample_teleported(denoiser, gaussian, n, sigma_skip=s, steps=steps, schedule=schedule,
-                                 schedule_kwargs=schedule_kwargs, **kw)
+        tele = sample_teleported(
+            denoiser, gaussian, n, sigma_skip=s, steps=steps, schedule=schedule, schedule_kwargs=schedule_kwargs, **kw
+        )
         skipped = tele.config["steps_skipped"]
         left = steps - skipped
-        plain = sample(denoiser, n, steps=left, schedule=schedule, schedule_kwargs=schedule_kwargs, **kw) \
-            if left < steps else full
+        plain = (
+            sample(denoiser, n, steps=left, schedule=schedule, schedule_kwargs=schedule_kwargs, **kw)
+            if left < steps
+            else full
+        )
         samples[s] = tele.samples
-        rows.append({"sigma_skip": s, "steps_skipped": skipped, "fraction_skipped": skipped / steps,
-                     "evaluations": evaluations(tele.sigmas), "full_evaluations": full_evaluations,
-                     "teleported": _agreement(tele.samples, full.samples),
-                     "plain": _agreement(plain.samples, full.samples)})
+        rows.append(
+            {
+                "sigma_skip": s,
+                "steps_skipped": skipped,
+                "fraction_skipped": skipped / steps,
+                "evaluations": evaluations(tele.sigmas),
+                "full_evaluations": full_evaluations,
+                "teleported": _agreement(tele.samples, full.samples),
+                "plain": _agreement(plain.samples, full.samples),
+            }
+        )
     good = [r["steps_skipped"] for r in rows if r["teleported"]["pearson_r"] >= r_min]
     saved = max(good, default=0)
-    return {"rows": rows, "steps_saved": saved, "fraction_saved": saved / steps, "r_min": float(r_min),
-            "full": full.config, "samples": samples}
+    return {
+        "rows": rows,
+        "steps_saved": saved,
+        "fraction_saved": saved / steps,
+        "r_min": float(r_min),
+        "full": full.config,
+        "samples": samples,
+    }

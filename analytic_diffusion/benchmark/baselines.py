@@ -10,6 +10,7 @@ mean (B, D).
 * ``sdpa``: scaled_dot_product_attention with the key norm folded into an extra column,
   logit = [2·coef·q, −coef] · [y, ‖y‖²]; PyTorch picks its fused (flash / memory-efficient / math) kernel.
 """
+
 from __future__ import annotations
 
 import torch
@@ -22,15 +23,16 @@ def naive(q: torch.Tensor, y: torch.Tensor, coef: torch.Tensor) -> torch.Tensor:
     return w @ y
 
 
-def chunked(q: torch.Tensor, y: torch.Tensor, coef: torch.Tensor, chunk: int = 8192,
-            center: torch.Tensor = None) -> torch.Tensor:
+def chunked(
+    q: torch.Tensor, y: torch.Tensor, coef: torch.Tensor, chunk: int = 8192, center: torch.Tensor = None
+) -> torch.Tensor:
     c = y.mean(0) if center is None else center
     qc = q - c
     m = torch.full((q.shape[0],), float("-inf"), device=q.device, dtype=q.dtype)
     l = torch.zeros_like(m)
     o = torch.zeros_like(q)
     for s in range(0, y.shape[0], chunk):
-        yc = y[s:s + chunk] - c
+        yc = y[s : s + chunk] - c
         z = coef[:, None] * (2.0 * (qc @ yc.t()) - (yc * yc).sum(1)[None, :])  # the ‖q‖² term cancels
         m_new = torch.maximum(m, z.max(1).values)
         a = torch.exp(m - m_new)

@@ -5,11 +5,13 @@ checked against the float64 oracle on a few rows (column ``rel_err``), so a fast
 Data: random uint8 keys (N, D) with the [-1, 1] affine map, resident on the device; queries are training rows
 plus noise of scale σ (the regime a sampler visits).
 """
+
 from __future__ import annotations
 
 import statistics
 import time
-from typing import Callable, Dict, Iterable, List, Optional
+from collections.abc import Iterable
+from typing import Callable
 
 import torch
 
@@ -96,29 +98,41 @@ def path_runner(path: str, q, keys: KeyBank, y, sdpa_kv, coef, sigma, precision:
     return lambda: softmax_retrieval(q, keys, sigma, backend=path, dtype=torch.float32, precision=precision).mean
 
 
-def path_unavailable(path: str, device: torch.device, b: int) -> Optional[str]:
+def path_unavailable(path: str, device: torch.device, b: int) -> str | None:
     """None when ``path`` can run here, else why not."""
     if path in BASELINES or path == "torch":
         return None
     if path == "cpu":
         from ..ops import cpu_backend
+
         return None if device.type == "cpu" and cpu_backend.available() else "C++ kernel runs on CPU tensors only"
     if path == "triton":
         from ..ops import triton_backend
+
         if device.type == "cpu" and triton_backend.interpreting():
             return "Triton under the CPU interpreter: not a timing"
         return triton_backend.unavailable_reason(device)
     if path == "cuda":
         from ..ops.retrieval import _cuda_backend
+
         cuda = _cuda_backend()
         return None if device.type == "cuda" and cuda.available() else (cuda.unavailable_reason() or "no GPU")
     return f"unknown path {path!r}"
 
 
-def run_global_bench(dims: Iterable[int], ns: Iterable[int], batches: Iterable[int], *,
-                     paths: Iterable[str] = PATHS, precisions: Iterable[str] = ("exact",), sigma: float = 1.0,
-                     device="cpu", repeats: int = 5, seed: int = 0, progress: Optional[Callable] = None
-                     ) -> List[Dict]:
+def run_global_bench(
+    dims: Iterable[int],
+    ns: Iterable[int],
+    batches: Iterable[int],
+    *,
+    paths: Iterable[str] = PATHS,
+    precisions: Iterable[str] = ("exact",),
+    sigma: float = 1.0,
+    device="cpu",
+    repeats: int = 5,
+    seed: int = 0,
+    progress: Callable | None = None,
+) -> list[dict]:
     """One row per (D, N, B, path, precision) with time, ratios to naive and to the best baseline, the roofline
     floor where the device is known, and the error against the float64 oracle on the first rows."""
     dev = torch.device(device)
@@ -128,12 +142,18 @@ def run_global_bench(dims: Iterable[int], ns: Iterable[int], batches: Iterable[i
         raise ValueError(f"paths: unknown {unknown}; expected some of {', '.join(PATHS)}")
     peaks = roofline.device_peaks(dev)
     gen = torch.Generator().manual_seed(seed)
-    rows: List[Dict] = []
+    rows: list[dict] = []
     for d in dims:
         for n in ns:
             if dev.type == "cuda":  # made on the device: 1.28M × 12,288 bytes take minutes on the host
-                u = torch.randint(0, 256, (n, d), generator=torch.Generator(dev).manual_seed(seed + d + n),
-                                  dtype=torch.uint8, device=dev)
+                u = torch.randint(
+                    0,
+                    256,
+                    (n, d),
+                    generator=torch.Generator(dev).manual_seed(seed + d + n),
+                    dtype=torch.uint8,
+                    device=dev,
+                )
             else:
                 u = torch.randint(0, 256, (n, d), generator=gen, dtype=torch.uint8)
             keys = KeyBank(u, 2 / 255, -1.0)
@@ -148,15 +168,22 @@ def run_global_bench(dims: Iterable[int], ns: Iterable[int], batches: Iterable[i
                 q = (keys.gather(idx, torch.float32).cpu() + sigma * torch.randn(b, d, generator=gen)).to(dev)
                 coef = torch.full((b,), 1.0 / (2 * sigma * sigma), device=dev)
                 k_oracle = min(b, ORACLE_ROWS)
-                ref = torch_backend.softmax_partial(q[:k_oracle].double(), keys, coef[:k_oracle].double(),
-                                                    dtype=torch.float64, memory_budget=256 << 20).mean()
+                ref = torch_backend.softmax_partial(
+                    q[:k_oracle].double(), keys, coef[:k_oracle].double(), dtype=torch.float64, memory_budget=256 << 20
+                ).mean()
                 group = []
                 for precision in precisions:
                     for path in paths:
                         if path in BASELINES and precision != "exact":
                             continue
-                        row = {"D": d, "N": n, "B": b, "path": path, "precision": precision,
-                               "device": peaks["name"] if peaks else str(dev)}
+                        row = {
+                            "D": d,
+                            "N": n,
+                            "B": b,
+                            "path": path,
+                            "precision": precision,
+                            "device": peaks["name"] if peaks else str(dev),
+                        }
                         reason = path_unavailable(path, dev, b)
                         if reason is None and path in BASELINES and y is None:
                             reason = "float rows do not fit in memory"
@@ -188,7 +215,7 @@ def run_global_bench(dims: Iterable[int], ns: Iterable[int], batches: Iterable[i
     return rows
 
 
-def _add_ratios(group: List[Dict]) -> None:
+def _add_ratios(group: list[dict]) -> None:
     timed = {r["path"]: r["seconds"] for r in group if "seconds" in r and r["precision"] == "exact"}
     naive = timed.get("naive")
     best = min((timed[p] for p in ("chunked", "sdpa") if p in timed), default=None)
@@ -201,9 +228,11 @@ def _add_ratios(group: List[Dict]) -> None:
             r["speedup_vs_best_torch"] = best / r["seconds"]
 
 
-def markdown_table(rows: List[Dict]) -> str:
-    head = ("| D | N | B | path | precision | ms | × naive | × best torch | floor ms | % of floor | rel. err "
-            "| note |\n|---|---|---|---|---|---|---|---|---|---|---|---|")
+def markdown_table(rows: list[dict]) -> str:
+    head = (
+        "| D | N | B | path | precision | ms | × naive | × best torch | floor ms | % of floor | rel. err "
+        "| note |\n|---|---|---|---|---|---|---|---|---|---|---|---|"
+    )
     lines = [head]
 
     def f(v, fmt):
@@ -211,11 +240,20 @@ def markdown_table(rows: List[Dict]) -> str:
 
     for r in rows:
         ms = r.get("seconds")
-        lines.append("| {D} | {N} | {B} | {path} | {precision} | {ms} | {sn} | {sb} | {fl} | {ff} | {err} | {note} |"
-                     .format(D=r["D"], N=r["N"], B=r["B"], path=r["path"], precision=r["precision"],
-                             ms=f(None if ms is None else ms * 1e3, ".3g"), sn=f(r.get("speedup_vs_naive"), ".2f"),
-                             sb=f(r.get("speedup_vs_best_torch"), ".2f"),
-                             fl=f(None if r.get("floor_seconds") is None else r["floor_seconds"] * 1e3, ".3g"),
-                             ff=f(None if r.get("floor_fraction") is None else 100 * r["floor_fraction"], ".0f"),
-                             err=f(r.get("rel_err"), ".1e"), note=r.get("skipped", "")))
+        lines.append(
+            "| {D} | {N} | {B} | {path} | {precision} | {ms} | {sn} | {sb} | {fl} | {ff} | {err} | {note} |".format(
+                D=r["D"],
+                N=r["N"],
+                B=r["B"],
+                path=r["path"],
+                precision=r["precision"],
+                ms=f(None if ms is None else ms * 1e3, ".3g"),
+                sn=f(r.get("speedup_vs_naive"), ".2f"),
+                sb=f(r.get("speedup_vs_best_torch"), ".2f"),
+                fl=f(None if r.get("floor_seconds") is None else r["floor_seconds"] * 1e3, ".3g"),
+                ff=f(None if r.get("floor_fraction") is None else 100 * r["floor_fraction"], ".0f"),
+                err=f(r.get("rel_err"), ".1e"),
+                note=r.get("skipped", ""),
+            )
+        )
     return "\n".join(lines)

@@ -14,10 +14,12 @@ the fused kernels' own math (direct distances on CUDA cores), from the method's 
 Data: random uint8 training images (N, C, H, W) resident on the device; queries are training images plus noise
 of scale σ. Each timed path is checked against the float64 reference on the first image (``rel_err``).
 """
+
 from __future__ import annotations
 
 import math
-from typing import Callable, Dict, Iterable, List, Optional
+from collections.abc import Iterable
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -38,16 +40,16 @@ def naive_els(x: torch.Tensor, images_float: torch.Tensor, k: int, sigma: float)
     b, c, h, w = x.shape
     keys = F.unfold(images_float, k).transpose(1, 2).reshape(-1, c * k * k)  # (N·L, F)
     d = k // 2
-    centres = images_float[:, :, d:h - d, d:w - d].permute(0, 2, 3, 1).reshape(-1, c)
+    centres = images_float[:, :, d : h - d, d : w - d].permute(0, 2, 3, 1).reshape(-1, c)
     q = F.unfold(F.pad(x, (d, d, d, d), mode="circular"), k).transpose(1, 2).reshape(-1, c * k * k)
-    wts = torch.softmax(-torch.cdist(q, keys) ** 2 / (2 * sigma * sigma), dim=1)
+    wts = torch.softmax(-(torch.cdist(q, keys) ** 2) / (2 * sigma * sigma), dim=1)
     return (wts @ centres).reshape(b, h, w, c).permute(0, 3, 1, 2)
 
 
 def studio_chunk(batch: int, shape, k: int, memory: int) -> int:
     """Training images per studio chunk: its default 512, fewer when the materialised logits and weights
     (2 · B·K·L·H·W floats, L = interior positions) would take more than a quarter of ``memory``."""
-    c, h, w = shape
+    _c, h, w = shape
     per_image = 2 * 4 * batch * (h - k + 1) * (w - k + 1) * h * w
     return int(max(1, min(STUDIO_CHUNK, memory // 4 // per_image)))
 
@@ -66,10 +68,10 @@ def studio_els(x: torch.Tensor, images_float: torch.Tensor, k: int, sigma: float
     l = torch.zeros_like(m)
     o = torch.zeros_like(x)
     for s in range(0, images_float.shape[0], chunk):
-        imgs = images_float[s:s + chunk]
+        imgs = images_float[s : s + chunk]
         filters = F.unfold(imgs, k).transpose(1, 2).reshape(-1, c, k, k)  # (K·L, C, k, k), image-major
         yn = (filters * filters).sum((1, 2, 3))
-        centres = imgs[:, :, d:h - d, d:w - d].permute(0, 2, 3, 1).reshape(-1, c)  # same (image, position) order
+        centres = imgs[:, :, d : h - d, d : w - d].permute(0, 2, 3, 1).reshape(-1, c)  # same (image, position) order
         z = -coef * (qn - 2.0 * F.conv2d(xp, filters) + yn.view(1, -1, 1, 1))  # (B, K·L, H, W)
         m_new = torch.maximum(m, z.amax(1, keepdim=True))
         a = torch.exp(m - m_new)
@@ -96,46 +98,63 @@ def _random_images(n: int, shape, seed: int, smooth: bool) -> torch.Tensor:
     return (127.5 + 60.0 * z).round().clamp(0, 255).to(torch.uint8)
 
 
-def _unavailable(path: str, method: str, device: torch.device) -> Optional[str]:
+def _unavailable(path: str, method: str, device: torch.device) -> str | None:
     if path in ("naive", "studio"):
         return None if method == "els" else f"{path} baseline written for ELS only"
     if path == "cpu":
         from ..ops import cpu_backend
+
         if device.type != "cpu":
             return f"the C++ kernels need the CPU, got {device}"
         return None if cpu_backend.available() else "the C++ extension is not built"
     if path == "triton":
         from ..ops import triton_backend
+
         if device.type == "cpu" and triton_backend.interpreting():
             return "Triton under the CPU interpreter: not a timing"
         return triton_backend.unavailable_reason(device)
     if path == "cuda":
         from ..ops import cuda_backend
+
         if device.type != "cuda":
             return f"the CUDA kernels need a CUDA device, got {device}"
         return cuda_backend.unavailable_reason()
     return None
 
 
-def run_local_bench(methods: Iterable[str], ks: Iterable[int], *, n: int, shape=(3, 32, 32), batch: int = 1,
-                    paths: Iterable[str] = PATHS, sigma: float = 1.0, device="cpu", repeats: int = 1, seed: int = 0,
-                    progress: Optional[Callable] = None) -> List[Dict]:
+def run_local_bench(
+    methods: Iterable[str],
+    ks: Iterable[int],
+    *,
+    n: int,
+    shape=(3, 32, 32),
+    batch: int = 1,
+    paths: Iterable[str] = PATHS,
+    sigma: float = 1.0,
+    device="cpu",
+    repeats: int = 1,
+    seed: int = 0,
+    progress: Callable | None = None,
+) -> list[dict]:
     paths = list(paths)
     unknown = [p for p in paths if p not in PATHS]
     if unknown:
         raise ValueError(f"paths: expected some of {', '.join(PATHS)}, got {', '.join(map(repr, unknown))}")
     dev = torch.device(device)
     peaks = device_peaks(dev)
-    rows: List[Dict] = []
+    rows: list[dict] = []
     for method in methods:
         if method not in METHODS:
             raise ValueError(f"methods: expected some of {', '.join(METHODS)}, got {method!r}")
         smooth = method == "pca_locality"
-        ds = Dataset(_random_images(n, shape, seed, smooth),
-                     source=f"random {'smooth ' if smooth else ''}uint8 {n}x{'x'.join(map(str, shape))}", device=dev)
+        ds = Dataset(
+            _random_images(n, shape, seed, smooth),
+            source=f"random {'smooth ' if smooth else ''}uint8 {n}x{'x'.join(map(str, shape))}",
+            device=dev,
+        )
         gen = torch.Generator().manual_seed(seed + 1)
         x = (ds.images_float()[:batch].cpu() + sigma * torch.randn(batch, *shape, generator=gen)).to(dev)
-        for k in ([None] if method == "pca_locality" else ks):
+        for k in [None] if method == "pca_locality" else ks:
             # pca_locality: the authors' θ (0.05 for colour CIFAR-10, 0.005 for 1-channel MNIST-like data)
             opts = {"threshold": 0.05 if shape[0] == 3 else 0.005} if k is None else {"patch": k}
             ref_den = make_denoiser(method, ds, backend="torch", dtype=torch.float64, **opts)
@@ -151,12 +170,23 @@ def run_local_bench(methods: Iterable[str], ks: Iterable[int], *, n: int, shape=
                     extra["floor_ms"] = 1e3 * floors["exp_mma"]
                     extra["floor_simt_ms"] = 1e3 * floors["simt"]
             for path in paths:
-                row = {"method": method, "k": k, "N": n, "shape": list(shape), "B": batch, "path": path,
-                       "device": str(dev), **extra}
+                row = {
+                    "method": method,
+                    "k": k,
+                    "N": n,
+                    "shape": list(shape),
+                    "B": batch,
+                    "path": path,
+                    "device": str(dev),
+                    **extra,
+                }
                 reason = _unavailable(path, method, dev)
-                if reason is None and path == "naive" and 4 * n * (shape[1] * shape[2]) * (batch * shape[1] * shape[2]
-                                                                                          + shape[0] * k * k) * 2 \
-                        > 0.5 * available_memory(dev):
+                if (
+                    reason is None
+                    and path == "naive"
+                    and 4 * n * (shape[1] * shape[2]) * (batch * shape[1] * shape[2] + shape[0] * k * k) * 2
+                    > 0.5 * available_memory(dev)
+                ):
                     reason = "does not fit in memory"
                 if reason is not None:
                     row["skipped"] = reason
@@ -164,15 +194,22 @@ def run_local_bench(methods: Iterable[str], ks: Iterable[int], *, n: int, shape=
                     continue
                 if path == "naive":
                     yf = ds.images_float()
-                    run = (lambda: naive_els(x, yf, k, sigma))
+
+                    def run():
+                        return naive_els(x, yf, k, sigma)
                 elif path == "studio":
                     yf = ds.images_float()
                     chunk = min(n, studio_chunk(batch, shape, k, available_memory(dev)))
                     row["studio_chunk"] = chunk
-                    run = (lambda: studio_els(x, yf, k, sigma, chunk))
+
+                    def run():
+                        return studio_els(x, yf, k, sigma, chunk)
                 else:
                     den = make_denoiser(method, ds, backend=path, **opts)
-                    run = (lambda: den(x, sigma))
+
+                    def run():
+                        return den(x, sigma)
+
                 out = run()
                 row["rel_err"] = float((out[:1].double().cpu() - ref.cpu()).norm() / ref.norm())
                 row["seconds"] = time_call(run, dev, repeats)
@@ -182,15 +219,21 @@ def run_local_bench(methods: Iterable[str], ks: Iterable[int], *, n: int, shape=
                 rows.append(row)
                 if progress is not None:
                     progress(row)
-            ref_t = next((r["seconds"] for r in rows if r["method"] == method and r["k"] == k
-                          and r["path"] == "torch" and "seconds" in r), None)
+            ref_t = next(
+                (
+                    r["seconds"]
+                    for r in rows
+                    if r["method"] == method and r["k"] == k and r["path"] == "torch" and "seconds" in r
+                ),
+                None,
+            )
             for r in rows:
                 if r["method"] == method and r["k"] == k and "seconds" in r and ref_t is not None:
                     r["speedup_vs_reference"] = ref_t / r["seconds"]
     return rows
 
 
-def _note(row: Dict) -> str:
+def _note(row: dict) -> str:
     if "skipped" in row:
         return row["skipped"]
     if "mean_support" in row:
@@ -204,13 +247,17 @@ def _fmt(v, spec: str) -> str:
     return "" if v is None else format(v, spec)
 
 
-def markdown_table(rows: List[Dict]) -> str:
-    lines = ["| method | k | N | B | path | ms per image per step | × reference | floor ms (exp/MMA) | × floor | "
-             "SIMT floor ms | rel. err | note |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+def markdown_table(rows: list[dict]) -> str:
+    lines = [
+        "| method | k | N | B | path | ms per image per step | × reference | floor ms (exp/MMA) | × floor | "
+        "SIMT floor ms | rel. err | note |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
-        lines.append(f"| {r['method']} | {r['k']} | {r['N']} | {r['B']} | {r['path']} | "
-                     f"{_fmt(r.get('ms_per_image_step'), '.4g')} | {_fmt(r.get('speedup_vs_reference'), '.2f')} | "
-                     f"{_fmt(r.get('floor_ms'), '.3g')} | {_fmt(r.get('x_floor'), '.2f')} | "
-                     f"{_fmt(r.get('floor_simt_ms'), '.3g')} | {_fmt(r.get('rel_err'), '.1e')} | {_note(r)} |")
+        lines.append(
+            f"| {r['method']} | {r['k']} | {r['N']} | {r['B']} | {r['path']} | "
+            f"{_fmt(r.get('ms_per_image_step'), '.4g')} | {_fmt(r.get('speedup_vs_reference'), '.2f')} | "
+            f"{_fmt(r.get('floor_ms'), '.3g')} | {_fmt(r.get('x_floor'), '.2f')} | "
+            f"{_fmt(r.get('floor_simt_ms'), '.3g')} | {_fmt(r.get('rel_err'), '.1e')} | {_note(r)} |"
+        )
     return "\n".join(lines)

@@ -13,9 +13,8 @@ Peak figures: H100 SXM ~3.0 TB/s measured copy (2026-11-13), H200 4.8 TB/s datas
 bf16 790 TFLOP/s; MUFU exp2 3.9e12/s (132 SMs × 16/clk × 1.83 GHz). Devices we have no figures for get no floor
 (None), never a guess.
 """
-from __future__ import annotations
 
-from typing import Optional
+from __future__ import annotations
 
 import torch
 
@@ -27,7 +26,7 @@ DEVICES = {
 MODE_MATH = {"exact": "fp32", "tf32": "tf32", "bf16": "bf16"}
 
 
-def device_peaks(device: torch.device) -> Optional[dict]:
+def device_peaks(device: torch.device) -> dict | None:
     if device.type != "cuda" or not torch.cuda.is_available():
         return None
     name = torch.cuda.get_device_name(device)
@@ -37,7 +36,7 @@ def device_peaks(device: torch.device) -> Optional[dict]:
     return None
 
 
-def floor_seconds(n: int, d: int, b: int, key_bytes: int, precision: str, peaks: Optional[dict]) -> Optional[float]:
+def floor_seconds(n: int, d: int, b: int, key_bytes: int, precision: str, peaks: dict | None) -> float | None:
     if peaks is None:
         return None
     bytes_moved = n * d * key_bytes + 2 * b * d * 4
@@ -45,12 +44,14 @@ def floor_seconds(n: int, d: int, b: int, key_bytes: int, precision: str, peaks:
     return max(bytes_moved / peaks["bandwidth"], flops / peaks[MODE_MATH[precision]])
 
 
-def patch_floor_seconds(pairs: int, features: int, peaks: Optional[dict]) -> Optional[dict]:
+def patch_floor_seconds(pairs: int, features: int, peaks: dict | None) -> dict | None:
     """Floors of one patch-softmax call with ``pairs`` (query pixel, candidate) pairs over ``features`` = C·k²:
     {"exp_mma": the exp / bf16-MMA floor, "simt": the floor of direct distances on CUDA cores}, in seconds."""
     if peaks is None:
         return None
     exp = pairs / peaks["exp"]
     padded = -(-features // 16) * 16
-    return {"exp_mma": max(exp, 2.0 * pairs * (padded + 16) / peaks["bf16"]),
-            "simt": max(exp, 3.0 * pairs * features / peaks["fp32"])}
+    return {
+        "exp_mma": max(exp, 2.0 * pairs * (padded + 16) / peaks["bf16"]),
+        "simt": max(exp, 3.0 * pairs * features / peaks["fp32"]),
+    }

@@ -3,11 +3,11 @@
 One module per subcommand, each with ``register(subparsers)`` (its flags) and the function it runs; this module
 only assembles the parser and turns bad input into one clear line instead of a traceback.
 """
+
 from __future__ import annotations
 
 import argparse
 import sys
-from typing import List, Optional
 
 from .. import __version__
 from . import bench, calibrate, compare, dynamics, methods, pack, sample, schedules, stability, train
@@ -17,8 +17,9 @@ SUBCOMMANDS = (sample, methods, calibrate, schedules, train, compare, dynamics, 
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="analytic-diffusion",
-                                     description="Exact, fast training-free (analytic) diffusion.")
+    parser = argparse.ArgumentParser(
+        prog="analytic-diffusion", description="Exact, fast training-free (analytic) diffusion."
+    )
     parser.add_argument("--version", action="version", version=f"analytic-diffusion {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     for module in SUBCOMMANDS:
@@ -26,8 +27,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     from ..ops.distributed import ShardError, rank_prefix
+
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

@@ -1,4 +1,5 @@
 """Calibrate a local method's patch size per noise level."""
+
 from __future__ import annotations
 
 import argparse
@@ -9,36 +10,58 @@ from .common import DTYPES, add_data_args, add_grid_args, schedule_kwargs
 
 def register(sub) -> None:
     p = sub.add_parser(
-        "calibrate", help="calibrate a local method's patch size per noise level",
+        "calibrate",
+        help="calibrate a local method's patch size per noise level",
         description="Choose one patch size per σ of a grid so that a local method matches a reference "
-                    "(Kamb & Ganguli's calibration). With a reference denoiser, every seed runs the reference's "
-                    "own deterministic DDIM trajectory and each candidate size is scored on the reference's x_t; "
-                    "with --reference clean, held-out training images noised with a fixed ε per seed are the "
-                    "probes and their clean images the target. Per step and seed the best size wins; the table "
-                    "holds the median over seeds. Writes the schedule JSON to --out (read it back with "
-                    "`sample --patch-schedule FILE`; the full report, metric per size and step, is stored under "
-                    "its 'calibration' key) and a PNG plot beside it.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        "(Kamb & Ganguli's calibration). With a reference denoiser, every seed runs the reference's "
+        "own deterministic DDIM trajectory and each candidate size is scored on the reference's x_t; "
+        "with --reference clean, held-out training images noised with a fixed ε per seed are the "
+        "probes and their clean images the target. Per step and seed the best size wins; the table "
+        "holds the median over seeds. Writes the schedule JSON to --out (read it back with "
+        "`sample --patch-schedule FILE`; the full report, metric per size and step, is stored under "
+        "its 'calibration' key) and a PNG plot beside it.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     from ..denoisers import DENOISERS
-    p.add_argument("--method", required=True, choices=sorted(DENOISERS),
-                   help="the local method to calibrate (must take a patch option)")
-    add_data_args(p, default="mnist32",
-                   subset_help="use the first N training images as candidates (default: all); with --reference "
-                               "clean the next --n-probe images are the probes (default: the last --n-probe images)")
-    p.add_argument("--reference", default="optimal", metavar="clean|METHOD|CKPT",
-                   help="'clean' (held-out images), a method name, or a trained network's checkpoint file (as "
-                        "`compare --network`) whose trajectories are the target")
-    p.add_argument("--sizes", default=None,
-                   help="comma-separated candidate patch sizes (default 3,5,... up to the image height)")
+
+    p.add_argument(
+        "--method",
+        required=True,
+        choices=sorted(DENOISERS),
+        help="the local method to calibrate (must take a patch option)",
+    )
+    add_data_args(
+        p,
+        default="mnist32",
+        subset_help="use the first N training images as candidates (default: all); with --reference "
+        "clean the next --n-probe images are the probes (default: the last --n-probe images)",
+    )
+    p.add_argument(
+        "--reference",
+        default="optimal",
+        metavar="clean|METHOD|CKPT",
+        help="'clean' (held-out images), a method name, or a trained network's checkpoint file (as "
+        "`compare --network`) whose trajectories are the target",
+    )
+    p.add_argument(
+        "--sizes", default=None, help="comma-separated candidate patch sizes (default 3,5,... up to the image height)"
+    )
     p.add_argument("--steps", type=int, default=19, help="number of grid steps (19 = Kamb's t = 0.95 ... 0.05)")
     add_grid_args(p, default="kamb-cosine")
     p.add_argument("--seeds", type=int, default=8, help="number of seeds (trajectories or ε draws)")
     p.add_argument("--seed", type=int, default=0, help="seed i uses seed + i")
-    p.add_argument("--metric", default="cosine", choices=["cosine", "mse"],
-                   help="cosine similarity of scores (higher is better) or MSE of x̂0 (lower is better)")
+    p.add_argument(
+        "--metric",
+        default="cosine",
+        choices=["cosine", "mse"],
+        help="cosine similarity of scores (higher is better) or MSE of x̂0 (lower is better)",
+    )
     p.add_argument("--n-probe", type=int, default=16, help="--reference clean: held-out probe images")
-    p.add_argument("--random-classes", action="store_true",
-                   help="class-conditional: a seeded random class per trajectory (clean: each probe's label)")
+    p.add_argument(
+        "--random-classes",
+        action="store_true",
+        help="class-conditional: a seeded random class per trajectory (clean: each probe's label)",
+    )
     p.add_argument("--temperature", type=float, default=None, help="the method's softmax temperature (1)")
     p.add_argument("--batch-size", type=int, default=None, help="rows per denoiser call (default: all)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
@@ -71,6 +94,7 @@ def run(args) -> int:
     from ..analysis.compare import load_network_spec
     from ..denoisers import DENOISERS, denoiser_options, make_denoiser
     from ..sampling.run import prepare_dataset
+
     valid = set(denoiser_options(args.method))
     if "patch" not in valid:
         raise ValueError(f"--method {args.method} takes no patch size, so there is nothing to calibrate")
@@ -88,8 +112,16 @@ def run(args) -> int:
     subset = args.subset
     if subset is not None and clean:
         subset += args.n_probe  # the probes come right after the candidates
-    ds = prepare_dataset(args.dataset, split=args.split, subset=subset, resolution=args.resolution,
-                         pad_to=args.pad_to, flips=args.flips, seed=args.seed, device=args.device)
+    ds = prepare_dataset(
+        args.dataset,
+        split=args.split,
+        subset=subset,
+        resolution=args.resolution,
+        pad_to=args.pad_to,
+        flips=args.flips,
+        seed=args.seed,
+        device=args.device,
+    )
     if clean:
         reference = "clean"
     elif args.reference in DENOISERS:
@@ -100,11 +132,25 @@ def run(args) -> int:
         reference, label, info = load_network_spec(args.reference, ds, device=args.device)
         reference.name = label
     table, report = calibrate_patch_sizes(
-        args.method, reference, ds, candidate_sizes=sizes, schedule=args.schedule, steps=args.steps,
-        schedule_kwargs=schedule_kwargs(args), seeds=args.seeds, seed=args.seed, metric=args.metric,
-        n_probe=args.n_probe, class_labels="auto" if args.random_classes else None, method_options=opts,
-        batch_size=args.batch_size, device=args.device, dtype=dtype,
-        name=os.path.splitext(os.path.basename(args.out))[0], progress=not args.no_progress)
+        args.method,
+        reference,
+        ds,
+        candidate_sizes=sizes,
+        schedule=args.schedule,
+        steps=args.steps,
+        schedule_kwargs=schedule_kwargs(args),
+        seeds=args.seeds,
+        seed=args.seed,
+        metric=args.metric,
+        n_probe=args.n_probe,
+        class_labels="auto" if args.random_classes else None,
+        method_options=opts,
+        batch_size=args.batch_size,
+        device=args.device,
+        dtype=dtype,
+        name=os.path.splitext(os.path.basename(args.out))[0],
+        progress=not args.no_progress,
+    )
     report["dataset"] = repr(ds)
     if not clean and args.reference not in DENOISERS:
         report["reference_spec"] = info

@@ -1,15 +1,17 @@
 """Flags and parsers shared by several subcommands."""
+
 from __future__ import annotations
 
 import argparse
-from typing import List
 
 DTYPES = {"float32", "float64"}
 
 
-DATASET_HELP = ("'mnist' (embedded 10k MNIST test set, 28x28), 'mnist32' (zero-padded to 32x32), or a path: "
-                "idx(.gz) file or folder, CIFAR folder or batch file, image folder, EDM-style .zip, .npy/.npz, or a "
-                "folder written by `analytic-diffusion pack` (memory-mapped)")
+DATASET_HELP = (
+    "'mnist' (embedded 10k MNIST test set, 28x28), 'mnist32' (zero-padded to 32x32), or a path: "
+    "idx(.gz) file or folder, CIFAR folder or batch file, image folder, EDM-style .zip, .npy/.npz, or a "
+    "folder written by `analytic-diffusion pack` (memory-mapped)"
+)
 
 
 def add_data_args(p, *, default: str, subset_help: str) -> None:
@@ -38,10 +40,11 @@ def schedule_kwargs(args) -> dict:
 
 def load_schedule(value: str):
     from ..denoisers.patch_presets import load_patch_schedule
+
     return load_patch_schedule(value)
 
 
-def csv_ints(text: str) -> List[int]:
+def csv_ints(text: str) -> list[int]:
     try:
         return [int(v) for v in text.split(",") if v.strip()]
     except ValueError:
@@ -77,8 +80,12 @@ def add_network_args(p) -> None:
     """The built-in network's flags shared by the subcommands that train one (dynamics, stability)."""
     p.add_argument("--arch", default="resnet", choices=["resnet", "unet"], help="network architecture")
     p.add_argument("--channels", type=int, default=64, help="channels (UNet: at full resolution)")
-    p.add_argument("--blocks", type=int, default=None,
-                   help="residual blocks (ResNet: total, default 8; UNet: per level, default 2)")
+    p.add_argument(
+        "--blocks",
+        type=int,
+        default=None,
+        help="residual blocks (ResNet: total, default 8; UNet: per level, default 2)",
+    )
     p.add_argument("--batch-size", type=int, default=128, help="images per training step")
     p.add_argument("--lr", type=float, default=2e-3, help="Adam learning rate")
 
@@ -99,4 +106,5 @@ def set_threads(threads) -> None:
     if threads < 1:
         raise ValueError(f"--threads must be >= 1, got {threads}")
     import torch
+
     torch.set_num_threads(threads)

@@ -1,11 +1,11 @@
 """List the analytic denoisers and their options."""
+
 from __future__ import annotations
-
-
 
 
 def run(args) -> int:
     from ..denoisers import DENOISERS, denoiser_options
+
     for name, cls in DENOISERS.items():
         doc = (cls.__doc__ or "").strip().splitlines()[0]
         print(f"{name:10s} {doc}\n{'':10s} options: {', '.join(denoiser_options(name))}")

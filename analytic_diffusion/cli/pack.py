@@ -1,4 +1,5 @@
 """Write a packed dataset: uint8 images in a memory-mappable .npy, labels, and a JSON header with a checksum."""
+
 from __future__ import annotations
 
 import argparse
@@ -9,12 +10,14 @@ from .common import DATASET_HELP
 
 def register(sub) -> None:
     p = sub.add_parser(
-        "pack", help="pack a dataset for out-of-core use (--dataset OUT maps it)",
+        "pack",
+        help="pack a dataset for out-of-core use (--dataset OUT maps it)",
         description="Read SRC with the dataset loaders and write the folder OUT: images.npy (uint8, N x C x H x W, "
-                    "memory-mappable), labels.npy, header.json (shape, source, checksums). `--dataset OUT` then "
-                    "maps the file instead of reading it, each rank of a --parallel dataset run maps only its "
-                    "shard, and retrievals stream it within --memory-budget.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        "memory-mappable), labels.npy, header.json (shape, source, checksums). `--dataset OUT` then "
+        "maps the file instead of reading it, each rank of a --parallel dataset run maps only its "
+        "shard, and retrievals stream it within --memory-budget.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     p.add_argument("src", metavar="SRC", help=DATASET_HELP)
     p.add_argument("out", metavar="OUT", help="output folder")
     p.add_argument("--split", default=None, help="train or test (default: the source's own default)")
@@ -26,11 +29,16 @@ def register(sub) -> None:
 def run(args) -> int:
     from ..data import load_dataset
     from ..data.packed import pack
-    kw = {k: v for k, v in dict(split=args.split, resolution=args.resolution, pad_to=args.pad_to).items()
-          if v is not None}
+
+    kw = {
+        k: v for k, v in dict(split=args.split, resolution=args.resolution, pad_to=args.pad_to).items() if v is not None
+    }
     ds = load_dataset(args.src, **kw)
     header = pack(ds, args.out)
     n, c, h, w = header["shape"]
-    print(f"packed {n} images {c}x{h}x{w} ({n * c * h * w / 2**20:.1f} MiB) from {ds.source} to {args.out}/ "
-          f"(checksum {header['checksum']})", file=sys.stdout)
+    print(
+        f"packed {n} images {c}x{h}x{w} ({n * c * h * w / 2**20:.1f} MiB) from {ds.source} to {args.out}/ "
+        f"(checksum {header['checksum']})",
+        file=sys.stdout,
+    )
     return 0

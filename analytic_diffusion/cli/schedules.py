@@ -1,16 +1,18 @@
 """List the patch-size schedule presets."""
+
 from __future__ import annotations
-
-
 
 
 def run(args) -> int:
     from ..denoisers.patch_presets import ALIASES, PRESET_INFO, PRESETS
+
     for name, sch in PRESETS.items():
         span = f"σ in [{min(sch.sigmas):.4g}, {max(sch.sigmas):.4g}]"
         order = sorted(zip(sch.sigmas, sch.sizes))
-        print(f"{name}\n    {PRESET_INFO.get(name, '')}\n    {span}, {len(sch.sizes)} points; "
-              f"k (low → high σ): {' '.join(str(k) for _, k in order)}")
+        print(
+            f"{name}\n    {PRESET_INFO.get(name, '')}\n    {span}, {len(sch.sizes)} points; "
+            f"k (low → high σ): {' '.join(str(k) for _, k in order)}"
+        )
     print("aliases: " + ", ".join(f"{a} = {b}" for a, b in ALIASES.items()))
     return 0
 

@@ -1,4 +1,5 @@
 """On-disk cache of dataset statistics (mean, covariance, PCA), keyed by a hash of everything that changes them."""
+
 from __future__ import annotations
 
 import hashlib
@@ -6,7 +7,7 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Callable, Dict, Optional
+from typing import Callable
 
 import torch
 
@@ -25,12 +26,12 @@ def fingerprint(tensor: torch.Tensor) -> str:
     return h.hexdigest()
 
 
-def key_path(kind: str, params: Dict) -> Path:
+def key_path(kind: str, params: dict) -> Path:
     digest = hashlib.blake2b(_canonical(params).encode(), digest_size=16).hexdigest()
     return cache_dir() / f"{kind}-{digest}.pt"
 
 
-def cached(kind: str, params: Dict, compute: Callable[[], Dict[str, torch.Tensor]]) -> Dict[str, torch.Tensor]:
+def cached(kind: str, params: dict, compute: Callable[[], dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     """Load ``kind`` for ``params`` from disk, or compute it and store it atomically.
 
     The file also stores the full parameter text and is only trusted when it matches (guards against hash
@@ -44,20 +45,20 @@ def cached(kind: str, params: Dict, compute: Callable[[], Dict[str, torch.Tensor
     return tensors
 
 
-def lookup(kind: str, params: Dict) -> Optional[Dict[str, torch.Tensor]]:
+def lookup(kind: str, params: dict) -> dict[str, torch.Tensor] | None:
     """The stored entry for ``params``, or None (missing, foreign or unreadable)."""
     return _load(key_path(kind, params), _canonical(params))
 
 
-def store(kind: str, params: Dict, tensors: Dict[str, torch.Tensor]) -> None:
+def store(kind: str, params: dict, tensors: dict[str, torch.Tensor]) -> None:
     _save_atomic(key_path(kind, params), {"params": _canonical(params), "tensors": tensors})
 
 
-def _canonical(params: Dict) -> str:
+def _canonical(params: dict) -> str:
     return json.dumps(params, sort_keys=True, default=str)
 
 
-def _load(path: Path, text: str) -> Optional[Dict[str, torch.Tensor]]:
+def _load(path: Path, text: str) -> dict[str, torch.Tensor] | None:
     if not path.is_file():
         return None
     try:

@@ -1,7 +1,9 @@
 """A training set held once, resident on one device: uint8 + an affine map to [-1, 1] when 8-bit (docs/design.md §2)."""
+
 from __future__ import annotations
 
-from typing import Dict, Optional, Sequence, Tuple, Union
+from collections.abc import Sequence
+from typing import Union
 
 import numpy as np
 import torch
@@ -27,9 +29,19 @@ class Dataset:
     statistics are those of the augmented set.
     """
 
-    def __init__(self, images: torch.Tensor, labels: Optional[torch.Tensor] = None, *, source: str = "array",
-                 split: Optional[str] = None, transform: str = "none", subset: str = "all", flips: bool = False,
-                 class_names: Optional[Sequence[str]] = None, device=None):
+    def __init__(
+        self,
+        images: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        *,
+        source: str = "array",
+        split: str | None = None,
+        transform: str = "none",
+        subset: str = "all",
+        flips: bool = False,
+        class_names: Sequence[str] | None = None,
+        device=None,
+    ):
         _check_images(images, source)
         if device is not None:
             images = images.to(device)
@@ -38,18 +50,27 @@ class Dataset:
         self.source, self.split, self.transform, self.subset_desc = str(source), split, transform, subset
         self.class_names = tuple(class_names) if class_names is not None else None
         self._flips = bool(flips)
-        self._keys: Optional[KeyBank] = None
-        self._fingerprint: Optional[str] = None
-        self._stats: Dict[str, Dict[str, torch.Tensor]] = {}
+        self._keys: KeyBank | None = None
+        self._fingerprint: str | None = None
+        self._stats: dict[str, dict[str, torch.Tensor]] = {}
         self._shard = None  # ops.distributed.Shard when this holds one rank's rows of a sharded set
         self._mapped = None  # data.packed.MappedRows when the images are a view of a memory-mapped file
 
     # ---------------------------------------------------------------- construction
     @classmethod
-    def from_array(cls, array: ArrayLike, labels: Optional[ArrayLike] = None, *, source: str = "array",
-                   value_range: Optional[Tuple[float, float]] = None, split: Optional[str] = None,
-                   transform: str = "none", class_names: Optional[Sequence[str]] = None,
-                   device="cpu", layout: Optional[str] = None) -> "Dataset":
+    def from_array(
+        cls,
+        array: ArrayLike,
+        labels: ArrayLike | None = None,
+        *,
+        source: str = "array",
+        value_range: tuple[float, float] | None = None,
+        split: str | None = None,
+        transform: str = "none",
+        class_names: Sequence[str] | None = None,
+        device="cpu",
+        layout: str | None = None,
+    ) -> Dataset:
         """Images as NCHW, NHWC or NHW (grayscale); numpy or torch.
 
         ``layout`` ("NCHW", "NHWC", "NHW") says which; without it a 4-D shape is NCHW (the convention) unless
@@ -65,11 +86,11 @@ class Dataset:
         x = standardize_images(array, source, value_range, layout=layout)
         if labels is not None:
             labels = torch.as_tensor(np.asarray(labels) if not torch.is_tensor(labels) else labels)
-        return cls(x, labels, source=source, split=split, transform=transform,
-                   class_names=class_names, device=device)
+        return cls(x, labels, source=source, split=split, transform=transform, class_names=class_names, device=device)
 
-    def _derive(self, images: torch.Tensor, labels: Optional[torch.Tensor], subset: Optional[str] = None,
-                flips: Optional[bool] = None) -> "Dataset":
+    def _derive(
+        self, images: torch.Tensor, labels: torch.Tensor | None, subset: str | None = None, flips: bool | None = None
+    ) -> Dataset:
         """A new Dataset over (already validated) tensors, inheriting the metadata."""
         out = object.__new__(Dataset)
         out.__dict__.update(self.__dict__)
@@ -91,7 +112,7 @@ class Dataset:
         return self._images
 
     @property
-    def labels(self) -> Optional[torch.Tensor]:
+    def labels(self) -> torch.Tensor | None:
         return self._labels
 
     @property
@@ -117,7 +138,7 @@ class Dataset:
         return self.n
 
     @property
-    def image_shape(self) -> Tuple[int, int, int]:
+    def image_shape(self) -> tuple[int, int, int]:
         return tuple(self._images.shape[1:])
 
     @property
@@ -146,7 +167,7 @@ class Dataset:
         return UINT8_SHIFT if self._images.dtype == torch.uint8 else 0.0
 
     @property
-    def classes(self) -> Optional[list]:
+    def classes(self) -> list | None:
         """Labels present (over every shard when sharded: then a collective)."""
         if self._labels is None:
             return None
@@ -157,22 +178,30 @@ class Dataset:
     def __repr__(self) -> str:
         split = f", split={self.split!r}" if self.split else ""
         subset = f", subset={self.subset_desc!r}" if self.subset_desc != "all" else ""
-        return (f"Dataset(source={self.source!r}{split}, N={self.total_stored}, shape={self.image_shape}, "
-                f"dtype={str(self.dtype).replace('torch.', '')}, flips={self._flips}, "
-                f"labels={'yes' if self._labels is not None else 'no'}{subset}, device={self.device})")
+        return (
+            f"Dataset(source={self.source!r}{split}, N={self.total_stored}, shape={self.image_shape}, "
+            f"dtype={str(self.dtype).replace('torch.', '')}, flips={self._flips}, "
+            f"labels={'yes' if self._labels is not None else 'no'}{subset}, device={self.device})"
+        )
 
     # ---------------------------------------------------------------- access
     def keys(self) -> KeyBank:
         """The retrieval ops' view of the stored rows (no copy); cached so its ``center`` is computed once."""
         if self._keys is None:
-            self._keys = KeyBank(values=self._images.reshape(self.num_stored, self.dim), scale=self.scale,
-                                 shift=self.shift, labels=self._labels, image_shape=self.image_shape,
-                                 shard=self._shard, pages=self._mapped)
+            self._keys = KeyBank(
+                values=self._images.reshape(self.num_stored, self.dim),
+                scale=self.scale,
+                shift=self.shift,
+                labels=self._labels,
+                image_shape=self.image_shape,
+                shard=self._shard,
+                pages=self._mapped,
+            )
             if self._shard is not None:  # a collective: every rank builds its keys at the same point
                 self._keys.get_center(torch.float64)
         return self._keys
 
-    def shard(self, group) -> "Dataset":
+    def shard(self, group) -> Dataset:
         """This rank's contiguous, balanced shard of the stored images (``group``: an
         :class:`~analytic_diffusion.ops.distributed.ShardGroup`; a collective, every rank calls it).
 
@@ -180,11 +209,14 @@ class Dataset:
         the shard's :meth:`keys` combine every rank's result; statistics are reduced over the shards.
         """
         from ..ops.distributed import Shard
+
         if self._shard is not None:
             raise ValueError("shard: this dataset is already one rank's shard")
         fp = self.cache_params()["content"]
-        group.check_same("datasets (content fingerprints)", f"{fp} N={self.num_stored} {self.image_shape} "
-                         f"{self.subset_desc} flips={self._flips}")
+        group.check_same(
+            "datasets (content fingerprints)",
+            f"{fp} N={self.num_stored} {self.image_shape} {self.subset_desc} flips={self._flips}",
+        )
         start, stop = group.shard_range(self.num_stored)
         out = self._derive(self._images[start:stop], _take(self._labels, slice(start, stop)))
         if self._mapped is not None:  # this rank touches (and releases) only its rows of the file
@@ -204,8 +236,9 @@ class Dataset:
             return torch.cat([out, out.flip(-1)]) if self._flips else out
         idx = torch.as_tensor(index, dtype=torch.long, device=self.device)
         if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= self.n):
-            raise IndexError(f"images_float: index out of range [0, {self.n}) "
-                             f"(N = {self.num_stored}, flips = {self._flips})")
+            raise IndexError(
+                f"images_float: index out of range [0, {self.n}) (N = {self.num_stored}, flips = {self._flips})"
+            )
         mirrored = idx >= self.num_stored
         out = self._to_float(self._images[torch.where(mirrored, idx - self.num_stored, idx)], dtype)
         return torch.where(mirrored.reshape(*idx.shape, 1, 1, 1), out.flip(-1), out)
@@ -218,23 +251,21 @@ class Dataset:
     # ---------------------------------------------------------------- derived datasets
     def _unsharded(self, what: str) -> None:
         if self._shard is not None:
-            raise ValueError(f"{what}: this dataset is one rank's shard; call it on the whole set before "
-                             "Dataset.shard")
+            raise ValueError(f"{what}: this dataset is one rank's shard; call it on the whole set before Dataset.shard")
 
-    def subset(self, n: int, *, random: bool = False, seed: int = 0) -> "Dataset":
+    def subset(self, n: int, *, random: bool = False, seed: int = 0) -> Dataset:
         """The first ``n`` stored images (a view), or ``n`` drawn without replacement by ``seed`` (kept sorted)."""
         self._unsharded("subset")
         if not 1 <= int(n) <= self.num_stored:
             raise ValueError(f"subset: n must be in [1, {self.num_stored}], got {n}")
         n = int(n)
         if not random:
-            return self._derive(self._images[:n], _take(self._labels, slice(0, n)),
-                                self._chain(f"first{n}"))
+            return self._derive(self._images[:n], _take(self._labels, slice(0, n)), self._chain(f"first{n}"))
         gen = torch.Generator().manual_seed(int(seed))
         idx = torch.randperm(self.num_stored, generator=gen)[:n].sort().values.to(self.device)
         return self._derive(self._images[idx], _take(self._labels, idx), self._chain(f"random{n}@seed{seed}"))
 
-    def filter_classes(self, classes) -> "Dataset":
+    def filter_classes(self, classes) -> Dataset:
         """Only the images whose label is in ``classes`` (an int or a collection of ints)."""
         self._unsharded("filter_classes")
         if self._labels is None:
@@ -246,7 +277,7 @@ class Dataset:
         idx = keep.nonzero().squeeze(1)
         return self._derive(self._images[idx], self._labels[idx], self._chain(f"classes{wanted}"))
 
-    def with_flips(self, on: bool = True) -> "Dataset":
+    def with_flips(self, on: bool = True) -> Dataset:
         """Horizontal-flip augmentation as a flag: nothing is copied. The same flag is this dataset; the other
         flag's twin is kept, so that its cached statistics (PCA, covariance) are computed or loaded once."""
         if bool(on) == self._flips:
@@ -256,7 +287,7 @@ class Dataset:
             twin = self.__dict__["_flip_twin"] = self._derive(self._images, self._labels, flips=bool(on))
         return twin
 
-    def to(self, device) -> "Dataset":
+    def to(self, device) -> Dataset:
         out = self._derive(self._images.to(device), _take(self._labels, None, device))
         out._fingerprint = self._fingerprint  # same bytes, different device
         return out
@@ -265,14 +296,24 @@ class Dataset:
         return step if self.subset_desc == "all" else f"{self.subset_desc}|{step}"
 
     # ---------------------------------------------------------------- statistics
-    def cache_params(self) -> Dict:
+    def cache_params(self) -> dict:
         """Every parameter that changes the statistics; hashed into the cache file name."""
         if self._fingerprint is None:
             self._fingerprint = stats_cache.fingerprint(self._images)
-        return {"source": self.source, "split": self.split, "subset": self.subset_desc,
-                "transform": self.transform, "flips": self._flips, "N": self.total_stored,
-                "shape": list(self.image_shape), "dtype": str(self.dtype), "scale": self.scale,
-                "shift": self.shift, "content": self._fingerprint, "version": 1}
+        return {
+            "source": self.source,
+            "split": self.split,
+            "subset": self.subset_desc,
+            "transform": self.transform,
+            "flips": self._flips,
+            "N": self.total_stored,
+            "shape": list(self.image_shape),
+            "dtype": str(self.dtype),
+            "scale": self.scale,
+            "shift": self.shift,
+            "content": self._fingerprint,
+            "version": 1,
+        }
 
     def mean(self, *, cache: bool = True) -> torch.Tensor:
         """Mean image as a (D,) float64 vector (of the augmented set when flips are on)."""
@@ -282,7 +323,7 @@ class Dataset:
         """(D, D) float64 population covariance (1/N), accumulated in chunks: O(D² + chunk·D) memory."""
         return self._stat("cov", lambda: self._compute_covariance(self.mean(cache=cache)), cache)["cov"]
 
-    def pca(self, rank: Optional[int] = None, *, cache: bool = True):
+    def pca(self, rank: int | None = None, *, cache: bool = True):
         """(mean (D,), eigenvalues descending and ≥ 0, U with eigenvectors as columns), float64.
 
         ``rank`` keeps the leading ``rank`` components: eigenvalues (rank,), U (D, rank).
@@ -292,10 +333,10 @@ class Dataset:
         if rank is not None:
             if not 1 <= int(rank) <= self.dim:
                 raise ValueError(f"pca: rank must be in [1, {self.dim}], got {rank}")
-            vals, vecs = vals[:int(rank)], vecs[:, :int(rank)]
+            vals, vecs = vals[: int(rank)], vecs[:, : int(rank)]
         return mean, vals, vecs
 
-    def _stat(self, kind: str, compute, use_cache: bool) -> Dict[str, torch.Tensor]:
+    def _stat(self, kind: str, compute, use_cache: bool) -> dict[str, torch.Tensor]:
         if kind not in self._stats:
             if self._shard is not None:
                 out = self._stat_sharded(kind, compute, use_cache)
@@ -304,7 +345,7 @@ class Dataset:
             self._stats[kind] = {k: v.to(self.device) for k, v in out.items()}
         return self._stats[kind]
 
-    def _stat_sharded(self, kind: str, compute, use_cache: bool) -> Dict[str, torch.Tensor]:
+    def _stat_sharded(self, kind: str, compute, use_cache: bool) -> dict[str, torch.Tensor]:
         """The cache is used only when every rank finds the entry (computing is a collective: all ranks or
         none); rank 0 alone writes it."""
         group = self._shard.group
@@ -321,10 +362,11 @@ class Dataset:
         elements = STATS_CHUNK_ELEMENTS
         if self._mapped is not None:  # out of core: chunks within the retrieval budget too (float64, ~2 copies)
             from ..ops import retrieval
+
             elements = max(1, min(elements, retrieval.DEFAULT_MEMORY_BUDGET // 16))
         step = max(1, elements // self.dim)
         for s in range(0, self.num_stored, step):
-            rows = self._images[s:s + step].to(torch.float64)
+            rows = self._images[s : s + step].to(torch.float64)
             if self._images.dtype == torch.uint8:  # in place, the same bits as _to_float
                 rows.mul_(self.scale).add_(self.shift)
             yield rows.reshape(-1, self.dim)
@@ -337,7 +379,7 @@ class Dataset:
         c, h, w = self.image_shape
         return torch.arange(self.dim, device=self.device).reshape(c, h, w).flip(-1).reshape(-1)
 
-    def _compute_mean(self) -> Dict[str, torch.Tensor]:
+    def _compute_mean(self) -> dict[str, torch.Tensor]:
         total = torch.zeros(self.dim, dtype=torch.float64, device=self.device)
         for rows in self._chunks():
             total += rows.sum(0)
@@ -348,7 +390,7 @@ class Dataset:
             mean = 0.5 * (mean + mean[self._mirror_perm()])
         return {"mean": mean}
 
-    def _compute_covariance(self, mean: torch.Tensor) -> Dict[str, torch.Tensor]:
+    def _compute_covariance(self, mean: torch.Tensor) -> dict[str, torch.Tensor]:
         # Centred two-pass accumulation: far more accurate than E[xxᵀ] − μμᵀ when |μ| ≫ spread.
         scatter = torch.zeros(self.dim, self.dim, dtype=torch.float64, device=self.device)
         for rows in self._chunks():
@@ -363,7 +405,7 @@ class Dataset:
             scatter = scatter + scatter[p][:, p]
         return {"cov": scatter / self.n}
 
-    def _compute_pca(self, use_cache: bool) -> Dict[str, torch.Tensor]:
+    def _compute_pca(self, use_cache: bool) -> dict[str, torch.Tensor]:
         cov = self.covariance(cache=use_cache)
         vals, vecs = torch.linalg.eigh(cov)  # ascending
         return {"mean": self.mean(cache=use_cache), "eigvals": vals.flip(0).clamp_min(0.0), "U": vecs.flip(1)}
@@ -373,7 +415,7 @@ class Dataset:
 LAYOUTS = ("NCHW", "NHWC", "NHW")
 
 
-def _read_layout(shape, layout: Optional[str], source: str) -> str:
+def _read_layout(shape, layout: str | None, source: str) -> str:
     """The layout of an image array: ``layout`` when given (checked against the shape), else from the shape
     only where it can mean one thing (see :meth:`Dataset.from_array`)."""
     if layout is not None:
@@ -390,13 +432,16 @@ def _read_layout(shape, layout: Optional[str], source: str) -> str:
     if last in (1, 3, 4) and first > 4:
         return "NHWC"
     if last in (1, 3, 4) and first not in (1, 3, 4):
-        raise ValueError(f"{source}: shape {tuple(shape)} is ambiguous (NCHW with {first} channels or NHWC with "
-                         f"{last}); pass layout='NCHW' or layout='NHWC'")
+        raise ValueError(
+            f"{source}: shape {tuple(shape)} is ambiguous (NCHW with {first} channels or NHWC with "
+            f"{last}); pass layout='NCHW' or layout='NHWC'"
+        )
     return "NCHW"
 
 
-def standardize_images(array: ArrayLike, source: str = "array", value_range=None,
-                       layout: Optional[str] = None) -> torch.Tensor:
+def standardize_images(
+    array: ArrayLike, source: str = "array", value_range=None, layout: str | None = None
+) -> torch.Tensor:
     """Any supported layout/dtype -> the stored form: (N, C, H, W) uint8, or float32 / float64 in [-1, 1]
     (validated)."""
     if isinstance(array, np.ndarray):
@@ -429,7 +474,7 @@ def _to_storage(x: torch.Tensor, source: str, value_range) -> torch.Tensor:
         raise TypeError(f"{source}: expected uint8 or real-valued images, got {x.dtype}")
     if not x.is_floating_point():
         lo, hi = int(x.min()), int(x.max())
-        if value_range is None and 0 <= lo and hi <= 255:
+        if value_range is None and lo >= 0 and hi <= 255:
             return x.to(torch.uint8)
         x = x.to(torch.float64)
     if not bool(torch.isfinite(x).all()):
@@ -456,17 +501,18 @@ def _check_images(images: torch.Tensor, source: str) -> None:
     if images.shape[0] == 0 or images.numel() == 0:
         raise ValueError(f"{source}: the dataset is empty (shape {tuple(images.shape)})")
     if images.dtype not in (torch.uint8, torch.float32, torch.float64):
-        raise TypeError(f"{source}: stored images must be uint8, float32 or float64, got {images.dtype} "
-                        f"(use Dataset.from_array to convert)")
+        raise TypeError(
+            f"{source}: stored images must be uint8, float32 or float64, got {images.dtype} "
+            f"(use Dataset.from_array to convert)"
+        )
     if images.dtype != torch.uint8:
         if not bool(torch.isfinite(images).all()):
             raise ValueError(f"{source}: NaN/Inf values in the images")
         if float(images.abs().max()) > 1.0 + RANGE_TOLERANCE:
-            raise ValueError(f"{source}: float images must lie in [-1, 1], got max |x| = "
-                             f"{float(images.abs().max()):g}")
+            raise ValueError(f"{source}: float images must lie in [-1, 1], got max |x| = {float(images.abs().max()):g}")
 
 
-def _check_labels(labels, n: int, source: str, device) -> Optional[torch.Tensor]:
+def _check_labels(labels, n: int, source: str, device) -> torch.Tensor | None:
     if labels is None:
         return None
     labels = torch.as_tensor(labels)
@@ -479,7 +525,7 @@ def _check_labels(labels, n: int, source: str, device) -> Optional[torch.Tensor]
     return labels.to(device=device, dtype=torch.int64, copy=True)  # labels are tiny: never alias the caller's
 
 
-def _take(labels: Optional[torch.Tensor], index, device=None) -> Optional[torch.Tensor]:
+def _take(labels: torch.Tensor | None, index, device=None) -> torch.Tensor | None:
     if labels is None:
         return None
     out = labels if index is None else labels[index]

@@ -1,9 +1,9 @@
 """The MNIST test set (10k images, 28×28) shipped inside the package, so examples and tests run offline."""
+
 from __future__ import annotations
 
 import hashlib
 from pathlib import Path
-from typing import Optional
 
 from .dataset import Dataset
 from .readers import IDX_IMAGES_MAGIC, IDX_LABELS_MAGIC, _finish, _options, read_idx
@@ -17,7 +17,8 @@ _verified = False
 TRAIN_SPLIT_HELP = (
     "only the MNIST test split (10,000 images, t10k-*) is embedded in the package. For the 60,000-image "
     "training set, put train-images-idx3-ubyte.gz and train-labels-idx1-ubyte.gz in a folder and call "
-    "load_dataset('/path/to/folder', split='train') (or load_idx).")
+    "load_dataset('/path/to/folder', split='train') (or load_idx)."
+)
 
 
 def verify_embedded() -> None:
@@ -29,8 +30,10 @@ def verify_embedded() -> None:
     for name in (IMAGES_FILE, LABELS_FILE):
         got = hashlib.md5((MNIST_DIR / name).read_bytes()).hexdigest()
         if got != sums.get(name):
-            raise RuntimeError(f"{MNIST_DIR / name}: MD5 {got} does not match MD5SUMS ({sums.get(name)}); "
-                               f"the embedded copy is corrupt, reinstall analytic_diffusion")
+            raise RuntimeError(
+                f"{MNIST_DIR / name}: MD5 {got} does not match MD5SUMS ({sums.get(name)}); "
+                f"the embedded copy is corrupt, reinstall analytic_diffusion"
+            )
     _verified = True
 
 
@@ -47,7 +50,7 @@ def load_mnist(split: str = "test", pad_to=None, **options) -> Dataset:
     return _finish(images, labels, source="mnist(embedded)", split="test", pad_to=pad_to, **_options(options))
 
 
-def load_embedded(name: str, split: Optional[str] = None, pad_to=None, **options) -> Dataset:
+def load_embedded(name: str, split: str | None = None, pad_to=None, **options) -> Dataset:
     """``load_dataset`` entry for the built-in names in :data:`NAMES`."""
     default_pad = NAMES[name]
     if pad_to is not None and default_pad is not None and pad_to != default_pad:

@@ -6,6 +6,7 @@ Every loader takes the same options: ``resolution`` (bilinear resize), ``graysca
 False: to RGB), ``pad_to`` (centred black padding), ``labels`` (False drops them), ``device``. Errors name the
 file and the problem.
 """
+
 from __future__ import annotations
 
 import io
@@ -13,8 +14,9 @@ import json
 import pickle
 import re
 import zipfile
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Callable, Iterable, List, Optional, Sequence, Tuple
+from typing import Callable
 
 import numpy as np
 import torch
@@ -31,7 +33,7 @@ CIFAR_PIXELS = 3 * 32 * 32
 CIFAR_SUBFOLDERS = ("cifar-10-batches-py", "cifar-100-python", "cifar-10-batches-bin", "cifar-100-binary")
 
 
-def _idx_files(path: Path, split: str) -> Tuple[Path, Optional[Path], str]:
+def _idx_files(path: Path, split: str) -> tuple[Path, Path | None, str]:
     """(images file, labels file or None, split) for an idx directory or a direct images file."""
     if path.is_dir():
         prefix = {"train": "train", "test": "t10k", "t10k": "t10k"}.get(split)
@@ -49,7 +51,7 @@ def _idx_files(path: Path, split: str) -> Tuple[Path, Optional[Path], str]:
     return path, labels, split
 
 
-def _first_existing(folder: Path, stems: Iterable[str]) -> Optional[Path]:
+def _first_existing(folder: Path, stems: Iterable[str]) -> Path | None:
     for stem in stems:
         for name in (stem + ".gz", stem):
             if (folder / name).is_file():
@@ -73,8 +75,9 @@ def load_idx(path, *, split: str = "train", **options) -> Dataset:
     if labels_path is not None and options.get("labels", True):
         labels = read_idx(labels_path, IDX_LABELS_MAGIC).astype(np.int64)
         if labels.shape != (images.shape[0],):
-            raise ValueError(f"{labels_path}: {labels.shape[0]} labels for {images.shape[0]} images "
-                             f"in {images_path.name}")
+            raise ValueError(
+                f"{labels_path}: {labels.shape[0]} labels for {images.shape[0]} images in {images_path.name}"
+            )
     return _finish(images, labels, source=str(images_path.resolve()), split=split, **_options(options))
 
 
@@ -82,7 +85,7 @@ def load_idx(path, *, split: str = "train", **options) -> Dataset:
 class _NumpyOnlyUnpickler(pickle.Unpickler):
     """CIFAR pickles hold numpy arrays, lists and bytes only; refuse anything else (pickles can run code)."""
 
-    ALLOWED = {"_reconstruct", "ndarray", "dtype", "scalar"}
+    ALLOWED = frozenset({"_reconstruct", "ndarray", "dtype", "scalar"})
 
     def find_class(self, module, name):
         if (module, name) == ("_codecs", "encode"):  # how Python 3 writes bytes in protocol-2 pickles
@@ -94,7 +97,7 @@ class _NumpyOnlyUnpickler(pickle.Unpickler):
         raise pickle.UnpicklingError(f"refusing to unpickle {module}.{name}")
 
 
-def _read_cifar_pickle(path: Path) -> Tuple[np.ndarray, np.ndarray]:
+def _read_cifar_pickle(path: Path) -> tuple[np.ndarray, np.ndarray]:
     try:
         with open(path, "rb") as f:
             batch = _NumpyOnlyUnpickler(f, encoding="bytes").load()
@@ -116,13 +119,15 @@ def _read_cifar_pickle(path: Path) -> Tuple[np.ndarray, np.ndarray]:
     return data.reshape(-1, 3, 32, 32), labels
 
 
-def _read_cifar_bin(path: Path, label_bytes: int) -> Tuple[np.ndarray, np.ndarray]:
+def _read_cifar_bin(path: Path, label_bytes: int) -> tuple[np.ndarray, np.ndarray]:
     """Records of label byte(s) + 3072 pixels; CIFAR-100 has (coarse, fine): the fine label is used."""
     data = path.read_bytes()
     record = label_bytes + CIFAR_PIXELS
     if len(data) == 0 or len(data) % record:
-        raise ValueError(f"{path}: truncated or not a CIFAR-{10 if label_bytes == 1 else 100} binary batch: "
-                         f"{len(data)} bytes is not a multiple of the {record}-byte record")
+        raise ValueError(
+            f"{path}: truncated or not a CIFAR-{10 if label_bytes == 1 else 100} binary batch: "
+            f"{len(data)} bytes is not a multiple of the {record}-byte record"
+        )
     rows = np.frombuffer(data, dtype=np.uint8).reshape(-1, record)
     labels = rows[:, label_bytes - 1].astype(np.int64)
     _check_class_range(path, labels, 10 if label_bytes == 1 else 100)
@@ -134,11 +139,13 @@ def _check_class_range(path: Path, labels: np.ndarray, classes: int) -> None:
     bad = (labels < 0) | (labels >= classes)
     if bad.any():
         i = int(np.flatnonzero(bad)[0])
-        raise ValueError(f"{path}: record {i} has label {int(labels[i])}, outside the {classes} classes "
-                         f"0..{classes - 1} ({int(bad.sum())} such records)")
+        raise ValueError(
+            f"{path}: record {i} has label {int(labels[i])}, outside the {classes} classes "
+            f"0..{classes - 1} ({int(bad.sum())} such records)"
+        )
 
 
-def _cifar_files(path: Path, split: str) -> Optional[Tuple[List[Path], str]]:
+def _cifar_files(path: Path, split: str) -> tuple[list[Path], str] | None:
     """(batch files, 'pickle' | 'bin10' | 'bin100') for a CIFAR folder or file, or None if it is not one."""
     if path.is_file():
         name = path.name
@@ -154,14 +161,16 @@ def _cifar_files(path: Path, split: str) -> Optional[Tuple[List[Path], str]]:
     if split not in ("train", "test"):
         raise ValueError(f"{path}: split must be 'train' or 'test' for CIFAR, got {split!r}")
 
-    def batches(pattern: str) -> List[Path]:
+    def batches(pattern: str) -> list[Path]:
         found = [p for p in path.iterdir() if re.fullmatch(pattern, p.name) and p.is_file()]
         return sorted(found, key=lambda p: int(re.sub(r"\D", "", p.name) or 0))
 
-    for train_pattern, test_name, kind in ((r"data_batch_\d+", "test_batch", "pickle"),
-                                           (r"data_batch_\d+\.bin", "test_batch.bin", "bin10"),
-                                           (r"train\.bin", "test.bin", "bin100"),
-                                           (r"train", "test", "pickle")):
+    for train_pattern, test_name, kind in (
+        (r"data_batch_\d+", "test_batch", "pickle"),
+        (r"data_batch_\d+\.bin", "test_batch.bin", "bin10"),
+        (r"train\.bin", "test.bin", "bin100"),
+        (r"train", "test", "pickle"),
+    ):
         train, test = batches(train_pattern), (path / test_name)
         if train or test.is_file():
             files = train if split == "train" else [test] if test.is_file() else []
@@ -178,11 +187,14 @@ def load_cifar(path, *, split: str = "train", **options) -> Dataset:
         raise FileNotFoundError(f"{path}: no such file or directory")
     found = _cifar_files(path, split)
     if found is None:
-        raise ValueError(f"{path}: not a CIFAR batch file or folder (expected data_batch_N/test_batch, "
-                         f"train/test pickles, or *.bin batches)")
+        raise ValueError(
+            f"{path}: not a CIFAR batch file or folder (expected data_batch_N/test_batch, "
+            f"train/test pickles, or *.bin batches)"
+        )
     files, kind = found
-    parts = [_read_cifar_pickle(f) if kind == "pickle" else _read_cifar_bin(f, 1 if kind == "bin10" else 2)
-             for f in files]
+    parts = [
+        _read_cifar_pickle(f) if kind == "pickle" else _read_cifar_bin(f, 1 if kind == "bin10" else 2) for f in files
+    ]
     images, labels = np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
     if path.is_file():
         split = "test" if path.name.startswith("test") else "train"
@@ -190,7 +202,7 @@ def load_cifar(path, *, split: str = "train", **options) -> Dataset:
 
 
 # ==================================================================== image folders and EDM zips
-def _decode_images(entries: Sequence[Tuple[str, Callable]], resolution, grayscale) -> np.ndarray:
+def _decode_images(entries: Sequence[tuple[str, Callable]], resolution, grayscale) -> np.ndarray:
     """Decode (name, open-binary-file) entries into (N, C, H, W) uint8, resizing each when asked.
 
     Grayscale sources stay one channel unless mixed with colour ones (then all become RGB).
@@ -210,8 +222,10 @@ def _decode_images(entries: Sequence[Tuple[str, Callable]], resolution, grayscal
         elif first is None:
             first = (name, arr.shape[1:])
         elif arr.shape[1:] != first[1]:
-            raise ValueError(f"{name}: image is {arr.shape[1]}x{arr.shape[2]} but {first[0]} is "
-                             f"{first[1][0]}x{first[1][1]} (height x width); pass resolution= to resize all")
+            raise ValueError(
+                f"{name}: image is {arr.shape[1]}x{arr.shape[2]} but {first[0]} is "
+                f"{first[1][0]}x{first[1][1]} (height x width); pass resolution= to resize all"
+            )
         arrays.append(arr)
     if len({a.shape[0] for a in arrays}) > 1:
         arrays = [to_rgb(a[None])[0] for a in arrays]
@@ -235,7 +249,7 @@ def _image_name(name: str) -> bool:
     return name.lower().endswith(IMAGE_EXTENSIONS) and not any(p.startswith(".") for p in parts)
 
 
-def load_image_folder(path, *, split: Optional[str] = None, resolution=None, grayscale=None, **options) -> Dataset:
+def load_image_folder(path, *, split: str | None = None, resolution=None, grayscale=None, **options) -> Dataset:
     """PNG/JPEG files found recursively, in sorted order. When every image sits inside a subfolder, the label
     is the index of its top-level subfolder name in sorted order (``class_names``); otherwise no labels."""
     root = Path(path)
@@ -249,12 +263,22 @@ def load_image_folder(path, *, split: Optional[str] = None, resolution=None, gra
     if all(len(parts) >= 2 for parts in rel):
         class_names = sorted({parts[0] for parts in rel})
         labels = np.array([class_names.index(parts[0]) for parts in rel], dtype=np.int64)
-    images = _decode_images([(str(p), lambda p=p: open(p, "rb")) for p in files], resolution, grayscale)
-    return _finish(images, labels, source=str(root.resolve()), split=split, resolution=resolution,
-                   grayscale=grayscale, class_names=class_names, **_options(options))
+    # each opener's file is opened and closed by _decode_images
+    openers = [(str(p), lambda p=p: open(p, "rb")) for p in files]  # noqa: SIM115
+    images = _decode_images(openers, resolution, grayscale)
+    return _finish(
+        images,
+        labels,
+        source=str(root.resolve()),
+        split=split,
+        resolution=resolution,
+        grayscale=grayscale,
+        class_names=class_names,
+        **_options(options),
+    )
 
 
-def load_edm_zip(path, *, split: Optional[str] = None, resolution=None, grayscale=None, **options) -> Dataset:
+def load_edm_zip(path, *, split: str | None = None, resolution=None, grayscale=None, **options) -> Dataset:
     """An EDM ``dataset_tool.py`` zip: images inside, labels from ``dataset.json`` {"labels": [[name, label]]}."""
     path = Path(path)
     if not path.is_file():
@@ -274,30 +298,40 @@ def load_edm_zip(path, *, split: Optional[str] = None, resolution=None, grayscal
             except ValueError as e:
                 raise ValueError(f"{path}: dataset.json is not valid JSON ({e})") from None
             if not isinstance(meta, dict):
-                raise ValueError(f"{path}: dataset.json must be an object {{\"labels\": [[name, label], ...]}}, "
-                                 f"got a JSON {type(meta).__name__}")
+                raise ValueError(
+                    f'{path}: dataset.json must be an object {{"labels": [[name, label], ...]}}, '
+                    f"got a JSON {type(meta).__name__}"
+                )
             if meta.get("labels") is not None:
                 rows = meta["labels"]
                 if not isinstance(rows, list) or not all(isinstance(r, list) and len(r) == 2 for r in rows):
                     raise ValueError(f"{path}: dataset.json 'labels' must be a list of [name, label] pairs")
-                table = {name: label for name, label in rows}
+                table = dict(rows)
                 missing = [n for n in names if n not in table]
                 if missing:
-                    raise ValueError(f"{path}: dataset.json has no label for {missing[0]} "
-                                     f"({len(missing)} images unlabelled)")
-                if not all(isinstance(table[n], int) and not isinstance(table[n], bool) and table[n] >= 0
-                           for n in names):
+                    raise ValueError(
+                        f"{path}: dataset.json has no label for {missing[0]} ({len(missing)} images unlabelled)"
+                    )
+                if not all(
+                    isinstance(table[n], int) and not isinstance(table[n], bool) and table[n] >= 0 for n in names
+                ):
                     raise ValueError(f"{path}: dataset.json labels must be non-negative integers (class indices)")
                 labels = np.array([table[n] for n in names], dtype=np.int64)
         entries = [(f"{path}:{n}", lambda n=n: io.BytesIO(archive.read(n))) for n in names]
         images = _decode_images(entries, resolution, grayscale)
-    return _finish(images, labels, source=str(path.resolve()), split=split, resolution=resolution,
-                   grayscale=grayscale, **_options(options))
+    return _finish(
+        images,
+        labels,
+        source=str(path.resolve()),
+        split=split,
+        resolution=resolution,
+        grayscale=grayscale,
+        **_options(options),
+    )
 
 
 # ==================================================================== numpy files and arrays
-def load_numpy(path, *, split: str = "train", value_range=None, layout: Optional[str] = None,
-               **options) -> Dataset:
+def load_numpy(path, *, split: str = "train", value_range=None, layout: str | None = None, **options) -> Dataset:
     """.npy (images only) or .npz: images under x_{split}, images_{split}, images, x (else the first array);
     labels under y_{split}, labels_{split}, labels, y. Float data in [-1, 1] unless ``value_range`` says;
     ``layout`` where the shape is ambiguous (see :meth:`Dataset.from_array`)."""
@@ -320,16 +354,32 @@ def load_numpy(path, *, split: str = "train", value_range=None, layout: Optional
             label_key = next((k for k in (f"y_{split}", f"labels_{split}", "labels", "y") if k in keys), None)
             images = loaded[image_key]
             labels = loaded[label_key] if label_key is not None else None
-    return _finish(images, labels, source=str(path.resolve()), split=split, value_range=value_range,
-                   layout=layout, **_options(options))
+    return _finish(
+        images,
+        labels,
+        source=str(path.resolve()),
+        split=split,
+        value_range=value_range,
+        layout=layout,
+        **_options(options),
+    )
 
 
-def load_array(array, labels=None, *, source: str = "array", split: Optional[str] = None, value_range=None,
-               layout: Optional[str] = None, **options) -> Dataset:
+def load_array(
+    array,
+    labels=None,
+    *,
+    source: str = "array",
+    split: str | None = None,
+    value_range=None,
+    layout: str | None = None,
+    **options,
+) -> Dataset:
     """In-memory numpy array or tensor (NCHW, NHWC or NHW, ``layout`` where the shape is ambiguous); see
     :meth:`Dataset.from_array`."""
-    return _finish(array, labels, source=source, split=split, value_range=value_range, layout=layout,
-                   **_options(options))
+    return _finish(
+        array, labels, source=source, split=split, value_range=value_range, layout=layout, **_options(options)
+    )
 
 
 # ==================================================================== dispatch
@@ -337,6 +387,7 @@ def detect_format(path: Path) -> Callable[..., Dataset]:
     """The loader for a path, from its name (files) or contents (folders)."""
     if path.is_dir():
         from .packed import is_packed, load_packed_dataset
+
         if is_packed(path):
             return load_packed_dataset
         if any(path.glob("*images*idx3-ubyte*")):
@@ -353,12 +404,21 @@ def detect_format(path: Path) -> Callable[..., Dataset]:
         return load_idx
     if _cifar_files(path, "train") is not None:
         return load_cifar
-    raise ValueError(f"{path}: unknown dataset format (expected an idx file, CIFAR batch, .npy/.npz, "
-                     f".zip, or a folder of images)")
+    raise ValueError(
+        f"{path}: unknown dataset format (expected an idx file, CIFAR batch, .npy/.npz, .zip, or a folder of images)"
+    )
 
 
-def load_dataset(source, *, split: Optional[str] = None, resolution=None, grayscale: Optional[bool] = None,
-                 pad_to=None, labels: bool = True, device="cpu") -> Dataset:
+def load_dataset(
+    source,
+    *,
+    split: str | None = None,
+    resolution=None,
+    grayscale: bool | None = None,
+    pad_to=None,
+    labels: bool = True,
+    device="cpu",
+) -> Dataset:
     """Load a dataset from a path, a built-in name ("mnist": the embedded 10k test set at 28×28, "mnist32":
     zero-padded to 32×32), or an in-memory array/tensor.
 
@@ -371,16 +431,17 @@ def load_dataset(source, *, split: Optional[str] = None, resolution=None, graysc
     if not isinstance(source, (str, Path)):
         raise TypeError(f"source: expected a path, a dataset name or an array, got {type(source).__name__}")
     if isinstance(source, str) and not source.strip():  # Path("") is the working directory: never load it
-        raise ValueError(f"source: empty dataset name or path {source!r} (built-in datasets: "
-                         f"{', '.join(embedded.NAMES)}, or a file or folder path)")
+        raise ValueError(
+            f"source: empty dataset name or path {source!r} (built-in datasets: "
+            f"{', '.join(embedded.NAMES)}, or a file or folder path)"
+        )
     # A bare built-in name always means the embedded set, whatever the working directory holds ("./mnist" for
     # a local folder of that name), so that scripts behave the same everywhere.
     if isinstance(source, str) and source.lower() in embedded.NAMES:
         return embedded.load_embedded(source.lower(), split=split, **options)
     path = Path(source).expanduser()
     if not path.exists():
-        raise FileNotFoundError(f"{path}: no such file or directory (built-in datasets: "
-                                f"{', '.join(embedded.NAMES)})")
+        raise FileNotFoundError(f"{path}: no such file or directory (built-in datasets: {', '.join(embedded.NAMES)})")
     loader = detect_format(path)
     if split is None and loader in (load_idx, load_cifar, load_numpy):
         split = "train"

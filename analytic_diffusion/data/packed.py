@@ -12,6 +12,7 @@ one rank's rows), verifies the checksums of what it maps and returns a :class:`D
 the file: retrievals and statistics read them chunk by chunk and hand the pages back to the OS after each chunk
 (:class:`MappedRows`), so the resident memory stays O(chunk) whatever N.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -19,7 +20,6 @@ import json
 import mmap
 import os
 from pathlib import Path
-from typing import Optional, Tuple
 
 import numpy as np
 import torch
@@ -45,8 +45,10 @@ def _hash(buf) -> str:
 def pack(dataset: Dataset, out, *, progress=None) -> dict:
     """Write ``dataset`` (uint8 images) to the folder ``out``; returns the header. Streams ``BLOCK_BYTES`` at a time."""
     if dataset.dtype != torch.uint8:
-        raise ValueError(f"pack: packed datasets store uint8 images; {dataset.source!r} holds "
-                         f"{str(dataset.dtype).replace('torch.', '')} (an 8-bit source packs as is)")
+        raise ValueError(
+            f"pack: packed datasets store uint8 images; {dataset.source!r} holds "
+            f"{str(dataset.dtype).replace('torch.', '')} (an 8-bit source packs as is)"
+        )
     if dataset.sharding is not None:
         raise ValueError("pack: this dataset is one rank's shard; pack the whole set")
     out = Path(out)
@@ -58,8 +60,8 @@ def pack(dataset: Dataset, out, *, progress=None) -> dict:
     arr = np.lib.format.open_memmap(out / IMAGES, mode="w+", dtype=np.uint8, shape=tuple(images.shape))
     whole, blocks = hashlib.blake2b(digest_size=16), []
     for s in range(0, n, block_rows):
-        chunk = images[s:s + block_rows].cpu().contiguous().numpy()
-        arr[s:s + chunk.shape[0]] = chunk
+        chunk = images[s : s + block_rows].cpu().contiguous().numpy()
+        arr[s : s + chunk.shape[0]] = chunk
         whole.update(chunk.data)
         blocks.append(_hash(chunk.data))
         if progress:
@@ -68,11 +70,21 @@ def pack(dataset: Dataset, out, *, progress=None) -> dict:
     del arr
     if dataset.labels is not None:
         np.save(out / LABELS, dataset.labels.cpu().numpy().astype(np.int64))
-    header = {"format": FORMAT, "version": VERSION, "shape": list(images.shape), "dtype": "uint8",
-              "source": dataset.source, "split": dataset.split, "transform": dataset.transform,
-              "subset": dataset.subset_desc, "labels": dataset.labels is not None,
-              "class_names": None if dataset.class_names is None else list(dataset.class_names),
-              "checksum": whole.hexdigest(), "block_rows": block_rows, "block_checksums": blocks}
+    header = {
+        "format": FORMAT,
+        "version": VERSION,
+        "shape": list(images.shape),
+        "dtype": "uint8",
+        "source": dataset.source,
+        "split": dataset.split,
+        "transform": dataset.transform,
+        "subset": dataset.subset_desc,
+        "labels": dataset.labels is not None,
+        "class_names": None if dataset.class_names is None else list(dataset.class_names),
+        "checksum": whole.hexdigest(),
+        "block_rows": block_rows,
+        "block_checksums": blocks,
+    }
     tmp = out / (HEADER + ".tmp")
     tmp.write_text(json.dumps(header, indent=1))
     os.replace(tmp, out / HEADER)  # the header last: a folder with a header is complete
@@ -106,8 +118,10 @@ def _map_images(path: Path, header: dict) -> np.memmap:
         arr = np.load(f, mmap_mode="c", allow_pickle=False)  # copy-on-write: writable for torch, file untouched
     except ValueError as e:  # a truncated file fails here (mmap length > file size) or in the npy header
         expected = int(np.prod(shape))
-        raise ValueError(f"{f}: cannot map the packed images ({e}); the file is {f.stat().st_size} bytes for "
-                         f"{expected} image bytes plus the .npy header: truncated or corrupted") from None
+        raise ValueError(
+            f"{f}: cannot map the packed images ({e}); the file is {f.stat().st_size} bytes for "
+            f"{expected} image bytes plus the .npy header: truncated or corrupted"
+        ) from None
     if arr.dtype != np.uint8 or tuple(arr.shape) != shape:
         raise ValueError(f"{f}: holds {arr.dtype} {tuple(arr.shape)}, the header says uint8 {shape}")
     return arr
@@ -122,7 +136,7 @@ class MappedRows:
         self._mm = arr._mmap  # the mapping np.memmap made; the array starts at arr.offset % granularity in it
         self._base = arr.offset % mmap.ALLOCATIONGRANULARITY if hasattr(arr, "offset") else 0
 
-    def _range(self, a: int, b: int) -> Tuple[int, int]:
+    def _range(self, a: int, b: int) -> tuple[int, int]:
         lo = self._base + (self.start + a) * self.row_bytes
         hi = self._base + (self.start + b) * self.row_bytes
         lo -= lo % PAGE
@@ -150,12 +164,14 @@ def _verify(path: Path, arr: np.memmap, header: dict, start: int, stop: int, pag
     for b in range(start // block_rows, -(-stop // block_rows)):
         s, e = b * block_rows, min(n, (b + 1) * block_rows)
         if _hash(np.ascontiguousarray(arr[s:e]).data) != sums[b]:
-            raise ValueError(f"{path / IMAGES}: checksum mismatch in rows {s}:{e} (block {b}): the file is "
-                             "corrupted or was changed after packing; pack it again")
+            raise ValueError(
+                f"{path / IMAGES}: checksum mismatch in rows {s}:{e} (block {b}): the file is "
+                "corrupted or was changed after packing; pack it again"
+            )
         pages.release(s - pages.start, e - pages.start)
 
 
-def load_packed(path, *, rows: Optional[Tuple[int, int]] = None, verify: bool = True, device="cpu") -> Dataset:
+def load_packed(path, *, rows: tuple[int, int] | None = None, verify: bool = True, device="cpu") -> Dataset:
     """The packed dataset at ``path``, mapped (not read): all rows, or ``rows`` = (start, stop) only.
 
     ``verify`` checks the checksums of the blocks holding the mapped rows (one streaming pass). The dataset's
@@ -185,9 +201,16 @@ def load_packed(path, *, rows: Optional[Tuple[int, int]] = None, verify: bool = 
             raise ValueError(f"{lf}: {lab.shape} labels for {n} images")
         labels = torch.from_numpy(np.array(lab[start:stop], dtype=np.int64))
     images = torch.from_numpy(arr[start:stop])  # a view of the mapping: nothing is read yet
-    ds = Dataset(images, labels, source=str(header.get("source") or path), split=header.get("split"),
-                 transform=header.get("transform") or "none", subset=header.get("subset") or "all",
-                 class_names=header.get("class_names"), device=None if str(device) == "cpu" else device)
+    ds = Dataset(
+        images,
+        labels,
+        source=str(header.get("source") or path),
+        split=header.get("split"),
+        transform=header.get("transform") or "none",
+        subset=header.get("subset") or "all",
+        class_names=header.get("class_names"),
+        device=None if str(device) == "cpu" else device,
+    )
     ds._fingerprint = f"packed:{header['checksum']}" + ("" if rows is None else f"[{start}:{stop}]")
     if str(device) == "cpu":
         ds._mapped = MappedRows(arr, start)
@@ -198,6 +221,7 @@ def load_packed_shard(path, group, *, verify: bool = True) -> Dataset:
     """This rank's shard of the packed dataset at ``path`` (``group``: an ops.distributed.ShardGroup): only the
     shard's rows are mapped and verified. A collective; the ranks first compare the file's checksum."""
     from ..ops.distributed import Shard
+
     header = read_header(path)
     n = int(header["shape"][0])
     group.check_same("datasets (packed checksums)", f"packed:{header['checksum']} N={n}")
@@ -212,15 +236,18 @@ def check_options(path, *, split=None, resolution=None, grayscale=None, pad_to=N
     """Loader options a packed folder cannot honour raise (it is used as packed), before anything is mapped."""
     for name, value in (("resolution", resolution), ("pad_to", pad_to), ("grayscale", grayscale)):
         if value is not None:
-            raise ValueError(f"{name}: a packed dataset is used as packed ({Path(path) / HEADER}); pack the "
-                             f"source again with the transform instead")
+            raise ValueError(
+                f"{name}: a packed dataset is used as packed ({Path(path) / HEADER}); pack the "
+                f"source again with the transform instead"
+            )
     packed_split = read_header(path).get("split")
     if split is not None and packed_split is not None and split != packed_split:
         raise ValueError(f"split: {Path(path)} holds the {packed_split!r} split, not {split!r}")
 
 
-def load_packed_dataset(path, *, split=None, resolution=None, grayscale=None, pad_to=None, labels: bool = True,
-                        device="cpu") -> Dataset:
+def load_packed_dataset(
+    path, *, split=None, resolution=None, grayscale=None, pad_to=None, labels: bool = True, device="cpu"
+) -> Dataset:
     """:func:`load_dataset`'s loader for a packed folder: the images are used as packed."""
     check_options(path, split=split, resolution=resolution, grayscale=grayscale, pad_to=pad_to)
     ds = load_packed(path, device=device)

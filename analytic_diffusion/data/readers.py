@@ -2,13 +2,13 @@
 
 Its own module so that the format loaders and the embedded MNIST both import it without importing each other.
 """
-from __future__ import annotations
 
+from __future__ import annotations
 
 import gzip
 import math
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Sequence
 
 import numpy as np
 import torch
@@ -20,20 +20,38 @@ IDX_IMAGES_MAGIC, IDX_LABELS_MAGIC = 2051, 2049
 
 
 # ==================================================================== shared finishing step
-def _finish(images, labels, *, source: str, split: Optional[str], resolution=None, grayscale=None,
-            pad_to=None, labels_wanted: bool = True, device="cpu", value_range=None,
-            class_names: Optional[Sequence[str]] = None, layout: Optional[str] = None) -> Dataset:
+def _finish(
+    images,
+    labels,
+    *,
+    source: str,
+    split: str | None,
+    resolution=None,
+    grayscale=None,
+    pad_to=None,
+    labels_wanted: bool = True,
+    device="cpu",
+    value_range=None,
+    class_names: Sequence[str] | None = None,
+    layout: str | None = None,
+) -> Dataset:
     """Validate/standardise, apply the transforms, record them in the metadata, and build the Dataset."""
     x = standardize_images(images, source, value_range, layout=layout)
     transform = "none"
     if resolution is not None or grayscale is not None or pad_to is not None:
-        arr, transform = apply_transforms(x.cpu().numpy(), resolution=resolution, grayscale=grayscale,
-                                          pad_to=pad_to)
+        arr, transform = apply_transforms(x.cpu().numpy(), resolution=resolution, grayscale=grayscale, pad_to=pad_to)
         x = torch.from_numpy(np.ascontiguousarray(arr))
     keep = labels_wanted and labels is not None
     labels = torch.from_numpy(np.array(labels)) if keep else None  # np.array copies: read-only buffers are fine
-    return Dataset(x, labels, source=source, split=split, transform=transform,
-                   class_names=class_names if keep else None, device=device)
+    return Dataset(
+        x,
+        labels,
+        source=source,
+        split=split,
+        transform=transform,
+        class_names=class_names if keep else None,
+        device=device,
+    )
 
 
 def _options(kw) -> dict:
@@ -66,12 +84,13 @@ def read_idx(path, magic: int) -> np.ndarray:
     header = 4 + 4 * ndim
     if len(data) < header:
         raise ValueError(f"{path}: truncated inside the idx header")
-    dims = tuple(int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
+    dims = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
     count = math.prod(dims)  # Python ints: a header claiming huge sizes cannot overflow into a small product
     body = len(data) - header
     if body < count:
-        raise ValueError(f"{path}: truncated: header says {'x'.join(map(str, dims))} = {count} bytes of data, "
-                         f"found {body}")
+        raise ValueError(
+            f"{path}: truncated: header says {'x'.join(map(str, dims))} = {count} bytes of data, found {body}"
+        )
     if body > count:
         raise ValueError(f"{path}: {body - count} unexpected bytes after the {'x'.join(map(str, dims))} data")
     return np.frombuffer(data, dtype=np.uint8, count=count, offset=header).reshape(dims)

@@ -3,17 +3,18 @@
 Each returns the new array; :func:`apply_transforms` also returns the text recorded in the Dataset metadata
 (and so in statistics cache keys).
 """
+
 from __future__ import annotations
 
-from typing import List, Optional, Tuple, Union
+from typing import Union
 
 import numpy as np
 from PIL import Image
 
-Resolution = Union[int, Tuple[int, int]]
+Resolution = Union[int, tuple[int, int]]
 
 
-def as_size(resolution: Resolution, name: str = "resolution") -> Tuple[int, int]:
+def as_size(resolution: Resolution, name: str = "resolution") -> tuple[int, int]:
     """An int or (height, width) -> (height, width), validated."""
     size = (resolution, resolution) if np.isscalar(resolution) else tuple(resolution)
     if len(size) != 2 or not all(isinstance(s, (int, np.integer)) and s > 0 for s in size):
@@ -29,7 +30,7 @@ def to_grayscale(x: np.ndarray) -> np.ndarray:
         raise ValueError(f"grayscale: expected 1, 3 or 4 channels, got {x.shape[1]}")
     r, g, b = x[:, 0:1], x[:, 1:2], x[:, 2:3]
     if x.dtype == np.uint8:  # Pillow's convert("L"): (R·19595 + G·38470 + B·7471 + 2^15) >> 16
-        luma = (r.astype(np.uint32) * 19595 + g.astype(np.uint32) * 38470 + b.astype(np.uint32) * 7471 + 0x8000)
+        luma = r.astype(np.uint32) * 19595 + g.astype(np.uint32) * 38470 + b.astype(np.uint32) * 7471 + 0x8000
         return (luma >> 16).astype(np.uint8)
     return (0.299 * r + 0.587 * g + 0.114 * b).astype(x.dtype)
 
@@ -41,7 +42,7 @@ def to_rgb(x: np.ndarray) -> np.ndarray:
     return x[:, :3] if x.shape[1] == 4 else x
 
 
-def resize(x: np.ndarray, size: Tuple[int, int]) -> np.ndarray:
+def resize(x: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """Bilinear resize with Pillow (antialiased when shrinking), channel by channel (mode L or F)."""
     h, w = size
     if x.shape[2:] == (h, w):
@@ -56,21 +57,26 @@ def resize(x: np.ndarray, size: Tuple[int, int]) -> np.ndarray:
     return out.astype(x.dtype, copy=False)
 
 
-def pad(x: np.ndarray, size: Tuple[int, int]) -> np.ndarray:
+def pad(x: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """Centre the images on a size[0]×size[1] canvas of black: uint8 0, i.e. -1 in [-1, 1]."""
     h, w = x.shape[2:]
     if size[0] < h or size[1] < w:
         raise ValueError(f"pad_to: {size[0]}x{size[1]} is smaller than the images ({h}x{w})")
     top, left = (size[0] - h) // 2, (size[1] - w) // 2
     out = np.full(x.shape[:2] + tuple(size), 0 if x.dtype == np.uint8 else -1.0, dtype=x.dtype)
-    out[:, :, top:top + h, left:left + w] = x
+    out[:, :, top : top + h, left : left + w] = x
     return out
 
 
-def apply_transforms(x: np.ndarray, *, resolution: Optional[Resolution] = None, grayscale: Optional[bool] = None,
-                     pad_to: Optional[Resolution] = None) -> Tuple[np.ndarray, str]:
+def apply_transforms(
+    x: np.ndarray,
+    *,
+    resolution: Resolution | None = None,
+    grayscale: bool | None = None,
+    pad_to: Resolution | None = None,
+) -> tuple[np.ndarray, str]:
     """grayscale (True: to one channel, False: to RGB, None: as stored) -> resize -> pad; plus a description."""
-    steps: List[str] = []
+    steps: list[str] = []
     if grayscale is not None:
         x = to_grayscale(x) if grayscale else to_rgb(x)
         steps.append("grayscale" if grayscale else "rgb")

@@ -1,4 +1,5 @@
 """Analytic denoisers: small classes that configure the retrieval primitive; no kernel code lives here."""
+
 from __future__ import annotations
 
 import inspect
@@ -27,8 +28,11 @@ def denoiser_options(name: str) -> list:
         if klass in (Denoiser, object):
             continue
         for p in list(inspect.signature(klass.__init__).parameters.values())[2:]:
-            if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD) and p.name not in opts \
-                    and p.name not in cls.hidden_options:
+            if (
+                p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)
+                and p.name not in opts
+                and p.name not in cls.hidden_options
+            ):
                 opts.append(p.name)
     return opts
 
@@ -49,7 +53,26 @@ def make_denoiser(name: str, dataset, **options) -> Denoiser:
     return cls(dataset, **options)
 
 
-__all__ = ["Denoiser", "Posterior", "sigma_rows", "Optimal", "RetrievalDenoiser", "TopK", "Nearest",
-           "KNNEstimator", "Wiener", "Smoothed", "LocalDenoiser", "LocalScore", "EquivariantLocalScore",
-           "BoundaryBrokenELS", "PSPC", "PSPCFlex", "PCALocality", "PosteriorSampleDenoiser", "DENOISERS", "make_denoiser",
-           "denoiser_options"]
+__all__ = [
+    "DENOISERS",
+    "PSPC",
+    "BoundaryBrokenELS",
+    "Denoiser",
+    "EquivariantLocalScore",
+    "KNNEstimator",
+    "LocalDenoiser",
+    "LocalScore",
+    "Nearest",
+    "Optimal",
+    "PCALocality",
+    "PSPCFlex",
+    "Posterior",
+    "PosteriorSampleDenoiser",
+    "RetrievalDenoiser",
+    "Smoothed",
+    "TopK",
+    "Wiener",
+    "denoiser_options",
+    "make_denoiser",
+    "sigma_rows",
+]

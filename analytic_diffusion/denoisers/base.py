@@ -9,10 +9,10 @@ empty. Its working precision is the ``dtype=`` option, so ``.to(dtype)`` / ``.do
 method's description is the :meth:`Denoiser.config` *method* (a JSON-ready dict); ecosystems that expect a
 ``.config`` attribute (diffusers) get one on the wrappers in :mod:`analytic_diffusion.integrations`.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Tuple
 
 import numpy as np
 import torch
@@ -26,21 +26,24 @@ def class_label_rows(labels, device) -> torch.Tensor:
     if not (t.is_floating_point() or t.dtype in (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)):
         raise TypeError(f"class_labels: expected integer class indices, got {t.dtype}")
     if t.is_floating_point() and not bool((torch.isfinite(t) & (t == t.round())).all()):
-        raise ValueError(f"class_labels: expected integer class indices, got non-integral values "
-                         f"{t[~(torch.isfinite(t) & (t == t.round()))].reshape(-1)[:3].tolist()}")
+        raise ValueError(
+            f"class_labels: expected integer class indices, got non-integral values "
+            f"{t[~(torch.isfinite(t) & (t == t.round()))].reshape(-1)[:3].tolist()}"
+        )
     return t.to(device=device, dtype=torch.long).reshape(-1)
 
 
 @dataclass
 class Posterior:
     """Posterior mean (B, C, H, W) with per-sample summaries of the weights."""
+
     mean: torch.Tensor
     max_weight: torch.Tensor  # (B,)
     effective_neighbours: torch.Tensor  # (B,)
     # Certified pruning (``tolerance`` > 0, see analytic_diffusion.ops.pruning): bounds per sample, else None.
-    error_bound: Optional[torch.Tensor] = None  # (B,) ≥ ‖mean − exact posterior mean‖₂
-    skipped_weight: Optional[torch.Tensor] = None  # (B,) ≥ posterior weight of the skipped candidates
-    scored_fraction: Optional[torch.Tensor] = None  # (B,) candidates scored / candidates
+    error_bound: torch.Tensor | None = None  # (B,) ≥ ‖mean − exact posterior mean‖₂
+    skipped_weight: torch.Tensor | None = None  # (B,) ≥ posterior weight of the skipped candidates
+    scored_fraction: torch.Tensor | None = None  # (B,) candidates scored / candidates
 
 
 class Denoiser(torch.nn.Module):
@@ -52,12 +55,12 @@ class Denoiser(torch.nn.Module):
     # Whether .to(dtype) / .half() / .double() may change the working precision (network adapters: yes).
     _casts_with_module = False
 
-    def __init__(self, image_shape: Tuple[int, int, int]):
+    def __init__(self, image_shape: tuple[int, int, int]):
         super().__init__()
         self.image_shape = tuple(int(v) for v in image_shape)
 
     # -- subclasses --------------------------------------------------------------------------------------
-    def denoise(self, x: torch.Tensor, sigma: torch.Tensor, class_labels: Optional[torch.Tensor]) -> torch.Tensor:
+    def denoise(self, x: torch.Tensor, sigma: torch.Tensor, class_labels: torch.Tensor | None) -> torch.Tensor:
         raise NotImplementedError
 
     def config(self) -> dict:
@@ -73,7 +76,7 @@ class Denoiser(torch.nn.Module):
 
     # -- nn.Module ---------------------------------------------------------------------------------------
     @property
-    def dtype(self) -> Optional[torch.dtype]:
+    def dtype(self) -> torch.dtype | None:
         """Working precision (the ``dtype=`` option); None for an adapter that runs in the caller's dtype."""
         return self.__dict__.get("_dtype")
 
@@ -82,7 +85,7 @@ class Denoiser(torch.nn.Module):
         self.__dict__["_dtype"] = value
 
     @property
-    def device(self) -> Optional[torch.device]:
+    def device(self) -> torch.device | None:
         """Where the resident tensors live (None: an adapter that runs on the caller's device)."""
         if "_device" in self.__dict__:
             return self.__dict__["_device"]
@@ -103,9 +106,11 @@ class Denoiser(torch.nn.Module):
         probes = {dt: fn(torch.empty(0, dtype=dt, device=here)) for dt in (torch.float32, torch.float64)}
         casts = any(p.dtype != dt for dt, p in probes.items())
         if casts and not self._casts_with_module:
-            raise TypeError(f"{type(self).__name__}: .to(dtype) / .half() / .double() do not apply to an analytic "
-                            f"denoiser; its working precision is the dtype= option (now {self.dtype}). "
-                            ".to(device) / .cuda() / .cpu() move it")
+            raise TypeError(
+                f"{type(self).__name__}: .to(dtype) / .half() / .double() do not apply to an analytic "
+                f"denoiser; its working precision is the dtype= option (now {self.dtype}). "
+                ".to(device) / .cuda() / .cpu() move it"
+            )
         target = probes[torch.float32].device
         self._before_move(target)
         out = super()._apply(fn, recurse)
@@ -124,8 +129,7 @@ class Denoiser(torch.nn.Module):
         if not torch.is_tensor(x) or not x.is_floating_point():
             raise TypeError(f"x: expected a floating tensor, got {getattr(x, 'dtype', type(x))}")
         if x.dim() != 4 or tuple(x.shape[1:]) != self.image_shape:
-            raise ValueError(f"x: expected shape (B, {', '.join(map(str, self.image_shape))}), "
-                             f"got {tuple(x.shape)}")
+            raise ValueError(f"x: expected shape (B, {', '.join(map(str, self.image_shape))}), got {tuple(x.shape)}")
         _check_sigma_is_float(sigma)
         if torch.compiler.is_compiling():
             # Inside torch.compile: shapes and dtypes are checked above, values (NaN, σ ≤ 0) only in eager calls,
@@ -140,8 +144,9 @@ class Denoiser(torch.nn.Module):
             if class_labels.numel() == 1 and x.shape[0] > 1:
                 class_labels = class_labels.expand(x.shape[0])
             if class_labels.shape != (x.shape[0],):
-                raise ValueError(f"class_labels: expected one label per sample ({x.shape[0]}), "
-                                 f"got {tuple(class_labels.shape)}")
+                raise ValueError(
+                    f"class_labels: expected one label per sample ({x.shape[0]}), got {tuple(class_labels.shape)}"
+                )
         return s, class_labels
 
     def forward(self, x: torch.Tensor, sigma, class_labels=None) -> torch.Tensor:
@@ -178,16 +183,19 @@ class Denoiser(torch.nn.Module):
         """
         s, labels = self._check(x, sigma, class_labels)
         if not torch.is_tensor(v) or v.shape != x.shape:
-            raise ValueError(f"v: expected a tensor of the shape of x {tuple(x.shape)}, "
-                             f"got {tuple(getattr(v, 'shape', ()))}")
+            raise ValueError(
+                f"v: expected a tensor of the shape of x {tuple(x.shape)}, got {tuple(getattr(v, 'shape', ()))}"
+            )
         if self._has_exact_jacobian():
             return self._exact_jvp(x.detach(), s, labels, v.detach()).to(x.dtype)
         with torch.enable_grad():
             xr = x.detach().requires_grad_(True)
             out = self.denoise(xr, s, labels)
             if not out.requires_grad:
-                raise TypeError(f"{type(self).__name__}: no gradient (a random posterior draw or injected noise "
-                                "has no Jacobian); the retrieval, Gaussian and local denoisers have exact ones")
+                raise TypeError(
+                    f"{type(self).__name__}: no gradient (a random posterior draw or injected noise "
+                    "has no Jacobian); the retrieval, Gaussian and local denoisers have exact ones"
+                )
             # out depends on xr linearly through J: J·v = ∂/∂u [uᵀ J v] = grad of <grad(out·u), v> in u, u = 0.
             u = torch.zeros_like(out, requires_grad=True)
             (g,) = torch.autograd.grad(out, xr, u, create_graph=True)
@@ -203,7 +211,7 @@ class Denoiser(torch.nn.Module):
 
 def _check_sigma_is_float(sigma) -> None:
     """Refuse integer σ: ``den(x, 500)`` is almost always a diffusers-style timestep, not σ = 500."""
-    if isinstance(sigma, bool) or isinstance(sigma, (int, np.integer)):
+    if isinstance(sigma, (bool, int, np.integer)):
         bad = repr(sigma)
     elif torch.is_tensor(sigma) or isinstance(sigma, np.ndarray):
         if torch.as_tensor(sigma).is_floating_point():
@@ -213,7 +221,9 @@ def _check_sigma_is_float(sigma) -> None:
         bad = "a list of integers"
     else:
         return
-    raise TypeError(f"sigma: got {bad}; a denoiser takes the noise level σ (x = x0 + σ·ε) as a float, not an "
-                    "integer diffusion timestep. For diffusers-style model(x, t) calls wrap it with "
-                    "analytic_diffusion.integrations.to_diffusers(denoiser, scheduler); for an integral σ pass "
-                    "a float (e.g. 2.0)")
+    raise TypeError(
+        f"sigma: got {bad}; a denoiser takes the noise level σ (x = x0 + σ·ε) as a float, not an "
+        "integer diffusion timestep. For diffusers-style model(x, t) calls wrap it with "
+        "analytic_diffusion.integrations.to_diffusers(denoiser, scheduler); for an integral σ pass "
+        "a float (e.g. 2.0)"
+    )

@@ -8,17 +8,17 @@ names the denoiser in a registry of weak references, so the compiled graph holds
 dataset's cached constants, and ``.to(device)`` still applies. The fake (meta) implementations give the output's
 shape and dtype (the denoiser's working precision) without touching data.
 """
+
 from __future__ import annotations
 
 import itertools
 import weakref
-from typing import Optional
 
 import torch
 
-__all__ = ["handle_of", "needs_op", "optimal_mean", "optimal_jvp"]
+__all__ = ["handle_of", "needs_op", "optimal_jvp", "optimal_mean"]
 
-_REGISTRY: "dict[int, weakref.ref]" = {}
+_REGISTRY: dict[int, weakref.ref] = {}
 _NEXT = itertools.count(1)
 
 
@@ -53,7 +53,7 @@ def _lookup(handle: int):
 
 
 @torch.library.custom_op("analytic_diffusion::optimal_mean", mutates_args=())
-def optimal_mean(x: torch.Tensor, sigma: torch.Tensor, labels: Optional[torch.Tensor], handle: int) -> torch.Tensor:
+def optimal_mean(x: torch.Tensor, sigma: torch.Tensor, labels: torch.Tensor | None, handle: int) -> torch.Tensor:
     # The optimal posterior itself, also for subclasses that compose it (smoothed averages it over perturbed x).
     return _lookup(handle)._optimal_posterior(x, sigma, labels).mean.clone()
 
@@ -64,8 +64,9 @@ def _(x, sigma, labels, handle):
 
 
 @torch.library.custom_op("analytic_diffusion::optimal_jvp", mutates_args=())
-def optimal_jvp(x: torch.Tensor, sigma: torch.Tensor, labels: Optional[torch.Tensor], v: torch.Tensor,
-                handle: int) -> torch.Tensor:
+def optimal_jvp(
+    x: torch.Tensor, sigma: torch.Tensor, labels: torch.Tensor | None, v: torch.Tensor, handle: int
+) -> torch.Tensor:
     return _lookup(handle)._optimal_jvp(x, sigma, labels, v).clone()
 
 

@@ -19,16 +19,14 @@ Both run on :func:`analytic_diffusion.ops.patch_retrieval.patch_softmax_partial`
 float32 work), the fused implicit-im2col kernels. :meth:`partial` returns the per-pixel partial state over a shard
 [start, stop) of the stored images, so that shards combine exactly (:meth:`from_partial` finishes).
 """
-from __future__ import annotations
 
-from typing import List, Optional, Tuple
+from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
 from ..ops.partial import PartialState
-from ..ops.patch_retrieval import (effective_budget, interior_positions, patch_offsets,
-                                   patch_softmax_partial)
+from ..ops.patch_retrieval import effective_budget, interior_positions, patch_offsets, patch_softmax_partial
 from .local import check_patch_backend
 from .local_base import LocalDenoiser
 
@@ -43,7 +41,7 @@ class _PatchScore(LocalDenoiser):
         super().__init__(dataset, **kw)
 
     # -- subclasses -------------------------------------------------------------------------------------
-    def _groups(self, k: int) -> List[Tuple[torch.Tensor, torch.Tensor]]:
+    def _groups(self, k: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """[(query pixel centres (P_q, 2), candidate centres (P_c, 2))] covering every pixel once."""
         raise NotImplementedError
 
@@ -63,8 +61,16 @@ class _PatchScore(LocalDenoiser):
             return F.pad(x, (d, d, d, d), mode="circular")
         return F.pad(x, (d, d, d, d), mode="constant", value=0.0)
 
-    def partial(self, x: torch.Tensor, sigma, class_labels=None, *, k: Optional[int] = None, start: int = 0,
-                stop: Optional[int] = None) -> PartialState:
+    def partial(
+        self,
+        x: torch.Tensor,
+        sigma,
+        class_labels=None,
+        *,
+        k: int | None = None,
+        start: int = 0,
+        stop: int | None = None,
+    ) -> PartialState:
         """Per-pixel partial state over stored images start:stop: rows ordered (b, i, j), o = (B·H·W, C).
 
         ``k`` defaults to the schedule's patch size at σ (all samples must then share one k).
@@ -86,8 +92,7 @@ class _PatchScore(LocalDenoiser):
     def _denoise_k(self, x, s, labels, k: int) -> torch.Tensor:
         return self.from_partial(self._partial_k(x, s, labels, k), x.shape[0])
 
-    def _partial_k(self, x, s, labels, k: int, *, start: int = 0, stop: Optional[int] = None
-                   ) -> PartialState:
+    def _partial_k(self, x, s, labels, k: int, *, start: int = 0, stop: int | None = None) -> PartialState:
         c, h, w = self.image_shape
         B = x.shape[0]
         feat = c * k * k
@@ -111,10 +116,20 @@ class _PatchScore(LocalDenoiser):
                 b, p = t // qpos.shape[0], t % qpos.shape[0]
                 q = xflat[b[:, None], offs[p]]
                 sub = patch_softmax_partial(
-                    q, self.keys, s[b], cpos, k, temperature=self.temperature,
-                    query_labels=None if labels is None else labels[b], flips=self.flips, dtype=dt,
-                    memory_budget=max(1, budget - q.numel() * item), start=start, stop=stop,
-                    backend=self._backend_for(x))
+                    q,
+                    self.keys,
+                    s[b],
+                    cpos,
+                    k,
+                    temperature=self.temperature,
+                    query_labels=None if labels is None else labels[b],
+                    flips=self.flips,
+                    dtype=dt,
+                    memory_budget=max(1, budget - q.numel() * item),
+                    start=start,
+                    stop=stop,
+                    backend=self._backend_for(x),
+                )
                 rows = b * (h * w) + pix[p]
                 state.m[rows], state.l[rows], state.l2[rows], state.o[rows] = sub.m, sub.l, sub.l2, sub.o
                 del q, sub
@@ -133,8 +148,10 @@ class EquivariantLocalScore(_PatchScore):
         if isinstance(k, bool) or not isinstance(k, int) or k < 1 or k % 2 == 0:
             raise ValueError(f"patch: patch sizes must be odd positive integers, got {k!r}")
         if k > min(h, w):
-            raise ValueError(f"patch: ELS needs k <= min(H, W) = {min(h, w)} (training patches must fit inside "
-                             f"the {h}×{w} images), got k = {k}")
+            raise ValueError(
+                f"patch: ELS needs k <= min(H, W) = {min(h, w)} (training patches must fit inside "
+                f"the {h}×{w} images), got k = {k}"
+            )
 
     def _groups(self, k: int):
         _, h, w = self.image_shape
@@ -162,6 +179,7 @@ class BoundaryBrokenELS(_PatchScore):
         if rows_in.numel() and cols_in.numel():
             inner = torch.cartesian_prod(rows_in, cols_in).reshape(-1, 2)
             groups.append((inner, inner))
+
         # Edge bands: one group per (border, offset); query pixels = candidate centres.
         def band_rows(i):  # pixels (i, j), j interior along the edge, if row i is within d of one border only
             return torch.stack([torch.full_like(cols_in, i), cols_in], 1)
@@ -189,4 +207,4 @@ class BoundaryBrokenELS(_PatchScore):
         return groups
 
 
-__all__ = ["EquivariantLocalScore", "BoundaryBrokenELS"]
+__all__ = ["BoundaryBrokenELS", "EquivariantLocalScore"]

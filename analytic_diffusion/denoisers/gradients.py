@@ -10,24 +10,31 @@ sample's Jacobian depends on that sample only. Distances are direct differences 
 candidate chunks of bounded size; flips and class labels select candidates as the retrieval does. Autograd
 reaches it through the custom op's backward (:mod:`.custom_ops`).
 """
-from __future__ import annotations
 
-from typing import Optional
+from __future__ import annotations
 
 import torch
 
 from ..ops import KeyBank
 from ..ops.retrieval import hflip_rows
 
-__all__ = ["posterior_jvp", "covariance_product"]
+__all__ = ["covariance_product", "posterior_jvp"]
 
 # Elements of the (B, chunk, D) difference tensor per chunk: 32 MiB of float64.
 _CHUNK_ELEMENTS = 1 << 22
 
 
-def posterior_jvp(x: torch.Tensor, keys: KeyBank, sigma: torch.Tensor, v: torch.Tensor, *, temperature: float = 1.0,
-                  flips: bool = False, query_labels: Optional[torch.Tensor] = None,
-                  dtype: torch.dtype = torch.float64) -> torch.Tensor:
+def posterior_jvp(
+    x: torch.Tensor,
+    keys: KeyBank,
+    sigma: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    flips: bool = False,
+    query_labels: torch.Tensor | None = None,
+    dtype: torch.dtype = torch.float64,
+) -> torch.Tensor:
     """(B, D) J·v (= Jᵀ·v) of the posterior mean at rows x (B, D), σ (B,), for directions v (B, D)."""
     B, D = x.shape
     dev = x.device

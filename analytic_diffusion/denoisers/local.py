@@ -3,23 +3,30 @@
 Thin configurations of :mod:`analytic_diffusion.ops.local_retrieval` (the exact, memory-bounded torch reference).
 docs/methods.md §1.2 and §2 give the rules; docs/design.md §3 the shared primitive.
 """
+
 from __future__ import annotations
 
 import math
-from typing import Callable, Dict, Optional, Union
+from typing import Callable, Union
 
 import torch
 
-from ..ops.local_retrieval import _check_masks, local_score, mask_composite, masks_from_heatmap, pspc_square, \
-    wiener_filter_matrix
+from ..grids import karras
+from ..ops.local_retrieval import (
+    _check_masks,
+    local_score,
+    mask_composite,
+    masks_from_heatmap,
+    pspc_square,
+    wiener_filter_matrix,
+)
 from ..ops.patch_retrieval import PATCH_BACKENDS
+from .local_base import LocalDenoiser
 from .patch_presets import as_patch_schedule, load_patch_schedule
 from .patch_schedule import PatchSchedule
-from ..grids import karras
-from .local_base import LocalDenoiser
 
 # The PSPC paper's CIFAR-10 PSPC-Flex mass fractions over the 18-step EDM/Karras grid, high noise first.
-PSPC_CIFAR_TAUS = (1., 1., 1., 1., 1., 1., 1., 0.7, 0.7, 0.5, 0.4, 0.4, 0.4, 0.4, 0.3, 0.3, 0.3, 0.3)
+PSPC_CIFAR_TAUS = (1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 0.7, 0.7, 0.5, 0.4, 0.4, 0.4, 0.4, 0.3, 0.3, 0.3, 0.3)
 
 
 def karras_sigmas(n: int) -> list:
@@ -42,11 +49,12 @@ def check_patch_backend(backend: str, name: str, backends=PATCH_BACKENDS) -> Non
 def check_reference_backend(backend: str, name: str) -> None:
     """Only the exact torch reference exists for PSPC-Flex so far."""
     if backend not in ("auto", "torch"):
-        raise ValueError(f"backend: {name} has only the torch reference backend so far ('auto' or 'torch'), "
-                         f"got {backend!r}")
+        raise ValueError(
+            f"backend: {name} has only the torch reference backend so far ('auto' or 'torch'), got {backend!r}"
+        )
 
 
-def _nearest(table: Dict[float, object], sigma: float):
+def _nearest(table: dict[float, object], sigma: float):
     """Value of a {σ: value} table at the grid point nearest in log σ (as :class:`PatchSchedule` looks up)."""
     best = min(table, key=lambda s: abs(math.log(s) - math.log(sigma)))
     return best, table[best]
@@ -77,12 +85,22 @@ class LocalScore(LocalDenoiser):
             raise ValueError(f"patch: LS needs odd patch sizes k >= 1 (a window centred on each pixel), got {k!r}")
 
     def _denoise_k(self, x, s, labels, k):
-        return local_score(x, self.keys, s, patch=k, temperature=self.temperature, query_labels=labels,
-                           flips=self.flips, dtype=self.dtype, memory_budget=self.memory_budget, backend=self._backend_for(x))
+        return local_score(
+            x,
+            self.keys,
+            s,
+            patch=k,
+            temperature=self.temperature,
+            query_labels=labels,
+            flips=self.flips,
+            dtype=self.dtype,
+            memory_budget=self.memory_budget,
+            backend=self._backend_for(x),
+        )
 
 
 # ----------------------------------------------------------------------------------------------- PSPC-Square
-def pspc_cifar_schedule(max_size: Optional[int] = None) -> PatchSchedule:
+def pspc_cifar_schedule(max_size: int | None = None) -> PatchSchedule:
     """The paper's CIFAR-10 PSPC-Square schedule (preset ``pspc-cifar10``); sizes above ``max_size`` are clipped
     (32 means "the whole image" there, so on 28×28 data it becomes 28)."""
     preset = load_patch_schedule("pspc-cifar10")
@@ -106,7 +124,7 @@ class PSPC(LocalDenoiser):
 
     name = "pspc"
 
-    def __init__(self, dataset, *, patch=None, flips: Optional[bool] = None, **kw):
+    def __init__(self, dataset, *, patch=None, flips: bool | None = None, **kw):
         check_patch_backend(kw.get("backend", "auto"), self.name)
         _, H, W = dataset.image_shape
         if patch is None:
@@ -123,13 +141,23 @@ class PSPC(LocalDenoiser):
     def _check_patch(self, k: int) -> None:
         _, H, W = self.image_shape
         if not 1 <= k <= min(H, W):
-            raise ValueError(f"patch: PSPC crops lie fully inside the {H}×{W} image, so k must be in "
-                             f"[1, {min(H, W)}]; got {k}")
+            raise ValueError(
+                f"patch: PSPC crops lie fully inside the {H}×{W} image, so k must be in [1, {min(H, W)}]; got {k}"
+            )
 
     def _denoise_k(self, x, s, labels, k):
-        return pspc_square(x, self.keys, s, patch=k, temperature=self.temperature, query_labels=labels,
-                           flips=self.flips, dtype=self.dtype, memory_budget=self.memory_budget,
-                           backend=self._backend_for(x))
+        return pspc_square(
+            x,
+            self.keys,
+            s,
+            patch=k,
+            temperature=self.temperature,
+            query_labels=labels,
+            flips=self.flips,
+            dtype=self.dtype,
+            memory_budget=self.memory_budget,
+            backend=self._backend_for(x),
+        )
 
 
 # ----------------------------------------------------------------------------------------------- PSPC-Flex
@@ -143,7 +171,7 @@ def wiener_heatmap(dataset, sigma: float) -> torch.Tensor:
     return A.sum(dim=(0, 2)).reshape(H, W, H, W)
 
 
-MaskSpec = Union[str, torch.Tensor, Callable[[float], torch.Tensor], Dict[float, torch.Tensor]]
+MaskSpec = Union[str, torch.Tensor, Callable[[float], torch.Tensor], dict[float, torch.Tensor]]
 
 
 class PSPCFlex(LocalDenoiser):
@@ -175,20 +203,22 @@ class PSPCFlex(LocalDenoiser):
     hidden_options = ("patch",)
     default_patch = 1  # LocalDenoiser wants a schedule; it is never used (denoise groups by σ, not by k)
 
-    def __init__(self, dataset, *, masks: MaskSpec = "wiener", tau=None, flips: Optional[bool] = None, **kw):
+    def __init__(self, dataset, *, masks: MaskSpec = "wiener", tau=None, flips: bool | None = None, **kw):
         if kw.get("patch") is not None:
             raise ValueError("patch: pspc-flex has no patch size; its locality comes from `masks`")
         kw.pop("patch", None)
         check_reference_backend(kw.get("backend", "auto"), self.name)
         super().__init__(dataset, flips=True if flips is None else flips, **kw)
-        C, H, W = self.image_shape
-        self._cache: Dict[float, torch.Tensor] = {}
+        _C, H, W = self.image_shape
+        self._cache: dict[float, torch.Tensor] = {}
         self._mask_spec = masks
         self._tau = None
         if isinstance(masks, str):
             if masks != "wiener":
-                raise ValueError(f"masks: expected 'wiener', a ({H * W}, {H}, {W}) bool tensor, a callable "
-                                 f"σ -> masks or a {{σ: masks}} dict, got {masks!r}")
+                raise ValueError(
+                    f"masks: expected 'wiener', a ({H * W}, {H}, {W}) bool tensor, a callable "
+                    f"σ -> masks or a {{σ: masks}} dict, got {masks!r}"
+                )
             self._tau = self._make_tau(tau)
         else:
             if tau is not None:
@@ -203,8 +233,9 @@ class PSPCFlex(LocalDenoiser):
                     raise ValueError(f"masks: table σ values must be finite and > 0, got {bad[:3]}")
                 self._table = {float(s): self._validate(v) for s, v in masks.items()}
             elif not callable(masks):
-                raise ValueError(f"masks: expected 'wiener', a bool tensor, a callable or a dict, "
-                                 f"got {type(masks).__name__}")
+                raise ValueError(
+                    f"masks: expected 'wiener', a bool tensor, a callable or a dict, got {type(masks).__name__}"
+                )
 
     @staticmethod
     def _make_tau(tau):
@@ -224,8 +255,10 @@ class PSPCFlex(LocalDenoiser):
     def _validate(self, masks) -> torch.Tensor:
         _, H, W = self.image_shape
         if torch.is_tensor(masks) and masks.dim() == 3 and masks.shape[0] != H * W:
-            raise ValueError(f"masks: pspc-flex needs one mask per output pixel, shape ({H * W}, {H}, {W}); got "
-                             f"{tuple(masks.shape)} (mask_composite in ops takes any number of masks)")
+            raise ValueError(
+                f"masks: pspc-flex needs one mask per output pixel, shape ({H * W}, {H}, {W}); got "
+                f"{tuple(masks.shape)} (mask_composite in ops takes any number of masks)"
+            )
         _check_masks(masks, self.image_shape)
         return masks
 
@@ -262,10 +295,23 @@ class PSPCFlex(LocalDenoiser):
         return self._cache[key]
 
     def denoise(self, x, s, labels):
-        return self.grouped(x, s, labels, [sigma_key(v) for v in s.cpu().tolist()], lambda xr, sr, lr, key:
-                            mask_composite(xr, self.keys, sr, self.masks_for(key), temperature=self.temperature,
-                                           query_labels=lr, flips=self.flips, dtype=self.dtype,
-                                           memory_budget=self.memory_budget))
+        return self.grouped(
+            x,
+            s,
+            labels,
+            [sigma_key(v) for v in s.cpu().tolist()],
+            lambda xr, sr, lr, key: mask_composite(
+                xr,
+                self.keys,
+                sr,
+                self.masks_for(key),
+                temperature=self.temperature,
+                query_labels=lr,
+                flips=self.flips,
+                dtype=self.dtype,
+                memory_budget=self.memory_budget,
+            ),
+        )
 
     def config(self) -> dict:
         cfg = {k: v for k, v in super().config().items() if k != "patch"}

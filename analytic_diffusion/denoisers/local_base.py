@@ -1,12 +1,11 @@
 """Shared machinery of the local denoisers: a patch size per σ, and samples grouped by patch size."""
-from __future__ import annotations
 
-from typing import Optional
+from __future__ import annotations
 
 import torch
 
-from .patch_presets import as_patch_schedule
 from .optimal import RetrievalDenoiser
+from .patch_presets import as_patch_schedule
 
 
 class LocalDenoiser(RetrievalDenoiser):
@@ -17,7 +16,7 @@ class LocalDenoiser(RetrievalDenoiser):
     different k: they are grouped by k, so each group is one exact call.
     """
 
-    default_patch: Optional[int] = None
+    default_patch: int | None = None
 
     def __init__(self, dataset, *, patch=None, **kw):
         super().__init__(dataset, **kw)
@@ -50,8 +49,9 @@ class LocalDenoiser(RetrievalDenoiser):
         return out
 
     def denoise(self, x, s, labels):
-        return self.grouped(x, s, labels, self.patch_sizes(s).tolist(),
-                            lambda xr, sr, lr, k: self._denoise_k(xr, sr, lr, int(k)))
+        return self.grouped(
+            x, s, labels, self.patch_sizes(s).tolist(), lambda xr, sr, lr, k: self._denoise_k(xr, sr, lr, int(k))
+        )
 
     def _posterior(self, x, s, labels):
         raise NotImplementedError(f"{self.name}: per-pixel posteriors have no single summary; use __call__")

@@ -1,7 +1,6 @@
 """Denoisers built on the exact k-nearest-neighbour scan: top-k posterior, nearest image, kNN estimator."""
-from __future__ import annotations
 
-from typing import Optional
+from __future__ import annotations
 
 import torch
 
@@ -11,11 +10,10 @@ from .gradients import covariance_product
 from .optimal import RetrievalDenoiser
 from .sample_seeds import row_generators
 
-
 # The float32 screen may mis-rank near-ties at the k-th place: take this many more, then rank in float64.
 RESCORE_MARGIN = 8
 # Relative weight below which a candidate's row is left out of the weighted mean (see _softmax_summary).
-NEGLIGIBLE_WEIGHT = 2.0 ** -64
+NEGLIGIBLE_WEIGHT = 2.0**-64
 
 
 def _coef(s: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -47,10 +45,13 @@ NEGLIGIBLE_LOGIT_GAP = 46.0
 
 def _row_norm_max(keys) -> float:
     """max_j ‖y_j‖₂ over the stored rows (mirrored rows have the same norms), in float64, kept with the dataset."""
+
     def make():
         step = max(1, (1 << 22) // max(1, keys.dim))
-        return max(float(keys.rows(s, min(s + step, keys.n), torch.float64).norm(dim=1).max())
-                   for s in range(0, keys.n, step))
+        return max(
+            float(keys.rows(s, min(s + step, keys.n), torch.float64).norm(dim=1).max()) for s in range(0, keys.n, step)
+        )
+
     return keys.cached("row_norm_max", make)
 
 
@@ -72,7 +73,7 @@ def _negligible(den, q: torch.Tensor, d2: torch.Tensor, valid: torch.Tensor, coe
     u = torch.finfo(d2.dtype).eps / 2
     dim = keys.dim
     gamma = (dim + 2) * u / (1 - (dim + 2) * u)
-    a = 4 * u * (q.detach().double().norm(dim=1) + 2 * _row_norm_max(keys) + 2 * dim ** 0.5 * abs(keys.shift))
+    a = 4 * u * (q.detach().double().norm(dim=1) + 2 * _row_norm_max(keys) + 2 * dim**0.5 * abs(keys.shift))
     d = torch.where(valid, d2.detach().double(), torch.zeros_like(d2, dtype=torch.float64)).clamp_min(0)
     lower = ((d / (1 + gamma)).sqrt() - a[:, None]).clamp_min(0) ** 2
     upper = ((d[:, :1] / (1 - gamma)).sqrt() + a[:, None]) ** 2
@@ -81,7 +82,7 @@ def _negligible(den, q: torch.Tensor, d2: torch.Tensor, valid: torch.Tensor, coe
     return skip
 
 
-def _nearest_exact(den: "RetrievalDenoiser", q: torch.Tensor, k: int, labels, coef: Optional[torch.Tensor] = None):
+def _nearest_exact(den: RetrievalDenoiser, q: torch.Tensor, k: int, labels, coef: torch.Tensor | None = None):
     """The k nearest allowed candidates per row, ranked in float64 (ties: lower index).
 
     Returns (index (B, k), rel d2 (B, k) float64 relative to the row's nearest). A row with fewer than k allowed
@@ -136,7 +137,7 @@ class TopK(RetrievalDenoiser):
     name = "topk"
     hidden_options = ("tolerance",)  # ranks by exact k-NN distances: no softmax tail to prune
 
-    def __init__(self, dataset, k: Optional[int] = None, **kw):
+    def __init__(self, dataset, k: int | None = None, **kw):
         super().__init__(dataset, **kw)
         if k is None:
             k = min(200, self.num_candidates)
@@ -182,8 +183,7 @@ class Nearest(RetrievalDenoiser):
     hidden_options = ("tolerance",)  # ranks by exact k-NN distances: no softmax tail to prune
 
     def _posterior(self, x, s, labels) -> Posterior:
-        _, idx = knn_search(x.reshape(x.shape[0], -1), self.keys, 1, query_labels=labels,
-                            **self._retrieval_kwargs())
+        _, idx = knn_search(x.reshape(x.shape[0], -1), self.keys, 1, query_labels=labels, **self._retrieval_kwargs())
         rows = gather_rows(self.keys, idx[:, 0], self.dtype)
         one = torch.ones(x.shape[0], dtype=self.dtype, device=x.device)
         return Posterior(rows.reshape(x.shape).to(x.dtype), one, one)

@@ -1,13 +1,12 @@
 """The exact empirical (optimal) denoiser: the posterior mean over the whole training set."""
-from __future__ import annotations
 
-from typing import Optional
+from __future__ import annotations
 
 import torch
 
 from ..ops import DEFAULT_MEMORY_BUDGET, all_labels, softmax_retrieval
-from ..ops.pruning import certified_retrieval, check_tolerance
 from ..ops.precision import check_mode
+from ..ops.pruning import certified_retrieval, check_tolerance
 from .base import Denoiser, Posterior
 from .custom_ops import handle_of, needs_op, optimal_mean
 from .gradients import posterior_jvp
@@ -24,14 +23,29 @@ class RetrievalDenoiser(Denoiser):
     (:mod:`analytic_diffusion.ops.pruning`; :meth:`pruning_summary` sums the certificates up). 0 is the exact scan.
     """
 
-    def __init__(self, dataset, *, backend: str = "auto", dtype: torch.dtype = torch.float32,
-                 memory_budget: int = DEFAULT_MEMORY_BUDGET, flips: Optional[bool] = None,
-                 temperature: float = 1.0, precision: str = "exact", tolerance: float = 0.0):
+    def __init__(
+        self,
+        dataset,
+        *,
+        backend: str = "auto",
+        dtype: torch.dtype = torch.float32,
+        memory_budget: int = DEFAULT_MEMORY_BUDGET,
+        flips: bool | None = None,
+        temperature: float = 1.0,
+        precision: str = "exact",
+        tolerance: float = 0.0,
+    ):
         super().__init__(dataset.image_shape)
         check_mode(precision)
         self.tolerance = check_tolerance(tolerance)
-        self._certificates = {"calls": 0, "samples": 0, "scored": 0.0, "error_bound_max": 0.0,
-                              "error_bound_sum": 0.0, "skipped_weight_max": 0.0}
+        self._certificates = {
+            "calls": 0,
+            "samples": 0,
+            "scored": 0.0,
+            "error_bound_max": 0.0,
+            "error_bound_sum": 0.0,
+            "skipped_weight_max": 0.0,
+        }
         if not temperature > 0:
             raise ValueError(f"temperature: expected > 0, got {temperature}")
         if dtype not in (torch.float32, torch.float64):
@@ -71,18 +85,26 @@ class RetrievalDenoiser(Denoiser):
         s, labels = super()._check(x, sigma, class_labels)
         if labels is not None and not torch.compiler.is_compiling():  # value checks stay out of compiled graphs
             if self.keys.labels is None:
-                raise ValueError("class_labels: this dataset has no labels, so class-conditional "
-                                 "candidates are not available")
+                raise ValueError(
+                    "class_labels: this dataset has no labels, so class-conditional candidates are not available"
+                )
             present = torch.unique(all_labels(self.keys))
             missing = sorted(set(labels.cpu().tolist()) - set(present.tolist()))
             if missing:
-                raise ValueError(f"class_labels: no training image has label(s) {missing}; "
-                                 f"the dataset's classes are {present.tolist()}")
+                raise ValueError(
+                    f"class_labels: no training image has label(s) {missing}; "
+                    f"the dataset's classes are {present.tolist()}"
+                )
         return s, labels
 
     def _retrieval_kwargs(self) -> dict:
-        return dict(flips=self.flips, backend=self.backend, dtype=self.dtype, memory_budget=self.memory_budget,
-                    precision=self.precision)
+        return dict(
+            flips=self.flips,
+            backend=self.backend,
+            dtype=self.dtype,
+            memory_budget=self.memory_budget,
+            precision=self.precision,
+        )
 
     def posterior(self, x: torch.Tensor, sigma, class_labels=None) -> Posterior:
         s, labels = self._check(x, sigma, class_labels)
@@ -98,9 +120,16 @@ class RetrievalDenoiser(Denoiser):
         return self._posterior(x, s, labels).mean
 
     def config(self) -> dict:
-        return {"method": self.name, "dataset": repr(self.dataset), "flips": self.flips,
-                "temperature": self.temperature, "backend": self.backend, "dtype": str(self.dtype), "precision": self.precision,
-                "tolerance": self.tolerance}
+        return {
+            "method": self.name,
+            "dataset": repr(self.dataset),
+            "flips": self.flips,
+            "temperature": self.temperature,
+            "backend": self.backend,
+            "dtype": str(self.dtype),
+            "precision": self.precision,
+            "tolerance": self.tolerance,
+        }
 
     def _record(self, post: Posterior) -> Posterior:
         """Add a pruned call's certificates to the running summary (metrics.json's ``certificate``)."""
@@ -113,14 +142,19 @@ class RetrievalDenoiser(Denoiser):
         c["skipped_weight_max"] = max(c["skipped_weight_max"], float(post.skipped_weight.max()))
         return post
 
-    def pruning_summary(self) -> Optional[dict]:
+    def pruning_summary(self) -> dict | None:
         """Certificates of every pruned call so far: tolerance, mean scored fraction, mean/max error bound."""
         c = self._certificates
         if self.tolerance == 0.0 or c["samples"] == 0:
             return None
-        return {"tolerance": self.tolerance, "denoiser_calls": c["calls"],
-                "scored_fraction": c["scored"] / c["samples"], "error_bound_mean": c["error_bound_sum"] / c["samples"],
-                "error_bound_max": c["error_bound_max"], "skipped_weight_max": c["skipped_weight_max"]}
+        return {
+            "tolerance": self.tolerance,
+            "denoiser_calls": c["calls"],
+            "scored_fraction": c["scored"] / c["samples"],
+            "error_bound_mean": c["error_bound_sum"] / c["samples"],
+            "error_bound_max": c["error_bound_max"],
+            "skipped_weight_max": c["skipped_weight_max"],
+        }
 
 
 class Optimal(RetrievalDenoiser):
@@ -150,8 +184,16 @@ class Optimal(RetrievalDenoiser):
 
     def _optimal_jvp(self, x, s, labels, v):
         """J·v of the optimal posterior mean (what the custom op's backward calls; subclasses compose it)."""
-        flat = posterior_jvp(x.reshape(x.shape[0], -1), self.keys, s, v.reshape(v.shape[0], -1),
-                             temperature=self.temperature, flips=self.flips, query_labels=labels, dtype=self.dtype)
+        flat = posterior_jvp(
+            x.reshape(x.shape[0], -1),
+            self.keys,
+            s,
+            v.reshape(v.shape[0], -1),
+            temperature=self.temperature,
+            flips=self.flips,
+            query_labels=labels,
+            dtype=self.dtype,
+        )
         return flat.reshape(x.shape)
 
     def _optimal_posterior(self, x, s, labels) -> Posterior:
@@ -159,11 +201,31 @@ class Optimal(RetrievalDenoiser):
 
     def _posterior(self, x, s, labels) -> Posterior:
         if self.tolerance > 0:
-            r = certified_retrieval(x.reshape(x.shape[0], -1), self.keys, s, tolerance=self.tolerance,
-                                    temperature=self.temperature, query_labels=labels, **self._retrieval_kwargs())
-            return self._record(Posterior(r.mean.reshape(x.shape).to(x.dtype), r.max_weight,
-                                          r.effective_neighbours, r.error_bound, r.skipped_weight,
-                                          r.scored_fraction))
-        r = softmax_retrieval(x.reshape(x.shape[0], -1), self.keys, s, temperature=self.temperature,
-                              query_labels=labels, **self._retrieval_kwargs())
+            r = certified_retrieval(
+                x.reshape(x.shape[0], -1),
+                self.keys,
+                s,
+                tolerance=self.tolerance,
+                temperature=self.temperature,
+                query_labels=labels,
+                **self._retrieval_kwargs(),
+            )
+            return self._record(
+                Posterior(
+                    r.mean.reshape(x.shape).to(x.dtype),
+                    r.max_weight,
+                    r.effective_neighbours,
+                    r.error_bound,
+                    r.skipped_weight,
+                    r.scored_fraction,
+                )
+            )
+        r = softmax_retrieval(
+            x.reshape(x.shape[0], -1),
+            self.keys,
+            s,
+            temperature=self.temperature,
+            query_labels=labels,
+            **self._retrieval_kwargs(),
+        )
         return Posterior(r.mean.reshape(x.shape).to(x.dtype), r.max_weight, r.effective_neighbours)

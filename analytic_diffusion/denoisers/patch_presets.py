@@ -12,20 +12,28 @@ pair with bbELS, "circular" ones with ELS; "-cond" tables come from class-condit
 Every preset is a :class:`~analytic_diffusion.denoisers.patch_schedule.PatchSchedule`; lookups take the nearest grid point in
 log σ, and ``check_covers`` refuses σ grids that stray beyond the table.
 """
+
 from __future__ import annotations
 
 import json
 import os
-from typing import Dict, List, Optional, Union
 
 from ..grids import kamb_sigma, karras
 from .patch_schedule import PatchSchedule
 
-__all__ = ["PRESETS", "ALIASES", "PRESET_INFO", "KAMB_TABLES", "PSPC_CIFAR10_SIZES", "list_presets",
-           "load_patch_schedule", "kamb_schedule"]
+__all__ = [
+    "ALIASES",
+    "KAMB_TABLES",
+    "PRESETS",
+    "PRESET_INFO",
+    "PSPC_CIFAR10_SIZES",
+    "kamb_schedule",
+    "list_presets",
+    "load_patch_schedule",
+]
 
 # k for i = 0 … 19 at t = i/20 (docs/methods.md §1.4, from the committed scale files of henhen724/convolutional_diffusion).
-KAMB_TABLES: Dict[str, List[int]] = {
+KAMB_TABLES: dict[str, list[int]] = {
     "kamb-cifar10-resnet-zeros-cond": [3, 3, 3, 3, 5, 5, 5, 7, 7, 7, 7, 9, 9, 11, 11, 13, 15, 17, 17, 17],
     "kamb-cifar10-resnet-circular-cond": [3, 3, 3, 3, 5, 5, 5, 5, 7, 7, 7, 9, 9, 11, 11, 13, 13, 15, 15, 15],
     "kamb-cifar10-unet-zeros-cond": [3, 3, 3, 3, 5, 5, 5, 5, 7, 7, 7, 7, 9, 9, 11, 13, 13, 15, 17, 25],
@@ -57,19 +65,22 @@ def _describe(name: str) -> str:
     parts = name.split("-")
     cond = ", class-conditional" if parts[-1] == "cond" else ""
     pad, pairs = ("zero", "bbELS") if "zeros" in parts else ("circular", "ELS")
-    return (f"Kamb & Ganguli: {parts[1]} {parts[2]} ({pad} padding{cond}); t = i/20 on the kamb-cosine "
-            f"grid; pairs with {pairs}")
+    return (
+        f"Kamb & Ganguli: {parts[1]} {parts[2]} ({pad} padding{cond}); t = i/20 on the kamb-cosine "
+        f"grid; pairs with {pairs}"
+    )
 
 
-PRESETS: Dict[str, PatchSchedule] = {name: kamb_schedule(sizes, name) for name, sizes in KAMB_TABLES.items()}
+PRESETS: dict[str, PatchSchedule] = {name: kamb_schedule(sizes, name) for name, sizes in KAMB_TABLES.items()}
 PRESETS["pspc-cifar10"] = _pspc_cifar10()
 
-PRESET_INFO: Dict[str, str] = {name: _describe(name) for name in KAMB_TABLES}
-PRESET_INFO["pspc-cifar10"] = ("Niedoba et al. PSPC-Square crop sizes for CIFAR-10 on the 18-step Karras grid "
-                               "(32 = whole image)")
+PRESET_INFO: dict[str, str] = {name: _describe(name) for name in KAMB_TABLES}
+PRESET_INFO["pspc-cifar10"] = (
+    "Niedoba et al. PSPC-Square crop sizes for CIFAR-10 on the 18-step Karras grid (32 = whole image)"
+)
 
 # Short names: the ResNet + zero-padding table of each dataset (the one paired with bbELS).
-ALIASES: Dict[str, str] = {
+ALIASES: dict[str, str] = {
     "kamb-mnist": "kamb-mnist-resnet-zeros",
     "kamb-fashionmnist": "kamb-fashionmnist-resnet-zeros-cond",
     "kamb-cifar10": "kamb-cifar10-resnet-zeros-cond",
@@ -78,20 +89,23 @@ ALIASES: Dict[str, str] = {
 }
 
 
-def list_presets(aliases: bool = False) -> List[str]:
+def list_presets(aliases: bool = False) -> list[str]:
     """Preset names (and the short aliases too with ``aliases=True``)."""
     return list(PRESETS) + (list(ALIASES) if aliases else [])
 
 
 def _copy(schedule: PatchSchedule) -> PatchSchedule:
-    return PatchSchedule(list(schedule.sizes), list(schedule.sigmas), name=schedule.name,
-                         tolerance=schedule.tolerance, odd=schedule.odd)
+    return PatchSchedule(
+        list(schedule.sizes), list(schedule.sigmas), name=schedule.name, tolerance=schedule.tolerance, odd=schedule.odd
+    )
 
 
 def _names_hint() -> str:
-    return (f"preset names: {', '.join(PRESETS)} (aliases: "
-            f"{', '.join(f'{a} = {b}' for a, b in ALIASES.items())}); or the path of a JSON schedule file "
-            "(written by PatchSchedule.save or `analytic-diffusion calibrate`)")
+    return (
+        f"preset names: {', '.join(PRESETS)} (aliases: "
+        f"{', '.join(f'{a} = {b}' for a, b in ALIASES.items())}); or the path of a JSON schedule file "
+        "(written by PatchSchedule.save or `analytic-diffusion calibrate`)"
+    )
 
 
 def load_patch_schedule(name_or_path) -> PatchSchedule:
@@ -125,8 +139,7 @@ def load_patch_schedule(name_or_path) -> PatchSchedule:
     return schedule
 
 
-def as_patch_schedule(patch: Union[int, str, PatchSchedule, None], default: Optional[int] = None
-                      ) -> PatchSchedule:
+def as_patch_schedule(patch: int | str | PatchSchedule | None, default: int | None = None) -> PatchSchedule:
     """Accept a constant k, a PatchSchedule, a preset name or a JSON schedule file path."""
     if isinstance(patch, PatchSchedule):
         return patch
@@ -138,5 +151,6 @@ def as_patch_schedule(patch: Union[int, str, PatchSchedule, None], default: Opti
         return PatchSchedule.constant(patch)
     if isinstance(patch, str):
         return load_patch_schedule(patch)
-    raise TypeError(f"patch: expected an odd int, a preset name, a schedule file or a PatchSchedule, "
-                    f"got {type(patch).__name__}")
+    raise TypeError(
+        f"patch: expected an odd int, a preset name, a schedule file or a PatchSchedule, got {type(patch).__name__}"
+    )

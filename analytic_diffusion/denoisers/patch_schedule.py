@@ -4,12 +4,13 @@ A schedule is a constant k or a table of (σ, k) points looked up at the nearest
 σ = 0 entries match only σ below the smallest positive point). Presets and calibration live beside this in
 :mod:`analytic_diffusion.denoisers.patch_presets` and :mod:`analytic_diffusion.analysis.calibration`.
 """
+
 from __future__ import annotations
 
 import json
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 
 def check_patch_size(k, name: str = "patch", odd: bool = True) -> int:
@@ -41,21 +42,24 @@ class PatchSchedule:
     odd: bool = True
 
     def __post_init__(self):
-        self.sizes = [check_patch_size(int(k) if _integral(k) else k, f"patch schedule {self.name!r}",
-                                       self.odd) for k in self.sizes]
+        self.sizes = [
+            check_patch_size(int(k) if _integral(k) else k, f"patch schedule {self.name!r}", self.odd)
+            for k in self.sizes
+        ]
         self.sigmas = [float(s) for s in self.sigmas]
         if not self.sizes:
             raise ValueError(f"patch schedule {self.name!r}: no patch sizes")
         if self.sigmas and len(self.sigmas) != len(self.sizes):
-            raise ValueError(f"patch schedule {self.name!r}: {len(self.sigmas)} σ values for "
-                             f"{len(self.sizes)} patch sizes")
+            raise ValueError(
+                f"patch schedule {self.name!r}: {len(self.sigmas)} σ values for {len(self.sizes)} patch sizes"
+            )
         if not self.sigmas and len(self.sizes) != 1:
             raise ValueError(f"patch schedule {self.name!r}: a table needs one σ per patch size")
         if any(not (s >= 0 and math.isfinite(s)) for s in self.sigmas):
             raise ValueError(f"patch schedule {self.name!r}: σ values must be finite and >= 0")
 
     @staticmethod
-    def constant(k: int) -> "PatchSchedule":
+    def constant(k: int) -> PatchSchedule:
         return PatchSchedule([check_patch_size(k)], name=f"k={k}")
 
     @property
@@ -78,9 +82,11 @@ class PatchSchedule:
         """Raise if some σ a sampler will visit lies outside the table's span."""
         bad = [float(s) for s in sigmas if float(s) > 0 and not self.covers(float(s))]
         if bad:
-            raise ValueError(f"patch schedule {self.name!r} covers σ in [{min(self.sigmas):g}, "
-                             f"{max(self.sigmas):g}] (×{self.tolerance} either side) but the sampler visits "
-                             f"σ = {', '.join(f'{b:g}' for b in bad[:4])}")
+            raise ValueError(
+                f"patch schedule {self.name!r} covers σ in [{min(self.sigmas):g}, "
+                f"{max(self.sigmas):g}] (×{self.tolerance} either side) but the sampler visits "
+                f"σ = {', '.join(f'{b:g}' for b in bad[:4])}"
+            )
 
     def k_for(self, sigma: float) -> int:
         """Patch size at σ > 0 (nearest grid point in log σ)."""
@@ -102,7 +108,7 @@ class PatchSchedule:
         return out
 
     @staticmethod
-    def from_json(obj: dict) -> "PatchSchedule":
+    def from_json(obj: dict) -> PatchSchedule:
         if not isinstance(obj, dict):
             raise ValueError(f"patch schedule file: expected a JSON object, got {type(obj).__name__}")
         for key in ("patch_sizes",):
@@ -110,8 +116,9 @@ class PatchSchedule:
                 raise ValueError(f"patch schedule file: missing key {key!r}")
         if not isinstance(obj["patch_sizes"], list) or not isinstance(obj.get("sigmas", []), list):
             raise ValueError("patch schedule file: 'patch_sizes' and 'sigmas' must be lists")
-        return PatchSchedule(obj["patch_sizes"], obj.get("sigmas", []), name=obj.get("name", "file"),
-                             odd=bool(obj.get("odd", True)))
+        return PatchSchedule(
+            obj["patch_sizes"], obj.get("sigmas", []), name=obj.get("name", "file"), odd=bool(obj.get("odd", True))
+        )
 
     def save(self, path) -> None:
         with open(path, "w") as f:

@@ -3,15 +3,20 @@
 docs/methods.md §5 and docs/design.md §10.1 give the rules; this is a thin configuration of
 :func:`analytic_diffusion.ops.local_retrieval.coordinate_retrieval`.
 """
+
 from __future__ import annotations
 
 import math
-from typing import Dict, Optional
 
 import torch
 
-from ..ops.local_retrieval import (COORDINATE_FUSED_KERNELS, SOFTMAX_MODES, coordinate_retrieval, locality_mask,
-                                   wiener_filter_matrix)
+from ..ops.local_retrieval import (
+    COORDINATE_FUSED_KERNELS,
+    SOFTMAX_MODES,
+    coordinate_retrieval,
+    locality_mask,
+    wiener_filter_matrix,
+)
 from ..ops.wiener_mask import MASK_RULES, WienerMasks, studio_factors, studio_mask
 from .local import check_patch_backend, sigma_key
 from .local_base import LocalDenoiser
@@ -63,8 +68,17 @@ class PCALocality(LocalDenoiser):
     hidden_options = ("patch",)
     default_patch = 1  # LocalDenoiser wants a schedule; never used (denoise groups samples by σ, not by k)
 
-    def __init__(self, dataset, *, threshold: float = 0.005, mask: str = "wiener", softmax: str = "exact",
-                 chunk_size: Optional[int] = None, mask_rule: str = "engine", **kw):
+    def __init__(
+        self,
+        dataset,
+        *,
+        threshold: float = 0.005,
+        mask: str = "wiener",
+        softmax: str = "exact",
+        chunk_size: int | None = None,
+        mask_rule: str = "engine",
+        **kw,
+    ):
         if kw.get("patch") is not None:
             raise ValueError("patch: pca_locality has no patch size; its locality comes from the Wiener masks")
         kw.pop("patch", None)
@@ -83,8 +97,9 @@ class PCALocality(LocalDenoiser):
             raise ValueError(f"mask_rule: expected one of {', '.join(MASK_RULES)}, got {mask_rule!r}")
         if softmax == "chunked":
             if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-                raise ValueError(f"chunk_size: the chunked softmax needs an integer block size >= 1, "
-                                 f"got {chunk_size!r}")
+                raise ValueError(
+                    f"chunk_size: the chunked softmax needs an integer block size >= 1, got {chunk_size!r}"
+                )
         elif chunk_size is not None:
             raise ValueError("chunk_size: only used with softmax='chunked'")
         super().__init__(dataset, **kw)
@@ -93,8 +108,8 @@ class PCALocality(LocalDenoiser):
         self.softmax = softmax
         self.chunk_size = chunk_size
         self.mask_rule = mask_rule
-        self._cache: Dict[float, torch.Tensor] = {}
-        self._masks: Optional[WienerMasks] = None  # their σ-independent factors (CPU), built at the first σ
+        self._cache: dict[float, torch.Tensor] = {}
+        self._masks: WienerMasks | None = None  # their σ-independent factors (CPU), built at the first σ
         self._studio = None  # mask_rule='studio': its σ-independent SVD, at the first σ
 
     def mask_for(self, sigma: float) -> torch.Tensor:
@@ -122,15 +137,34 @@ class PCALocality(LocalDenoiser):
         return self._cache[key]
 
     def denoise(self, x, s, labels):
-        return self.grouped(x, s, labels, [sigma_key(v) for v in s.cpu().tolist()], lambda xr, sr, lr, key:
-                            coordinate_retrieval(xr, self.keys, sr, self.mask_for(key),
-                                                 temperature=self.temperature, query_labels=lr, flips=self.flips,
-                                                 softmax=self.softmax, chunk_size=self.chunk_size,
-                                                 dtype=self.dtype, memory_budget=self.memory_budget,
-                                                 backend=self._backend_for(x)))
+        return self.grouped(
+            x,
+            s,
+            labels,
+            [sigma_key(v) for v in s.cpu().tolist()],
+            lambda xr, sr, lr, key: coordinate_retrieval(
+                xr,
+                self.keys,
+                sr,
+                self.mask_for(key),
+                temperature=self.temperature,
+                query_labels=lr,
+                flips=self.flips,
+                softmax=self.softmax,
+                chunk_size=self.chunk_size,
+                dtype=self.dtype,
+                memory_budget=self.memory_budget,
+                backend=self._backend_for(x),
+            ),
+        )
 
     def config(self) -> dict:
         cfg = {k: v for k, v in super().config().items() if k != "patch"}
-        cfg.update(threshold=self.threshold, mask=self.mask, softmax=self.softmax, chunk_size=self.chunk_size,
-                   mask_rule=self.mask_rule)
+        cfg.update(
+            threshold=self.threshold,
+            mask=self.mask,
+            softmax=self.softmax,
+            chunk_size=self.chunk_size,
+            mask_rule=self.mask_rule,
+        )
         return cfg

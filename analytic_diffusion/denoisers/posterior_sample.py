@@ -27,19 +27,19 @@ adds, from the same exact chunked scan (torch reference backend, memory-bounded,
   (initial noise, stochastic steps) stay aligned with those of any other denoiser run from the same seeds.
 The study helper :func:`analytic_diffusion.analysis.variance.variance_sweep` samples the same seeds at several λ.
 """
+
 from __future__ import annotations
 
 import math
-from typing import Optional, Tuple
 
 import torch
 
-from .optimal import Optimal, RetrievalDenoiser
-from .sample_seeds import row_generators, row_seeds
 from ..ops import DEFAULT_MEMORY_BUDGET, KeyBank, softmax_retrieval
 from ..ops import posterior_draw as _ops_posterior_draw
+from .optimal import Optimal, RetrievalDenoiser
+from .sample_seeds import row_generators, row_seeds
 
-__all__ = ["posterior_moments", "posterior_variance", "posterior_draw", "PosteriorSampleDenoiser", "MODES"]
+__all__ = ["MODES", "PosteriorSampleDenoiser", "posterior_draw", "posterior_moments", "posterior_variance"]
 
 MODES = ("draw", "noise")
 
@@ -62,8 +62,9 @@ def _resolve(source, x, sigma, class_labels, flips, temperature, dtype, memory_b
         elif hasattr(source, "keys") and hasattr(source, "flips"):  # a Dataset
             keys, default_flips = source.keys(), bool(source.flips)
         else:
-            raise TypeError(f"source: expected an Optimal-style denoiser, a Dataset or a KeyBank, "
-                            f"got {type(source).__name__}")
+            raise TypeError(
+                f"source: expected an Optimal-style denoiser, a Dataset or a KeyBank, got {type(source).__name__}"
+            )
         flips = default_flips if flips is None else bool(flips)
         s, labels = sigma, class_labels
         if labels is not None:
@@ -75,13 +76,27 @@ def _resolve(source, x, sigma, class_labels, flips, temperature, dtype, memory_b
     if not torch.is_tensor(x) or x.dim() < 2:
         raise ValueError(f"x: expected a (B, D) or (B, C, H, W) tensor, got {getattr(x, 'shape', type(x))}")
     q = x.reshape(x.shape[0], -1)
-    return q, keys, s, labels, dict(flips=flips, temperature=float(temperature), dtype=dtype,
-                                    memory_budget=int(memory_budget))
+    return (
+        q,
+        keys,
+        s,
+        labels,
+        dict(flips=flips, temperature=float(temperature), dtype=dtype, memory_budget=int(memory_budget)),
+    )
 
 
-def posterior_moments(x: torch.Tensor, source, sigma, *, class_labels=None, flips: Optional[bool] = None,
-                      temperature: Optional[float] = None, dtype: Optional[torch.dtype] = None,
-                      memory_budget: Optional[int] = None, return_partial: bool = False):
+def posterior_moments(
+    x: torch.Tensor,
+    source,
+    sigma,
+    *,
+    class_labels=None,
+    flips: bool | None = None,
+    temperature: float | None = None,
+    dtype: torch.dtype | None = None,
+    memory_budget: int | None = None,
+    return_partial: bool = False,
+):
     """(E[x0|x], Var[x0|x]) per pixel, from one exact scan over the candidates (shaped like ``x``).
 
     source: an :class:`Optimal` (or any RetrievalDenoiser: its flips, temperature, dtype and memory budget are
@@ -89,34 +104,48 @@ def posterior_moments(x: torch.Tensor, source, sigma, *, class_labels=None, flip
     With ``return_partial=True`` the raw :class:`PartialState` (with ``o2``) comes back, for combining shards.
     Results are in the working dtype (``dtype``, default float32 for float32 queries).
     """
-    q, keys, s, labels, opts = _resolve(source, x, sigma, class_labels, flips, temperature, dtype,
-                                        memory_budget)
-    r = softmax_retrieval(q, keys, s, temperature=opts["temperature"], query_labels=labels,
-                          flips=opts["flips"], backend="torch", dtype=opts["dtype"],
-                          memory_budget=opts["memory_budget"], return_partial=return_partial,
-                          second_moment=True)
+    q, keys, s, labels, opts = _resolve(source, x, sigma, class_labels, flips, temperature, dtype, memory_budget)
+    r = softmax_retrieval(
+        q,
+        keys,
+        s,
+        temperature=opts["temperature"],
+        query_labels=labels,
+        flips=opts["flips"],
+        backend="torch",
+        dtype=opts["dtype"],
+        memory_budget=opts["memory_budget"],
+        return_partial=return_partial,
+        second_moment=True,
+    )
     if return_partial:
         return r
     return r.mean.reshape(x.shape), r.variance.reshape(x.shape)
 
 
-def posterior_variance(denoiser: RetrievalDenoiser, x: torch.Tensor, sigma,
-                       class_labels=None) -> torch.Tensor:
+def posterior_variance(denoiser: RetrievalDenoiser, x: torch.Tensor, sigma, class_labels=None) -> torch.Tensor:
     """Var[x0|x] per pixel (B, C, H, W) under ``denoiser``'s posterior (an ``Optimal.posterior_variance``)."""
     return posterior_moments(x, denoiser, sigma, class_labels=class_labels)[1].to(x.dtype)
 
 
-def posterior_draw(x: torch.Tensor, source, sigma, *, generator: torch.Generator, class_labels=None,
-                   flips: Optional[bool] = None, temperature: Optional[float] = None,
-                   dtype: Optional[torch.dtype] = None, memory_budget: Optional[int] = None
-                   ) -> Tuple[torch.Tensor, torch.Tensor]:
+def posterior_draw(
+    x: torch.Tensor,
+    source,
+    sigma,
+    *,
+    generator: torch.Generator,
+    class_labels=None,
+    flips: bool | None = None,
+    temperature: float | None = None,
+    dtype: torch.dtype | None = None,
+    memory_budget: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """One exact posterior draw per query: (candidate index (B,), drawn image shaped like ``x``).
 
     With flips, index i ≥ N is training image i − N and the returned image is the mirrored copy.
     Deterministic given ``generator``'s state.
     """
-    q, keys, s, labels, opts = _resolve(source, x, sigma, class_labels, flips, temperature, dtype,
-                                        memory_budget)
+    q, keys, s, labels, opts = _resolve(source, x, sigma, class_labels, flips, temperature, dtype, memory_budget)
     idx, rows = _ops_posterior_draw(q, keys, s, generator=generator, query_labels=labels, **opts)
     return idx, rows.reshape(x.shape)
 
@@ -135,12 +164,29 @@ class PosteriorSampleDenoiser(Optimal):
 
     name = "optimal-draw"
 
-    def __init__(self, dataset, *, mode: str = "draw", scale: float = 1.0, seed: int = 0,
-                 backend: str = "auto", dtype: torch.dtype = torch.float32,
-                 memory_budget: int = DEFAULT_MEMORY_BUDGET, flips: Optional[bool] = None,
-                 temperature: float = 1.0, tolerance: float = 0.0):
-        super().__init__(dataset, backend=backend, dtype=dtype, memory_budget=memory_budget, flips=flips,
-                         temperature=temperature, tolerance=tolerance)
+    def __init__(
+        self,
+        dataset,
+        *,
+        mode: str = "draw",
+        scale: float = 1.0,
+        seed: int = 0,
+        backend: str = "auto",
+        dtype: torch.dtype = torch.float32,
+        memory_budget: int = DEFAULT_MEMORY_BUDGET,
+        flips: bool | None = None,
+        temperature: float = 1.0,
+        tolerance: float = 0.0,
+    ):
+        super().__init__(
+            dataset,
+            backend=backend,
+            dtype=dtype,
+            memory_budget=memory_budget,
+            flips=flips,
+            temperature=temperature,
+            tolerance=tolerance,
+        )
         if mode not in MODES:
             raise ValueError(f"mode: expected one of {', '.join(MODES)}, got {mode!r}")
         try:
@@ -150,8 +196,10 @@ class PosteriorSampleDenoiser(Optimal):
         if not math.isfinite(scale) or scale < 0:
             raise ValueError(f"scale: expected a finite λ >= 0, got {scale!r}")
         if mode == "draw" and scale > 1:
-            raise ValueError(f"scale: mode 'draw' mixes mean and draw, so λ must be in [0, 1]; got {scale!r} "
-                             "(use mode='noise' for larger injections)")
+            raise ValueError(
+                f"scale: mode 'draw' mixes mean and draw, so λ must be in [0, 1]; got {scale!r} "
+                "(use mode='noise' for larger injections)"
+            )
         if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
             raise ValueError(f"seed: expected a non-negative integer, got {seed!r}")
         self.mode, self.scale, self.seed = mode, scale, seed
@@ -167,8 +215,13 @@ class PosteriorSampleDenoiser(Optimal):
         if lam == 0.0:
             return super().denoise(x, s, labels)  # exactly Optimal, its gradient included
         q = x.reshape(x.shape[0], -1)
-        common = dict(temperature=self.temperature, query_labels=labels, flips=self.flips, dtype=self.dtype,
-                      memory_budget=self.memory_budget)
+        common = dict(
+            temperature=self.temperature,
+            query_labels=labels,
+            flips=self.flips,
+            dtype=self.dtype,
+            memory_budget=self.memory_budget,
+        )
         if self.mode == "draw":
             seeds = torch.tensor(row_seeds(self.name, self.seed, x, s, labels), dtype=torch.int64)
             _, draw = _ops_posterior_draw(q, self.keys, s, row_seeds=seeds, **common)
@@ -180,8 +233,9 @@ class PosteriorSampleDenoiser(Optimal):
         r = softmax_retrieval(q, self.keys, s, backend="torch", second_moment=True, **common)
         gens = row_generators(self.name, self.seed, x, s, labels)
         # float64 draws whatever the working dtype: float32 and float64 runs see the same noise
-        xi = torch.stack([torch.randn(r.mean.shape[1], generator=g, dtype=torch.float64) for g in gens]
-                         ).to(r.mean.device, r.mean.dtype)
+        xi = torch.stack([torch.randn(r.mean.shape[1], generator=g, dtype=torch.float64) for g in gens]).to(
+            r.mean.device, r.mean.dtype
+        )
         out = r.mean + lam * r.variance.sqrt() * xi
         return out.reshape(x.shape).to(x.dtype)
 

@@ -10,19 +10,20 @@ one sample at two steps, have different rows and so independent draws.
 The hash amplifies any rounding difference in x: a retrieval backend that returned x̂0 differing in the last
 bit for a different batch size would give different draws from then on (the fixed-order kernels do not).
 """
+
 from __future__ import annotations
 
 import hashlib
-from typing import List, Optional
 
 import numpy as np
 import torch
 
-__all__ = ["row_seeds", "row_generators"]
+__all__ = ["row_generators", "row_seeds"]
 
 
-def row_seeds(tag: str, seed: int, x: torch.Tensor, sigma: torch.Tensor,
-              labels: Optional[torch.Tensor] = None) -> List[int]:
+def row_seeds(
+    tag: str, seed: int, x: torch.Tensor, sigma: torch.Tensor, labels: torch.Tensor | None = None
+) -> list[int]:
     """One 63-bit seed per row of ``x`` from (tag, seed, the row's float32 bytes, σ, label)."""
     rows = np.ascontiguousarray(x.detach().reshape(x.shape[0], -1).to("cpu", torch.float32).numpy())
     sig = sigma.detach().to("cpu", torch.float64).reshape(-1).numpy()
@@ -38,7 +39,8 @@ def row_seeds(tag: str, seed: int, x: torch.Tensor, sigma: torch.Tensor,
     return out
 
 
-def row_generators(tag: str, seed: int, x: torch.Tensor, sigma: torch.Tensor,
-                   labels: Optional[torch.Tensor] = None) -> List[torch.Generator]:
+def row_generators(
+    tag: str, seed: int, x: torch.Tensor, sigma: torch.Tensor, labels: torch.Tensor | None = None
+) -> list[torch.Generator]:
     """A CPU torch.Generator per row, seeded by :func:`row_seeds`."""
     return [torch.Generator().manual_seed(s) for s in row_seeds(tag, seed, x, sigma, labels)]

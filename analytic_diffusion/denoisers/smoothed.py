@@ -1,4 +1,5 @@
 """σ-CFDM (Scarvelis et al., arXiv 2310.12395): the optimal denoiser averaged over perturbed queries."""
+
 from __future__ import annotations
 
 import torch
@@ -47,8 +48,9 @@ class Smoothed(Optimal):
         M = self.num_perturbations
         # Drawn in float64 whatever the working dtype, so float32 and float64 runs see the same perturbations.
         gens = row_generators(self.name, self.seed, x.detach(), s, labels)
-        xi = torch.stack([torch.randn((M,) + tuple(x.shape[1:]), generator=g, dtype=torch.float64) for g in gens],
-                         1).to(x.device, x.dtype)
+        xi = torch.stack(
+            [torch.randn((M,) + tuple(x.shape[1:]), generator=g, dtype=torch.float64) for g in gens], 1
+        ).to(x.device, x.dtype)
         xs = (x[None] + self.smoothing * xi).reshape(M * x.shape[0], *x.shape[1:])
         rep = lambda t: None if t is None else t.repeat(M)  # noqa: E731
         return xs, rep(s), rep(labels)
@@ -59,8 +61,14 @@ class Smoothed(Optimal):
         mean = p.mean.reshape(M, *x.shape).mean(0)
         # The mean of the M bounds bounds the error of the mean of the M posterior means.
         avg = lambda t: None if t is None else t.reshape(M, B).mean(0)  # noqa: E731
-        return Posterior(mean, avg(p.max_weight), avg(p.effective_neighbours), avg(p.error_bound),
-                         avg(p.skipped_weight), avg(p.scored_fraction))
+        return Posterior(
+            mean,
+            avg(p.max_weight),
+            avg(p.effective_neighbours),
+            avg(p.error_bound),
+            avg(p.skipped_weight),
+            avg(p.scored_fraction),
+        )
 
     def denoise(self, x, s, labels):
         # The optimal denoiser on each perturbed query (its custom op where autograd needs it).
@@ -75,5 +83,9 @@ class Smoothed(Optimal):
         return jv.reshape(M, *x.shape).mean(0)
 
     def config(self):
-        return {**super().config(), "num_perturbations": self.num_perturbations, "smoothing": self.smoothing,
-                "seed": self.seed}
+        return {
+            **super().config(),
+            "num_perturbations": self.num_perturbations,
+            "smoothing": self.smoothing,
+            "seed": self.seed,
+        }

@@ -1,7 +1,6 @@
 """The Gaussian (Wiener) denoiser: the exact posterior mean if the data were N(μ, Σ) with the data's moments."""
-from __future__ import annotations
 
-from typing import Optional
+from __future__ import annotations
 
 import torch
 
@@ -18,7 +17,7 @@ class Wiener(Denoiser):
 
     name = "wiener"
 
-    def __init__(self, dataset, *, rank: Optional[int] = None, dtype: torch.dtype = torch.float32):
+    def __init__(self, dataset, *, rank: int | None = None, dtype: torch.dtype = torch.float32):
         super().__init__(dataset.image_shape)
         d = dataset.dim
         if rank is not None and (not isinstance(rank, int) or not 1 <= rank <= d):
@@ -58,8 +57,9 @@ class Wiener(Denoiser):
         be 0 only as σ_to (the ODE's end point); σ_from > 0.
         """
         if not torch.is_tensor(x) or x.dim() != 4 or tuple(x.shape[1:]) != self.image_shape:
-            raise ValueError(f"x: expected shape (B, {', '.join(map(str, self.image_shape))}), "
-                             f"got {tuple(getattr(x, 'shape', ()))}")
+            raise ValueError(
+                f"x: expected shape (B, {', '.join(map(str, self.image_shape))}), got {tuple(getattr(x, 'shape', ()))}"
+            )
         s0, s1 = float(sigma_from), float(sigma_to)
         if not (s0 > 0 and s0 < float("inf")):
             raise ValueError(f"sigma_from: expected a finite σ > 0, got {sigma_from!r}")

@@ -7,9 +7,18 @@
 k-diffusion needs no wrapper: a denoiser is already ``model(x, sigma, **extra_args)``, and ``ad.sample`` runs
 k-diffusion's samplers (``sampler=fn``).
 """
+
 from .diffusers import DiffusersModel, DiffusersOutput, float64_alphas_cumprod, to_diffusers
 from .edm import EDMNet, to_edm
 from .smalldiffusion import SmallDiffusionModel, to_smalldiffusion
 
-__all__ = ["to_diffusers", "DiffusersModel", "DiffusersOutput", "float64_alphas_cumprod", "to_edm", "EDMNet",
-           "to_smalldiffusion", "SmallDiffusionModel"]
+__all__ = [
+    "DiffusersModel",
+    "DiffusersOutput",
+    "EDMNet",
+    "SmallDiffusionModel",
+    "float64_alphas_cumprod",
+    "to_diffusers",
+    "to_edm",
+    "to_smalldiffusion",
+]

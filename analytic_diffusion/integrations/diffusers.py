@@ -14,15 +14,15 @@ diffusers' discrete schedulers place their fractional σ. (Karras-σ options of 
 instead, so their timesteps map back to σ within the interpolation error only.)
 diffusers itself is not imported here: the scheduler is read through its ``config`` and ``alphas_cumprod``.
 """
+
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 
-__all__ = ["to_diffusers", "DiffusersModel", "DiffusersOutput", "float64_alphas_cumprod", "PREDICTION_TYPES"]
+__all__ = ["PREDICTION_TYPES", "DiffusersModel", "DiffusersOutput", "float64_alphas_cumprod", "to_diffusers"]
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 INTERPOLATIONS = ("linear", "log_linear")
@@ -31,6 +31,7 @@ INTERPOLATIONS = ("linear", "log_linear")
 @dataclass
 class DiffusersOutput:
     """What UNet2DModel returns: ``.sample``, and ``out[0]`` as diffusers' BaseOutput allows."""
+
     sample: torch.Tensor
 
     def __getitem__(self, i):
@@ -63,21 +64,31 @@ def float64_alphas_cumprod(scheduler) -> torch.Tensor:
     elif kind == "linear":
         betas = torch.linspace(cfg.beta_start, cfg.beta_end, T, dtype=torch.float64)
     elif kind == "scaled_linear":
-        betas = torch.linspace(cfg.beta_start ** 0.5, cfg.beta_end ** 0.5, T, dtype=torch.float64) ** 2
+        betas = torch.linspace(cfg.beta_start**0.5, cfg.beta_end**0.5, T, dtype=torch.float64) ** 2
     elif kind == "squaredcos_cap_v2":
         abar = [math.cos((t / T + 0.008) / 1.008 * math.pi / 2) ** 2 for t in range(T + 1)]
         betas = torch.tensor([min(1 - abar[i + 1] / abar[i], 0.999) for i in range(T)], dtype=torch.float64)
     else:
-        raise ValueError(f"scheduler: beta_schedule {kind!r} has no float64 rebuild here; expected linear, "
-                         "scaled_linear, squaredcos_cap_v2 or trained_betas (or pass float64=False)")
+        raise ValueError(
+            f"scheduler: beta_schedule {kind!r} has no float64 rebuild here; expected linear, "
+            "scaled_linear, squaredcos_cap_v2 or trained_betas (or pass float64=False)"
+        )
     return torch.cumprod(1 - betas, 0)
 
 
 class DiffusersModel(torch.nn.Module):
     """An analytic denoiser behind UNet2DModel's calling convention (see the module docstring)."""
 
-    def __init__(self, denoiser, scheduler, prediction_type: str = "epsilon", *, float64: bool = False,
-                 dtype: torch.dtype = torch.float32, interpolation: Optional[str] = None):
+    def __init__(
+        self,
+        denoiser,
+        scheduler,
+        prediction_type: str = "epsilon",
+        *,
+        float64: bool = False,
+        dtype: torch.dtype = torch.float32,
+        interpolation: str | None = None,
+    ):
         super().__init__()
         if interpolation is None:
             interpolation = getattr(getattr(scheduler, "config", None), "interpolation_type", "linear")
@@ -86,20 +97,25 @@ class DiffusersModel(torch.nn.Module):
             raise ValueError(f"interpolation: expected one of {', '.join(INTERPOLATIONS)}, got {interpolation!r}")
         self.interpolation = interpolation
         if prediction_type not in PREDICTION_TYPES:
-            raise ValueError(f"prediction_type: expected one of {', '.join(PREDICTION_TYPES)}, "
-                             f"got {prediction_type!r}")
+            raise ValueError(f"prediction_type: expected one of {', '.join(PREDICTION_TYPES)}, got {prediction_type!r}")
         shape = getattr(denoiser, "image_shape", None)
         if not callable(denoiser) or shape is None or len(tuple(shape)) != 3:
-            raise TypeError("denoiser: expected an analytic_diffusion Denoiser (callable with image_shape=(C, H, W)), "
-                            f"got {type(denoiser).__name__}")
+            raise TypeError(
+                "denoiser: expected an analytic_diffusion Denoiser (callable with image_shape=(C, H, W)), "
+                f"got {type(denoiser).__name__}"
+            )
         ac = getattr(scheduler, "alphas_cumprod", None)
         if not torch.is_tensor(ac) or ac.dim() != 1 or ac.numel() < 2:
-            raise TypeError("scheduler: expected a diffusers scheduler with a 1-D alphas_cumprod table, got "
-                            f"{type(scheduler).__name__}")
+            raise TypeError(
+                "scheduler: expected a diffusers scheduler with a 1-D alphas_cumprod table, got "
+                f"{type(scheduler).__name__}"
+            )
         sched_pred = getattr(getattr(scheduler, "config", None), "prediction_type", prediction_type)
         if sched_pred != prediction_type:
-            raise ValueError(f"prediction_type: the scheduler expects {sched_pred!r} outputs but "
-                             f"prediction_type={prediction_type!r}; build both with the same prediction type")
+            raise ValueError(
+                f"prediction_type: the scheduler expects {sched_pred!r} outputs but "
+                f"prediction_type={prediction_type!r}; build both with the same prediction type"
+            )
         if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
             raise TypeError(f"dtype: expected a floating torch.dtype, got {dtype!r}")
         self.denoiser = denoiser
@@ -111,8 +127,13 @@ class DiffusersModel(torch.nn.Module):
         self.register_buffer("sigmas", ((1 - table) / table).sqrt(), persistent=False)
         self._dtype = dtype
         c, h, w = (int(v) for v in shape)
-        self.config = _Config(sample_size=h if h == w else (h, w), in_channels=c, out_channels=c,
-                              prediction_type=prediction_type, num_train_timesteps=int(table.numel()))
+        self.config = _Config(
+            sample_size=h if h == w else (h, w),
+            in_channels=c,
+            out_channels=c,
+            prediction_type=prediction_type,
+            num_train_timesteps=int(table.numel()),
+        )
 
     @property
     def dtype(self) -> torch.dtype:
@@ -168,12 +189,21 @@ class DiffusersModel(torch.nn.Module):
         return DiffusersOutput(out) if return_dict else (out,)
 
     def __repr__(self) -> str:
-        return (f"DiffusersModel({self.denoiser!r}, prediction_type={self.prediction_type!r}, "
-                f"num_train_timesteps={self.config.num_train_timesteps})")
+        return (
+            f"DiffusersModel({self.denoiser!r}, prediction_type={self.prediction_type!r}, "
+            f"num_train_timesteps={self.config.num_train_timesteps})"
+        )
 
 
-def to_diffusers(denoiser, scheduler, prediction_type: str = "epsilon", *, float64: bool = False,
-                 dtype: torch.dtype = torch.float32, interpolation: Optional[str] = None) -> DiffusersModel:
+def to_diffusers(
+    denoiser,
+    scheduler,
+    prediction_type: str = "epsilon",
+    *,
+    float64: bool = False,
+    dtype: torch.dtype = torch.float32,
+    interpolation: str | None = None,
+) -> DiffusersModel:
     """An analytic denoiser as a diffusers model for ``scheduler`` (e.g. ``DDIMPipeline(unet=to_diffusers(den,
     sched), scheduler=sched)``).
 
@@ -183,5 +213,6 @@ def to_diffusers(denoiser, scheduler, prediction_type: str = "epsilon", *, float
     dtype:           the model's ``.dtype``, in which pipelines draw their initial noise.
     interpolation:   σ at fractional timesteps: "linear" or "log_linear" in t (default: the scheduler's).
     """
-    return DiffusersModel(denoiser, scheduler, prediction_type, float64=float64, dtype=dtype,
-                          interpolation=interpolation)
+    return DiffusersModel(
+        denoiser, scheduler, prediction_type, float64=float64, dtype=dtype, interpolation=interpolation
+    )

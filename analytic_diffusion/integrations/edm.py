@@ -7,6 +7,7 @@ identity, as a tensor) and ``forward(x, sigma, class_labels=None, force_fp32=Fal
 σ a scalar, (B,) or (B, 1, 1, 1) and class labels one-hot (B, label_dim) as EDM passes them, or integer (B,).
 The reverse direction, EDM network pickles into the engine, is :func:`analytic_diffusion.networks.load_network`.
 """
+
 from __future__ import annotations
 
 import torch
@@ -24,8 +25,10 @@ class EDMNet(torch.nn.Module):
         super().__init__()
         shape = getattr(denoiser, "image_shape", None)
         if not callable(denoiser) or shape is None or len(tuple(shape)) != 3:
-            raise TypeError("denoiser: expected an analytic_diffusion Denoiser (callable with image_shape=(C, H, W)), "
-                            f"got {type(denoiser).__name__}")
+            raise TypeError(
+                "denoiser: expected an analytic_diffusion Denoiser (callable with image_shape=(C, H, W)), "
+                f"got {type(denoiser).__name__}"
+            )
         c, h, w = (int(v) for v in shape)
         if h != w:
             raise ValueError(f"denoiser: EDM networks are square (img_resolution), got image shape {tuple(shape)}")

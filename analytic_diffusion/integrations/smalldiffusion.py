@@ -6,6 +6,7 @@ with ``model.predict_eps_cfg(x, sigma, cond, cfg_scale)``. Its noise model is th
 ε̂ = (x − D(x, σ)) / σ. ``cond`` (class labels) is passed to the denoiser as ``class_labels``; classifier-free
 guidance is not defined for an analytic denoiser (cfg_scale must be 0).
 """
+
 from __future__ import annotations
 
 import torch
@@ -20,8 +21,10 @@ class SmallDiffusionModel(torch.nn.Module):
         super().__init__()
         shape = getattr(denoiser, "image_shape", None)
         if not callable(denoiser) or shape is None or len(tuple(shape)) != 3:
-            raise TypeError("denoiser: expected an analytic_diffusion Denoiser (callable with image_shape=(C, H, W)), "
-                            f"got {type(denoiser).__name__}")
+            raise TypeError(
+                "denoiser: expected an analytic_diffusion Denoiser (callable with image_shape=(C, H, W)), "
+                f"got {type(denoiser).__name__}"
+            )
         self.denoiser = denoiser
         self.input_dims = tuple(int(v) for v in shape)
 
@@ -31,10 +34,8 @@ class SmallDiffusionModel(torch.nn.Module):
     def forward(self, x, sigma, cond=None):
         s = sigma if torch.is_tensor(sigma) else torch.as_tensor(sigma, dtype=torch.float64)
         s = s.to(x.device)
-        if s.dim() > 0:
-            if s.shape[0] != x.shape[0] or s.numel() != x.shape[0]:
-                raise ValueError(f"sigma: expected shape [] or [B, 1, ..., 1] with B = {x.shape[0]}, got "
-                                 f"{tuple(s.shape)}")
+        if s.dim() > 0 and (s.shape[0] != x.shape[0] or s.numel() != x.shape[0]):
+            raise ValueError(f"sigma: expected shape [] or [B, 1, ..., 1] with B = {x.shape[0]}, got {tuple(s.shape)}")
         s = s.reshape(-1)
         x0 = self.denoiser(x, s, cond)
         return (x - x0) / s.to(x.dtype).view(-1, *([1] * (x.dim() - 1)))

@@ -18,15 +18,16 @@ The comparisons that run samplers (single-step and trajectory agreement) build o
 :mod:`analytic_diffusion.analysis.agreement`. Results are plain dicts of floats, lists and tensors; :func:`to_jsonable` turns one into something
 ``json.dump`` accepts (tensors become lists, NaN/Inf become None).
 """
+
 from __future__ import annotations
 
 import math
-from typing import Iterable, Optional, Sequence, Union
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 import torch
 
-__all__ = ["mse", "r2", "pearson_r", "score_cosine", "to_jsonable", "seed_list"]
+__all__ = ["mse", "pearson_r", "r2", "score_cosine", "seed_list", "to_jsonable"]
 
 
 # ----------------------------------------------------------------------------------------- per-sample metrics
@@ -107,7 +108,7 @@ def to_jsonable(obj, skip: Sequence[str] = ()):
     return obj
 
 
-def seed_list(seeds: Union[int, Iterable[int]], n: Optional[int] = None, first: int = 0) -> list:
+def seed_list(seeds: int | Iterable[int], n: int | None = None, first: int = 0) -> list:
     """Seeds as a validated list: an int is a count (seeds first … first + count − 1), else explicit seeds."""
     if isinstance(seeds, bool):
         raise ValueError(f"seeds: expected a count or a list of non-negative integers, got {seeds!r}")

@@ -22,22 +22,24 @@
   offset does not score 1 in this form (α + β ≠ 1); pass ``center`` (e.g. the dataset mean) to measure the
   linearity of x − c ↦ D(x) − c instead, for which every affine map with D(c) = c (Wiener with c = μ) scores 1.
 """
+
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Optional, Union
+from typing import Callable
 
 import torch
 
 from ..ops.local_retrieval import wiener_filter_matrix
 
-__all__ = ["LinearFit", "fit_linear_denoiser", "wiener_matrix", "wiener_distance", "linearity_score"]
+__all__ = ["LinearFit", "fit_linear_denoiser", "linearity_score", "wiener_distance", "wiener_matrix"]
 
 
 @dataclass
 class LinearFit:
     """y ≈ W x + b on flattened images (W: (D, D) float64, b: (D,) float64), with the fit's R²."""
+
     W: torch.Tensor
     b: torch.Tensor
     r2: float
@@ -58,9 +60,9 @@ def _den_call(D: Callable, x: torch.Tensor, sigma: float, class_labels, batch_si
     outs = []
     step = x.shape[0] if batch_size is None else int(batch_size)
     for s in range(0, x.shape[0], step):
-        xb = x[s:s + step].to(dev, dtype)
+        xb = x[s : s + step].to(dev, dtype)
         sb = torch.full((xb.shape[0],), float(sigma), device=dev, dtype=dtype)
-        kw = {} if class_labels is None else {"class_labels": class_labels[s:s + step].to(dev)}
+        kw = {} if class_labels is None else {"class_labels": class_labels[s : s + step].to(dev)}
         outs.append(D(xb, sb, **kw).detach().to("cpu", torch.float64))
     return torch.cat(outs)
 
@@ -77,9 +79,18 @@ def _check_images(x, name):
         raise ValueError(f"{name}: expected images (n, C, H, W), got {getattr(x, 'shape', type(x))}")
 
 
-def fit_linear_denoiser(D: Callable, sigma: float, probes: torch.Tensor, n_noise: int = 1, *, seed: int = 0,
-                        ridge: Union[str, float] = "auto", class_labels=None, batch_size: Optional[int] = None,
-                        dtype: torch.dtype = torch.float32) -> LinearFit:
+def fit_linear_denoiser(
+    D: Callable,
+    sigma: float,
+    probes: torch.Tensor,
+    n_noise: int = 1,
+    *,
+    seed: int = 0,
+    ridge: str | float = "auto",
+    class_labels=None,
+    batch_size: int | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> LinearFit:
     """Least-squares affine fit of D at noise level σ on the M = n·n_noise inputs x0 + σε (see module doc).
 
     probes: clean images (n, C, H, W), each noised ``n_noise`` times (ε from a CPU generator seeded ``seed``).
@@ -104,7 +115,7 @@ def fit_linear_denoiser(D: Callable, sigma: float, probes: torch.Tensor, n_noise
     G = Xc.T @ Xc
     scale = float(G.diagonal().sum()) / d
     if ridge == "auto":
-        lam = 0.0 if M - 1 >= d else 1e-6
+        lam = 0.0 if d <= M - 1 else 1e-6
     else:
         lam = float(ridge)
         if not math.isfinite(lam) or lam < 0:
@@ -134,8 +145,9 @@ def wiener_matrix(dataset, sigma: float):
     return W, mean - W @ mean
 
 
-def wiener_distance(W: torch.Tensor, b: torch.Tensor, dataset, sigma: float, *, n_probe: int = 256,
-                    seed: int = 0) -> dict:
+def wiener_distance(
+    W: torch.Tensor, b: torch.Tensor, dataset, sigma: float, *, n_probe: int = 256, seed: int = 0
+) -> dict:
     """Distances of an affine map (W, b) from the dataset's Wiener denoiser at σ.
 
     matrix:  ‖W − W_σ‖_F / ‖W_σ‖_F;  bias: ‖b − b_σ‖ / ‖b_σ‖ (inf-safe: 0/0 → 0);
@@ -146,8 +158,9 @@ def wiener_distance(W: torch.Tensor, b: torch.Tensor, dataset, sigma: float, *, 
     Ww, bw = wiener_matrix(dataset, s)
     W, b = W.detach().cpu().double(), b.detach().cpu().double().reshape(-1)
     if W.shape != Ww.shape or b.shape != bw.shape:
-        raise ValueError(f"W, b: expected shapes {tuple(Ww.shape)} and {tuple(bw.shape)}, "
-                         f"got {tuple(W.shape)} and {tuple(b.shape)}")
+        raise ValueError(
+            f"W, b: expected shapes {tuple(Ww.shape)} and {tuple(bw.shape)}, got {tuple(W.shape)} and {tuple(b.shape)}"
+        )
 
     def rel(a, ref):
         num, den = float((a - ref).norm()), float(ref.norm())
@@ -157,13 +170,22 @@ def wiener_distance(W: torch.Tensor, b: torch.Tensor, dataset, sigma: float, *, 
     x0 = dataset.images_float(torch.arange(n), dtype=torch.float64).cpu().reshape(n, -1)
     gen = torch.Generator().manual_seed(int(seed))
     x = x0 + s * torch.randn(x0.shape, generator=gen, dtype=torch.float32).to(torch.float64)
-    return {"sigma": s, "matrix": rel(W, Ww), "bias": rel(b, bw),
-            "outputs": rel(x @ W.T + b, x @ Ww.T + bw)}
+    return {"sigma": s, "matrix": rel(W, Ww), "bias": rel(b, bw), "outputs": rel(x @ W.T + b, x @ Ww.T + bw)}
 
 
-def linearity_score(D: Callable, x1: torch.Tensor, x2: torch.Tensor, sigma: float, *, seed: int = 0,
-                    center=None, class_labels=None, batch_size: Optional[int] = None,
-                    dtype: torch.dtype = torch.float32, per_pair: bool = False):
+def linearity_score(
+    D: Callable,
+    x1: torch.Tensor,
+    x2: torch.Tensor,
+    sigma: float,
+    *,
+    seed: int = 0,
+    center=None,
+    class_labels=None,
+    batch_size: int | None = None,
+    dtype: torch.dtype = torch.float32,
+    per_pair: bool = False,
+):
     """Mean cosine similarity between D(α y1 + β y2) and α D(y1) + β D(y2), α = β = 1/√2 (see module doc).
 
     x1, x2: clean image pairs (n, C, H, W); y_j = x_j + σ ε_j with ε drawn from a CPU generator seeded ``seed``.
@@ -173,6 +195,7 @@ def linearity_score(D: Callable, x1: torch.Tensor, x2: torch.Tensor, sigma: floa
     Returns the mean (float), or (mean, per-pair (n,) tensor) with ``per_pair=True``.
     """
     from .agreement import score_cosine
+
     s = _check_sigma(sigma)
     _check_images(x1, "x1")
     _check_images(x2, "x2")
@@ -188,8 +211,7 @@ def linearity_score(D: Callable, x1: torch.Tensor, x2: torch.Tensor, sigma: floa
     mix = c + a * (y1 - c) + b * (y2 - c)
     n = x1.shape[0]
     labels = None if class_labels is None else torch.as_tensor(class_labels, dtype=torch.long).reshape(-1)
-    out = _den_call(D, torch.cat([mix, y1, y2]), s, None if labels is None else labels.repeat(3), batch_size,
-                    dtype)
-    d_mix, d1, d2 = out[:n] - c, out[n:2 * n] - c, out[2 * n:] - c
+    out = _den_call(D, torch.cat([mix, y1, y2]), s, None if labels is None else labels.repeat(3), batch_size, dtype)
+    d_mix, d1, d2 = out[:n] - c, out[n : 2 * n] - c, out[2 * n :] - c
     cos = score_cosine(d_mix, a * d1 + b * d2)
     return (float(cos.mean()), cos) if per_pair else float(cos.mean())

@@ -2,6 +2,7 @@
 
 A sample counts as memorised when d(NN1) / d(NN2) < 1/3 (L2 in pixel space; the scale cancels).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -40,13 +41,21 @@ class MemorizationReport:
         }
 
 
-def memorization(samples: torch.Tensor, dataset, *, threshold: float = MEMORIZATION_THRESHOLD,
-                 flips=None, backend: str = "auto", memory_budget=None) -> MemorizationReport:
+def memorization(
+    samples: torch.Tensor,
+    dataset,
+    *,
+    threshold: float = MEMORIZATION_THRESHOLD,
+    flips=None,
+    backend: str = "auto",
+    memory_budget=None,
+) -> MemorizationReport:
     """Nearest and second-nearest training distances of each sample, in float64, by exact scan
     (``memory_budget``: bytes of working memory, default the ops' own)."""
     if samples.dim() != 4 or tuple(samples.shape[1:]) != tuple(dataset.image_shape):
-        raise ValueError(f"samples: expected shape (n, {', '.join(map(str, dataset.image_shape))}), "
-                         f"got {tuple(samples.shape)}")
+        raise ValueError(
+            f"samples: expected shape (n, {', '.join(map(str, dataset.image_shape))}), got {tuple(samples.shape)}"
+        )
     if not 0 < threshold <= 1:
         raise ValueError(f"threshold: expected a value in (0, 1], got {threshold}")
     flips = dataset.flips if flips is None else flips

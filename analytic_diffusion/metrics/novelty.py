@@ -12,17 +12,18 @@ al.'s C_T test (here computed over the whole set: one cell, no partition of the 
 group). z ≪ 0: the generated samples sit closer to the training set than held-out data does (data copying);
 z ≫ 0: farther (under-fitting / novel); z ≈ 0: like fresh data. ``auc`` = U / (m n) is P(d_gen > d_test).
 """
+
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import torch
 
 from ..ops import knn_search
 from .memorization import memorization
 
-__all__ = ["nearest_train_distance", "mann_whitney_u", "distance_quantiles", "novelty", "QUANTILES"]
+__all__ = ["QUANTILES", "distance_quantiles", "mann_whitney_u", "nearest_train_distance", "novelty"]
 
 QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
 
@@ -30,8 +31,10 @@ QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
 def nearest_train_distance(images: torch.Tensor, dataset, *, flips=None, backend: str = "auto") -> torch.Tensor:
     """(n,) float64 L2 distance of each image to its nearest training candidate (exact scan)."""
     if not torch.is_tensor(images) or images.dim() != 4 or tuple(images.shape[1:]) != tuple(dataset.image_shape):
-        raise ValueError(f"images: expected shape (n, {', '.join(map(str, dataset.image_shape))}), "
-                         f"got {tuple(getattr(images, 'shape', ()))}")
+        raise ValueError(
+            f"images: expected shape (n, {', '.join(map(str, dataset.image_shape))}), "
+            f"got {tuple(getattr(images, 'shape', ()))}"
+        )
     flips = dataset.flips if flips is None else flips
     keys = dataset.keys()
     q = images.reshape(images.shape[0], -1).to(device=keys.device, dtype=torch.float64)
@@ -43,7 +46,7 @@ def _midranks(values: torch.Tensor):
     """Mid-ranks (1-based) of a 1-D float64 tensor, and the sizes of its tie groups."""
     order = torch.argsort(values, stable=True)
     sorted_v = values[order]
-    uniq, inverse, counts = torch.unique_consecutive(sorted_v, return_inverse=True, return_counts=True)
+    _uniq, inverse, counts = torch.unique_consecutive(sorted_v, return_inverse=True, return_counts=True)
     ends = torch.cumsum(counts, 0).to(torch.float64)  # last 1-based rank of each group
     mid = ends - (counts.to(torch.float64) - 1) / 2
     ranks = torch.empty_like(values)
@@ -68,11 +71,18 @@ def mann_whitney_u(a, b) -> dict:
     ranks, counts = _midranks(torch.cat([a, b]))
     U = float(ranks[:m].sum()) - m * (m + 1) / 2
     t = counts.to(torch.float64)
-    tie = float((t ** 3 - t).sum())
+    tie = float((t**3 - t).sum())
     var = m * n / 12.0 * ((N + 1) - (tie / (N * (N - 1)) if N > 1 else 0.0))
     z = (U - m * n / 2.0) / math.sqrt(var) if var > 0 else 0.0
-    return {"U": U, "U_b": m * n - U, "z": z, "p_value": math.erfc(abs(z) / math.sqrt(2.0)),
-            "auc": U / (m * n), "n_a": m, "n_b": n}
+    return {
+        "U": U,
+        "U_b": m * n - U,
+        "z": z,
+        "p_value": math.erfc(abs(z) / math.sqrt(2.0)),
+        "auc": U / (m * n),
+        "n_a": m,
+        "n_b": n,
+    }
 
 
 def distance_quantiles(d: torch.Tensor, quantiles: Sequence[float] = QUANTILES) -> dict:
@@ -83,8 +93,14 @@ def distance_quantiles(d: torch.Tensor, quantiles: Sequence[float] = QUANTILES) 
     return out
 
 
-def novelty(samples: torch.Tensor, dataset, test_images: Optional[torch.Tensor] = None, *,
-            test_distances: Optional[torch.Tensor] = None, backend: str = "auto") -> dict:
+def novelty(
+    samples: torch.Tensor,
+    dataset,
+    test_images: torch.Tensor | None = None,
+    *,
+    test_distances: torch.Tensor | None = None,
+    backend: str = "auto",
+) -> dict:
     """Distance-to-train statistics of ``samples`` (and vs held-out ``test_images`` when given).
 
     Returns {"samples": quantiles, "test": quantiles, "mann_whitney": mann_whitney_u(samples, test),

@@ -18,21 +18,29 @@ All evaluation runs under ``torch.no_grad()``.
                            continuous legacy cosine), predicting ε, v or x0.
 * :class:`CallableAdapter` any plain ``fn(x, sigma[, class_labels])`` returning x̂0, ε̂ or the score.
 """
+
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
-from typing import Callable, Optional, Union
+from typing import Callable
 
 import torch
 
 from ..denoisers.base import Denoiser
 
-__all__ = ["EDMAdapter", "VPAdapter", "CallableAdapter", "vp_alphas_cumprod", "PREDICTIONS", "T_MAPPINGS"]
+__all__ = ["PREDICTIONS", "T_MAPPINGS", "CallableAdapter", "EDMAdapter", "VPAdapter", "vp_alphas_cumprod"]
 
 PREDICTIONS = ("epsilon", "v", "x0")
-_PREDICTION_ALIASES = {"eps": "epsilon", "epsilon": "epsilon", "v": "v", "v_prediction": "v", "x0": "x0",
-                       "sample": "x0"}
+_PREDICTION_ALIASES = {
+    "eps": "epsilon",
+    "epsilon": "epsilon",
+    "v": "v",
+    "v_prediction": "v",
+    "x0": "x0",
+    "sample": "x0",
+}
 T_MAPPINGS = ("nearest", "interp")
 KINDS = ("x0", "eps", "score")
 
@@ -48,8 +56,10 @@ def _unwrap(out):
     elif isinstance(out, dict) and "sample" in out:
         out = out["sample"]
     if not torch.is_tensor(out):
-        raise TypeError(f"the network returned {type(out).__name__}; expected a tensor, an object with .sample "
-                        "or a tuple whose first element is a tensor")
+        raise TypeError(
+            f"the network returned {type(out).__name__}; expected a tensor, an object with .sample "
+            "or a tuple whose first element is a tensor"
+        )
     return out
 
 
@@ -72,15 +82,17 @@ class _NetworkDenoiser(Denoiser):
     hidden_options = ("device", "dtype", "batch_size", "label_kw")
     _casts_with_module = True  # .half() / .to(dtype) change the network's precision, and with it this adapter's
 
-    def __init__(self, net, image_shape, *, device=None, dtype=None, batch_size: Optional[int] = None,
-                 label_kw: Optional[str] = None):
+    def __init__(
+        self, net, image_shape, *, device=None, dtype=None, batch_size: int | None = None, label_kw: str | None = None
+    ):
         if not callable(net):
             raise TypeError(f"expected a callable network (nn.Module or function), got {type(net).__name__}")
         if image_shape is None or len(tuple(image_shape)) != 3 or min(int(v) for v in image_shape) < 1:
             raise ValueError(f"image_shape must be (C, H, W) with positive sizes, got {image_shape!r}")
         super().__init__(image_shape)
-        if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int)
-                                       or batch_size < 1):
+        if batch_size is not None and (
+            isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1
+        ):
             raise ValueError(f"batch_size must be an integer >= 1 or None, got {batch_size!r}")
         if label_kw is not None and not isinstance(label_kw, str):
             raise TypeError(f"label_kw must be a keyword name (str) or None, got {label_kw!r}")
@@ -119,17 +131,20 @@ class _NetworkDenoiser(Denoiser):
         dev, dt = self.device or out_device, self.dtype or out_dtype
         with torch.no_grad():
             for i in range(0, n, max(step, 1)):
-                xb = x[i:i + step].to(device=dev, dtype=dt)
-                sb = sigma[i:i + step].to(device=dev, dtype=torch.float64)
-                lb = None if class_labels is None else self._labels(class_labels[i:i + step], dev)
+                xb = x[i : i + step].to(device=dev, dtype=dt)
+                sb = sigma[i : i + step].to(device=dev, dtype=torch.float64)
+                lb = None if class_labels is None else self._labels(class_labels[i : i + step], dev)
                 outs.append(self._evaluate(xb, sb, lb).to(device=out_device, dtype=out_dtype))
         return torch.cat(outs) if outs else x.new_zeros(x.shape)
 
     def _common_config(self) -> dict:
-        return {"network": _describe(self.net),
-                "device": "caller's" if self.device is None else str(self.device),
-                "dtype": "caller's" if self.dtype is None else str(self.dtype).replace("torch.", ""),
-                "batch_size": self.batch_size, "label_kw": self.label_kw}
+        return {
+            "network": _describe(self.net),
+            "device": "caller's" if self.device is None else str(self.device),
+            "dtype": "caller's" if self.dtype is None else str(self.dtype).replace("torch.", ""),
+            "batch_size": self.batch_size,
+            "label_kw": self.label_kw,
+        }
 
 
 class EDMAdapter(_NetworkDenoiser):
@@ -147,8 +162,19 @@ class EDMAdapter(_NetworkDenoiser):
 
     name = "edm-network"
 
-    def __init__(self, net, image_shape, *, sigma_data: float = 0.5, label_dim: int = 0, precondition: bool = True,
-                 device=None, dtype=None, batch_size: Optional[int] = None, label_kw: Optional[str] = None):
+    def __init__(
+        self,
+        net,
+        image_shape,
+        *,
+        sigma_data: float = 0.5,
+        label_dim: int = 0,
+        precondition: bool = True,
+        device=None,
+        dtype=None,
+        batch_size: int | None = None,
+        label_kw: str | None = None,
+    ):
         super().__init__(net, image_shape, device=device, dtype=dtype, batch_size=batch_size, label_kw=label_kw)
         if not sigma_data > 0:
             raise ValueError(f"sigma_data must be > 0, got {sigma_data!r}")
@@ -162,32 +188,36 @@ class EDMAdapter(_NetworkDenoiser):
         labels = labels.to(device)
         if self.label_dim > 0:
             if int(labels.min()) < 0 or int(labels.max()) >= self.label_dim:
-                raise ValueError(f"class_labels must lie in [0, {self.label_dim}), got "
-                                 f"[{int(labels.min())}, {int(labels.max())}]")
+                raise ValueError(
+                    f"class_labels must lie in [0, {self.label_dim}), got [{int(labels.min())}, {int(labels.max())}]"
+                )
             return torch.nn.functional.one_hot(labels, self.label_dim).to(self.dtype or torch.float32)
         return labels
 
     def _evaluate(self, x, sigma, labels):
         if not self.precondition:
             return _unwrap(self._call_net(self.net, x, sigma.to(x.dtype), labels=labels))
-        sd2 = self.sigma_data ** 2
+        sd2 = self.sigma_data**2
         s4 = sigma.view(-1, 1, 1, 1)
-        c_skip = (sd2 / (s4 ** 2 + sd2)).to(x.dtype)
-        c_out = (s4 * self.sigma_data / (s4 ** 2 + sd2).sqrt()).to(x.dtype)
-        c_in = (1 / (s4 ** 2 + sd2).sqrt()).to(x.dtype)
+        c_skip = (sd2 / (s4**2 + sd2)).to(x.dtype)
+        c_out = (s4 * self.sigma_data / (s4**2 + sd2).sqrt()).to(x.dtype)
+        c_in = (1 / (s4**2 + sd2).sqrt()).to(x.dtype)
         c_noise = (sigma.log() / 4).to(x.dtype)
         f = _unwrap(self._call_net(self.net, c_in * x, c_noise, labels=labels))
         return c_skip * x + c_out * f.to(x.dtype)
 
     def config(self) -> dict:
-        cfg = {"method": self.name, **self._common_config(), "sigma_data": self.sigma_data,
-               "label_dim": self.label_dim, "precondition": self.precondition}
+        cfg = {
+            "method": self.name,
+            **self._common_config(),
+            "sigma_data": self.sigma_data,
+            "label_dim": self.label_dim,
+            "precondition": self.precondition,
+        }
         net_cfg = getattr(self.net, "config", None)
         if callable(net_cfg):
-            try:
+            with contextlib.suppress(Exception):  # a foreign module's config() may need arguments; informative only
                 cfg["net"] = net_cfg()
-            except Exception:  # a foreign module's config() may need arguments; it is informative only
-                pass
         return cfg
 
 
@@ -195,7 +225,7 @@ class EDMAdapter(_NetworkDenoiser):
 KAMB_T_MAX = 1.0
 # Relative slack at the ends of a VP network's σ range: two float32 ulps, so that a σ grid cast to float32
 # (σ(t_0) = 0.0100005 becomes 0.0100004999) is not reported as clamped.
-RANGE_ROUNDING = 2.0 ** -22
+RANGE_ROUNDING = 2.0**-22
 
 
 def vp_alphas_cumprod(name: str, num_train_timesteps: int = 1000) -> torch.Tensor:
@@ -209,8 +239,9 @@ def vp_alphas_cumprod(name: str, num_train_timesteps: int = 1000) -> torch.Tenso
         f = torch.cos((u + 0.008) / 1.008 * (math.pi / 2)) ** 2
         betas = (1 - f[1:] / f[:-1]).clamp(max=0.999)
     else:
-        raise ValueError(f"unknown VP schedule {name!r}; expected 'linear', 'cosine', 'kamb' or an alphas_cumprod "
-                         "tensor")
+        raise ValueError(
+            f"unknown VP schedule {name!r}; expected 'linear', 'cosine', 'kamb' or an alphas_cumprod tensor"
+        )
     return torch.cumprod(1 - betas, 0)
 
 
@@ -245,16 +276,29 @@ class VPAdapter(_NetworkDenoiser):
 
     name = "vp-network"
 
-    def __init__(self, model, *, image_shape=None, alphas_cumprod: Union[str, torch.Tensor] = "linear",
-                 prediction: str = "epsilon", t_mapping: str = "nearest", call: Optional[Callable] = None,
-                 t_scale: float = 1.0, device=None, dtype=None, batch_size: Optional[int] = None,
-                 label_kw: Optional[str] = None):
+    def __init__(
+        self,
+        model,
+        *,
+        image_shape=None,
+        alphas_cumprod: str | torch.Tensor = "linear",
+        prediction: str = "epsilon",
+        t_mapping: str = "nearest",
+        call: Callable | None = None,
+        t_scale: float = 1.0,
+        device=None,
+        dtype=None,
+        batch_size: int | None = None,
+        label_kw: str | None = None,
+    ):
         if image_shape is None:
             image_shape = _infer_image_shape(model)
         super().__init__(model, image_shape, device=device, dtype=dtype, batch_size=batch_size, label_kw=label_kw)
         if prediction not in _PREDICTION_ALIASES:
-            raise ValueError(f"prediction must be one of {', '.join(map(repr, PREDICTIONS))} (or 'eps', "
-                             f"'v_prediction', 'sample'); got {prediction!r}")
+            raise ValueError(
+                f"prediction must be one of {', '.join(map(repr, PREDICTIONS))} (or 'eps', "
+                f"'v_prediction', 'sample'); got {prediction!r}"
+            )
         if t_mapping not in T_MAPPINGS:
             raise ValueError(f"t_mapping must be one of {', '.join(map(repr, T_MAPPINGS))}; got {t_mapping!r}")
         if call is not None and not callable(call):
@@ -316,9 +360,13 @@ class VPAdapter(_NetworkDenoiser):
             self.clamped += clamped
             if not self._warned:
                 self._warned = True
-                warnings.warn(f"VPAdapter: {clamped} σ value(s) outside the network's range "
-                              f"[{self.sigma_min:.4g}, {self.sigma_max:.4g}] were clamped to it (counted in "
-                              ".clamped)", RuntimeWarning, stacklevel=4)
+                warnings.warn(
+                    f"VPAdapter: {clamped} σ value(s) outside the network's range "
+                    f"[{self.sigma_min:.4g}, {self.sigma_max:.4g}] were clamped to it (counted in "
+                    ".clamped)",
+                    RuntimeWarning,
+                    stacklevel=4,
+                )
         a = abar.sqrt().view(-1, 1, 1, 1)
         b = (1 - abar).sqrt().view(-1, 1, 1, 1)
         a_n, b_n = a.to(x.dtype), b.to(x.dtype)
@@ -340,11 +388,17 @@ class VPAdapter(_NetworkDenoiser):
         return out
 
     def config(self) -> dict:
-        return {"method": self.name, **self._common_config(), "schedule": self.schedule,
-                "num_train_timesteps": None if self.alphas_cumprod is None else int(self.alphas_cumprod.numel()),
-                "prediction": self.prediction, "t_mapping": "exact" if self.schedule == "kamb" else self.t_mapping,
-                "t_scale": self.t_scale, "sigma_range": [self.sigma_min, self.sigma_max],
-                "custom_call": self.call is not None}
+        return {
+            "method": self.name,
+            **self._common_config(),
+            "schedule": self.schedule,
+            "num_train_timesteps": None if self.alphas_cumprod is None else int(self.alphas_cumprod.numel()),
+            "prediction": self.prediction,
+            "t_mapping": "exact" if self.schedule == "kamb" else self.t_mapping,
+            "t_scale": self.t_scale,
+            "sigma_range": [self.sigma_min, self.sigma_max],
+            "custom_call": self.call is not None,
+        }
 
 
 def _infer_image_shape(model):
@@ -354,8 +408,9 @@ def _infer_image_shape(model):
         h, w = (s, s) if isinstance(s, int) else tuple(s)
         return (int(c), int(h), int(w))
     except Exception:
-        raise ValueError("image_shape is required (it could not be read from model.config.in_channels / "
-                         "sample_size)") from None
+        raise ValueError(
+            "image_shape is required (it could not be read from model.config.in_channels / sample_size)"
+        ) from None
 
 
 # ---------------------------------------------------------------------------------------------- plain callables
@@ -366,8 +421,17 @@ class CallableAdapter(_NetworkDenoiser):
 
     name = "callable"
 
-    def __init__(self, fn, image_shape, *, kind: str = "x0", device=None, dtype=None,
-                 batch_size: Optional[int] = None, label_kw: Optional[str] = None):
+    def __init__(
+        self,
+        fn,
+        image_shape,
+        *,
+        kind: str = "x0",
+        device=None,
+        dtype=None,
+        batch_size: int | None = None,
+        label_kw: str | None = None,
+    ):
         super().__init__(fn, image_shape, device=device, dtype=dtype, batch_size=batch_size, label_kw=label_kw)
         if kind not in KINDS:
             raise ValueError(f"kind must be one of {', '.join(map(repr, KINDS))}; got {kind!r}")

@@ -9,16 +9,16 @@ Noise conditioning: c_noise (B,) → sinusoidal features → a 2-layer MLP → a
 linear projection) to the activations of every residual block. Class labels (optional, ``label_dim > 0``) are
 embedded and added to the same embedding; pass integer labels (B,) or one-hot / soft labels (B, label_dim).
 """
+
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 import torch
-from torch import nn
 import torch.nn.functional as F
+from torch import nn
 
-__all__ = ["LocalResNet", "SmallUNet", "ARCHITECTURES", "build_model"]
+__all__ = ["ARCHITECTURES", "LocalResNet", "SmallUNet", "build_model"]
 
 PADDINGS = ("zeros", "circular")
 NORMS = ("group", "none")
@@ -46,13 +46,12 @@ class NoiseEmbedding(nn.Module):
     def __init__(self, emb_dim: int = 128, num_freqs: int = 32, label_dim: int = 0):
         super().__init__()
         # Frequencies 1 ... 1000 (log-spaced): c_noise = ln(σ)/4 spans about [-1.6, 1.1] for σ in [0.002, 80].
-        self.register_buffer("freqs", torch.exp(torch.linspace(0.0, math.log(1000.0), num_freqs)),
-                             persistent=False)
+        self.register_buffer("freqs", torch.exp(torch.linspace(0.0, math.log(1000.0), num_freqs)), persistent=False)
         self.mlp = nn.Sequential(nn.Linear(2 * num_freqs, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
         self.label_dim = int(label_dim)
         self.label = nn.Linear(self.label_dim, emb_dim, bias=False) if self.label_dim > 0 else None
 
-    def forward(self, c_noise: torch.Tensor, class_labels: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(self, c_noise: torch.Tensor, class_labels: torch.Tensor | None = None) -> torch.Tensor:
         a = c_noise.reshape(-1, 1).to(self.freqs.dtype) * self.freqs
         emb = self.mlp(torch.cat([torch.cos(a), torch.sin(a)], dim=1))
         if class_labels is not None:
@@ -99,20 +98,38 @@ class LocalResNet(nn.Module):
 
     arch = "resnet"
 
-    def __init__(self, in_channels: int = 1, channels: int = 64, blocks: int = 8, *, padding: str = "zeros",
-                 norm: str = "group", groups: int = 8, emb_dim: int = 128, label_dim: int = 0):
+    def __init__(
+        self,
+        in_channels: int = 1,
+        channels: int = 64,
+        blocks: int = 8,
+        *,
+        padding: str = "zeros",
+        norm: str = "group",
+        groups: int = 8,
+        emb_dim: int = 128,
+        label_dim: int = 0,
+    ):
         super().__init__()
         _check("padding", padding, PADDINGS)
         _check("norm", norm, NORMS)
         if blocks < 0 or channels < 1 or in_channels < 1:
-            raise ValueError(f"need in_channels >= 1, channels >= 1, blocks >= 0; got {in_channels}, {channels}, "
-                             f"{blocks}")
-        self.kwargs = dict(in_channels=in_channels, channels=channels, blocks=blocks, padding=padding, norm=norm,
-                           groups=groups, emb_dim=emb_dim, label_dim=label_dim)
+            raise ValueError(
+                f"need in_channels >= 1, channels >= 1, blocks >= 0; got {in_channels}, {channels}, {blocks}"
+            )
+        self.kwargs = dict(
+            in_channels=in_channels,
+            channels=channels,
+            blocks=blocks,
+            padding=padding,
+            norm=norm,
+            groups=groups,
+            emb_dim=emb_dim,
+            label_dim=label_dim,
+        )
         self.embed = NoiseEmbedding(emb_dim, label_dim=label_dim)
         self.inp = _conv3(in_channels, channels, padding)
-        self.blocks = nn.ModuleList(ResBlock(channels, channels, emb_dim, padding, norm, groups)
-                                    for _ in range(blocks))
+        self.blocks = nn.ModuleList(ResBlock(channels, channels, emb_dim, padding, norm, groups) for _ in range(blocks))
         self.out_norm = _norm(norm, channels, groups)
         self.out = _conv3(channels, in_channels, padding)
         nn.init.zeros_(self.out.weight)
@@ -127,7 +144,7 @@ class LocalResNet(nn.Module):
         """Side of the square input window an output pixel sees through the convolutions: 2·(#3×3 convs) + 1."""
         return 2 * self.num_convs3 + 1
 
-    def forward(self, x: torch.Tensor, c_noise: torch.Tensor, class_labels: Optional[torch.Tensor] = None):
+    def forward(self, x: torch.Tensor, c_noise: torch.Tensor, class_labels: torch.Tensor | None = None):
         emb = self.embed(c_noise, class_labels)
         h = self.inp(x)
         for blk in self.blocks:
@@ -135,8 +152,12 @@ class LocalResNet(nn.Module):
         return self.out(F.silu(self.out_norm(h)))
 
     def config(self) -> dict:
-        return {"arch": self.arch, **self.kwargs, "receptive_field": self.receptive_field,
-                "parameters": sum(p.numel() for p in self.parameters())}
+        return {
+            "arch": self.arch,
+            **self.kwargs,
+            "receptive_field": self.receptive_field,
+            "parameters": sum(p.numel() for p in self.parameters()),
+        }
 
 
 class SmallUNet(nn.Module):
@@ -148,16 +169,35 @@ class SmallUNet(nn.Module):
 
     arch = "unet"
 
-    def __init__(self, in_channels: int = 1, channels: int = 64, blocks: int = 2, *, padding: str = "zeros",
-                 norm: str = "group", groups: int = 8, emb_dim: int = 128, label_dim: int = 0):
+    def __init__(
+        self,
+        in_channels: int = 1,
+        channels: int = 64,
+        blocks: int = 2,
+        *,
+        padding: str = "zeros",
+        norm: str = "group",
+        groups: int = 8,
+        emb_dim: int = 128,
+        label_dim: int = 0,
+    ):
         super().__init__()
         _check("padding", padding, PADDINGS)
         _check("norm", norm, NORMS)
         if blocks < 1 or channels < 1 or in_channels < 1:
-            raise ValueError(f"need in_channels >= 1, channels >= 1, blocks >= 1; got {in_channels}, {channels}, "
-                             f"{blocks}")
-        self.kwargs = dict(in_channels=in_channels, channels=channels, blocks=blocks, padding=padding, norm=norm,
-                           groups=groups, emb_dim=emb_dim, label_dim=label_dim)
+            raise ValueError(
+                f"need in_channels >= 1, channels >= 1, blocks >= 1; got {in_channels}, {channels}, {blocks}"
+            )
+        self.kwargs = dict(
+            in_channels=in_channels,
+            channels=channels,
+            blocks=blocks,
+            padding=padding,
+            norm=norm,
+            groups=groups,
+            emb_dim=emb_dim,
+            label_dim=label_dim,
+        )
         c, c2 = channels, 2 * channels
         blk = lambda i, o: ResBlock(i, o, emb_dim, padding, norm, groups)  # noqa: E731
         self.embed = NoiseEmbedding(emb_dim, label_dim=label_dim)
@@ -172,7 +212,7 @@ class SmallUNet(nn.Module):
         nn.init.zeros_(self.out.weight)
         nn.init.zeros_(self.out.bias)
 
-    def forward(self, x: torch.Tensor, c_noise: torch.Tensor, class_labels: Optional[torch.Tensor] = None):
+    def forward(self, x: torch.Tensor, c_noise: torch.Tensor, class_labels: torch.Tensor | None = None):
         if x.shape[-1] % 2 or x.shape[-2] % 2:
             raise ValueError(f"SmallUNet needs even image sides, got {tuple(x.shape[-2:])}")
         emb = self.embed(c_noise, class_labels)

@@ -22,26 +22,33 @@ Checkpoints: one ``torch.save``'d dict of plain types and tensors (loadable with
 sigma_range, sigma_sampling, losses, train}. :func:`load_network` rebuilds the model from ``arch`` and ``kwargs``
 alone (no optimiser or trainer state).
 """
+
 from __future__ import annotations
 
 import copy
 import json
 import math
-import pickle
-import warnings
 import os
+import pickle
 import time
+import warnings
 import zipfile
 from dataclasses import dataclass, field
-from typing import Callable, List, Optional
+from typing import Callable
 
 import torch
 
 from .adapters import EDMAdapter
 from .models import ARCHITECTURES, build_model
 
-__all__ = ["TrainResult", "train_network", "load_network", "save_checkpoint", "CHECKPOINT_FORMAT",
-           "SIGMA_SAMPLINGS"]
+__all__ = [
+    "CHECKPOINT_FORMAT",
+    "SIGMA_SAMPLINGS",
+    "TrainResult",
+    "load_network",
+    "save_checkpoint",
+    "train_network",
+]
 
 CHECKPOINT_FORMAT = "analytic_diffusion.network/1"
 SIGMA_SAMPLINGS = ("lognormal", "loguniform")
@@ -51,10 +58,11 @@ SIGMA_SAMPLINGS = ("lognormal", "loguniform")
 class TrainResult:
     """denoiser: an EDMAdapter around the trained model (EMA weights when kept); checkpoints: paths written;
     losses: the training loss per step; model: the raw (non-EMA) model; elapsed_s: training wall time."""
+
     denoiser: EDMAdapter
-    checkpoints: List[str] = field(default_factory=list)
-    losses: List[float] = field(default_factory=list)
-    model: Optional[torch.nn.Module] = None
+    checkpoints: list[str] = field(default_factory=list)
+    losses: list[float] = field(default_factory=list)
+    model: torch.nn.Module | None = None
     elapsed_s: float = 0.0
     config: dict = field(default_factory=dict)
 
@@ -73,8 +81,9 @@ def _images_and_labels(dataset, device):
         x = dataset.images_float()
         labels, desc = dataset.labels, repr(dataset)
     else:
-        raise TypeError(f"dataset: expected an analytic_diffusion Dataset or an (N, C, H, W) tensor, got "
-                        f"{type(dataset).__name__}")
+        raise TypeError(
+            f"dataset: expected an analytic_diffusion Dataset or an (N, C, H, W) tensor, got {type(dataset).__name__}"
+        )
     if x.dim() != 4 or not x.is_floating_point() or x.shape[0] < 1:
         raise ValueError(f"dataset: expected float images (N, C, H, W), got {tuple(x.shape)} {x.dtype}")
     return x.to(device=device, dtype=torch.float32), labels, desc
@@ -83,23 +92,49 @@ def _images_and_labels(dataset, device):
 def save_checkpoint(path, *, model, ema, step, meta: dict) -> str:
     """Write one checkpoint (see the module docstring) atomically; returns the path."""
     ck = dict(meta)
-    ck.update(format=CHECKPOINT_FORMAT, arch=model.arch, kwargs=dict(model.kwargs), step=int(step),
-              state_dict={k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
-              ema=None if ema is None else {k: v.detach().cpu().clone() for k, v in ema.state_dict().items()})
+    ck.update(
+        format=CHECKPOINT_FORMAT,
+        arch=model.arch,
+        kwargs=dict(model.kwargs),
+        step=int(step),
+        state_dict={k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
+        ema=None if ema is None else {k: v.detach().cpu().clone() for k, v in ema.state_dict().items()},
+    )
     tmp = str(path) + ".tmp"
     torch.save(ck, tmp)
     os.replace(tmp, path)
     return str(path)
 
 
-def train_network(dataset, *, arch: str = "resnet", padding: str = "zeros", channels: int = 64, blocks: int = 8,
-                  steps: int, batch_size: int = 128, lr: float = 2e-3, warmup: Optional[int] = None,
-                  lr_decay: str = "cosine", ema: Optional[float] = 0.999, grad_clip: Optional[float] = 1.0,
-                  seed: int = 0, device="cpu", sigma_sampling: str = "lognormal", sigma_min: float = 0.002,
-                  sigma_max: float = 80.0, P_mean: float = -1.2, P_std: float = 1.2, sigma_data: float = 0.5,
-                  class_conditional: bool = False, model_kwargs: Optional[dict] = None,
-                  out_dir=None, checkpoint_every: Optional[int] = None, progress: bool = True,
-                  callback: Optional[Callable] = None) -> TrainResult:
+def train_network(
+    dataset,
+    *,
+    arch: str = "resnet",
+    padding: str = "zeros",
+    channels: int = 64,
+    blocks: int = 8,
+    steps: int,
+    batch_size: int = 128,
+    lr: float = 2e-3,
+    warmup: int | None = None,
+    lr_decay: str = "cosine",
+    ema: float | None = 0.999,
+    grad_clip: float | None = 1.0,
+    seed: int = 0,
+    device="cpu",
+    sigma_sampling: str = "lognormal",
+    sigma_min: float = 0.002,
+    sigma_max: float = 80.0,
+    P_mean: float = -1.2,
+    P_std: float = 1.2,
+    sigma_data: float = 0.5,
+    class_conditional: bool = False,
+    model_kwargs: dict | None = None,
+    out_dir=None,
+    checkpoint_every: int | None = None,
+    progress: bool = True,
+    callback: Callable | None = None,
+) -> TrainResult:
     """Train a :class:`~.models.LocalResNet` (``arch="resnet"``) or :class:`~.models.SmallUNet` ("unet") with the
     EDM objective on ``dataset`` (a Dataset or an (N, C, H, W) float tensor in [-1, 1]).
 
@@ -126,8 +161,9 @@ def train_network(dataset, *, arch: str = "resnet", padding: str = "zeros", chan
         if out_dir is None:
             raise ValueError("checkpoint_every needs out_dir")
     if sigma_sampling not in SIGMA_SAMPLINGS:
-        raise ValueError(f"sigma_sampling must be one of {', '.join(map(repr, SIGMA_SAMPLINGS))}; "
-                         f"got {sigma_sampling!r}")
+        raise ValueError(
+            f"sigma_sampling must be one of {', '.join(map(repr, SIGMA_SAMPLINGS))}; got {sigma_sampling!r}"
+        )
     if not 0 < sigma_min < sigma_max:
         raise ValueError(f"need 0 < sigma_min < sigma_max, got {sigma_min!r}, {sigma_max!r}")
     if lr_decay not in ("cosine", "constant"):
@@ -148,17 +184,40 @@ def train_network(dataset, *, arch: str = "resnet", padding: str = "zeros", chan
     warmup = min(200, steps // 20) if warmup is None else int(warmup)
 
     torch.manual_seed(seed)
-    kwargs = dict(in_channels=image_shape[0], channels=channels, blocks=blocks, padding=padding,
-                  label_dim=label_dim, **(model_kwargs or {}))
+    kwargs = dict(
+        in_channels=image_shape[0],
+        channels=channels,
+        blocks=blocks,
+        padding=padding,
+        label_dim=label_dim,
+        **(model_kwargs or {}),
+    )
     model = build_model(arch, **kwargs).to(device)
     ema_model = copy.deepcopy(model).requires_grad_(False) if ema is not None else None
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     gen = torch.Generator().manual_seed(seed)
     sd = float(sigma_data)
-    meta = dict(image_shape=list(image_shape), sigma_data=sd, label_dim=label_dim, steps=steps, dataset=desc,
-                seed=int(seed), sigma_range=[float(sigma_min), float(sigma_max)], sigma_sampling=sigma_sampling,
-                train=dict(batch_size=batch_size, lr=lr, warmup=warmup, lr_decay=lr_decay, ema=ema,
-                           grad_clip=grad_clip, P_mean=P_mean, P_std=P_std, device=str(device)))
+    meta = dict(
+        image_shape=list(image_shape),
+        sigma_data=sd,
+        label_dim=label_dim,
+        steps=steps,
+        dataset=desc,
+        seed=int(seed),
+        sigma_range=[float(sigma_min), float(sigma_max)],
+        sigma_sampling=sigma_sampling,
+        train=dict(
+            batch_size=batch_size,
+            lr=lr,
+            warmup=warmup,
+            lr_decay=lr_decay,
+            ema=ema,
+            grad_clip=grad_clip,
+            P_mean=P_mean,
+            P_std=P_std,
+            device=str(device),
+        ),
+    )
     if out_dir is not None:
         os.makedirs(out_dir, exist_ok=True)
 
@@ -172,6 +231,7 @@ def train_network(dataset, *, arch: str = "resnet", padding: str = "zeros", chan
     bar = None
     if progress:
         from tqdm.auto import tqdm
+
         bar = tqdm(total=steps, desc=f"train {arch}", unit="step")
     losses, checkpoints = [], []
     t0 = time.time()
@@ -188,9 +248,9 @@ def train_network(dataset, *, arch: str = "resnet", padding: str = "zeros", chan
         x0 = data[idx.to(device)]
         y = None if label_dim == 0 else labels[idx.to(device)]
         s4 = sigma.view(-1, 1, 1, 1)
-        c_skip = sd ** 2 / (s4 ** 2 + sd ** 2)
-        c_out = s4 * sd / (s4 ** 2 + sd ** 2).sqrt()
-        c_in = 1 / (s4 ** 2 + sd ** 2).sqrt()
+        c_skip = sd**2 / (s4**2 + sd**2)
+        c_out = s4 * sd / (s4**2 + sd**2).sqrt()
+        c_in = 1 / (s4**2 + sd**2).sqrt()
         x = x0 + s4 * noise
         f = model(c_in * x, sigma.log() / 4, y)
         # λ(σ)·‖c_skip·x + c_out·F − x0‖² with λ = 1/c_out² equals ‖F − (x0 − c_skip·x)/c_out‖².
@@ -221,15 +281,25 @@ def train_network(dataset, *, arch: str = "resnet", padding: str = "zeros", chan
         if callback is not None:
             callback(step + 1, lv, model)
         if checkpoint_every is not None and (step + 1) % checkpoint_every == 0 and step + 1 < steps:
-            checkpoints.append(save_checkpoint(os.path.join(out_dir, f"step{step + 1:07d}.pt"), model=model,
-                                               ema=ema_model, step=step + 1, meta={**meta, "losses": losses}))
+            checkpoints.append(
+                save_checkpoint(
+                    os.path.join(out_dir, f"step{step + 1:07d}.pt"),
+                    model=model,
+                    ema=ema_model,
+                    step=step + 1,
+                    meta={**meta, "losses": losses},
+                )
+            )
     if bar is not None:
         bar.close()
     elapsed = time.time() - t0
     meta["elapsed_s"] = elapsed
     if out_dir is not None:
-        checkpoints.append(save_checkpoint(os.path.join(out_dir, "net.pt"), model=model, ema=ema_model,
-                                           step=steps, meta={**meta, "losses": losses}))
+        checkpoints.append(
+            save_checkpoint(
+                os.path.join(out_dir, "net.pt"), model=model, ema=ema_model, step=steps, meta={**meta, "losses": losses}
+            )
+        )
         with open(os.path.join(out_dir, "losses.json"), "w") as fh:
             json.dump({"losses": losses, "elapsed_s": elapsed, "steps": steps}, fh)
     model.eval()
@@ -245,8 +315,9 @@ def _is_torchscript(path) -> bool:
             names = z.namelist()
     except (zipfile.BadZipFile, OSError):
         return False
-    return any(nm.split("/", 1)[-1].startswith("code/") for nm in names) or \
-        any(nm.endswith("constants.pkl") for nm in names)
+    return any(nm.split("/", 1)[-1].startswith("code/") for nm in names) or any(
+        nm.endswith("constants.pkl") for nm in names
+    )
 
 
 def _load_pickle(path, device):
@@ -259,12 +330,22 @@ def _load_pickle(path, device):
         with open(path, "rb") as f:
             return pickle.load(f)
     except Exception as e:
-        raise ValueError(f"{path}: cannot be read as a checkpoint, TorchScript file or pickle ({first}; as a plain "
-                         f"pickle: {e})") from None
+        raise ValueError(
+            f"{path}: cannot be read as a checkpoint, TorchScript file or pickle ({first}; as a plain pickle: {e})"
+        ) from None
 
 
-def load_network(path, device="cpu", use_ema: bool = True, *, image_shape=None, precondition: bool = False,
-                 sigma_data: float = 0.5, allow_pickle: bool = False, batch_size: Optional[int] = None) -> EDMAdapter:
+def load_network(
+    path,
+    device="cpu",
+    use_ema: bool = True,
+    *,
+    image_shape=None,
+    precondition: bool = False,
+    sigma_data: float = 0.5,
+    allow_pickle: bool = False,
+    batch_size: int | None = None,
+) -> EDMAdapter:
     """Load a network as an :class:`EDMAdapter`.
 
     * A checkpoint from :func:`train_network` (loaded with ``weights_only=True``): the model is rebuilt from its
@@ -298,12 +379,21 @@ def load_network(path, device="cpu", use_ema: bool = True, *, image_shape=None, 
         state = ck["ema"] if use_ema and ck.get("ema") is not None else ck["state_dict"]
         model.load_state_dict(state)
         model.to(device).eval().requires_grad_(False)
-        return EDMAdapter(model, tuple(ck["image_shape"]), sigma_data=ck["sigma_data"], label_dim=0,
-                          precondition=True, device=device, batch_size=batch_size)
+        return EDMAdapter(
+            model,
+            tuple(ck["image_shape"]),
+            sigma_data=ck["sigma_data"],
+            label_dim=0,
+            precondition=True,
+            device=device,
+            batch_size=batch_size,
+        )
     if ck is not None:
         kind = "a state dict" if isinstance(ck, dict) else type(ck).__name__
-        raise ValueError(f"{path}: holds {kind}, not a train_network checkpoint (no format "
-                         f"{CHECKPOINT_FORMAT!r}); rebuild the module yourself and wrap it with EDMAdapter")
+        raise ValueError(
+            f"{path}: holds {kind}, not a train_network checkpoint (no format "
+            f"{CHECKPOINT_FORMAT!r}); rebuild the module yourself and wrap it with EDMAdapter"
+        )
     net = None
     if script:
         net = torch.jit.load(path, map_location=device)
@@ -314,25 +404,36 @@ def load_network(path, device="cpu", use_ema: bool = True, *, image_shape=None, 
             if image_shape is None and hasattr(net, "img_channels") and hasattr(net, "img_resolution"):
                 image_shape = (int(net.img_channels), int(net.img_resolution), int(net.img_resolution))
             net.eval()
-            return EDMAdapter(net, image_shape, sigma_data=float(getattr(net, "sigma_data", sigma_data)),
-                              label_dim=int(getattr(net, "label_dim", 0) or 0), precondition=False, device=device,
-                              batch_size=batch_size)
+            return EDMAdapter(
+                net,
+                image_shape,
+                sigma_data=float(getattr(net, "sigma_data", sigma_data)),
+                label_dim=int(getattr(net, "label_dim", 0) or 0),
+                precondition=False,
+                device=device,
+                batch_size=batch_size,
+            )
         if not isinstance(net, torch.nn.Module):
-            raise ValueError(f"{path}: the pickle holds {type(net).__name__}, not an nn.Module or an EDM "
-                             "{'ema': net} dict")
+            raise ValueError(
+                f"{path}: the pickle holds {type(net).__name__}, not an nn.Module or an EDM {{'ema': net}} dict"
+            )
     else:
-        raise ValueError(f"{path}: not a train_network checkpoint or a TorchScript file ({first_error}). If it is "
-                         "a pickled nn.Module from a trusted source, pass allow_pickle=True")
+        raise ValueError(
+            f"{path}: not a train_network checkpoint or a TorchScript file ({first_error}). If it is "
+            "a pickled nn.Module from a trusted source, pass allow_pickle=True"
+        )
     if image_shape is None:
         raise ValueError(f"{path}: a TorchScript/pickled module needs image_shape=(C, H, W)")
     net.eval()
-    return EDMAdapter(net, image_shape, sigma_data=sigma_data, precondition=precondition, device=device,
-                      batch_size=batch_size)
+    return EDMAdapter(
+        net, image_shape, sigma_data=sigma_data, precondition=precondition, device=device, batch_size=batch_size
+    )
 
 
 def plot_losses(losses, path, *, width: int = 960, height: int = 540) -> str:
     """Loss curve as a PNG (viz.plots.loss_plot): every step's loss in grey, a moving average in blue, log y.
     Returns the path."""
     from ..viz.plots import loss_plot
+
     loss_plot(path, [float(v) for v in losses], size=(width, height))
     return str(path)

@@ -6,6 +6,7 @@ function of (the row's seed, the candidate's index): any chunk size, batch compo
 same draw. SplitMix64 (Steele, Lea & Flood 2014) is computed in wrapping int64 arithmetic; the right shifts
 are made logical by masking.
 """
+
 from __future__ import annotations
 
 import torch

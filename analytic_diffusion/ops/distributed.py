@@ -10,12 +10,12 @@ Backends: gloo on CPU, NCCL when the ranks compute on CUDA (chosen by :func:`ini
 does not complete within the group's timeout (a rank raised or died) raises :class:`ShardError` on the ranks
 still waiting, naming the step, instead of hanging.
 """
+
 from __future__ import annotations
 
 import datetime
 import os
 from dataclasses import dataclass
-from typing import List, Tuple
 
 import torch
 import torch.distributed as dist
@@ -39,7 +39,7 @@ def rank_prefix() -> str:
     return f" (rank {os.environ.get('RANK', '?')}/{os.environ['WORLD_SIZE']})" if launched() else ""
 
 
-def init_from_env(device: str = "cpu", timeout_s: float = DEFAULT_TIMEOUT_S) -> Tuple["ShardGroup", str]:
+def init_from_env(device: str = "cpu", timeout_s: float = DEFAULT_TIMEOUT_S) -> tuple[ShardGroup, str]:
     """Join the process group torchrun describes (env://): NCCL for a CUDA ``device``, else gloo.
 
     Returns (the world group, this rank's device: ``cuda`` becomes ``cuda:LOCAL_RANK``). Rendezvous addresses
@@ -53,18 +53,21 @@ def init_from_env(device: str = "cpu", timeout_s: float = DEFAULT_TIMEOUT_S) -> 
             dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
         torch.cuda.set_device(dev)
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo",
-                                timeout=datetime.timedelta(seconds=timeout_s))
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", timeout=datetime.timedelta(seconds=timeout_s))
     return ShardGroup(), str(dev)
 
 
-def split_groups(dataset_ranks: int) -> Tuple["ShardGroup", "ShardGroup"]:
+def split_groups(dataset_ranks: int) -> tuple[ShardGroup, ShardGroup]:
     """(dataset group, sample group) of this rank for a world of S × G ranks, G = ``dataset_ranks``: ranks
     s·G … s·G + G − 1 shard the training set between them and share samples block s; ranks d, G + d, 2G + d, …
     hold the same shard and split the samples. A collective (every rank creates every group, in one order)."""
     world, rank = dist.get_world_size(), dist.get_rank()
-    if isinstance(dataset_ranks, bool) or not isinstance(dataset_ranks, int) or dataset_ranks < 1 \
-            or world % dataset_ranks:
+    if (
+        isinstance(dataset_ranks, bool)
+        or not isinstance(dataset_ranks, int)
+        or dataset_ranks < 1
+        or world % dataset_ranks
+    ):
         raise ValueError(f"dataset_ranks: expected a divisor of the {world} ranks, got {dataset_ranks!r}")
     G = dataset_ranks
     data = sample = None
@@ -79,11 +82,13 @@ def split_groups(dataset_ranks: int) -> Tuple["ShardGroup", "ShardGroup"]:
     return ShardGroup(data), ShardGroup(sample)
 
 
-def shard_range(n: int, world: int, rank: int) -> Tuple[int, int]:
+def shard_range(n: int, world: int, rank: int) -> tuple[int, int]:
     """Rows [start, stop) of rank ``rank``: contiguous, sizes differ by at most one, lower ranks first."""
     if n < world:
-        raise ValueError(f"cannot shard {n} training images over {world} ranks: every rank needs at least one "
-                         "image; use fewer processes or --parallel samples")
+        raise ValueError(
+            f"cannot shard {n} training images over {world} ranks: every rank needs at least one "
+            "image; use fewer processes or --parallel samples"
+        )
     base, extra = divmod(n, world)
     start = rank * base + min(rank, extra)
     return start, start + base + (1 if rank < extra else 0)
@@ -94,29 +99,34 @@ class ShardGroup:
 
     def __init__(self, group=None):
         if not dist.is_available() or not dist.is_initialized():
-            raise ShardError("ShardGroup: torch.distributed is not initialised; launch with torchrun (or call "
-                             "torch.distributed.init_process_group) first")
+            raise ShardError(
+                "ShardGroup: torch.distributed is not initialised; launch with torchrun (or call "
+                "torch.distributed.init_process_group) first"
+            )
         self.group = group
         self.rank = dist.get_rank(group)
         self.world = dist.get_world_size(group)
         self.backend = dist.get_backend(group)
         # NCCL moves device tensors only; gloo moves CPU tensors.
-        self.comm_device = torch.device("cuda", torch.cuda.current_device()) if self.backend == "nccl" \
-            else torch.device("cpu")
+        self.comm_device = (
+            torch.device("cuda", torch.cuda.current_device()) if self.backend == "nccl" else torch.device("cpu")
+        )
 
     def __repr__(self) -> str:
         return f"ShardGroup(rank={self.rank}, world={self.world}, backend={self.backend})"
 
-    def shard_range(self, n: int) -> Tuple[int, int]:
+    def shard_range(self, n: int) -> tuple[int, int]:
         return shard_range(n, self.world, self.rank)
 
     # ---------------------------------------------------------------- collectives (fixed rank order)
     def _fail(self, what: str, exc: BaseException) -> ShardError:
-        return ShardError(f"rank {self.rank}/{self.world}: {what} did not complete ({type(exc).__name__}: "
-                          f"{str(exc).splitlines()[0] if str(exc) else ''}); another rank failed, died or timed "
-                          "out — see its own message")
+        return ShardError(
+            f"rank {self.rank}/{self.world}: {what} did not complete ({type(exc).__name__}: "
+            f"{str(exc).splitlines()[0] if str(exc) else ''}); another rank failed, died or timed "
+            "out — see its own message"
+        )
 
-    def all_gather(self, t: torch.Tensor, what: str = "all_gather") -> List[torch.Tensor]:
+    def all_gather(self, t: torch.Tensor, what: str = "all_gather") -> list[torch.Tensor]:
         """Every rank's ``t`` (same shape and dtype on every rank), in rank order, on ``t``'s device."""
         src = t.detach().contiguous().to(self.comm_device)
         out = [torch.empty_like(src) for _ in range(self.world)]
@@ -154,11 +164,14 @@ class ShardGroup:
         """Combine every rank's partial state in rank order (exact online-softmax merge)."""
         # One buffer per rank, (B, 3 + D [+ D]): one collective, one latency.
         D = state.o.shape[1]
-        cols = [state.m[:, None], state.l[:, None], state.l2[:, None], state.o] + \
-            ([] if state.o2 is None else [state.o2])
+        cols = [state.m[:, None], state.l[:, None], state.l2[:, None], state.o] + (
+            [] if state.o2 is None else [state.o2]
+        )
         parts = self.all_gather(torch.cat(cols, 1), what)
-        states = [PartialState(p[:, 0], p[:, 1], p[:, 2], p[:, 3:3 + D],
-                               o2=None if state.o2 is None else p[:, 3 + D:]) for p in parts]
+        states = [
+            PartialState(p[:, 0], p[:, 1], p[:, 2], p[:, 3 : 3 + D], o2=None if state.o2 is None else p[:, 3 + D :])
+            for p in parts
+        ]
         return combine_partials(states)
 
     def check_same(self, name: str, value: str) -> None:
@@ -166,13 +179,16 @@ class ShardGroup:
         values = self.all_gather_object(value, f"comparing {name}")
         if len(set(values)) != 1:
             by_rank = ", ".join(f"rank {r}: {v}" for r, v in enumerate(values))
-            raise ShardError(f"the ranks hold different {name} ({by_rank}); every rank must load the same "
-                             "dataset with the same options")
+            raise ShardError(
+                f"the ranks hold different {name} ({by_rank}); every rank must load the same "
+                "dataset with the same options"
+            )
 
 
 @dataclass
 class Shard:
     """Where one rank's rows sit in the whole candidate set."""
+
     group: ShardGroup
     start: int  # global index of this shard's first stored row
     total: int  # stored rows over all shards (mirrored copies not counted)
@@ -184,7 +200,7 @@ def global_index(local: torch.Tensor, n_local: int, shard: Shard) -> torch.Tenso
     return torch.where(mirrored, local - n_local + shard.start + shard.total, local + shard.start)
 
 
-def merge_topk(shard: Shard, d: torch.Tensor, i: torch.Tensor, k: int) -> Tuple[torch.Tensor, torch.Tensor]:
+def merge_topk(shard: Shard, d: torch.Tensor, i: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact merge of per-shard k-NN lists (global indices): the k smallest (distance, index) pairs overall.
 
     Shards hold fewer than k candidates at most once per rank; their lists are padded with (inf, -1) slots
@@ -200,7 +216,7 @@ def merge_topk(shard: Shard, d: torch.Tensor, i: torch.Tensor, k: int) -> Tuple[
     return merge_knn_lists(d_all, i_all, k)
 
 
-def global_max(shard: Shard, score: torch.Tensor, index: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+def global_max(shard: Shard, score: torch.Tensor, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per row, the largest score over the shards and its (global) index; ties go to the lower rank, i.e. the
     lower index, as in one scan."""
     scores = shard.group.all_gather(score, "posterior draw")
@@ -212,8 +228,9 @@ def global_max(shard: Shard, score: torch.Tensor, index: torch.Tensor) -> Tuple[
     return best_s, best_i
 
 
-def gather_global_rows(shard: Shard, rows_of_local, index: torch.Tensor, n_local: int, dim: int,
-                       dtype: torch.dtype, mirror) -> torch.Tensor:
+def gather_global_rows(
+    shard: Shard, rows_of_local, index: torch.Tensor, n_local: int, dim: int, dtype: torch.dtype, mirror
+) -> torch.Tensor:
     """Rows at global candidate indices, whichever rank owns them: each rank fills the rows it owns, the
     owners' rows are all-gathered and picked by owner (a selection, so exact)."""
     flat = index.reshape(-1)
@@ -234,6 +251,7 @@ def gather_global_rows(shard: Shard, rows_of_local, index: torch.Tensor, n_local
 
 def owner_of(base: torch.Tensor, shard: Shard) -> torch.Tensor:
     """The rank that stores each global row index (the balanced split of :func:`shard_range`)."""
-    starts = torch.tensor([shard_range(shard.total, shard.group.world, r)[0] for r in range(shard.group.world)],
-                          device=base.device)
+    starts = torch.tensor(
+        [shard_range(shard.total, shard.group.world, r)[0] for r in range(shard.group.world)], device=base.device
+    )
     return torch.searchsorted(starts, base, right=True) - 1

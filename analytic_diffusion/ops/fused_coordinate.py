@@ -4,15 +4,15 @@ becomes a stencil table, the kernel scans the stored images and, with flips, the
 partials are combined here in a fixed order. The three kernels share one contract (partials m base 2, l, o per
 split, query and coordinate). Same semantics as the reference
 :func:`analytic_diffusion.ops.local_retrieval.coordinate_retrieval` (its docstring states the rules)."""
+
 from __future__ import annotations
 
 import weakref
-from typing import Dict, List, Optional, Tuple
 
 import torch
 
-from .keys import KeyBank
 from .fused_patch import LOG2E, _images
+from .keys import KeyBank
 from .triton_backend import interpreting
 
 # Triton / CUDA: split the candidates until the grid has this many programs: two waves of an H100's 132 SMs. (Under
@@ -40,7 +40,7 @@ def stencil_table(mask: torch.Tensor) -> torch.Tensor:
 
 # Stencil tables of the masks in use (the denoiser keeps one mask per σ): keyed by id(mask), dropped when the mask
 # is freed, checked against the mask object and its version counter (an in-place change is never served stale).
-_STENCILS: Dict[int, Tuple["weakref.ref[torch.Tensor]", int, torch.Tensor]] = {}
+_STENCILS: dict[int, tuple[weakref.ref[torch.Tensor], int, torch.Tensor]] = {}
 
 
 def cached_stencil_table(mask: torch.Tensor) -> torch.Tensor:
@@ -60,12 +60,12 @@ def _mirror_permutation(image_shape, device) -> torch.Tensor:
     return torch.arange(c * h * w, device=device).reshape(c, h, w).flip(-1).reshape(-1)
 
 
-def _even_splits(n: int, pieces: int) -> List[int]:
+def _even_splits(n: int, pieces: int) -> list[int]:
     pieces = max(1, min(pieces, n))
     return [n * i // pieces for i in range(pieces + 1)]
 
 
-def _chunk_splits(n: int, offset: int, chunk: int) -> Tuple[List[int], List[int]]:
+def _chunk_splits(n: int, offset: int, chunk: int) -> tuple[list[int], list[int]]:
     """Boundaries in [0, n) of the candidates offset … offset + n cut at multiples of ``chunk`` (global candidate
     order), and the global chunk id of each piece."""
     cuts = [0] + [c * chunk - offset for c in range(offset // chunk + 1, (offset + n - 1) // chunk + 1)] + [n]
@@ -76,11 +76,14 @@ def _partials_fn(backend: str):
     """The backend's ``coordinate_partials`` (one signature for all three kernels)."""
     if backend == "cpu":
         from . import cpu_backend
+
         return cpu_backend.coordinate_partials
     if backend == "cuda":
         from . import cuda_backend
+
         return cuda_backend.coordinate_partials
     from ..kernels import coordinate_retrieval
+
     return coordinate_retrieval.coordinate_partials
 
 
@@ -88,21 +91,34 @@ def _launch(backend, x, images, stencil, vidx, coef2, cuts, keys, query_labels):
     dev = x.device
     labels = None if query_labels is None else keys.labels.to(dev).to(torch.int64).contiguous()
     qlab = None if query_labels is None else query_labels.to(dev).to(torch.int64).contiguous()
-    return _partials_fn(backend)(x, images, stencil, vidx, coef2, torch.tensor(cuts, dtype=torch.int32, device=dev),
-                                 scale=keys.scale, shift=keys.shift, image_labels=labels, query_labels=qlab)
+    return _partials_fn(backend)(
+        x,
+        images,
+        stencil,
+        vidx,
+        coef2,
+        torch.tensor(cuts, dtype=torch.int32, device=dev),
+        scale=keys.scale,
+        shift=keys.shift,
+        image_labels=labels,
+        query_labels=qlab,
+    )
 
 
 def _exact_pieces(backend: str, n: int, B: int, D: int) -> int:
     """How many candidate splits the exact softmax runs in (each split's partials are combined afterwards)."""
     if backend == "cpu":
         from . import cpu_backend
+
         groups = -(-B // cpu_backend.coordinate_queries_per_task())
         return max(1, min(-(-CPU_TARGET_TASKS // groups), n // CPU_MIN_SPLIT))
     if backend == "cuda":
         from . import cuda_backend
+
         per_split = B * -(-D // cuda_backend._require().COORDINATE_THREADS)  # CTAs per candidate split
     else:
         from ..kernels.coordinate_retrieval import BLOCKS
+
         per_split = B * -(-D // BLOCKS[0])  # programs per candidate split
     return -(-TARGET_PROGRAMS // per_split)
 
@@ -113,13 +129,23 @@ def _lse_combine(m2, l, o, groups: torch.Tensor, n_groups: int):
     index = groups.view(-1, *([1] * (m2.dim() - 1))).expand_as(m2)
     m = torch.full(shape, float("-inf"), dtype=m2.dtype, device=m2.device).scatter_reduce_(0, index, m2, "amax")
     w = torch.exp2(m2 - torch.where(torch.isfinite(m), m, torch.zeros_like(m))[groups])
-    return (torch.zeros(shape, dtype=l.dtype, device=l.device).index_add_(0, groups, l * w),
-            torch.zeros(shape, dtype=o.dtype, device=o.device).index_add_(0, groups, o * w))
+    return (
+        torch.zeros(shape, dtype=l.dtype, device=l.device).index_add_(0, groups, l * w),
+        torch.zeros(shape, dtype=o.dtype, device=o.device).index_add_(0, groups, o * w),
+    )
 
 
-def coordinate_mean(x: torch.Tensor, keys: KeyBank, coef: torch.Tensor, mask: torch.Tensor, *,
-                    query_labels: Optional[torch.Tensor], flips: bool, chunk_size: Optional[int],
-                    backend: str = "triton"):
+def coordinate_mean(
+    x: torch.Tensor,
+    keys: KeyBank,
+    coef: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    query_labels: torch.Tensor | None,
+    flips: bool,
+    chunk_size: int | None,
+    backend: str = "triton",
+):
     """(B, D) float32 posterior mean per coordinate (``chunk_size``: the chunk-averaged softmax instead), and (B,)
     bool "had a candidate" per query. ``x`` (B, D) float32, ``coef`` (B,) 1/(2σ²T); ``backend`` ``triton``,
     ``cuda`` or ``cpu``."""

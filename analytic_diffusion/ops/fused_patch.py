@@ -3,11 +3,11 @@ fused kernels (``kernels.patch_retrieval``, csrc/cuda/patch_retrieval.cu and csr
 one partial-state contract). It runs the kernel per label group and mirror pass and combines the per-split
 partials in a fixed order. Same semantics as the reference
 :func:`analytic_diffusion.ops.patch_retrieval.patch_softmax_partial` (its docstring states the rules)."""
+
 from __future__ import annotations
 
 import functools
 import math
-from typing import Optional
 
 import torch
 
@@ -42,8 +42,10 @@ def require_fused_inputs(x: torch.Tensor, keys: KeyBank, dtype, what: str, backe
     if dtype != torch.float32:
         raise ValueError(f"dtype: the {backend} {what} kernel computes in float32, got {dtype}; use backend='torch'")
     if keys.device != x.device:
-        raise ValueError(f"backend {backend!r} needs the queries and the dataset on one device "
-                         f"(queries on {x.device}, dataset on {keys.device})")
+        raise ValueError(
+            f"backend {backend!r} needs the queries and the dataset on one device "
+            f"(queries on {x.device}, dataset on {keys.device})"
+        )
 
 
 def _images(keys: KeyBank, device):
@@ -51,6 +53,7 @@ def _images(keys: KeyBank, device):
         c, h, w = keys.image_shape
         v = keys.values if keys.values.dtype == torch.uint8 else keys.values.to(torch.float32)
         return v.reshape(-1, c, h, w).to(device).contiguous()
+
     return keys.cached(f"fused-patch-images:{device}", make)
 
 
@@ -67,13 +70,16 @@ def _launcher(backend: str, per_row: bool, whole: bool):
     rule = "same_whole" if whole else ("same_centre" if per_row else "shared")
     if backend == "cuda":
         from . import cuda_backend
+
         return functools.partial(cuda_backend.patch_partials, rule=rule)
     if backend == "cpu":
         from . import cpu_backend
+
         return functools.partial(cpu_backend.patch_partials, rule=rule)
     if backend != "triton":
         raise ValueError(f"backend: the fused patch driver runs 'triton', 'cuda' or 'cpu', got {backend!r}")
     from ..kernels import patch_retrieval
+
     if per_row:
         return functools.partial(patch_retrieval.same_position_partials, whole=whole)
     return patch_retrieval.patch_partials
@@ -85,9 +91,19 @@ def _state(q, images, keys, image_idx, positions, coef, k, per_row: bool, whole:
 
     def run(rows) -> PartialState:
         pos = positions[rows] if per_row else positions
-        return _finish(*launch(q[rows].to(torch.float32).contiguous(), images, image_idx,
-                               pos.to(torch.int32).contiguous(), (coef[rows] * LOG2E).to(torch.float32).contiguous(),
-                               k=k, scale=keys.scale, shift=keys.shift, splits=splits))
+        return _finish(
+            *launch(
+                q[rows].to(torch.float32).contiguous(),
+                images,
+                image_idx,
+                pos.to(torch.int32).contiguous(),
+                (coef[rows] * LOG2E).to(torch.float32).contiguous(),
+                k=k,
+                scale=keys.scale,
+                shift=keys.shift,
+                splits=splits,
+            )
+        )
 
     if backend != "cpu":
         splits = split_count(q.shape[0], image_idx.numel())
@@ -98,13 +114,29 @@ def _state(q, images, keys, image_idx, positions, coef, k, per_row: bool, whole:
     parts = [run(slice(s, s + step)) for s in range(0, q.shape[0], step)]
     if len(parts) == 1:
         return parts[0]
-    return PartialState(m=torch.cat([p.m for p in parts]), l=torch.cat([p.l for p in parts]),
-                        l2=torch.cat([p.l2 for p in parts]), o=torch.cat([p.o for p in parts]))
+    return PartialState(
+        m=torch.cat([p.m for p in parts]),
+        l=torch.cat([p.l for p in parts]),
+        l2=torch.cat([p.l2 for p in parts]),
+        o=torch.cat([p.o for p in parts]),
+    )
 
 
-def patch_partial(queries: torch.Tensor, keys: KeyBank, coef64: torch.Tensor, positions: torch.Tensor, k: int, *,
-                  query_labels: Optional[torch.Tensor], flips: bool, start: int, stop: int,
-                  per_row: bool = False, whole: bool = False, backend: str = "triton") -> PartialState:
+def patch_partial(
+    queries: torch.Tensor,
+    keys: KeyBank,
+    coef64: torch.Tensor,
+    positions: torch.Tensor,
+    k: int,
+    *,
+    query_labels: torch.Tensor | None,
+    flips: bool,
+    start: int,
+    stop: int,
+    per_row: bool = False,
+    whole: bool = False,
+    backend: str = "triton",
+) -> PartialState:
     """(Q rows, o (Q, C)) float32 partial state over stored images start:stop (validated by the caller).
 
     ``positions``: candidate centres shared by every row (ELS / bbELS), or with ``per_row`` one centre per query
@@ -113,7 +145,7 @@ def patch_partial(queries: torch.Tensor, keys: KeyBank, coef64: torch.Tensor, po
     ``backend``: ``triton``, ``cuda`` or ``cpu``, the fused kernel that computes the partials.
     """
     dev = queries.device
-    c, h, w = keys.image_shape
+    c, _h, w = keys.image_shape
     feat = c * k * k
     images = _images(keys, dev)
     Q = queries.shape[0]
@@ -123,8 +155,10 @@ def patch_partial(queries: torch.Tensor, keys: KeyBank, coef64: torch.Tensor, po
         groups = [(torch.arange(Q, device=dev), all_idx)]
     else:
         img_labels = keys.labels[start:stop].to(dev)
-        groups = [((query_labels == lab).nonzero().flatten(), all_idx[img_labels == lab])
-                  for lab in torch.unique(query_labels).tolist()]
+        groups = [
+            ((query_labels == lab).nonzero().flatten(), all_idx[img_labels == lab])
+            for lab in torch.unique(query_labels).tolist()
+        ]
     positions = positions.to(dev)
     # the mirrored window of the one whose centre column is p: top-left W − k − (p − k//2), so its centre is
     # W − k + 2·(k//2) − p (W − 1 − p for an odd k)

@@ -1,8 +1,8 @@
 """The candidate set of a retrieval: N training rows stored once, uint8 (+ affine map) or float."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional, Tuple
 
 import torch
 
@@ -11,8 +11,11 @@ def take_rows(values: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """values[index] for a 1-D index. On the CPU NumPy's row gather runs ~8× faster than torch's advanced
     indexing on uint8 rows (10k × 784: 11 ms against 86 ms), which dominated top-k and k-NN denoisers."""
     index = index.to(values.device)
-    if values.device.type == "cpu" and values.dtype in (torch.uint8, torch.float32, torch.float64) \
-            and values.is_contiguous():
+    if (
+        values.device.type == "cpu"
+        and values.dtype in (torch.uint8, torch.float32, torch.float64)
+        and values.is_contiguous()
+    ):
         return torch.from_numpy(values.numpy()[index.numpy()])
     return values[index]
 
@@ -30,17 +33,17 @@ class KeyBank:
     values: torch.Tensor
     scale: float = 1.0
     shift: float = 0.0
-    labels: Optional[torch.Tensor] = None
-    image_shape: Optional[Tuple[int, int, int]] = None
-    center: Optional[torch.Tensor] = field(default=None, repr=False)
+    labels: torch.Tensor | None = None
+    image_shape: tuple[int, int, int] | None = None
+    center: torch.Tensor | None = field(default=None, repr=False)
     # Per-dataset constants the fused kernels derive once (key norms, per-coordinate maxima, device copies).
     derived: dict = field(default_factory=dict, repr=False, compare=False)
     # Set when these rows are one rank's shard of a larger set (ops.distributed.Shard): the retrieval entry
     # points then combine every rank's result, and indices are global.
-    shard: Optional[object] = field(default=None, repr=False, compare=False)
+    shard: object | None = field(default=None, repr=False, compare=False)
     # Set when ``values`` is memory-mapped from a file (data.packed.MappedRows): retrievals then stream it in
     # blocks within their memory budget and give each block's pages back to the OS (ops/streaming.py).
-    pages: Optional[object] = field(default=None, repr=False, compare=False)
+    pages: object | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self):
         v = self.values
@@ -50,9 +53,8 @@ class KeyBank:
             raise TypeError(f"KeyBank.values: expected uint8 or a float dtype, got {v.dtype}")
         if v.shape[0] == 0:
             raise ValueError("KeyBank.values: the candidate set is empty (N = 0)")
-        if self.labels is not None:
-            if self.labels.shape != (v.shape[0],):
-                raise ValueError(f"KeyBank.labels: expected shape ({v.shape[0]},), got {tuple(self.labels.shape)}")
+        if self.labels is not None and self.labels.shape != (v.shape[0],):
+            raise ValueError(f"KeyBank.labels: expected shape ({v.shape[0]},), got {tuple(self.labels.shape)}")
         if self.image_shape is not None:
             c, h, w = self.image_shape
             if c * h * w != v.shape[1]:

@@ -23,10 +23,11 @@ shares its image's label). σ-space throughout: logits −d / (2 σ² T).
 Candidate order (it matters only for the chunk-averaged softmax): the N stored images, then their N mirrors,
 i.e. the order of :meth:`Dataset.images_float`.
 """
+
 from __future__ import annotations
 
 import math
-from typing import Iterator, Optional, Tuple, Union
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -37,8 +38,17 @@ from .retrieval import DEFAULT_MEMORY_BUDGET, sigma_rows
 
 SOFTMAX_MODES = ("exact", "chunked")
 
-__all__ = ["local_score", "pspc_square", "mask_composite", "coordinate_retrieval", "masks_from_heatmap",
-           "wiener_filter_matrix", "locality_mask", "crop_masks", "SOFTMAX_MODES"]
+__all__ = [
+    "SOFTMAX_MODES",
+    "coordinate_retrieval",
+    "crop_masks",
+    "local_score",
+    "locality_mask",
+    "mask_composite",
+    "masks_from_heatmap",
+    "pspc_square",
+    "wiener_filter_matrix",
+]
 
 
 # ----------------------------------------------------------------------------------------------- helpers
@@ -82,8 +92,9 @@ def _combine_stats(keys: KeyBank, m, l, l2, what: str):
     order, so that pass 2 forms the whole set's weights on each shard (then :func:`_sum_shards`)."""
     if keys.shard is None:
         return m, l, l2
-    st = keys.shard.group.combine(PartialState(m.reshape(-1), l.reshape(-1), l2.reshape(-1),
-                                               m.new_zeros(m.numel(), 0)), what)
+    st = keys.shard.group.combine(
+        PartialState(m.reshape(-1), l.reshape(-1), l2.reshape(-1), m.new_zeros(m.numel(), 0)), what
+    )
     return st.m.reshape(m.shape), st.l.reshape(l.shape), st.l2.reshape(l2.shape)
 
 
@@ -99,8 +110,9 @@ def _num_candidates(keys: KeyBank, flips: bool) -> int:
     return keys.n * (2 if flips else 1)
 
 
-def _candidate_chunks(keys: KeyBank, flips: bool, step: int, dtype, device, block: Optional[int] = None
-                      ) -> Iterator[Tuple[int, torch.Tensor, Optional[torch.Tensor]]]:
+def _candidate_chunks(
+    keys: KeyBank, flips: bool, step: int, dtype, device, block: int | None = None
+) -> Iterator[tuple[int, torch.Tensor, torch.Tensor | None]]:
     """(first candidate index, images (n, C, H, W), labels (n,) or None) in candidate order.
 
     The order is the N stored images then their N mirrors; chunks hold at most ``step`` candidates, never straddle
@@ -120,12 +132,12 @@ def _candidate_chunks(keys: KeyBank, flips: bool, step: int, dtype, device, bloc
         y = keys.rows(src, src + (b - a), dtype, device).reshape(b - a, c, h, w)
         if a >= n_stored:
             y = y.flip(-1)  # the mirrored copy exists only for this chunk
-        labels = None if keys.labels is None else keys.labels[src:src + (b - a)].to(device)
+        labels = None if keys.labels is None else keys.labels[src : src + (b - a)].to(device)
         yield a, y, labels
         a = b
 
 
-def _label_mask(query_labels, labels) -> Optional[torch.Tensor]:
+def _label_mask(query_labels, labels) -> torch.Tensor | None:
     """(B, n) True where candidate j is NOT allowed for sample b."""
     if query_labels is None:
         return None
@@ -202,8 +214,7 @@ def _softmax_step(m, l, l2, logits):
 
 def _require_candidates(l: torch.Tensor, what: str) -> None:
     if bool((l <= 0).any()):
-        raise ValueError(f"{what}: some samples had no allowed candidate (no training image of the requested "
-                         "class)")
+        raise ValueError(f"{what}: some samples had no allowed candidate (no training image of the requested class)")
 
 
 def _chunk_rows(budget: int, per_candidate_bytes: int, total: int) -> int:
@@ -211,10 +222,20 @@ def _chunk_rows(budget: int, per_candidate_bytes: int, total: int) -> int:
 
 
 # ----------------------------------------------------------------------------------------------- LS
-def local_score(x: torch.Tensor, keys: KeyBank, sigma, *, patch: int, temperature: float = 1.0,
-                query_labels: Optional[torch.Tensor] = None, flips: bool = False,
-                dtype: Optional[torch.dtype] = None, memory_budget: int = DEFAULT_MEMORY_BUDGET,
-                return_partial: bool = False, backend: str = "auto") -> Union[torch.Tensor, PartialState]:
+def local_score(
+    x: torch.Tensor,
+    keys: KeyBank,
+    sigma,
+    *,
+    patch: int,
+    temperature: float = 1.0,
+    query_labels: torch.Tensor | None = None,
+    flips: bool = False,
+    dtype: torch.dtype | None = None,
+    memory_budget: int = DEFAULT_MEMORY_BUDGET,
+    return_partial: bool = False,
+    backend: str = "auto",
+) -> torch.Tensor | PartialState:
     """LS (Kamb & Ganguli): per pixel p, softmax over the N (± mirrored) images of −Σ_{q ∈ win_k(p)} ‖x(q) − y_j(q)‖²
     / (2σ²T), window positions outside the image adding 0; value y_j(p) (all C channels).
 
@@ -230,9 +251,20 @@ def local_score(x: torch.Tensor, keys: KeyBank, sigma, *, patch: int, temperatur
     """
     if keys.shard is not None:  # this rank's shard, then every rank's per-pixel state combined in rank order
         from .retrieval import _local_view
-        state = local_score(x, _local_view(keys), sigma, patch=patch, temperature=temperature,
-                            query_labels=query_labels, flips=flips, dtype=dtype, memory_budget=memory_budget,
-                            return_partial=True, backend=backend)
+
+        state = local_score(
+            x,
+            _local_view(keys),
+            sigma,
+            patch=patch,
+            temperature=temperature,
+            query_labels=query_labels,
+            flips=flips,
+            dtype=dtype,
+            memory_budget=memory_budget,
+            return_partial=True,
+            backend=backend,
+        )
         state = keys.shard.group.combine(state, "LS retrieval")
         if return_partial:
             return state
@@ -247,6 +279,7 @@ def local_score(x: torch.Tensor, keys: KeyBank, sigma, *, patch: int, temperatur
     d = k // 2
     dev = x.device
     from .patch_retrieval import choose_patch_backend
+
     name = choose_patch_backend(backend, x, keys, dtype)[0]
     if name != "torch":
         return _local_score_fused(x, keys, coef, k, query_labels, flips, dtype, return_partial, name)
@@ -265,26 +298,40 @@ def local_score(x: torch.Tensor, keys: KeyBank, sigma, *, patch: int, temperatur
             logits.masked_fill_(mask[:, :, None, None], float("-inf"))
         m, l, l2, p, alpha = _softmax_step(m, l, l2, logits)
         o = o * alpha[:, None] + _weighted_values(p, y)
-    state = PartialState(m=m.reshape(-1), l=l.reshape(-1), l2=l2.reshape(-1),
-                         o=o.permute(0, 2, 3, 1).reshape(B * H * W, C))
+    state = PartialState(
+        m=m.reshape(-1), l=l.reshape(-1), l2=l2.reshape(-1), o=o.permute(0, 2, 3, 1).reshape(B * H * W, C)
+    )
     if return_partial:
         return state
     _require_candidates(l, "query_labels")
     return o / l[:, None]
 
 
-def _local_score_fused(x, keys: KeyBank, coef, k: int, query_labels, flips: bool, dtype, return_partial: bool,
-                       backend: str):
+def _local_score_fused(
+    x, keys: KeyBank, coef, k: int, query_labels, flips: bool, dtype, return_partial: bool, backend: str
+):
     """LS on the fused same-position kernel: query patches by unfold (zero padding), each row's own pixel."""
     from . import fused_patch
+
     fused_patch.require_fused_inputs(x, keys, dtype, "LS", backend)
     B, C, H, W = x.shape
     q = F.unfold(x, k, padding=k // 2).transpose(1, 2).reshape(B * H * W, C * k * k)
     pix = torch.cartesian_prod(torch.arange(H, device=x.device), torch.arange(W, device=x.device))
     rows_coef = coef.to(torch.float64).repeat_interleave(H * W)
     labels = None if query_labels is None else query_labels.repeat_interleave(H * W)
-    state = fused_patch.patch_partial(q, keys, rows_coef, pix.repeat(B, 1), k, query_labels=labels, flips=flips,
-                                      start=0, stop=keys.n, per_row=True, backend=backend)
+    state = fused_patch.patch_partial(
+        q,
+        keys,
+        rows_coef,
+        pix.repeat(B, 1),
+        k,
+        query_labels=labels,
+        flips=flips,
+        start=0,
+        stop=keys.n,
+        per_row=True,
+        backend=backend,
+    )
     if return_partial:
         return state
     _require_candidates(state.l, "query_labels")
@@ -292,22 +339,31 @@ def _local_score_fused(x, keys: KeyBank, coef, k: int, query_labels, flips: bool
 
 
 # ----------------------------------------------------------------------------------------------- PSPC-Square
-def crop_masks(image_hw: Tuple[int, int], patch: int) -> torch.Tensor:
+def crop_masks(image_hw: tuple[int, int], patch: int) -> torch.Tensor:
     """The (H−k+1)(W−k+1) k×k crops fully inside an H×W image as (P, H, W) bool masks, row-major by top-left."""
     H, W = image_hw
     out = torch.zeros((H - patch + 1) * (W - patch + 1), H, W, dtype=torch.bool)
     i = 0
     for r in range(H - patch + 1):
         for c in range(W - patch + 1):
-            out[i, r:r + patch, c:c + patch] = True
+            out[i, r : r + patch, c : c + patch] = True
             i += 1
     return out
 
 
-def pspc_square(x: torch.Tensor, keys: KeyBank, sigma, *, patch: int, temperature: float = 1.0,
-                query_labels: Optional[torch.Tensor] = None, flips: bool = True,
-                dtype: Optional[torch.dtype] = None, memory_budget: int = DEFAULT_MEMORY_BUDGET,
-                backend: str = "auto") -> torch.Tensor:
+def pspc_square(
+    x: torch.Tensor,
+    keys: KeyBank,
+    sigma,
+    *,
+    patch: int,
+    temperature: float = 1.0,
+    query_labels: torch.Tensor | None = None,
+    flips: bool = True,
+    dtype: torch.dtype | None = None,
+    memory_budget: int = DEFAULT_MEMORY_BUDGET,
+    backend: str = "auto",
+) -> torch.Tensor:
     """PSPC-Square (Niedoba et al.): for every k×k crop c fully inside the image, the posterior mean of the whole crop
     over the same crop of every training image (logits −‖x_c − y_{j,c}‖² / (2σ²T)); each pixel then averages the
     crop means of the crops covering it. Any 1 ≤ k ≤ min(H, W) (k = H = W is the optimal denoiser).
@@ -323,12 +379,12 @@ def pspc_square(x: torch.Tensor, keys: KeyBank, sigma, *, patch: int, temperatur
     x, coef, query_labels, dtype = _prepare(x, keys, sigma, temperature, query_labels, flips, dtype)
     B, C, H, W = x.shape
     if isinstance(patch, bool) or not isinstance(patch, int) or not 1 <= patch <= min(H, W):
-        raise ValueError(f"patch: PSPC crops must fit inside the {H}×{W} image (1 <= k <= {min(H, W)}), "
-                         f"got {patch!r}")
+        raise ValueError(f"patch: PSPC crops must fit inside the {H}×{W} image (1 <= k <= {min(H, W)}), got {patch!r}")
     k = patch
     Hc, Wc = H - k + 1, W - k + 1
     dev = x.device
     from .patch_retrieval import choose_patch_backend
+
     name = choose_patch_backend(backend, x, keys, dtype)[0]
     if name != "torch":
         return _pspc_square_fused(x, keys, coef, k, query_labels, flips, dtype, name)
@@ -363,15 +419,27 @@ def _pspc_square_fused(x, keys: KeyBank, coef, k: int, query_labels, flips: bool
     """PSPC-Square on the same-position kernel: rows = (sample, crop), each crop's own position, whole-crop values;
     the crop means are overlap-averaged by a fold."""
     from . import fused_patch
+
     fused_patch.require_fused_inputs(x, keys, dtype, "PSPC", backend)
     B, C, H, W = x.shape
     P = (H - k + 1) * (W - k + 1)
     q = F.unfold(x, k).transpose(1, 2).reshape(B * P, C * k * k)  # crops in row-major top-left order
     top_left = torch.cartesian_prod(torch.arange(H - k + 1, device=x.device), torch.arange(W - k + 1, device=x.device))
     labels = None if query_labels is None else query_labels.repeat_interleave(P)
-    state = fused_patch.patch_partial(q, keys, coef.to(torch.float64).repeat_interleave(P),
-                                      (top_left + k // 2).repeat(B, 1), k, query_labels=labels, flips=flips,
-                                      start=0, stop=keys.n, per_row=True, whole=True, backend=backend)
+    state = fused_patch.patch_partial(
+        q,
+        keys,
+        coef.to(torch.float64).repeat_interleave(P),
+        (top_left + k // 2).repeat(B, 1),
+        k,
+        query_labels=labels,
+        flips=flips,
+        start=0,
+        stop=keys.n,
+        per_row=True,
+        whole=True,
+        backend=backend,
+    )
     if keys.shard is not None:
         state = keys.shard.group.combine(state, "PSPC retrieval")
     _require_candidates(state.l, "query_labels")
@@ -384,11 +452,15 @@ def _pspc_square_fused(x, keys: KeyBank, coef, k: int, query_labels, flips: bool
 def _check_masks(masks, image_shape) -> torch.Tensor:
     _, H, W = image_shape
     if not torch.is_tensor(masks) or masks.dtype != torch.bool:
-        raise ValueError(f"masks: expected a bool tensor of shape ({H * W}, {H}, {W}), got "
-                         f"{getattr(masks, 'dtype', type(masks).__name__)}")
+        raise ValueError(
+            f"masks: expected a bool tensor of shape ({H * W}, {H}, {W}), got "
+            f"{getattr(masks, 'dtype', type(masks).__name__)}"
+        )
     if masks.dim() != 3 or tuple(masks.shape[1:]) != (H, W) or masks.shape[0] < 1:
-        raise ValueError(f"masks: expected shape (P, {H}, {W}), e.g. ({H * W}, {H}, {W}) for one mask per pixel, "
-                         f"got {tuple(masks.shape)}")
+        raise ValueError(
+            f"masks: expected shape (P, {H}, {W}), e.g. ({H * W}, {H}, {W}) for one mask per pixel, "
+            f"got {tuple(masks.shape)}"
+        )
     flat = masks.reshape(masks.shape[0], H * W)
     empty = (~flat.any(1)).nonzero().flatten()
     if empty.numel():
@@ -396,14 +468,25 @@ def _check_masks(masks, image_shape) -> torch.Tensor:
     uncovered = (~flat.any(0)).nonzero().flatten()
     if uncovered.numel():
         q = int(uncovered[0])
-        raise ValueError(f"masks: {uncovered.numel()} pixel(s) are covered by no mask, so the overlap average is "
-                         f"undefined there (first: pixel ({q // W}, {q % W}))")
+        raise ValueError(
+            f"masks: {uncovered.numel()} pixel(s) are covered by no mask, so the overlap average is "
+            f"undefined there (first: pixel ({q // W}, {q % W}))"
+        )
     return flat
 
 
-def mask_composite(x: torch.Tensor, keys: KeyBank, sigma, masks: torch.Tensor, *, temperature: float = 1.0,
-                   query_labels: Optional[torch.Tensor] = None, flips: bool = True,
-                   dtype: Optional[torch.dtype] = None, memory_budget: int = DEFAULT_MEMORY_BUDGET) -> torch.Tensor:
+def mask_composite(
+    x: torch.Tensor,
+    keys: KeyBank,
+    sigma,
+    masks: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    query_labels: torch.Tensor | None = None,
+    flips: bool = True,
+    dtype: torch.dtype | None = None,
+    memory_budget: int = DEFAULT_MEMORY_BUDGET,
+) -> torch.Tensor:
     """PSPC-Flex composite: for every mask p ((P, H, W) bool, any number P of masks, applied to all channels) the posterior mean of the masked
     pixels over the same pixels of every training image (logits −Σ_{q ∈ mask_p} ‖x(q) − y_j(q)‖² / (2σ²T)); then
     out(q) = Σ_p [q ∈ mask_p]·mean_p(q) / #{p : q ∈ mask_p}.
@@ -423,14 +506,27 @@ def mask_composite(x: torch.Tensor, keys: KeyBank, sigma, masks: torch.Tensor, *
     # batched form differed by 5e-5 between batch sizes, and was no faster on CPU).
     per_cand = item * (4 * (C + 1) * HW + 3 * HW + 4 * ub)
     step = _chunk_rows(memory_budget // 2, per_cand, _num_candidates(keys, flips))
-    rows = [_mask_composite_one(x[b:b + 1], keys, coef[b:b + 1],
-                                None if query_labels is None else query_labels[b:b + 1],
-                                flips, dtype, uniq, mult, ub, step) for b in range(x.shape[0])]
+    rows = [
+        _mask_composite_one(
+            x[b : b + 1],
+            keys,
+            coef[b : b + 1],
+            None if query_labels is None else query_labels[b : b + 1],
+            flips,
+            dtype,
+            uniq,
+            mult,
+            ub,
+            step,
+        )
+        for b in range(x.shape[0])
+    ]
     return torch.cat(rows) if rows else x.new_zeros(x.shape, dtype=dtype)
 
 
-def _mask_composite_one(x, keys: KeyBank, coef, query_labels, flips: bool, dtype, uniq, mult, ub: int,
-                        step: int) -> torch.Tensor:
+def _mask_composite_one(
+    x, keys: KeyBank, coef, query_labels, flips: bool, dtype, uniq, mult, ub: int, step: int
+) -> torch.Tensor:
     """:func:`mask_composite` for one query (1, C, H, W), both passes."""
     B, C, H, W = x.shape
     HW, U, dev = H * W, uniq.shape[0], x.device
@@ -445,9 +541,14 @@ def _mask_composite_one(x, keys: KeyBank, coef, query_labels, flips: bool, dtype
         return logits
 
     # Per-block state, replaced rather than written in place (autograd differentiates this reference).
-    st = [(torch.full((B, u1 - u0), float("-inf"), dtype=dtype, device=dev),
-           torch.zeros(B, u1 - u0, dtype=dtype, device=dev), torch.zeros(B, u1 - u0, dtype=dtype, device=dev))
-          for u0, u1 in blocks]
+    st = [
+        (
+            torch.full((B, u1 - u0), float("-inf"), dtype=dtype, device=dev),
+            torch.zeros(B, u1 - u0, dtype=dtype, device=dev),
+            torch.zeros(B, u1 - u0, dtype=dtype, device=dev),
+        )
+        for u0, u1 in blocks
+    ]
     for _, y, labels in _candidate_chunks(keys, flips, step, dtype, dev):
         n = y.shape[0]
         s_flat = _sqdiff_map(x, y).reshape(B * n, HW)
@@ -520,17 +621,27 @@ def locality_mask(wiener: torch.Tensor, threshold: float) -> torch.Tensor:
     diag = wiener.diagonal().clone()
     diag = torch.where(diag.abs() < 1e-6, torch.ones_like(diag), diag)
     M = (wiener / diag[:, None]).abs()
-    return M >= threshold * M.max()
+    return threshold * M.max() <= M
 
 
 COORDINATE_FUSED_KERNELS = ("triton", "cuda", "cpu")  # pca_locality's fused kernels
 
 
-def coordinate_retrieval(x: torch.Tensor, keys: KeyBank, sigma, mask: torch.Tensor, *, temperature: float = 1.0,
-                         query_labels: Optional[torch.Tensor] = None, flips: bool = False,
-                         softmax: str = "exact", chunk_size: Optional[int] = None,
-                         dtype: Optional[torch.dtype] = None, memory_budget: int = DEFAULT_MEMORY_BUDGET,
-                         backend: str = "auto") -> torch.Tensor:
+def coordinate_retrieval(
+    x: torch.Tensor,
+    keys: KeyBank,
+    sigma,
+    mask: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    query_labels: torch.Tensor | None = None,
+    flips: bool = False,
+    softmax: str = "exact",
+    chunk_size: int | None = None,
+    dtype: torch.dtype | None = None,
+    memory_budget: int = DEFAULT_MEMORY_BUDGET,
+    backend: str = "auto",
+) -> torch.Tensor:
     """pca_locality retrieval: for every output coordinate m (channel and pixel, D of them), a softmax over the
     candidates of −d_j(m) / (2σ²T) with d_j(m) = Σ_n mask[n, m]·(x[n] − y_j[n])²; value y_j[m].
 
@@ -550,29 +661,34 @@ def coordinate_retrieval(x: torch.Tensor, keys: KeyBank, sigma, mask: torch.Tens
     """
     if softmax not in SOFTMAX_MODES:
         raise ValueError(f"softmax: expected one of {', '.join(SOFTMAX_MODES)}, got {softmax!r}")
-    if softmax == "chunked":
-        if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-            raise ValueError(f"chunk_size: the chunked softmax needs an integer block size >= 1, got {chunk_size!r}")
+    if softmax == "chunked" and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"chunk_size: the chunked softmax needs an integer block size >= 1, got {chunk_size!r}")
     x, coef, query_labels, dtype = _prepare(x, keys, sigma, temperature, query_labels, flips, dtype)
     B = x.shape[0]
     D = keys.dim
     if not torch.is_tensor(mask) or mask.dtype != torch.bool or tuple(mask.shape) != (D, D):
-        raise ValueError(f"mask: expected a ({D}, {D}) bool tensor, got "
-                         f"{tuple(getattr(mask, 'shape', ()))} {getattr(mask, 'dtype', type(mask).__name__)}")
+        raise ValueError(
+            f"mask: expected a ({D}, {D}) bool tensor, got "
+            f"{tuple(getattr(mask, 'shape', ()))} {getattr(mask, 'dtype', type(mask).__name__)}"
+        )
     dev = x.device
     mask = mask.to(dev)
     xf = x.reshape(B, D)
     from .patch_retrieval import choose_patch_backend
+
     name = choose_patch_backend(backend, x, keys, dtype, fused=COORDINATE_FUSED_KERNELS)[0]
     if keys.shard is not None:
         if softmax == "chunked":
-            raise ValueError("softmax: the chunked softmax averages blocks in the whole set's candidate order, "
-                             "which a dataset sharded over ranks does not keep; use softmax='exact' or "
-                             "--parallel samples")
+            raise ValueError(
+                "softmax: the chunked softmax averages blocks in the whole set's candidate order, "
+                "which a dataset sharded over ranks does not keep; use softmax='exact' or "
+                "--parallel samples"
+            )
         name = "torch"  # the reference keeps the per-coordinate state that shards combine
     if name != "torch":
-        return _coordinate_retrieval_fused(name, xf, keys, coef, mask, query_labels, flips, chunk_size, dtype
-                                           ).reshape(x.shape)
+        return _coordinate_retrieval_fused(name, xf, keys, coef, mask, query_labels, flips, chunk_size, dtype).reshape(
+            x.shape
+        )
     item = _item(dtype)
     mb = max(1, min(D, (int(memory_budget) // 4) // max(1, D * item)))  # output coordinates per block
     per_cand = item * (2 * D + B * (2 * D + 5 * mb))
@@ -583,9 +699,15 @@ def coordinate_retrieval(x: torch.Tensor, keys: KeyBank, sigma, mask: torch.Tens
     # Per-column-block state, replaced rather than written in place, so that autograd can differentiate the
     # reference (a denoiser called on x that requires grad runs it).
     def fresh():
-        return [(torch.full((B, c1 - c0), float("-inf"), dtype=dtype, device=dev),
-                 torch.zeros(B, c1 - c0, dtype=dtype, device=dev), torch.zeros(B, c1 - c0, dtype=dtype, device=dev),
-                 torch.zeros(B, c1 - c0, dtype=dtype, device=dev)) for c0, c1 in blocks]
+        return [
+            (
+                torch.full((B, c1 - c0), float("-inf"), dtype=dtype, device=dev),
+                torch.zeros(B, c1 - c0, dtype=dtype, device=dev),
+                torch.zeros(B, c1 - c0, dtype=dtype, device=dev),
+                torch.zeros(B, c1 - c0, dtype=dtype, device=dev),
+            )
+            for c0, c1 in blocks
+        ]
 
     def joined(st):
         return [torch.cat([part[i] for part in st], 1) for i in range(4)]
@@ -600,8 +722,7 @@ def coordinate_retrieval(x: torch.Tensor, keys: KeyBank, sigma, mask: torch.Tens
         nonlocal st, acc, nblocks
         _, l, _, o = joined(st)
         has = l[:, 0] > 0
-        acc = acc + torch.where(has[:, None], o / torch.where(has[:, None], l, torch.ones_like(l)),
-                                torch.zeros_like(o))
+        acc = acc + torch.where(has[:, None], o / torch.where(has[:, None], l, torch.ones_like(l)), torch.zeros_like(o))
         nblocks = nblocks + has.to(dtype)
         st = fresh()
 
@@ -627,18 +748,22 @@ def coordinate_retrieval(x: torch.Tensor, keys: KeyBank, sigma, mask: torch.Tens
         return (acc / nblocks[:, None]).reshape(x.shape)
     m, l, l2, o = joined(st)
     if keys.shard is not None:
-        st = keys.shard.group.combine(PartialState(m.reshape(-1), l.reshape(-1), l2.reshape(-1), o.reshape(-1, 1)),
-                                      "pca_locality retrieval")
+        st = keys.shard.group.combine(
+            PartialState(m.reshape(-1), l.reshape(-1), l2.reshape(-1), o.reshape(-1, 1)), "pca_locality retrieval"
+        )
         l, o = st.l.reshape(B, D), st.o.reshape(B, D)
     _require_candidates(l, "query_labels")
     return (o / l).reshape(x.shape)
 
 
-def _coordinate_retrieval_fused(backend: str, xf, keys: KeyBank, coef, mask, query_labels, flips: bool, chunk_size,
-                                dtype):
+def _coordinate_retrieval_fused(
+    backend: str, xf, keys: KeyBank, coef, mask, query_labels, flips: bool, chunk_size, dtype
+):
     from . import fused_coordinate, fused_patch
+
     fused_patch.require_fused_inputs(xf, keys, dtype, "pca_locality", backend)
-    mean, had = fused_coordinate.coordinate_mean(xf, keys, coef, mask, query_labels=query_labels, flips=flips,
-                                                 chunk_size=chunk_size, backend=backend)
+    mean, had = fused_coordinate.coordinate_mean(
+        xf, keys, coef, mask, query_labels=query_labels, flips=flips, chunk_size=chunk_size, backend=backend
+    )
     _require_candidates(had.to(torch.float32), "query_labels")
     return mean

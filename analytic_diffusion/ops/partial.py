@@ -20,13 +20,13 @@ moment minus mean² cancels catastrophically when the spread is small next to |y
 or σ → 0 where the variance vanishes), while the centred form combines shards with only well-conditioned
 terms and does not depend on any shard's own reference point (each shard may centre its data differently).
 """
+
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Iterable, Optional
 
 import torch
-
 
 
 def output_buffers(poison: bool, device, *shapes):
@@ -42,11 +42,10 @@ class PartialState:
     l: torch.Tensor  # (B,)
     l2: torch.Tensor  # (B,)
     o: torch.Tensor  # (B, D)
-    o2: Optional[torch.Tensor] = None  # (B, D) centred second moment Σ p (y − o/l)², only when asked for
+    o2: torch.Tensor | None = None  # (B, D) centred second moment Σ p (y − o/l)², only when asked for
 
     @staticmethod
-    def empty(batch: int, dim: int, *, dtype=torch.float32, device=None,
-              second_moment: bool = False) -> "PartialState":
+    def empty(batch: int, dim: int, *, dtype=torch.float32, device=None, second_moment: bool = False) -> PartialState:
         return PartialState(
             m=torch.full((batch,), float("-inf"), dtype=dtype, device=device),
             l=torch.zeros(batch, dtype=dtype, device=device),
@@ -55,7 +54,7 @@ class PartialState:
             o2=torch.zeros(batch, dim, dtype=dtype, device=device) if second_moment else None,
         )
 
-    def combine(self, other: "PartialState") -> "PartialState":
+    def combine(self, other: PartialState) -> PartialState:
         m = torch.maximum(self.m, other.m)
         finite = torch.isfinite(m)
         safe_m = torch.where(finite, m, torch.zeros_like(m))
@@ -63,8 +62,10 @@ class PartialState:
         a = torch.where(finite, torch.exp(self.m - safe_m), torch.zeros_like(m))
         b = torch.where(finite, torch.exp(other.m - safe_m), torch.zeros_like(m))
         if (self.o2 is None) != (other.o2 is None):
-            raise ValueError("PartialState.combine: one state carries the second moment (o2) and the other "
-                             "does not; compute every shard with second_moment=True")
+            raise ValueError(
+                "PartialState.combine: one state carries the second moment (o2) and the other "
+                "does not; compute every shard with second_moment=True"
+            )
         la, lb = self.l * a, other.l * b
         l = la + lb
         o2 = None
@@ -87,8 +88,10 @@ class PartialState:
     def mean(self) -> torch.Tensor:
         """Posterior mean Σ w_j y_j. Rows with no candidate raise: a silent zero would be a wrong answer."""
         if bool((self.l <= 0).any()):
-            raise ValueError("softmax retrieval: some query rows had no allowed candidate "
-                             "(empty dataset shard, or no training image of the requested class)")
+            raise ValueError(
+                "softmax retrieval: some query rows had no allowed candidate "
+                "(empty dataset shard, or no training image of the requested class)"
+            )
         return self.o / self.l[:, None]
 
     def variance(self) -> torch.Tensor:
@@ -100,8 +103,10 @@ class PartialState:
         if self.o2 is None:
             raise ValueError("variance: this state has no second moment; retrieve with second_moment=True")
         if bool((self.l <= 0).any()):
-            raise ValueError("softmax retrieval: some query rows had no allowed candidate "
-                             "(empty dataset shard, or no training image of the requested class)")
+            raise ValueError(
+                "softmax retrieval: some query rows had no allowed candidate "
+                "(empty dataset shard, or no training image of the requested class)"
+            )
         return (self.o2 / self.l[:, None]).clamp_min(0.0)
 
     def max_weight(self) -> torch.Tensor:
@@ -112,12 +117,16 @@ class PartialState:
         """1 / Σ_j w_j², between 1 (one image takes all the weight) and N (uniform)."""
         return self.l * self.l / self.l2
 
-    def to(self, *args, **kwargs) -> "PartialState":
-        return PartialState(self.m.to(*args, **kwargs), self.l.to(*args, **kwargs),
-                            self.l2.to(*args, **kwargs), self.o.to(*args, **kwargs),
-                            None if self.o2 is None else self.o2.to(*args, **kwargs))
+    def to(self, *args, **kwargs) -> PartialState:
+        return PartialState(
+            self.m.to(*args, **kwargs),
+            self.l.to(*args, **kwargs),
+            self.l2.to(*args, **kwargs),
+            self.o.to(*args, **kwargs),
+            None if self.o2 is None else self.o2.to(*args, **kwargs),
+        )
 
-    def map_values(self, fn) -> "PartialState":
+    def map_values(self, fn) -> PartialState:
         """Apply a linear map to the value sums (e.g. un-flip an image), leaving the weights alone.
 
         The second moment, when present, goes through the same ``fn``: that is right for coordinate
@@ -128,7 +137,7 @@ class PartialState:
 
 def combine_partials(states: Iterable[PartialState]) -> PartialState:
     """Combine shard states in the given order (fixed order => deterministic)."""
-    out: Optional[PartialState] = None
+    out: PartialState | None = None
     for s in states:
         out = s if out is None else out.combine(s)
     if out is None:

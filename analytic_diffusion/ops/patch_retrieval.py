@@ -30,9 +30,8 @@ Memory. ``memory_budget`` bounds the temporaries of one call (key patches, logit
 copies). It is capped at :data:`PATCH_MEMORY_CAP` (2 GiB): a caller asking for 64 GB still gets ≤ 2 GiB of
 temporaries, so that one denoiser call stays well under 4 GB of extra memory on top of the dataset.
 """
-from __future__ import annotations
 
-from typing import Optional, Tuple, Union
+from __future__ import annotations
 
 import torch
 
@@ -53,8 +52,9 @@ def effective_budget(memory_budget: int) -> int:
     return int(min(int(memory_budget), PATCH_MEMORY_CAP))
 
 
-def patch_offsets(channels: int, height: int, width: int, k: int, rows: torch.Tensor, cols: torch.Tensor
-                  ) -> torch.Tensor:
+def patch_offsets(
+    channels: int, height: int, width: int, k: int, rows: torch.Tensor, cols: torch.Tensor
+) -> torch.Tensor:
     """(P, C·k²) flat offsets into a (C, height, width) array of the k×k windows with top-left (rows, cols).
 
     The layout of one row is (C, k, k), the same as ``F.unfold``.
@@ -75,20 +75,32 @@ def channel_center(keys: KeyBank, k: int, dtype: torch.dtype) -> torch.Tensor:
 
 
 def check_positions(positions, image_shape, name: str = "positions") -> torch.Tensor:
-    c, h, w = image_shape
-    if not torch.is_tensor(positions) or positions.dim() != 2 or positions.shape[1] != 2 \
-            or positions.shape[0] == 0 or positions.is_floating_point():
-        raise ValueError(f"{name}: expected a non-empty (P, 2) integer tensor of (row, col) centres, got "
-                         f"{getattr(positions, 'shape', type(positions))}")
+    _c, h, w = image_shape
+    if (
+        not torch.is_tensor(positions)
+        or positions.dim() != 2
+        or positions.shape[1] != 2
+        or positions.shape[0] == 0
+        or positions.is_floating_point()
+    ):
+        raise ValueError(
+            f"{name}: expected a non-empty (P, 2) integer tensor of (row, col) centres, got "
+            f"{getattr(positions, 'shape', type(positions))}"
+        )
     positions = positions.long()
-    if bool((positions[:, 0] < 0).any() or (positions[:, 0] >= h).any() or (positions[:, 1] < 0).any()
-            or (positions[:, 1] >= w).any()):
+    if bool(
+        (positions[:, 0] < 0).any()
+        or (positions[:, 0] >= h).any()
+        or (positions[:, 1] < 0).any()
+        or (positions[:, 1] >= w).any()
+    ):
         raise ValueError(f"{name}: centres must lie inside the {h}×{w} image")
     return positions
 
 
-def _chunk_plan(n_images: int, n_pos: int, feat: int, channels: int, hp: int, wp: int, rows: int,
-                item: int, budget: int) -> Tuple[int, int]:
+def _chunk_plan(
+    n_images: int, n_pos: int, feat: int, channels: int, hp: int, wp: int, rows: int, item: int, budget: int
+) -> tuple[int, int]:
     """(images per chunk, positions per chunk) so that one chunk's temporaries fit in ``budget`` bytes.
 
     Per key: the gathered patch and its square (2F), value (C), norm, and one logit row entry per query row.
@@ -123,7 +135,7 @@ class _Window:
         if keys.scale != 1.0 or keys.shift != 0.0:
             part = part * keys.scale + keys.shift
         ro, co = ir0 + d - a0, ic0 + d - b0
-        win[:, :, ro:ro + (ir1 - ir0), co:co + (ic1 - ic0)] = part
+        win[:, :, ro : ro + (ir1 - ir0), co : co + (ic1 - ic0)] = part
         del part, imgs
         self.flat = win.reshape(image_idx.numel(), -1)
         # Top-left of the patch centred at (r, c) is (r, c) in padded coordinates.
@@ -132,21 +144,32 @@ class _Window:
         self.centre = ((pos[:, 0] - a0 + d) * ww + (pos[:, 1] - b0 + d))[:, None] + ch[None, :]  # (P, C)
 
 
-def _partial_rows(qc: torch.Tensor, q2: torch.Tensor, coef: torch.Tensor, keys: KeyBank,
-                  image_idx: torch.Tensor, pos: torch.Tensor, k: int, cvec: torch.Tensor, dtype, budget: int,
-                  state: PartialState) -> PartialState:
+def _partial_rows(
+    qc: torch.Tensor,
+    q2: torch.Tensor,
+    coef: torch.Tensor,
+    keys: KeyBank,
+    image_idx: torch.Tensor,
+    pos: torch.Tensor,
+    k: int,
+    cvec: torch.Tensor,
+    dtype,
+    budget: int,
+    state: PartialState,
+) -> PartialState:
     """Fold every candidate (images ``image_idx`` × centres ``pos``) into ``state`` for centred queries qc."""
     dev = qc.device
     item = torch.empty((), dtype=dtype).element_size()
     c, h, w = keys.image_shape
     d = k // 2
     feat = c * k * k
-    n_img, n_pos = _chunk_plan(image_idx.numel(), pos.shape[0], feat, c, h + 2 * d, w + 2 * d, qc.shape[0],
-                               item, budget)
+    n_img, n_pos = _chunk_plan(
+        image_idx.numel(), pos.shape[0], feat, c, h + 2 * d, w + 2 * d, qc.shape[0], item, budget
+    )
     for p0 in range(0, pos.shape[0], n_pos):
-        pc = pos[p0:p0 + n_pos]
+        pc = pos[p0 : p0 + n_pos]
         for i0 in range(0, image_idx.numel(), n_img):
-            win = _Window(keys, image_idx[i0:i0 + n_img], pc, k, dtype, dev)
+            win = _Window(keys, image_idx[i0 : i0 + n_img], pc, k, dtype, dev)
             # im2col by a 1-D index_select (an (n, P, F) advanced index would expand int64 indices per image)
             y = torch.index_select(win.flat, 1, win.offsets.reshape(-1)).reshape(-1, feat)  # (n·P, F) keys
             v = torch.index_select(win.flat, 1, win.centre.reshape(-1)).reshape(-1, c)  # (n·P, C) centres
@@ -166,11 +189,22 @@ def _partial_rows(qc: torch.Tensor, q2: torch.Tensor, coef: torch.Tensor, keys: 
     return state
 
 
-def patch_softmax_partial(queries: torch.Tensor, keys: KeyBank, sigma, positions: torch.Tensor, k: int, *,
-                          temperature: float = 1.0, query_labels: Optional[torch.Tensor] = None,
-                          flips: bool = False, dtype: Optional[torch.dtype] = None,
-                          memory_budget: int = DEFAULT_MEMORY_BUDGET, start: int = 0, stop: Optional[int] = None,
-                          backend: str = "auto") -> PartialState:
+def patch_softmax_partial(
+    queries: torch.Tensor,
+    keys: KeyBank,
+    sigma,
+    positions: torch.Tensor,
+    k: int,
+    *,
+    temperature: float = 1.0,
+    query_labels: torch.Tensor | None = None,
+    flips: bool = False,
+    dtype: torch.dtype | None = None,
+    memory_budget: int = DEFAULT_MEMORY_BUDGET,
+    start: int = 0,
+    stop: int | None = None,
+    backend: str = "auto",
+) -> PartialState:
     """Partial state (rows = query rows, o = (Q, C)) of the patch softmax over stored images start:stop.
 
     ``backend``: ``torch`` (this reference), ``triton``, ``cuda`` or ``cpu`` (the fused implicit-im2col kernels:
@@ -186,19 +220,33 @@ def patch_softmax_partial(queries: torch.Tensor, keys: KeyBank, sigma, positions
         raise TypeError(f"keys: expected a KeyBank, got {type(keys).__name__}")
     if keys.shard is not None:  # start:stop of this rank's shard, then every rank's state combined in rank order
         from .retrieval import _local_view
-        state = patch_softmax_partial(queries, _local_view(keys), sigma, positions, k, temperature=temperature,
-                                      query_labels=query_labels, flips=flips, dtype=dtype,
-                                      memory_budget=memory_budget, start=start, stop=stop, backend=backend)
+
+        state = patch_softmax_partial(
+            queries,
+            _local_view(keys),
+            sigma,
+            positions,
+            k,
+            temperature=temperature,
+            query_labels=query_labels,
+            flips=flips,
+            dtype=dtype,
+            memory_budget=memory_budget,
+            start=start,
+            stop=stop,
+            backend=backend,
+        )
         return keys.shard.group.combine(state, "patch retrieval")
     if keys.image_shape is None:
         raise ValueError("keys: patch retrieval needs the dataset's image shape (C, H, W)")
     if isinstance(k, bool) or not isinstance(k, int) or k < 1 or k % 2 == 0:
         raise ValueError(f"patch: patch sizes must be odd positive integers, got {k!r}")
-    c, h, w = keys.image_shape
+    c, _h, w = keys.image_shape
     feat = c * k * k
     if not torch.is_tensor(queries) or queries.dim() != 2 or queries.shape[1] != feat or queries.shape[0] == 0:
-        raise ValueError(f"queries: expected a non-empty (Q, C·k² = {feat}) tensor, got "
-                         f"{tuple(getattr(queries, 'shape', ()))}")
+        raise ValueError(
+            f"queries: expected a non-empty (Q, C·k² = {feat}) tensor, got {tuple(getattr(queries, 'shape', ()))}"
+        )
     if not queries.is_floating_point():
         raise TypeError(f"queries: expected a floating tensor, got {queries.dtype}")
     if not temperature > 0:
@@ -224,9 +272,20 @@ def patch_softmax_partial(queries: torch.Tensor, keys: KeyBank, sigma, positions
     name, _ = choose_patch_backend(backend, queries, keys, dtype)
     if name != "torch":
         from . import fused_patch
+
         fused_patch.require_fused_inputs(queries, keys, dtype, "patch", name)
-        return fused_patch.patch_partial(queries, keys, coef64, positions, k, query_labels=query_labels,
-                                         flips=flips, start=int(start), stop=stop, backend=name)
+        return fused_patch.patch_partial(
+            queries,
+            keys,
+            coef64,
+            positions,
+            k,
+            query_labels=query_labels,
+            flips=flips,
+            start=int(start),
+            stop=stop,
+            backend=name,
+        )
     cvec = channel_center(keys, k, torch.float64).to(dev)
     positions = positions.to(dev)
     mirrored_pos = torch.stack([positions[:, 0], w - 1 - positions[:, 1]], 1)
@@ -246,19 +305,30 @@ def patch_softmax_partial(queries: torch.Tensor, keys: KeyBank, sigma, positions
         if image_idx.numel() == 0:
             continue  # rows stay empty (m = -inf, l = 0): another shard may hold this class
         for r0 in range(0, rows.numel(), rows_per_block):
-            r = rows[r0:r0 + rows_per_block]
+            r = rows[r0 : r0 + rows_per_block]
             for rr, work in _precision_split(queries[r], coef64[r], cvec, dtype, r):
                 sub = PartialState.empty(rr.numel(), c, dtype=work, device=dev)
                 q = queries[rr].to(work)
                 coef = coef64[rr].to(work)
                 cv = cvec.to(work)
                 key_budget = max(1, budget - 3 * q.element_size() * q.numel())
-                for mirror in ((False, True) if flips else (False,)):
+                for mirror in (False, True) if flips else (False,):
                     qm = q.reshape(-1, c, k, k).flip(-1).reshape(-1, feat) if mirror else q
                     qc = qm - cv
                     q2 = (qc * qc).sum(1)
-                    sub = _partial_rows(qc, q2, coef, keys, image_idx, mirrored_pos if mirror else positions,
-                                        k, cv, work, key_budget, sub)
+                    sub = _partial_rows(
+                        qc,
+                        q2,
+                        coef,
+                        keys,
+                        image_idx,
+                        mirrored_pos if mirror else positions,
+                        k,
+                        cv,
+                        work,
+                        key_budget,
+                        sub,
+                    )
                     del qc, qm
                 sub = sub.to(dtype)
                 state.m[rr], state.l[rr], state.l2[rr], state.o[rr] = sub.m, sub.l, sub.l2, sub.o
@@ -269,8 +339,9 @@ FUSED_PATCH_KERNELS = ("triton", "cuda", "cpu")  # LS, ELS / bbELS, PSPC (pca_lo
 PATCH_BACKENDS = ("auto", "torch") + FUSED_PATCH_KERNELS
 
 
-def choose_patch_backend(backend: str, queries: torch.Tensor, keys: KeyBank, dtype,
-                         fused: Tuple[str, ...] = FUSED_PATCH_KERNELS) -> Tuple[str, str]:
+def choose_patch_backend(
+    backend: str, queries: torch.Tensor, keys: KeyBank, dtype, fused: tuple[str, ...] = FUSED_PATCH_KERNELS
+) -> tuple[str, str]:
     """(backend, reason) among ``auto``, ``torch`` and the ``fused`` kernels the caller has. ``auto`` takes a fused
     kernel for float32 work on uint8 / float32 data: on a CUDA device Triton where it can run, else the CUDA
     extension where it is built and offered; on the CPU the C++ kernel where it is offered (faster than the
@@ -285,6 +356,7 @@ def choose_patch_backend(backend: str, queries: torch.Tensor, keys: KeyBank, dty
         return "torch", f"dtype {dtype} / dataset {keys.values.dtype}: the fused kernels are float32 on uint8/float32"
     if queries.device.type == "cpu" and keys.device.type == "cpu" and "cpu" in fused:
         from . import cpu_backend
+
         if cpu_backend.available():
             return "cpu", "CPU, float32: the C++ patch kernel"
         return "torch", "CPU: the C++ extension is not built"
@@ -292,6 +364,7 @@ def choose_patch_backend(backend: str, queries: torch.Tensor, keys: KeyBank, dty
         return "torch", f"device {queries.device.type}: no fused patch kernel for it here"
     from . import cuda_backend
     from .triton_backend import unavailable_reason
+
     reason = unavailable_reason(queries.device)
     if "triton" in fused and reason is None:
         return "triton", "CUDA, float32"
@@ -322,20 +395,43 @@ def _precision_split(q: torch.Tensor, coef64: torch.Tensor, cvec: torch.Tensor, 
     return [(rows[m], t) for m, t in ((~precise, dtype), (precise, torch.float64)) if bool(m.any())]
 
 
-def patch_softmax_retrieval(queries: torch.Tensor, keys: KeyBank, sigma, positions: torch.Tensor, k: int, *,
-                            temperature: float = 1.0, query_labels: Optional[torch.Tensor] = None,
-                            flips: bool = False, dtype: Optional[torch.dtype] = None,
-                            memory_budget: int = DEFAULT_MEMORY_BUDGET, start: int = 0,
-                            stop: Optional[int] = None, return_partial: bool = False, backend: str = "auto"
-                            ) -> Union[RetrievalResult, PartialState]:
+def patch_softmax_retrieval(
+    queries: torch.Tensor,
+    keys: KeyBank,
+    sigma,
+    positions: torch.Tensor,
+    k: int,
+    *,
+    temperature: float = 1.0,
+    query_labels: torch.Tensor | None = None,
+    flips: bool = False,
+    dtype: torch.dtype | None = None,
+    memory_budget: int = DEFAULT_MEMORY_BUDGET,
+    start: int = 0,
+    stop: int | None = None,
+    return_partial: bool = False,
+    backend: str = "auto",
+) -> RetrievalResult | PartialState:
     """Posterior mean of the centre pixel per query row: mean (Q, C), max weight and 1/Σw² per row.
 
     See :func:`patch_softmax_partial` for the arguments; ``return_partial=True`` returns the unnormalised
     state instead, to combine with other shards by :func:`combine_partials`.
     """
-    state = patch_softmax_partial(queries, keys, sigma, positions, k, temperature=temperature,
-                                  query_labels=query_labels, flips=flips, dtype=dtype,
-                                  memory_budget=memory_budget, start=start, stop=stop, backend=backend)
+    state = patch_softmax_partial(
+        queries,
+        keys,
+        sigma,
+        positions,
+        k,
+        temperature=temperature,
+        query_labels=query_labels,
+        flips=flips,
+        dtype=dtype,
+        memory_budget=memory_budget,
+        start=start,
+        stop=stop,
+        backend=backend,
+    )
     return state if return_partial else RetrievalResult.from_partial(state)
 
 

@@ -24,6 +24,7 @@ A logit error δ scales each weight by at most e^{±δ}, so the posterior mean m
 rows whose bound exceeds the mode's tolerance fall back to the next more precise path (bf16/tf32 → IEEE fp32 →
 direct form), so every mode keeps its stated accuracy at every σ: at low noise most rows fall back.
 """
+
 from __future__ import annotations
 
 import math
@@ -31,14 +32,14 @@ import math
 import torch
 
 MODES = ("exact", "tf32", "bf16")
-U32 = 2.0 ** -24
+U32 = 2.0**-24
 # Operand unit roundoff per dot kind (truncation-safe: tensor cores may truncate instead of rounding).
-OPERAND_ROUNDOFF = {"ieee": 0.0, "tf32": 2.0 ** -10, "bf16x2": 2.0 ** -14}
+OPERAND_ROUNDOFF = {"ieee": 0.0, "tf32": 2.0**-10, "bf16x2": 2.0**-14}
 # Largest logit error (nats) each mode accepts before a row falls back to a more precise path.
 EXACT_TOLERANCE = 1e-5
 FAST_TOLERANCE = 1e-2
 # The second GEMM's weights: relative error of p per mode (the mean moves by at most this times max‖y‖).
-WEIGHT_ROUNDOFF = {"ieee": 0.0, "tf32": 2.0 ** -10, "bf16x2": 2.0 ** -14}
+WEIGHT_ROUNDOFF = {"ieee": 0.0, "tf32": 2.0**-10, "bf16x2": 2.0**-14}
 
 
 def check_mode(precision: str) -> str:
@@ -60,8 +61,9 @@ def tolerance(precision: str, max_logit_error=None) -> float:
     return EXACT_TOLERANCE if check_mode(precision) == "exact" else FAST_TOLERANCE
 
 
-def logit_error_bound(coef: torch.Tensor, q_centred: torch.Tensor, key_absmax: torch.Tensor, scale: float,
-                      key_norm_max: float, kind: str) -> torch.Tensor:
+def logit_error_bound(
+    coef: torch.Tensor, q_centred: torch.Tensor, key_absmax: torch.Tensor, scale: float, key_norm_max: float, kind: str
+) -> torch.Tensor:
     """E_b in nats for each query row (see the module docstring); float64 (B,)."""
     q = q_centred.to(torch.float64)
     g = (q.abs() * key_absmax.to(torch.float64, copy=False).to(q.device)).sum(1)

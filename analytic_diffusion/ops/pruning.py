@@ -52,15 +52,16 @@ ball. Two states combine like partial states (rescale to the larger max, add), s
 shards, across the mirrored candidate half, and the ball grows to hold both. A class filter simply removes the
 other classes from both S and K.
 """
+
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 
-from .keys import KeyBank, take_rows as _rows
+from .keys import KeyBank
+from .keys import take_rows as _rows
 from .partial import PartialState
 
 STAGE_DIMS = (32, 128)  # basis vectors used by the prefilter stages (capped at D)
@@ -76,8 +77,8 @@ STAGE1_EXACT = 0.6  # ... and one whose stage-1 survivors exceed this share goes
 PROBE_STRIDE = 16  # the high-σ probe looks at every 16th candidate
 DENSE_STAGE2 = 0.05  # stage 2 as one GEMM over all N (not gathers) once a row keeps this share after stage 1
 PCA_SAMPLE = 4096  # rows used to find the basis
-U32 = 2.0 ** -24
-ROUNDING_SLACK = {torch.float32: 2.0 ** -17, torch.float64: 2.0 ** -40}
+U32 = 2.0**-24
+ROUNDING_SLACK = {torch.float32: 2.0**-17, torch.float64: 2.0**-40}
 
 
 def check_tolerance(tolerance) -> float:
@@ -101,6 +102,7 @@ class PruningIndex:
     exactly the stage's lower bound, so one GEMM gives it (``aug[s]`` rows, ``keycol[s]`` the keys' squared
     norms, deflated for rounding).
     """
+
     center: torch.Tensor  # (D,) float64, mirror-symmetric when the image shape is known
     basis: torch.Tensor  # (D, k_max) float64, orthonormal columns
     aug: tuple  # per stage (N, K_s) float32
@@ -127,10 +129,10 @@ def _augment(v64: torch.Tensor, basis, stages, edges, dim):
     bands = torch.stack(bands, 1)
     # float64 error of ‖v‖² − ‖P v‖² is below 4·D·2⁻⁵³·‖v‖² (+ the basis' orthonormality), hence of its root
     # below the root of that.
-    eta = (8.0 * dim * 2.0 ** -53 * total2).sqrt()
+    eta = (8.0 * dim * 2.0**-53 * total2).sqrt()
     aug, norms2 = [], []
     for k in stages:
-        a32 = torch.cat([p[:, :k], bands[:, list(edges).index(k):]], 1).to(torch.float32)
+        a32 = torch.cat([p[:, :k], bands[:, list(edges).index(k) :]], 1).to(torch.float32)
         aug.append(a32)
         norms2.append((a32.to(torch.float64) ** 2).sum(1))
     return aug, norms2, eta, total2.sqrt()
@@ -138,7 +140,7 @@ def _augment(v64: torch.Tensor, basis, stages, edges, dim):
 
 def _shrink(k: int) -> float:
     """Deflation of both squared norms for a float32 expanded-form distance over K terms (module docstring)."""
-    return (1.0 - 2.0 ** -20) * (1.0 - (k + 16) * U32)
+    return (1.0 - 2.0**-20) * (1.0 - (k + 16) * U32)
 
 
 def pruning_index(keys: KeyBank) -> PruningIndex:
@@ -176,7 +178,7 @@ def _build_index(keys: KeyBank) -> PruningIndex:
     for s in range(0, n, step):
         e = min(n, s + step)
         a32, n2, eta, norm = _augment(keys.rows(s, e, torch.float64).cpu() - center, basis, stages, edges, dim)
-        for i, k in enumerate(stages):
+        for i, _k in enumerate(stages):
             aug[i][s:e] = a32[i]
             keycol[i][s:e] = (n2[i] * _shrink(widths[i]) * (1.0 - 2 * U32)).to(torch.float32)
         eta_max, radius = max(eta_max, float(eta.max())), max(radius, float(norm.max()))
@@ -203,6 +205,7 @@ class CertifiedState:
     ``skipped`` ≥ Σ_K e^{ℓ_j − m} and ``z_scored`` ≤ Σ_S e^{ℓ_j − m} (float64, m = state.m); ``scored`` and
     ``candidates`` count scored and allowed candidates per row; every candidate lies in B(center, radius).
     """
+
     state: PartialState
     skipped: torch.Tensor
     z_scored: torch.Tensor
@@ -211,31 +214,47 @@ class CertifiedState:
     center: torch.Tensor
     radius: float
 
-    def combine(self, other: "CertifiedState") -> "CertifiedState":
+    def combine(self, other: CertifiedState) -> CertifiedState:
         state = self.state.combine(other.state)
         m = state.m.to(torch.float64)
 
         def rescale(own_m, value):
             own_m = own_m.to(torch.float64)
             ok = torch.isfinite(own_m) & torch.isfinite(m)
-            return torch.where(ok, value * torch.exp(torch.where(ok, own_m - m, torch.zeros_like(m))),
-                               torch.zeros_like(value))
+            return torch.where(
+                ok, value * torch.exp(torch.where(ok, own_m - m, torch.zeros_like(m))), torch.zeros_like(value)
+            )
 
         shift = float((other.center.to(self.center) - self.center).norm())
-        return CertifiedState(state, rescale(self.state.m, self.skipped) + rescale(other.state.m, other.skipped),
-                              rescale(self.state.m, self.z_scored) + rescale(other.state.m, other.z_scored),
-                              self.scored + other.scored, self.candidates + other.candidates, self.center,
-                              max(self.radius, other.radius + shift) * (1.0 + 1e-12))
+        return CertifiedState(
+            state,
+            rescale(self.state.m, self.skipped) + rescale(other.state.m, other.skipped),
+            rescale(self.state.m, self.z_scored) + rescale(other.state.m, other.z_scored),
+            self.scored + other.scored,
+            self.candidates + other.candidates,
+            self.center,
+            max(self.radius, other.radius + shift) * (1.0 + 1e-12),
+        )
 
-    def map_values(self, fn) -> "CertifiedState":
-        return CertifiedState(self.state.map_values(fn), self.skipped, self.z_scored, self.scored,
-                              self.candidates, self.center, self.radius)
+    def map_values(self, fn) -> CertifiedState:
+        return CertifiedState(
+            self.state.map_values(fn),
+            self.skipped,
+            self.z_scored,
+            self.scored,
+            self.candidates,
+            self.center,
+            self.radius,
+        )
 
     def skipped_weight(self) -> torch.Tensor:
         """ε ≥ the posterior weight of the skipped candidates (B,) float64."""
         total = self.z_scored + self.skipped
-        return torch.where(self.skipped > 0, self.skipped / torch.where(total > 0, total, torch.ones_like(total)),
-                           torch.zeros_like(total)).clamp(max=1.0)
+        return torch.where(
+            self.skipped > 0,
+            self.skipped / torch.where(total > 0, total, torch.ones_like(total)),
+            torch.zeros_like(total),
+        ).clamp(max=1.0)
 
     def error_bound(self, mean: torch.Tensor) -> torch.Tensor:
         """Bound on ‖mean − exact posterior mean‖₂ per row: ε·(R + ‖mean − c‖) plus the rounding slack."""
@@ -247,7 +266,7 @@ class CertifiedState:
         return self.scored.to(torch.float64) / self.candidates.clamp_min(1).to(torch.float64)
 
 
-def _allowed(keys: KeyBank, labels: Optional[torch.Tensor], rows: slice) -> Optional[torch.Tensor]:
+def _allowed(keys: KeyBank, labels: torch.Tensor | None, rows: slice) -> torch.Tensor | None:
     if labels is None:
         return None
     return keys.labels[None, :].cpu() == labels[rows, None].cpu()
@@ -256,7 +275,7 @@ def _allowed(keys: KeyBank, labels: Optional[torch.Tensor], rows: slice) -> Opti
 def _stage_lower_bound(xa, xrow, ya, ycol) -> torch.Tensor:
     """Lower bounds (B, M) float32 on ‖x − y‖²: the augmented distance as one GEMM, with the rounding slack
     already folded into the deflated norms ``xrow`` (B,) and ``ycol`` (M,). Negative values mean 'no bound'."""
-    lb = torch.addmm(ycol[None, :], xa, ya.t(), beta=1.0, alpha=-2.0 * (1.0 - 2.0 ** -20))
+    lb = torch.addmm(ycol[None, :], xa, ya.t(), beta=1.0, alpha=-2.0 * (1.0 - 2.0**-20))
     return lb.add_(xrow[:, None])
 
 
@@ -285,13 +304,16 @@ def _cut(counts: torch.Tensor, budget: torch.Tensor):
     tail = torch.flip(torch.cumsum(torch.flip(counts.to(torch.float64) * _CHARGE, [1]), 1), [1])
     fits = (tail <= budget[:, None]) & (torch.arange(NUM_BUCKETS) >= 1)[None, :]
     first = torch.where(fits.any(1), fits.float().argmax(1), torch.full_like(budget, NUM_BUCKETS).long())
-    mass = torch.where(first < NUM_BUCKETS, torch.gather(tail, 1, first.clamp(max=NUM_BUCKETS - 1)[:, None])[:, 0],
-                       torch.zeros_like(budget))
+    mass = torch.where(
+        first < NUM_BUCKETS,
+        torch.gather(tail, 1, first.clamp(max=NUM_BUCKETS - 1)[:, None])[:, 0],
+        torch.zeros_like(budget),
+    )
     return first, mass
 
 
 def _dtype_roundoff(dtype) -> float:
-    return U32 if dtype != torch.float64 else 2.0 ** -53
+    return U32 if dtype != torch.float64 else 2.0**-53
 
 
 def _stage1_cut(block, keyside, nb, allow, x64, keys, key_index, c, tolerance, weight):
@@ -318,9 +340,17 @@ def _stage1_cut(block, keyside, nb, allow, x64, keys, key_index, c, tolerance, w
     return seeds, valid, d_seed, d_ref, budget, g, first, mass, survive
 
 
-def pruned_partial(x: torch.Tensor, keys: KeyBank, coef: torch.Tensor, tolerance: float, *, score,
-                   query_labels: Optional[torch.Tensor] = None, dtype: torch.dtype = torch.float32,
-                   exact=None) -> CertifiedState:
+def pruned_partial(
+    x: torch.Tensor,
+    keys: KeyBank,
+    coef: torch.Tensor,
+    tolerance: float,
+    *,
+    score,
+    query_labels: torch.Tensor | None = None,
+    dtype: torch.dtype = torch.float32,
+    exact=None,
+) -> CertifiedState:
     """The certified state of queries x (B, D) over the N rows of ``keys`` (no flips: the caller mirrors).
 
     ``score(b, subset KeyBank) -> PartialState`` scores query row b over its survivors and
@@ -343,20 +373,31 @@ def pruned_partial(x: torch.Tensor, keys: KeyBank, coef: torch.Tensor, tolerance
         nb, pad = b1 - b0, QUERY_BLOCK - (b1 - b0)  # fixed-shape GEMMs: a row's bounds do not depend on the batch
 
         def padded(t):
-            return torch.cat([t[b0:b1], t[b0:b0 + 1].expand(pad, *t.shape[1:])]) if pad else t[b0:b1]
+            return torch.cat([t[b0:b1], t[b0 : b0 + 1].expand(pad, *t.shape[1:])]) if pad else t[b0:b1]
 
         block = (padded(qside[0][0]), padded(qside[0][1]))
         c = coef64[b0:b1]
         allow = _allowed(keys, labels, slice(b0, b1))
         n_allowed = allow.sum(1) if allow is not None else torch.full((nb,), N)
         if bool((n_allowed == 0).any()):
-            raise ValueError("query_labels: some query rows had no allowed candidate "
-                             "(no training image of the requested class)")
+            raise ValueError(
+                "query_labels: some query rows had no allowed candidate (no training image of the requested class)"
+            )
         if N >= PROBE_STRIDE * 64:  # a 1/16 probe tells the rows that will not prune (high σ): full scan at once
             probe = index.probe()
             pidx = torch.arange(0, N, PROBE_STRIDE)
-            pr = _stage1_cut(block, probe, nb, None if allow is None else allow[:, pidx], x64[b0:b1], keys, pidx, c,
-                             tolerance, PROBE_STRIDE)
+            pr = _stage1_cut(
+                block,
+                probe,
+                nb,
+                None if allow is None else allow[:, pidx],
+                x64[b0:b1],
+                keys,
+                pidx,
+                c,
+                tolerance,
+                PROBE_STRIDE,
+            )
             hopeless = pr[-1].sum(1) > STAGE1_EXACT * n_allowed / PROBE_STRIDE
             if bool(hopeless.all()):
                 for r in range(nb):
@@ -364,8 +405,9 @@ def pruned_partial(x: torch.Tensor, keys: KeyBank, coef: torch.Tensor, tolerance
                     exact_rows.append(b0 + r)
                 continue
         full = (index.aug[0], index.keycol[0])
-        seeds, valid, d_seed, d_ref, budget, g, first, mass, survive = _stage1_cut(
-            block, full, nb, allow, x64[b0:b1], keys, None, c, tolerance, 1)
+        seeds, _valid, d_seed, d_ref, budget, g, _first, mass, survive = _stage1_cut(
+            block, full, nb, allow, x64[b0:b1], keys, None, c, tolerance, 1
+        )
         n1 = survive.sum(1)
         cands = torch.split(torch.nonzero(survive)[:, 1], n1.tolist())  # one nonzero for the block, row-major
         dense2 = None
@@ -380,18 +422,19 @@ def pruned_partial(x: torch.Tensor, keys: KeyBank, coef: torch.Tensor, tolerance
                 exact_rows.append(b)
                 continue
             cand = cands[r]
-            row_mass = mass[r:r + 1]
+            row_mass = mass[r : r + 1]
             if two_stage and cand.numel() > SEEDS:  # stage 2: refine the survivors with more coordinates
                 if dense2 is not None and int(n1[r]) > DENSE_STAGE2 * N:
                     g2 = dense2[r, cand]
                 else:
-                    lb2 = _stage_lower_bound(qside[1][0][b:b + 1], qside[1][1][b:b + 1], _rows(index.aug[1], cand),
-                                             index.keycol[1][cand])
-                    g2 = _gaps(lb2, d_ref[r:r + 1], c[r:r + 1])[0]
+                    lb2 = _stage_lower_bound(
+                        qside[1][0][b : b + 1], qside[1][1][b : b + 1], _rows(index.aug[1], cand), index.keycol[1][cand]
+                    )
+                    g2 = _gaps(lb2, d_ref[r : r + 1], c[r : r + 1])[0]
                 g2 = torch.maximum(g2, g[r, cand])
                 g2[torch.isin(cand, seeds[r])] = -1.0
                 # What stage 1 skipped stays skipped (charged ``mass``); stage 2 cuts its survivors in what is left.
-                first2, mass2 = _cut(_bucket_counts(g2[None]), budget[r:r + 1] - row_mass)
+                first2, mass2 = _cut(_bucket_counts(g2[None]), budget[r : r + 1] - row_mass)
                 cand = cand[g2 < float(first2[0]) * BUCKET]
                 row_mass = row_mass + mass2
             if cand.numel() > EXACT_FRACTION * na:
@@ -412,20 +455,26 @@ def pruned_partial(x: torch.Tensor, keys: KeyBank, coef: torch.Tensor, tolerance
         rows = torch.tensor(exact_rows, dtype=torch.long)
         st = exact(rows)
         for i, b in enumerate(exact_rows):
-            out_states[b] = PartialState(st.m[i:i + 1], st.l[i:i + 1], st.l2[i:i + 1], st.o[i:i + 1])
+            out_states[b] = PartialState(st.m[i : i + 1], st.l[i : i + 1], st.l2[i : i + 1], st.o[i : i + 1])
             skipped[b], z_scored[b], scored[b] = 0.0, float(st.l[i]), allowed_n[b]
     dev = x.device
     state = PartialState(*(torch.cat([getattr(s, f).to(dev) for s in out_states]) for f in ("m", "l", "l2", "o")))
     f64 = dict(dtype=torch.float64, device=dev)
-    return CertifiedState(state, torch.tensor(skipped, **f64), torch.tensor(z_scored, **f64),
-                          torch.tensor(scored, dtype=torch.long, device=dev),
-                          torch.tensor(allowed_n, dtype=torch.long, device=dev), index.center.to(dev),
-                          index.radius)
+    return CertifiedState(
+        state,
+        torch.tensor(skipped, **f64),
+        torch.tensor(z_scored, **f64),
+        torch.tensor(scored, dtype=torch.long, device=dev),
+        torch.tensor(allowed_n, dtype=torch.long, device=dev),
+        index.center.to(dev),
+        index.radius,
+    )
 
 
 @dataclass
 class CertifiedResult:
     """The retrieval result with its certificate, per query row."""
+
     mean: torch.Tensor  # (B, D)
     max_weight: torch.Tensor  # (B,)
     effective_neighbours: torch.Tensor  # (B,)
@@ -434,10 +483,21 @@ class CertifiedResult:
     scored_fraction: torch.Tensor  # (B,) float64 candidates scored / allowed candidates
 
 
-def certified_retrieval(x: torch.Tensor, keys: KeyBank, sigma, *, tolerance: float, temperature: float = 1.0,
-                        query_labels: Optional[torch.Tensor] = None, flips: bool = False, backend: str = "auto",
-                        dtype: Optional[torch.dtype] = None, memory_budget: Optional[int] = None,
-                        precision: str = "exact", return_partial: bool = False):
+def certified_retrieval(
+    x: torch.Tensor,
+    keys: KeyBank,
+    sigma,
+    *,
+    tolerance: float,
+    temperature: float = 1.0,
+    query_labels: torch.Tensor | None = None,
+    flips: bool = False,
+    backend: str = "auto",
+    dtype: torch.dtype | None = None,
+    memory_budget: int | None = None,
+    precision: str = "exact",
+    return_partial: bool = False,
+):
     """:func:`analytic_diffusion.ops.softmax_retrieval` that skips candidates whose total posterior weight is
     provably below ``tolerance`` (per query), and says by how much the result can be off (module docstring).
 
@@ -446,36 +506,58 @@ def certified_retrieval(x: torch.Tensor, keys: KeyBank, sigma, *, tolerance: flo
     across shards of a dataset with :meth:`CertifiedState.combine`).
     """
     from . import retrieval as R
+
     tolerance = check_tolerance(tolerance)
     dtype = R._validate(x, keys, query_labels, flips, dtype)
     if not temperature > 0:
         raise ValueError(f"temperature: expected > 0, got {temperature}")
     s = R.sigma_rows(sigma, x.shape[0], x.device)
-    opts = dict(temperature=temperature, backend=backend, dtype=dtype, precision=precision,
-                memory_budget=R.DEFAULT_MEMORY_BUDGET if memory_budget is None else memory_budget)
+    opts = dict(
+        temperature=temperature,
+        backend=backend,
+        dtype=dtype,
+        precision=precision,
+        memory_budget=R.DEFAULT_MEMORY_BUDGET if memory_budget is None else memory_budget,
+    )
     index = pruning_index(keys)
     if tolerance == 0.0:
         st = R.softmax_retrieval(x, keys, s, query_labels=query_labels, flips=flips, return_partial=True, **opts)
-        n = keys.n if query_labels is None else (keys.labels[None, :].to(query_labels.device)
-                                                  == query_labels[:, None]).sum(1)
+        n = (
+            keys.n
+            if query_labels is None
+            else (keys.labels[None, :].to(query_labels.device) == query_labels[:, None]).sum(1)
+        )
         n = torch.as_tensor(n, device=x.device).expand(x.shape[0]) * (2 if flips else 1)
         f64 = dict(dtype=torch.float64, device=x.device)
-        cert = CertifiedState(st, torch.zeros(x.shape[0], **f64), st.l.to(torch.float64), n.long(), n.long(),
-                              index.center.to(x.device), index.radius)
+        cert = CertifiedState(
+            st,
+            torch.zeros(x.shape[0], **f64),
+            st.l.to(torch.float64),
+            n.long(),
+            n.long(),
+            index.center.to(x.device),
+            index.radius,
+        )
     else:
         coef = 1.0 / (2.0 * s * s * temperature)
 
         def run(q: torch.Tensor) -> CertifiedState:
             def score(b, sub):
-                return R.softmax_retrieval(q[b:b + 1], sub, s[b:b + 1], return_partial=True, **opts)
+                return R.softmax_retrieval(q[b : b + 1], sub, s[b : b + 1], return_partial=True, **opts)
 
             def exact(rows):
-                return R.softmax_retrieval(q[rows], keys, s[rows], return_partial=True,
-                                           query_labels=None if query_labels is None else query_labels[rows],
-                                           **opts)
+                return R.softmax_retrieval(
+                    q[rows],
+                    keys,
+                    s[rows],
+                    return_partial=True,
+                    query_labels=None if query_labels is None else query_labels[rows],
+                    **opts,
+                )
 
-            return pruned_partial(q, keys, coef, tolerance, score=score, exact=exact, query_labels=query_labels,
-                                  dtype=dtype)
+            return pruned_partial(
+                q, keys, coef, tolerance, score=score, exact=exact, query_labels=query_labels, dtype=dtype
+            )
 
         cert = run(x)
         if flips:  # the mirrored half: retrieve with the mirrored query, mirror the values back (as the exact path)
@@ -484,6 +566,11 @@ def certified_retrieval(x: torch.Tensor, keys: KeyBank, sigma, *, tolerance: flo
     if return_partial:
         return cert
     r = R.RetrievalResult.from_partial(cert.state)
-    return CertifiedResult(r.mean, r.max_weight, r.effective_neighbours, cert.skipped_weight(),
-                           cert.error_bound(r.mean), cert.scored_fraction())
-
+    return CertifiedResult(
+        r.mean,
+        r.max_weight,
+        r.effective_neighbours,
+        cert.skipped_weight(),
+        cert.error_bound(r.mean),
+        cert.scored_fraction(),
+    )

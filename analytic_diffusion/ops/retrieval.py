@@ -7,17 +7,17 @@ Backends: ``torch`` (the reference oracle, any device and dtype), ``cpu`` (C++),
 CPU tensors under TRITON_INTERPRET=1), ``cuda`` (torch-free CUDA kernels, built where nvcc and a GPU exist), and
 ``auto`` (the fastest correct one available; :func:`choose_backend` tells which and why).
 """
+
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Optional, Tuple, Union
 
 import torch
 
-from . import cpu_backend, precision as precision_policy, torch_backend
+from . import cpu_backend, streaming, torch_backend
+from . import precision as precision_policy
 from .keys import KeyBank
-from . import streaming
 from .partial import PartialState, combine_partials, merge_knn_lists
 
 BACKENDS = ("auto", "torch", "cpu", "triton", "cuda")
@@ -30,12 +30,15 @@ CUDA_KERNEL_MAX_BATCH = 16
 
 def _cuda_backend():
     from . import cuda_backend
+
     return cuda_backend
 
 
-def _gpu_choice(x: torch.Tensor, keys: KeyBank, dtype: torch.dtype, k: Optional[int],
-                second_moment: bool) -> Tuple[str, str]:
+def _gpu_choice(
+    x: torch.Tensor, keys: KeyBank, dtype: torch.dtype, k: int | None, second_moment: bool
+) -> tuple[str, str]:
     from . import triton_backend
+
     if dtype != torch.float32:
         return "torch", f"dtype {dtype}: the fused kernels compute in float32"
     if keys.values.dtype not in (torch.uint8, torch.float32):
@@ -49,28 +52,45 @@ def _gpu_choice(x: torch.Tensor, keys: KeyBank, dtype: torch.dtype, k: Optional[
         return "cuda", f"CUDA, batch {x.shape[0]} <= {CUDA_KERNEL_MAX_BATCH}: single-pass split-N kernel"
     reason = triton_backend.unavailable_reason(x.device)
     if reason is None:
-        return "triton", (f"CUDA, batch {x.shape[0]}: Triton " +
-                          ("split-N kernel" if x.shape[0] <= triton_backend.SPLIT_N_MAX_BATCH
-                           else "two-pass GEMMs where the precision bound allows, split-N elsewhere"))
+        return "triton", (
+            f"CUDA, batch {x.shape[0]}: Triton "
+            + (
+                "split-N kernel"
+                if x.shape[0] <= triton_backend.SPLIT_N_MAX_BATCH
+                else "two-pass GEMMs where the precision bound allows, split-N elsewhere"
+            )
+        )
     return "torch", f"no fused GPU kernel available ({reason}; CUDA: {cuda.unavailable_reason()})"
 
 
 @dataclass
 class RetrievalResult:
     """Posterior mean and the summaries used to study memorisation."""
+
     mean: torch.Tensor  # (B, D)
     max_weight: torch.Tensor  # (B,) largest softmax weight
     effective_neighbours: torch.Tensor  # (B,) 1 / Σ w²
-    variance: Optional[torch.Tensor] = None  # (B, D) posterior variance per coordinate (second_moment=True)
+    variance: torch.Tensor | None = None  # (B, D) posterior variance per coordinate (second_moment=True)
 
     @staticmethod
-    def from_partial(state: PartialState) -> "RetrievalResult":
-        return RetrievalResult(state.mean(), state.max_weight(), state.effective_neighbours(),
-                               None if state.o2 is None else state.variance())
+    def from_partial(state: PartialState) -> RetrievalResult:
+        return RetrievalResult(
+            state.mean(),
+            state.max_weight(),
+            state.effective_neighbours(),
+            None if state.o2 is None else state.variance(),
+        )
 
 
-def choose_backend(backend: str, x: torch.Tensor, keys: KeyBank, dtype: torch.dtype, *, k: Optional[int] = None,
-                   second_moment: bool = False) -> Tuple[str, str]:
+def choose_backend(
+    backend: str,
+    x: torch.Tensor,
+    keys: KeyBank,
+    dtype: torch.dtype,
+    *,
+    k: int | None = None,
+    second_moment: bool = False,
+) -> tuple[str, str]:
     """(backend, reason) for a retrieval of queries ``x`` (``k`` for a k-NN search).
 
     ``auto``: on CPU the C++ kernel for batches up to 64, the torch GEMMs above; on CUDA in float32 the CUDA
@@ -92,8 +112,11 @@ def choose_backend(backend: str, x: torch.Tensor, keys: KeyBank, dtype: torch.dt
         return "torch", "second moment: only the torch backend accumulates it"
     if not cpu_backend.available():
         return "torch", "C++ extension not built"
-    if dtype not in cpu_backend.SUPPORTED_DTYPES or keys.values.dtype not in (torch.uint8, torch.float32,
-                                                                            torch.float64):
+    if dtype not in cpu_backend.SUPPORTED_DTYPES or keys.values.dtype not in (
+        torch.uint8,
+        torch.float32,
+        torch.float64,
+    ):
         return "torch", f"dtype {dtype} / dataset {keys.values.dtype} not supported by the C++ kernel"
     if x.shape[0] > CPU_KERNEL_MAX_BATCH:
         return "torch", f"batch {x.shape[0]} > {CPU_KERNEL_MAX_BATCH}: blocked GEMM wins on CPU"
@@ -141,41 +164,50 @@ def check_query_scale(x: torch.Tensor, s: torch.Tensor) -> None:
         return
     amax = x.detach().reshape(x.shape[0], -1).abs().amax(1).double()
     if float(amax.max()) > X_MAX:
-        raise ValueError(f"x: values up to {float(amax.max()):.3g} are outside the supported magnitude |x| <= "
-                         f"{X_MAX:g}")
+        raise ValueError(
+            f"x: values up to {float(amax.max()):.3g} are outside the supported magnitude |x| <= {X_MAX:g}"
+        )
     ratio = (amax.to(s.device) + 1.0) * (x[0].numel() ** 0.5) / s
     if float(ratio.max()) > DISTANCE_TO_SIGMA_MAX:
         b = int(ratio.argmax())
-        raise ValueError(f"x, sigma: a query of magnitude {float(amax[b]):.3g} at sigma = {float(s[b]):.3g} is "
-                         f"too far from the data for its noise level (distance / sigma up to {float(ratio[b]):.3g}, "
-                         f"supported up to {DISTANCE_TO_SIGMA_MAX:g}); such a query is at the nearest-neighbour "
-                         "limit: call at a larger sigma")
+        raise ValueError(
+            f"x, sigma: a query of magnitude {float(amax[b]):.3g} at sigma = {float(s[b]):.3g} is "
+            f"too far from the data for its noise level (distance / sigma up to {float(ratio[b]):.3g}, "
+            f"supported up to {DISTANCE_TO_SIGMA_MAX:g}); such a query is at the nearest-neighbour "
+            "limit: call at a larger sigma"
+        )
 
 
-def sigma_rows(sigma, batch: int, device, x: Optional[torch.Tensor] = None) -> torch.Tensor:
+def sigma_rows(sigma, batch: int, device, x: torch.Tensor | None = None) -> torch.Tensor:
     """σ as a (B,) float64 tensor; scalars broadcast. Rejects σ ≤ 0, NaN, Inf and σ outside
     [SIGMA_MIN, SIGMA_MAX] with a clear error; with ``x``, also queries outside the supported domain
     (:func:`check_query_scale`)."""
-    if isinstance(sigma, (str, bytes)) or (torch.is_tensor(sigma) and (sigma.dtype == torch.bool
-                                                                       or sigma.is_complex())):
+    if isinstance(sigma, (str, bytes)) or (
+        torch.is_tensor(sigma) and (sigma.dtype == torch.bool or sigma.is_complex())
+    ):
         raise TypeError(f"sigma: expected a number, a sequence of numbers or a real tensor, got {sigma!r:.60}")
     try:
         s = torch.as_tensor(sigma, dtype=torch.float64).to(device).reshape(-1)
     except (TypeError, ValueError, RuntimeError) as e:
-        raise TypeError(f"sigma: expected a number, a sequence of numbers or a real tensor, got "
-                        f"{type(sigma).__name__} ({e})") from None
+        raise TypeError(
+            f"sigma: expected a number, a sequence of numbers or a real tensor, got {type(sigma).__name__} ({e})"
+        ) from None
     if s.numel() == 1:
         s = s.expand(batch)
     if s.numel() != batch:
         raise ValueError(f"sigma: expected a scalar or one value per sample ({batch}), got {s.numel()} values")
     if not bool(torch.isfinite(s).all()) or bool((s <= 0).any()):
-        raise ValueError(f"sigma: noise levels must be finite and > 0 (got min {float(s.min()):g}); "
-                         "samplers never call a denoiser at σ = 0")
+        raise ValueError(
+            f"sigma: noise levels must be finite and > 0 (got min {float(s.min()):g}); "
+            "samplers never call a denoiser at σ = 0"
+        )
     if s.numel() and (float(s.min()) < SIGMA_MIN or float(s.max()) > SIGMA_MAX):
         bad = float(s.min()) if float(s.min()) < SIGMA_MIN else float(s.max())
-        raise ValueError(f"sigma: {bad:g} is outside the supported range [{SIGMA_MIN:g}, {SIGMA_MAX:g}] (below it "
-                         f"every method is at its nearest-neighbour limit, above it at its large-noise limit, to "
-                         f"float precision: pass a σ inside the range)")
+        raise ValueError(
+            f"sigma: {bad:g} is outside the supported range [{SIGMA_MIN:g}, {SIGMA_MAX:g}] (below it "
+            f"every method is at its nearest-neighbour limit, above it at its large-noise limit, to "
+            f"float precision: pass a σ inside the range)"
+        )
     if x is not None:
         check_query_scale(x, s)
     return s
@@ -187,12 +219,22 @@ def hflip_rows(x: torch.Tensor, image_shape) -> torch.Tensor:
     return x.reshape(-1, c, h, w).flip(-1).reshape(x.shape[0], -1)
 
 
-def softmax_retrieval(x: torch.Tensor, keys: KeyBank, sigma, *, temperature: float = 1.0,
-                      query_labels: Optional[torch.Tensor] = None, flips: bool = False,
-                      backend: str = "auto", dtype: Optional[torch.dtype] = None,
-                      memory_budget: int = DEFAULT_MEMORY_BUDGET, return_partial: bool = False,
-                      second_moment: bool = False, precision: str = "exact",
-                      max_logit_error: Optional[float] = None) -> Union[RetrievalResult, PartialState]:
+def softmax_retrieval(
+    x: torch.Tensor,
+    keys: KeyBank,
+    sigma,
+    *,
+    temperature: float = 1.0,
+    query_labels: torch.Tensor | None = None,
+    flips: bool = False,
+    backend: str = "auto",
+    dtype: torch.dtype | None = None,
+    memory_budget: int = DEFAULT_MEMORY_BUDGET,
+    return_partial: bool = False,
+    second_moment: bool = False,
+    precision: str = "exact",
+    max_logit_error: float | None = None,
+) -> RetrievalResult | PartialState:
     """Exact posterior mean over all candidates (``flips`` adds every row mirrored left-right, no copy).
 
     With ``return_partial=True`` the unnormalised state (m, l, l2, o) comes back instead, so that results over
@@ -219,30 +261,42 @@ def softmax_retrieval(x: torch.Tensor, keys: KeyBank, sigma, *, temperature: flo
     coef = 1.0 / (2.0 * s * s * temperature)  # float64, cast by the backend
     name, _ = choose_backend(backend, x, keys, dtype, second_moment=second_moment)
     if second_moment and name != "torch":
-        raise ValueError(f"second_moment=True: the {name} kernels have no second-moment accumulator; "
-                         "use backend='torch' or 'auto'")
+        raise ValueError(
+            f"second_moment=True: the {name} kernels have no second-moment accumulator; use backend='torch' or 'auto'"
+        )
 
     def run_bank(q: torch.Tensor, keys: KeyBank, memory_budget: int) -> PartialState:
         if name == "cpu":
             return cpu_backend.softmax_partial(q, keys, coef, query_labels=query_labels, dtype=dtype)
         if name == "triton":
             from . import triton_backend
-            return triton_backend.softmax_partial(q, keys, coef, query_labels=query_labels, dtype=dtype,
-                                                  precision=precision, max_logit_error=max_logit_error)
+
+            return triton_backend.softmax_partial(
+                q,
+                keys,
+                coef,
+                query_labels=query_labels,
+                dtype=dtype,
+                precision=precision,
+                max_logit_error=max_logit_error,
+            )
         if name == "cuda":
             return _cuda_backend().softmax_partial(q, keys, coef, query_labels=query_labels, dtype=dtype)
         if second_moment:
-            return torch_backend.softmax_partial(q, keys, coef, query_labels=query_labels, dtype=dtype,
-                                                 memory_budget=memory_budget, second_moment=True)
-        return torch_backend.softmax_partial(q, keys, coef, query_labels=query_labels, dtype=dtype,
-                                             memory_budget=memory_budget)
+            return torch_backend.softmax_partial(
+                q, keys, coef, query_labels=query_labels, dtype=dtype, memory_budget=memory_budget, second_moment=True
+            )
+        return torch_backend.softmax_partial(
+            q, keys, coef, query_labels=query_labels, dtype=dtype, memory_budget=memory_budget
+        )
 
     def run(q: torch.Tensor) -> PartialState:
         if keys.pages is None:
             return run_bank(q, keys, memory_budget)
         # A memory-mapped set: blocks within half the budget, combined in order (the backend gets the rest).
-        return combine_partials(run_bank(q, sub, memory_budget // 2)
-                                for _, sub in streaming.blocks(keys, memory_budget))
+        return combine_partials(
+            run_bank(q, sub, memory_budget // 2) for _, sub in streaming.blocks(keys, memory_budget)
+        )
 
     state = run(x)
     if flips:  # ‖x − flip(y)‖ = ‖flip(x) − y‖: retrieve with the mirrored query, mirror the values back
@@ -254,10 +308,19 @@ def softmax_retrieval(x: torch.Tensor, keys: KeyBank, sigma, *, temperature: flo
     return state if return_partial else RetrievalResult.from_partial(state)
 
 
-def knn_search(x: torch.Tensor, keys: KeyBank, k: int, *, query_labels: Optional[torch.Tensor] = None,
-               flips: bool = False, backend: str = "auto", dtype: Optional[torch.dtype] = None,
-               memory_budget: int = DEFAULT_MEMORY_BUDGET, precision: str = "exact",
-               max_logit_error: Optional[float] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+def knn_search(
+    x: torch.Tensor,
+    keys: KeyBank,
+    k: int,
+    *,
+    query_labels: torch.Tensor | None = None,
+    flips: bool = False,
+    backend: str = "auto",
+    dtype: torch.dtype | None = None,
+    memory_budget: int = DEFAULT_MEMORY_BUDGET,
+    precision: str = "exact",
+    max_logit_error: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The k nearest candidates by exact squared distance: (dist2 (B, k), index (B, k)), ascending.
 
     With ``flips`` the candidate set is 2N rows: index i ≥ N is row i − N mirrored (see :func:`gather_rows`).
@@ -272,10 +335,20 @@ def knn_search(x: torch.Tensor, keys: KeyBank, k: int, *, query_labels: Optional
         raise ValueError(f"k: asked for {k} neighbours but the candidate set has only {total}")
     if keys.shard is not None:  # each shard's own k nearest, then an exact merge of the lists
         from .distributed import global_index, merge_topk
+
         k_local = min(k, keys.n * (2 if flips else 1))
-        d, i = knn_search(x, _local_view(keys), k_local, query_labels=query_labels, flips=flips, backend=backend,
-                          dtype=dtype, memory_budget=memory_budget, precision=precision,
-                          max_logit_error=max_logit_error)
+        d, i = knn_search(
+            x,
+            _local_view(keys),
+            k_local,
+            query_labels=query_labels,
+            flips=flips,
+            backend=backend,
+            dtype=dtype,
+            memory_budget=memory_budget,
+            precision=precision,
+            max_logit_error=max_logit_error,
+        )
         return merge_topk(keys.shard, d, global_index(i, keys.n, keys.shard), k)
     name, _ = choose_backend(backend, x, keys, dtype, k=min(k, keys.n))
 
@@ -284,11 +357,13 @@ def knn_search(x: torch.Tensor, keys: KeyBank, k: int, *, query_labels: Optional
             return cpu_backend.knn(q, keys, min(k, keys.n), query_labels=query_labels, dtype=dtype)
         if name == "triton":
             from . import triton_backend
+
             return triton_backend.knn(q, keys, min(k, keys.n), query_labels=query_labels, dtype=dtype)
         if name == "cuda":
             return _cuda_backend().knn(q, keys, min(k, keys.n), query_labels=query_labels, dtype=dtype)
-        return torch_backend.knn(q, keys, min(k, keys.n), query_labels=query_labels, dtype=dtype,
-                                 memory_budget=memory_budget)
+        return torch_backend.knn(
+            q, keys, min(k, keys.n), query_labels=query_labels, dtype=dtype, memory_budget=memory_budget
+        )
 
     def run(q):
         if keys.pages is None:
@@ -313,10 +388,19 @@ def knn_search(x: torch.Tensor, keys: KeyBank, k: int, *, query_labels: Optional
     return d, i
 
 
-def posterior_draw(x: torch.Tensor, keys: KeyBank, sigma, *, generator: Optional[torch.Generator] = None,
-                   temperature: float = 1.0, query_labels: Optional[torch.Tensor] = None, flips: bool = False,
-                   dtype: Optional[torch.dtype] = None, memory_budget: int = DEFAULT_MEMORY_BUDGET,
-                   row_seeds: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+def posterior_draw(
+    x: torch.Tensor,
+    keys: KeyBank,
+    sigma,
+    *,
+    generator: torch.Generator | None = None,
+    temperature: float = 1.0,
+    query_labels: torch.Tensor | None = None,
+    flips: bool = False,
+    dtype: torch.dtype | None = None,
+    memory_budget: int = DEFAULT_MEMORY_BUDGET,
+    row_seeds: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """One exact draw from the posterior over candidates per query (Gumbel-max in one streaming scan).
 
     Returns (index (B,), row (B, D) in ``dtype``); with ``flips`` the candidate set is 2N rows and index i ≥ N
@@ -335,8 +419,9 @@ def posterior_draw(x: torch.Tensor, keys: KeyBank, sigma, *, generator: Optional
             raise ValueError("give either generator or row_seeds, not both")
         row_seeds = torch.as_tensor(row_seeds)
         if row_seeds.dtype != torch.int64 or row_seeds.shape != (x.shape[0],):
-            raise ValueError(f"row_seeds: expected a ({x.shape[0]},) int64 tensor, got "
-                             f"{tuple(row_seeds.shape)} {row_seeds.dtype}")
+            raise ValueError(
+                f"row_seeds: expected a ({x.shape[0]},) int64 tensor, got {tuple(row_seeds.shape)} {row_seeds.dtype}"
+            )
     s = sigma_rows(sigma, x.shape[0], x.device, x)
     coef = 1.0 / (2.0 * s * s * temperature)
     shard = keys.shard
@@ -346,18 +431,33 @@ def posterior_draw(x: torch.Tensor, keys: KeyBank, sigma, *, generator: Optional
         # offset: the global index of this bank's first candidate (row_seeds draw candidate j's noise from j)
         kw = dict(query_labels=query_labels, dtype=dtype, row_seeds=row_seeds)
         if keys.pages is None:
-            return torch_backend.gumbel_argmax(q, keys, coef, generator, memory_budget=memory_budget,
-                                               index_offset=offset, skip_before=skip_before, skip_after=skip_after,
-                                               **kw)
+            return torch_backend.gumbel_argmax(
+                q,
+                keys,
+                coef,
+                generator,
+                memory_budget=memory_budget,
+                index_offset=offset,
+                skip_before=skip_before,
+                skip_after=skip_after,
+                **kw,
+            )
         # Blocks of a memory-mapped set in order: the noise stream runs on across them, ties stay with the
         # earlier block, so the draw is the one of a single scan.
         best_s = best_i = None
         for start, sub in streaming.blocks(keys, memory_budget):
             last = start + sub.n == keys.n
-            sc, ix = torch_backend.gumbel_argmax(q, sub, coef, generator, memory_budget=memory_budget // 2,
-                                                 index_offset=offset + start,
-                                                 skip_before=skip_before if start == 0 else 0,
-                                                 skip_after=skip_after if last else 0, **kw)
+            sc, ix = torch_backend.gumbel_argmax(
+                q,
+                sub,
+                coef,
+                generator,
+                memory_budget=memory_budget // 2,
+                index_offset=offset + start,
+                skip_before=skip_before if start == 0 else 0,
+                skip_after=skip_after if last else 0,
+                **kw,
+            )
             ix = ix + start
             if best_s is None:
                 best_s, best_i = sc, ix
@@ -374,6 +474,7 @@ def posterior_draw(x: torch.Tensor, keys: KeyBank, sigma, *, generator: Optional
         # skips the others', so the draw is the single-process one whatever the number of ranks (O(N·B) RNG per
         # rank); row seeds need no skipping (the offset places the shard in the whole set).
         from .distributed import global_max
+
         sc, ix = draw_local(q, offset, shard.start, shard.total - shard.start - keys.n)
         return global_max(shard, sc, ix + shard.start)
 
@@ -384,13 +485,14 @@ def posterior_draw(x: torch.Tensor, keys: KeyBank, sigma, *, generator: Optional
         index = torch.where(better, i2 + keys.total, index)
         score = torch.where(better, s2, score)
     if not bool(torch.isfinite(score).all()):
-        raise ValueError("posterior_draw: some query rows had no allowed candidate "
-                         "(no training image of the requested class)")
+        raise ValueError(
+            "posterior_draw: some query rows had no allowed candidate (no training image of the requested class)"
+        )
     index = index.to(x.device)
     return index, gather_rows(keys, index, dtype)
 
 
-def all_labels(keys: KeyBank) -> Optional[torch.Tensor]:
+def all_labels(keys: KeyBank) -> torch.Tensor | None:
     """Labels of every stored row, over every shard when sharded (gathered once, in rank order)."""
     if keys.labels is None or keys.shard is None:
         return keys.labels
@@ -400,8 +502,9 @@ def all_labels(keys: KeyBank) -> Optional[torch.Tensor]:
 def _local_view(keys: KeyBank) -> KeyBank:
     """The same rows without the shard (what one rank computes on its own), centred like the whole set."""
     keys.get_center(torch.float64)
-    view = KeyBank(keys.values, keys.scale, keys.shift, keys.labels, keys.image_shape, keys.center, keys.derived,
-                   pages=keys.pages)
+    view = KeyBank(
+        keys.values, keys.scale, keys.shift, keys.labels, keys.image_shape, keys.center, keys.derived, pages=keys.pages
+    )
     return view
 
 
@@ -412,8 +515,16 @@ def gather_rows(keys: KeyBank, index: torch.Tensor, dtype: torch.dtype = torch.f
     every rank calls it with the same indices)."""
     if keys.shard is not None:
         from .distributed import gather_global_rows
-        return gather_global_rows(keys.shard, lambda i: keys.gather(i, dtype), index, keys.n, keys.dim, dtype,
-                                  lambda r: hflip_rows(r, keys.image_shape))
+
+        return gather_global_rows(
+            keys.shard,
+            lambda i: keys.gather(i, dtype),
+            index,
+            keys.n,
+            keys.dim,
+            dtype,
+            lambda r: hflip_rows(r, keys.image_shape),
+        )
     flipped = index >= keys.n
     rows = keys.gather(torch.where(flipped, index - keys.n, index), dtype).to(index.device)
     if bool(flipped.any()):

@@ -5,9 +5,10 @@ combines the blocks' partial states in order, as it combines shards. Before a bl
 to read the next one (readahead overlaps the read with the compute); after it, the block's pages are handed back,
 so the resident memory stays O(budget) whatever N.
 """
+
 from __future__ import annotations
 
-from typing import Iterator, Tuple
+from collections.abc import Iterator
 
 import torch
 
@@ -19,7 +20,7 @@ def block_rows(keys: KeyBank, memory_budget: int) -> int:
     return max(1, (int(memory_budget) // 2) // max(1, keys.dim * keys.values.element_size()))
 
 
-def blocks(keys: KeyBank, memory_budget: int) -> Iterator[Tuple[int, KeyBank]]:
+def blocks(keys: KeyBank, memory_budget: int) -> Iterator[tuple[int, KeyBank]]:
     """(first row, a bank over rows first:first+r) in order; the same centre as the whole set throughout."""
     pages = keys.pages
     center = keys.get_center(torch.float64)
@@ -28,7 +29,16 @@ def blocks(keys: KeyBank, memory_budget: int) -> Iterator[Tuple[int, KeyBank]]:
         e = min(keys.n, s + step)
         if pages is not None and e < keys.n:
             pages.prefetch(e, min(keys.n, e + step))
-        yield s, KeyBank(keys.values[s:e], keys.scale, keys.shift,
-                         None if keys.labels is None else keys.labels[s:e], keys.image_shape, center)
+        yield (
+            s,
+            KeyBank(
+                keys.values[s:e],
+                keys.scale,
+                keys.shift,
+                None if keys.labels is None else keys.labels[s:e],
+                keys.image_shape,
+                center,
+            ),
+        )
         if pages is not None:
             pages.release(s, e)

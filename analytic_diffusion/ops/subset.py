@@ -6,6 +6,7 @@ as from :func:`~analytic_diffusion.ops.knn_search` with flips). On the CPU they 
 (B, K, D) is built. Elsewhere (GPU, a sharded bank, or an argument that autograd must differentiate) they gather
 the rows and compute the same formula in torch. Either way a row's values depend on that row only.
 """
+
 from __future__ import annotations
 
 import torch
@@ -36,8 +37,9 @@ def _rows(keys: KeyBank, index: torch.Tensor) -> torch.Tensor:
     return gather_rows(keys, index.clamp_min(0), torch.float64)
 
 
-def relative_d2(q: torch.Tensor, keys: KeyBank, index: torch.Tensor, ref: torch.Tensor, *,
-                flips: bool = False) -> torch.Tensor:
+def relative_d2(
+    q: torch.Tensor, keys: KeyBank, index: torch.Tensor, ref: torch.Tensor, *, flips: bool = False
+) -> torch.Tensor:
     """(B, K) float64 ‖q_b − y_index[b,j]‖² − ‖q_b − y_ref[b]‖², +inf in empty slots (index −1).
 
     Computed as ⟨y − y_ref, y + y_ref − 2q⟩: no ‖q‖² term, so exact in float64 however far the query is from

@@ -5,9 +5,8 @@ mean from queries and keys: the distance is translation invariant, and centring 
 cancellation that data far from the origin (every pixel near +1) causes in the expanded form. In float64 this
 is the oracle every other backend is tested against.
 """
-from __future__ import annotations
 
-from typing import Optional, Tuple
+from __future__ import annotations
 
 import torch
 
@@ -31,15 +30,24 @@ def _chunk_distances(q: torch.Tensor, q2: torch.Tensor, y: torch.Tensor) -> torc
     return d.clamp_min_(0.0)
 
 
-def _label_mask(keys: KeyBank, start: int, stop: int, query_labels: Optional[torch.Tensor]):
+def _label_mask(keys: KeyBank, start: int, stop: int, query_labels: torch.Tensor | None):
     if query_labels is None:
         return None
     return keys.labels[start:stop].to(query_labels.device)[None, :] != query_labels[:, None]
 
 
-def softmax_partial(q: torch.Tensor, keys: KeyBank, coef: torch.Tensor, *, query_labels=None,
-                    dtype: torch.dtype, memory_budget: int, start: int = 0, stop: Optional[int] = None,
-                    second_moment: bool = False) -> PartialState:
+def softmax_partial(
+    q: torch.Tensor,
+    keys: KeyBank,
+    coef: torch.Tensor,
+    *,
+    query_labels=None,
+    dtype: torch.dtype,
+    memory_budget: int,
+    start: int = 0,
+    stop: int | None = None,
+    second_moment: bool = False,
+) -> PartialState:
     """Partial state of logits −coef_b·‖q_b − y_j‖² over candidate rows start:stop.
 
     ``second_moment`` also accumulates o2 (see :class:`PartialState`). Per chunk it is formed around the dataset
@@ -80,9 +88,20 @@ def softmax_partial(q: torch.Tensor, keys: KeyBank, coef: torch.Tensor, *, query
     return state
 
 
-def gumbel_argmax(q: torch.Tensor, keys: KeyBank, coef: torch.Tensor, generator: Optional[torch.Generator], *,
-                  query_labels=None, dtype: torch.dtype, memory_budget: int, row_seeds: Optional[torch.Tensor] = None,
-                  index_offset: int = 0, skip_before: int = 0, skip_after: int = 0) -> Tuple[torch.Tensor, torch.Tensor]:
+def gumbel_argmax(
+    q: torch.Tensor,
+    keys: KeyBank,
+    coef: torch.Tensor,
+    generator: torch.Generator | None,
+    *,
+    query_labels=None,
+    dtype: torch.dtype,
+    memory_budget: int,
+    row_seeds: torch.Tensor | None = None,
+    index_offset: int = 0,
+    skip_before: int = 0,
+    skip_after: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """One exact draw j ~ softmax_j(−coef_b·‖q_b − y_j‖²) per query row, by the Gumbel-max trick.
 
     argmax_j (logit_j + G_j) with G_j i.i.d. standard Gumbel is distributed as softmax(logit); the argmax runs
@@ -139,8 +158,9 @@ def gumbel_argmax(q: torch.Tensor, keys: KeyBank, coef: torch.Tensor, generator:
     return best_s, best_i
 
 
-def knn(q: torch.Tensor, keys: KeyBank, k: int, *, query_labels=None, dtype: torch.dtype,
-        memory_budget: int) -> Tuple[torch.Tensor, torch.Tensor]:
+def knn(
+    q: torch.Tensor, keys: KeyBank, k: int, *, query_labels=None, dtype: torch.dtype, memory_budget: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """k nearest rows by exact distance: (dist2 (B, k), index (B, k)), ascending, ties by index.
 
     Candidates are screened with expanded-form distances chunk by chunk, then the survivors are rescored with
@@ -171,8 +191,8 @@ def knn(q: torch.Tensor, keys: KeyBank, k: int, *, query_labels=None, dtype: tor
     exact = torch.empty_like(best_d)
     rows_per = max(1, memory_budget // max(1, best_d.shape[1] * keys.dim * best_d.element_size() * 2))
     for b in range(0, B, rows_per):
-        y = keys.gather(best_i[b:b + rows_per], dtype).to(dev)
-        exact[b:b + rows_per] = ((q[b:b + rows_per, None, :].to(dtype) - y) ** 2).sum(-1)
+        y = keys.gather(best_i[b : b + rows_per], dtype).to(dev)
+        exact[b : b + rows_per] = ((q[b : b + rows_per, None, :].to(dtype) - y) ** 2).sum(-1)
     exact = torch.where(torch.isinf(best_d), best_d, exact)
     # Sort by (distance, index) for deterministic tie-breaking.
     order = torch.argsort(best_i, dim=1, stable=True)

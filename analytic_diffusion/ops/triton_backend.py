@@ -9,11 +9,11 @@ distances, exact at every σ, and memory bound there anyway). Larger batches try
 kinds, fastest first, on the rows whose logit error bound is within the tolerance; the rest fall back to the
 split-N kernel. Runs on CUDA tensors, or on CPU tensors under ``TRITON_INTERPRET=1`` (tests).
 """
+
 from __future__ import annotations
 
 import math
 import os
-from typing import Dict, List, Optional, Tuple
 
 import torch
 
@@ -35,7 +35,7 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def unavailable_reason(device: torch.device) -> Optional[str]:
+def unavailable_reason(device: torch.device) -> str | None:
     """None when the Triton kernels can run on ``device``, else why not."""
     try:
         import triton  # noqa: F401
@@ -53,6 +53,7 @@ def _kernels():
     if reason is not None and reason != "no CUDA device":
         raise RuntimeError(f"backend 'triton': {reason}")
     from ..kernels import global_retrieval
+
     return global_retrieval
 
 
@@ -61,11 +62,15 @@ def _check(q: torch.Tensor, keys: KeyBank, dtype: torch.dtype):
     if reason is not None:
         raise ValueError(f"backend 'triton': {reason}")
     if keys.device != q.device:
-        raise ValueError(f"backend 'triton' needs the queries and the dataset on one device "
-                         f"(queries on {q.device}, dataset on {keys.device})")
+        raise ValueError(
+            f"backend 'triton' needs the queries and the dataset on one device "
+            f"(queries on {q.device}, dataset on {keys.device})"
+        )
     if dtype != torch.float32:
-        raise ValueError(f"dtype: backend 'triton' computes in float32 (precision modes choose the dot), got {dtype}; "
-                         "use backend='torch' for float64")
+        raise ValueError(
+            f"dtype: backend 'triton' computes in float32 (precision modes choose the dot), got {dtype}; "
+            "use backend='torch' for float64"
+        )
     if keys.values.dtype not in (torch.uint8, torch.float32):
         raise ValueError(f"backend 'triton' supports uint8 or float32 datasets, got {keys.values.dtype}")
 
@@ -74,8 +79,9 @@ def _splits(n: int) -> int:
     return max(1, min(TARGET_SPLITS, n // MIN_KEYS_PER_SPLIT))
 
 
-def _dataset_constants(keys: KeyBank, device) -> Dict[str, object]:
+def _dataset_constants(keys: KeyBank, device) -> dict[str, object]:
     """Raw key matrix, labels (int32), centre, key norms ‖y_j − c‖² and per-coordinate max |u|, once per device."""
+
     def make():
         c = keys.get_center(torch.float64).to(device)
         norms = torch.empty(keys.n, dtype=torch.float64, device=device)
@@ -94,11 +100,13 @@ def _dataset_constants(keys: KeyBank, device) -> Dict[str, object]:
             "norm_max": float(norms.max()),
             "absmax": absmax,
         }
+
     return keys.cached(f"triton:{device}", make)
 
 
-def plan(q: torch.Tensor, keys: KeyBank, coef: torch.Tensor, precision: str = "exact",
-         max_logit_error: Optional[float] = None) -> List[Tuple[str, torch.Tensor]]:
+def plan(
+    q: torch.Tensor, keys: KeyBank, coef: torch.Tensor, precision: str = "exact", max_logit_error: float | None = None
+) -> list[tuple[str, torch.Tensor]]:
     """Which kernel serves which query rows: [(kernel, row indices)], kernel ∈ split_n, two_pass:<dot kind>."""
     B = q.shape[0]
     rows = torch.arange(B, device=q.device)
@@ -127,16 +135,24 @@ def _split_n_state(q, consts, keys: KeyBank, coef, qlab) -> PartialState:
     k = _kernels()
     parts = []
     for b in range(0, q.shape[0], SPLIT_N_ROWS_PER_LAUNCH):
-        qb = q[b:b + SPLIT_N_ROWS_PER_LAUNCH].to(torch.float32).contiguous()
-        cb = (coef[b:b + SPLIT_N_ROWS_PER_LAUNCH] * LOG2E).to(torch.float32).contiguous()
-        lb = None if qlab is None else qlab[b:b + SPLIT_N_ROWS_PER_LAUNCH]
-        m2, l, l2, o, _ = k.split_n(qb, consts["x"], cb, scale=keys.scale, shift=keys.shift, xlab=consts["labels"],
-                                    qlab=lb, splits=_splits(keys.n), softmax=True)
+        qb = q[b : b + SPLIT_N_ROWS_PER_LAUNCH].to(torch.float32).contiguous()
+        cb = (coef[b : b + SPLIT_N_ROWS_PER_LAUNCH] * LOG2E).to(torch.float32).contiguous()
+        lb = None if qlab is None else qlab[b : b + SPLIT_N_ROWS_PER_LAUNCH]
+        m2, l, l2, o, _ = k.split_n(
+            qb,
+            consts["x"],
+            cb,
+            scale=keys.scale,
+            shift=keys.shift,
+            xlab=consts["labels"],
+            qlab=lb,
+            splits=_splits(keys.n),
+            softmax=True,
+        )
         m = m2.max(0).values
         m_safe = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
         w = torch.exp2(m2 - m_safe)  # (S, B); a split with no candidate has m2 = −inf → weight 0
-        parts.append(PartialState(m=m * LN2, l=(l * w).sum(0), l2=(l2 * w * w).sum(0),
-                                  o=(o * w[:, :, None]).sum(0)))
+        parts.append(PartialState(m=m * LN2, l=(l * w).sum(0), l2=(l2 * w * w).sum(0), o=(o * w[:, :, None]).sum(0)))
     return _cat(parts)
 
 
@@ -162,22 +178,44 @@ def _two_pass_state(q, consts, keys: KeyBank, coef, qlab, kind: str) -> PartialS
     for s in range(0, N, step):
         e = min(s + step, N)
         xl = None if consts["labels"] is None else consts["labels"][s:e]
-        m2, l, l2, o = k.two_pass(q_hi.contiguous(), q_lo, x[s:e], a2, k2, consts["norms"][s:e], xlab=xl,
-                                  qlab=qlab, precision=kind, splits=max(1, min(8, (e - s) // 1024)))
+        m2, l, l2, o = k.two_pass(
+            q_hi.contiguous(),
+            q_lo,
+            x[s:e],
+            a2,
+            k2,
+            consts["norms"][s:e],
+            xlab=xl,
+            qlab=qlab,
+            precision=kind,
+            splits=max(1, min(8, (e - s) // 1024)),
+        )
         m = m2.to(torch.float64) * LN2 + const
         raw = o.sum(0).to(torch.float64)
-        chunk = PartialState(m=m, l=l.to(torch.float64), l2=l2.to(torch.float64),
-                             o=keys.scale * raw + keys.shift * l.to(torch.float64)[:, None])
+        chunk = PartialState(
+            m=m,
+            l=l.to(torch.float64),
+            l2=l2.to(torch.float64),
+            o=keys.scale * raw + keys.shift * l.to(torch.float64)[:, None],
+        )
         state = chunk if state is None else state.combine(chunk)
     return state.to(torch.float32)
 
 
-def _cat(parts: List[PartialState]) -> PartialState:
+def _cat(parts: list[PartialState]) -> PartialState:
     return PartialState(*(torch.cat([getattr(p, f) for p in parts]) for f in ("m", "l", "l2", "o")))
 
 
-def softmax_partial(q: torch.Tensor, keys: KeyBank, coef: torch.Tensor, *, query_labels=None, dtype: torch.dtype,
-                    precision: str = "exact", max_logit_error: Optional[float] = None) -> PartialState:
+def softmax_partial(
+    q: torch.Tensor,
+    keys: KeyBank,
+    coef: torch.Tensor,
+    *,
+    query_labels=None,
+    dtype: torch.dtype,
+    precision: str = "exact",
+    max_logit_error: float | None = None,
+) -> PartialState:
     """Partial state (nats) of logits −coef_b·‖q_b − y_j‖², rows served as :func:`plan` says."""
     _check(q, keys, dtype)
     consts = _dataset_constants(keys, q.device)
@@ -195,25 +233,37 @@ def softmax_partial(q: torch.Tensor, keys: KeyBank, coef: torch.Tensor, *, query
     return out
 
 
-def knn(q: torch.Tensor, keys: KeyBank, k: int, *, query_labels=None, dtype: torch.dtype
-        ) -> Tuple[torch.Tensor, torch.Tensor]:
+def knn(
+    q: torch.Tensor, keys: KeyBank, k: int, *, query_labels=None, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
     """k nearest rows by direct fp32 distances from the split-N kernel's fused top-k: (dist2, index), ascending,
     ties by index; a row with fewer than k allowed candidates gets +inf distances (as the torch backend)."""
     _check(q, keys, dtype)
     if k > MAX_FUSED_TOPK:
-        raise ValueError(f"k: the fused top-k keeps at most {MAX_FUSED_TOPK} neighbours per row, got {k}; "
-                         "use backend='torch' for larger k")
+        raise ValueError(
+            f"k: the fused top-k keeps at most {MAX_FUSED_TOPK} neighbours per row, got {k}; "
+            "use backend='torch' for larger k"
+        )
     kern = _kernels()
     consts = _dataset_constants(keys, q.device)
     qlab = None if query_labels is None else query_labels.to(device=q.device, dtype=torch.int32)
     dists, index = [], []
     for b in range(0, q.shape[0], SPLIT_N_ROWS_PER_LAUNCH):
-        qb = q[b:b + SPLIT_N_ROWS_PER_LAUNCH].to(torch.float32).contiguous()
-        lb = None if qlab is None else qlab[b:b + SPLIT_N_ROWS_PER_LAUNCH].contiguous()
+        qb = q[b : b + SPLIT_N_ROWS_PER_LAUNCH].to(torch.float32).contiguous()
+        lb = None if qlab is None else qlab[b : b + SPLIT_N_ROWS_PER_LAUNCH].contiguous()
         zeros = torch.zeros(qb.shape[0], dtype=torch.float32, device=q.device)
-        _, _, _, _, packed = kern.split_n(qb, consts["x"], zeros, scale=keys.scale, shift=keys.shift,
-                                          xlab=consts["labels"], qlab=lb, splits=_splits(keys.n), softmax=False,
-                                          topk=k)
+        _, _, _, _, packed = kern.split_n(
+            qb,
+            consts["x"],
+            zeros,
+            scale=keys.scale,
+            shift=keys.shift,
+            xlab=consts["labels"],
+            qlab=lb,
+            splits=_splits(keys.n),
+            softmax=False,
+            topk=k,
+        )
         packed = packed.permute(1, 0, 2).reshape(qb.shape[0], -1)
         packed = torch.sort(packed, dim=1).values[:, :k]  # (distance bits, index) order = (distance, index) order
         d = (packed >> 32).to(torch.int32).view(torch.float32)

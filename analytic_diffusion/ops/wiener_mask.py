@@ -29,14 +29,14 @@ random data and on MNIST. The float32 product is the remaining cost (≈ 1 s at 
 dense float64 one); step 1 drops nothing on white noise and little on MNIST (its near-constant border pixels
 have tiny pivots, which set the budget).
 """
+
 from __future__ import annotations
 
 import math
-from typing import Tuple
 
 import torch
 
-U32 = 2.0 ** -24  # float32 unit roundoff
+U32 = 2.0**-24  # float32 unit roundoff
 DIAG_EPS = 1e-6  # |W_nn| below this: the row is not normalised (divided by 1)
 BAND_SLACK = 1e-5  # relative slack on float32 band arithmetic (each float32 op errs by ≤ 6e-8 relative)
 BLOCK = 768  # block size of the upper-triangle float32 product
@@ -47,8 +47,9 @@ def _gamma(k: int) -> float:
     return k * U32 / (1.0 - k * U32)
 
 
-def _factor(lam: torch.Tensor, U2: torch.Tensor, colmax: torch.Tensor, sigma: float, budget_of
-            ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def _factor(
+    lam: torch.Tensor, U2: torch.Tensor, colmax: torch.Tensor, sigma: float, budget_of
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(f, h, keep, tail, diag, complement): W = ±F Fᵀ (+ U Uᵀ for h = 1 − f, the complement form) + R off the
     diagonal, F = U[:, keep]·diag(√h[keep]), |R_nm| ≤ √(tail_n tail_m); f = λ/(λ+σ²); diag = W's diagonal.
 
@@ -78,10 +79,10 @@ def _upper_gram32(F32: torch.Tensor) -> torch.Tensor:
     D = F32.shape[0]
     out = torch.empty(D, D, dtype=torch.float32)
     for i in range(0, D, BLOCK):
-        rows = F32[i:i + BLOCK]
+        rows = F32[i : i + BLOCK]
         blk = rows @ F32[i:].t()
-        out[i:i + BLOCK, i:] = blk
-        out[i:, i:i + BLOCK] = blk.t()
+        out[i : i + BLOCK, i:] = blk
+        out[i:, i : i + BLOCK] = blk.t()
     return out
 
 
@@ -99,7 +100,7 @@ def _exact_at(f: torch.Tensor, U: torch.Tensor, n: torch.Tensor, m: torch.Tensor
         out[at] = Wr[slot[inverse[at]], m[at]]
     rest = (~dense[inverse]).nonzero().flatten()
     for c in range(0, rest.numel(), ENTRY_CHUNK):
-        i = rest[c:c + ENTRY_CHUNK]
+        i = rest[c : c + ENTRY_CHUNK]
         out[i] = (U[n[i]] * f[None, :] * U[m[i]]).sum(1)
     return out
 
@@ -112,8 +113,10 @@ class WienerMasks:
         self.lam = eigvals.detach().to("cpu", torch.float64).clamp_min(0.0)
         self.U = U.detach().to("cpu", torch.float64).contiguous()
         if self.U.dim() != 2 or self.U.shape[0] != self.U.shape[1] or self.lam.shape != (self.U.shape[1],):
-            raise ValueError(f"U: expected a square (D, D) matrix and D eigenvalues, got {tuple(self.U.shape)} and "
-                             f"{tuple(self.lam.shape)}")
+            raise ValueError(
+                f"U: expected a square (D, D) matrix and D eigenvalues, got {tuple(self.U.shape)} and "
+                f"{tuple(self.lam.shape)}"
+            )
         self.U2 = self.U * self.U
         self.U32 = self.U.to(torch.float32)
         self.colmax = self.U2.max(0).values
@@ -125,7 +128,7 @@ class WienerMasks:
             G = self.U @ self.U.t()
             G.diagonal().zero_()
             D = self.U.shape[0]
-            self._defect = float(G.abs().max()) * (1 + 1e-6) + 2.0 * (D + 2) * 2.0 ** -53
+            self._defect = float(G.abs().max()) * (1 + 1e-6) + 2.0 * (D + 2) * 2.0**-53
         return self._defect
 
     def __call__(self, sigma: float, threshold: float) -> torch.Tensor:
@@ -159,7 +162,7 @@ class WienerMasks:
         gam = 2.0 * _gamma(K + 9)
         norms = (self.U2 @ torch.where(keep, h, torch.zeros_like(h))).clamp_min(0.0).sqrt()
         r = math.sqrt(gam) * norms + tail.sqrt()  # float64
-        absolute = 4.0 * (K + 1) * 2.0 ** -149  # float32 underflow
+        absolute = 4.0 * (K + 1) * 2.0**-149  # float32 underflow
         if complement:  # W_nm = (U Uᵀ)_nm − (F Fᵀ)_nm off the diagonal: add U's measured orthogonality defect
             absolute += self.orthogonality_defect()
         self.last_complement = complement
@@ -190,8 +193,8 @@ class WienerMasks:
         T = thr * apiv
         half = 2.0 * (r * rmax + absolute) * (1 + 2 * BAND_SLACK) + 2 * BAND_SLACK * T  # ⊇ the band, rounding too
         lo32, hi32 = (T - half).to(torch.float32), (T + half).to(torch.float32)
-        mask = W32 >= T.to(torch.float32)[:, None]
-        cand = (W32 >= lo32[:, None]).logical_and_(W32 <= hi32[:, None])
+        mask = T.to(torch.float32)[:, None] <= W32
+        cand = (lo32[:, None] <= W32).logical_and_(hi32[:, None] >= W32)
         cand.diagonal().zero_()
         n, m = cand.nonzero(as_tuple=True)
         del cand
@@ -209,8 +212,9 @@ class WienerMasks:
 MASK_RULES = ("engine", "studio")
 
 
-def studio_locality_mask(cov: torch.Tensor, n: int, sigma: float, threshold: float,
-                         dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def studio_locality_mask(
+    cov: torch.Tensor, n: int, sigma: float, threshold: float, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
     """The Analytic Diffusion Studio's locality mask (its rule, our code), (D, D) bool, mask[n, m] as ours.
 
     From the population covariance ``cov`` of ``n`` candidates: the unbiased covariance cov·n/(n−1) in float32,
@@ -243,7 +247,7 @@ def studio_mask(factors, sigma: float, threshold: float) -> torch.Tensor:
     denom = A.diagonal().clone()
     denom[denom.abs() < DIAG_EPS] = 1.0
     M = (A / denom[:, None]).abs()
-    return M >= M.max() * threshold
+    return M.max() * threshold <= M
 
 
-__all__ = ["WienerMasks", "studio_locality_mask", "studio_factors", "studio_mask", "MASK_RULES"]
+__all__ = ["MASK_RULES", "WienerMasks", "studio_factors", "studio_locality_mask", "studio_mask"]

@@ -1,15 +1,16 @@
 """One-call sampling: seeds, batching and schedules around the samplers in :mod:`samplers`."""
+
 from __future__ import annotations
 
 import inspect
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Optional, Union
+from typing import Callable
 
 import torch
 
-from .samplers import SAMPLERS, dict_callback, get_sampler, per_sample_noise
 from ..grids import Schedule, get_schedule
+from .samplers import SAMPLERS, dict_callback, get_sampler, per_sample_noise
 
 __all__ = ["SampleResult", "sample"]
 
@@ -18,6 +19,7 @@ __all__ = ["SampleResult", "sample"]
 class SampleResult:
     """samples: (n, C, H, W) on CPU; seeds[i] seeded sample i; sigmas: the float64 grid used;
     config: JSON-serialisable description of the run; elapsed_s: wall time of the sampling loop."""
+
     samples: torch.Tensor
     seeds: list
     sigmas: torch.Tensor
@@ -44,15 +46,30 @@ def check_seeds(seed, n) -> None:
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
     if isinstance(n, int) and seed + max(n, 1) - 1 >= 2**64:
-        raise ValueError(f"seed: sample i uses seed + i, which must stay below 2^64 = {2**64}; got seed {seed} "
-                         f"with n = {n}")
+        raise ValueError(
+            f"seed: sample i uses seed + i, which must stay below 2^64 = {2**64}; got seed {seed} with n = {n}"
+        )
 
 
-def sample(denoiser: Callable, n: int = 64, *, steps: int = 18, sampler: Union[str, Callable] = "heun",
-           schedule: Union[str, Schedule] = "karras", schedule_kwargs: Optional[dict] = None, seed: int = 0,
-           shape=None, batch_size: Optional[int] = None, eta: float = 0.0, clip_x0: bool = False,
-           class_labels=None, callback=None, device=None, dtype: torch.dtype = torch.float32,
-           progress: bool = True) -> SampleResult:
+def sample(
+    denoiser: Callable,
+    n: int = 64,
+    *,
+    steps: int = 18,
+    sampler: str | Callable = "heun",
+    schedule: str | Schedule = "karras",
+    schedule_kwargs: dict | None = None,
+    seed: int = 0,
+    shape=None,
+    batch_size: int | None = None,
+    eta: float = 0.0,
+    clip_x0: bool = False,
+    class_labels=None,
+    callback=None,
+    device=None,
+    dtype: torch.dtype = torch.float32,
+    progress: bool = True,
+) -> SampleResult:
     """Draw n samples from ``denoiser`` (``D(x, sigma, **kw) -> x0_hat``, docs/design.md §2).
 
     Sample i starts from noise drawn (in float32, then cast to ``dtype``) by a CPU torch.Generator seeded with
@@ -81,8 +98,9 @@ def sample(denoiser: Callable, n: int = 64, *, steps: int = 18, sampler: Union[s
         if clip_x0:
             raise ValueError("clip_x0 applies only to the engine's own samplers (named ones), not to sampler=fn")
     elif sampler not in SAMPLERS:
-        raise ValueError(f"sampler must be one of {', '.join(SAMPLERS)} or a k-diffusion-style sampler function; "
-                         f"got {sampler!r}")
+        raise ValueError(
+            f"sampler must be one of {', '.join(SAMPLERS)} or a k-diffusion-style sampler function; got {sampler!r}"
+        )
     else:
         sampler_fn = get_sampler(sampler)
     if not 0.0 <= float(eta) <= 1.0:
@@ -121,28 +139,46 @@ def sample(denoiser: Callable, n: int = 64, *, steps: int = 18, sampler: Union[s
     out = []
     t0 = time.perf_counter()
     for start in range(0, n, batch_size):
-        gens, x = initial_noise(seeds[start:start + batch_size], shape, init_std, device, dtype)
+        gens, x = initial_noise(seeds[start : start + batch_size], shape, init_std, device, dtype)
         kw = {}
         if class_labels is not None:
-            kw["class_labels"] = class_labels[start:start + batch_size].to(device)
+            kw["class_labels"] = class_labels[start : start + batch_size].to(device)
         if external:
             x = _run_external(sampler_fn, denoiser, x, sched.sigmas, kw, callback, progress, gens)
         else:
             sampler_kw = {"eta": eta} if sampler == "ddim" else {}
-            x = sampler_fn(denoiser, x, sched.sigmas, callback=callback, clip_x0=clip_x0, generators=gens,
-                           progress=progress, denoiser_kwargs=kw, **sampler_kw)
+            x = sampler_fn(
+                denoiser,
+                x,
+                sched.sigmas,
+                callback=callback,
+                clip_x0=clip_x0,
+                generators=gens,
+                progress=progress,
+                denoiser_kwargs=kw,
+                **sampler_kw,
+            )
         out.append(x.cpu())
     elapsed = time.perf_counter() - t0
 
     config = {
-        "denoiser": str(getattr(denoiser, "name", None) or getattr(denoiser, "__name__", None)
-                        or type(denoiser).__name__),
-        "n": n, "steps": sched.steps, "sampler": _sampler_name(sampler) if external else sampler,
-        "schedule": sched.name, "schedule_kind": sched.kind,
-        "schedule_kwargs": dict(schedule_kwargs or {}), "seed": seed, "shape": list(shape),
-        "batch_size": batch_size, "eta": float(eta), "clip_x0": bool(clip_x0),
+        "denoiser": str(
+            getattr(denoiser, "name", None) or getattr(denoiser, "__name__", None) or type(denoiser).__name__
+        ),
+        "n": n,
+        "steps": sched.steps,
+        "sampler": _sampler_name(sampler) if external else sampler,
+        "schedule": sched.name,
+        "schedule_kind": sched.kind,
+        "schedule_kwargs": dict(schedule_kwargs or {}),
+        "seed": seed,
+        "shape": list(shape),
+        "batch_size": batch_size,
+        "eta": float(eta),
+        "clip_x0": bool(clip_x0),
         "class_labels": None if class_labels is None else class_labels.tolist(),
-        "device": str(device), "dtype": str(dtype).replace("torch.", ""),
+        "device": str(device),
+        "dtype": str(dtype).replace("torch.", ""),
     }
     return SampleResult(torch.cat(out), seeds, sched.sigmas.clone(), config, elapsed)
 

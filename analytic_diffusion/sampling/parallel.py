@@ -8,10 +8,10 @@
 
 Only the main rank (global rank 0) writes files and prints progress.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Optional
 
 import torch
 
@@ -24,8 +24,8 @@ MODES = ("none", "dataset", "samples", "dataset,samples")
 @dataclass
 class Parallel:
     mode: str = "none"
-    data: Optional[distributed.ShardGroup] = None  # the ranks that shard the training set between them
-    samples: Optional[distributed.ShardGroup] = None  # the ranks that split the samples
+    data: distributed.ShardGroup | None = None  # the ranks that shard the training set between them
+    samples: distributed.ShardGroup | None = None  # the ranks that split the samples
     rank: int = 0
     world: int = 1
     device: str = "cpu"
@@ -35,12 +35,15 @@ class Parallel:
         return self.rank == 0
 
     def config(self) -> dict:
-        return {"mode": self.mode, "world": self.world,
-                "dataset_ranks": None if self.data is None else self.data.world,
-                "sample_ranks": None if self.samples is None else self.samples.world}
+        return {
+            "mode": self.mode,
+            "world": self.world,
+            "dataset_ranks": None if self.data is None else self.data.world,
+            "sample_ranks": None if self.samples is None else self.samples.world,
+        }
 
 
-def setup(mode: str = "none", *, device: str = "cpu", dataset_ranks: Optional[int] = None) -> Parallel:
+def setup(mode: str = "none", *, device: str = "cpu", dataset_ranks: int | None = None) -> Parallel:
     """Join torchrun's process group for ``mode`` (validated first). Without a launcher (one process) every mode
     runs as a single process; under a launcher ``mode`` must say how to split the work."""
     if mode not in MODES:
@@ -50,16 +53,20 @@ def setup(mode: str = "none", *, device: str = "cpu", dataset_ranks: Optional[in
     if not distributed.launched():
         return Parallel(device=device)
     if mode == "none":
-        raise ValueError("this process was started by a launcher (WORLD_SIZE > 1) but --parallel was not given: "
-                         "use --parallel dataset, samples or dataset,samples")
+        raise ValueError(
+            "this process was started by a launcher (WORLD_SIZE > 1) but --parallel was not given: "
+            "use --parallel dataset, samples or dataset,samples"
+        )
     world_group, device = distributed.init_from_env(device)
     if mode == "dataset":
         return Parallel(mode, world_group, None, world_group.rank, world_group.world, device)
     if mode == "samples":
         return Parallel(mode, None, world_group, world_group.rank, world_group.world, device)
     if dataset_ranks is None:
-        raise ValueError("dataset_ranks: --parallel dataset,samples needs --dataset-ranks G (ranks per training "
-                         "shard set; the world size must be a multiple of it)")
+        raise ValueError(
+            "dataset_ranks: --parallel dataset,samples needs --dataset-ranks G (ranks per training "
+            "shard set; the world size must be a multiple of it)"
+        )
     data, samples = distributed.split_groups(dataset_ranks)
     return Parallel(mode, data, samples, world_group.rank, world_group.world, device)
 
@@ -70,13 +77,18 @@ def sample_parallel(denoiser, n: int, par: Parallel, *, seed: int = 0, class_lab
         return sample(denoiser, n, seed=seed, class_labels=class_labels, **kw)
     group = par.samples
     if n < group.world:
-        raise ValueError(f"n: {n} samples cannot be split over {group.world} sample ranks; "
-                         "ask for at least one sample per rank")
+        raise ValueError(
+            f"n: {n} samples cannot be split over {group.world} sample ranks; ask for at least one sample per rank"
+        )
     start, stop = group.shard_range(n)
     labels = None if class_labels is None else torch.as_tensor(class_labels)[start:stop]
     part = sample(denoiser, stop - start, seed=seed + start, class_labels=labels, **kw)
     samples = group.all_gather_rows(part.samples.contiguous(), "gathering samples")
     elapsed = max(group.all_gather_object(part.elapsed_s, "gathering timings"))
-    config = {**part.config, "n": n, "seed": seed,
-              "class_labels": None if class_labels is None else torch.as_tensor(class_labels).tolist()}
+    config = {
+        **part.config,
+        "n": n,
+        "seed": seed,
+        "class_labels": None if class_labels is None else torch.as_tensor(class_labels).tolist(),
+    }
     return replace(part, samples=samples, seeds=[seed + i for i in range(n)], config=config, elapsed_s=elapsed)

@@ -1,4 +1,5 @@
 """The main job behind ``analytic-diffusion sample``: load data, build a denoiser, sample, write a run folder."""
+
 from __future__ import annotations
 
 import json
@@ -7,31 +8,42 @@ import shutil
 import tempfile
 import time
 from contextlib import contextmanager
-from typing import Optional
 
 import numpy as np
 import torch
 
 from ..data import load_dataset
-from ..data.packed import check_options as check_packed_options, is_packed, load_packed_shard
+from ..data.packed import check_options as check_packed_options
+from ..data.packed import is_packed, load_packed_shard
 from ..denoisers import denoiser_options, make_denoiser
+from ..denoisers.patch_schedule import PatchSchedule
+from ..grids import Schedule, get_schedule
 from ..metrics import memorization
 from ..ops import gather_rows
-from ..denoisers.patch_schedule import PatchSchedule
-from .generate import check_seeds
-from .parallel import setup as setup_parallel, sample_parallel
-from ..grids import Schedule, get_schedule
 from ..viz.images import save_grid, save_nearest_panel, save_x0_strips
+from .generate import check_seeds
+from .parallel import sample_parallel
+from .parallel import setup as setup_parallel
 
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
-def prepare_dataset(dataset, *, split=None, subset=None, subset_random=False, resolution=None, pad_to=None,
-                    flips=False, seed=0, device="cpu", shard_group=None):
+def prepare_dataset(
+    dataset,
+    *,
+    split=None,
+    subset=None,
+    subset_random=False,
+    resolution=None,
+    pad_to=None,
+    flips=False,
+    seed=0,
+    device="cpu",
+    shard_group=None,
+):
     """A Dataset from a name or path (or an existing Dataset), with subset and flips applied; with
     ``shard_group`` this rank's shard of it (of a packed folder, only the shard is mapped and verified)."""
-    if shard_group is not None and isinstance(dataset, (str, os.PathLike)) and is_packed(dataset) \
-            and subset is None:
+    if shard_group is not None and isinstance(dataset, (str, os.PathLike)) and is_packed(dataset) and subset is None:
         check_packed_options(dataset, split=split, resolution=resolution, pad_to=pad_to)
         ds = load_packed_shard(dataset, shard_group).with_flips(flips)
         return ds if str(device) == "cpu" else ds.to(device)  # a GPU rank holds its shard on its device
@@ -70,8 +82,10 @@ def check_device(device) -> torch.device:
         raise ValueError(f"device: unknown device {device!r} (expected cpu, cuda or cuda:N)") from None
     if dev.type == "cuda":
         if not torch.cuda.is_available():
-            raise ValueError(f"device: {device!r} asked for, but CUDA is not available on this machine "
-                             "(no GPU, or a CPU-only torch build); use --device cpu")
+            raise ValueError(
+                f"device: {device!r} asked for, but CUDA is not available on this machine "
+                "(no GPU, or a CPU-only torch build); use --device cpu"
+            )
         if dev.index is not None and dev.index >= torch.cuda.device_count():
             raise ValueError(f"device: {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     elif dev.type != "cpu":
@@ -91,8 +105,10 @@ def check_out_folder(out: str, overwrite: bool) -> None:
     if not os.path.isdir(parent):
         raise ValueError(f"out: {out!r} lies under {parent!r}, which is a file")
     if os.path.isdir(path) and os.listdir(path) and not overwrite:
-        raise ValueError(f"out: the folder {out!r} is not empty; choose a new folder or pass --overwrite "
-                         "(overwrite=True) to replace it")
+        raise ValueError(
+            f"out: the folder {out!r} is not empty; choose a new folder or pass --overwrite "
+            "(overwrite=True) to replace it"
+        )
 
 
 @contextmanager
@@ -132,16 +148,44 @@ def check_patch_coverage(denoiser_or_schedule, schedule="karras", steps=18, sche
     try:
         patch.check_covers(sched.sigmas.tolist())
     except ValueError as e:
-        raise ValueError(f"{e} ({sched.name} grid, {sched.steps} steps); use a schedule calibrated on this grid "
-                         f"(`analytic-diffusion calibrate`) or a constant --patch") from None
+        raise ValueError(
+            f"{e} ({sched.name} grid, {sched.steps} steps); use a schedule calibrated on this grid "
+            f"(`analytic-diffusion calibrate`) or a constant --patch"
+        ) from None
 
 
-def run_sample(*, method="optimal", dataset="mnist", split=None, subset=None, subset_random=False,
-               resolution=None, pad_to=None, flips=False, class_label=None, random_classes=False, n=64,
-               steps=18, sampler="heun", schedule="karras", schedule_kwargs=None, eta=0.0, clip_x0=False,
-               seed=0, batch_size=None, method_options=None, device="cpu", dtype="float32",
-               out: Optional[str] = None, save_x0=False, progress=True, overwrite: bool = False, parallel="none",
-               dataset_ranks=None, memory_budget=None) -> dict:
+def run_sample(
+    *,
+    method="optimal",
+    dataset="mnist",
+    split=None,
+    subset=None,
+    subset_random=False,
+    resolution=None,
+    pad_to=None,
+    flips=False,
+    class_label=None,
+    random_classes=False,
+    n=64,
+    steps=18,
+    sampler="heun",
+    schedule="karras",
+    schedule_kwargs=None,
+    eta=0.0,
+    clip_x0=False,
+    seed=0,
+    batch_size=None,
+    method_options=None,
+    device="cpu",
+    dtype="float32",
+    out: str | None = None,
+    save_x0=False,
+    progress=True,
+    overwrite: bool = False,
+    parallel="none",
+    dataset_ranks=None,
+    memory_budget=None,
+) -> dict:
     """Run one sampling job and write its folder; returns the metrics dict (also in metrics.json).
 
     ``out`` must be a new or empty folder, or ``overwrite=True`` replaces it whole. The files are written to a
@@ -164,8 +208,18 @@ def run_sample(*, method="optimal", dataset="mnist", split=None, subset=None, su
         check_patch_coverage(patch, schedule, steps, schedule_kwargs)
     par = setup_parallel(parallel, device=device, dataset_ranks=dataset_ranks)
     device, progress = par.device, progress and par.is_main
-    ds = prepare_dataset(dataset, split=split, subset=subset, subset_random=subset_random, resolution=resolution,
-                         pad_to=pad_to, flips=flips, seed=seed, device=device, shard_group=par.data)
+    ds = prepare_dataset(
+        dataset,
+        split=split,
+        subset=subset,
+        subset_random=subset_random,
+        resolution=resolution,
+        pad_to=pad_to,
+        flips=flips,
+        seed=seed,
+        device=device,
+        shard_group=par.data,
+    )
     options = dict(method_options or {})
     if memory_budget is not None and "memory_budget" in denoiser_options(method):
         options["memory_budget"] = int(memory_budget)
@@ -177,22 +231,49 @@ def run_sample(*, method="optimal", dataset="mnist", split=None, subset=None, su
     def record(step, x, sigma, x0_hat):
         x0_steps.append((step, x0_hat.detach().to("cpu", torch.float32)))
 
-    result = sample_parallel(denoiser, n, par, steps=steps, sampler=sampler, schedule=schedule,
-                    schedule_kwargs=schedule_kwargs or {}, seed=seed, batch_size=batch_size, eta=eta,
-                    clip_x0=clip_x0, class_labels=labels, callback=record if save_x0 else None,
-                    device=device, dtype=_DTYPES[dtype], progress=progress)
+    result = sample_parallel(
+        denoiser,
+        n,
+        par,
+        steps=steps,
+        sampler=sampler,
+        schedule=schedule,
+        schedule_kwargs=schedule_kwargs or {},
+        seed=seed,
+        batch_size=batch_size,
+        eta=eta,
+        clip_x0=clip_x0,
+        class_labels=labels,
+        callback=record if save_x0 else None,
+        device=device,
+        dtype=_DTYPES[dtype],
+        progress=progress,
+    )
     samples = result.samples
     mem = memorization(samples.to(ds.device), ds, memory_budget=memory_budget)
     neighbours = gather_rows(ds.keys(), mem.nn_index.to(ds.device)).reshape(samples.shape).cpu()
     if not par.is_main:
         return {**mem.summary(), "sampling_seconds": result.elapsed_s, "total_seconds": time.perf_counter() - t0}
 
-    config = {"method": method, "denoiser": denoiser.config(), "dataset": repr(ds), "n": n, "steps": steps,
-              "sampler": sampler, "schedule": schedule, "schedule_kwargs": schedule_kwargs or {}, "eta": eta,
-              "clip_x0": clip_x0, "seed": seed, "class_labels": None if labels is None else labels.tolist(),
-              "device": str(device), "dtype": dtype, "sampling": result.config, "parallel": par.config()}
-    metrics = {**mem.summary(), "sampling_seconds": result.elapsed_s,
-               "total_seconds": time.perf_counter() - t0}
+    config = {
+        "method": method,
+        "denoiser": denoiser.config(),
+        "dataset": repr(ds),
+        "n": n,
+        "steps": steps,
+        "sampler": sampler,
+        "schedule": schedule,
+        "schedule_kwargs": schedule_kwargs or {},
+        "eta": eta,
+        "clip_x0": clip_x0,
+        "seed": seed,
+        "class_labels": None if labels is None else labels.tolist(),
+        "device": str(device),
+        "dtype": dtype,
+        "sampling": result.config,
+        "parallel": par.config(),
+    }
+    metrics = {**mem.summary(), "sampling_seconds": result.elapsed_s, "total_seconds": time.perf_counter() - t0}
     certificate = getattr(denoiser, "pruning_summary", lambda: None)()
     if certificate is not None:  # certified pruning (tolerance > 0): what was scored and how far off it may be
         metrics["scored_fraction"] = certificate["scored_fraction"]
@@ -206,14 +287,21 @@ def run_sample(*, method="optimal", dataset="mnist", split=None, subset=None, su
             traj = torch.stack([torch.cat([x for s, x in x0_steps if s == k]) for k in steps_seen])
             save_x0_strips(os.path.join(stage, "x0_strips.png"), traj[:, :16])
         # uint64: every seed < 2^64 (check_seeds) is stored exactly, never as a float
-        np.savez_compressed(os.path.join(stage, "samples.npz"), samples=samples.numpy(),
-                            seeds=np.asarray(result.seeds, dtype=np.uint64), nn_index=mem.nn_index.numpy(),
-                            nn_ratio=mem.ratio.numpy(), config=json.dumps(config))
+        np.savez_compressed(
+            os.path.join(stage, "samples.npz"),
+            samples=samples.numpy(),
+            seeds=np.asarray(result.seeds, dtype=np.uint64),
+            nn_index=mem.nn_index.numpy(),
+            nn_ratio=mem.ratio.numpy(),
+            config=json.dumps(config),
+        )
         with open(os.path.join(stage, "config.json"), "w") as f:
             json.dump(config, f, indent=2)
         with open(os.path.join(stage, "metrics.json"), "w") as f:
             json.dump(metrics, f, indent=2)
     if progress:
-        print(f"{method}: {n} samples in {result.elapsed_s:.1f} s; memorisation ratio "
-              f"{100 * mem.share:.0f}% (nearest/second-nearest < 1/3); wrote {out}/")
+        print(
+            f"{method}: {n} samples in {result.elapsed_s:.1f} s; memorisation ratio "
+            f"{100 * mem.share:.0f}% (nearest/second-nearest < 1/3); wrote {out}/"
+        )
     return metrics

@@ -21,17 +21,26 @@ comes from the unclipped x̂0 in DDIM, as in diffusers.
 generators: B torch.Generator, one per sample, for stochastic noise, so that sample i's noise does not depend on
 the batch it runs in (default: the global RNG).
 """
+
 from __future__ import annotations
 
-from typing import Callable, Optional, Sequence
-
 import inspect
+from collections.abc import Sequence
+from typing import Callable
 
 import torch
 from tqdm.auto import tqdm
 
-__all__ = ["sample_euler", "sample_heun", "sample_ddim", "sample_ddpm", "SAMPLERS", "get_sampler",
-           "dict_callback", "per_sample_noise"]
+__all__ = [
+    "SAMPLERS",
+    "dict_callback",
+    "get_sampler",
+    "per_sample_noise",
+    "sample_ddim",
+    "sample_ddpm",
+    "sample_euler",
+    "sample_heun",
+]
 
 
 def _prepare(x: torch.Tensor, sigmas, generators) -> torch.Tensor:
@@ -78,8 +87,7 @@ def _takes_one_argument(callback) -> bool:
         return False
     if any(p.kind == p.VAR_POSITIONAL for p in params):
         return False
-    required = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
-                and p.default is p.empty]
+    required = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) and p.default is p.empty]
     return len(required) == 1
 
 
@@ -93,6 +101,7 @@ def _emitter(callback):
     def emit(i, x, sigma, x0):  # k-diffusion's dict, with a scalar σ when the batch shares one
         s = sigma[0] if bool((sigma == sigma[0]).all()) else sigma
         callback({"x": x, "i": i, "sigma": s, "sigma_hat": s, "denoised": x0})
+
     return emit
 
 
@@ -103,17 +112,18 @@ def dict_callback(callback):
     return lambda d: callback(d["i"], d["x"], d["sigma"], d["denoised"])
 
 
-def per_sample_noise(x: torch.Tensor, generators: Optional[Sequence[torch.Generator]]):
+def per_sample_noise(x: torch.Tensor, generators: Sequence[torch.Generator] | None):
     """A k-diffusion ``noise_sampler(sigma, sigma_next)`` that draws each sample's noise from its own generator."""
     return lambda sigma, sigma_next: _noise(x, generators)
 
 
-def _noise(x: torch.Tensor, generators: Optional[Sequence[torch.Generator]]) -> torch.Tensor:
+def _noise(x: torch.Tensor, generators: Sequence[torch.Generator] | None) -> torch.Tensor:
     if generators is None:
         return torch.randn_like(x)
     # Per-sample draws on each generator's own device keep a sample's stream independent of the batch.
-    return torch.stack([torch.randn(x.shape[1:], generator=g, device=g.device, dtype=x.dtype)
-                        for g in generators]).to(x.device)
+    return torch.stack([torch.randn(x.shape[1:], generator=g, device=g.device, dtype=x.dtype) for g in generators]).to(
+        x.device
+    )
 
 
 def _denoise(denoiser, x, sigma, kwargs):
@@ -131,9 +141,19 @@ def _steps(n: int, progress: bool):
 
 
 @torch.no_grad()
-def sample_euler(denoiser: Callable, x: torch.Tensor, sigmas, *, callback=None, clip_x0: bool = False,
-                 generators=None, progress: bool = False, denoiser_kwargs=None, extra_args=None,
-                 disable=None) -> torch.Tensor:
+def sample_euler(
+    denoiser: Callable,
+    x: torch.Tensor,
+    sigmas,
+    *,
+    callback=None,
+    clip_x0: bool = False,
+    generators=None,
+    progress: bool = False,
+    denoiser_kwargs=None,
+    extra_args=None,
+    disable=None,
+) -> torch.Tensor:
     """Euler on the probability-flow ODE dx/dσ = (x - x̂0)/σ; n denoiser calls."""
     s = _prepare(x, sigmas, generators)
     kw, progress, emit = _options(denoiser_kwargs, extra_args, progress, disable, callback)
@@ -146,9 +166,19 @@ def sample_euler(denoiser: Callable, x: torch.Tensor, sigmas, *, callback=None, 
 
 
 @torch.no_grad()
-def sample_heun(denoiser: Callable, x: torch.Tensor, sigmas, *, callback=None, clip_x0: bool = False,
-                generators=None, progress: bool = False, denoiser_kwargs=None, extra_args=None,
-                disable=None) -> torch.Tensor:
+def sample_heun(
+    denoiser: Callable,
+    x: torch.Tensor,
+    sigmas,
+    *,
+    callback=None,
+    clip_x0: bool = False,
+    generators=None,
+    progress: bool = False,
+    denoiser_kwargs=None,
+    extra_args=None,
+    disable=None,
+) -> torch.Tensor:
     """EDM Algorithm 1 (Heun, no churn): trapezoidal correction on every step except those ending at σ = 0,
     where the ODE's derivative is undefined; 2n - 1 denoiser calls on a grid ending at 0."""
     s = _prepare(x, sigmas, generators)
@@ -173,9 +203,20 @@ def sample_heun(denoiser: Callable, x: torch.Tensor, sigmas, *, callback=None, c
 
 
 @torch.no_grad()
-def sample_ddim(denoiser: Callable, x: torch.Tensor, sigmas, *, eta: float = 0.0, callback=None,
-                clip_x0: bool = False, generators=None, progress: bool = False,
-                denoiser_kwargs=None, extra_args=None, disable=None) -> torch.Tensor:
+def sample_ddim(
+    denoiser: Callable,
+    x: torch.Tensor,
+    sigmas,
+    *,
+    eta: float = 0.0,
+    callback=None,
+    clip_x0: bool = False,
+    generators=None,
+    progress: bool = False,
+    denoiser_kwargs=None,
+    extra_args=None,
+    disable=None,
+) -> torch.Tensor:
     """DDIM in σ-space; n denoiser calls.
 
     With ε̂ = (x - x̂0)/σ and s_up = η·σ'·sqrt(1 - σ'²/σ²) for the next level σ':
@@ -193,7 +234,7 @@ def sample_ddim(denoiser: Callable, x: torch.Tensor, sigmas, *, eta: float = 0.0
         emit(i, x, sigma, x0)
         eps = (x - x0) / _bcast(sigma, x)
         s_up = eta * sigma_next * (1 - (sigma_next / sigma) ** 2).clamp(min=0).sqrt()
-        s_dir = (sigma_next ** 2 - s_up ** 2).clamp(min=0).sqrt()
+        s_dir = (sigma_next**2 - s_up**2).clamp(min=0).sqrt()
         x = (x0.clamp(-1, 1) if clip_x0 else x0) + _bcast(s_dir, x) * eps
         if eta > 0:
             x = x + _bcast(s_up, x) * _noise(x, generators)

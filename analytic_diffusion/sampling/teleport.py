@@ -6,10 +6,11 @@ solution (:meth:`analytic_diffusion.denoisers.Wiener.flow`). :func:`sample_telep
 as :func:`~analytic_diffusion.sampling.sample` (sample i from seed + i), moves it from σ_max to ``sigma_skip`` in
 one exact jump, and integrates the rest of the same σ grid with any denoiser, analytic or trained.
 """
+
 from __future__ import annotations
 
 import time
-from typing import Callable, Optional, Union
+from typing import Callable
 
 import torch
 
@@ -39,11 +40,23 @@ def teleport_grid(sigmas: torch.Tensor, sigma_skip: float):
 
 
 @torch.no_grad()
-def sample_teleported(denoiser: Callable, gaussian, n: int = 16, *, sigma_skip: float, steps: int = 18,
-                      sampler: str = "heun", schedule: Union[str, Schedule] = "karras",
-                      schedule_kwargs: Optional[dict] = None, seed: int = 0, batch_size: Optional[int] = None,
-                      class_labels=None, device=None, dtype: torch.dtype = torch.float32,
-                      progress: bool = False) -> SampleResult:
+def sample_teleported(
+    denoiser: Callable,
+    gaussian,
+    n: int = 16,
+    *,
+    sigma_skip: float,
+    steps: int = 18,
+    sampler: str = "heun",
+    schedule: str | Schedule = "karras",
+    schedule_kwargs: dict | None = None,
+    seed: int = 0,
+    batch_size: int | None = None,
+    class_labels=None,
+    device=None,
+    dtype: torch.dtype = torch.float32,
+    progress: bool = False,
+) -> SampleResult:
     """Samples whose first part, σ_0 → ``sigma_skip``, is the exact Gaussian flow, continued by ``denoiser``.
 
     gaussian:   a :class:`~analytic_diffusion.denoisers.Wiener` (its mean and PCA define the Gaussian).
@@ -58,8 +71,10 @@ def sample_teleported(denoiser: Callable, gaussian, n: int = 16, *, sigma_skip: 
         raise ValueError(f"sampler: expected a deterministic sampler (euler, heun, ddim), got {sampler!r}")
     sched = schedule if isinstance(schedule, Schedule) else get_schedule(schedule, steps, **(schedule_kwargs or {}))
     if sched.kind != "ve":
-        raise ValueError(f"schedule: teleportation starts from N(0, σ_0²) noise (a VE grid such as karras); "
-                         f"{sched.name!r} is {sched.kind}")
+        raise ValueError(
+            f"schedule: teleportation starts from N(0, σ_0²) noise (a VE grid such as karras); "
+            f"{sched.name!r} is {sched.kind}"
+        )
     shape = tuple(gaussian.image_shape)
     if tuple(getattr(denoiser, "image_shape", shape)) != shape:
         raise ValueError(f"denoiser works on {denoiser.image_shape}, the Gaussian on {shape}")
@@ -73,14 +88,23 @@ def sample_teleported(denoiser: Callable, gaussian, n: int = 16, *, sigma_skip: 
     fn = get_sampler(sampler)
     out, t0 = [], time.perf_counter()
     for start in range(0, n, batch_size):
-        gens, x = initial_noise(seeds[start:start + batch_size], shape, sched.init_sigma, device, dtype)
+        gens, x = initial_noise(seeds[start : start + batch_size], shape, sched.init_sigma, device, dtype)
         if skipped:
             x = gaussian.flow(x, float(sched.sigmas[0]), float(grid[0]))
-        kw = {} if labels is None else {"class_labels": labels[start:start + batch_size].to(device)}
+        kw = {} if labels is None else {"class_labels": labels[start : start + batch_size].to(device)}
         x = fn(denoiser, x, grid, generators=gens, progress=progress, denoiser_kwargs=kw)
         out.append(x.cpu())
-    config = {"denoiser": str(getattr(denoiser, "name", type(denoiser).__name__)), "n": n, "steps": sched.steps,
-              "steps_run": sched.steps - skipped, "steps_skipped": skipped, "sigma_skip": float(grid[0]),
-              "sampler": sampler, "schedule": sched.name, "seed": seed, "shape": list(shape),
-              "dtype": str(dtype).replace("torch.", "")}
+    config = {
+        "denoiser": str(getattr(denoiser, "name", type(denoiser).__name__)),
+        "n": n,
+        "steps": sched.steps,
+        "steps_run": sched.steps - skipped,
+        "steps_skipped": skipped,
+        "sigma_skip": float(grid[0]),
+        "sampler": sampler,
+        "schedule": sched.name,
+        "seed": seed,
+        "shape": list(shape),
+        "dtype": str(dtype).replace("torch.", ""),
+    }
     return SampleResult(torch.cat(out), seeds, grid, config, time.perf_counter() - t0)

@@ -1,8 +1,9 @@
 """Pictures people would rather look at than read: sample grids, nearest-neighbour panels, x̂0 strips."""
+
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -20,8 +21,14 @@ def _upscale(h: int) -> int:
     return max(1, 64 // h)
 
 
-def tile(images: torch.Tensor, nrow: int, *, pad: int = 2, pad_value: int = 255,
-         borders: Optional[Sequence[Optional[tuple]]] = None) -> Image.Image:
+def tile(
+    images: torch.Tensor,
+    nrow: int,
+    *,
+    pad: int = 2,
+    pad_value: int = 255,
+    borders: Sequence[tuple | None] | None = None,
+) -> Image.Image:
     """Tile (n, C, H, W) images into a grid with ``nrow`` images per row; optional coloured border per image."""
     arr = to_uint8(images)
     n, h, w, c = arr.shape
@@ -41,12 +48,13 @@ def tile(images: torch.Tensor, nrow: int, *, pad: int = 2, pad_value: int = 255,
     return canvas
 
 
-def save_grid(path, images: torch.Tensor, nrow: Optional[int] = None) -> None:
+def save_grid(path, images: torch.Tensor, nrow: int | None = None) -> None:
     tile(images, nrow or math.ceil(math.sqrt(images.shape[0]))).save(path)
 
 
-def save_nearest_panel(path, samples: torch.Tensor, neighbours: torch.Tensor, memorized: torch.Tensor,
-                       per_row: int = 8) -> None:
+def save_nearest_panel(
+    path, samples: torch.Tensor, neighbours: torch.Tensor, memorized: torch.Tensor, per_row: int = 8
+) -> None:
     """Pairs of rows: samples, then each one's nearest training image; red frame = copy, green = novel."""
     n = samples.shape[0]
     groups = []

@@ -9,12 +9,12 @@ Callers pass plain numbers and arrays; ``size`` is the PNG's size in pixels at `
 - :func:`calibration_plot`: the chosen patch size per σ beside the per-step metric of every candidate.
 - :func:`labelled_rows`: rows of image tiles with a text label on the left of each (pixel-exact tiles).
 """
+
 from __future__ import annotations
 
 import math
 import os
-from collections.abc import Mapping
-from typing import Dict, Optional, Sequence, Tuple
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -22,10 +22,10 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
-__all__ = ["line_plot", "loss_plot", "calibration_plot", "labelled_rows"]
+__all__ = ["calibration_plot", "labelled_rows", "line_plot", "loss_plot"]
 
 
-def _check_size(size, dpi) -> Tuple[int, int]:
+def _check_size(size, dpi) -> tuple[int, int]:
     try:
         w, h = (int(v) for v in size)
     except (TypeError, ValueError):
@@ -59,12 +59,13 @@ def _log_ticks(axis, lims) -> None:
         return
     decades = math.log10(hi / lo)
     if decades < 2:
-        axis.set_major_locator(LogLocator(base=10.0, subs=(1.0, 2.0, 5.0) if decades >= 0.7 else
-                                          tuple(float(k) for k in range(1, 10))))
+        axis.set_major_locator(
+            LogLocator(base=10.0, subs=(1.0, 2.0, 5.0) if decades >= 0.7 else tuple(float(k) for k in range(1, 10)))
+        )
         axis.set_major_formatter(FuncFormatter(lambda t, _: f"{t:.3g}"))
 
 
-def _floats(name: str, values, n: Optional[int] = None) -> np.ndarray:
+def _floats(name: str, values, n: int | None = None) -> np.ndarray:
     """1-D float64 array; None and ±inf become NaN (a gap in the line)."""
     try:
         vals = list(values)
@@ -77,10 +78,21 @@ def _floats(name: str, values, n: Optional[int] = None) -> np.ndarray:
     return arr
 
 
-def line_plot(path, x: Sequence[float], series: Dict[str, Sequence[float]], *, xlabel: str = "",
-              ylabel: str = "", title: str = "", logx: bool = True, logy: bool = False,
-              ylim: Optional[Tuple[Optional[float], Optional[float]]] = None,
-              size: Tuple[int, int] = (960, 600), dpi: float = 120, markers: bool = True) -> None:
+def line_plot(
+    path,
+    x: Sequence[float],
+    series: dict[str, Sequence[float]],
+    *,
+    xlabel: str = "",
+    ylabel: str = "",
+    title: str = "",
+    logx: bool = True,
+    logy: bool = False,
+    ylim: tuple[float | None, float | None] | None = None,
+    size: tuple[int, int] = (960, 600),
+    dpi: float = 120,
+    markers: bool = True,
+) -> None:
     """Write a PNG line plot: one line per entry of ``series`` (name -> values, same length as ``x``).
 
     Non-finite values and None break a line; on a log axis (``logx`` / ``logy``) non-positive values are left
@@ -118,8 +130,9 @@ def line_plot(path, x: Sequence[float], series: Dict[str, Sequence[float]], *, x
         y[np.isnan(xs)] = np.nan
         ys[str(name)] = y
     if not any(np.isfinite(y).any() for y in ys.values()):
-        raise ValueError("line_plot: no finite values to draw" + (" (log axes drop values <= 0)" if logx or logy
-                                                                 else ""))
+        raise ValueError(
+            "line_plot: no finite values to draw" + (" (log axes drop values <= 0)" if logx or logy else "")
+        )
 
     fig = _figure(size, dpi)
     ax = fig.add_subplot()
@@ -145,8 +158,9 @@ def line_plot(path, x: Sequence[float], series: Dict[str, Sequence[float]], *, x
     _save(fig, path)
 
 
-def loss_plot(path, losses: Sequence[float], *, title: str = "training loss", size: Tuple[int, int] = (960, 540),
-              dpi: float = 120) -> Optional[float]:
+def loss_plot(
+    path, losses: Sequence[float], *, title: str = "training loss", size: tuple[int, int] = (960, 540), dpi: float = 120
+) -> float | None:
     """Write a training-loss PNG: every step's loss in grey, a trailing moving average (window ~n/50) in blue,
     log y. Non-finite or non-positive losses are gaps (a diverged run still gets a picture, with a note when no
     loss is drawable). Returns the moving average at the last step (None if it is undefined)."""
@@ -185,10 +199,20 @@ def loss_plot(path, losses: Sequence[float], *, title: str = "training loss", si
     return last
 
 
-def calibration_plot(path, sigmas: Sequence[float], candidate_sizes: Sequence[int], chosen: Sequence[int],
-                     picks: Sequence[Sequence[int]], values, *, higher_is_better: bool = True,
-                     metric: str = "metric", title: str = "", size: Tuple[int, int] = (1200, 500),
-                     dpi: float = 110) -> None:
+def calibration_plot(
+    path,
+    sigmas: Sequence[float],
+    candidate_sizes: Sequence[int],
+    chosen: Sequence[int],
+    picks: Sequence[Sequence[int]],
+    values,
+    *,
+    higher_is_better: bool = True,
+    metric: str = "metric",
+    title: str = "",
+    size: tuple[int, int] = (1200, 500),
+    dpi: float = 110,
+) -> None:
     """Write a two-panel PNG for a patch-size calibration.
 
     Left: the chosen k against σ (log axis, red line) and every seed's pick (blue dots, area = how many seeds).
@@ -203,12 +227,12 @@ def calibration_plot(path, sigmas: Sequence[float], candidate_sizes: Sequence[in
         raise ValueError("candidate_sizes: expected at least one size")
     chosen = [int(k) for k in chosen]
     if len(chosen) != sig.size or len(picks) != sig.size:
-        raise ValueError(f"chosen and picks: expected one entry per σ ({sig.size}), got {len(chosen)} and "
-                         f"{len(picks)}")
+        raise ValueError(f"chosen and picks: expected one entry per σ ({sig.size}), got {len(chosen)} and {len(picks)}")
     vals = np.asarray(values, dtype=np.float64)
     if vals.shape != (sig.size, len(sizes)):
-        raise ValueError(f"values: expected shape ({sig.size}, {len(sizes)}) (steps × candidate sizes), got "
-                         f"{vals.shape}")
+        raise ValueError(
+            f"values: expected shape ({sig.size}, {len(sizes)}) (steps × candidate sizes), got {vals.shape}"
+        )
     bad = [k for k in chosen if k not in sizes]
     if bad:
         raise ValueError(f"chosen: sizes {bad} are not among candidate_sizes {sizes}")
@@ -218,16 +242,29 @@ def calibration_plot(path, sigmas: Sequence[float], candidate_sizes: Sequence[in
     # Left: k vs σ.
     px, py, pn = [], [], []
     for s, ks in zip(sig, picks):
-        for k in sorted(set(int(v) for v in ks)):
+        for k in sorted({int(v) for v in ks}):
             px.append(s)
             py.append(k)
             pn.append(sum(int(v) == k for v in ks))
     if px:
-        left.scatter(px, py, s=18 * np.asarray(pn, dtype=float), color="tab:blue", alpha=0.45,
-                     label="a seed's best k (area = seeds)")
+        left.scatter(
+            px,
+            py,
+            s=18 * np.asarray(pn, dtype=float),
+            color="tab:blue",
+            alpha=0.45,
+            label="a seed's best k (area = seeds)",
+        )
     order = np.argsort(sig)
-    left.plot(sig[order], np.asarray(chosen)[order], color="tab:red", marker="o", linewidth=2, markersize=4,
-              label="chosen k (median over seeds)")
+    left.plot(
+        sig[order],
+        np.asarray(chosen)[order],
+        color="tab:red",
+        marker="o",
+        linewidth=2,
+        markersize=4,
+        label="chosen k (median over seeds)",
+    )
     left.set_xscale("log")
     _log_ticks(left.xaxis, left.get_xlim())
     left.set_yticks(sizes)
@@ -263,8 +300,9 @@ def calibration_plot(path, sigmas: Sequence[float], candidate_sizes: Sequence[in
     _save(fig, path)
 
 
-def labelled_rows(path, rows: Sequence[Tuple[str, np.ndarray]], *, gap: int = 4, fontsize: float = 11,
-                  dpi: float = 100) -> Tuple[int, int]:
+def labelled_rows(
+    path, rows: Sequence[tuple[str, np.ndarray]], *, gap: int = 4, fontsize: float = 11, dpi: float = 100
+) -> tuple[int, int]:
     """Write a PNG of image rows, each with its (possibly multi-line) label on the left. ``rows``: (label,
     (H, W, 3) uint8 image) pairs, e.g. viz.images.tile strips. The images are placed pixel for pixel (no
     resampling); matplotlib only draws the labels (its bundled DejaVu Sans renders σ, λ, x̂ on any system).
@@ -274,14 +312,14 @@ def labelled_rows(path, rows: Sequence[Tuple[str, np.ndarray]], *, gap: int = 4,
         raise ValueError("rows: expected at least one (label, image) pair")
     for label, img in rows:
         if img.ndim != 3 or img.shape[2] != 3 or img.dtype != np.uint8 or img.shape[0] == 0 or img.shape[1] == 0:
-            raise ValueError(f"rows: the image of {label!r} must be a non-empty (H, W, 3) uint8 array, got "
-                             f"{img.dtype} {img.shape}")
+            raise ValueError(
+                f"rows: the image of {label!r} must be a non-empty (H, W, 3) uint8 array, got {img.dtype} {img.shape}"
+            )
     # Measure the labels on a scratch canvas first: the figure's size depends on the widest one.
     probe = Figure(dpi=dpi)
     renderer = FigureCanvasAgg(probe).get_renderer()
-    label_w = max(probe.text(0, 0, label, fontsize=fontsize).get_window_extent(renderer).width
-                  for label, _ in rows)
-    label_w = int(math.ceil(label_w)) + 16
+    label_w = max(probe.text(0, 0, label, fontsize=fontsize).get_window_extent(renderer).width for label, _ in rows)
+    label_w = math.ceil(label_w) + 16
     width = label_w + max(img.shape[1] for _, img in rows)
     height = sum(img.shape[0] for _, img in rows) + gap * (len(rows) - 1)
     fig = Figure(figsize=(width / dpi, height / dpi), dpi=dpi)

@@ -17,6 +17,7 @@ $AD_CUDA_EMU_CACHE (default: ~/.cache/analytic_diffusion/cuda_emu), so that repe
 workers build it once; a changed source gives a new key and a rebuild. Builds run under a file lock and are moved
 into place whole, so concurrent processes never load a half-written module.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -29,7 +30,7 @@ import sysconfig
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable, Optional
+from typing import Callable
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
@@ -37,7 +38,7 @@ CUDA_DIR = os.path.join(ROOT, "csrc", "cuda")
 LAUNCH = re.compile(r"([A-Za-z_]\w*(?:<[^<>;]*>)?)<<<(.*?)>>>\((.*?)\);", re.S)
 
 
-def cuda_include_dir() -> Optional[str]:
+def cuda_include_dir() -> str | None:
     """A folder holding cuda_runtime_api.h: $CUDA_HOME/include, /usr/local/cuda/include or next to nvcc."""
     candidates = [os.path.join(os.environ[v], "include") for v in ("CUDA_HOME", "CUDA_PATH") if os.environ.get(v)]
     candidates.append("/usr/local/cuda/include")
@@ -47,7 +48,7 @@ def cuda_include_dir() -> Optional[str]:
     return next((d for d in candidates if os.path.isfile(os.path.join(d, "cuda_runtime_api.h"))), None)
 
 
-def unavailable_reason() -> Optional[str]:
+def unavailable_reason() -> str | None:
     if shutil.which(os.environ.get("CXX", "g++")) is None:
         return "no C++ compiler (g++ or $CXX)"
     if cuda_include_dir() is None:
@@ -63,8 +64,7 @@ def translate(source: str, name: str) -> str:
     """The host C++ of one .cu: emulator header, launches as calls, dynamic shared memory from the emulator."""
     src = source.replace("#include <cuda_runtime.h>\n", "")
     src = src.replace(f'#include "{name}.cuh"\n', f'#include "{name}.cuh"\n#include "emu.h"\n', 1)
-    src = src.replace("extern __shared__ float dyn_smem[];",
-                      "float* dyn_smem = static_cast<float*>(emu::dyn_smem());")
+    src = src.replace("extern __shared__ float dyn_smem[];", "float* dyn_smem = static_cast<float*>(emu::dyn_smem());")
     return LAUNCH.sub(lambda m: f"emu::launch(&{m.group(1)}, {m.group(2)}, {m.group(3)});", src)
 
 
@@ -90,11 +90,18 @@ def source_key(cuda_dir: str = CUDA_DIR, emu_dir: str = HERE) -> str:
     except (OSError, subprocess.TimeoutExpired):
         version = ""
     import pybind11
+
     header = os.path.join(cuda_include_dir() or "", "cuda_runtime_api.h")
     with open(header, "rb") as fh:
         header_hash = hashlib.sha256(fh.read()).hexdigest()
-    for part in (os.path.realpath(cxx), version, sysconfig.get_config_var("EXT_SUFFIX"), pybind11.__version__,
-                 header, header_hash):
+    for part in (
+        os.path.realpath(cxx),
+        version,
+        sysconfig.get_config_var("EXT_SUFFIX"),
+        pybind11.__version__,
+        header,
+        header_hash,
+    ):
         h.update(f"{part}\0".encode())
     return h.hexdigest()[:24]
 
@@ -113,6 +120,7 @@ def cached(root: str, key: str, build_into: Callable[[str], str], max_age_days: 
     A finished build is a folder renamed into place whole; builds of other keys unused for ``max_age_days`` are
     removed."""
     from filelock import FileLock  # a torch dependency, so present wherever the tests run
+
     os.makedirs(root, exist_ok=True)
     final = os.path.join(root, key)
     with FileLock(os.path.join(root, key + ".lock")):
@@ -135,7 +143,7 @@ def cached(root: str, key: str, build_into: Callable[[str], str], max_age_days: 
     return target
 
 
-def _finished(folder: str) -> Optional[str]:
+def _finished(folder: str) -> str | None:
     marker = os.path.join(folder, "MODULE")
     if not os.path.isfile(marker):
         return None
@@ -176,6 +184,7 @@ def compile_into(out_dir: str) -> str:
     """Translate and compile csrc/cuda into ``out_dir``; returns the path of the built module. Each source is
     compiled on its own (in parallel, up to the CPU count), then linked."""
     import pybind11
+
     sources = [os.path.join(HERE, "stubs.cpp"), os.path.join(CUDA_DIR, "bindings.cpp")]
     for f in sorted(os.listdir(CUDA_DIR)):
         if f.endswith(".cu"):
@@ -189,16 +198,26 @@ def compile_into(out_dir: str) -> str:
                 fh.write(text)
             sources.append(path)
     cxx = _compiler()
-    flags = ["-std=c++17", "-O2", "-fPIC", "-Wno-unknown-pragmas", f"-I{cuda_include_dir()}", f"-I{CUDA_DIR}",
-             f"-I{HERE}", f"-I{pybind11.get_include()}", f"-I{sysconfig.get_paths()['include']}"]
+    flags = [
+        "-std=c++17",
+        "-O2",
+        "-fPIC",
+        "-Wno-unknown-pragmas",
+        f"-I{cuda_include_dir()}",
+        f"-I{CUDA_DIR}",
+        f"-I{HERE}",
+        f"-I{pybind11.get_include()}",
+        f"-I{sysconfig.get_paths()['include']}",
+    ]
 
     def compile_one(i_src):
         i, src = i_src
         obj = os.path.join(out_dir, f"{i}_{os.path.splitext(os.path.basename(src))[0]}.o")
         r = subprocess.run([cxx, *flags, "-c", src, "-o", obj], capture_output=True, text=True)
         if r.returncode != 0:
-            raise RuntimeError(f"building the emulated CUDA extension failed ({os.path.basename(src)}):\n"
-                               + r.stderr[-4000:])
+            raise RuntimeError(
+                f"building the emulated CUDA extension failed ({os.path.basename(src)}):\n" + r.stderr[-4000:]
+            )
         return obj
 
     with ThreadPoolExecutor(max_workers=max(1, min(len(sources), os.cpu_count() or 1))) as pool:

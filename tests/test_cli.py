@@ -80,3 +80,28 @@ def test_methods_lists_every_method(capsys):
     assert main(["methods"]) == 0
     text = capsys.readouterr().out
     assert all(name in text for name in DENOISERS)
+
+
+def test_info_reports_the_installation_and_checks_the_kernel(capsys, monkeypatch):
+    from analytic_diffusion.ops import cpu_backend
+
+    monkeypatch.delenv("AD_CPU_ISA", raising=False)
+    assert main(["info", "--check"]) == 0
+    out = capsys.readouterr().out
+    isas = cpu_backend.runnable_isas()
+    assert f"{', '.join(isas)}; in use: {isas[-1]}" in out
+    assert "checksums match" in out and "matches the float64 reference" in out and "problem:" not in out
+    monkeypatch.setenv("AD_CPU_ISA", "base")
+    assert main(["info"]) == 0 and "in use: base" in capsys.readouterr().out
+    monkeypatch.setenv("AD_CPU_ISA", "sse9")
+    assert main(["info"]) == 2
+    assert "AD_CPU_ISA: expected one of base, avx2, avx512" in capsys.readouterr().err
+
+
+def test_info_check_fails_on_a_broken_install(capsys, monkeypatch):
+    from analytic_diffusion.data import embedded
+
+    monkeypatch.setattr(embedded, "_verified", False)
+    monkeypatch.setattr(embedded, "IMAGES_FILE", "no-such-file.gz")
+    assert main(["info", "--check"]) == 1
+    assert "problem:" in capsys.readouterr().out

@@ -10,10 +10,10 @@ import argparse
 import sys
 
 from .. import __version__
-from . import bench, calibrate, compare, dynamics, methods, pack, sample, schedules, stability, train
+from . import bench, calibrate, compare, dynamics, info, methods, pack, sample, schedules, stability, train
 
 # In the order `--help` lists them.
-SUBCOMMANDS = (sample, methods, calibrate, schedules, train, compare, dynamics, stability, bench, pack)
+SUBCOMMANDS = (sample, methods, calibrate, schedules, train, compare, dynamics, stability, bench, pack, info)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -43,13 +43,12 @@ def collect() -> tuple[list[tuple[str, str]], list[str]]:
     """(rows of (what, value), problems an installation must not have)."""
     import torch
 
-    import analytic_diffusion
-
+    from .. import __version__
     from ..data.embedded import MNIST_DIR, verify_embedded
     from ..ops import cpu_backend, cuda_backend, triton_backend
 
     rows = [
-        ("analytic-diffusion", f"{analytic_diffusion.__version__} ({os.path.dirname(analytic_diffusion.__file__)})"),
+        ("analytic-diffusion", f"{__version__} ({os.path.dirname(os.path.dirname(os.path.abspath(__file__)))})"),
         ("python", platform.python_version()),
         ("torch", f"{torch.__version__} ({torch.get_num_threads()} threads)"),
         ("cpu", _cpu_model()),

@@ -116,8 +116,9 @@ def pytest_report_header(config):
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
-    # `pytest -q` (CI) prints no header: repeat the seed at the end, where a failure's reader looks.
-    if exitstatus != 0:
+    # `pytest -q` (CI) prints no header: repeat the seed at the end, where a failure's reader looks (and after a
+    # passing fresh-seed run, so that the seeds a search covered are on record).
+    if exitstatus != 0 or os.environ.get("AD_TEST_SEED", "").strip() == "random":
         terminalreporter.write_line(
             f"replay this run's random inputs with AD_TEST_SEED={BASE_SEED} (and AD_CPU_ISA as this run had it, if set)"
         )

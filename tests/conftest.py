@@ -140,6 +140,18 @@ def _note_skip(report):
 
 def pytest_runtest_logreport(report):
     _note_skip(report)
+    _record_outcome(report)
+
+
+def _record_outcome(report):
+    """AD_TEST_OUTCOMES=FILE appends one line per test: instruction-set cap, test id, outcome (how two CI runs are
+    compared for identical outcomes). Written once, by the process that reports (the xdist controller)."""
+    path = os.environ.get("AD_TEST_OUTCOMES")
+    if not path or os.environ.get("PYTEST_XDIST_WORKER"):
+        return
+    if report.when == "call" or (report.when != "call" and report.outcome != "passed"):
+        with open(path, "a", encoding="utf-8") as fh:
+            fh.write(f"{os.environ.get('AD_CPU_ISA', '-')} {report.nodeid} {report.outcome}\n")
 
 
 def pytest_collectreport(report):

@@ -56,7 +56,8 @@ def test_a_replay_draws_what_the_run_drew(tmp_path):
     ]
     for seed, ids in runs:
         env = dict(os.environ, AD_TEST_SEED=seed, AD_SEED_PROBE=str(probe))
-        env.pop("PYTEST_XDIST_WORKER", None)
+        for name in ("PYTEST_XDIST_WORKER", "AD_TEST_OUTCOMES"):
+            env.pop(name, None)
         r = subprocess.run(
             [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:xdist", *ids],
             cwd=ROOT,

@@ -73,9 +73,13 @@ def test_patch_kernel_matches_reference(fused, rng, keys, k):
     ql = torch.randint(0, 2, (11,), generator=rng)
     for sigma in (1e-3, 0.1, 1.0, 1e3):
         for flips, lab in ((False, None), (True, ql)):
-            ref = patch_softmax_partial(
-                q.double(), kb, sigma, pos, k, dtype=torch.float64, flips=flips, query_labels=lab, backend="torch"
-            )
+
+            def reference(qi, sigma=sigma, flips=flips, lab=lab):
+                return patch_softmax_partial(
+                    qi, kb, sigma, pos, k, dtype=torch.float64, flips=flips, query_labels=lab, backend="torch"
+                )
+
+            ref = reference(q.double())
             got = patch_softmax_partial(
                 q.to(fused.device),
                 on_device(kb, fused.device),
@@ -87,8 +91,14 @@ def test_patch_kernel_matches_reference(fused, rng, keys, k):
                 query_labels=None if lab is None else lab.to(fused.device),
                 backend=fused.name,
             )
-            assert rel(got.mean().cpu(), ref.mean()) <= 1e-4
-            assert rel(got.effective_neighbours().cpu(), ref.effective_neighbours()) <= 1e-4
+            # Two candidates within float32's resolution of the query (σ = 0.1, logits ~1e3 nats: about one draw in
+            # 20 has such a row) make a row ill-conditioned in float32: per-row tolerances from the reference's own
+            # sensitivity to the query's rounding (float32_tolerance), 1e-4 elsewhere.
+            tol = float32_tolerance(lambda qi: reference(qi).mean(), q.double(), ref.mean())
+            assert (row_rel(got.mean().cpu(), ref.mean()) <= tol).all(), sigma
+            neff = ref.effective_neighbours()[:, None]
+            tol = float32_tolerance(lambda qi: reference(qi).effective_neighbours()[:, None], q.double(), neff)
+            assert (row_rel(got.effective_neighbours().cpu()[:, None], neff) <= tol).all(), sigma
 
 
 def test_empty_class_and_shards(fused, rng):

@@ -6,7 +6,8 @@ extension rewrites them (in the documentation build only; the source is untouche
 * Sphinx roles (``:func:`name```, ``:class:`~a.b.C```) become code spans (``name``, ``C``).
 * "Options:" blocks (``name`` — text, one option per less-indented line, ``*`` bullets nested under an option)
   become Markdown lists.
-* Field lines (``name:   text`` with two or more spaces after the colon, as in argument lists) become list items.
+* Field lines (``name:   text`` or ``a, b:   text``, two or more spaces after the colon, as in argument lists)
+  become list items.
 
 Lines indented four or more spaces after a blank line (formulas) stay code blocks, as Markdown has them.
 """
@@ -18,7 +19,7 @@ import re
 import griffe
 
 ROLE = re.compile(r":(?:py:)?(?:func|class|meth|mod|attr|data|obj|exc|const):`~?([^`]+)`")
-FIELD = re.compile(r"^(\s*)([A-Za-z_][\w.]*|``[^`]+``):\s{2,}(\S.*)$")
+FIELD = re.compile(r"^(\s*)([A-Za-z_][\w.]*(?:, [A-Za-z_][\w.]*)*|``[^`]+``):\s{2,}(\S.*)$")
 OPTIONS = re.compile(r"^(\s*)Options:\s*(.*)$")
 BULLET = re.compile(r"^\s*[*-]\s+")
 
@@ -81,8 +82,8 @@ def _fields(lines: list, start: int) -> tuple:
     while i < len(lines):
         m = FIELD.match(lines[i])
         if m and _indent(lines[i]) == base:
-            name = m.group(2).strip("`")
-            out.append(f"- `{name}`: {m.group(3).strip()}")
+            names = ", ".join(f"`{n}`" for n in m.group(2).strip("`").split(", "))
+            out.append(f"- {names}: {m.group(3).strip()}")
         elif lines[i].strip() and _indent(lines[i]) > base and len(out) > 1:
             out[-1] += " " + lines[i].strip()
         else:

@@ -9,6 +9,10 @@ The pages are written to be read in the repository too, so they link to files by
   followed by the path in code, since the site does not hold that file;
 * a link to a path that does not exist is reported as a warning, which ``mkdocs build --strict`` turns into a
   failure (mkdocs itself checks the links between pages and to anchors).
+
+The pages also indent what belongs to a list item by two spaces, as GitHub reads it; Python-Markdown wants four
+(a formula block or a second paragraph inside an item would otherwise end the list), so every indentation inside
+a list is doubled for the site.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ EXTERNAL_PAGES = {
     "CONTRIBUTING.md": "contributing.md",
     "CHANGELOG.md": "changelog.md",
 }
+LIST_ITEM = re.compile(r"^(?:[*+-]|\d+\.)\s")
 LINK = re.compile(r"(!?)\[([^\]\n]*)\]\(([^()\s]+)\)")
 FENCE = re.compile(r"^(```|~~~)")
 log = logging.getLogger("mkdocs.hooks.links")
@@ -72,8 +77,37 @@ def _rewrite(target: str, text: str, image: str, source: str, page_uri: str) -> 
     return f"{text} (`{resolved}`)" if text.strip("`") != resolved else f"`{resolved}`"
 
 
+def widen_list_indents(markdown: str) -> str:
+    """Double the leading spaces of every line inside a top-level list (two-space continuations become four)."""
+    out = []
+    in_list = fenced = False
+    lines = markdown.split("\n")
+    for i, line in enumerate(lines):
+        if FENCE.match(line) and not in_list:
+            fenced = not fenced
+        if fenced:
+            out.append(line)
+            continue
+        if LIST_ITEM.match(line):
+            if in_list and out and out[-1].startswith(" ") and out[-1].strip():
+                out.append("")  # Python-Markdown would read the item as the previous paragraph's continuation
+            in_list = True
+        elif in_list and line.strip() and not line.startswith(" "):
+            in_list = False
+        if in_list and line.startswith(" "):
+            stripped = line.lstrip(" ")
+            line = " " * (2 * (len(line) - len(stripped))) + stripped
+        out.append(line)
+        if in_list and not line.strip():  # a blank line ends the list unless an indented line or an item follows
+            following = next((x for x in lines[i + 1 :] if x.strip()), "")
+            if not (following.startswith(" ") or LIST_ITEM.match(following)):
+                in_list = False
+    return "\n".join(out)
+
+
 def on_page_markdown(markdown, page, config, files):
     source = _source_path(page.file.src_uri)
+    markdown = widen_list_indents(markdown)
     out = []
     fenced = False
     for line in markdown.split("\n"):

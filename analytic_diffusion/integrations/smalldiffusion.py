@@ -74,7 +74,7 @@ _TORCHVISION_FREE = ("diffusion", "model")
 
 
 @functools.cache
-def load_smalldiffusion():
+def load_smalldiffusion() -> types.ModuleType | types.SimpleNamespace:
     """smalldiffusion's API: the package itself where ``import smalldiffusion`` works, else a namespace holding what
     its ``diffusion`` and ``model`` modules define (``ScheduleLogLinear``, ``samples``, ``IdealDenoiser``,
     ...), run from the installed package's own files.

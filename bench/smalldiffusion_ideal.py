@@ -7,15 +7,13 @@ from the origin, against the float64 torch-backend oracle. A script, not a test.
 IdealDenoiser (smalldiffusion 0.5.0, model.py) is the naive expanded-form posterior mean: ‖x‖² + ‖y‖² − 2 y·x in
 the input dtype, a softmax over all N, then Σ w y; it returns ε̂ and takes one σ per call. ``import
 smalldiffusion`` fails on this machine (its __init__ imports torchvision, whose wheel for torch 2.13 does not
-import against the CPU torch build), so model.py is loaded from the installed package by file path (it needs
-only einops). Both sides get the same float32 queries; errors are of x̂0 = x − σ·ε̂, max |·| over the batch.
+import against the CPU torch build), so it is reached through ``load_smalldiffusion``, which then runs the
+installed package's model.py and diffusion.py by file path (they need einops and accelerate). Both sides get the same float32 queries; errors are of x̂0 = x − σ·ε̂, max |·| over the batch.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib.util
-import os
 import statistics
 import time
 
@@ -23,17 +21,14 @@ import torch
 
 import analytic_diffusion as ad
 from analytic_diffusion.denoisers import make_denoiser
+from analytic_diffusion.integrations import load_smalldiffusion
 
 
 def _ideal_class():
-    spec = importlib.util.find_spec("smalldiffusion")
-    if spec is None:
-        raise SystemExit("smalldiffusion is not installed (pip install --no-deps smalldiffusion einops)")
-    path = os.path.join(next(iter(spec.submodule_search_locations)), "model.py")
-    mspec = importlib.util.spec_from_file_location("_smalldiffusion_model", path)
-    mod = importlib.util.module_from_spec(mspec)
-    mspec.loader.exec_module(mod)
-    return mod.IdealDenoiser
+    try:
+        return load_smalldiffusion().IdealDenoiser
+    except ImportError as exc:
+        raise SystemExit(str(exc)) from exc
 
 
 def _median_ms(fn, repeats):

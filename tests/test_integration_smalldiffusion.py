@@ -1,21 +1,21 @@
 """smalldiffusion runs analytic denoisers: its own samples() loop over to_smalldiffusion(den) equals the engine's
-Euler on the same σ grid, σ given as [] or [B, 1, …, 1] (see tests/smalldiffusion_modules.py for how the package
-is loaded)."""
+Euler on the same σ grid, σ given as [] or [B, 1, …, 1]. The package is reached through load_smalldiffusion (the
+package itself, or its diffusion.py and model.py run from the installed files where ``import smalldiffusion``
+fails for want of a working torchvision, as on the CPU-only torch build here)."""
 
 import pytest
 import torch
-from smalldiffusion_modules import load
 
 import analytic_diffusion as ad
 from analytic_diffusion.denoisers import make_denoiser
-from analytic_diffusion.integrations import to_smalldiffusion
+from analytic_diffusion.integrations import load_smalldiffusion, to_smalldiffusion
 
 pytest.importorskip("accelerate", reason="smalldiffusion's diffusion.py imports accelerate (pip install --no-deps)")
 pytest.importorskip("einops", reason="smalldiffusion's model.py imports einops")
-sd = load("diffusion")
-sd_model = load("model")
-if sd is None or sd_model is None:
-    pytest.skip("smalldiffusion is not installed (pip install --no-deps smalldiffusion)", allow_module_level=True)
+try:
+    sd = load_smalldiffusion()
+except ImportError as exc:
+    pytest.skip(f"smalldiffusion: {exc}", allow_module_level=True)
 
 
 @pytest.fixture(scope="module")
@@ -30,6 +30,7 @@ def test_samples_loop_matches_engine_euler(ds, method, dtype):
     model = to_smalldiffusion(den)
     assert model.input_dims == (1, 4, 4) and model.rand_input(3).shape == (3, 1, 4, 4)
     # samples() takes its step lengths in the grid's dtype, so the grid is given in the run's dtype.
+    assert callable(sd.samples) and not hasattr(sd, "Accelerator")  # its own names, not its imports
     sigmas = sd.ScheduleLogLinear(200, sigma_min=0.01, sigma_max=20).sample_sigmas(10).to(dtype)
     z = torch.randn(5, 1, 4, 4, dtype=dtype)
     xt = z * sigmas[0]
@@ -59,8 +60,23 @@ def test_ideal_denoiser_agrees_near_the_origin(ds):
     """smalldiffusion's IdealDenoiser (expanded-form softmax in the input dtype) and the engine's optimal give the
     same ε̂ on well-conditioned inputs; bench/smalldiffusion_ideal.py measures where they part."""
     data = ds.images_float(dtype=torch.float64)
-    ideal = sd_model.IdealDenoiser(data)
+    ideal = sd.IdealDenoiser(data)
     model = to_smalldiffusion(make_denoiser("optimal", ds, dtype=torch.float64))
     x = data[:4] + 0.5 * torch.randn(4, 1, 4, 4, dtype=torch.float64)
     s = torch.tensor(0.5, dtype=torch.float64)
     assert torch.allclose(ideal(x, s), model(x, s), rtol=0, atol=1e-10)
+
+
+def test_load_smalldiffusion_runs_the_installed_package():
+    """The namespace holds smalldiffusion's own schedules, sampler and models, loaded once."""
+    import importlib.util
+    import inspect
+    import os
+
+    assert load_smalldiffusion() is sd
+    folder = next(iter(importlib.util.find_spec("smalldiffusion").submodule_search_locations))
+    assert os.path.samefile(inspect.getsourcefile(sd.ScheduleLogLinear), os.path.join(folder, "diffusion.py"))
+    assert os.path.samefile(inspect.getsourcefile(sd.IdealDenoiser), os.path.join(folder, "model.py"))
+    assert callable(sd.samples) and not hasattr(sd, "Accelerator")  # its own names, not its imports
+    sigmas = sd.ScheduleLogLinear(100, sigma_min=0.01, sigma_max=10).sample_sigmas(5)
+    assert sigmas.shape == (6,) and float(sigmas[0]) == pytest.approx(10.0)

@@ -1,56 +1,12 @@
 """Certified pruning of the global softmax retrieval: skip training images whose weight is provably tiny.
 
-With logits ℓ_j = −‖x − y_j‖² / (2σ²T), a scored set S and a skipped set K with upper bounds u_j ≥ ℓ_j, write
-Z_S = Σ_S e^{ℓ_j}, Z_K = Σ_K e^{ℓ_j} ≤ U_K = Σ_K e^{u_j}. The skipped posterior weight is
-
-    w_K = Z_K / (Z_S + Z_K) ≤ U_K / (Z_S + U_K) =: ε          (increasing in Z_K; needs only Z_S ≥ z_S > 0)
-
-and the exact mean m = (1 − w_K)·m_S + w_K·m_K, m_S and m_K being the means over S and K. So
-m − m_S = w_K (m_K − m_S), and m_K is a convex combination of points y_j, j ∈ K, so by convexity of the norm
-‖m_K − m_S‖ ≤ max_{j∈K} ‖y_j − m_S‖ ≤ R + ‖m_S − c‖ for any ball B(c, R) holding every candidate:
-
-    ‖m − m_S‖₂ ≤ ε · (R + ‖m_S − c‖₂)   ≤ 2εR.
-
-Upper bounds on the logits come from lower bounds on the distances. With an orthonormal basis V (the leading
-principal directions of the data, from a subsample: any orthonormal basis is valid, a good one is tight), split
-v = x − y into its coordinates on V[:, :k] and the bands of the remaining orthogonal complement (later basis
-vectors in bands, then the residual beyond them); band by band the reverse triangle inequality gives
-
-    ‖x − y‖² = ‖P_k v‖² + Σ_bands ‖B_i v‖² ≥ ‖P_k x − P_k y‖² + Σ_bands (‖B_i x‖ − ‖B_i y‖)².
-
-The right-hand side is the squared distance between the augmented vectors [P_k x, ‖B_1 x‖, …] and
-[P_k y, ‖B_1 y‖, …], so the prefilter is one GEMM of the (B, k + bands) query rows against the stored
-(N, k + bands) key rows, with the squared norms added (an expanded-form distance). Stage 1 uses k = 32 and
-three bands (32–64, 64–128, the residual beyond 128) over all N candidates; stage 2 refines each query's
-stage-1 survivors with k = 128 and the residual; the survivors are then scored exactly by the fused kernels of
-:func:`analytic_diffusion.ops.softmax_retrieval` on the survivor subset. The skip set is chosen per query so
-that U_K ≤ tolerance·z_S, hence ε ≤ tolerance. Before stage 1 a probe over every 16th candidate sends the
-rows that cannot prune (high σ, where the posterior is broad) straight to the full scan.
-
-z_S starts as the exact float64 weight of a few seed candidates (those with the smallest lower bounds, always
-scored); after scoring it is also bounded from the kernel's own normaliser. U_K is bounded by bucketing the
-gaps g_j = u_ref − u_j in steps of Δ nats and charging each bucket e^{−(bucket floor)} per image (integer
-counts: exact and deterministic).
-
-Rounding (the guarantee holds in float32). Every bound is made conservative for the arithmetic that computes
-it. The augmented rows are rounded to float32 (relative u = 2⁻²⁴ each) and their distance is formed in the
-expanded form by a float32 GEMM over K terms; together these move the squared distance by less than
-(K + 11)·u·(‖x̃‖² + ‖ỹ‖²), so both squared norms are deflated by (K + 16)·u before they are added. The
-residual norm √(‖v‖² − ‖P v‖²) comes from float64 with error η ≤ √(8·D·2⁻⁵³)·‖v‖, which moves the augmented
-distance by at most 2(η_x + η_y)(‖x − c‖ + R): subtracted per row. The whole bound is scaled by (1 − 2⁻²⁰)
-(float64 orthonormality of the basis, the GEMM's α). Gaps g = coef·(lb − d_ref) in float32 are lowered by
-their own rounding. The kernel's float32 logits (direct distances, D terms) are off by at most
-coef·(D + 3)·u·d ≤ δ, d ≤ (‖x − c‖ + R)², so z_S ≥ l̃·e^{−δ}/(1 + (n + 8)u); the seeds' float64 distances are
-inflated by 1e-12 relative. ``error_bound`` adds the rounding slack of the scored mean itself,
-ROUNDING_SLACK[dtype]·(R + ‖m_S − c‖): a documented model of the working precision's own error (the exact
-float32 scan measured against float64 on MNIST and random data), not a worst case — the exact scan (tolerance
-0) carries the same slack.
-
-Shards, flips and class labels: a :class:`CertifiedState` is a :class:`PartialState` of the scored
-candidates plus ``skipped`` (≥ U_K) and ``z_scored`` (≤ Z_S), both relative to e^{m}, plus the bounding
-ball. Two states combine like partial states (rescale to the larger max, add), so certificates add across
-shards, across the mirrored candidate half, and the ball grows to hold both. A class filter simply removes the
-other classes from both S and K.
+Lower bounds on the distances (an orthonormal PCA basis, a float32 GEMM over short augmented key rows in two
+stages) give upper bounds on the skipped images' total posterior weight ε; with a ball B(c, R) around the data,
+‖mean − exact‖₂ ≤ ε·(R + ‖mean − c‖₂). The survivors are scored exactly by the fused kernels of
+:func:`analytic_diffusion.ops.softmax_retrieval`. Every bound is made conservative for the float32 arithmetic
+that computes it, and a :class:`CertifiedState` (a :class:`PartialState` plus the certificate) combines across
+shards, flips and class filters. The derivation, the bucketing of the skipped weight and the rounding
+accounting are in docs/design.md §12.
 """
 
 from __future__ import annotations

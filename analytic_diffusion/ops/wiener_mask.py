@@ -3,31 +3,13 @@
 The rule (:func:`analytic_diffusion.ops.local_retrieval.locality_mask` of
 :func:`~analytic_diffusion.ops.local_retrieval.wiener_filter_matrix`): W = U diag(f) Uᵀ with f = λ/(λ+σ²), row n
 divided by piv_n = W_nn (1 where |W_nn| < 1e-6), mask[n, m] = |W_nm / piv_n| ≥ θ·max|W/piv|. Building W in
-float64 costs a dense D³ product per σ (2 s at D = 3072 on one core), while the decision needs float64 accuracy
-only near the threshold. So, per σ:
-
-1. W is written as F Fᵀ (plus a bounded remainder) with F = U diag(√f) — or, when that keeps a quarter of D
-   fewer columns, W = U Uᵀ − F Fᵀ with F = U diag(√(1−f)), where off the diagonal U Uᵀ is bounded by U's
-   orthogonality defect (measured once). Columns are dropped, smallest
-   weight first, while Σ_dropped h_k·max_n U_nk² stays within 1e-3 of the smallest possible threshold; their
-   contribution to entry (n, m) is at most √(t_n t_m) (Cauchy–Schwarz), t_n = Σ_dropped h_k U_nk².
-2. The kept product is formed in float32 from a float32 copy of U (entries F_nk(1 + δ), |δ| ≤ 4u), over the
-   upper block triangle only (W is symmetric). Its error is at most γ_{K+9}·‖F_n‖‖F_m‖ (γ_k = k·u/(1 − k·u),
-   u = 2⁻²⁴: the dot-product bound, any summation order), taken twice for margin, plus an underflow term.
-3. The diagonal W_nn = Σ_k f_k U_nk² is formed in float64 (D² work), so the pivots are float64 values.
-4. max|W/piv| is bracketed: the diagonal gives a lower bound, float32 value + bound an upper one; the rows whose
-   row-level upper bound reaches it, then their entries that do, are recomputed in float64, which fixes the max.
-5. An entry whose float32 value lies farther than twice its bound (plus a relative slack of 1e-5 for the float32
-   band arithmetic) from θ·max·|piv_n| is decided by the float32 value; every other entry (found through a
-   row-level prefilter, then the exact band) is recomputed in float64 as Σ_k U_nk f_k U_mk and decided by the
-   float64 rule.
-
-So every entry is decided as the float64 rule decides it, except where the float64 evaluations themselves
-disagree (an entry within a few float64 rounding units of the threshold, relative ~1e-13, where the old dense
-product's own rounding is arbitrary); tests/test_wiener_mask.py checks bitwise equality with the dense rule on
-random data and on MNIST. The float32 product is the remaining cost (≈ 1 s at D = 3072 on one core, half the
-dense float64 one); step 1 drops nothing on white noise and little on MNIST (its near-constant border pixels
-have tiny pivots, which set the budget).
+float64 costs a dense D³ product per σ, while the decision needs float64 accuracy only near the threshold. So
+:class:`WienerMasks` forms W (as F Fᵀ, or U Uᵀ − F Fᵀ when that keeps D/4 fewer columns, after dropping columns
+within a bounded budget) in float32 with a rigorous per-entry error bound, forms the pivots in float64, pins
+max|W/piv| and re-decides in float64 every entry within its bound of the threshold. Every entry is decided as
+the float64 rule decides it, except a float64 tie (within ~1e-13 relative of the threshold);
+tests/test_wiener_mask.py checks bitwise equality with the dense rule on random data and on MNIST. The five
+steps, their bounds and their costs are in docs/methods.md §5.
 """
 
 from __future__ import annotations

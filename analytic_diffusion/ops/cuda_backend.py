@@ -114,7 +114,8 @@ def _common(
     dev = q.device
     qf = q.detach().to(dtype=torch.float32).contiguous()
     values = keys.values.detach().contiguous()
-    key_type = _cuda.KEYS_U8 if values.dtype == torch.uint8 else _cuda.KEYS_F32
+    ext = cast(Any, _cuda)  # loaded: every caller ran _require() first
+    key_type = ext.KEYS_U8 if values.dtype == torch.uint8 else ext.KEYS_F32
     kl = ql = None
     if query_labels is not None:
         kl = cast(torch.Tensor, keys.labels).to(device=dev, dtype=torch.int64).contiguous()  # _check: labels exist

@@ -41,7 +41,7 @@ def rank_prefix() -> str:
     return f" (rank {os.environ.get('RANK', '?')}/{os.environ['WORLD_SIZE']})" if launched() else ""
 
 
-def init_from_env(device: str = "cpu", timeout_s: float = DEFAULT_TIMEOUT_S) -> tuple[ShardGroup, str]:
+def init_from_env(device: torch.device | str = "cpu", timeout_s: float = DEFAULT_TIMEOUT_S) -> tuple[ShardGroup, str]:
     """Join the process group torchrun describes (env://): NCCL for a CUDA ``device``, else gloo.
 
     Returns (the world group, this rank's device: ``cuda`` becomes ``cuda:LOCAL_RANK``). Rendezvous addresses

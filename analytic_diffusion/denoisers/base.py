@@ -59,7 +59,7 @@ class Denoiser(torch.nn.Module):
     # J·v in closed form, for the methods whose _has_exact_jacobian() is True (their own signature: x, σ, labels, v)
     _exact_jvp: Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor], torch.Tensor]
 
-    def __init__(self, image_shape: tuple[int, int, int]) -> None:
+    def __init__(self, image_shape: Sequence[int]) -> None:
         super().__init__()
         self.image_shape = cast("tuple[int, int, int]", tuple(int(v) for v in image_shape))
 

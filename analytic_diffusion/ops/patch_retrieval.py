@@ -390,9 +390,12 @@ def choose_patch_backend(
     if "triton" in fused and reason is None:
         return "triton", "CUDA, float32"
     if "cuda" in fused and cuda_backend.available():
-        return "cuda", f"CUDA, float32 (Triton unavailable: {reason})"
-    missing = reason if "cuda" not in fused else f"{reason}; {cuda_backend.unavailable_reason()}"
-    return "torch", missing
+        return "cuda", f"CUDA, float32 (Triton unavailable: {reason})" if "triton" in fused else "CUDA, float32"
+    missing = [reason] if "triton" in fused else []
+    if "cuda" in fused:
+        missing.append(cuda_backend.unavailable_reason())
+    why = "; ".join(r for r in missing if r)
+    return "torch", why or f"CUDA: no fused kernel among {', '.join(fused)} for this retrieval"
 
 
 # float32 rows whose expanded-form logit error bound exceeds this (nats) are computed in float64 instead.

@@ -376,7 +376,7 @@ def pruned_partial(
     score: Callable[[int, KeyBank], PartialState],
     query_labels: torch.Tensor | None = None,
     dtype: torch.dtype = torch.float32,
-    exact: Callable[[torch.Tensor], PartialState] | None = None,
+    exact: Callable[[torch.Tensor], PartialState],
 ) -> CertifiedState:
     """The certified state of queries x (B, D) over the N rows of ``keys`` (no flips: the caller mirrors).
 

@@ -183,7 +183,7 @@ def _save_rows(path: str, rows: dict[str, torch.Tensor], max_cols: int = 16) -> 
 
 def _best(values: dict[str, float]) -> str | None:
     finite = {k: v for k, v in values.items() if v is not None and math.isfinite(v)}
-    return max(finite, key=finite.get) if finite else None  # type: ignore[arg-type]  # get: keys of finite
+    return max(finite, key=finite.get) if finite else None  # type: ignore[arg-type, unused-ignore]  # get: keys of finite
 
 
 def _fmt(v: float | None, digits: int = 3) -> str:

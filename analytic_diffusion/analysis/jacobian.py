@@ -207,8 +207,8 @@ def jacobian_spectrum(
         v4 = v.reshape(x.shape).to(x.dtype)
         with torch.enable_grad():
             # torch types jvp / vjp as 2- or 3-tuples (the third with has_aux=True, not used here)
-            _, jv = torch.func.jvp(f, (x0,), (v4,))  # type: ignore[misc]
-            _, pullback = torch.func.vjp(f, x0)  # type: ignore[misc]
+            _, jv = torch.func.jvp(f, (x0,), (v4,))  # type: ignore[misc, unused-ignore]
+            _, pullback = torch.func.vjp(f, x0)  # type: ignore[misc, unused-ignore]
             (vj,) = pullback(v4)
         return 0.5 * (jv + vj).reshape(-1).to(torch.float64)
 
@@ -262,7 +262,7 @@ def jacobian_rows(
         return jacobian_matrix(den, x, s, class_label=class_label)[idx].reshape(len(idx), *x.shape[1:])
     f = _function(den, x, s, class_label)
     with torch.enable_grad():
-        _, pullback = torch.func.vjp(f, x.detach())  # type: ignore[misc]  # a 2-tuple without has_aux
+        _, pullback = torch.func.vjp(f, x.detach())  # type: ignore[misc, unused-ignore]  # a 2-tuple without has_aux
         rows = []
         for p in idx:
             e = torch.zeros_like(x).reshape(-1)

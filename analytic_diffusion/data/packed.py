@@ -141,7 +141,7 @@ class MappedRows:
     def __init__(self, arr: np.memmap, start: int) -> None:
         self.arr, self.start = arr, start
         self.row_bytes = int(np.prod(arr.shape[1:]))
-        self._mm = arr._mmap  # type: ignore[attr-defined]  # the mapping np.memmap made; the array starts at arr.offset % granularity in it
+        self._mm = arr._mmap  # type: ignore[attr-defined, unused-ignore]  # the mapping np.memmap made; the array starts at arr.offset % granularity in it
         self._base = arr.offset % mmap.ALLOCATIONGRANULARITY if hasattr(arr, "offset") else 0
 
     def _range(self, a: int, b: int) -> tuple[int, int]:

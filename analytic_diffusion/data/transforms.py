@@ -53,7 +53,7 @@ def resize(x: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     out = np.empty((x.shape[0], x.shape[1], h, w), dtype=src.dtype)
     for i in range(x.shape[0]):
         for c in range(x.shape[1]):
-            out[i, c] = np.asarray(Image.fromarray(src[i, c]).resize((w, h), Image.BILINEAR))  # type: ignore[attr-defined]
+            out[i, c] = np.asarray(Image.fromarray(src[i, c]).resize((w, h), Image.BILINEAR))  # type: ignore[attr-defined, unused-ignore]
     if out.dtype != np.uint8:
         np.clip(out, -1.0, 1.0, out=out)  # bilinear weights are convex, but guard rounding
     return out.astype(x.dtype, copy=False)

@@ -5,7 +5,8 @@ from __future__ import annotations
 import inspect
 from typing import TYPE_CHECKING, Any
 
-from .base import Denoiser, Posterior, sigma_rows
+from ..ops import sigma_rows
+from .base import Denoiser, Posterior
 from .equivariant import BoundaryBrokenELS, EquivariantLocalScore
 from .local import PSPC, LocalScore, PSPCFlex
 from .local_base import LocalDenoiser
@@ -31,7 +32,7 @@ def denoiser_options(name: str) -> list[str]:
     for klass in cls.__mro__:
         if klass in (Denoiser, object):
             continue
-        for p in list(inspect.signature(klass.__init__).parameters.values())[2:]:  # type: ignore[misc]
+        for p in list(inspect.signature(klass.__init__).parameters.values())[2:]:  # type: ignore[misc, unused-ignore]
             if (
                 p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)
                 and p.name not in opts

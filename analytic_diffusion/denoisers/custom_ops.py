@@ -34,7 +34,7 @@ def handle_of(denoiser: object) -> int:
     h: int | None = denoiser.__dict__.get("_op_handle")
     if h is None or _REGISTRY.get(h, lambda: None)() is not denoiser:
         h = next(_NEXT)
-        _REGISTRY[h] = weakref.ref(denoiser, lambda _, h=h: _REGISTRY.pop(h, None))  # type: ignore[misc]
+        _REGISTRY[h] = weakref.ref(denoiser, lambda _, h=h: _REGISTRY.pop(h, None))  # type: ignore[misc, unused-ignore]
         denoiser.__dict__["_op_handle"] = h
     return h
 

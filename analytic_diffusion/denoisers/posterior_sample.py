@@ -311,5 +311,5 @@ class PosteriorSampleDenoiser(Optimal):
         out = r.mean + lam * cast(torch.Tensor, r.variance).sqrt() * xi  # second_moment=True
         return out.reshape(x.shape).to(x.dtype)
 
-    def config(self) -> dict:
+    def config(self) -> dict[str, Any]:
         return {**super().config(), "mode": self.mode, "scale": self.scale, "seed": self.seed}

@@ -42,7 +42,7 @@ class DiffusersOutput:
         return (self.sample,)[i]
 
 
-class _Config(dict):
+class _Config(dict[str, Any]):
     """A read-only dict with attribute access, as diffusers' FrozenDict."""
 
     def __getattr__(self, name: str) -> Any:

@@ -10,10 +10,15 @@ ending at 0. Discrete VP grids reproduce diffusers' ``DDIMScheduler.set_timestep
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, overload
 
 import numpy as np
 import torch
+
+if TYPE_CHECKING:
+    import numpy.typing as npt
 
 __all__ = [
     "SCHEDULES",
@@ -46,7 +51,7 @@ class Schedule:
     name: str
     timesteps: torch.Tensor | None = None
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         self.sigmas = torch.as_tensor(self.sigmas, dtype=torch.float64)
         if self.sigmas.dim() != 1 or len(self.sigmas) < 2:
             raise ValueError(f"sigmas must be 1-D with at least 2 entries, got shape {tuple(self.sigmas.shape)}")
@@ -60,14 +65,14 @@ class Schedule:
     def __len__(self) -> int:
         return len(self.sigmas)
 
-    def __getitem__(self, i) -> torch.Tensor:
+    def __getitem__(self, i: int | slice | torch.Tensor) -> torch.Tensor:
         return self.sigmas[i]
 
-    def __array__(self, dtype=None, copy=None):
+    def __array__(self, dtype: npt.DTypeLike | None = None, copy: bool | None = None) -> np.ndarray:
         a = self.sigmas.numpy()
         return a if dtype is None else a.astype(dtype)
 
-    def tensor(self, device=None, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    def tensor(self, device: torch.device | str | None = None, dtype: torch.dtype = torch.float64) -> torch.Tensor:
         """The σ grid as a tensor on ``device`` in ``dtype`` (k-diffusion samplers take it in x's dtype)."""
         return self.sigmas.to(device=device, dtype=dtype)
 
@@ -78,13 +83,13 @@ class Schedule:
         return s0 if self.kind == "ve" else math.sqrt(1.0 + s0 * s0)
 
 
-def _check_steps(steps) -> int:
+def _check_steps(steps: int) -> int:
     if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 1:
         raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
     return int(steps)
 
 
-def _check_choice(arg: str, value, choices) -> None:
+def _check_choice(arg: str, value: object, choices: Sequence[str]) -> None:
     if value not in choices:
         raise ValueError(f"{arg} must be one of {', '.join(map(repr, choices))}; got {value!r}")
 
@@ -167,7 +172,15 @@ def vp_linear(
     return _discrete_vp(torch.cumprod(1 - betas, 0), "vp-linear", steps, spacing, steps_offset, final)
 
 
-def kamb_sigma(t):
+@overload
+def kamb_sigma(t: float) -> float: ...
+
+
+@overload
+def kamb_sigma(t: torch.Tensor) -> torch.Tensor: ...
+
+
+def kamb_sigma(t: float | torch.Tensor) -> float | torch.Tensor:
     """σ of Kamb & Ganguli's legacy cosine schedule at continuous time t in [0, 1].
 
     1 - ᾱ(t) = 1 - cos²(t/1.008 · π/2), so σ = sqrt((1-ᾱ)/ᾱ) = tan(t/1.008 · π/2). Accepts floats or tensors.
@@ -226,7 +239,7 @@ def _kamb_cosine(steps: int, include_t1: bool = False) -> Schedule:
     return vp_cosine(steps, "kamb", include_t1=include_t1)
 
 
-SCHEDULES = {
+SCHEDULES: dict[str, Callable[..., Schedule]] = {
     "karras": karras,
     "edm": karras,
     "vp-linear": vp_linear,
@@ -235,7 +248,7 @@ SCHEDULES = {
 }
 
 
-def get_schedule(name: str, steps: int, **kw) -> Schedule:
+def get_schedule(name: str, steps: int, **kw: Any) -> Schedule:
     """Build a grid by name ("karras"/"edm", "vp-linear", "vp-cosine", "kamb-cosine") with its keyword options."""
     if name not in SCHEDULES:
         raise ValueError(f"unknown schedule {name!r}; valid names: {', '.join(SCHEDULES)}")

@@ -155,6 +155,23 @@ def test_bbels_on_mnist_with_flips(fused, rng):
     assert rel(got.cpu(), ref) <= 1e-4
 
 
+def test_backend_choice_reason_is_a_sentence_when_no_offered_kernel_runs(monkeypatch):
+    """On a CUDA device where Triton could run but the caller does not offer it, the reason was None (and with the
+    CUDA kernel offered but unavailable, "None; ..."): it names what was offered instead."""
+    from types import SimpleNamespace
+
+    monkeypatch.setattr(T, "unavailable_reason", lambda device: None)  # Triton could run here
+    cuda = torch.device("cuda")  # a device object only: nothing runs on it
+    q = SimpleNamespace(device=cuda)
+    kb = SimpleNamespace(values=torch.zeros(1, 1, dtype=torch.uint8), device=cuda)
+    name, why = choose_patch_backend("auto", q, kb, torch.float32, fused=("cpu",))
+    assert name == "torch"
+    assert isinstance(why, str) and "cpu" in why and "None" not in why
+    name, why = choose_patch_backend("auto", q, kb, torch.float32, fused=("cpu", "cuda"))
+    assert name in ("torch", "cuda")  # cuda where the extension is built for a GPU
+    assert isinstance(why, str) and why and "None" not in why
+
+
 def test_backend_choice_and_errors(rng):
     kb = bank(rng, 4, 1, 4, 4)
     q = torch.rand(2, 9, generator=rng)

@@ -13,19 +13,26 @@ The per-sample measures (mse, r2, pearson_r, score_cosine) are in :mod:`analytic
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
-from typing import Callable
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any, Callable, cast
 
 import torch
 from tqdm.auto import tqdm
 
+from ..grids import Schedule
 from ..metrics.agreement import _score, mse, pearson_r, r2, score_cosine, seed_list
 from ..sampling.generate import sample
 
 __all__ = ["single_step", "trajectories"]
 
 
-def _call(den: Callable, x: torch.Tensor, sigma: torch.Tensor, labels, batch_size: int | None):
+def _call(
+    den: Callable[..., torch.Tensor],
+    x: torch.Tensor,
+    sigma: torch.Tensor,
+    labels: torch.Tensor | None,
+    batch_size: int | None,
+) -> torch.Tensor:
     """D(x, σ) in batches; output on CPU float64."""
     outs = []
     step = x.shape[0] if batch_size is None else batch_size
@@ -36,11 +43,11 @@ def _call(den: Callable, x: torch.Tensor, sigma: torch.Tensor, labels, batch_siz
     return torch.cat(outs)
 
 
-def _device_of(den, default="cpu"):
+def _device_of(den: object, default: str = "cpu") -> torch.device:
     return torch.device(getattr(den, "device", None) or default)
 
 
-def _check_models(denoisers: dict[str, Callable], reference: Callable):
+def _check_models(denoisers: Mapping[str, Callable[..., torch.Tensor]], reference: Callable[..., torch.Tensor]) -> None:
     if not isinstance(denoisers, dict) or not denoisers:
         raise ValueError("denoisers: expected a non-empty dict name -> denoiser")
     for name, d in list(denoisers.items()) + [("reference", reference)]:
@@ -50,17 +57,17 @@ def _check_models(denoisers: dict[str, Callable], reference: Callable):
 
 # ----------------------------------------------------------------------------------------- single step
 def single_step(
-    denoisers: dict[str, Callable],
-    reference: Callable,
+    denoisers: Mapping[str, Callable[..., torch.Tensor]],
+    reference: Callable[..., torch.Tensor],
     x0: torch.Tensor,
-    sigmas,
+    sigmas: torch.Tensor | Sequence[float],
     *,
     seed: int = 0,
-    class_labels=None,
+    class_labels: torch.Tensor | Sequence[int] | None = None,
     batch_size: int | None = None,
     dtype: torch.dtype = torch.float32,
     progress: bool = False,
-) -> dict:
+) -> dict[str, Any]:
     """Every denoiser and the reference on the same noisy inputs x0 + σ·ε, for each σ in ``sigmas``.
 
     ε is drawn once per σ (in the order of ``sigmas``) from a CPU generator seeded with ``seed`` and shared by
@@ -80,13 +87,15 @@ def single_step(
     labels = None if class_labels is None else torch.as_tensor(class_labels, dtype=torch.long).reshape(-1)
     gen = torch.Generator().manual_seed(int(seed))
     x0c = x0.detach().to("cpu", torch.float64)
-    per = {name: {"mse": [], "r2": [], "score_cosine": []} for name in denoisers}
+    per: dict[str, dict[str, list[torch.Tensor]]] = {
+        name: {"mse": [], "r2": [], "score_cosine": []} for name in denoisers
+    }
     for s in tqdm(sig.tolist(), desc="single-step σ", disable=not progress, leave=False):
         eps = torch.randn(x0.shape, generator=gen, dtype=torch.float32).to(torch.float64)
         x = x0c + s * eps
         srow = torch.full((n,), s, dtype=torch.float64)
 
-        def run(den):
+        def run(den: Callable[..., torch.Tensor]) -> torch.Tensor:
             dev = _device_of(den)
             lab = None if labels is None else labels.to(dev)
             return _call(den, x.to(dev, dtype), srow.to(dev, dtype), lab, batch_size)
@@ -98,7 +107,7 @@ def single_step(
             per[name]["mse"].append(mse(out, ref_out))
             per[name]["r2"].append(r2(out, ref_out))
             per[name]["score_cosine"].append(score_cosine(_score(out, x, srow), ref_score))
-    methods = {}
+    methods: dict[str, dict[str, torch.Tensor]] = {}
     for name, d in per.items():
         entry = {}
         for key, rows in d.items():
@@ -110,9 +119,9 @@ def single_step(
 
 
 # ----------------------------------------------------------------------------------------- trajectories
-def _runs(seeds: list):
+def _runs(seeds: list[int]) -> list[tuple[int, ...]]:
     """Split seeds into maximal runs of consecutive integers: [(first, count), ...]."""
-    out = []
+    out: list[list[int]] = []
     for s in seeds:
         if out and s == out[-1][0] + out[-1][1]:
             out[-1][1] += 1
@@ -122,30 +131,36 @@ def _runs(seeds: list):
 
 
 def _trajectory(
-    den,
-    seeds,
+    den: Callable[..., torch.Tensor],
+    seeds: list[int],
     *,
-    steps,
-    sampler,
-    schedule,
-    schedule_kwargs,
-    shape,
-    class_labels,
-    batch_size,
-    eta,
-    clip_x0,
-    dtype,
-    progress=False,
-):
+    steps: int,
+    sampler: str,
+    schedule: str | Schedule,
+    schedule_kwargs: dict[str, Any] | None,
+    shape: Sequence[int] | None,
+    class_labels: torch.Tensor | None,
+    batch_size: int | None,
+    eta: float,
+    clip_x0: bool,
+    dtype: torch.dtype,
+    progress: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, float]:
     """Sample from ``seeds`` recording x, σ and x̂0 at every step: (samples (n,...), xs, x0s (steps, n, ...), σ)."""
     chunks = []
     elapsed = 0.0
     offset = 0
-    sigmas = None
+    sigmas: torch.Tensor | None = None
     for first, count in _runs(seeds):
-        rec: dict[int, list] = {}
+        rec: dict[int, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = {}
 
-        def callback(step, x, sigma, x0_hat, rec=rec):
+        def callback(
+            step: int,
+            x: torch.Tensor,
+            sigma: torch.Tensor,
+            x0_hat: torch.Tensor,
+            rec: dict[int, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = rec,
+        ) -> None:
             rec.setdefault(step, []).append(
                 (
                     x.detach().to("cpu", torch.float32),
@@ -184,27 +199,27 @@ def _trajectory(
     xs = torch.cat([c[1] for c in chunks], 1)
     sg = torch.cat([c[2] for c in chunks], 1)
     x0s = torch.cat([c[3] for c in chunks], 1)
-    return samples, xs, sg, x0s, sigmas, elapsed
+    return samples, xs, sg, x0s, cast(torch.Tensor, sigmas), elapsed  # seeds is never empty (seed_list)
 
 
 def trajectories(
-    denoisers: dict[str, Callable],
-    reference: Callable,
+    denoisers: Mapping[str, Callable[..., torch.Tensor]],
+    reference: Callable[..., torch.Tensor],
     n: int | None = None,
     steps: int = 19,
     sampler: str = "ddim",
-    schedule="kamb-cosine",
+    schedule: str | Schedule = "kamb-cosine",
     seeds: int | Iterable[int] = 0,
     *,
-    schedule_kwargs: dict | None = None,
-    shape=None,
-    class_labels=None,
+    schedule_kwargs: dict[str, Any] | None = None,
+    shape: Sequence[int] | None = None,
+    class_labels: torch.Tensor | Sequence[int] | None = None,
     batch_size: int | None = None,
     eta: float = 0.0,
     clip_x0: bool = False,
     dtype: torch.dtype = torch.float32,
     progress: bool = False,
-) -> dict:
+) -> dict[str, Any]:
     """Each model samples its own trajectory from the same seeds (sample i: seed i, as in :func:`sample`).
 
     seeds: an explicit list of seeds, or an int = the first seed of ``n`` consecutive ones (then ``n`` is
@@ -231,7 +246,7 @@ def trajectories(
     labels = None if class_labels is None else torch.as_tensor(class_labels, dtype=torch.long).reshape(-1)
     if labels is not None and labels.numel() != len(seed_values):
         raise ValueError(f"class_labels: expected {len(seed_values)} labels, got {labels.numel()}")
-    kw = dict(
+    kw: dict[str, Any] = dict(
         steps=steps,
         sampler=sampler,
         schedule=schedule,
@@ -249,7 +264,7 @@ def trajectories(
     r_samples, _r_xs, r_sg, r_x0s, grid, r_sec = _trajectory(reference, seed_values, **kw)
     bar.update(1)
     step_sigmas = r_sg[:, 0].clone()
-    methods = {}
+    methods: dict[str, Any] = {}
     for name, den in denoisers.items():
         bar.set_postfix_str(name)
         t0 = time.perf_counter()

@@ -18,8 +18,9 @@ the mean over its probes.
 from __future__ import annotations
 
 import inspect
-from collections.abc import Sequence
-from typing import Callable
+import os
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, cast
 
 import numpy as np
 import torch
@@ -27,12 +28,15 @@ import torch
 from ..denoisers.patch_schedule import PatchSchedule, check_patch_size
 from ..grids import Schedule, get_schedule
 
+if TYPE_CHECKING:
+    from ..data import Dataset
+
 __all__ = ["METRICS", "calibrate_patch_sizes", "plot_calibration", "split_probes"]
 
 METRICS = ("cosine", "mse")
 
 
-def split_probes(dataset, n_probe: int):
+def split_probes(dataset: Dataset, n_probe: int) -> tuple[Dataset, torch.Tensor, torch.Tensor | None]:
     """(candidates, probes): the first N − n_probe stored images as a Dataset, the last n_probe as float images.
 
     Probe labels (or None) come third. Flips stay a flag of the candidate set; probes are never mirrored.
@@ -48,7 +52,7 @@ def split_probes(dataset, n_probe: int):
     return dataset.subset(n - n_probe), probes, labels
 
 
-def _accepts_dataset(fn) -> bool:
+def _accepts_dataset(fn: Callable[..., Any]) -> bool:
     """Whether make_method takes the dataset: a second required positional parameter, or one named 'dataset'."""
     try:
         params = list(inspect.signature(fn).parameters.values())
@@ -59,7 +63,9 @@ def _accepts_dataset(fn) -> bool:
     return len(required) >= 2 or any(p.name == "dataset" for p in positional[1:])
 
 
-def _method_factory(make_method, method_options):
+def _method_factory(
+    make_method: Callable[..., Callable[..., torch.Tensor]] | str, method_options: dict[str, Any] | None
+) -> tuple[Callable[..., Callable[..., torch.Tensor]], bool, str]:
     """make_method as a callable (k) or (k, dataset), or a method name built with ``patch=k``."""
     if isinstance(make_method, str):
         from ..denoisers import denoiser_options, make_denoiser
@@ -77,22 +83,26 @@ def _method_factory(make_method, method_options):
     return make_method, _accepts_dataset(make_method), getattr(make_method, "__name__", "method")
 
 
-def _reference_denoiser(reference, dataset):
+def _reference_denoiser(
+    reference: Callable[..., torch.Tensor] | str, dataset: Dataset | None
+) -> tuple[Callable[..., torch.Tensor], str]:
     if isinstance(reference, str):
         from ..denoisers import make_denoiser
 
-        return make_denoiser(reference, dataset), reference
+        return make_denoiser(reference, cast("Dataset", dataset)), reference  # the caller checked it is given
     if not callable(reference):
         raise TypeError(f"reference: expected a denoiser, a method name or 'clean', got {type(reference).__name__}")
     return reference, getattr(reference, "name", None) or type(reference).__name__
 
 
-def _call(den, x, sigma, labels):
+def _call(
+    den: Callable[..., torch.Tensor], x: torch.Tensor, sigma: torch.Tensor, labels: torch.Tensor | None
+) -> torch.Tensor:
     out = den(x, sigma) if labels is None else den(x, sigma, class_labels=labels)
     return out.to(x.dtype)
 
 
-def _row_metric(metric: str, x0_hat, target_x0, x):
+def _row_metric(metric: str, x0_hat: torch.Tensor, target_x0: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """Per-row metric of x̂0 against the target x̂0, both on the query x (accumulated in float64)."""
     x0_hat, target_x0, x = x0_hat.double(), target_x0.double(), x.double()
     if metric == "mse":
@@ -112,7 +122,7 @@ def _mode_size(picks: Sequence[int]) -> int:
     return int(vals[np.argmax(counts)])  # smallest k among the most frequent
 
 
-def _seed_list(seeds, seed: int):
+def _seed_list(seeds: int | Sequence[int], seed: int) -> list[int]:
     if isinstance(seeds, bool):
         raise ValueError(f"seeds: expected a count or a list of seeds, got {seeds!r}")
     if isinstance(seeds, int):
@@ -125,7 +135,14 @@ def _seed_list(seeds, seed: int):
     return seeds
 
 
-def _labels_for(class_labels, rows: int, what: str, dataset, seeds, default):
+def _labels_for(
+    class_labels: torch.Tensor | Sequence[int] | str | None,
+    rows: int,
+    what: str,
+    dataset: Dataset | None,
+    seeds: list[int],
+    default: torch.Tensor | None,
+) -> torch.Tensor | None:
     """None, a tensor/list of one label per row, or 'auto' (trajectories: a random class per seed, drawn from
     that seed; probes: each probe's own label)."""
     if class_labels is None:
@@ -155,27 +172,27 @@ def _labels_for(class_labels, rows: int, what: str, dataset, seeds, default):
 
 @torch.no_grad()
 def calibrate_patch_sizes(
-    make_method: Callable | str,
-    reference,
-    dataset=None,
+    make_method: Callable[..., Callable[..., torch.Tensor]] | str,
+    reference: Callable[..., torch.Tensor] | str,
+    dataset: Dataset | None = None,
     *,
     candidate_sizes: Sequence[int] | None = None,
     schedule: str | Schedule = "kamb-cosine",
     steps: int = 19,
-    schedule_kwargs: dict | None = None,
+    schedule_kwargs: dict[str, Any] | None = None,
     seeds: int | Sequence[int] = 8,
     seed: int = 0,
     metric: str = "cosine",
     n_probe: int = 16,
     probe_images: torch.Tensor | None = None,
-    class_labels=None,
-    method_options: dict | None = None,
+    class_labels: torch.Tensor | Sequence[int] | str | None = None,
+    method_options: dict[str, Any] | None = None,
     batch_size: int | None = None,
-    device=None,
+    device: torch.device | str | None = None,
     dtype: torch.dtype = torch.float32,
     name: str | None = None,
     progress: bool = True,
-) -> tuple[PatchSchedule, dict]:
+) -> tuple[PatchSchedule, dict[str, Any]]:
     """Choose a patch size per σ so that ``make_method(k)`` best matches ``reference``.
 
     make_method:     ``k -> denoiser``, or ``(k, dataset) -> denoiser`` (a second required parameter, or one
@@ -221,6 +238,8 @@ def calibrate_patch_sizes(
     clean = isinstance(reference, str) and reference == "clean"
 
     # ---- probes / candidate set
+    probes: torch.Tensor | None
+    probe_labels: torch.Tensor | None
     probes = probe_labels = None
     cand_ds = dataset
     if clean:
@@ -262,7 +281,7 @@ def calibrate_patch_sizes(
         raise ValueError("candidate_sizes: give at least one size")
 
     # ---- denoisers
-    methods = {}
+    methods: dict[int, Callable[..., torch.Tensor]] = {}
     for k in sizes:
         den = factory(k, cand_ds) if takes_dataset else factory(k)
         if clean and probe_images is None and dataset is not None and getattr(den, "dataset", None) is dataset:
@@ -277,6 +296,7 @@ def calibrate_patch_sizes(
     # ---- rows: seeds (trajectories) or seeds × probes
     S = len(seed_list)
     if clean:
+        probes = cast(torch.Tensor, probes)  # clean: probe_images or split_probes set them
         P = probes.shape[0]
         labels = _labels_for(class_labels, P, "probe", dataset, seed_list, probe_labels)
         x0_rows = probes.to(device=device, dtype=dtype).repeat(S, 1, 1, 1)
@@ -295,7 +315,7 @@ def calibrate_patch_sizes(
     if bs < 1:
         raise ValueError(f"batch_size: expected >= 1, got {batch_size!r}")
 
-    def run(den, xq, s_rows):
+    def run(den: Callable[..., torch.Tensor], xq: torch.Tensor, s_rows: torch.Tensor) -> torch.Tensor:
         outs = []
         for a in range(0, rows, bs):
             lab = None if row_labels is None else row_labels[a : a + bs]
@@ -303,7 +323,7 @@ def calibrate_patch_sizes(
         return torch.cat(outs)
 
     values = torch.empty(len(step_sigmas), len(sizes), S, dtype=torch.float64)
-    iterator = range(len(step_sigmas))
+    iterator: Iterable[int] = range(len(step_sigmas))
     if progress:
         from tqdm.auto import tqdm
 
@@ -316,7 +336,7 @@ def calibrate_patch_sizes(
             target = x0_rows
         else:
             xq = x
-            target = run(ref_den, xq, s_rows)
+            target = run(cast("Callable[..., torch.Tensor]", ref_den), xq, s_rows)  # set unless clean
         for j, k in enumerate(sizes):
             m = _row_metric(metric, run(methods[k], xq, s_rows), target, xq)
             values[i, j] = m.double().reshape(S, P).mean(1).cpu()
@@ -357,7 +377,7 @@ def calibrate_patch_sizes(
     return table, report
 
 
-def plot_calibration(report: dict, path, size: tuple[int, int] = (1200, 500)) -> None:
+def plot_calibration(report: dict[str, Any], path: str | os.PathLike[str], size: tuple[int, int] = (1200, 500)) -> None:
     """A PNG of a calibration ``report``: left, the chosen k (line) and every seed's pick (dots) against σ (log
     axis); right, the metric of each candidate k per step (rows: σ in sampling order; columns: k), scaled per
     row, bright = better, the chosen k framed (drawn by viz.plots.calibration_plot)."""

@@ -27,7 +27,9 @@ import json
 import math
 import os
 import time
-from typing import Callable
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 import torch
@@ -36,13 +38,18 @@ from ..metrics.agreement import seed_list, to_jsonable
 from ..metrics.novelty import nearest_train_distance, novelty
 from .agreement import single_step, trajectories
 
+if TYPE_CHECKING:
+    from ..data import Dataset
+    from ..data.transforms import Resolution
+    from ..denoisers import Denoiser
+
 __all__ = ["METHOD_PREFIX", "load_network_spec", "parse_methods", "run_compare", "split_methods_options"]
 
 METHOD_PREFIX = "method:"
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
-def parse_methods(methods) -> list:
+def parse_methods(methods: str | Iterable[str]) -> list[str]:
     """'optimal, wiener' or a list -> validated, de-duplicated list of analytic method names."""
     from ..denoisers import DENOISERS
 
@@ -58,7 +65,9 @@ def parse_methods(methods) -> list:
     return list(dict.fromkeys(names))
 
 
-def split_methods_options(names, options: dict | None, *, extra: dict | None = None) -> dict[str, dict]:
+def split_methods_options(
+    names: Sequence[str], options: dict[str, Any] | None, *, extra: dict[str, Any] | None = None
+) -> dict[str, dict[str, Any]]:
     """Per method, the keyword options from ``options`` that it takes (``denoiser_options``).
 
     An option that no listed method takes is an error (a typo or a flag for the wrong method). ``extra``
@@ -67,6 +76,8 @@ def split_methods_options(names, options: dict | None, *, extra: dict | None = N
     from ..denoisers import denoiser_options
 
     options = dict(options or {})
+    out: dict[str, dict[str, Any]]
+    used: set[str]
     out, used = {}, set()
     for name in names:
         valid = set(denoiser_options(name))
@@ -80,7 +91,7 @@ def split_methods_options(names, options: dict | None, *, extra: dict | None = N
     return out
 
 
-def _network_method(network) -> str | None:
+def _network_method(network: object) -> str | None:
     """The method name of a ``method:NAME`` spec (validated), else None."""
     if isinstance(network, str) and network.startswith(METHOD_PREFIX):
         name = parse_methods(network[len(METHOD_PREFIX) :])
@@ -90,7 +101,7 @@ def _network_method(network) -> str | None:
     return None
 
 
-def _check_network_spec(network) -> None:
+def _check_network_spec(network: object) -> None:
     """Fail early (before any data is loaded) on an empty spec, an unknown method or a missing checkpoint."""
     if callable(network) and not isinstance(network, (str, os.PathLike)):
         return
@@ -103,7 +114,14 @@ def _check_network_spec(network) -> None:
         )
 
 
-def load_network_spec(network, dataset, *, device="cpu", options: dict | None = None, allow_pickle: bool = False):
+def load_network_spec(
+    network: str | os.PathLike[str] | Callable[..., torch.Tensor],
+    dataset: Dataset,
+    *,
+    device: torch.device | str = "cpu",
+    options: dict[str, Any] | None = None,
+    allow_pickle: bool = False,
+) -> tuple[Callable[..., torch.Tensor], str, dict[str, Any]]:
     """(denoiser, label, description) from a denoiser object, ``method:NAME`` or a checkpoint path.
 
     ``options``: keyword options of a ``method:NAME`` reference (ignored for checkpoints). ``allow_pickle``:
@@ -137,7 +155,9 @@ def load_network_spec(network, dataset, *, device="cpu", options: dict | None = 
     return den, label, {"kind": "checkpoint", "path": os.path.abspath(spec), "name": label}
 
 
-def _split_data(ds_full, subset, n_hold):
+def _split_data(
+    ds_full: Dataset, subset: int | None, n_hold: int
+) -> tuple[Dataset, torch.Tensor | None, dict[str, list[int]]]:
     """(training Dataset, held-out float images (n, C, H, W) on CPU, description)."""
     total = ds_full.num_stored
     if subset is not None:
@@ -153,7 +173,7 @@ def _split_data(ds_full, subset, n_hold):
     return train, held, {"train": [0, n_train], "held_out": [n_train, n_train + n_hold]}
 
 
-def _save_rows(path, rows: dict[str, torch.Tensor], max_cols: int = 16) -> None:
+def _save_rows(path: str, rows: dict[str, torch.Tensor], max_cols: int = 16) -> None:
     """One labelled row per model (same seed in each column)."""
     from ..viz.images import tile
     from ..viz.plots import labelled_rows
@@ -161,18 +181,18 @@ def _save_rows(path, rows: dict[str, torch.Tensor], max_cols: int = 16) -> None:
     labelled_rows(path, [(name, np.asarray(tile(x[:max_cols], min(max_cols, x.shape[0])))) for name, x in rows.items()])
 
 
-def _best(values: dict[str, float]):
+def _best(values: dict[str, float]) -> str | None:
     finite = {k: v for k, v in values.items() if v is not None and math.isfinite(v)}
-    return max(finite, key=finite.get) if finite else None
+    return max(finite, key=finite.get) if finite else None  # type: ignore[arg-type, unused-ignore]  # get: keys of finite
 
 
-def _fmt(v, digits=3):
+def _fmt(v: float | None, digits: int = 3) -> str:
     if v is None or (isinstance(v, float) and not math.isfinite(v)):
         return "n/a"
     return f"{v:.{digits}f}" if abs(v) >= 1e-3 or v == 0 else f"{v:.2e}"
 
 
-def _summary_md(report: dict) -> str:
+def _summary_md(report: dict[str, Any]) -> str:
     cfg = report["config"]
     m = report["methods"]
     lines = [
@@ -222,32 +242,32 @@ def _summary_md(report: dict) -> str:
 
 def run_compare(
     *,
-    network: str | Callable,
-    methods,
-    dataset="mnist32",
-    split=None,
-    subset=None,
-    resolution=None,
-    pad_to=None,
-    flips=False,
-    steps=19,
-    sampler="ddim",
-    schedule="kamb-cosine",
-    schedule_kwargs=None,
-    seeds: int | list = 8,
+    network: str | os.PathLike[str] | Callable[..., torch.Tensor],
+    methods: str | Iterable[str],
+    dataset: str | Path | Dataset = "mnist32",
+    split: str | None = None,
+    subset: int | None = None,
+    resolution: Resolution | None = None,
+    pad_to: Resolution | None = None,
+    flips: bool = False,
+    steps: int = 19,
+    sampler: str = "ddim",
+    schedule: str = "kamb-cosine",
+    schedule_kwargs: dict[str, Any] | None = None,
+    seeds: int | list[int] = 8,
     seed: int = 0,
     n_single: int = 16,
     n_test: int = 256,
-    method_options: dict | None = None,
-    network_options: dict | None = None,
+    method_options: dict[str, Any] | None = None,
+    network_options: dict[str, Any] | None = None,
     backend: str = "auto",
-    device="cpu",
-    dtype="float32",
-    batch_size=None,
+    device: torch.device | str = "cpu",
+    dtype: str = "float32",
+    batch_size: int | None = None,
     out: str | None = None,
     progress: bool = True,
     allow_pickle: bool = False,
-) -> dict:
+) -> dict[str, Any]:
     """Compare analytic ``methods`` with ``network`` and write the report folder ``out``; returns the report.
 
     network: a checkpoint path, ``method:NAME``, or a denoiser object. methods: names (list or comma string).
@@ -293,7 +313,7 @@ def run_compare(
     net, net_label, net_info = load_network_spec(
         network, train, device=device, options=net_opts, allow_pickle=allow_pickle
     )
-    models = {}
+    models: dict[str, Denoiser] = {}
     for name in names:
         den = make_denoiser(name, train, **per_method[name])
         check_patch_coverage(den, sched)
@@ -328,7 +348,7 @@ def run_compare(
     net_samples = traj["reference"]["samples"]
     net_nov = novelty(net_samples.to(train.device), train, test_distances=test_d, backend=backend)
 
-    report_methods = {}
+    report_methods: dict[str, Any] = {}
     for name in names:
         t = traj["methods"][name]
         s = ss["methods"][name]

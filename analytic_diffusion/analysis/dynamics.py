@@ -32,8 +32,12 @@ import math
 import os
 import time
 from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+if TYPE_CHECKING:
+    from ..data import Dataset
 
 __all__ = ["DEFAULT_SIGMAS", "ONSET_THRESHOLD", "memorization_onset", "training_dynamics"]
 
@@ -42,7 +46,9 @@ DEFAULT_SIGMAS = (0.5, 1.0, 2.0)
 _RESERVED = {"arch", "steps", "seed", "out_dir", "checkpoint_every", "callback", "progress"}
 
 
-def memorization_onset(steps: Sequence[int], ratios: Sequence[float], threshold: float = ONSET_THRESHOLD):
+def memorization_onset(
+    steps: Sequence[int], ratios: Sequence[float | None], threshold: float = ONSET_THRESHOLD
+) -> int | None:
     """The first step (in the order given, which must be increasing) whose ratio is >= threshold; None if none.
 
     Non-finite ratios (NaN) never count as an onset.
@@ -58,7 +64,7 @@ def memorization_onset(steps: Sequence[int], ratios: Sequence[float], threshold:
     return None
 
 
-def _int_at_least(name, v, lo):
+def _int_at_least(name: str, v: int, lo: int) -> int:
     if isinstance(v, bool) or not isinstance(v, int) or v < lo:
         raise ValueError(f"{name} must be an integer >= {lo}, got {v!r}")
     return v
@@ -89,7 +95,7 @@ def _checkpoint_steps(steps: int, every: int) -> list[int]:
     return list(range(every, steps, every)) + [steps]
 
 
-def _as_dataset(dataset):
+def _as_dataset(dataset: Dataset | torch.Tensor) -> Dataset:
     from ..data import Dataset
 
     if isinstance(dataset, Dataset):
@@ -103,7 +109,7 @@ def _as_dataset(dataset):
 
 
 def training_dynamics(
-    dataset,
+    dataset: Dataset | torch.Tensor,
     sizes: Sequence[int] = (64, 256, 1024),
     *,
     steps: int,
@@ -114,16 +120,16 @@ def training_dynamics(
     sample_seed: int = 0,
     arch: str = "resnet",
     seed: int = 0,
-    out_dir,
-    train_kwargs: dict | None = None,
+    out_dir: str | os.PathLike[str],
+    train_kwargs: dict[str, Any] | None = None,
     sigmas: Sequence[float] = DEFAULT_SIGMAS,
     n_probe: int = 16,
     probe: str = "auto",
     onset_threshold: float = ONSET_THRESHOLD,
-    device="cpu",
+    device: torch.device | str = "cpu",
     keep_checkpoints: bool = True,
     progress: bool = True,
-) -> dict:
+) -> dict[str, Any]:
     """Train one network per training-set size and track memorisation through training (module docstring).
 
     dataset:          a Dataset (or an (N, C, H, W) float tensor in [-1, 1]); no flips.
@@ -196,7 +202,7 @@ def training_dynamics(
     os.makedirs(out_dir, exist_ok=True)
     ck_steps = _checkpoint_steps(steps, checkpoint_every)
     t_all = time.time()
-    per_size: dict[str, dict] = {}
+    per_size: dict[str, dict[str, Any]] = {}
     for N in sizes:
         sub = ds.subset(N, random=True, seed=seed)
         x0 = probe_x0 if probe_kind == "heldout" else sub.images_float()[:n_probe].cpu()
@@ -215,7 +221,7 @@ def training_dynamics(
         if len(res.checkpoints) != len(ck_steps):  # guards the assumption about train_network's schedule
             raise RuntimeError(f"expected checkpoints at steps {ck_steps}, train_network wrote {res.checkpoints}")
         optimal = make_denoiser("optimal", sub)
-        rows = []
+        rows: list[dict[str, Any]] = []
         for step, path in zip(ck_steps, res.checkpoints):
             net = load_network(path, device=device)
             smp = sample(net, n_samples, steps=sample_steps, sampler=sampler, seed=sample_seed, progress=False)
@@ -248,7 +254,7 @@ def training_dynamics(
             "checkpoint_files": [os.path.relpath(p, out_dir) for p in res.checkpoints] if keep_checkpoints else [],
         }
 
-    plots = {}
+    plots: dict[str, str | None] = {}
     lab = {str(N): f"N = {N}" for N in sizes}
     p = os.path.join(out_dir, "memorization_vs_step.png")
     line_plot(

@@ -20,11 +20,14 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Callable
+from typing import TYPE_CHECKING, Any, Callable, cast
 
 import torch
 
 from ..ops.local_retrieval import wiener_filter_matrix
+
+if TYPE_CHECKING:
+    from ..denoisers import Optimal, Wiener
 
 __all__ = [
     "JacobianSpectrum",
@@ -49,7 +52,7 @@ class JacobianSpectrum:
     method: str
 
 
-def _point(den, x: torch.Tensor, sigma) -> tuple:
+def _point(den: object, x: torch.Tensor, sigma: float) -> tuple[torch.Tensor, float]:
     shape = tuple(getattr(den, "image_shape", x.shape[-3:]))
     if not torch.is_tensor(x) or not x.is_floating_point():
         raise TypeError(f"x: expected a floating tensor, got {type(x).__name__}")
@@ -64,7 +67,7 @@ def _point(den, x: torch.Tensor, sigma) -> tuple:
     return x, s
 
 
-def _optimal_jacobian(den, x: torch.Tensor, s: float, label) -> torch.Tensor:
+def _optimal_jacobian(den: Optimal, x: torch.Tensor, s: float, label: int | None) -> torch.Tensor:
     ds = den.dataset
     y = ds.images_float(dtype=torch.float64)[: ds.num_stored].reshape(ds.num_stored, -1)
     labels = ds.labels
@@ -88,7 +91,7 @@ def _optimal_jacobian(den, x: torch.Tensor, s: float, label) -> torch.Tensor:
     return (yc.t() * w) @ yc / (s * s * den.temperature)
 
 
-def _function(den, x: torch.Tensor, s: float, label) -> Callable:
+def _function(den: Any, x: torch.Tensor, s: float, label: int | None) -> Callable[[torch.Tensor], torch.Tensor]:
     """x ↦ D(x, σ) with gradients: a network adapter's differentiable core, else the denoiser itself."""
     kw = {} if label is None else {"class_labels": torch.as_tensor([int(label)])}
     evaluate = getattr(den, "_evaluate", None)
@@ -101,15 +104,18 @@ def _function(den, x: torch.Tensor, s: float, label) -> Callable:
     return lambda v: den(v, torch.tensor([s], dtype=v.dtype), **kw)
 
 
-def jacobian_matrix(den, x: torch.Tensor, sigma, *, class_label=None) -> torch.Tensor:
+def jacobian_matrix(
+    den: Callable[..., torch.Tensor], x: torch.Tensor, sigma: float, *, class_label: int | None = None
+) -> torch.Tensor:
     """The full Jacobian (D, D) float64 at one image: exact for optimal and wiener, autograd otherwise
     (D backward passes: keep D small, e.g. MNIST's 784)."""
     x, s = _point(den, x, sigma)
     name = getattr(den, "name", "")
     if name == "optimal":
-        return _optimal_jacobian(den, x, s, class_label)
+        return _optimal_jacobian(cast("Optimal", den), x, s, class_label)
     if name == "wiener":
-        return wiener_filter_matrix(den.eigvals, den.U, s)  # J = U diag(λ/(λ+σ²)) Uᵀ
+        wiener = cast("Wiener", den)
+        return wiener_filter_matrix(wiener.eigvals, wiener.U, s)  # J = U diag(λ/(λ+σ²)) Uᵀ
     f = _function(den, x, s, class_label)
     with torch.enable_grad():
         jac = torch.autograd.functional.jacobian(lambda v: f(v.reshape(x.shape)).reshape(-1), x.reshape(-1).clone())
@@ -123,8 +129,8 @@ def lanczos(
     *,
     iters: int | None = None,
     seed: int = 0,
-    dtype=torch.float64,
-) -> tuple:
+    dtype: torch.dtype = torch.float64,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k eigenpairs (by value, descending) of a symmetric operator on R^dim from ``iters`` Lanczos steps with
     full re-orthogonalisation (stable for the few dozen steps a spectrum needs). Returns (values (k,), vectors
     (dim, k)). ``iters`` defaults to min(dim, max(2k + 10, 30))."""
@@ -158,20 +164,22 @@ def lanczos(
     return vals[order], Q[:, :used] @ vecs[:, order]
 
 
-def _spectrum(vals, vecs, shape, trace, method) -> JacobianSpectrum:
+def _spectrum(
+    vals: torch.Tensor, vecs: torch.Tensor, shape: tuple[int, ...], trace: float | torch.Tensor, method: str
+) -> JacobianSpectrum:
     pr = float(vals.sum() ** 2 / (vals**2).sum()) if float((vals**2).sum()) > 0 else 0.0
     return JacobianSpectrum(vals, vecs.t().reshape(-1, *shape), float(trace), pr, method)
 
 
 def jacobian_spectrum(
-    den,
+    den: Callable[..., torch.Tensor],
     x: torch.Tensor,
-    sigma,
+    sigma: float,
     *,
     k: int = 16,
     method: str = "auto",
     iters: int | None = None,
-    class_label=None,
+    class_label: int | None = None,
     seed: int = 0,
 ) -> JacobianSpectrum:
     """The top-k eigenvalues and eigenvectors of ∂D/∂x at one image x (C, H, W) and noise level σ.
@@ -195,11 +203,12 @@ def jacobian_spectrum(
     f = _function(den, x, s, class_label)
     x0 = x.detach()
 
-    def sym(v):  # ½(J + Jᵀ)v from one jvp and one vjp
+    def sym(v: torch.Tensor) -> torch.Tensor:  # ½(J + Jᵀ)v from one jvp and one vjp
         v4 = v.reshape(x.shape).to(x.dtype)
         with torch.enable_grad():
-            _, jv = torch.func.jvp(f, (x0,), (v4,))
-            _, pullback = torch.func.vjp(f, x0)
+            # torch types jvp / vjp as 2- or 3-tuples (the third with has_aux=True, not used here)
+            _, jv = torch.func.jvp(f, (x0,), (v4,))  # type: ignore[misc, unused-ignore]
+            _, pullback = torch.func.vjp(f, x0)  # type: ignore[misc, unused-ignore]
             (vj,) = pullback(v4)
         return 0.5 * (jv + vj).reshape(-1).to(torch.float64)
 
@@ -208,8 +217,14 @@ def jacobian_spectrum(
 
 
 def effective_dimensionality(
-    den, x: torch.Tensor, sigmas: Sequence[float], *, k: int = 32, method: str = "auto", class_label=None
-) -> dict:
+    den: Callable[..., torch.Tensor],
+    x: torch.Tensor,
+    sigmas: Sequence[float],
+    *,
+    k: int = 32,
+    method: str = "auto",
+    class_label: int | None = None,
+) -> dict[str, Any]:
     """trace(∂D/∂x) and the participation ratio at each σ (one image). Exact for optimal / wiener (the trace of
     the full Jacobian); with Lanczos the trace is that of the top-k part, a lower bound for a PSD Jacobian."""
     rows = []
@@ -228,7 +243,14 @@ def effective_dimensionality(
     return {"sigmas": [r["sigma"] for r in rows], "rows": rows}
 
 
-def jacobian_rows(den, x: torch.Tensor, sigma, pixels: Sequence[int], *, class_label=None) -> torch.Tensor:
+def jacobian_rows(
+    den: Callable[..., torch.Tensor],
+    x: torch.Tensor,
+    sigma: float,
+    pixels: Sequence[int],
+    *,
+    class_label: int | None = None,
+) -> torch.Tensor:
     """Rows ∂D_p/∂x (len(pixels), C, H, W) for flat output indices p, by one vector-Jacobian product each (for
     the optimal and Wiener denoisers, rows of the exact Jacobian): the input region each output depends on."""
     x, s = _point(den, x, sigma)
@@ -240,7 +262,7 @@ def jacobian_rows(den, x: torch.Tensor, sigma, pixels: Sequence[int], *, class_l
         return jacobian_matrix(den, x, s, class_label=class_label)[idx].reshape(len(idx), *x.shape[1:])
     f = _function(den, x, s, class_label)
     with torch.enable_grad():
-        _, pullback = torch.func.vjp(f, x.detach())
+        _, pullback = torch.func.vjp(f, x.detach())  # type: ignore[misc, unused-ignore]  # a 2-tuple without has_aux
         rows = []
         for p in idx:
             e = torch.zeros_like(x).reshape(-1)

@@ -17,6 +17,7 @@ import json
 import os
 import time
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 
@@ -29,7 +30,7 @@ from ..sampling.generate import sample
 __all__ = ["disjoint_halves", "training_set_stability"]
 
 
-def disjoint_halves(dataset, n: int, *, seed: int = 0):
+def disjoint_halves(dataset: Dataset, n: int, *, seed: int = 0) -> list[Dataset]:
     """Two disjoint subsets of ``n`` images each: the first and second n of one permutation seeded by ``seed``."""
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise ValueError(f"n: expected an integer >= 1, got {n!r}")
@@ -51,7 +52,7 @@ def disjoint_halves(dataset, n: int, *, seed: int = 0):
     return halves
 
 
-def _pair_stats(a: torch.Tensor, b: torch.Tensor) -> dict:
+def _pair_stats(a: torch.Tensor, b: torch.Tensor) -> dict[str, Any]:
     r = pearson_r(a.double(), b.double())
     d = (a.double() - b.double()).flatten(1).norm(dim=1)
     return {
@@ -63,7 +64,7 @@ def _pair_stats(a: torch.Tensor, b: torch.Tensor) -> dict:
 
 
 def training_set_stability(
-    dataset,
+    dataset: Dataset,
     sizes: Sequence[int] = (8, 64, 512),
     *,
     steps: int = 2000,
@@ -73,11 +74,11 @@ def training_set_stability(
     sample_seed: int = 0,
     seed: int = 0,
     arch: str = "resnet",
-    train_kwargs: dict | None = None,
-    out_dir=None,
-    device="cpu",
+    train_kwargs: dict[str, Any] | None = None,
+    out_dir: str | os.PathLike[str] | None = None,
+    device: torch.device | str = "cpu",
     progress: bool = False,
-) -> dict:
+) -> dict[str, Any]:
     """For each N in ``sizes``: train on halves A and B (same architecture, same initial weights and batch seed,
     so the data are the only difference), sample both networks and both halves' optimal denoisers from seeds
     ``sample_seed`` …, and compare A with B. Writes metrics.json, stability.png and samples_N.png to ``out_dir``
@@ -97,8 +98,8 @@ def training_set_stability(
         raise ValueError(f"train_kwargs: {sorted(reserved)} are set by training_set_stability itself")
     if out_dir is not None:
         os.makedirs(out_dir, exist_ok=True)
-    kw = dict(steps=sample_steps, sampler=sampler, seed=sample_seed, progress=False)
-    result = {
+    kw: dict[str, Any] = dict(steps=sample_steps, sampler=sampler, seed=sample_seed, progress=False)
+    result: dict[str, Any] = {
         "sizes": {},
         "config": {
             "dataset": repr(dataset),
@@ -113,7 +114,7 @@ def training_set_stability(
             "train_kwargs": train_kwargs,
         },
     }
-    grids = {}
+    grids: dict[int, torch.Tensor] = {}
     for n in sizes:
         half_a, half_b = disjoint_halves(dataset, n, seed=seed)
         t0 = time.perf_counter()
@@ -139,7 +140,9 @@ def training_set_stability(
     return result
 
 
-def _write(out_dir, result: dict, grids: dict, n_samples: int) -> None:
+def _write(
+    out_dir: str | os.PathLike[str], result: dict[str, Any], grids: dict[int, torch.Tensor], n_samples: int
+) -> None:
     from ..viz.images import save_grid
     from ..viz.plots import line_plot
 

@@ -10,7 +10,7 @@ table: the largest share of steps skipped whose teleported agreement still reach
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 
@@ -18,30 +18,33 @@ from ..metrics.agreement import pearson_r
 from ..sampling.generate import sample
 from ..sampling.teleport import sample_teleported
 
+if TYPE_CHECKING:
+    from ..denoisers import Wiener
+
 __all__ = ["teleportation_study"]
 
 
-def _agreement(a: torch.Tensor, b: torch.Tensor) -> dict:
+def _agreement(a: torch.Tensor, b: torch.Tensor) -> dict[str, float]:
     r = pearson_r(a.double(), b.double())
     rms = (a.double() - b.double()).pow(2).flatten(1).mean(1).sqrt()
     return {"pearson_r": float(r.mean()), "pearson_r_min": float(r.min()), "rms": float(rms.mean())}
 
 
 def teleportation_study(
-    denoiser: Callable,
-    gaussian,
+    denoiser: Callable[..., torch.Tensor],
+    gaussian: Wiener,
     n: int = 8,
     *,
     steps: int = 18,
     sigma_skips: Sequence[float] = (20.0, 10.0, 5.0, 2.0, 1.0),
     sampler: str = "heun",
     schedule: str = "karras",
-    schedule_kwargs: dict | None = None,
+    schedule_kwargs: dict[str, Any] | None = None,
     seed: int = 0,
     r_min: float = 0.99,
     batch_size: int | None = None,
     progress: bool = False,
-) -> dict:
+) -> dict[str, Any]:
     """Full run vs teleported runs vs equally cheap plain runs, one row per σ_skip (see the module docstring).
 
     Returns {"rows": [{sigma_skip, steps_skipped, fraction_skipped, evaluations, teleported: {pearson_r,
@@ -51,16 +54,17 @@ def teleportation_study(
     """
     if not 0 < float(r_min) <= 1:
         raise ValueError(f"r_min: expected a correlation in (0, 1], got {r_min!r}")
-    kw = dict(sampler=sampler, seed=seed, batch_size=batch_size, progress=progress)
+    kw: dict[str, Any] = dict(sampler=sampler, seed=seed, batch_size=batch_size, progress=progress)
     full = sample(denoiser, n, steps=steps, schedule=schedule, schedule_kwargs=schedule_kwargs, **kw)
 
-    def evaluations(grid) -> int:
+    def evaluations(grid: torch.Tensor) -> int:
         k = len(grid) - 1
         return 2 * k - int(float(grid[-1]) == 0.0) if sampler == "heun" else k
 
     full_evaluations = evaluations(full.sigmas)
 
-    rows, samples = [], {"full": full.samples}
+    rows: list[dict[str, Any]] = []
+    samples: dict[str | float, torch.Tensor] = {"full": full.samples}
     for s in sorted({float(v) for v in sigma_skips}, reverse=True):
         tele = sample_teleported(
             denoiser, gaussian, n, sigma_skip=s, steps=steps, schedule=schedule, schedule_kwargs=schedule_kwargs, **kw

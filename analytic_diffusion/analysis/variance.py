@@ -8,8 +8,10 @@ and are re-exported here.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -20,6 +22,9 @@ from ..denoisers.posterior_sample import (
     posterior_moments,
     posterior_variance,
 )
+
+if TYPE_CHECKING:
+    from ..data import Dataset
 
 __all__ = [
     "MODES",
@@ -40,7 +45,7 @@ class SweepResult:
     training image differs from the first λ's run: copies of *other* images still count as copies).
     samples[λ] is (n, C, H, W)."""
 
-    rows: list[dict]
+    rows: list[dict[str, Any]]
     samples: dict[float, torch.Tensor] = field(default_factory=dict)
     grid_path: str | None = None
 
@@ -58,7 +63,7 @@ class SweepResult:
 
 
 def variance_sweep(
-    dataset,
+    dataset: Dataset,
     scales: Sequence[float] = (0.0, 0.25, 0.5, 1.0),
     n: int = 16,
     steps: int = 18,
@@ -68,11 +73,11 @@ def variance_sweep(
     draw_seed: int = 0,
     sampler: str = "heun",
     schedule: str = "karras",
-    schedule_kwargs: dict | None = None,
-    class_labels=None,
-    grid_path=None,
+    schedule_kwargs: dict[str, Any] | None = None,
+    class_labels: torch.Tensor | Sequence[int] | None = None,
+    grid_path: str | os.PathLike[str] | None = None,
     progress: bool = False,
-    **options,
+    **options: Any,
 ) -> SweepResult:
     """Sample n images at each λ in ``scales`` from the same seeds (sampler noise seed..seed+n−1, denoiser
     stream ``draw_seed``) and measure memorisation (d(NN1)/d(NN2) < 1/3) against ``dataset``.
@@ -86,6 +91,9 @@ def variance_sweep(
     scales = [float(v) for v in scales]
     if not scales:
         raise ValueError("scales: expected at least one λ")
+    rows: list[dict[str, Any]]
+    samples: dict[float, torch.Tensor]
+    first_nn: torch.Tensor | None
     rows, samples, first_nn = [], {}, None
     for lam in scales:
         den = PosteriorSampleDenoiser(dataset, mode=mode, scale=lam, seed=draw_seed, **options)
@@ -118,7 +126,7 @@ def variance_sweep(
     return out
 
 
-def _save_sweep_grid(path, result: SweepResult) -> None:
+def _save_sweep_grid(path: str | os.PathLike[str], result: SweepResult) -> None:
     """One row per λ, labelled with λ, the memorisation ratio and the median nearest-neighbour distance."""
     import numpy as np
 

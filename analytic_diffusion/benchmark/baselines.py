@@ -24,7 +24,7 @@ def naive(q: torch.Tensor, y: torch.Tensor, coef: torch.Tensor) -> torch.Tensor:
 
 
 def chunked(
-    q: torch.Tensor, y: torch.Tensor, coef: torch.Tensor, chunk: int = 8192, center: torch.Tensor = None
+    q: torch.Tensor, y: torch.Tensor, coef: torch.Tensor, chunk: int = 8192, center: torch.Tensor | None = None
 ) -> torch.Tensor:
     c = y.mean(0) if center is None else center
     qc = q - c
@@ -43,7 +43,7 @@ def chunked(
     return o / l[:, None] + c
 
 
-def sdpa_inputs(y: torch.Tensor, dtype=None):
+def sdpa_inputs(y: torch.Tensor, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Keys [y, ‖y‖²] and values y as (1, 1, N, ·) tensors, built once per dataset (not timed)."""
     k = torch.cat([y, (y * y).sum(1, keepdim=True)], 1)
     dtype = dtype or y.dtype

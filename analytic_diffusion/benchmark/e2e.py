@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import torch
 
@@ -20,13 +21,13 @@ def run_e2e(
     sampler: str = "heun",
     method: str = "optimal",
     batch_size: int | None = None,
-    device="cpu",
+    device: torch.device | str = "cpu",
     backend: str = "auto",
     precision: str = "exact",
     seed: int = 0,
     dataset: Dataset | None = None,
     progress: bool = True,
-) -> dict:
+) -> dict[str, Any]:
     """Seconds for ``samples`` samples; random uint8 training images of ``shape`` unless ``dataset`` is given."""
     dev = torch.device(device)
     if dataset is None:

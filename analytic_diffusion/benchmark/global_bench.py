@@ -11,7 +11,7 @@ from __future__ import annotations
 import statistics
 import time
 from collections.abc import Iterable
-from typing import Callable
+from typing import Any, Callable, cast
 
 import torch
 
@@ -25,7 +25,7 @@ PATHS = BASELINES + ENGINE
 ORACLE_ROWS = 4
 
 
-def _sync(device: torch.device):
+def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -87,14 +87,25 @@ def _path_memory(path: str, n: int, d: int, b: int) -> int:
     return 64 * b * d + 4 * b * min(n, 1 << 16)
 
 
-def path_runner(path: str, q, keys: KeyBank, y, sdpa_kv, coef, sigma, precision: str):
+def path_runner(
+    path: str,
+    q: torch.Tensor,
+    keys: KeyBank,
+    y: torch.Tensor | None,
+    sdpa_kv: tuple[torch.Tensor, torch.Tensor] | None,
+    coef: torch.Tensor,
+    sigma: float,
+    precision: str,
+) -> Callable[[], torch.Tensor]:
+    # y and sdpa_kv are set whenever a baseline runs (run_global_bench skips it otherwise)
     if path == "naive":
-        return lambda: baselines.naive(q, y, coef)
+        return lambda: baselines.naive(q, cast(torch.Tensor, y), coef)
     if path == "chunked":
-        center = y.mean(0)
-        return lambda: baselines.chunked(q, y, coef, center=center)
+        center = cast(torch.Tensor, y).mean(0)
+        return lambda: baselines.chunked(q, cast(torch.Tensor, y), coef, center=center)
     if path == "sdpa":
-        return lambda: baselines.sdpa(q, sdpa_kv[0], sdpa_kv[1], coef)
+        kv = cast("tuple[torch.Tensor, torch.Tensor]", sdpa_kv)
+        return lambda: baselines.sdpa(q, kv[0], kv[1], coef)
     return lambda: softmax_retrieval(q, keys, sigma, backend=path, dtype=torch.float32, precision=precision).mean
 
 
@@ -128,11 +139,11 @@ def run_global_bench(
     paths: Iterable[str] = PATHS,
     precisions: Iterable[str] = ("exact",),
     sigma: float = 1.0,
-    device="cpu",
+    device: torch.device | str = "cpu",
     repeats: int = 5,
     seed: int = 0,
-    progress: Callable | None = None,
-) -> list[dict]:
+    progress: Callable[[dict[str, Any]], object] | None = None,
+) -> list[dict[str, Any]]:
     """One row per (D, N, B, path, precision) with time, ratios to naive and to the best baseline, the roofline
     floor where the device is known, and the error against the float64 oracle on the first rows."""
     dev = torch.device(device)
@@ -142,7 +153,7 @@ def run_global_bench(
         raise ValueError(f"paths: unknown {unknown}; expected some of {', '.join(PATHS)}")
     peaks = roofline.device_peaks(dev)
     gen = torch.Generator().manual_seed(seed)
-    rows: list[dict] = []
+    rows: list[dict[str, Any]] = []
     for d in dims:
         for n in ns:
             if dev.type == "cuda":  # made on the device: 1.28M × 12,288 bytes take minutes on the host
@@ -158,7 +169,8 @@ def run_global_bench(
                 u = torch.randint(0, 256, (n, d), generator=gen, dtype=torch.uint8)
             keys = KeyBank(u, 2 / 255, -1.0)
             need_float = any(p in BASELINES for p in paths)
-            y = sdpa_kv = None
+            y: torch.Tensor | None = None
+            sdpa_kv: tuple[torch.Tensor, torch.Tensor] | None = None
             if need_float and available_memory(dev) > 0.7 * 4 * n * (d + 1) * 3:
                 y = keys.rows(0, n, torch.float32, dev)
                 if "sdpa" in paths:
@@ -171,12 +183,12 @@ def run_global_bench(
                 ref = torch_backend.softmax_partial(
                     q[:k_oracle].double(), keys, coef[:k_oracle].double(), dtype=torch.float64, memory_budget=256 << 20
                 ).mean()
-                group = []
+                group: list[dict[str, Any]] = []
                 for precision in precisions:
                     for path in paths:
                         if path in BASELINES and precision != "exact":
                             continue
-                        row = {
+                        row: dict[str, Any] = {
                             "D": d,
                             "N": n,
                             "B": b,
@@ -215,7 +227,7 @@ def run_global_bench(
     return rows
 
 
-def _add_ratios(group: list[dict]) -> None:
+def _add_ratios(group: list[dict[str, Any]]) -> None:
     timed = {r["path"]: r["seconds"] for r in group if "seconds" in r and r["precision"] == "exact"}
     naive = timed.get("naive")
     best = min((timed[p] for p in ("chunked", "sdpa") if p in timed), default=None)
@@ -228,14 +240,14 @@ def _add_ratios(group: list[dict]) -> None:
             r["speedup_vs_best_torch"] = best / r["seconds"]
 
 
-def markdown_table(rows: list[dict]) -> str:
+def markdown_table(rows: list[dict[str, Any]]) -> str:
     head = (
         "| D | N | B | path | precision | ms | × naive | × best torch | floor ms | % of floor | rel. err "
         "| note |\n|---|---|---|---|---|---|---|---|---|---|---|---|"
     )
     lines = [head]
 
-    def f(v, fmt):
+    def f(v: float | None, fmt: str) -> str:
         return "" if v is None else format(v, fmt)
 
     for r in rows:

@@ -18,8 +18,8 @@ of scale σ. Each timed path is checked against the float64 reference on the fir
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
-from typing import Callable
+from collections.abc import Iterable, Sequence
+from typing import Any, Callable, cast
 
 import torch
 import torch.nn.functional as F
@@ -46,7 +46,7 @@ def naive_els(x: torch.Tensor, images_float: torch.Tensor, k: int, sigma: float)
     return (wts @ centres).reshape(b, h, w, c).permute(0, 3, 1, 2)
 
 
-def studio_chunk(batch: int, shape, k: int, memory: int) -> int:
+def studio_chunk(batch: int, shape: Sequence[int], k: int, memory: int) -> int:
     """Training images per studio chunk: its default 512, fewer when the materialised logits and weights
     (2 · B·K·L·H·W floats, L = interior positions) would take more than a quarter of ``memory``."""
     _c, h, w = shape
@@ -82,7 +82,7 @@ def studio_els(x: torch.Tensor, images_float: torch.Tensor, k: int, sigma: float
     return o / l
 
 
-def _random_images(n: int, shape, seed: int, smooth: bool) -> torch.Tensor:
+def _random_images(n: int, shape: Sequence[int], seed: int, smooth: bool) -> torch.Tensor:
     """Uniform uint8 noise, or (``smooth``) Gaussian noise blurred over ~2 pixels and quantised: images with local
     pixel correlations, so that pca_locality's Wiener masks are local as on natural images (on i.i.d. pixels a
     few hundred samples give a noisy covariance and an almost full mask)."""
@@ -127,22 +127,22 @@ def run_local_bench(
     ks: Iterable[int],
     *,
     n: int,
-    shape=(3, 32, 32),
+    shape: Sequence[int] = (3, 32, 32),
     batch: int = 1,
     paths: Iterable[str] = PATHS,
     sigma: float = 1.0,
-    device="cpu",
+    device: torch.device | str = "cpu",
     repeats: int = 1,
     seed: int = 0,
-    progress: Callable | None = None,
-) -> list[dict]:
+    progress: Callable[[dict[str, Any]], object] | None = None,
+) -> list[dict[str, Any]]:
     paths = list(paths)
     unknown = [p for p in paths if p not in PATHS]
     if unknown:
         raise ValueError(f"paths: expected some of {', '.join(PATHS)}, got {', '.join(map(repr, unknown))}")
     dev = torch.device(device)
     peaks = device_peaks(dev)
-    rows: list[dict] = []
+    rows: list[dict[str, Any]] = []
     for method in methods:
         if method not in METHODS:
             raise ValueError(f"methods: expected some of {', '.join(METHODS)}, got {method!r}")
@@ -157,20 +157,20 @@ def run_local_bench(
         for k in [None] if method == "pca_locality" else ks:
             # pca_locality: the authors' θ (0.05 for colour CIFAR-10, 0.005 for 1-channel MNIST-like data)
             opts = {"threshold": 0.05 if shape[0] == 3 else 0.005} if k is None else {"patch": k}
-            ref_den = make_denoiser(method, ds, backend="torch", dtype=torch.float64, **opts)
+            ref_den: Any = make_denoiser(method, ds, backend="torch", dtype=torch.float64, **opts)
             ref = ref_den(x[:1].double(), sigma)
-            extra = {}
+            extra: dict[str, Any] = {}
             if method == "pca_locality":
                 extra["mean_support"] = float(ref_den.mask_for(sigma).sum(0).double().mean())
                 extra["threshold"] = opts["threshold"]
             if method in ("els", "bbels"):
                 extra["pairs_per_image"] = ref_den.pairs_per_image(k)
-                floors = patch_floor_seconds(extra["pairs_per_image"], shape[0] * k * k, peaks)
+                floors = patch_floor_seconds(extra["pairs_per_image"], shape[0] * cast(int, k) ** 2, peaks)
                 if floors is not None:
                     extra["floor_ms"] = 1e3 * floors["exp_mma"]
                     extra["floor_simt_ms"] = 1e3 * floors["simt"]
             for path in paths:
-                row = {
+                row: dict[str, Any] = {
                     "method": method,
                     "k": k,
                     "N": n,
@@ -184,7 +184,7 @@ def run_local_bench(
                 if (
                     reason is None
                     and path == "naive"
-                    and 4 * n * (shape[1] * shape[2]) * (batch * shape[1] * shape[2] + shape[0] * k * k) * 2
+                    and 4 * n * (shape[1] * shape[2]) * (batch * shape[1] * shape[2] + shape[0] * cast(int, k) ** 2) * 2
                     > 0.5 * available_memory(dev)
                 ):
                     reason = "does not fit in memory"
@@ -195,19 +195,19 @@ def run_local_bench(
                 if path == "naive":
                     yf = ds.images_float()
 
-                    def run():
-                        return naive_els(x, yf, k, sigma)
+                    def run() -> torch.Tensor:
+                        return naive_els(x, yf, cast(int, k), sigma)  # ELS rows have a patch size
                 elif path == "studio":
                     yf = ds.images_float()
-                    chunk = min(n, studio_chunk(batch, shape, k, available_memory(dev)))
+                    chunk = min(n, studio_chunk(batch, shape, cast(int, k), available_memory(dev)))
                     row["studio_chunk"] = chunk
 
-                    def run():
-                        return studio_els(x, yf, k, sigma, chunk)
+                    def run() -> torch.Tensor:
+                        return studio_els(x, yf, cast(int, k), sigma, chunk)
                 else:
                     den = make_denoiser(method, ds, backend=path, **opts)
 
-                    def run():
+                    def run() -> torch.Tensor:
                         return den(x, sigma)
 
                 out = run()
@@ -233,7 +233,7 @@ def run_local_bench(
     return rows
 
 
-def _note(row: dict) -> str:
+def _note(row: dict[str, Any]) -> str:
     if "skipped" in row:
         return row["skipped"]
     if "mean_support" in row:
@@ -243,11 +243,11 @@ def _note(row: dict) -> str:
     return ""
 
 
-def _fmt(v, spec: str) -> str:
+def _fmt(v: float | None, spec: str) -> str:
     return "" if v is None else format(v, spec)
 
 
-def markdown_table(rows: list[dict]) -> str:
+def markdown_table(rows: list[dict[str, Any]]) -> str:
     lines = [
         "| method | k | N | B | path | ms per image per step | × reference | floor ms (exp/MMA) | × floor | "
         "SIMT floor ms | rel. err | note |",

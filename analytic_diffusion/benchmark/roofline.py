@@ -16,6 +16,8 @@ bf16 790 TFLOP/s; MUFU exp2 3.9e12/s (132 SMs × 16/clk × 1.83 GHz). Devices we
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 DEVICES = {
@@ -26,7 +28,7 @@ DEVICES = {
 MODE_MATH = {"exact": "fp32", "tf32": "tf32", "bf16": "bf16"}
 
 
-def device_peaks(device: torch.device) -> dict | None:
+def device_peaks(device: torch.device) -> dict[str, Any] | None:
     if device.type != "cuda" or not torch.cuda.is_available():
         return None
     name = torch.cuda.get_device_name(device)
@@ -36,7 +38,7 @@ def device_peaks(device: torch.device) -> dict | None:
     return None
 
 
-def floor_seconds(n: int, d: int, b: int, key_bytes: int, precision: str, peaks: dict | None) -> float | None:
+def floor_seconds(n: int, d: int, b: int, key_bytes: int, precision: str, peaks: dict[str, Any] | None) -> float | None:
     if peaks is None:
         return None
     bytes_moved = n * d * key_bytes + 2 * b * d * 4
@@ -44,7 +46,7 @@ def floor_seconds(n: int, d: int, b: int, key_bytes: int, precision: str, peaks:
     return max(bytes_moved / peaks["bandwidth"], flops / peaks[MODE_MATH[precision]])
 
 
-def patch_floor_seconds(pairs: int, features: int, peaks: dict | None) -> dict | None:
+def patch_floor_seconds(pairs: int, features: int, peaks: dict[str, Any] | None) -> dict[str, float] | None:
     """Floors of one patch-softmax call with ``pairs`` (query pixel, candidate) pairs over ``features`` = C·k²:
     {"exp_mma": the exp / bf16-MMA floor, "simt": the floor of direct distances on CUDA cores}, in seconds."""
     if peaks is None:

@@ -5,11 +5,12 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from typing import Any
 
 from .common import csv_ints
 
 
-def register(sub) -> None:
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     from ..benchmark.global_bench import PATHS
 
     p = sub.add_parser(
@@ -94,7 +95,7 @@ def _bench_device(name: str) -> str:
     return name
 
 
-def _cmd_bench_global(args) -> int:
+def _cmd_bench_global(args: argparse.Namespace) -> int:
     from ..benchmark import markdown_table, run_global_bench
 
     paths = [p for p in args.paths.split(",") if p]
@@ -127,7 +128,7 @@ def _cmd_bench_global(args) -> int:
     return 0
 
 
-def _write_bench(out: str | None, rows, table: str) -> None:
+def _write_bench(out: str | None, rows: list[dict[str, Any]], table: str) -> None:
     import os
 
     if out:
@@ -138,7 +139,7 @@ def _write_bench(out: str | None, rows, table: str) -> None:
             f.write(table + "\n")
 
 
-def _cmd_bench_local(args) -> int:
+def _cmd_bench_local(args: argparse.Namespace) -> int:
     from ..benchmark.local_bench import markdown_table, run_local_bench
 
     if len(args.shape) != 3:
@@ -165,7 +166,7 @@ def _cmd_bench_local(args) -> int:
     return 0
 
 
-def _cmd_bench_e2e(args) -> int:
+def _cmd_bench_e2e(args: argparse.Namespace) -> int:
     from ..benchmark.e2e import run_e2e
 
     if len(args.shape) != 3:

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import argparse
 import json
+from typing import Any, Callable
 
 from .common import DTYPES, add_data_args, add_grid_args, schedule_kwargs
 
 
-def register(sub) -> None:
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
         "calibrate",
         help="calibrate a local method's patch size per noise level",
@@ -73,7 +74,7 @@ def register(sub) -> None:
     p.set_defaults(func=run)
 
 
-def _parse_sizes(text):
+def _parse_sizes(text: str | None) -> list[int] | None:
     if text is None:
         return None
     try:
@@ -85,7 +86,7 @@ def _parse_sizes(text):
     return sizes
 
 
-def run(args) -> int:
+def run(args: argparse.Namespace) -> int:
     import os
 
     import torch
@@ -99,7 +100,7 @@ def run(args) -> int:
     if "patch" not in valid:
         raise ValueError(f"--method {args.method} takes no patch size, so there is nothing to calibrate")
     dtype = {"float32": torch.float32, "float64": torch.float64}[args.dtype]
-    opts = {}
+    opts: dict[str, Any] = {}
     for option, value in (("backend", args.backend), ("dtype", dtype), ("temperature", args.temperature)):
         if value is None:
             continue
@@ -122,6 +123,7 @@ def run(args) -> int:
         seed=args.seed,
         device=args.device,
     )
+    reference: str | Callable[..., torch.Tensor]
     if clean:
         reference = "clean"
     elif args.reference in DENOISERS:
@@ -130,7 +132,7 @@ def run(args) -> int:
         reference = make_denoiser(args.reference, ds, **ref_opts)
     else:  # a checkpoint (or method:NAME), checked and loaded as compare's --network
         reference, label, info = load_network_spec(args.reference, ds, device=args.device)
-        reference.name = label
+        reference.name = label  # type: ignore[attr-defined]  # a Denoiser module or a function: both take it
     table, report = calibrate_patch_sizes(
         args.method,
         reference,

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import argparse
+from typing import TYPE_CHECKING, Any, Callable
+
+if TYPE_CHECKING:
+    from ..denoisers.patch_schedule import PatchSchedule
 
 DTYPES = {"float32", "float64"}
 
@@ -14,7 +18,7 @@ DATASET_HELP = (
 )
 
 
-def add_data_args(p, *, default: str, subset_help: str) -> None:
+def add_data_args(p: argparse._ActionsContainer, *, default: str, subset_help: str) -> None:
     """The dataset flags shared by sample, calibrate and compare."""
     p.add_argument("--dataset", default=default, help=DATASET_HELP)
     p.add_argument("--split", default=None, help="train or test (default: the source's own default)")
@@ -24,7 +28,7 @@ def add_data_args(p, *, default: str, subset_help: str) -> None:
     p.add_argument("--flips", action="store_true", help="add horizontally mirrored training images")
 
 
-def add_grid_args(p, *, default: str) -> None:
+def add_grid_args(p: argparse._ActionsContainer, *, default: str) -> None:
     """The σ-grid flags shared by sample, calibrate and compare."""
     p.add_argument("--schedule", default=default, help="karras | vp-linear | vp-cosine | kamb-cosine")
     p.add_argument("--sigma-min", type=float, default=None, help="karras: smallest σ (0.002)")
@@ -33,12 +37,12 @@ def add_grid_args(p, *, default: str) -> None:
     p.add_argument("--spacing", default=None, help="vp-linear / vp-cosine: leading | trailing | linspace")
 
 
-def schedule_kwargs(args) -> dict:
+def schedule_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     kw = {"sigma_min": args.sigma_min, "sigma_max": args.sigma_max, "rho": args.rho, "spacing": args.spacing}
     return {k: v for k, v in kw.items() if v is not None}
 
 
-def load_schedule(value: str):
+def load_schedule(value: str) -> PatchSchedule:
     from ..denoisers.patch_presets import load_patch_schedule
 
     return load_patch_schedule(value)
@@ -64,7 +68,7 @@ def parse_bytes(text: str) -> int:
     return int(value)
 
 
-def parse_list(text: str, kind, flag: str) -> list:
+def parse_list(text: str, kind: Callable[[str], Any], flag: str) -> list[Any]:
     """'1,2,4' -> [1, 2, 4] (``kind`` converts each item); a clear error naming ``flag`` otherwise."""
     parts = [v.strip() for v in str(text).split(",") if v.strip()]
     try:
@@ -76,7 +80,7 @@ def parse_list(text: str, kind, flag: str) -> list:
     return values
 
 
-def add_network_args(p) -> None:
+def add_network_args(p: argparse._ActionsContainer) -> None:
     """The built-in network's flags shared by the subcommands that train one (dynamics, stability)."""
     p.add_argument("--arch", default="resnet", choices=["resnet", "unet"], help="network architecture")
     p.add_argument("--channels", type=int, default=64, help="channels (UNet: at full resolution)")
@@ -90,16 +94,16 @@ def add_network_args(p) -> None:
     p.add_argument("--lr", type=float, default=2e-3, help="Adam learning rate")
 
 
-def network_blocks(args) -> int:
+def network_blocks(args: argparse.Namespace) -> int:
     """--blocks, or the architecture's default (ResNet 8 in all, UNet 2 per level)."""
     return args.blocks if args.blocks is not None else (8 if args.arch == "resnet" else 2)
 
 
-def network_train_kwargs(args) -> dict:
+def network_train_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     return dict(channels=args.channels, blocks=network_blocks(args), batch_size=args.batch_size, lr=args.lr)
 
 
-def set_threads(threads) -> None:
+def set_threads(threads: int | None) -> None:
     """--threads: torch's CPU thread count (None leaves torch's own choice)."""
     if threads is None:
         return

@@ -7,7 +7,7 @@ import argparse
 from .common import DTYPES, add_data_args, add_grid_args, load_schedule, schedule_kwargs
 
 
-def register(sub) -> None:
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
         "compare",
         help="compare analytic denoisers with a trained network (r², MSE, Pearson r, memorisation)",
@@ -65,7 +65,7 @@ def register(sub) -> None:
     p.set_defaults(func=run)
 
 
-def _parse_seeds(text: str, first: int):
+def _parse_seeds(text: str, first: int) -> int | list[int]:
     """'8' -> 8 seeds from --seed; '1,5,9' -> those seeds."""
     msg = f"--seeds: expected a count >= 1 or comma-separated non-negative integers, got {text!r}"
     parts = [v.strip() for v in str(text).split(",") if v.strip()]
@@ -80,7 +80,7 @@ def _parse_seeds(text: str, first: int):
     return values[0] if len(values) == 1 and "," not in str(text) else values
 
 
-def run(args) -> int:
+def run(args: argparse.Namespace) -> int:
     from ..analysis.compare import run_compare
 
     if args.patch is not None and args.patch_schedule is not None:

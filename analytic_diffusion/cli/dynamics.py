@@ -7,7 +7,7 @@ import argparse
 from .common import add_network_args, network_train_kwargs, parse_list, set_threads
 
 
-def register(sub) -> None:
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
         "dynamics",
         help="track memorisation through training for several training-set sizes",
@@ -55,7 +55,7 @@ def register(sub) -> None:
     p.set_defaults(func=run)
 
 
-def run(args) -> int:
+def run(args: argparse.Namespace) -> int:
     import os
 
     from ..analysis.dynamics import training_dynamics

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
 
-def run(args) -> int:
+if TYPE_CHECKING:
+    import argparse
+
+
+def run(args: argparse.Namespace) -> int:
     from ..denoisers import DENOISERS, denoiser_options
 
     for name, cls in DENOISERS.items():
@@ -12,5 +17,5 @@ def run(args) -> int:
     return 0
 
 
-def register(sub) -> None:
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     sub.add_parser("methods", help="list the analytic denoisers and their options").set_defaults(func=run)

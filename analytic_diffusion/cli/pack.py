@@ -8,7 +8,7 @@ import sys
 from .common import DATASET_HELP
 
 
-def register(sub) -> None:
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
         "pack",
         help="pack a dataset for out-of-core use (--dataset OUT maps it)",
@@ -26,7 +26,7 @@ def register(sub) -> None:
     p.set_defaults(func=run)
 
 
-def run(args) -> int:
+def run(args: argparse.Namespace) -> int:
     from ..data import load_dataset
     from ..data.packed import pack
 

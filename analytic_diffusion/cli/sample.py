@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import argparse
+from typing import TYPE_CHECKING, Any, Callable
+
+if TYPE_CHECKING:
+    import torch
 
 from .common import DTYPES, add_data_args, add_grid_args, load_schedule, parse_bytes, schedule_kwargs
 
 
-def register(sub) -> None:
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
         "sample",
         help="generate samples with an analytic denoiser",
@@ -172,7 +176,7 @@ def register(sub) -> None:
 
 
 # CLI flag -> denoiser keyword.
-_METHOD_FLAGS = {
+_METHOD_FLAGS: dict[str, str | tuple[str, ...]] = {
     "k": "k",
     "ref_size": "ref_size",
     "rank": "rank",
@@ -195,7 +199,7 @@ _METHOD_FLAGS = {
 }
 
 
-def _load_masks(value: str):
+def _load_masks(value: str) -> str | torch.Tensor:
     """A .npy path is loaded as a tensor; any other value is a mask name for the method ('wiener', ...)."""
     if not value.lower().endswith(".npy"):
         return value
@@ -212,14 +216,14 @@ def _load_masks(value: str):
         raise ValueError(f"--masks: cannot read {value!r} as a .npy array ({e})") from None
 
 
-def _parse_tau(value: str):
+def _parse_tau(value: str) -> float | dict[float, float]:
     """'0.5' -> 0.5; '80:1,1.0:0.5,0.002:0.3' -> {σ: τ} (looked up at the nearest σ in log space)."""
     msg = f"--tau: expected a number T or comma-separated SIGMA:T pairs, got {value!r}"
     parts = [v.strip() for v in value.split(",") if v.strip()]
     try:
         if len(parts) == 1 and ":" not in parts[0]:
             return float(parts[0])
-        table = {}
+        table: dict[float, float] = {}
         for part in parts:
             sigma, tau = part.split(":")
             table[float(sigma)] = float(tau)
@@ -230,16 +234,18 @@ def _parse_tau(value: str):
     return table
 
 
-_CONVERT = {"patch_schedule": load_schedule, "masks": _load_masks, "tau": _parse_tau}
+_CONVERT: dict[str, Callable[[str], Any]] = {"patch_schedule": load_schedule, "masks": _load_masks, "tau": _parse_tau}
 
 
-def _method_options(args) -> dict:
+def _method_options(args: argparse.Namespace) -> dict[str, Any]:
     from ..denoisers import denoiser_options
 
     valid = set(denoiser_options(args.method))
     if getattr(args, "patch", None) is not None and getattr(args, "patch_schedule", None) is not None:
         raise ValueError("give either --patch or --patch-schedule, not both")
-    opts, unused = {}, []
+    opts: dict[str, Any] = {}
+    unused: list[str] = []
+    option: str | tuple[str, ...] | None
     for flag, option in _METHOD_FLAGS.items():
         value = getattr(args, flag, None)
         if value is None:
@@ -262,7 +268,7 @@ def _method_options(args) -> dict:
     return opts
 
 
-def run(args) -> int:
+def run(args: argparse.Namespace) -> int:
     from ..sampling.run import run_sample
 
     run_sample(

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
 
-def run(args) -> int:
+if TYPE_CHECKING:
+    import argparse
+
+
+def run(args: argparse.Namespace) -> int:
     from ..denoisers.patch_presets import ALIASES, PRESET_INFO, PRESETS
 
     for name, sch in PRESETS.items():
@@ -17,5 +22,5 @@ def run(args) -> int:
     return 0
 
 
-def register(sub) -> None:
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     sub.add_parser("schedules", help="list the patch-size schedule presets (σ span and sizes)").set_defaults(func=run)

@@ -8,7 +8,7 @@ import os
 from .common import add_network_args, network_train_kwargs, parse_list, set_threads
 
 
-def register(sub) -> None:
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
         "stability",
         help="train networks on disjoint halves of a dataset and compare their samples",
@@ -37,7 +37,7 @@ def register(sub) -> None:
     p.set_defaults(func=run)
 
 
-def run(args) -> int:
+def run(args: argparse.Namespace) -> int:
     from ..analysis.stability import training_set_stability
     from ..sampling.run import prepare_dataset
 

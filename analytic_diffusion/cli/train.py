@@ -7,7 +7,7 @@ import argparse
 from .common import network_blocks, set_threads
 
 
-def register(sub) -> None:
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
         "train",
         help="train a small reference network (local ResNet or 2-level UNet) as an EDM denoiser",
@@ -54,7 +54,7 @@ def register(sub) -> None:
     p.set_defaults(func=run)
 
 
-def run(args) -> int:
+def run(args: argparse.Namespace) -> int:
     import os
 
     from ..networks.train import plot_losses, train_network

@@ -7,7 +7,7 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 
@@ -26,12 +26,14 @@ def fingerprint(tensor: torch.Tensor) -> str:
     return h.hexdigest()
 
 
-def key_path(kind: str, params: dict) -> Path:
+def key_path(kind: str, params: dict[str, Any]) -> Path:
     digest = hashlib.blake2b(_canonical(params).encode(), digest_size=16).hexdigest()
     return cache_dir() / f"{kind}-{digest}.pt"
 
 
-def cached(kind: str, params: dict, compute: Callable[[], dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+def cached(
+    kind: str, params: dict[str, Any], compute: Callable[[], dict[str, torch.Tensor]]
+) -> dict[str, torch.Tensor]:
     """Load ``kind`` for ``params`` from disk, or compute it and store it atomically.
 
     The file also stores the full parameter text and is only trusted when it matches (guards against hash
@@ -45,16 +47,16 @@ def cached(kind: str, params: dict, compute: Callable[[], dict[str, torch.Tensor
     return tensors
 
 
-def lookup(kind: str, params: dict) -> dict[str, torch.Tensor] | None:
+def lookup(kind: str, params: dict[str, Any]) -> dict[str, torch.Tensor] | None:
     """The stored entry for ``params``, or None (missing, foreign or unreadable)."""
     return _load(key_path(kind, params), _canonical(params))
 
 
-def store(kind: str, params: dict, tensors: dict[str, torch.Tensor]) -> None:
+def store(kind: str, params: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
     _save_atomic(key_path(kind, params), {"params": _canonical(params), "tensors": tensors})
 
 
-def _canonical(params: dict) -> str:
+def _canonical(params: dict[str, Any]) -> str:
     return json.dumps(params, sort_keys=True, default=str)
 
 
@@ -70,7 +72,7 @@ def _load(path: Path, text: str) -> dict[str, torch.Tensor] | None:
         return None
 
 
-def _save_atomic(path: Path, blob) -> None:
+def _save_atomic(path: Path, blob: dict[str, Any]) -> None:
     """Write to a temp file in the same directory, then os.replace: readers never see a partial file."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Union
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Union, cast
 
 import numpy as np
 import torch
 
 from ..ops.keys import KeyBank
 from . import cache as stats_cache
+
+if TYPE_CHECKING:
+    from ..ops.distributed import Shard, ShardGroup
 
 UINT8_SCALE, UINT8_SHIFT = 2.0 / 255.0, -1.0
 # Float input may overshoot [-1, 1] by rounding (x / 127.5 - 1 in float32); beyond this it is a real error.
@@ -40,8 +43,8 @@ class Dataset:
         subset: str = "all",
         flips: bool = False,
         class_names: Sequence[str] | None = None,
-        device=None,
-    ):
+        device: torch.device | str | None = None,
+    ) -> None:
         _check_images(images, source)
         if device is not None:
             images = images.to(device)
@@ -53,8 +56,8 @@ class Dataset:
         self._keys: KeyBank | None = None
         self._fingerprint: str | None = None
         self._stats: dict[str, dict[str, torch.Tensor]] = {}
-        self._shard = None  # ops.distributed.Shard when this holds one rank's rows of a sharded set
-        self._mapped = None  # data.packed.MappedRows when the images are a view of a memory-mapped file
+        self._shard: Shard | None = None  # ops.distributed.Shard when this holds one rank's rows of a sharded set
+        self._mapped: Any = None  # data.packed.MappedRows when the images are a view of a memory-mapped file
 
     # ---------------------------------------------------------------- construction
     @classmethod
@@ -68,7 +71,7 @@ class Dataset:
         split: str | None = None,
         transform: str = "none",
         class_names: Sequence[str] | None = None,
-        device="cpu",
+        device: torch.device | str | None = "cpu",
         layout: str | None = None,
     ) -> Dataset:
         """Images as NCHW, NHWC or NHW (grayscale); numpy or torch.
@@ -125,7 +128,7 @@ class Dataset:
         return self.num_stored if self._shard is None else self._shard.total
 
     @property
-    def sharding(self):
+    def sharding(self) -> Shard | None:
         """The :class:`~analytic_diffusion.ops.distributed.Shard` this rank holds, or None."""
         return self._shard
 
@@ -139,7 +142,7 @@ class Dataset:
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
-        return tuple(self._images.shape[1:])
+        return cast("tuple[int, int, int]", tuple(self._images.shape[1:]))  # (N, C, H, W) is checked
 
     @property
     def dim(self) -> int:
@@ -167,7 +170,7 @@ class Dataset:
         return UINT8_SHIFT if self._images.dtype == torch.uint8 else 0.0
 
     @property
-    def classes(self) -> list | None:
+    def classes(self) -> list[int] | None:
         """Labels present (over every shard when sharded: then a collective)."""
         if self._labels is None:
             return None
@@ -201,7 +204,7 @@ class Dataset:
                 self._keys.get_center(torch.float64)
         return self._keys
 
-    def shard(self, group) -> Dataset:
+    def shard(self, group: ShardGroup) -> Dataset:
         """This rank's contiguous, balanced shard of the stored images (``group``: an
         :class:`~analytic_diffusion.ops.distributed.ShardGroup`; a collective, every rank calls it).
 
@@ -225,7 +228,9 @@ class Dataset:
         out._fingerprint = fp  # the whole set's: statistics are the whole set's, and so is their cache key
         return out
 
-    def images_float(self, index=None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    def images_float(
+        self, index: int | Sequence[int] | torch.Tensor | None = None, dtype: torch.dtype = torch.float32
+    ) -> torch.Tensor:
         """Float images in [-1, 1]: all ``n`` candidates (index None) or those at ``index`` (int, list, tensor).
 
         Index i ≥ N (flips on) is image i − N mirrored left-right.
@@ -265,7 +270,7 @@ class Dataset:
         idx = torch.randperm(self.num_stored, generator=gen)[:n].sort().values.to(self.device)
         return self._derive(self._images[idx], _take(self._labels, idx), self._chain(f"random{n}@seed{seed}"))
 
-    def filter_classes(self, classes) -> Dataset:
+    def filter_classes(self, classes: int | Iterable[int]) -> Dataset:
         """Only the images whose label is in ``classes`` (an int or a collection of ints)."""
         self._unsharded("filter_classes")
         if self._labels is None:
@@ -287,7 +292,7 @@ class Dataset:
             twin = self.__dict__["_flip_twin"] = self._derive(self._images, self._labels, flips=bool(on))
         return twin
 
-    def to(self, device) -> Dataset:
+    def to(self, device: torch.device | str) -> Dataset:
         out = self._derive(self._images.to(device), _take(self._labels, None, device))
         out._fingerprint = self._fingerprint  # same bytes, different device
         return out
@@ -296,7 +301,7 @@ class Dataset:
         return step if self.subset_desc == "all" else f"{self.subset_desc}|{step}"
 
     # ---------------------------------------------------------------- statistics
-    def cache_params(self) -> dict:
+    def cache_params(self) -> dict[str, Any]:
         """Every parameter that changes the statistics; hashed into the cache file name."""
         if self._fingerprint is None:
             self._fingerprint = stats_cache.fingerprint(self._images)
@@ -323,7 +328,7 @@ class Dataset:
         """(D, D) float64 population covariance (1/N), accumulated in chunks: O(D² + chunk·D) memory."""
         return self._stat("cov", lambda: self._compute_covariance(self.mean(cache=cache)), cache)["cov"]
 
-    def pca(self, rank: int | None = None, *, cache: bool = True):
+    def pca(self, rank: int | None = None, *, cache: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(mean (D,), eigenvalues descending and ≥ 0, U with eigenvectors as columns), float64.
 
         ``rank`` keeps the leading ``rank`` components: eigenvalues (rank,), U (D, rank).
@@ -336,7 +341,9 @@ class Dataset:
             vals, vecs = vals[: int(rank)], vecs[:, : int(rank)]
         return mean, vals, vecs
 
-    def _stat(self, kind: str, compute, use_cache: bool) -> dict[str, torch.Tensor]:
+    def _stat(
+        self, kind: str, compute: Callable[[], dict[str, torch.Tensor]], use_cache: bool
+    ) -> dict[str, torch.Tensor]:
         if kind not in self._stats:
             if self._shard is not None:
                 out = self._stat_sharded(kind, compute, use_cache)
@@ -345,20 +352,22 @@ class Dataset:
             self._stats[kind] = {k: v.to(self.device) for k, v in out.items()}
         return self._stats[kind]
 
-    def _stat_sharded(self, kind: str, compute, use_cache: bool) -> dict[str, torch.Tensor]:
+    def _stat_sharded(
+        self, kind: str, compute: Callable[[], dict[str, torch.Tensor]], use_cache: bool
+    ) -> dict[str, torch.Tensor]:
         """The cache is used only when every rank finds the entry (computing is a collective: all ranks or
         none); rank 0 alone writes it."""
-        group = self._shard.group
+        group = cast("Shard", self._shard).group  # called only when sharded
         params = self.cache_params()
         hit = stats_cache.lookup(kind, params) if use_cache else None
         if all(group.all_gather_object(hit is not None, f"{kind} cache lookup")):
-            return hit
+            return cast("dict[str, torch.Tensor]", hit)  # every rank, this one included, found it
         out = {k: v.detach().cpu() for k, v in compute().items()}
         if use_cache and group.rank == 0:
             stats_cache.store(kind, params, out)
         return out
 
-    def _chunks(self):
+    def _chunks(self) -> Iterator[torch.Tensor]:
         elements = STATS_CHUNK_ELEMENTS
         if self._mapped is not None:  # out of core: chunks within the retrieval budget too (float64, ~2 copies)
             from ..ops import retrieval
@@ -415,7 +424,7 @@ class Dataset:
 LAYOUTS = ("NCHW", "NHWC", "NHW")
 
 
-def _read_layout(shape, layout: str | None, source: str) -> str:
+def _read_layout(shape: tuple[int, ...], layout: str | None, source: str) -> str:
     """The layout of an image array: ``layout`` when given (checked against the shape), else from the shape
     only where it can mean one thing (see :meth:`Dataset.from_array`)."""
     if layout is not None:
@@ -440,7 +449,7 @@ def _read_layout(shape, layout: str | None, source: str) -> str:
 
 
 def standardize_images(
-    array: ArrayLike, source: str = "array", value_range=None, layout: str | None = None
+    array: ArrayLike, source: str = "array", value_range: tuple[float, float] | None = None, layout: str | None = None
 ) -> torch.Tensor:
     """Any supported layout/dtype -> the stored form: (N, C, H, W) uint8, or float32 / float64 in [-1, 1]
     (validated)."""
@@ -464,8 +473,10 @@ def standardize_images(
     return _to_storage(x, source, value_range).contiguous()
 
 
-def _to_storage(x: torch.Tensor, source: str, value_range) -> torch.Tensor:
+def _to_storage(x: torch.Tensor, source: str, value_range: tuple[float, float] | None) -> torch.Tensor:
     """uint8 stays uint8, float64 stays float64; everything else becomes float32 in [-1, 1] after range checks."""
+    lo: float
+    hi: float
     if x.dtype == torch.uint8:
         if value_range is not None and tuple(value_range) != (0, 255):
             raise ValueError(f"{source}: uint8 images are always in (0, 255), got value_range={value_range}")
@@ -512,7 +523,7 @@ def _check_images(images: torch.Tensor, source: str) -> None:
             raise ValueError(f"{source}: float images must lie in [-1, 1], got max |x| = {float(images.abs().max()):g}")
 
 
-def _check_labels(labels, n: int, source: str, device) -> torch.Tensor | None:
+def _check_labels(labels: torch.Tensor | None, n: int, source: str, device: torch.device) -> torch.Tensor | None:
     if labels is None:
         return None
     labels = torch.as_tensor(labels)
@@ -525,7 +536,9 @@ def _check_labels(labels, n: int, source: str, device) -> torch.Tensor | None:
     return labels.to(device=device, dtype=torch.int64, copy=True)  # labels are tiny: never alias the caller's
 
 
-def _take(labels: torch.Tensor | None, index, device=None) -> torch.Tensor | None:
+def _take(
+    labels: torch.Tensor | None, index: slice | torch.Tensor | None, device: torch.device | str | None = None
+) -> torch.Tensor | None:
     if labels is None:
         return None
     out = labels if index is None else labels[index]

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
+from typing import Any
 
 from .dataset import Dataset
 from .readers import IDX_IMAGES_MAGIC, IDX_LABELS_MAGIC, _finish, _options, read_idx
+from .transforms import Resolution
 
 MNIST_DIR = Path(__file__).with_name("mnist")
 IMAGES_FILE, LABELS_FILE = "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"
@@ -37,7 +39,7 @@ def verify_embedded() -> None:
     _verified = True
 
 
-def load_mnist(split: str = "test", pad_to=None, **options) -> Dataset:
+def load_mnist(split: str = "test", pad_to: Resolution | None = None, **options: Any) -> Dataset:
     """The embedded MNIST test set: 10000×1×28×28 uint8, labels 0-9; ``pad_to=32`` centres it on black 32×32.
 
     Other options (``resolution``, ``grayscale``, ``labels``, ``device``) as for every loader.
@@ -50,7 +52,7 @@ def load_mnist(split: str = "test", pad_to=None, **options) -> Dataset:
     return _finish(images, labels, source="mnist(embedded)", split="test", pad_to=pad_to, **_options(options))
 
 
-def load_embedded(name: str, split: str | None = None, pad_to=None, **options) -> Dataset:
+def load_embedded(name: str, split: str | None = None, pad_to: Resolution | None = None, **options: Any) -> Dataset:
     """``load_dataset`` entry for the built-in names in :data:`NAMES`."""
     default_pad = NAMES[name]
     if pad_to is not None and default_pad is not None and pad_to != default_pad:

@@ -11,21 +11,22 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import pickle
 import re
 import zipfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Callable
+from typing import IO, Any, Callable
 
 import numpy as np
 import torch
 from PIL import Image
 
 from . import embedded
-from .dataset import Dataset
+from .dataset import ArrayLike, Dataset
 from .readers import IDX_IMAGES_MAGIC, IDX_LABELS_MAGIC, _finish, _options, read_idx
-from .transforms import as_size, resize, to_rgb
+from .transforms import Resolution, as_size, resize, to_rgb
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 GRAY_MODES = ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F")
@@ -59,7 +60,7 @@ def _first_existing(folder: Path, stems: Iterable[str]) -> Path | None:
     return None
 
 
-def load_idx(path, *, split: str = "train", **options) -> Dataset:
+def load_idx(path: str | os.PathLike[str], *, split: str = "train", **options: Any) -> Dataset:
     """MNIST-format idx data: a folder with {train,t10k}-{images-idx3,labels-idx1}-ubyte[.gz], or an images file.
 
     The labels file is optional (found next to the images file by name).
@@ -71,7 +72,7 @@ def load_idx(path, *, split: str = "train", **options) -> Dataset:
     images = read_idx(images_path, IDX_IMAGES_MAGIC)
     if images.ndim != 3:
         raise ValueError(f"{images_path}: expected 3 dims (N, H, W), got {images.shape}")
-    labels = None
+    labels: np.ndarray | None = None
     if labels_path is not None and options.get("labels", True):
         labels = read_idx(labels_path, IDX_LABELS_MAGIC).astype(np.int64)
         if labels.shape != (images.shape[0],):
@@ -87,7 +88,7 @@ class _NumpyOnlyUnpickler(pickle.Unpickler):
 
     ALLOWED = frozenset({"_reconstruct", "ndarray", "dtype", "scalar"})
 
-    def find_class(self, module, name):
+    def find_class(self, module: str, name: str) -> Any:
         if (module, name) == ("_codecs", "encode"):  # how Python 3 writes bytes in protocol-2 pickles
             return super().find_class(module, name)
         if module.split(".")[0] == "numpy" and name in self.ALLOWED:
@@ -180,7 +181,7 @@ def _cifar_files(path: Path, split: str) -> tuple[list[Path], str] | None:
     return None
 
 
-def load_cifar(path, *, split: str = "train", **options) -> Dataset:
+def load_cifar(path: str | os.PathLike[str], *, split: str = "train", **options: Any) -> Dataset:
     """CIFAR-10/100: a folder (python or binary version, or its parent) or one batch file."""
     path = Path(path)
     if not path.exists():
@@ -202,12 +203,16 @@ def load_cifar(path, *, split: str = "train", **options) -> Dataset:
 
 
 # ==================================================================== image folders and EDM zips
-def _decode_images(entries: Sequence[tuple[str, Callable]], resolution, grayscale) -> np.ndarray:
+def _decode_images(
+    entries: Sequence[tuple[str, Callable[[], IO[bytes]]]], resolution: Resolution | None, grayscale: bool | None
+) -> np.ndarray:
     """Decode (name, open-binary-file) entries into (N, C, H, W) uint8, resizing each when asked.
 
     Grayscale sources stay one channel unless mixed with colour ones (then all become RGB).
     """
     size = as_size(resolution) if resolution is not None else None
+    arrays: list[np.ndarray]
+    first: tuple[str, tuple[int, ...]] | None
     arrays, first = [], None
     for name, opener in entries:
         try:
@@ -249,7 +254,14 @@ def _image_name(name: str) -> bool:
     return name.lower().endswith(IMAGE_EXTENSIONS) and not any(p.startswith(".") for p in parts)
 
 
-def load_image_folder(path, *, split: str | None = None, resolution=None, grayscale=None, **options) -> Dataset:
+def load_image_folder(
+    path: str | os.PathLike[str],
+    *,
+    split: str | None = None,
+    resolution: Resolution | None = None,
+    grayscale: bool | None = None,
+    **options: Any,
+) -> Dataset:
     """PNG/JPEG files found recursively, in sorted order. When every image sits inside a subfolder, the label
     is the index of its top-level subfolder name in sorted order (``class_names``); otherwise no labels."""
     root = Path(path)
@@ -259,6 +271,8 @@ def load_image_folder(path, *, split: str | None = None, resolution=None, graysc
     if not files:
         raise ValueError(f"{root}: empty dataset: no image files ({', '.join(IMAGE_EXTENSIONS)}) found")
     rel = [p.relative_to(root).parts for p in files]
+    class_names: list[str] | None
+    labels: np.ndarray | None
     class_names = labels = None
     if all(len(parts) >= 2 for parts in rel):
         class_names = sorted({parts[0] for parts in rel})
@@ -278,7 +292,14 @@ def load_image_folder(path, *, split: str | None = None, resolution=None, graysc
     )
 
 
-def load_edm_zip(path, *, split: str | None = None, resolution=None, grayscale=None, **options) -> Dataset:
+def load_edm_zip(
+    path: str | os.PathLike[str],
+    *,
+    split: str | None = None,
+    resolution: Resolution | None = None,
+    grayscale: bool | None = None,
+    **options: Any,
+) -> Dataset:
     """An EDM ``dataset_tool.py`` zip: images inside, labels from ``dataset.json`` {"labels": [[name, label]]}."""
     path = Path(path)
     if not path.is_file():
@@ -291,7 +312,7 @@ def load_edm_zip(path, *, split: str | None = None, resolution=None, grayscale=N
         names = sorted(n for n in archive.namelist() if _image_name(n) and not n.startswith("__MACOSX"))
         if not names:
             raise ValueError(f"{path}: empty dataset: no image files inside the zip")
-        labels = None
+        labels: np.ndarray | None = None
         if "dataset.json" in archive.namelist():
             try:
                 meta = json.loads(archive.read("dataset.json"))
@@ -331,7 +352,14 @@ def load_edm_zip(path, *, split: str | None = None, resolution=None, grayscale=N
 
 
 # ==================================================================== numpy files and arrays
-def load_numpy(path, *, split: str = "train", value_range=None, layout: str | None = None, **options) -> Dataset:
+def load_numpy(
+    path: str | os.PathLike[str],
+    *,
+    split: str = "train",
+    value_range: tuple[float, float] | None = None,
+    layout: str | None = None,
+    **options: Any,
+) -> Dataset:
     """.npy (images only) or .npz: images under x_{split}, images_{split}, images, x (else the first array);
     labels under y_{split}, labels_{split}, labels, y. Float data in [-1, 1] unless ``value_range`` says;
     ``layout`` where the shape is ambiguous (see :meth:`Dataset.from_array`)."""
@@ -342,7 +370,7 @@ def load_numpy(path, *, split: str = "train", value_range=None, layout: str | No
         loaded = np.load(path, allow_pickle=False)
     except (ValueError, OSError, EOFError) as e:
         raise ValueError(f"{path}: cannot read as .npy/.npz ({e})") from None
-    labels = None
+    labels: np.ndarray | None = None
     if isinstance(loaded, np.ndarray):
         images = loaded
     else:
@@ -366,14 +394,14 @@ def load_numpy(path, *, split: str = "train", value_range=None, layout: str | No
 
 
 def load_array(
-    array,
-    labels=None,
+    array: ArrayLike,
+    labels: ArrayLike | Sequence[int] | None = None,
     *,
     source: str = "array",
     split: str | None = None,
-    value_range=None,
+    value_range: tuple[float, float] | None = None,
     layout: str | None = None,
-    **options,
+    **options: Any,
 ) -> Dataset:
     """In-memory numpy array or tensor (NCHW, NHWC or NHW, ``layout`` where the shape is ambiguous); see
     :meth:`Dataset.from_array`."""
@@ -410,21 +438,23 @@ def detect_format(path: Path) -> Callable[..., Dataset]:
 
 
 def load_dataset(
-    source,
+    source: str | Path | np.ndarray | torch.Tensor,
     *,
     split: str | None = None,
-    resolution=None,
+    resolution: Resolution | None = None,
     grayscale: bool | None = None,
-    pad_to=None,
+    pad_to: Resolution | None = None,
     labels: bool = True,
-    device="cpu",
+    device: torch.device | str = "cpu",
 ) -> Dataset:
     """Load a dataset from a path, a built-in name ("mnist": the embedded 10k test set at 28×28, "mnist32":
     zero-padded to 32×32), or an in-memory array/tensor.
 
     ``split`` defaults to "train" for files and "test" for the embedded MNIST (the only split shipped).
     """
-    options = dict(resolution=resolution, grayscale=grayscale, pad_to=pad_to, labels=labels, device=device)
+    options: dict[str, Any] = dict(
+        resolution=resolution, grayscale=grayscale, pad_to=pad_to, labels=labels, device=device
+    )
     if isinstance(source, (np.ndarray, torch.Tensor)):  # unlabelled; use load_array(images, labels) for labels
         options.pop("labels")
         return load_array(source, split=split, **options)

@@ -19,12 +19,18 @@ import hashlib
 import json
 import mmap
 import os
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from .dataset import Dataset
+from .transforms import Resolution
+
+if TYPE_CHECKING:
+    from ..ops.distributed import ShardGroup
 
 FORMAT = "analytic-diffusion-packed"
 VERSION = 1
@@ -33,16 +39,18 @@ BLOCK_BYTES = 64 * 2**20  # checksum granularity
 PAGE = mmap.PAGESIZE
 
 
-def is_packed(path) -> bool:
+def is_packed(path: str | os.PathLike[str]) -> bool:
     p = Path(path)
     return p.is_dir() and (p / HEADER).is_file()
 
 
-def _hash(buf) -> str:
+def _hash(buf: bytes | memoryview) -> str:
     return hashlib.blake2b(buf, digest_size=16).hexdigest()
 
 
-def pack(dataset: Dataset, out, *, progress=None) -> dict:
+def pack(
+    dataset: Dataset, out: str | os.PathLike[str], *, progress: Callable[[int, int], object] | None = None
+) -> dict[str, Any]:
     """Write ``dataset`` (uint8 images) to the folder ``out``; returns the header. Streams ``BLOCK_BYTES`` at a time."""
     if dataset.dtype != torch.uint8:
         raise ValueError(
@@ -91,7 +99,7 @@ def pack(dataset: Dataset, out, *, progress=None) -> dict:
     return header
 
 
-def read_header(path) -> dict:
+def read_header(path: str | os.PathLike[str]) -> dict[str, Any]:
     p = Path(path) / HEADER
     if not p.is_file():
         raise FileNotFoundError(f"{p}: no packed-dataset header (write one with `analytic-diffusion pack`)")
@@ -109,7 +117,7 @@ def read_header(path) -> dict:
     return h
 
 
-def _map_images(path: Path, header: dict) -> np.memmap:
+def _map_images(path: Path, header: dict[str, Any]) -> np.memmap:
     f = path / IMAGES
     if not f.is_file():
         raise FileNotFoundError(f"{f}: the packed images are missing")
@@ -130,10 +138,10 @@ def _map_images(path: Path, header: dict) -> np.memmap:
 class MappedRows:
     """Rows of a memory-mapped array that can be given back to the OS once read (``release``)."""
 
-    def __init__(self, arr: np.memmap, start: int):
+    def __init__(self, arr: np.memmap, start: int) -> None:
         self.arr, self.start = arr, start
         self.row_bytes = int(np.prod(arr.shape[1:]))
-        self._mm = arr._mmap  # the mapping np.memmap made; the array starts at arr.offset % granularity in it
+        self._mm = arr._mmap  # type: ignore[attr-defined, unused-ignore]  # the mapping np.memmap made; the array starts at arr.offset % granularity in it
         self._base = arr.offset % mmap.ALLOCATIONGRANULARITY if hasattr(arr, "offset") else 0
 
     def _range(self, a: int, b: int) -> tuple[int, int]:
@@ -155,7 +163,7 @@ class MappedRows:
             self._mm.madvise(mmap.MADV_WILLNEED, lo, length)
 
 
-def _verify(path: Path, arr: np.memmap, header: dict, start: int, stop: int, pages: MappedRows) -> None:
+def _verify(path: Path, arr: np.memmap, header: dict[str, Any], start: int, stop: int, pages: MappedRows) -> None:
     """Check the block checksums over rows start:stop (whole blocks), releasing the pages as it goes."""
     block_rows, sums = int(header["block_rows"]), header["block_checksums"]
     n = arr.shape[0]
@@ -171,7 +179,13 @@ def _verify(path: Path, arr: np.memmap, header: dict, start: int, stop: int, pag
         pages.release(s - pages.start, e - pages.start)
 
 
-def load_packed(path, *, rows: tuple[int, int] | None = None, verify: bool = True, device="cpu") -> Dataset:
+def load_packed(
+    path: str | os.PathLike[str],
+    *,
+    rows: tuple[int, int] | None = None,
+    verify: bool = True,
+    device: torch.device | str = "cpu",
+) -> Dataset:
     """The packed dataset at ``path``, mapped (not read): all rows, or ``rows`` = (start, stop) only.
 
     ``verify`` checks the checksums of the blocks holding the mapped rows (one streaming pass). The dataset's
@@ -217,7 +231,7 @@ def load_packed(path, *, rows: tuple[int, int] | None = None, verify: bool = Tru
     return ds
 
 
-def load_packed_shard(path, group, *, verify: bool = True) -> Dataset:
+def load_packed_shard(path: str | os.PathLike[str], group: ShardGroup, *, verify: bool = True) -> Dataset:
     """This rank's shard of the packed dataset at ``path`` (``group``: an ops.distributed.ShardGroup): only the
     shard's rows are mapped and verified. A collective; the ranks first compare the file's checksum."""
     from ..ops.distributed import Shard
@@ -232,7 +246,14 @@ def load_packed_shard(path, group, *, verify: bool = True) -> Dataset:
     return ds
 
 
-def check_options(path, *, split=None, resolution=None, grayscale=None, pad_to=None) -> None:
+def check_options(
+    path: str | os.PathLike[str],
+    *,
+    split: str | None = None,
+    resolution: Resolution | None = None,
+    grayscale: bool | None = None,
+    pad_to: Resolution | None = None,
+) -> None:
     """Loader options a packed folder cannot honour raise (it is used as packed), before anything is mapped."""
     for name, value in (("resolution", resolution), ("pad_to", pad_to), ("grayscale", grayscale)):
         if value is not None:
@@ -246,7 +267,14 @@ def check_options(path, *, split=None, resolution=None, grayscale=None, pad_to=N
 
 
 def load_packed_dataset(
-    path, *, split=None, resolution=None, grayscale=None, pad_to=None, labels: bool = True, device="cpu"
+    path: str | os.PathLike[str],
+    *,
+    split: str | None = None,
+    resolution: Resolution | None = None,
+    grayscale: bool | None = None,
+    pad_to: Resolution | None = None,
+    labels: bool = True,
+    device: torch.device | str = "cpu",
 ) -> Dataset:
     """:func:`load_dataset`'s loader for a packed folder: the images are used as packed."""
     check_options(path, split=split, resolution=resolution, grayscale=grayscale, pad_to=pad_to)

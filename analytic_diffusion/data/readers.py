@@ -7,31 +7,33 @@ from __future__ import annotations
 
 import gzip
 import math
+import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
-from .dataset import Dataset, standardize_images
-from .transforms import apply_transforms
+from .dataset import ArrayLike, Dataset, standardize_images
+from .transforms import Resolution, apply_transforms
 
 IDX_IMAGES_MAGIC, IDX_LABELS_MAGIC = 2051, 2049
 
 
 # ==================================================================== shared finishing step
 def _finish(
-    images,
-    labels,
+    images: ArrayLike,
+    labels: ArrayLike | Sequence[int] | None,
     *,
     source: str,
     split: str | None,
-    resolution=None,
-    grayscale=None,
-    pad_to=None,
+    resolution: Resolution | None = None,
+    grayscale: bool | None = None,
+    pad_to: Resolution | None = None,
     labels_wanted: bool = True,
-    device="cpu",
-    value_range=None,
+    device: torch.device | str | None = "cpu",
+    value_range: tuple[float, float] | None = None,
     class_names: Sequence[str] | None = None,
     layout: str | None = None,
 ) -> Dataset:
@@ -42,10 +44,10 @@ def _finish(
         arr, transform = apply_transforms(x.cpu().numpy(), resolution=resolution, grayscale=grayscale, pad_to=pad_to)
         x = torch.from_numpy(np.ascontiguousarray(arr))
     keep = labels_wanted and labels is not None
-    labels = torch.from_numpy(np.array(labels)) if keep else None  # np.array copies: read-only buffers are fine
+    label_tensor = torch.from_numpy(np.array(labels)) if keep else None  # np.array copies: read-only buffers are fine
     return Dataset(
         x,
-        labels,
+        label_tensor,
         source=source,
         split=split,
         transform=transform,
@@ -54,7 +56,7 @@ def _finish(
     )
 
 
-def _options(kw) -> dict:
+def _options(kw: dict[str, Any]) -> dict[str, Any]:
     """The user-facing ``labels=`` flag is called labels_wanted inside, so it cannot clash with the data."""
     kw = dict(kw)
     if "labels" in kw:
@@ -63,7 +65,7 @@ def _options(kw) -> dict:
 
 
 # ==================================================================== MNIST / Fashion-MNIST idx
-def read_idx(path, magic: int) -> np.ndarray:
+def read_idx(path: str | os.PathLike[str], magic: int) -> np.ndarray:
     """One idx file (gzip or raw, detected from its bytes) as a uint8 array; checks magic, dims and length."""
     path = Path(path)
     if not path.is_file():

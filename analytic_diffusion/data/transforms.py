@@ -6,7 +6,7 @@ Each returns the new array; :func:`apply_transforms` also returns the text recor
 
 from __future__ import annotations
 
-from typing import Union
+from typing import Any, Union, cast
 
 import numpy as np
 from PIL import Image
@@ -16,7 +16,9 @@ Resolution = Union[int, tuple[int, int]]
 
 def as_size(resolution: Resolution, name: str = "resolution") -> tuple[int, int]:
     """An int or (height, width) -> (height, width), validated."""
-    size = (resolution, resolution) if np.isscalar(resolution) else tuple(resolution)
+    size: tuple[Any, ...] = (
+        (resolution, resolution) if np.isscalar(resolution) else tuple(cast("tuple[int, int]", resolution))
+    )
     if len(size) != 2 or not all(isinstance(s, (int, np.integer)) and s > 0 for s in size):
         raise ValueError(f"{name}: expected a positive int or (height, width), got {resolution!r}")
     return int(size[0]), int(size[1])
@@ -51,7 +53,7 @@ def resize(x: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     out = np.empty((x.shape[0], x.shape[1], h, w), dtype=src.dtype)
     for i in range(x.shape[0]):
         for c in range(x.shape[1]):
-            out[i, c] = np.asarray(Image.fromarray(src[i, c]).resize((w, h), Image.BILINEAR))
+            out[i, c] = np.asarray(Image.fromarray(src[i, c]).resize((w, h), Image.BILINEAR))  # type: ignore[attr-defined, unused-ignore]
     if out.dtype != np.uint8:
         np.clip(out, -1.0, 1.0, out=out)  # bilinear weights are convex, but guard rounding
     return out.astype(x.dtype, copy=False)

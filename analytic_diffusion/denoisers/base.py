@@ -12,7 +12,9 @@ method's description is the :meth:`Denoiser.config` *method* (a JSON-ready dict)
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -20,7 +22,7 @@ import torch
 from ..ops import sigma_rows
 
 
-def class_label_rows(labels, device) -> torch.Tensor:
+def class_label_rows(labels: torch.Tensor | Sequence[int] | int, device: torch.device | str) -> torch.Tensor:
     """Class labels as a flat int64 tensor; refuses non-integral values (1.7 is no class) and booleans."""
     t = labels if torch.is_tensor(labels) else torch.as_tensor(labels)
     if not (t.is_floating_point() or t.dtype in (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)):
@@ -51,19 +53,21 @@ class Denoiser(torch.nn.Module):
 
     name = "denoiser"
     # Options a base class takes that this method does not use (hidden from denoiser_options and the CLI).
-    hidden_options: tuple = ()
+    hidden_options: tuple[str, ...] = ()
     # Whether .to(dtype) / .half() / .double() may change the working precision (network adapters: yes).
     _casts_with_module = False
+    # J·v in closed form, for the methods whose _has_exact_jacobian() is True (their own signature: x, σ, labels, v)
+    _exact_jvp: Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor], torch.Tensor]
 
-    def __init__(self, image_shape: tuple[int, int, int]):
+    def __init__(self, image_shape: Sequence[int]) -> None:
         super().__init__()
-        self.image_shape = tuple(int(v) for v in image_shape)
+        self.image_shape = cast("tuple[int, int, int]", tuple(int(v) for v in image_shape))
 
     # -- subclasses --------------------------------------------------------------------------------------
     def denoise(self, x: torch.Tensor, sigma: torch.Tensor, class_labels: torch.Tensor | None) -> torch.Tensor:
         raise NotImplementedError
 
-    def config(self) -> dict:
+    def config(self) -> dict[str, Any]:
         """JSON-serialisable description of the method and its options."""
         return {"method": self.name}
 
@@ -81,7 +85,7 @@ class Denoiser(torch.nn.Module):
         return self.__dict__.get("_dtype")
 
     @dtype.setter
-    def dtype(self, value) -> None:
+    def dtype(self, value: torch.dtype | None) -> None:
         self.__dict__["_dtype"] = value
 
     @property
@@ -96,10 +100,10 @@ class Denoiser(torch.nn.Module):
         return None
 
     @device.setter
-    def device(self, value) -> None:
+    def device(self, value: torch.device | str | None) -> None:
         self.__dict__["_device"] = None if value is None else torch.device(value)
 
-    def _apply(self, fn, recurse=True):
+    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> Denoiser:
         # fn is opaque (.to, .cuda, .half, ...): probe it on empty tensors to learn the target device and
         # whether it casts floats, and refuse a cast before anything has moved.
         here = self.device or torch.device("cpu")
@@ -125,7 +129,9 @@ class Denoiser(torch.nn.Module):
         """Called by :meth:`_apply` before the buffers move (a retrieval denoiser moves its dataset here)."""
 
     # -- public API ------------------------------------------------------------------------------------
-    def _check(self, x: torch.Tensor, sigma, class_labels):
+    def _check(
+        self, x: torch.Tensor, sigma: float | torch.Tensor, class_labels: torch.Tensor | Sequence[int] | int | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         if not torch.is_tensor(x) or not x.is_floating_point():
             raise TypeError(f"x: expected a floating tensor, got {getattr(x, 'dtype', type(x))}")
         if x.dim() != 4 or tuple(x.shape[1:]) != self.image_shape:
@@ -149,14 +155,24 @@ class Denoiser(torch.nn.Module):
                 )
         return s, class_labels
 
-    def forward(self, x: torch.Tensor, sigma, class_labels=None) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        sigma: float | torch.Tensor,
+        class_labels: torch.Tensor | Sequence[int] | int | None = None,
+    ) -> torch.Tensor:
         """x̂0 = D(x, σ) for x (B, C, H, W) and σ a float, a 0-d or a (B,) floating tensor."""
         s, labels = self._check(x, sigma, class_labels)
         if x.shape[0] == 0:  # an empty batch has an empty answer
             return x.clone()
         return self.denoise(x, s, labels).to(x.dtype)
 
-    def score(self, x: torch.Tensor, sigma, class_labels=None) -> torch.Tensor:
+    def score(
+        self,
+        x: torch.Tensor,
+        sigma: float | torch.Tensor,
+        class_labels: torch.Tensor | Sequence[int] | int | None = None,
+    ) -> torch.Tensor:
         """∇ log p_σ(x) = (x̂0 − x) / σ²."""
         s, labels = self._check(x, sigma, class_labels)
         if x.shape[0] == 0:
@@ -164,14 +180,25 @@ class Denoiser(torch.nn.Module):
         s4 = s.to(x.dtype).view(-1, 1, 1, 1)
         return (self.denoise(x, s, labels).to(x.dtype) - x) / (s4 * s4)
 
-    def eps(self, x: torch.Tensor, sigma, class_labels=None) -> torch.Tensor:
+    def eps(
+        self,
+        x: torch.Tensor,
+        sigma: float | torch.Tensor,
+        class_labels: torch.Tensor | Sequence[int] | int | None = None,
+    ) -> torch.Tensor:
         """ε̂ = (x − x̂0) / σ."""
         s, labels = self._check(x, sigma, class_labels)
         if x.shape[0] == 0:
             return x.clone()
         return (x - self.denoise(x, s, labels).to(x.dtype)) / s.to(x.dtype).view(-1, 1, 1, 1)
 
-    def jvp(self, x: torch.Tensor, sigma, v: torch.Tensor, class_labels=None) -> torch.Tensor:
+    def jvp(
+        self,
+        x: torch.Tensor,
+        sigma: float | torch.Tensor,
+        v: torch.Tensor,
+        class_labels: torch.Tensor | Sequence[int] | int | None = None,
+    ) -> torch.Tensor:
         """J·v for J = ∂D(x, σ)/∂x, per sample (each output depends on its own input only).
 
         Exact in closed form for ``optimal``, ``topk`` and ``smoothed`` (one more retrieval pass: J = Cov[x0 | x]/σ²T
@@ -209,7 +236,7 @@ class Denoiser(torch.nn.Module):
         return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in cfg.items())})"
 
 
-def _check_sigma_is_float(sigma) -> None:
+def _check_sigma_is_float(sigma: object) -> None:
     """Refuse integer σ: ``den(x, 500)`` is almost always a diffusers-style timestep, not σ = 500."""
     if isinstance(sigma, (bool, int, np.integer)):
         bad = repr(sigma)

@@ -13,16 +13,17 @@ from __future__ import annotations
 
 import itertools
 import weakref
+from typing import Any
 
 import torch
 
 __all__ = ["handle_of", "needs_op", "optimal_jvp", "optimal_mean"]
 
-_REGISTRY: dict[int, weakref.ref] = {}
+_REGISTRY: dict[int, weakref.ref[Any]] = {}
 _NEXT = itertools.count(1)
 
 
-def handle_of(denoiser) -> int:
+def handle_of(denoiser: object) -> int:
     """The registry handle of ``denoiser`` (registered on first use; a copy gets its own).
 
     Denoisers that use the ops register at construction and on unpickling / deepcopy, so that inside
@@ -30,10 +31,10 @@ def handle_of(denoiser) -> int:
     """
     if torch.compiler.is_compiling():
         return denoiser.__dict__["_op_handle"]
-    h = denoiser.__dict__.get("_op_handle")
+    h: int | None = denoiser.__dict__.get("_op_handle")
     if h is None or _REGISTRY.get(h, lambda: None)() is not denoiser:
         h = next(_NEXT)
-        _REGISTRY[h] = weakref.ref(denoiser, lambda _, h=h: _REGISTRY.pop(h, None))
+        _REGISTRY[h] = weakref.ref(denoiser, lambda _, h=h: _REGISTRY.pop(h, None))  # type: ignore[misc, unused-ignore]
         denoiser.__dict__["_op_handle"] = h
     return h
 
@@ -45,7 +46,7 @@ def needs_op(x: torch.Tensor) -> bool:
     return torch.compiler.is_compiling() or (torch.is_grad_enabled() and x.requires_grad)
 
 
-def _lookup(handle: int):
+def _lookup(handle: int) -> Any:
     den = _REGISTRY.get(handle, lambda: None)()
     if den is None:
         raise RuntimeError(f"analytic_diffusion custom op: denoiser handle {handle} is gone (the denoiser was freed)")
@@ -59,7 +60,7 @@ def optimal_mean(x: torch.Tensor, sigma: torch.Tensor, labels: torch.Tensor | No
 
 
 @optimal_mean.register_fake
-def _(x, sigma, labels, handle):
+def _(x: torch.Tensor, sigma: torch.Tensor, labels: torch.Tensor | None, handle: int) -> torch.Tensor:
     return x.new_empty(x.shape, dtype=_lookup(handle).dtype)
 
 
@@ -71,17 +72,17 @@ def optimal_jvp(
 
 
 @optimal_jvp.register_fake
-def _(x, sigma, labels, v, handle):
+def _(x: torch.Tensor, sigma: torch.Tensor, labels: torch.Tensor | None, v: torch.Tensor, handle: int) -> torch.Tensor:
     return x.new_empty(x.shape, dtype=_lookup(handle).dtype)
 
 
-def _setup(ctx, inputs, output):
+def _setup(ctx: Any, inputs: tuple[Any, ...], output: torch.Tensor) -> None:
     x, sigma, labels, handle = inputs
     ctx.save_for_backward(x, sigma)
     ctx.labels, ctx.handle = labels, handle
 
 
-def _backward(ctx, grad):
+def _backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None, None]:
     x, sigma = ctx.saved_tensors
     # The Jacobian is symmetric (Cov[x0 | x] / σ²T), so the vector-Jacobian product is the Jacobian product.
     g = optimal_jvp(x, sigma, ctx.labels, grad, ctx.handle)

@@ -22,6 +22,9 @@ float32 work), the fused implicit-im2col kernels. :meth:`partial` returns the pe
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
 import torch
 import torch.nn.functional as F
 
@@ -30,13 +33,16 @@ from ..ops.patch_retrieval import effective_budget, interior_positions, patch_of
 from .local import check_patch_backend
 from .local_base import LocalDenoiser
 
+if TYPE_CHECKING:
+    from ..data import Dataset
+
 
 class _PatchScore(LocalDenoiser):
     """Shared driver: pad x, cut query patches group by group, one exact retrieval per group."""
 
     padding_mode = "zeros"
 
-    def __init__(self, dataset, **kw):
+    def __init__(self, dataset: Dataset, **kw: Any) -> None:
         check_patch_backend(kw.get("backend", "auto"), self.name)
         super().__init__(dataset, **kw)
 
@@ -64,8 +70,8 @@ class _PatchScore(LocalDenoiser):
     def partial(
         self,
         x: torch.Tensor,
-        sigma,
-        class_labels=None,
+        sigma: float | torch.Tensor,
+        class_labels: torch.Tensor | Sequence[int] | int | None = None,
         *,
         k: int | None = None,
         start: int = 0,
@@ -89,10 +95,19 @@ class _PatchScore(LocalDenoiser):
         c, h, w = self.image_shape
         return state.mean().reshape(batch, h, w, c).permute(0, 3, 1, 2).contiguous()
 
-    def _denoise_k(self, x, s, labels, k: int) -> torch.Tensor:
+    def _denoise_k(self, x: torch.Tensor, s: torch.Tensor, labels: torch.Tensor | None, k: int) -> torch.Tensor:
         return self.from_partial(self._partial_k(x, s, labels, k), x.shape[0])
 
-    def _partial_k(self, x, s, labels, k: int, *, start: int = 0, stop: int | None = None) -> PartialState:
+    def _partial_k(
+        self,
+        x: torch.Tensor,
+        s: torch.Tensor,
+        labels: torch.Tensor | None,
+        k: int,
+        *,
+        start: int = 0,
+        stop: int | None = None,
+    ) -> PartialState:
         c, h, w = self.image_shape
         B = x.shape[0]
         feat = c * k * k
@@ -153,7 +168,7 @@ class EquivariantLocalScore(_PatchScore):
                 f"the {h}×{w} images), got k = {k}"
             )
 
-    def _groups(self, k: int):
+    def _groups(self, k: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
         _, h, w = self.image_shape
         every = torch.cartesian_prod(torch.arange(h), torch.arange(w)).reshape(-1, 2)
         return [(every, interior_positions(h, w, k))]
@@ -170,21 +185,23 @@ class BoundaryBrokenELS(_PatchScore):
         if isinstance(k, bool) or not isinstance(k, int) or k < 1 or k % 2 == 0:
             raise ValueError(f"patch: patch sizes must be odd positive integers, got {k!r}")
 
-    def _groups(self, k: int):
+    def _groups(self, k: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
         _, h, w = self.image_shape
         d = k // 2
         rows_in = torch.arange(d, max(d, h - d))  # interior along a vertical edge
         cols_in = torch.arange(d, max(d, w - d))
-        groups = []
+        groups: list[tuple[torch.Tensor, torch.Tensor]] = []
         if rows_in.numel() and cols_in.numel():
             inner = torch.cartesian_prod(rows_in, cols_in).reshape(-1, 2)
             groups.append((inner, inner))
 
         # Edge bands: one group per (border, offset); query pixels = candidate centres.
-        def band_rows(i):  # pixels (i, j), j interior along the edge, if row i is within d of one border only
+        def band_rows(
+            i: int,
+        ) -> torch.Tensor:  # pixels (i, j), j interior along the edge, if row i is within d of one border only
             return torch.stack([torch.full_like(cols_in, i), cols_in], 1)
 
-        def band_cols(j):
+        def band_cols(j: int) -> torch.Tensor:
             return torch.stack([rows_in, torch.full_like(rows_in, j)], 1)
 
         for i in range(h):

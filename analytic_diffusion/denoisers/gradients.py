@@ -13,6 +13,8 @@ reaches it through the custom op's backward (:mod:`.custom_ops`).
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 
 from ..ops import KeyBank
@@ -41,7 +43,7 @@ def posterior_jvp(
     xq, vq = x.to(dtype), v.to(device=dev, dtype=dtype)
     s = sigma.to(device=dev, dtype=dtype)
     coef = 1.0 / (2.0 * s * s * temperature)
-    key_labels = None if query_labels is None else keys.labels.to(dev)
+    key_labels = None if query_labels is None else cast(torch.Tensor, keys.labels).to(dev)  # labels: checked
     m = torch.full((B,), float("-inf"), dtype=dtype, device=dev)
     l = torch.zeros(B, dtype=dtype, device=dev)
     o = torch.zeros(B, D, dtype=dtype, device=dev)
@@ -50,11 +52,11 @@ def posterior_jvp(
     for start in range(0, keys.n, step):
         stop = min(start + step, keys.n)
         rows = keys.rows(start, stop, dtype, dev)
-        variants = [rows] + ([hflip_rows(rows, keys.image_shape)] if flips else [])
+        variants = [rows] + ([hflip_rows(rows, cast("tuple[int, int, int]", keys.image_shape))] if flips else [])
         for y in variants:
             logit = -((xq[:, None, :] - y[None]) ** 2).sum(-1) * coef[:, None]  # (B, n)
             if key_labels is not None:
-                allowed = key_labels[start:stop][None, :] == query_labels[:, None]
+                allowed = key_labels[start:stop][None, :] == cast(torch.Tensor, query_labels)[:, None]
                 logit = torch.where(allowed, logit, torch.full_like(logit, float("-inf")))
             new_m = torch.maximum(m, logit.max(1).values)
             safe = torch.where(torch.isfinite(new_m), new_m, torch.zeros_like(new_m))

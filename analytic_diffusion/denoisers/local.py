@@ -7,7 +7,8 @@ docs/methods.md §1.2 and §2 give the rules; docs/design.md §3 the shared prim
 from __future__ import annotations
 
 import math
-from typing import Callable, Union
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, Callable, TypeVar, Union, cast
 
 import torch
 
@@ -25,11 +26,16 @@ from .local_base import LocalDenoiser
 from .patch_presets import as_patch_schedule, load_patch_schedule
 from .patch_schedule import PatchSchedule
 
+if TYPE_CHECKING:
+    from ..data import Dataset
+
+_V = TypeVar("_V")
+
 # The PSPC paper's CIFAR-10 PSPC-Flex mass fractions over the 18-step EDM/Karras grid, high noise first.
 PSPC_CIFAR_TAUS = (1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 0.7, 0.7, 0.5, 0.4, 0.4, 0.4, 0.4, 0.3, 0.3, 0.3, 0.3)
 
 
-def karras_sigmas(n: int) -> list:
+def karras_sigmas(n: int) -> list[float]:
     """The PSPC code's EDM grid (σ_max 80, σ_min 0.002, ρ 7) without the trailing 0, high noise first."""
     return karras(n).sigmas[:-1].tolist()
 
@@ -39,7 +45,7 @@ def sigma_key(sigma: float) -> float:
     return float(f"{float(sigma):.12g}")
 
 
-def check_patch_backend(backend: str, name: str, backends=PATCH_BACKENDS) -> None:
+def check_patch_backend(backend: str, name: str, backends: Sequence[str] = PATCH_BACKENDS) -> None:
     """LS, ELS, bbELS and PSPC run on the torch reference or the fused Triton / CUDA / C++ CPU kernels;
     pca_locality passes its own list (``COORDINATE_FUSED_KERNELS``)."""
     if backend not in backends:
@@ -54,7 +60,7 @@ def check_reference_backend(backend: str, name: str) -> None:
         )
 
 
-def _nearest(table: dict[float, object], sigma: float):
+def _nearest(table: dict[float, _V], sigma: float) -> tuple[float, _V]:
     """Value of a {σ: value} table at the grid point nearest in log σ (as :class:`PatchSchedule` looks up)."""
     best = min(table, key=lambda s: abs(math.log(s) - math.log(sigma)))
     return best, table[best]
@@ -76,7 +82,7 @@ class LocalScore(LocalDenoiser):
 
     name = "ls"
 
-    def __init__(self, dataset, *, patch=None, **kw):
+    def __init__(self, dataset: Dataset, *, patch: int | str | PatchSchedule | None = None, **kw: Any) -> None:
         check_patch_backend(kw.get("backend", "auto"), self.name)
         super().__init__(dataset, patch=patch, **kw)
 
@@ -84,7 +90,7 @@ class LocalScore(LocalDenoiser):
         if isinstance(k, bool) or not isinstance(k, int) or k < 1 or k % 2 == 0:
             raise ValueError(f"patch: LS needs odd patch sizes k >= 1 (a window centred on each pixel), got {k!r}")
 
-    def _denoise_k(self, x, s, labels, k):
+    def _denoise_k(self, x: torch.Tensor, s: torch.Tensor, labels: torch.Tensor | None, k: int) -> torch.Tensor:
         return local_score(
             x,
             self.keys,
@@ -124,7 +130,14 @@ class PSPC(LocalDenoiser):
 
     name = "pspc"
 
-    def __init__(self, dataset, *, patch=None, flips: bool | None = None, **kw):
+    def __init__(
+        self,
+        dataset: Dataset,
+        *,
+        patch: int | str | dict[float, int] | PatchSchedule | None = None,
+        flips: bool | None = None,
+        **kw: Any,
+    ) -> None:
         check_patch_backend(kw.get("backend", "auto"), self.name)
         _, H, W = dataset.image_shape
         if patch is None:
@@ -145,7 +158,7 @@ class PSPC(LocalDenoiser):
                 f"patch: PSPC crops lie fully inside the {H}×{W} image, so k must be in [1, {min(H, W)}]; got {k}"
             )
 
-    def _denoise_k(self, x, s, labels, k):
+    def _denoise_k(self, x: torch.Tensor, s: torch.Tensor, labels: torch.Tensor | None, k: int) -> torch.Tensor:
         return pspc_square(
             x,
             self.keys,
@@ -161,7 +174,7 @@ class PSPC(LocalDenoiser):
 
 
 # ----------------------------------------------------------------------------------------------- PSPC-Flex
-def wiener_heatmap(dataset, sigma: float) -> torch.Tensor:
+def wiener_heatmap(dataset: Dataset, sigma: float) -> torch.Tensor:
     """A data-driven PSPC-Flex heatmap without a network: |W_σ| with W_σ = U diag(λ/(λ+σ²)) Uᵀ the σ-space Wiener
     filter of the dataset (its PCA, flips included when on), summed over output and input channels.
     Returns (H, W, H, W) float64, heatmap[i, j] = sensitivity of output pixel (i, j) to every input pixel."""
@@ -203,7 +216,15 @@ class PSPCFlex(LocalDenoiser):
     hidden_options = ("patch",)
     default_patch = 1  # LocalDenoiser wants a schedule; it is never used (denoise groups by σ, not by k)
 
-    def __init__(self, dataset, *, masks: MaskSpec = "wiener", tau=None, flips: bool | None = None, **kw):
+    def __init__(
+        self,
+        dataset: Dataset,
+        *,
+        masks: MaskSpec = "wiener",
+        tau: float | dict[float, float] | None = None,
+        flips: bool | None = None,
+        **kw: Any,
+    ) -> None:
         if kw.get("patch") is not None:
             raise ValueError("patch: pspc-flex has no patch size; its locality comes from `masks`")
         kw.pop("patch", None)
@@ -212,7 +233,7 @@ class PSPCFlex(LocalDenoiser):
         _C, H, W = self.image_shape
         self._cache: dict[float, torch.Tensor] = {}
         self._mask_spec = masks
-        self._tau = None
+        self._tau: dict[float, float] | None = None
         if isinstance(masks, str):
             if masks != "wiener":
                 raise ValueError(
@@ -238,7 +259,7 @@ class PSPCFlex(LocalDenoiser):
                 )
 
     @staticmethod
-    def _make_tau(tau):
+    def _make_tau(tau: float | dict[float, float] | None) -> dict[float, float]:
         if tau is None:
             return dict(zip(karras_sigmas(len(PSPC_CIFAR_TAUS)), PSPC_CIFAR_TAUS))
         if isinstance(tau, dict):
@@ -252,7 +273,7 @@ class PSPCFlex(LocalDenoiser):
                 raise ValueError(f"tau: expected mass fractions in (0, 1], got {t}")
         return out
 
-    def _validate(self, masks) -> torch.Tensor:
+    def _validate(self, masks: torch.Tensor) -> torch.Tensor:
         _, H, W = self.image_shape
         if torch.is_tensor(masks) and masks.dim() == 3 and masks.shape[0] != H * W:
             raise ValueError(
@@ -263,9 +284,10 @@ class PSPCFlex(LocalDenoiser):
         return masks
 
     def tau_for(self, sigma: float) -> float:
-        if len(self._tau) == 1:
-            return next(iter(self._tau.values()))
-        return _nearest(self._tau, sigma)[1]
+        taus = cast("dict[float, float]", self._tau)  # masks='wiener' (the only caller) sets it
+        if len(taus) == 1:
+            return next(iter(taus.values()))
+        return _nearest(taus, sigma)[1]
 
     def masks_for(self, sigma: float) -> torch.Tensor:
         """The (H·W, H, W) bool masks used at σ (computed once per σ and cached)."""
@@ -294,7 +316,7 @@ class PSPCFlex(LocalDenoiser):
             self._cache[key] = out
         return self._cache[key]
 
-    def denoise(self, x, s, labels):
+    def denoise(self, x: torch.Tensor, s: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
         return self.grouped(
             x,
             s,
@@ -313,7 +335,7 @@ class PSPCFlex(LocalDenoiser):
             ),
         )
 
-    def config(self) -> dict:
+    def config(self) -> dict[str, Any]:
         cfg = {k: v for k, v in super().config().items() if k != "patch"}
         spec = self._mask_spec
         cfg["masks"] = spec if isinstance(spec, str) else type(spec).__name__

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any, cast
+
 import torch
 
-from ..ops import all_labels, gather_rows, knn_search, subset
+from ..ops import KeyBank, all_labels, gather_rows, knn_search, subset
 from .base import Posterior
 from .gradients import covariance_product
 from .optimal import RetrievalDenoiser
 from .sample_seeds import row_generators
+
+if TYPE_CHECKING:
+    from ..data import Dataset
 
 # The float32 screen may mis-rank near-ties at the k-th place: take this many more, then rank in float64.
 RESCORE_MARGIN = 8
@@ -22,7 +27,9 @@ def _coef(s: torch.Tensor, temperature: float) -> torch.Tensor:
     return c.clamp_max(torch.finfo(torch.float64).max)
 
 
-def _softmax_summary(logits: torch.Tensor, index: torch.Tensor, keys, flips: bool, extra_weight=None):
+def _softmax_summary(
+    logits: torch.Tensor, index: torch.Tensor, keys: KeyBank, flips: bool, extra_weight: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Self-normalised weights over (B, K) logits (−inf allowed, the largest finite) of the candidates ``index``
     with optional multipliers -> (mean, max w, 1/Σw²), in float64; a row-by-row reduction so that the batch never
     changes a row. The mean is a weighted sum over the listed rows (:func:`..ops.subset.weighted_sum`): on the CPU
@@ -43,10 +50,10 @@ def _softmax_summary(logits: torch.Tensor, index: torch.Tensor, keys, flips: boo
 NEGLIGIBLE_LOGIT_GAP = 46.0
 
 
-def _row_norm_max(keys) -> float:
+def _row_norm_max(keys: KeyBank) -> float:
     """max_j ‖y_j‖₂ over the stored rows (mirrored rows have the same norms), in float64, kept with the dataset."""
 
-    def make():
+    def make() -> float:
         step = max(1, (1 << 22) // max(1, keys.dim))
         return max(
             float(keys.rows(s, min(s + step, keys.n), torch.float64).norm(dim=1).max()) for s in range(0, keys.n, step)
@@ -55,7 +62,9 @@ def _row_norm_max(keys) -> float:
     return keys.cached("row_norm_max", make)
 
 
-def _negligible(den, q: torch.Tensor, d2: torch.Tensor, valid: torch.Tensor, coef: torch.Tensor) -> torch.Tensor:
+def _negligible(
+    den: RetrievalDenoiser, q: torch.Tensor, d2: torch.Tensor, valid: torch.Tensor, coef: torch.Tensor
+) -> torch.Tensor:
     """(B, S) bool: screened candidates whose weight is provably under 2^-64 of the row's nearest, from the screen's
     working-dtype direct distances alone (their float64 distances need not be computed).
 
@@ -82,7 +91,9 @@ def _negligible(den, q: torch.Tensor, d2: torch.Tensor, valid: torch.Tensor, coe
     return skip
 
 
-def _nearest_exact(den: RetrievalDenoiser, q: torch.Tensor, k: int, labels, coef: torch.Tensor | None = None):
+def _nearest_exact(
+    den: RetrievalDenoiser, q: torch.Tensor, k: int, labels: torch.Tensor | None, coef: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The k nearest allowed candidates per row, ranked in float64 (ties: lower index).
 
     Returns (index (B, k), rel d2 (B, k) float64 relative to the row's nearest). A row with fewer than k allowed
@@ -119,7 +130,7 @@ def _nearest_exact(den: RetrievalDenoiser, q: torch.Tensor, k: int, labels, coef
     return idx, rel
 
 
-def _exact_mask(idx, total):
+def _exact_mask(idx: torch.Tensor, total: int) -> torch.Tensor:
     """(B, total) bool: the candidates a row took among its exact neighbours (index −1: none)."""
     m = torch.zeros(idx.shape[0], total, dtype=torch.bool, device=idx.device)
     valid = idx >= 0
@@ -137,7 +148,7 @@ class TopK(RetrievalDenoiser):
     name = "topk"
     hidden_options = ("tolerance",)  # ranks by exact k-NN distances: no softmax tail to prune
 
-    def __init__(self, dataset, k: int | None = None, **kw):
+    def __init__(self, dataset: Dataset, k: int | None = None, **kw: Any) -> None:
         super().__init__(dataset, **kw)
         if k is None:
             k = min(200, self.num_candidates)
@@ -147,13 +158,15 @@ class TopK(RetrievalDenoiser):
             raise ValueError(f"k: {k} exceeds the {self.num_candidates} training candidates")
         self.k = k
 
-    def _scored(self, x, s, labels):
+    def _scored(
+        self, x: torch.Tensor, s: torch.Tensor, labels: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(candidate indices (B, k), float64 logits (B, k), 1/(2σ²T)) of the k nearest: the posterior's support."""
         coef = _coef(s, self.temperature)
         idx, rel = _nearest_exact(self, x.reshape(x.shape[0], -1), self.k, labels, coef)
         return idx, torch.where(idx >= 0, -rel * coef[:, None], float("-inf")), coef
 
-    def _posterior(self, x, s, labels) -> Posterior:
+    def _posterior(self, x: torch.Tensor, s: torch.Tensor, labels: torch.Tensor | None) -> Posterior:
         idx, logits, _ = self._scored(x, s, labels)
         mean, wmax, neff = _softmax_summary(logits, idx, self.keys, self.flips)
         return Posterior(mean.reshape(x.shape).to(x.dtype), wmax.to(self.dtype), neff.to(self.dtype))
@@ -161,7 +174,9 @@ class TopK(RetrievalDenoiser):
     def _has_exact_jacobian(self) -> bool:
         return True
 
-    def _exact_jvp(self, x, s, labels, v):
+    def _exact_jvp(
+        self, x: torch.Tensor, s: torch.Tensor, labels: torch.Tensor | None, v: torch.Tensor
+    ) -> torch.Tensor:
         """J·v = Cov_w[y | top k] v / σ²T: the optimal identity over the k retained images (the top-k set is
         locally constant, so it does not move with x). Autograd gets the same from the float64 formula above."""
         idx, logits, coef = self._scored(x, s, labels)
@@ -172,7 +187,7 @@ class TopK(RetrievalDenoiser):
         second = torch.einsum("bk,bkd->bd", w * torch.einsum("bkd,bd->bk", rows, vf), rows)
         return covariance_product(mean, second, vf, coef).reshape(x.shape).to(self.dtype)
 
-    def config(self):
+    def config(self) -> dict[str, Any]:
         return {**super().config(), "k": self.k}
 
 
@@ -182,13 +197,13 @@ class Nearest(RetrievalDenoiser):
     name = "nearest"
     hidden_options = ("tolerance",)  # ranks by exact k-NN distances: no softmax tail to prune
 
-    def _posterior(self, x, s, labels) -> Posterior:
+    def _posterior(self, x: torch.Tensor, s: torch.Tensor, labels: torch.Tensor | None) -> Posterior:
         _, idx = knn_search(x.reshape(x.shape[0], -1), self.keys, 1, query_labels=labels, **self._retrieval_kwargs())
         rows = gather_rows(self.keys, idx[:, 0], self.dtype)
         one = torch.ones(x.shape[0], dtype=self.dtype, device=x.device)
         return Posterior(rows.reshape(x.shape).to(x.dtype), one, one)
 
-    def denoise(self, x, s, labels):
+    def denoise(self, x: torch.Tensor, s: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
         out = self._posterior(x, s, labels).mean
         # Piecewise constant in x: its Jacobian is 0 wherever it is defined (off the ties). Adding 0·x gives
         # autograd that zero instead of a "does not require grad" error in a larger graph.
@@ -197,7 +212,9 @@ class Nearest(RetrievalDenoiser):
     def _has_exact_jacobian(self) -> bool:
         return True
 
-    def _exact_jvp(self, x, s, labels, v):
+    def _exact_jvp(
+        self, x: torch.Tensor, s: torch.Tensor, labels: torch.Tensor | None, v: torch.Tensor
+    ) -> torch.Tensor:
         return torch.zeros_like(x, dtype=self.dtype)
 
 
@@ -215,7 +232,7 @@ class KNNEstimator(RetrievalDenoiser):
     name = "knn"
     hidden_options = ("tolerance",)  # ranks by exact k-NN distances: no softmax tail to prune
 
-    def __init__(self, dataset, k: int = 2048, ref_size: int = 256, seed: int = 0, **kw):
+    def __init__(self, dataset: Dataset, k: int = 2048, ref_size: int = 256, seed: int = 0, **kw: Any) -> None:
         super().__init__(dataset, **kw)
         if not isinstance(k, int) or k < 1:
             raise ValueError(f"k: expected a positive integer, got {k!r}")
@@ -227,16 +244,16 @@ class KNNEstimator(RetrievalDenoiser):
             raise ValueError(f"seed: expected a non-negative integer, got {seed!r}")
         self.seed = seed
 
-    def _allowed(self, labels, batch, device):
+    def _allowed(self, labels: torch.Tensor | None, batch: int, device: torch.device) -> torch.Tensor:
         """(B, N_total) bool: candidates each query may use (class filter; flipped copies share labels)."""
         if labels is None:
             return torch.ones(batch, self.num_candidates, dtype=torch.bool, device=device)
-        key_labels = all_labels(self.keys).to(device)
+        key_labels = cast(torch.Tensor, all_labels(self.keys)).to(device)  # class labels: the dataset has labels
         if self.flips:
             key_labels = torch.cat([key_labels, key_labels])
         return key_labels[None, :] == labels[:, None]
 
-    def _posterior(self, x, s, labels) -> Posterior:
+    def _posterior(self, x: torch.Tensor, s: torch.Tensor, labels: torch.Tensor | None) -> Posterior:
         q = x.reshape(x.shape[0], -1)
         B = q.shape[0]
         allowed = self._allowed(labels, B, q.device)
@@ -268,5 +285,5 @@ class KNNEstimator(RetrievalDenoiser):
         mean, wmax, neff = _softmax_summary(logits, idx, self.keys, self.flips, mult)
         return Posterior(mean.reshape(x.shape).to(x.dtype), wmax.to(self.dtype), neff.to(self.dtype))
 
-    def config(self):
+    def config(self) -> dict[str, Any]:
         return {**super().config(), "k": self.k, "ref_size": self.ref_size, "seed": self.seed}

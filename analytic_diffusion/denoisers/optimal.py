@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, cast
+
 import torch
 
 from ..ops import DEFAULT_MEMORY_BUDGET, all_labels, softmax_retrieval
@@ -10,6 +13,9 @@ from ..ops.pruning import certified_retrieval, check_tolerance
 from .base import Denoiser, Posterior
 from .custom_ops import handle_of, needs_op, optimal_mean
 from .gradients import posterior_jvp
+
+if TYPE_CHECKING:
+    from ..data import Dataset
 
 
 class RetrievalDenoiser(Denoiser):
@@ -23,9 +29,13 @@ class RetrievalDenoiser(Denoiser):
     (:mod:`analytic_diffusion.ops.pruning`; :meth:`pruning_summary` sums the certificates up). 0 is the exact scan.
     """
 
+    dtype: torch.dtype  # the working precision, always set (float32 or float64)
+    train_images: torch.Tensor  # non-persistent buffers: the dataset's tensors
+    train_labels: torch.Tensor | None
+
     def __init__(
         self,
-        dataset,
+        dataset: Dataset,
         *,
         backend: str = "auto",
         dtype: torch.dtype = torch.float32,
@@ -34,7 +44,7 @@ class RetrievalDenoiser(Denoiser):
         temperature: float = 1.0,
         precision: str = "exact",
         tolerance: float = 0.0,
-    ):
+    ) -> None:
         super().__init__(dataset.image_shape)
         check_mode(precision)
         self.tolerance = check_tolerance(tolerance)
@@ -60,17 +70,17 @@ class RetrievalDenoiser(Denoiser):
         self.temperature = float(temperature)
         self.precision = precision
 
-    def _register_resident(self, dataset) -> None:
+    def _register_resident(self, dataset: Dataset) -> None:
         # The dataset's tensors as non-persistent buffers: .to(device) moves them, state_dict() stays empty.
         self.register_buffer("train_images", dataset.images, persistent=False)
         self.register_buffer("train_labels", dataset.labels, persistent=False)
 
-    def _before_move(self, device):
+    def _before_move(self, device: torch.device) -> None:
         if device != self.dataset.device:
             self.dataset = self.dataset.to(device)  # keeps its content fingerprint, so cached statistics still hit
             self._register_resident(self.dataset)  # already on device: nn.Module's own pass leaves them be
 
-    def _moved(self, device):
+    def _moved(self, device: torch.device) -> None:
         if self.keys.device != self.dataset.device:
             self.keys = self.dataset.keys()
             cache = self.__dict__.get("_cache")
@@ -81,7 +91,9 @@ class RetrievalDenoiser(Denoiser):
     def num_candidates(self) -> int:
         return self.keys.total * (2 if self.flips else 1)  # over every shard
 
-    def _check(self, x, sigma, class_labels):
+    def _check(
+        self, x: torch.Tensor, sigma: float | torch.Tensor, class_labels: torch.Tensor | Sequence[int] | int | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         s, labels = super()._check(x, sigma, class_labels)
         if labels is not None and not torch.compiler.is_compiling():  # value checks stay out of compiled graphs
             if self.keys.labels is None:
@@ -97,7 +109,7 @@ class RetrievalDenoiser(Denoiser):
                 )
         return s, labels
 
-    def _retrieval_kwargs(self) -> dict:
+    def _retrieval_kwargs(self) -> dict[str, Any]:
         return dict(
             flips=self.flips,
             backend=self.backend,
@@ -106,20 +118,25 @@ class RetrievalDenoiser(Denoiser):
             precision=self.precision,
         )
 
-    def posterior(self, x: torch.Tensor, sigma, class_labels=None) -> Posterior:
+    def posterior(
+        self,
+        x: torch.Tensor,
+        sigma: float | torch.Tensor,
+        class_labels: torch.Tensor | Sequence[int] | int | None = None,
+    ) -> Posterior:
         s, labels = self._check(x, sigma, class_labels)
         if x.shape[0] == 0:
             empty = torch.empty(0, dtype=self.dtype, device=x.device)
             return Posterior(x.clone(), empty, empty.clone())
         return self._posterior(x, s, labels)
 
-    def _posterior(self, x, s, labels) -> Posterior:
+    def _posterior(self, x: torch.Tensor, s: torch.Tensor, labels: torch.Tensor | None) -> Posterior:
         raise NotImplementedError
 
-    def denoise(self, x, s, labels):
+    def denoise(self, x: torch.Tensor, s: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
         return self._posterior(x, s, labels).mean
 
-    def config(self) -> dict:
+    def config(self) -> dict[str, Any]:
         return {
             "method": self.name,
             "dataset": repr(self.dataset),
@@ -135,14 +152,15 @@ class RetrievalDenoiser(Denoiser):
         """Add a pruned call's certificates to the running summary (metrics.json's ``certificate``)."""
         c = self._certificates
         c["calls"] += 1
-        c["samples"] += int(post.error_bound.numel())
-        c["scored"] += float(post.scored_fraction.sum())
-        c["error_bound_sum"] += float(post.error_bound.sum())
-        c["error_bound_max"] = max(c["error_bound_max"], float(post.error_bound.max()))
-        c["skipped_weight_max"] = max(c["skipped_weight_max"], float(post.skipped_weight.max()))
+        bound = cast(torch.Tensor, post.error_bound)  # a pruned call's posterior carries its certificates
+        c["samples"] += int(bound.numel())
+        c["scored"] += float(cast(torch.Tensor, post.scored_fraction).sum())
+        c["error_bound_sum"] += float(bound.sum())
+        c["error_bound_max"] = max(c["error_bound_max"], float(bound.max()))
+        c["skipped_weight_max"] = max(c["skipped_weight_max"], float(cast(torch.Tensor, post.skipped_weight).max()))
         return post
 
-    def pruning_summary(self) -> dict | None:
+    def pruning_summary(self) -> dict[str, Any] | None:
         """Certificates of every pruned call so far: tolerance, mean scored fraction, mean/max error bound."""
         c = self._certificates
         if self.tolerance == 0.0 or c["samples"] == 0:
@@ -162,15 +180,17 @@ class Optimal(RetrievalDenoiser):
 
     name = "optimal"
 
-    def __init__(self, dataset, **kw):
+    def __init__(self, dataset: Dataset, **kw: Any) -> None:
         super().__init__(dataset, **kw)
         handle_of(self)  # registered eagerly: a compiled graph reads the handle as a constant
 
-    def __setstate__(self, state):  # unpickling and deepcopy: a copy is a new denoiser with its own handle
+    def __setstate__(
+        self, state: dict[str, Any]
+    ) -> None:  # unpickling and deepcopy: a copy is a new denoiser with its own handle
         super().__setstate__({k: v for k, v in state.items() if k != "_op_handle"})
         handle_of(self)
 
-    def denoise(self, x, s, labels):
+    def denoise(self, x: torch.Tensor, s: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
         # A torch.library op: exact autograd (denoisers/gradients.py) and torch.compile without graph breaks.
         if needs_op(x):
             return optimal_mean(x, s, labels, handle_of(self))
@@ -179,10 +199,14 @@ class Optimal(RetrievalDenoiser):
     def _has_exact_jacobian(self) -> bool:
         return True
 
-    def _exact_jvp(self, x, s, labels, v):
+    def _exact_jvp(
+        self, x: torch.Tensor, s: torch.Tensor, labels: torch.Tensor | None, v: torch.Tensor
+    ) -> torch.Tensor:
         return self._optimal_jvp(x, s, labels, v)
 
-    def _optimal_jvp(self, x, s, labels, v):
+    def _optimal_jvp(
+        self, x: torch.Tensor, s: torch.Tensor, labels: torch.Tensor | None, v: torch.Tensor
+    ) -> torch.Tensor:
         """J·v of the optimal posterior mean (what the custom op's backward calls; subclasses compose it)."""
         flat = posterior_jvp(
             x.reshape(x.shape[0], -1),
@@ -196,10 +220,10 @@ class Optimal(RetrievalDenoiser):
         )
         return flat.reshape(x.shape)
 
-    def _optimal_posterior(self, x, s, labels) -> Posterior:
+    def _optimal_posterior(self, x: torch.Tensor, s: torch.Tensor, labels: torch.Tensor | None) -> Posterior:
         return Optimal._posterior(self, x, s, labels)
 
-    def _posterior(self, x, s, labels) -> Posterior:
+    def _posterior(self, x: torch.Tensor, s: torch.Tensor, labels: torch.Tensor | None) -> Posterior:
         if self.tolerance > 0:
             r = certified_retrieval(
                 x.reshape(x.shape[0], -1),

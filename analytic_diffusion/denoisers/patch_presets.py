@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 
 from ..grids import kamb_sigma, karras
 from .patch_schedule import PatchSchedule
@@ -50,7 +51,7 @@ KAMB_TABLES: dict[str, list[int]] = {
 PSPC_CIFAR10_SIZES = [32, 32, 32, 32, 32, 32, 32, 23, 15, 11, 7, 5, 3, 3, 3, 3, 3, 3]
 
 
-def kamb_schedule(sizes, name: str = "kamb") -> PatchSchedule:
+def kamb_schedule(sizes: Sequence[int], name: str = "kamb") -> PatchSchedule:
     """A Kamb & Ganguli table: ``sizes[i]`` is k at t = i/len(sizes) (i = 0 is σ = 0)."""
     n = len(sizes)
     return PatchSchedule(list(sizes), [0.0 if i == 0 else kamb_sigma(i / n) for i in range(n)], name=name)
@@ -108,7 +109,7 @@ def _names_hint() -> str:
     )
 
 
-def load_patch_schedule(name_or_path) -> PatchSchedule:
+def load_patch_schedule(name_or_path: str | os.PathLike[str]) -> PatchSchedule:
     """A preset by name (or alias), or a JSON file holding ``{"sigmas": [...], "patch_sizes": [...]}``.
 
     Returns a fresh PatchSchedule (changing it does not change the preset). Raises ValueError for an unknown

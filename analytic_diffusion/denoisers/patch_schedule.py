@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Sequence
+import os
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 
-def check_patch_size(k, name: str = "patch", odd: bool = True) -> int:
+def check_patch_size(k: int, name: str = "patch", odd: bool = True) -> int:
     """An odd positive integer patch side (any positive integer with ``odd=False``: PSPC crops)."""
     if isinstance(k, bool) or not isinstance(k, int) or k < 1 or (odd and k % 2 == 0):
         kind = "odd positive" if odd else "positive"
@@ -21,7 +23,7 @@ def check_patch_size(k, name: str = "patch", odd: bool = True) -> int:
     return k
 
 
-def _integral(k) -> bool:
+def _integral(k: Any) -> bool:
     try:
         return not isinstance(k, bool) and float(k).is_integer()
     except (TypeError, ValueError):
@@ -41,7 +43,7 @@ class PatchSchedule:
     # (its CIFAR-10 table starts at 32 = the whole image), so such tables set odd=False.
     odd: bool = True
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         self.sizes = [
             check_patch_size(int(k) if _integral(k) else k, f"patch schedule {self.name!r}", self.odd)
             for k in self.sizes
@@ -78,7 +80,7 @@ class PatchSchedule:
         hi = max(self.sigmas) * self.tolerance
         return lo <= sigma <= hi
 
-    def check_covers(self, sigmas) -> None:
+    def check_covers(self, sigmas: Iterable[float]) -> None:
         """Raise if some σ a sampler will visit lies outside the table's span."""
         bad = [float(s) for s in sigmas if float(s) > 0 and not self.covers(float(s))]
         if bad:
@@ -101,14 +103,14 @@ class PatchSchedule:
             return self.sizes[zero[0]]
         return self.sizes[min(positive)[1]]
 
-    def to_json(self) -> dict:
-        out = {"name": self.name, "sigmas": list(self.sigmas), "patch_sizes": list(self.sizes)}
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"name": self.name, "sigmas": list(self.sigmas), "patch_sizes": list(self.sizes)}
         if not self.odd:
             out["odd"] = False
         return out
 
     @staticmethod
-    def from_json(obj: dict) -> PatchSchedule:
+    def from_json(obj: dict[str, Any]) -> PatchSchedule:
         if not isinstance(obj, dict):
             raise ValueError(f"patch schedule file: expected a JSON object, got {type(obj).__name__}")
         for key in ("patch_sizes",):
@@ -120,6 +122,6 @@ class PatchSchedule:
             obj["patch_sizes"], obj.get("sigmas", []), name=obj.get("name", "file"), odd=bool(obj.get("odd", True))
         )
 
-    def save(self, path) -> None:
+    def save(self, path: str | os.PathLike[str]) -> None:
         with open(path, "w") as f:
             json.dump(self.to_json(), f, indent=2)

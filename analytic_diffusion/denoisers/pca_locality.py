@@ -7,6 +7,7 @@ docs/methods.md §5 and docs/design.md §10.1 give the rules; this is a thin con
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -20,6 +21,9 @@ from ..ops.local_retrieval import (
 from ..ops.wiener_mask import MASK_RULES, WienerMasks, studio_factors, studio_mask
 from .local import check_patch_backend, sigma_key
 from .local_base import LocalDenoiser
+
+if TYPE_CHECKING:
+    from ..data import Dataset
 
 
 class PCALocality(LocalDenoiser):
@@ -70,15 +74,15 @@ class PCALocality(LocalDenoiser):
 
     def __init__(
         self,
-        dataset,
+        dataset: Dataset,
         *,
         threshold: float = 0.005,
         mask: str = "wiener",
         softmax: str = "exact",
         chunk_size: int | None = None,
         mask_rule: str = "engine",
-        **kw,
-    ):
+        **kw: Any,
+    ) -> None:
         if kw.get("patch") is not None:
             raise ValueError("patch: pca_locality has no patch size; its locality comes from the Wiener masks")
         kw.pop("patch", None)
@@ -110,7 +114,9 @@ class PCALocality(LocalDenoiser):
         self.mask_rule = mask_rule
         self._cache: dict[float, torch.Tensor] = {}
         self._masks: WienerMasks | None = None  # their σ-independent factors (CPU), built at the first σ
-        self._studio = None  # mask_rule='studio': its σ-independent SVD, at the first σ
+        self._studio: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = (
+            None  # mask_rule='studio': its σ-independent SVD, at the first σ
+        )
 
     def mask_for(self, sigma: float) -> torch.Tensor:
         """The (D, D) bool mask at σ: mask[n, m] = input n enters output m's distance (cached per σ)."""
@@ -136,7 +142,7 @@ class PCALocality(LocalDenoiser):
             self._cache[key] = out.to(self.keys.device)
         return self._cache[key]
 
-    def denoise(self, x, s, labels):
+    def denoise(self, x: torch.Tensor, s: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
         return self.grouped(
             x,
             s,
@@ -158,7 +164,7 @@ class PCALocality(LocalDenoiser):
             ),
         )
 
-    def config(self) -> dict:
+    def config(self) -> dict[str, Any]:
         cfg = {k: v for k, v in super().config().items() if k != "patch"}
         cfg.update(
             threshold=self.threshold,

@@ -31,13 +31,18 @@ The study helper :func:`analytic_diffusion.analysis.variance.variance_sweep` sam
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, Literal, cast, overload
 
 import torch
 
-from ..ops import DEFAULT_MEMORY_BUDGET, KeyBank, softmax_retrieval
+from ..ops import DEFAULT_MEMORY_BUDGET, KeyBank, PartialState, RetrievalResult, softmax_retrieval
 from ..ops import posterior_draw as _ops_posterior_draw
 from .optimal import Optimal, RetrievalDenoiser
 from .sample_seeds import row_generators, row_seeds
+
+if TYPE_CHECKING:
+    from ..data import Dataset
 
 __all__ = ["MODES", "PosteriorSampleDenoiser", "posterior_draw", "posterior_moments", "posterior_variance"]
 
@@ -45,8 +50,19 @@ MODES = ("draw", "noise")
 
 
 # --------------------------------------------------------------------------------------------- plumbing
-def _resolve(source, x, sigma, class_labels, flips, temperature, dtype, memory_budget):
+def _resolve(
+    source: RetrievalDenoiser | Dataset | KeyBank,
+    x: torch.Tensor,
+    sigma: float | torch.Tensor,
+    class_labels: torch.Tensor | Sequence[int] | int | None,
+    flips: bool | None,
+    temperature: float | None,
+    dtype: torch.dtype | None,
+    memory_budget: int | None,
+) -> tuple[torch.Tensor, KeyBank, float | torch.Tensor, torch.Tensor | None, dict[str, Any]]:
     """(flattened x, keys, σ, labels, options) from a RetrievalDenoiser, a Dataset or a KeyBank."""
+    s: float | torch.Tensor
+    labels: torch.Tensor | Sequence[int] | int | None
     if isinstance(source, RetrievalDenoiser):
         if x.dim() != 4:
             raise ValueError(f"x: expected (B, C, H, W) for a denoiser, got shape {tuple(x.shape)}")
@@ -85,18 +101,63 @@ def _resolve(source, x, sigma, class_labels, flips, temperature, dtype, memory_b
     )
 
 
+@overload
 def posterior_moments(
     x: torch.Tensor,
-    source,
-    sigma,
+    source: RetrievalDenoiser | Dataset | KeyBank,
+    sigma: float | torch.Tensor,
     *,
-    class_labels=None,
+    class_labels: torch.Tensor | Sequence[int] | int | None = ...,
+    flips: bool | None = ...,
+    temperature: float | None = ...,
+    dtype: torch.dtype | None = ...,
+    memory_budget: int | None = ...,
+    return_partial: Literal[False] = ...,
+) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+
+@overload
+def posterior_moments(
+    x: torch.Tensor,
+    source: RetrievalDenoiser | Dataset | KeyBank,
+    sigma: float | torch.Tensor,
+    *,
+    class_labels: torch.Tensor | Sequence[int] | int | None = ...,
+    flips: bool | None = ...,
+    temperature: float | None = ...,
+    dtype: torch.dtype | None = ...,
+    memory_budget: int | None = ...,
+    return_partial: Literal[True],
+) -> PartialState: ...
+
+
+@overload
+def posterior_moments(
+    x: torch.Tensor,
+    source: RetrievalDenoiser | Dataset | KeyBank,
+    sigma: float | torch.Tensor,
+    *,
+    class_labels: torch.Tensor | Sequence[int] | int | None = ...,
+    flips: bool | None = ...,
+    temperature: float | None = ...,
+    dtype: torch.dtype | None = ...,
+    memory_budget: int | None = ...,
+    return_partial: bool = ...,
+) -> tuple[torch.Tensor, torch.Tensor] | PartialState: ...
+
+
+def posterior_moments(
+    x: torch.Tensor,
+    source: RetrievalDenoiser | Dataset | KeyBank,
+    sigma: float | torch.Tensor,
+    *,
+    class_labels: torch.Tensor | Sequence[int] | int | None = None,
     flips: bool | None = None,
     temperature: float | None = None,
     dtype: torch.dtype | None = None,
     memory_budget: int | None = None,
     return_partial: bool = False,
-):
+) -> tuple[torch.Tensor, torch.Tensor] | PartialState:
     """(E[x0|x], Var[x0|x]) per pixel, from one exact scan over the candidates (shaped like ``x``).
 
     source: an :class:`Optimal` (or any RetrievalDenoiser: its flips, temperature, dtype and memory budget are
@@ -119,22 +180,28 @@ def posterior_moments(
         second_moment=True,
     )
     if return_partial:
-        return r
-    return r.mean.reshape(x.shape), r.variance.reshape(x.shape)
+        return cast(PartialState, r)
+    r = cast(RetrievalResult, r)
+    return r.mean.reshape(x.shape), cast(torch.Tensor, r.variance).reshape(x.shape)  # second_moment=True
 
 
-def posterior_variance(denoiser: RetrievalDenoiser, x: torch.Tensor, sigma, class_labels=None) -> torch.Tensor:
+def posterior_variance(
+    denoiser: RetrievalDenoiser,
+    x: torch.Tensor,
+    sigma: float | torch.Tensor,
+    class_labels: torch.Tensor | Sequence[int] | int | None = None,
+) -> torch.Tensor:
     """Var[x0|x] per pixel (B, C, H, W) under ``denoiser``'s posterior (an ``Optimal.posterior_variance``)."""
     return posterior_moments(x, denoiser, sigma, class_labels=class_labels)[1].to(x.dtype)
 
 
 def posterior_draw(
     x: torch.Tensor,
-    source,
-    sigma,
+    source: RetrievalDenoiser | Dataset | KeyBank,
+    sigma: float | torch.Tensor,
     *,
     generator: torch.Generator,
-    class_labels=None,
+    class_labels: torch.Tensor | Sequence[int] | int | None = None,
     flips: bool | None = None,
     temperature: float | None = None,
     dtype: torch.dtype | None = None,
@@ -166,7 +233,7 @@ class PosteriorSampleDenoiser(Optimal):
 
     def __init__(
         self,
-        dataset,
+        dataset: Dataset,
         *,
         mode: str = "draw",
         scale: float = 1.0,
@@ -177,7 +244,7 @@ class PosteriorSampleDenoiser(Optimal):
         flips: bool | None = None,
         temperature: float = 1.0,
         tolerance: float = 0.0,
-    ):
+    ) -> None:
         super().__init__(
             dataset,
             backend=backend,
@@ -204,18 +271,23 @@ class PosteriorSampleDenoiser(Optimal):
             raise ValueError(f"seed: expected a non-negative integer, got {seed!r}")
         self.mode, self.scale, self.seed = mode, scale, seed
 
-    def posterior_variance(self, x: torch.Tensor, sigma, class_labels=None) -> torch.Tensor:
+    def posterior_variance(
+        self,
+        x: torch.Tensor,
+        sigma: float | torch.Tensor,
+        class_labels: torch.Tensor | Sequence[int] | int | None = None,
+    ) -> torch.Tensor:
         return posterior_variance(self, x, sigma, class_labels)
 
     def _has_exact_jacobian(self) -> bool:
         return self.scale == 0.0  # a random draw or injected noise has no Jacobian of the posterior-mean kind
 
-    def denoise(self, x, s, labels):
+    def denoise(self, x: torch.Tensor, s: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
         lam = self.scale
         if lam == 0.0:
             return super().denoise(x, s, labels)  # exactly Optimal, its gradient included
         q = x.reshape(x.shape[0], -1)
-        common = dict(
+        common: dict[str, Any] = dict(
             temperature=self.temperature,
             query_labels=labels,
             flips=self.flips,
@@ -236,8 +308,8 @@ class PosteriorSampleDenoiser(Optimal):
         xi = torch.stack([torch.randn(r.mean.shape[1], generator=g, dtype=torch.float64) for g in gens]).to(
             r.mean.device, r.mean.dtype
         )
-        out = r.mean + lam * r.variance.sqrt() * xi
+        out = r.mean + lam * cast(torch.Tensor, r.variance).sqrt() * xi  # second_moment=True
         return out.reshape(x.shape).to(x.dtype)
 
-    def config(self) -> dict:
+    def config(self) -> dict[str, Any]:
         return {**super().config(), "mode": self.mode, "scale": self.scale, "seed": self.seed}

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any, cast
+
 import torch
 
 from .base import Posterior
 from .optimal import Optimal
 from .sample_seeds import row_generators
+
+if TYPE_CHECKING:
+    from ..data import Dataset
 
 
 class Smoothed(Optimal):
@@ -26,7 +31,9 @@ class Smoothed(Optimal):
 
     name = "smoothed"
 
-    def __init__(self, dataset, *, num_perturbations: int = 4, smoothing: float = 2.5, seed: int = 0, **kw):
+    def __init__(
+        self, dataset: Dataset, *, num_perturbations: int = 4, smoothing: float = 2.5, seed: int = 0, **kw: Any
+    ) -> None:
         super().__init__(dataset, **kw)
         if not isinstance(num_perturbations, int) or num_perturbations < 1:
             raise ValueError(f"num_perturbations: expected a positive integer, got {num_perturbations!r}")
@@ -38,7 +45,9 @@ class Smoothed(Optimal):
         self.smoothing = float(smoothing)
         self.seed = seed
 
-    def _perturbed(self, x, s, labels):
+    def _perturbed(
+        self, x: torch.Tensor, s: torch.Tensor, labels: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """The M·B perturbed queries (row m·B + b is perturbation m of sample b) with their σ and labels.
 
         ξ is a constant of the call: drawn from the detached values, so that x + s·ξ carries x's gradient and
@@ -53,9 +62,9 @@ class Smoothed(Optimal):
         ).to(x.device, x.dtype)
         xs = (x[None] + self.smoothing * xi).reshape(M * x.shape[0], *x.shape[1:])
         rep = lambda t: None if t is None else t.repeat(M)  # noqa: E731
-        return xs, rep(s), rep(labels)
+        return xs, cast(torch.Tensor, rep(s)), rep(labels)
 
-    def _posterior(self, x, s, labels) -> Posterior:
+    def _posterior(self, x: torch.Tensor, s: torch.Tensor, labels: torch.Tensor | None) -> Posterior:
         B, M = x.shape[0], self.num_perturbations
         p = self._optimal_posterior(*self._perturbed(x, s, labels))
         mean = p.mean.reshape(M, *x.shape).mean(0)
@@ -63,26 +72,28 @@ class Smoothed(Optimal):
         avg = lambda t: None if t is None else t.reshape(M, B).mean(0)  # noqa: E731
         return Posterior(
             mean,
-            avg(p.max_weight),
-            avg(p.effective_neighbours),
+            cast(torch.Tensor, avg(p.max_weight)),
+            cast(torch.Tensor, avg(p.effective_neighbours)),
             avg(p.error_bound),
             avg(p.skipped_weight),
             avg(p.scored_fraction),
         )
 
-    def denoise(self, x, s, labels):
+    def denoise(self, x: torch.Tensor, s: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
         # The optimal denoiser on each perturbed query (its custom op where autograd needs it).
         xs, ss, ls = self._perturbed(x, s, labels)
         mean = super().denoise(xs, ss, ls)
         return mean.reshape(self.num_perturbations, *x.shape).mean(0)
 
-    def _exact_jvp(self, x, s, labels, v):
+    def _exact_jvp(
+        self, x: torch.Tensor, s: torch.Tensor, labels: torch.Tensor | None, v: torch.Tensor
+    ) -> torch.Tensor:
         xs, ss, ls = self._perturbed(x, s, labels)
         M = self.num_perturbations
         jv = self._optimal_jvp(xs, ss, ls, v.repeat(M, *([1] * (v.dim() - 1))))
         return jv.reshape(M, *x.shape).mean(0)
 
-    def config(self):
+    def config(self) -> dict[str, Any]:
         return {
             **super().config(),
             "num_perturbations": self.num_perturbations,

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 import torch
 
 from .base import Denoiser
+
+if TYPE_CHECKING:
+    from ..data import Dataset
 
 
 class Wiener(Denoiser):
@@ -16,8 +21,11 @@ class Wiener(Denoiser):
     """
 
     name = "wiener"
+    mean: torch.Tensor  # non-persistent buffers: the PCA, float64
+    eigvals: torch.Tensor
+    U: torch.Tensor
 
-    def __init__(self, dataset, *, rank: int | None = None, dtype: torch.dtype = torch.float32):
+    def __init__(self, dataset: Dataset, *, rank: int | None = None, dtype: torch.dtype = torch.float32) -> None:
         super().__init__(dataset.image_shape)
         d = dataset.dim
         if rank is not None and (not isinstance(rank, int) or not 1 <= rank <= d):
@@ -36,7 +44,7 @@ class Wiener(Denoiser):
         self.register_buffer("eigvals", eigvals[:r].to(torch.float64), persistent=False)
         self.register_buffer("U", U[:, :r].to(torch.float64).contiguous(), persistent=False)
 
-    def denoise(self, x, s, labels):
+    def denoise(self, x: torch.Tensor, s: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
         if labels is not None:
             raise ValueError("class_labels: the wiener denoiser is unconditional")
         dev = x.device
@@ -75,5 +83,5 @@ class Wiener(Denoiser):
         out = mu + (z * scale[None, :]) @ U.t() + rest * (s1 / s0)
         return out.reshape(x.shape).to(x.dtype)
 
-    def config(self):
+    def config(self) -> dict[str, Any]:
         return {"method": self.name, "dataset": self.dataset_repr, "rank": self.rank, "dtype": str(self.dtype)}

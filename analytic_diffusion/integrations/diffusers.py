@@ -19,8 +19,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+if TYPE_CHECKING:
+    from ..denoisers import Denoiser
 
 __all__ = ["PREDICTION_TYPES", "DiffusersModel", "DiffusersOutput", "float64_alphas_cumprod", "to_diffusers"]
 
@@ -34,21 +38,21 @@ class DiffusersOutput:
 
     sample: torch.Tensor
 
-    def __getitem__(self, i):
+    def __getitem__(self, i: int) -> torch.Tensor:
         return (self.sample,)[i]
 
 
-class _Config(dict):
+class _Config(dict[str, Any]):
     """A read-only dict with attribute access, as diffusers' FrozenDict."""
 
-    def __getattr__(self, name):
+    def __getattr__(self, name: str) -> Any:
         try:
             return self[name]
         except KeyError:
             raise AttributeError(name) from None
 
 
-def float64_alphas_cumprod(scheduler) -> torch.Tensor:
+def float64_alphas_cumprod(scheduler: Any) -> torch.Tensor:
     """The scheduler's ᾱ table recomputed in float64 from its config (diffusers builds it in float32).
 
     Assign it to ``scheduler.alphas_cumprod`` as well to make a pipeline's own update float64 too.
@@ -79,16 +83,19 @@ def float64_alphas_cumprod(scheduler) -> torch.Tensor:
 class DiffusersModel(torch.nn.Module):
     """An analytic denoiser behind UNet2DModel's calling convention (see the module docstring)."""
 
+    alphas_cumprod: torch.Tensor  # non-persistent buffers, float64
+    sigmas: torch.Tensor
+
     def __init__(
         self,
-        denoiser,
-        scheduler,
+        denoiser: Denoiser,
+        scheduler: Any,
         prediction_type: str = "epsilon",
         *,
         float64: bool = False,
         dtype: torch.dtype = torch.float32,
         interpolation: str | None = None,
-    ):
+    ) -> None:
         super().__init__()
         if interpolation is None:
             interpolation = getattr(getattr(scheduler, "config", None), "interpolation_type", "linear")
@@ -145,7 +152,7 @@ class DiffusersModel(torch.nn.Module):
         dev = getattr(self.denoiser, "device", None)
         return dev if dev is not None else self.alphas_cumprod.device
 
-    def _alphas(self, timestep, batch: int, device) -> torch.Tensor:
+    def _alphas(self, timestep: float | torch.Tensor, batch: int, device: torch.device) -> torch.Tensor:
         """(B,) float64 ᾱ at the timesteps: integral ones index the table, fractional ones interpolate log σ."""
         t = torch.as_tensor(timestep).to(self.alphas_cumprod.device)
         if t.dim() == 0:
@@ -168,7 +175,14 @@ class DiffusersModel(torch.nn.Module):
             sigma = ((1 - frac) * s0.log() + frac * s1.log()).exp()
         return (1 / (1 + sigma * sigma)).to(device)
 
-    def forward(self, sample: torch.Tensor, timestep, class_labels=None, return_dict: bool = True, **kwargs):
+    def forward(
+        self,
+        sample: torch.Tensor,
+        timestep: float | torch.Tensor,
+        class_labels: torch.Tensor | None = None,
+        return_dict: bool = True,
+        **kwargs: Any,
+    ) -> DiffusersOutput | tuple[torch.Tensor]:
         if not torch.is_tensor(sample) or sample.dim() != 4:
             raise ValueError(f"sample: expected a (B, C, H, W) tensor, got {getattr(sample, 'shape', type(sample))}")
         abar = self._alphas(timestep, sample.shape[0], sample.device)
@@ -196,8 +210,8 @@ class DiffusersModel(torch.nn.Module):
 
 
 def to_diffusers(
-    denoiser,
-    scheduler,
+    denoiser: Denoiser,
+    scheduler: Any,
     prediction_type: str = "epsilon",
     *,
     float64: bool = False,

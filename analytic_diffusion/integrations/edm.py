@@ -10,7 +10,12 @@ The reverse direction, EDM network pickles into the engine, is :func:`analytic_d
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 import torch
+
+if TYPE_CHECKING:
+    from ..denoisers import Denoiser
 
 __all__ = ["EDMNet", "to_edm"]
 
@@ -21,7 +26,7 @@ class EDMNet(torch.nn.Module):
     sigma_min = 0.0
     sigma_max = float("inf")
 
-    def __init__(self, denoiser, label_dim=None):
+    def __init__(self, denoiser: Denoiser, label_dim: int | None = None) -> None:
         super().__init__()
         shape = getattr(denoiser, "image_shape", None)
         if not callable(denoiser) or shape is None or len(tuple(shape)) != 3:
@@ -39,13 +44,20 @@ class EDMNet(torch.nn.Module):
         self.img_resolution, self.img_channels, self.label_dim = h, c, int(label_dim)
 
     @property
-    def device(self):
+    def device(self) -> torch.device | None:
         return getattr(self.denoiser, "device", None)
 
-    def round_sigma(self, sigma):
+    def round_sigma(self, sigma: float | torch.Tensor) -> torch.Tensor:
         return torch.as_tensor(sigma)
 
-    def forward(self, x, sigma, class_labels=None, force_fp32=False, **kwargs):
+    def forward(
+        self,
+        x: torch.Tensor,
+        sigma: float | torch.Tensor,
+        class_labels: torch.Tensor | None = None,
+        force_fp32: bool = False,
+        **kwargs: Any,
+    ) -> torch.Tensor:
         # Python numbers as float64 (as_tensor would round them to float32); EDM's own σ tensors are float64.
         s = sigma if torch.is_tensor(sigma) else torch.as_tensor(sigma, dtype=torch.float64)
         s = s.to(x.device).reshape(-1)
@@ -59,6 +71,6 @@ class EDMNet(torch.nn.Module):
         return f"EDMNet({self.denoiser!r}, img_resolution={self.img_resolution}, label_dim={self.label_dim})"
 
 
-def to_edm(denoiser, label_dim=None) -> EDMNet:
+def to_edm(denoiser: Denoiser, label_dim: int | None = None) -> EDMNet:
     """An analytic denoiser as an EDM-style network (``label_dim`` defaults to the dataset's class count)."""
     return EDMNet(denoiser, label_dim)

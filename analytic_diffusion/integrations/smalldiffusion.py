@@ -19,8 +19,12 @@ import importlib.util
 import os
 import sys
 import types
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from ..denoisers import Denoiser
 
 __all__ = ["SmallDiffusionModel", "load_smalldiffusion", "to_smalldiffusion"]
 
@@ -28,7 +32,7 @@ __all__ = ["SmallDiffusionModel", "load_smalldiffusion", "to_smalldiffusion"]
 class SmallDiffusionModel(torch.nn.Module):
     """See the module docstring."""
 
-    def __init__(self, denoiser):
+    def __init__(self, denoiser: Denoiser) -> None:
         super().__init__()
         shape = getattr(denoiser, "image_shape", None)
         if not callable(denoiser) or shape is None or len(tuple(shape)) != 3:
@@ -42,7 +46,7 @@ class SmallDiffusionModel(torch.nn.Module):
     def rand_input(self, batchsize: int) -> torch.Tensor:
         return torch.randn((int(batchsize),) + self.input_dims)
 
-    def forward(self, x, sigma, cond=None):
+    def forward(self, x: torch.Tensor, sigma: float | torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
         s = sigma if torch.is_tensor(sigma) else torch.as_tensor(sigma, dtype=torch.float64)
         s = s.to(x.device)
         if s.dim() > 0 and (s.shape[0] != x.shape[0] or s.numel() != x.shape[0]):
@@ -51,10 +55,14 @@ class SmallDiffusionModel(torch.nn.Module):
         x0 = self.denoiser(x, s, cond)
         return (x - x0) / s.to(x.dtype).view(-1, *([1] * (x.dim() - 1)))
 
-    def predict_eps(self, x, sigma, cond=None):
+    def predict_eps(
+        self, x: torch.Tensor, sigma: float | torch.Tensor, cond: torch.Tensor | None = None
+    ) -> torch.Tensor:
         return self(x, sigma, cond=cond)
 
-    def predict_eps_cfg(self, x, sigma, cond, cfg_scale):
+    def predict_eps_cfg(
+        self, x: torch.Tensor, sigma: float | torch.Tensor, cond: torch.Tensor | None, cfg_scale: float
+    ) -> torch.Tensor:
         if cfg_scale:
             raise ValueError("cfg_scale: classifier-free guidance is not defined for an analytic denoiser; use 0")
         return self.predict_eps(x, sigma, cond=cond)
@@ -63,7 +71,7 @@ class SmallDiffusionModel(torch.nn.Module):
         return f"SmallDiffusionModel({self.denoiser!r})"
 
 
-def to_smalldiffusion(denoiser) -> SmallDiffusionModel:
+def to_smalldiffusion(denoiser: Denoiser) -> SmallDiffusionModel:
     """An analytic denoiser as a smalldiffusion model (run it with ``smalldiffusion.samples``)."""
     return SmallDiffusionModel(denoiser)
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -39,7 +40,7 @@ def _flat(t: torch.Tensor, name: str) -> torch.Tensor:
     return t.detach().to("cpu", torch.float64).reshape(t.shape[0], -1)
 
 
-def _pair(a, b, names=("a", "b")):
+def _pair(a: torch.Tensor, b: torch.Tensor, names: tuple[str, str] = ("a", "b")) -> tuple[torch.Tensor, torch.Tensor]:
     fa, fb = _flat(a, names[0]), _flat(b, names[1])
     if fa.shape != fb.shape:
         raise ValueError(f"{names[0]} and {names[1]}: shapes differ ({tuple(a.shape)} vs {tuple(b.shape)})")
@@ -91,7 +92,7 @@ def _score(x0_hat: torch.Tensor, x: torch.Tensor, sigma: torch.Tensor) -> torch.
 
 
 # ----------------------------------------------------------------------------------------- helpers
-def to_jsonable(obj, skip: Sequence[str] = ()):
+def to_jsonable(obj: Any, skip: Sequence[str] = ()) -> Any:
     """Tensors / arrays → lists, numpy scalars → Python, NaN/Inf → None; dict keys in ``skip`` are dropped."""
     if isinstance(obj, dict):
         return {str(k): to_jsonable(v, skip) for k, v in obj.items() if k not in skip}
@@ -108,7 +109,7 @@ def to_jsonable(obj, skip: Sequence[str] = ()):
     return obj
 
 
-def seed_list(seeds: int | Iterable[int], n: int | None = None, first: int = 0) -> list:
+def seed_list(seeds: int | Iterable[int], n: int | None = None, first: int = 0) -> list[int]:
     """Seeds as a validated list: an int is a count (seeds first … first + count − 1), else explicit seeds."""
     if isinstance(seeds, bool):
         raise ValueError(f"seeds: expected a count or a list of non-negative integers, got {seeds!r}")

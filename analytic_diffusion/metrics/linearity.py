@@ -26,12 +26,16 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Callable
+from typing import TYPE_CHECKING, Any, Callable, Literal, overload
 
 import torch
 
 from ..ops.local_retrieval import wiener_filter_matrix
+
+if TYPE_CHECKING:
+    from ..data import Dataset
 
 __all__ = ["LinearFit", "fit_linear_denoiser", "linearity_score", "wiener_distance", "wiener_matrix"]
 
@@ -51,11 +55,18 @@ class LinearFit:
         flat = x.reshape(x.shape[0], -1).to(self.W.dtype)
         return (flat @ self.W.T + self.b).reshape(x.shape)
 
-    def summary(self) -> dict:
+    def summary(self) -> dict[str, Any]:
         return {"sigma": self.sigma, "r2": self.r2, "num_samples": self.num_samples, "ridge": self.ridge}
 
 
-def _den_call(D: Callable, x: torch.Tensor, sigma: float, class_labels, batch_size, dtype) -> torch.Tensor:
+def _den_call(
+    D: Callable[..., torch.Tensor],
+    x: torch.Tensor,
+    sigma: float,
+    class_labels: torch.Tensor | None,
+    batch_size: int | None,
+    dtype: torch.dtype,
+) -> torch.Tensor:
     dev = torch.device(getattr(D, "device", None) or "cpu")
     outs = []
     step = x.shape[0] if batch_size is None else int(batch_size)
@@ -67,27 +78,27 @@ def _den_call(D: Callable, x: torch.Tensor, sigma: float, class_labels, batch_si
     return torch.cat(outs)
 
 
-def _check_sigma(sigma) -> float:
+def _check_sigma(sigma: float) -> float:
     s = float(sigma)
     if not math.isfinite(s) or s <= 0:
         raise ValueError(f"sigma: expected a finite value > 0, got {sigma!r}")
     return s
 
 
-def _check_images(x, name):
+def _check_images(x: torch.Tensor, name: str) -> None:
     if not torch.is_tensor(x) or x.dim() != 4 or x.shape[0] < 1:
         raise ValueError(f"{name}: expected images (n, C, H, W), got {getattr(x, 'shape', type(x))}")
 
 
 def fit_linear_denoiser(
-    D: Callable,
+    D: Callable[..., torch.Tensor],
     sigma: float,
     probes: torch.Tensor,
     n_noise: int = 1,
     *,
     seed: int = 0,
     ridge: str | float = "auto",
-    class_labels=None,
+    class_labels: torch.Tensor | Sequence[int] | None = None,
     batch_size: int | None = None,
     dtype: torch.dtype = torch.float32,
 ) -> LinearFit:
@@ -136,7 +147,7 @@ def fit_linear_denoiser(
     return LinearFit(W, b, fit_r2, s, M, lam_abs)
 
 
-def wiener_matrix(dataset, sigma: float):
+def wiener_matrix(dataset: Dataset, sigma: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(W_σ, b_σ) of the Gaussian denoiser μ + U diag(λ/(λ+σ²)) Uᵀ (x − μ): W_σ (D, D), b_σ = (I − W_σ) μ."""
     s = _check_sigma(sigma)
     mean, lam, U = dataset.pca()
@@ -146,8 +157,8 @@ def wiener_matrix(dataset, sigma: float):
 
 
 def wiener_distance(
-    W: torch.Tensor, b: torch.Tensor, dataset, sigma: float, *, n_probe: int = 256, seed: int = 0
-) -> dict:
+    W: torch.Tensor, b: torch.Tensor, dataset: Dataset, sigma: float, *, n_probe: int = 256, seed: int = 0
+) -> dict[str, float]:
     """Distances of an affine map (W, b) from the dataset's Wiener denoiser at σ.
 
     matrix:  ‖W − W_σ‖_F / ‖W_σ‖_F;  bias: ‖b − b_σ‖ / ‖b_σ‖ (inf-safe: 0/0 → 0);
@@ -162,7 +173,7 @@ def wiener_distance(
             f"W, b: expected shapes {tuple(Ww.shape)} and {tuple(bw.shape)}, got {tuple(W.shape)} and {tuple(b.shape)}"
         )
 
-    def rel(a, ref):
+    def rel(a: torch.Tensor, ref: torch.Tensor) -> float:
         num, den = float((a - ref).norm()), float(ref.norm())
         return num / den if den > 0 else (0.0 if num == 0 else float("inf"))
 
@@ -173,19 +184,67 @@ def wiener_distance(
     return {"sigma": s, "matrix": rel(W, Ww), "bias": rel(b, bw), "outputs": rel(x @ W.T + b, x @ Ww.T + bw)}
 
 
+@overload
 def linearity_score(
-    D: Callable,
+    D: Callable[..., torch.Tensor],
+    x1: torch.Tensor,
+    x2: torch.Tensor,
+    sigma: float,
+    *,
+    seed: int = ...,
+    center: torch.Tensor | None = ...,
+    class_labels: torch.Tensor | Sequence[int] | None = ...,
+    batch_size: int | None = ...,
+    dtype: torch.dtype = ...,
+    per_pair: Literal[False] = ...,
+) -> float: ...
+
+
+@overload
+def linearity_score(
+    D: Callable[..., torch.Tensor],
+    x1: torch.Tensor,
+    x2: torch.Tensor,
+    sigma: float,
+    *,
+    seed: int = ...,
+    center: torch.Tensor | None = ...,
+    class_labels: torch.Tensor | Sequence[int] | None = ...,
+    batch_size: int | None = ...,
+    dtype: torch.dtype = ...,
+    per_pair: Literal[True],
+) -> tuple[float, torch.Tensor]: ...
+
+
+@overload
+def linearity_score(
+    D: Callable[..., torch.Tensor],
+    x1: torch.Tensor,
+    x2: torch.Tensor,
+    sigma: float,
+    *,
+    seed: int = ...,
+    center: torch.Tensor | None = ...,
+    class_labels: torch.Tensor | Sequence[int] | None = ...,
+    batch_size: int | None = ...,
+    dtype: torch.dtype = ...,
+    per_pair: bool = ...,
+) -> float | tuple[float, torch.Tensor]: ...
+
+
+def linearity_score(
+    D: Callable[..., torch.Tensor],
     x1: torch.Tensor,
     x2: torch.Tensor,
     sigma: float,
     *,
     seed: int = 0,
-    center=None,
-    class_labels=None,
+    center: torch.Tensor | None = None,
+    class_labels: torch.Tensor | Sequence[int] | None = None,
     batch_size: int | None = None,
     dtype: torch.dtype = torch.float32,
     per_pair: bool = False,
-):
+) -> float | tuple[float, torch.Tensor]:
     """Mean cosine similarity between D(α y1 + β y2) and α D(y1) + β D(y2), α = β = 1/√2 (see module doc).
 
     x1, x2: clean image pairs (n, C, H, W); y_j = x_j + σ ε_j with ε drawn from a CPU generator seeded ``seed``.

@@ -6,10 +6,14 @@ A sample counts as memorised when d(NN1) / d(NN2) < 1/3 (L2 in pixel space; the 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from ..ops import knn_search
+
+if TYPE_CHECKING:
+    from ..data import Dataset
 
 MEMORIZATION_THRESHOLD = 1.0 / 3.0
 
@@ -31,7 +35,7 @@ class MemorizationReport:
         """Fraction of samples that are copies (the memorisation ratio)."""
         return float(self.memorized.double().mean())
 
-    def summary(self) -> dict:
+    def summary(self) -> dict[str, Any]:
         return {
             "memorization_ratio": self.share,
             "threshold": self.threshold,
@@ -43,12 +47,12 @@ class MemorizationReport:
 
 def memorization(
     samples: torch.Tensor,
-    dataset,
+    dataset: Dataset,
     *,
     threshold: float = MEMORIZATION_THRESHOLD,
-    flips=None,
+    flips: bool | None = None,
     backend: str = "auto",
-    memory_budget=None,
+    memory_budget: int | None = None,
 ) -> MemorizationReport:
     """Nearest and second-nearest training distances of each sample, in float64, by exact scan
     (``memory_budget``: bytes of working memory, default the ops' own)."""
@@ -64,7 +68,7 @@ def memorization(
     if total < 2:
         raise ValueError("memorization: needs at least 2 training images")
     q = samples.reshape(samples.shape[0], -1).to(device=keys.device, dtype=torch.float64)
-    budget = {} if memory_budget is None else {"memory_budget": int(memory_budget)}
+    budget: dict[str, Any] = {} if memory_budget is None else {"memory_budget": int(memory_budget)}
     d2, idx = knn_search(q, keys, 2, flips=flips, backend=backend, dtype=torch.float64, **budget)
     d = d2.clamp_min(0).sqrt()
     ratio = d[:, 0] / d[:, 1].clamp_min(torch.finfo(torch.float64).tiny)

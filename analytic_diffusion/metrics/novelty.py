@@ -17,18 +17,24 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from ..ops import knn_search
 from .memorization import memorization
 
+if TYPE_CHECKING:
+    from ..data import Dataset
+
 __all__ = ["QUANTILES", "distance_quantiles", "mann_whitney_u", "nearest_train_distance", "novelty"]
 
 QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
 
 
-def nearest_train_distance(images: torch.Tensor, dataset, *, flips=None, backend: str = "auto") -> torch.Tensor:
+def nearest_train_distance(
+    images: torch.Tensor, dataset: Dataset, *, flips: bool | None = None, backend: str = "auto"
+) -> torch.Tensor:
     """(n,) float64 L2 distance of each image to its nearest training candidate (exact scan)."""
     if not torch.is_tensor(images) or images.dim() != 4 or tuple(images.shape[1:]) != tuple(dataset.image_shape):
         raise ValueError(
@@ -42,7 +48,7 @@ def nearest_train_distance(images: torch.Tensor, dataset, *, flips=None, backend
     return d2[:, 0].clamp_min(0).sqrt().cpu()
 
 
-def _midranks(values: torch.Tensor):
+def _midranks(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Mid-ranks (1-based) of a 1-D float64 tensor, and the sizes of its tie groups."""
     order = torch.argsort(values, stable=True)
     sorted_v = values[order]
@@ -54,7 +60,7 @@ def _midranks(values: torch.Tensor):
     return ranks, counts
 
 
-def mann_whitney_u(a, b) -> dict:
+def mann_whitney_u(a: torch.Tensor | Sequence[float], b: torch.Tensor | Sequence[float]) -> dict[str, float]:
     """Mann–Whitney U of sample ``a`` against ``b`` (see module doc); ties by mid-ranks.
 
     Returns {"U": U_a, "U_b": m n − U_a, "z", "p_value" (two-sided, normal approximation), "auc": U_a/(m n),
@@ -85,7 +91,7 @@ def mann_whitney_u(a, b) -> dict:
     }
 
 
-def distance_quantiles(d: torch.Tensor, quantiles: Sequence[float] = QUANTILES) -> dict:
+def distance_quantiles(d: torch.Tensor, quantiles: Sequence[float] = QUANTILES) -> dict[str, float]:
     d = torch.as_tensor(d, dtype=torch.float64).reshape(-1)
     q = torch.quantile(d, torch.tensor(list(quantiles), dtype=torch.float64))
     out = {f"q{round(100 * p):02d}": float(v) for p, v in zip(quantiles, q)}
@@ -95,12 +101,12 @@ def distance_quantiles(d: torch.Tensor, quantiles: Sequence[float] = QUANTILES) 
 
 def novelty(
     samples: torch.Tensor,
-    dataset,
+    dataset: Dataset,
     test_images: torch.Tensor | None = None,
     *,
     test_distances: torch.Tensor | None = None,
     backend: str = "auto",
-) -> dict:
+) -> dict[str, Any]:
     """Distance-to-train statistics of ``samples`` (and vs held-out ``test_images`` when given).
 
     Returns {"samples": quantiles, "test": quantiles, "mann_whitney": mann_whitney_u(samples, test),
@@ -109,7 +115,7 @@ def novelty(
     """
     mem = memorization(samples, dataset, backend=backend)
     d_gen = mem.nn_distance.to(torch.float64)  # the same exact float64 scan as nearest_train_distance
-    out = {"samples": distance_quantiles(d_gen), "memorization": mem.summary()}
+    out: dict[str, Any] = {"samples": distance_quantiles(d_gen), "memorization": mem.summary()}
     if test_distances is None and test_images is not None:
         test_distances = nearest_train_distance(test_images, dataset, backend=backend)
     if test_distances is not None:

@@ -24,7 +24,8 @@ from __future__ import annotations
 import contextlib
 import math
 import warnings
-from typing import Callable
+from collections.abc import Sequence
+from typing import Any, Callable, cast
 
 import torch
 
@@ -45,7 +46,7 @@ T_MAPPINGS = ("nearest", "interp")
 KINDS = ("x0", "eps", "score")
 
 
-def _unwrap(out):
+def _unwrap(out: object) -> torch.Tensor:
     """Network outputs: a tensor, an object with ``.sample`` (diffusers), or a tuple/list (first element)."""
     if hasattr(out, "sample") and not torch.is_tensor(out):
         out = out.sample
@@ -63,7 +64,7 @@ def _unwrap(out):
     return out
 
 
-def _first_param(net):
+def _first_param(net: object) -> torch.Tensor | None:
     if isinstance(net, torch.nn.Module):
         for p in net.parameters():
             return p
@@ -72,7 +73,7 @@ def _first_param(net):
     return None
 
 
-def _describe(obj) -> str:
+def _describe(obj: object) -> str:
     return getattr(obj, "__name__", None) or type(obj).__name__
 
 
@@ -83,8 +84,15 @@ class _NetworkDenoiser(Denoiser):
     _casts_with_module = True  # .half() / .to(dtype) change the network's precision, and with it this adapter's
 
     def __init__(
-        self, net, image_shape, *, device=None, dtype=None, batch_size: int | None = None, label_kw: str | None = None
-    ):
+        self,
+        net: Callable[..., Any],
+        image_shape: Sequence[int],
+        *,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        batch_size: int | None = None,
+        label_kw: str | None = None,
+    ) -> None:
         if not callable(net):
             raise TypeError(f"expected a callable network (nn.Module or function), got {type(net).__name__}")
         if image_shape is None or len(tuple(image_shape)) != 3 or min(int(v) for v in image_shape) < 1:
@@ -109,21 +117,21 @@ class _NetworkDenoiser(Denoiser):
         self.batch_size = batch_size
         self.label_kw = label_kw
 
-    def _call_net(self, fn, *args, labels=None):
+    def _call_net(self, fn: Callable[..., Any], *args: Any, labels: Any = None) -> Any:
         if labels is None:
             return fn(*args)
         if self.label_kw is not None:
             return fn(*args, **{self.label_kw: labels})
         return fn(*args, labels)
 
-    def _evaluate(self, x: torch.Tensor, sigma: torch.Tensor, labels) -> torch.Tensor:
+    def _evaluate(self, x: torch.Tensor, sigma: torch.Tensor, labels: Any) -> torch.Tensor:
         """x (b, C, H, W) in the network dtype/device, sigma (b,) float64 on that device → x̂0 (any float dtype)."""
         raise NotImplementedError
 
-    def _labels(self, labels: torch.Tensor, device):
+    def _labels(self, labels: torch.Tensor, device: torch.device) -> torch.Tensor:
         return labels.to(device)
 
-    def denoise(self, x, sigma, class_labels):
+    def denoise(self, x: torch.Tensor, sigma: torch.Tensor, class_labels: torch.Tensor | None) -> torch.Tensor:
         out_dtype, out_device = x.dtype, x.device
         n = x.shape[0]
         step = n if self.batch_size is None else self.batch_size
@@ -137,7 +145,7 @@ class _NetworkDenoiser(Denoiser):
                 outs.append(self._evaluate(xb, sb, lb).to(device=out_device, dtype=out_dtype))
         return torch.cat(outs) if outs else x.new_zeros(x.shape)
 
-    def _common_config(self) -> dict:
+    def _common_config(self) -> dict[str, Any]:
         return {
             "network": _describe(self.net),
             "device": "caller's" if self.device is None else str(self.device),
@@ -164,17 +172,17 @@ class EDMAdapter(_NetworkDenoiser):
 
     def __init__(
         self,
-        net,
-        image_shape,
+        net: Callable[..., Any],
+        image_shape: Sequence[int],
         *,
         sigma_data: float = 0.5,
         label_dim: int = 0,
         precondition: bool = True,
-        device=None,
-        dtype=None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
         batch_size: int | None = None,
         label_kw: str | None = None,
-    ):
+    ) -> None:
         super().__init__(net, image_shape, device=device, dtype=dtype, batch_size=batch_size, label_kw=label_kw)
         if not sigma_data > 0:
             raise ValueError(f"sigma_data must be > 0, got {sigma_data!r}")
@@ -184,7 +192,7 @@ class EDMAdapter(_NetworkDenoiser):
         self.label_dim = label_dim
         self.precondition = bool(precondition)
 
-    def _labels(self, labels, device):
+    def _labels(self, labels: torch.Tensor, device: torch.device) -> torch.Tensor:
         labels = labels.to(device)
         if self.label_dim > 0:
             if int(labels.min()) < 0 or int(labels.max()) >= self.label_dim:
@@ -194,7 +202,7 @@ class EDMAdapter(_NetworkDenoiser):
             return torch.nn.functional.one_hot(labels, self.label_dim).to(self.dtype or torch.float32)
         return labels
 
-    def _evaluate(self, x, sigma, labels):
+    def _evaluate(self, x: torch.Tensor, sigma: torch.Tensor, labels: Any) -> torch.Tensor:
         if not self.precondition:
             return _unwrap(self._call_net(self.net, x, sigma.to(x.dtype), labels=labels))
         sd2 = self.sigma_data**2
@@ -206,7 +214,7 @@ class EDMAdapter(_NetworkDenoiser):
         f = _unwrap(self._call_net(self.net, c_in * x, c_noise, labels=labels))
         return c_skip * x + c_out * f.to(x.dtype)
 
-    def config(self) -> dict:
+    def config(self) -> dict[str, Any]:
         cfg = {
             "method": self.name,
             **self._common_config(),
@@ -278,19 +286,19 @@ class VPAdapter(_NetworkDenoiser):
 
     def __init__(
         self,
-        model,
+        model: Callable[..., Any],
         *,
-        image_shape=None,
+        image_shape: Sequence[int] | None = None,
         alphas_cumprod: str | torch.Tensor = "linear",
         prediction: str = "epsilon",
         t_mapping: str = "nearest",
-        call: Callable | None = None,
+        call: Callable[..., Any] | None = None,
         t_scale: float = 1.0,
-        device=None,
-        dtype=None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
         batch_size: int | None = None,
         label_kw: str | None = None,
-    ):
+    ) -> None:
         if image_shape is None:
             image_shape = _infer_image_shape(model)
         super().__init__(model, image_shape, device=device, dtype=dtype, batch_size=batch_size, label_kw=label_kw)
@@ -311,7 +319,7 @@ class VPAdapter(_NetworkDenoiser):
         self._warned = False
         if isinstance(alphas_cumprod, str) and alphas_cumprod == "kamb":
             self.schedule = "kamb"
-            self.alphas_cumprod = None
+            self.alphas_cumprod: torch.Tensor | None = None
             self.sigma_min, self.sigma_max = 0.0, math.tan(KAMB_T_MAX / 1.008 * math.pi / 2)
         else:
             if isinstance(alphas_cumprod, str):
@@ -330,14 +338,14 @@ class VPAdapter(_NetworkDenoiser):
             self.sigma_min, self.sigma_max = float(sig[0]), float(sig[-1])
 
     # σ → (t, ᾱ at which the network is evaluated); all float64 on CPU/device of sigma
-    def _map(self, sigma: torch.Tensor):
+    def _map(self, sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
         if self.schedule == "kamb":
             s = sigma.clamp(max=self.sigma_max)
             clamped = int((sigma > self.sigma_max * (1 + RANGE_ROUNDING)).sum())
             t = 1.008 * (2 / math.pi) * torch.atan(s)
             abar = 1 / (1 + s * s)
             return t * self.t_scale, abar, clamped
-        ac = self.alphas_cumprod.to(sigma.device)
+        ac = cast(torch.Tensor, self.alphas_cumprod).to(sigma.device)  # a table: set unless schedule is kamb
         lo, hi = self.sigma_min, self.sigma_max
         clamped = int(((sigma < lo * (1 - RANGE_ROUNDING)) | (sigma > hi * (1 + RANGE_ROUNDING))).sum())
         if self.t_mapping == "nearest":
@@ -354,7 +362,7 @@ class VPAdapter(_NetworkDenoiser):
         frac = ((ls[i] - lam) / (ls[i] - ls[i + 1])).clamp(0, 1)
         return i.to(torch.float64) + frac, 1 / (1 + s * s), clamped
 
-    def _evaluate(self, x, sigma, labels):
+    def _evaluate(self, x: torch.Tensor, sigma: torch.Tensor, labels: Any) -> torch.Tensor:
         t, abar, clamped = self._map(sigma)
         if clamped:
             self.clamped += clamped
@@ -387,7 +395,7 @@ class VPAdapter(_NetworkDenoiser):
             return a_n * x_vp - b_n * out
         return out
 
-    def config(self) -> dict:
+    def config(self) -> dict[str, Any]:
         return {
             "method": self.name,
             **self._common_config(),
@@ -401,8 +409,8 @@ class VPAdapter(_NetworkDenoiser):
         }
 
 
-def _infer_image_shape(model):
-    cfg = getattr(model, "config", None)
+def _infer_image_shape(model: object) -> tuple[int, int, int]:
+    cfg: Any = getattr(model, "config", None)
     try:
         c, s = cfg.in_channels, cfg.sample_size  # diffusers UNet2DModel
         h, w = (s, s) if isinstance(s, int) else tuple(s)
@@ -423,21 +431,21 @@ class CallableAdapter(_NetworkDenoiser):
 
     def __init__(
         self,
-        fn,
-        image_shape,
+        fn: Callable[..., Any],
+        image_shape: Sequence[int],
         *,
         kind: str = "x0",
-        device=None,
-        dtype=None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
         batch_size: int | None = None,
         label_kw: str | None = None,
-    ):
+    ) -> None:
         super().__init__(fn, image_shape, device=device, dtype=dtype, batch_size=batch_size, label_kw=label_kw)
         if kind not in KINDS:
             raise ValueError(f"kind must be one of {', '.join(map(repr, KINDS))}; got {kind!r}")
         self.kind = kind
 
-    def _evaluate(self, x, sigma, labels):
+    def _evaluate(self, x: torch.Tensor, sigma: torch.Tensor, labels: Any) -> torch.Tensor:
         s = sigma.to(x.dtype)
         out = _unwrap(self._call_net(self.net, x, s, labels=labels)).to(x.dtype)
         s4 = s.view(-1, 1, 1, 1)
@@ -447,5 +455,5 @@ class CallableAdapter(_NetworkDenoiser):
             return x - s4 * out
         return x + s4 * s4 * out
 
-    def config(self) -> dict:
+    def config(self) -> dict[str, Any]:
         return {"method": self.name, **self._common_config(), "kind": self.kind}

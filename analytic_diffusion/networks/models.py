@@ -13,6 +13,8 @@ embedded and added to the same embedding; pass integer labels (B,) or one-hot / 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
+from typing import Any, Literal, cast
 
 import torch
 import torch.nn.functional as F
@@ -24,13 +26,13 @@ PADDINGS = ("zeros", "circular")
 NORMS = ("group", "none")
 
 
-def _check(name, value, choices):
+def _check(name: str, value: object, choices: Sequence[str]) -> None:
     if value not in choices:
         raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}; got {value!r}")
 
 
 def _conv3(cin: int, cout: int, padding: str) -> nn.Conv2d:
-    return nn.Conv2d(cin, cout, 3, padding=1, padding_mode=padding)
+    return nn.Conv2d(cin, cout, 3, padding=1, padding_mode=cast("Literal['zeros', 'circular']", padding))  # PADDINGS
 
 
 def _norm(kind: str, channels: int, groups: int) -> nn.Module:
@@ -43,7 +45,9 @@ def _norm(kind: str, channels: int, groups: int) -> nn.Module:
 class NoiseEmbedding(nn.Module):
     """c_noise (B,) [+ labels] → (B, emb_dim): sinusoidal features of c_noise, then Linear–SiLU–Linear."""
 
-    def __init__(self, emb_dim: int = 128, num_freqs: int = 32, label_dim: int = 0):
+    freqs: torch.Tensor  # non-persistent buffer
+
+    def __init__(self, emb_dim: int = 128, num_freqs: int = 32, label_dim: int = 0) -> None:
         super().__init__()
         # Frequencies 1 ... 1000 (log-spaced): c_noise = ln(σ)/4 spans about [-1.6, 1.1] for σ in [0.002, 80].
         self.register_buffer("freqs", torch.exp(torch.linspace(0.0, math.log(1000.0), num_freqs)), persistent=False)
@@ -66,7 +70,7 @@ class NoiseEmbedding(nn.Module):
 class ResBlock(nn.Module):
     """norm–SiLU–conv3×3, + Linear(emb), norm–SiLU–conv3×3, plus a (1×1 if needed) skip. Two 3×3 convolutions."""
 
-    def __init__(self, cin: int, cout: int, emb_dim: int, padding: str, norm: str, groups: int):
+    def __init__(self, cin: int, cout: int, emb_dim: int, padding: str, norm: str, groups: int) -> None:
         super().__init__()
         self.norm1 = _norm(norm, cin, groups)
         self.conv1 = _conv3(cin, cout, padding)
@@ -75,7 +79,7 @@ class ResBlock(nn.Module):
         self.conv2 = _conv3(cout, cout, padding)
         self.skip = nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
 
-    def forward(self, x, emb):
+    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
         h = self.conv1(F.silu(self.norm1(x)))
         h = h + self.emb(emb)[:, :, None, None]
         h = self.conv2(F.silu(self.norm2(h)))
@@ -109,7 +113,7 @@ class LocalResNet(nn.Module):
         groups: int = 8,
         emb_dim: int = 128,
         label_dim: int = 0,
-    ):
+    ) -> None:
         super().__init__()
         _check("padding", padding, PADDINGS)
         _check("norm", norm, NORMS)
@@ -133,7 +137,7 @@ class LocalResNet(nn.Module):
         self.out_norm = _norm(norm, channels, groups)
         self.out = _conv3(channels, in_channels, padding)
         nn.init.zeros_(self.out.weight)
-        nn.init.zeros_(self.out.bias)
+        nn.init.zeros_(cast(torch.Tensor, self.out.bias))  # a Conv2d with bias
 
     @property
     def num_convs3(self) -> int:
@@ -144,14 +148,14 @@ class LocalResNet(nn.Module):
         """Side of the square input window an output pixel sees through the convolutions: 2·(#3×3 convs) + 1."""
         return 2 * self.num_convs3 + 1
 
-    def forward(self, x: torch.Tensor, c_noise: torch.Tensor, class_labels: torch.Tensor | None = None):
+    def forward(self, x: torch.Tensor, c_noise: torch.Tensor, class_labels: torch.Tensor | None = None) -> torch.Tensor:
         emb = self.embed(c_noise, class_labels)
         h = self.inp(x)
         for blk in self.blocks:
             h = blk(h, emb)
         return self.out(F.silu(self.out_norm(h)))
 
-    def config(self) -> dict:
+    def config(self) -> dict[str, Any]:
         return {
             "arch": self.arch,
             **self.kwargs,
@@ -180,7 +184,7 @@ class SmallUNet(nn.Module):
         groups: int = 8,
         emb_dim: int = 128,
         label_dim: int = 0,
-    ):
+    ) -> None:
         super().__init__()
         _check("padding", padding, PADDINGS)
         _check("norm", norm, NORMS)
@@ -210,9 +214,9 @@ class SmallUNet(nn.Module):
         self.out_norm = _norm(norm, c, groups)
         self.out = _conv3(c, in_channels, padding)
         nn.init.zeros_(self.out.weight)
-        nn.init.zeros_(self.out.bias)
+        nn.init.zeros_(cast(torch.Tensor, self.out.bias))  # a Conv2d with bias
 
-    def forward(self, x: torch.Tensor, c_noise: torch.Tensor, class_labels: torch.Tensor | None = None):
+    def forward(self, x: torch.Tensor, c_noise: torch.Tensor, class_labels: torch.Tensor | None = None) -> torch.Tensor:
         if x.shape[-1] % 2 or x.shape[-2] % 2:
             raise ValueError(f"SmallUNet needs even image sides, got {tuple(x.shape[-2:])}")
         emb = self.embed(c_noise, class_labels)
@@ -230,14 +234,14 @@ class SmallUNet(nn.Module):
             h = b(h, emb)
         return self.out(F.silu(self.out_norm(h)))
 
-    def config(self) -> dict:
+    def config(self) -> dict[str, Any]:
         return {"arch": self.arch, **self.kwargs, "parameters": sum(p.numel() for p in self.parameters())}
 
 
-ARCHITECTURES = {"resnet": LocalResNet, "unet": SmallUNet}
+ARCHITECTURES: dict[str, type[LocalResNet] | type[SmallUNet]] = {"resnet": LocalResNet, "unet": SmallUNet}
 
 
-def build_model(arch: str, **kwargs) -> nn.Module:
+def build_model(arch: str, **kwargs: Any) -> LocalResNet | SmallUNet:
     """``build_model("resnet", in_channels=1, channels=64, blocks=8, padding="zeros")``."""
     _check("arch", arch, tuple(ARCHITECTURES))
     return ARCHITECTURES[arch](**kwargs)

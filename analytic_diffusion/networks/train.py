@@ -33,13 +33,17 @@ import pickle
 import time
 import warnings
 import zipfile
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import TYPE_CHECKING, Any, Callable, cast
 
 import torch
 
 from .adapters import EDMAdapter
-from .models import ARCHITECTURES, build_model
+from .models import ARCHITECTURES, LocalResNet, SmallUNet, build_model
+
+if TYPE_CHECKING:
+    from ..data import Dataset
 
 __all__ = [
     "CHECKPOINT_FORMAT",
@@ -64,16 +68,18 @@ class TrainResult:
     losses: list[float] = field(default_factory=list)
     model: torch.nn.Module | None = None
     elapsed_s: float = 0.0
-    config: dict = field(default_factory=dict)
+    config: dict[str, Any] = field(default_factory=dict)
 
 
-def _positive_int(name, v):
+def _positive_int(name: str, v: int) -> int:
     if isinstance(v, bool) or not isinstance(v, int) or v < 1:
         raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
     return v
 
 
-def _images_and_labels(dataset, device):
+def _images_and_labels(
+    dataset: Dataset | torch.Tensor, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor | None, str]:
     if torch.is_tensor(dataset):
         x = dataset
         labels, desc = None, f"tensor{tuple(dataset.shape)}"
@@ -89,7 +95,14 @@ def _images_and_labels(dataset, device):
     return x.to(device=device, dtype=torch.float32), labels, desc
 
 
-def save_checkpoint(path, *, model, ema, step, meta: dict) -> str:
+def save_checkpoint(
+    path: str | os.PathLike[str],
+    *,
+    model: LocalResNet | SmallUNet,
+    ema: LocalResNet | SmallUNet | None,
+    step: int,
+    meta: dict[str, Any],
+) -> str:
     """Write one checkpoint (see the module docstring) atomically; returns the path."""
     ck = dict(meta)
     ck.update(
@@ -107,7 +120,7 @@ def save_checkpoint(path, *, model, ema, step, meta: dict) -> str:
 
 
 def train_network(
-    dataset,
+    dataset: Dataset | torch.Tensor,
     *,
     arch: str = "resnet",
     padding: str = "zeros",
@@ -121,7 +134,7 @@ def train_network(
     ema: float | None = 0.999,
     grad_clip: float | None = 1.0,
     seed: int = 0,
-    device="cpu",
+    device: torch.device | str = "cpu",
     sigma_sampling: str = "lognormal",
     sigma_min: float = 0.002,
     sigma_max: float = 80.0,
@@ -129,11 +142,11 @@ def train_network(
     P_std: float = 1.2,
     sigma_data: float = 0.5,
     class_conditional: bool = False,
-    model_kwargs: dict | None = None,
-    out_dir=None,
+    model_kwargs: dict[str, Any] | None = None,
+    out_dir: str | os.PathLike[str] | None = None,
     checkpoint_every: int | None = None,
     progress: bool = True,
-    callback: Callable | None = None,
+    callback: Callable[[int, float, torch.nn.Module], object] | None = None,
 ) -> TrainResult:
     """Train a :class:`~.models.LocalResNet` (``arch="resnet"``) or :class:`~.models.SmallUNet` ("unet") with the
     EDM objective on ``dataset`` (a Dataset or an (N, C, H, W) float tensor in [-1, 1]).
@@ -184,7 +197,7 @@ def train_network(
     warmup = min(200, steps // 20) if warmup is None else int(warmup)
 
     torch.manual_seed(seed)
-    kwargs = dict(
+    kwargs: dict[str, Any] = dict(
         in_channels=image_shape[0],
         channels=channels,
         blocks=blocks,
@@ -197,7 +210,7 @@ def train_network(
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     gen = torch.Generator().manual_seed(seed)
     sd = float(sigma_data)
-    meta = dict(
+    meta: dict[str, Any] = dict(
         image_shape=list(image_shape),
         sigma_data=sd,
         label_dim=label_dim,
@@ -221,19 +234,20 @@ def train_network(
     if out_dir is not None:
         os.makedirs(out_dir, exist_ok=True)
 
-    def lr_at(step):  # step counts from 0
+    def lr_at(step: int) -> float:  # step counts from 0
         f = (step + 1) / warmup if warmup > 0 and step < warmup else 1.0
         if lr_decay == "cosine" and steps > warmup:
             p = max(0.0, (step - warmup) / max(1, steps - warmup))
             f *= 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * p))
         return lr * f
 
-    bar = None
+    bar: Any = None
     if progress:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=steps, desc=f"train {arch}", unit="step")
-    losses, checkpoints = [], []
+    losses: list[float] = []
+    checkpoints: list[str] = []
     t0 = time.time()
     model.train()
     for step in range(steps):
@@ -246,7 +260,7 @@ def train_network(
         sigma = sigma.clamp(sigma_min, sigma_max).to(device)
         noise = torch.randn((batch_size, *image_shape), generator=gen).to(device)
         x0 = data[idx.to(device)]
-        y = None if label_dim == 0 else labels[idx.to(device)]
+        y = None if label_dim == 0 else cast(torch.Tensor, labels)[idx.to(device)]  # label_dim > 0: labels
         s4 = sigma.view(-1, 1, 1, 1)
         c_skip = sd**2 / (s4**2 + sd**2)
         c_out = s4 * sd / (s4**2 + sd**2).sqrt()
@@ -263,7 +277,7 @@ def train_network(
             torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
         opt.step()
         if ema_model is not None:
-            d = min(ema, (1 + step) / (10 + step))
+            d = min(cast(float, ema), (1 + step) / (10 + step))  # an EMA model exists only with ema
             with torch.no_grad():
                 for pe, pm in zip(ema_model.parameters(), model.parameters()):
                     pe.lerp_(pm, 1 - d)
@@ -283,7 +297,7 @@ def train_network(
         if checkpoint_every is not None and (step + 1) % checkpoint_every == 0 and step + 1 < steps:
             checkpoints.append(
                 save_checkpoint(
-                    os.path.join(out_dir, f"step{step + 1:07d}.pt"),
+                    os.path.join(cast("str | os.PathLike[str]", out_dir), f"step{step + 1:07d}.pt"),  # checked
                     model=model,
                     ema=ema_model,
                     step=step + 1,
@@ -309,7 +323,7 @@ def train_network(
     return TrainResult(den, checkpoints, losses, model, elapsed, meta)
 
 
-def _is_torchscript(path) -> bool:
+def _is_torchscript(path: str) -> bool:
     try:
         with zipfile.ZipFile(path) as z:
             names = z.namelist()
@@ -320,7 +334,7 @@ def _is_torchscript(path) -> bool:
     )
 
 
-def _load_pickle(path, device):
+def _load_pickle(path: str, device: torch.device) -> Any:
     """torch.save'd pickles first, then plain pickles (NVlabs EDM writes its snapshots with pickle.dump)."""
     try:
         return torch.load(path, map_location=device, weights_only=False)
@@ -336,11 +350,11 @@ def _load_pickle(path, device):
 
 
 def load_network(
-    path,
-    device="cpu",
+    path: str | os.PathLike[str],
+    device: torch.device | str = "cpu",
     use_ema: bool = True,
     *,
-    image_shape=None,
+    image_shape: Sequence[int] | None = None,
     precondition: bool = False,
     sigma_data: float = 0.5,
     allow_pickle: bool = False,
@@ -364,7 +378,8 @@ def load_network(
         raise FileNotFoundError(f"{path}: no such checkpoint file")
     device = torch.device(device)
     script = _is_torchscript(path)
-    ck, first_error = None, None
+    ck: Any = None
+    first_error: Exception | None = None
     if not script:
         try:
             with warnings.catch_warnings():  # a plain pickle (EDM's snapshots) trips a protocol warning here
@@ -394,7 +409,7 @@ def load_network(
             f"{path}: holds {kind}, not a train_network checkpoint (no format "
             f"{CHECKPOINT_FORMAT!r}); rebuild the module yourself and wrap it with EDMAdapter"
         )
-    net = None
+    net: Any = None
     if script:
         net = torch.jit.load(path, map_location=device)
     elif allow_pickle:
@@ -406,7 +421,7 @@ def load_network(
             net.eval()
             return EDMAdapter(
                 net,
-                image_shape,
+                image_shape,  # type: ignore[arg-type]  # may still be None: the adapter then raises the error
                 sigma_data=float(getattr(net, "sigma_data", sigma_data)),
                 label_dim=int(getattr(net, "label_dim", 0) or 0),
                 precondition=False,
@@ -430,7 +445,7 @@ def load_network(
     )
 
 
-def plot_losses(losses, path, *, width: int = 960, height: int = 540) -> str:
+def plot_losses(losses: Sequence[float], path: str | os.PathLike[str], *, width: int = 960, height: int = 540) -> str:
     """Loss curve as a PNG (viz.plots.loss_plot): every step's loss in grey, a moving average in blue, log y.
     Returns the path."""
     from ..viz.plots import loss_plot

@@ -14,14 +14,18 @@ Triton coordinate kernel's contract, driven by :mod:`analytic_diffusion.ops.fuse
 from __future__ import annotations
 
 import os
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from .keys import KeyBank
 from .partial import PartialState, output_buffers
 
+if TYPE_CHECKING:
+    import numpy as np
+
 try:  # built by setup.py; absent only in a source tree that was never installed
-    from .. import _cpu  # type: ignore[attr-defined]
+    from .. import _cpu
 
     _IMPORT_ERROR: BaseException | None = None
 except ImportError as exc:  # pragma: no cover - exercised only on broken installs
@@ -35,7 +39,7 @@ def available() -> bool:
     return _cpu is not None
 
 
-def _require():
+def _require() -> Any:
     if _cpu is None:
         raise RuntimeError(
             "backend 'cpu': the C++ extension analytic_diffusion._cpu is not built "
@@ -63,11 +67,11 @@ def num_threads() -> int:
     return int(env) if env else torch.get_num_threads()
 
 
-def _np(t: torch.Tensor | None):
+def _np(t: torch.Tensor | None) -> np.ndarray | None:
     return None if t is None else t.detach().contiguous().numpy()
 
 
-def _check(q: torch.Tensor, keys: KeyBank, dtype: torch.dtype):
+def _check(q: torch.Tensor, keys: KeyBank, dtype: torch.dtype) -> None:
     if q.device.type != "cpu" or keys.device.type != "cpu":
         raise ValueError(
             "backend 'cpu' needs the queries and the dataset on the CPU "
@@ -80,7 +84,7 @@ def _check(q: torch.Tensor, keys: KeyBank, dtype: torch.dtype):
 
 
 def softmax_partial(
-    q: torch.Tensor, keys: KeyBank, coef: torch.Tensor, *, query_labels=None, dtype: torch.dtype
+    q: torch.Tensor, keys: KeyBank, coef: torch.Tensor, *, query_labels: torch.Tensor | None = None, dtype: torch.dtype
 ) -> PartialState:
     ext = _require()
     _check(q, keys, dtype)
@@ -98,7 +102,7 @@ def softmax_partial(
 
 
 def knn(
-    q: torch.Tensor, keys: KeyBank, k: int, *, query_labels=None, dtype: torch.dtype
+    q: torch.Tensor, keys: KeyBank, k: int, *, query_labels: torch.Tensor | None = None, dtype: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor]:
     ext = _require()
     _check(q, keys, dtype)
@@ -132,7 +136,7 @@ def patch_partials(
     splits: int,
     rule: str,
     poison: bool | None = None,
-):
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-split partials (m base 2, l, l2 (S, R); o (S, R, V)) of the patch softmax on the C++ CPU kernel: the same
     contract as :func:`analytic_diffusion.kernels.patch_retrieval.patch_partials` (rule ``shared``) and
     ``same_position_partials`` (``same_centre``; ``same_whole`` = ``whole=True``), so one driver combines all three.
@@ -191,7 +195,7 @@ def coordinate_partials(
     image_labels: torch.Tensor | None = None,
     query_labels: torch.Tensor | None = None,
     poison: bool | None = None,
-):
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(m base 2, l, o), each (S, B, D) float32, of pca_locality's coordinate softmax on the C++ CPU kernel: the
     contract of :func:`analytic_diffusion.kernels.coordinate_retrieval.coordinate_partials`.
 

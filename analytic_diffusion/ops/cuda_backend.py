@@ -13,6 +13,8 @@ only, and the per-split partials combined in a fixed order: results are bitwise 
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
+from typing import Any, cast
 
 import torch
 
@@ -20,7 +22,7 @@ from .keys import KeyBank
 from .partial import PartialState, output_buffers
 
 try:  # built by setup.py only where nvcc and a GPU exist (or AD_BUILD_CUDA=1)
-    from .. import _cuda  # type: ignore[attr-defined]
+    from .. import _cuda
 
     _IMPORT_ERROR: BaseException | None = None
 except (ImportError, OSError) as exc:  # not built, or libcudart missing on this machine
@@ -59,7 +61,7 @@ def available() -> bool:
     return unavailable_reason() is None
 
 
-def _require():
+def _require() -> Any:
     reason = unavailable_reason()
     if reason is not None:
         raise RuntimeError(f"backend 'cuda' is unavailable: {reason}")
@@ -73,7 +75,7 @@ def _emulated() -> bool:
 
 
 @contextlib.contextmanager
-def _launch_context(dev: torch.device):
+def _launch_context(dev: torch.device) -> Iterator[int]:
     """Make ``dev`` current and yield the integer handle of its current torch stream (0 under host emulation)."""
     if _emulated():
         yield 0
@@ -82,7 +84,7 @@ def _launch_context(dev: torch.device):
         yield torch.cuda.current_stream(dev).cuda_stream
 
 
-def _check(q: torch.Tensor, keys: KeyBank, dtype: torch.dtype, query_labels) -> None:
+def _check(q: torch.Tensor, keys: KeyBank, dtype: torch.dtype, query_labels: torch.Tensor | None) -> None:
     if dtype not in SUPPORTED_DTYPES:
         raise ValueError(
             f"dtype: backend 'cuda' computes in float32 only, got {dtype} (use backend='torch' or 'cpu' for float64)"
@@ -105,15 +107,18 @@ def _check(q: torch.Tensor, keys: KeyBank, dtype: torch.dtype, query_labels) -> 
             raise ValueError(f"query_labels: expected shape ({q.shape[0]},), got {tuple(query_labels.shape)}")
 
 
-def _common(q: torch.Tensor, keys: KeyBank, query_labels):
+def _common(
+    q: torch.Tensor, keys: KeyBank, query_labels: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor, Any, torch.Tensor | None, torch.Tensor | None]:
     """Contiguous device operands (kept alive by the caller until the launch is enqueued)."""
     dev = q.device
     qf = q.detach().to(dtype=torch.float32).contiguous()
     values = keys.values.detach().contiguous()
-    key_type = _cuda.KEYS_U8 if values.dtype == torch.uint8 else _cuda.KEYS_F32
+    ext = cast(Any, _cuda)  # loaded: every caller ran _require() first
+    key_type = ext.KEYS_U8 if values.dtype == torch.uint8 else ext.KEYS_F32
     kl = ql = None
     if query_labels is not None:
-        kl = keys.labels.to(device=dev, dtype=torch.int64).contiguous()
+        kl = cast(torch.Tensor, keys.labels).to(device=dev, dtype=torch.int64).contiguous()  # _check: labels exist
         ql = query_labels.to(device=dev, dtype=torch.int64).contiguous()
     return qf, values, key_type, kl, ql
 
@@ -123,7 +128,13 @@ def _ptr(t: torch.Tensor | None) -> int:
 
 
 def softmax_partial(
-    q: torch.Tensor, keys: KeyBank, coef: torch.Tensor, *, query_labels=None, dtype: torch.dtype, poison: bool = False
+    q: torch.Tensor,
+    keys: KeyBank,
+    coef: torch.Tensor,
+    *,
+    query_labels: torch.Tensor | None = None,
+    dtype: torch.dtype,
+    poison: bool = False,
 ) -> PartialState:
     """Partial state of logits −coef_b·‖q_b − y_j‖² over all candidates (fp32, on q's device).
 
@@ -168,7 +179,13 @@ def softmax_partial(
 
 
 def knn(
-    q: torch.Tensor, keys: KeyBank, k: int, *, query_labels=None, dtype: torch.dtype, poison: bool = False
+    q: torch.Tensor,
+    keys: KeyBank,
+    k: int,
+    *,
+    query_labels: torch.Tensor | None = None,
+    dtype: torch.dtype,
+    poison: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The k ≤ 32 nearest rows by exact fp32 distance: (dist2 (B, k) float32, index (B, k) int64), ascending,
     ties by index; rows with fewer than k allowed candidates are padded with (inf, −1)."""
@@ -227,7 +244,7 @@ def patch_partials(
     rule: str,
     skip_bits: float = 64.0,
     poison: bool | None = None,
-):
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-split partials (m base 2, l, l2 (S, R); o (S, R, V)) of the patch softmax on the CUDA kernel: the same
     contract as :func:`analytic_diffusion.kernels.patch_retrieval.patch_partials` (rule ``shared``) and
     ``same_position_partials`` (``same_centre``; ``same_whole`` = ``whole=True``), so one driver combines both.
@@ -305,7 +322,7 @@ def coordinate_partials(
     image_labels: torch.Tensor | None = None,
     query_labels: torch.Tensor | None = None,
     poison: bool | None = None,
-):
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(m base 2, l, o), each (S, B, D) float32, of pca_locality's coordinate softmax on the CUDA kernel: the
     contract of :func:`analytic_diffusion.kernels.coordinate_retrieval.coordinate_partials`.
 

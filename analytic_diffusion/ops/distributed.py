@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import datetime
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -39,7 +41,7 @@ def rank_prefix() -> str:
     return f" (rank {os.environ.get('RANK', '?')}/{os.environ['WORLD_SIZE']})" if launched() else ""
 
 
-def init_from_env(device: str = "cpu", timeout_s: float = DEFAULT_TIMEOUT_S) -> tuple[ShardGroup, str]:
+def init_from_env(device: torch.device | str = "cpu", timeout_s: float = DEFAULT_TIMEOUT_S) -> tuple[ShardGroup, str]:
     """Join the process group torchrun describes (env://): NCCL for a CUDA ``device``, else gloo.
 
     Returns (the world group, this rank's device: ``cuda`` becomes ``cuda:LOCAL_RANK``). Rendezvous addresses
@@ -97,7 +99,7 @@ def shard_range(n: int, world: int, rank: int) -> tuple[int, int]:
 class ShardGroup:
     """A torch.distributed process group seen as an ordered list of shards (default: the whole world)."""
 
-    def __init__(self, group=None):
+    def __init__(self, group: dist.ProcessGroup | None = None) -> None:
         if not dist.is_available() or not dist.is_initialized():
             raise ShardError(
                 "ShardGroup: torch.distributed is not initialised; launch with torchrun (or call "
@@ -136,8 +138,8 @@ class ShardGroup:
             raise self._fail(what, e) from None
         return [o.to(t.device) for o in out]
 
-    def all_gather_object(self, obj, what: str = "all_gather_object") -> list:
-        out = [None] * self.world
+    def all_gather_object(self, obj: object, what: str = "all_gather_object") -> list[Any]:
+        out: list[Any] = [None] * self.world
         try:
             dist.all_gather_object(out, obj, group=self.group)
         except (RuntimeError, ValueError) as e:
@@ -229,7 +231,13 @@ def global_max(shard: Shard, score: torch.Tensor, index: torch.Tensor) -> tuple[
 
 
 def gather_global_rows(
-    shard: Shard, rows_of_local, index: torch.Tensor, n_local: int, dim: int, dtype: torch.dtype, mirror
+    shard: Shard,
+    rows_of_local: Callable[[torch.Tensor], torch.Tensor],
+    index: torch.Tensor,
+    n_local: int,
+    dim: int,
+    dtype: torch.dtype,
+    mirror: Callable[[torch.Tensor], torch.Tensor],
 ) -> torch.Tensor:
     """Rows at global candidate indices, whichever rank owns them: each rank fills the rows it owns, the
     owners' rows are all-gathered and picked by owner (a selection, so exact)."""

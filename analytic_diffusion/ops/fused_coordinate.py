@@ -8,6 +8,8 @@ split, query and coordinate). Same semantics as the reference
 from __future__ import annotations
 
 import weakref
+from collections.abc import Callable
+from typing import cast
 
 import torch
 
@@ -54,7 +56,7 @@ def cached_stencil_table(mask: torch.Tensor) -> torch.Tensor:
     return entry[2]
 
 
-def _mirror_permutation(image_shape, device) -> torch.Tensor:
+def _mirror_permutation(image_shape: tuple[int, int, int], device: torch.device | str) -> torch.Tensor:
     """π on flattened (C, H, W) coordinates: π(c, r, w) = (c, r, W − 1 − w) (an involution)."""
     c, h, w = image_shape
     return torch.arange(c * h * w, device=device).reshape(c, h, w).flip(-1).reshape(-1)
@@ -72,7 +74,7 @@ def _chunk_splits(n: int, offset: int, chunk: int) -> tuple[list[int], list[int]
     return cuts, [(offset + a) // chunk for a in cuts[:-1]]
 
 
-def _partials_fn(backend: str):
+def _partials_fn(backend: str) -> Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """The backend's ``coordinate_partials`` (one signature for all three kernels)."""
     if backend == "cpu":
         from . import cpu_backend
@@ -87,9 +89,19 @@ def _partials_fn(backend: str):
     return coordinate_retrieval.coordinate_partials
 
 
-def _launch(backend, x, images, stencil, vidx, coef2, cuts, keys, query_labels):
+def _launch(
+    backend: str,
+    x: torch.Tensor,
+    images: torch.Tensor,
+    stencil: torch.Tensor,
+    vidx: torch.Tensor,
+    coef2: torch.Tensor,
+    cuts: list[int],
+    keys: KeyBank,
+    query_labels: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     dev = x.device
-    labels = None if query_labels is None else keys.labels.to(dev).to(torch.int64).contiguous()
+    labels = None if query_labels is None else cast(torch.Tensor, keys.labels).to(dev).to(torch.int64).contiguous()
     qlab = None if query_labels is None else query_labels.to(dev).to(torch.int64).contiguous()
     return _partials_fn(backend)(
         x,
@@ -123,7 +135,9 @@ def _exact_pieces(backend: str, n: int, B: int, D: int) -> int:
     return -(-TARGET_PROGRAMS // per_split)
 
 
-def _lse_combine(m2, l, o, groups: torch.Tensor, n_groups: int):
+def _lse_combine(
+    m2: torch.Tensor, l: torch.Tensor, o: torch.Tensor, groups: torch.Tensor, n_groups: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Combine (S, B, D) base-2 partials that share a group id (log-sum-exp) into (G, B, D) unnormalised states."""
     shape = (n_groups,) + tuple(m2.shape[1:])
     index = groups.view(-1, *([1] * (m2.dim() - 1))).expand_as(m2)
@@ -145,7 +159,7 @@ def coordinate_mean(
     flips: bool,
     chunk_size: int | None,
     backend: str = "triton",
-):
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(B, D) float32 posterior mean per coordinate (``chunk_size``: the chunk-averaged softmax instead), and (B,)
     bool "had a candidate" per query. ``x`` (B, D) float32, ``coef`` (B,) 1/(2σ²T); ``backend`` ``triton``,
     ``cuda`` or ``cpu``."""
@@ -159,10 +173,11 @@ def coordinate_mean(
     coef2 = (coef.to(torch.float64) * LOG2E).to(torch.float32).contiguous()
     passes = [(x.contiguous(), stencil, torch.arange(D, dtype=torch.int32, device=dev), 0)]
     if flips:  # the mirror of y seen by x over S(m) = y seen by flip(x) over π(S(m)), with value y[π(m)]
-        pi = _mirror_permutation(keys.image_shape, dev)
+        pi = _mirror_permutation(cast("tuple[int, int, int]", keys.image_shape), dev)
         mir = torch.where(stencil >= 0, pi.to(torch.int32)[stencil.clamp_min(0).long()], stencil)
         passes.append((x[:, pi].contiguous(), mir.contiguous(), pi.to(torch.int32), n))
-    parts, groups = [], []
+    parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+    groups: list[int] = []
     for xq, st, vidx, offset in passes:
         if chunk_size is None:
             cuts = _even_splits(n, _exact_pieces(backend, n, B, D))

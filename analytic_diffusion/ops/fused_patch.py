@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Callable
+from typing import cast
 
 import torch
 
@@ -37,7 +39,7 @@ CPU_SPLITS = 4
 CPU_PARTIAL_BYTES = 64 * 2**20
 
 
-def require_fused_inputs(x: torch.Tensor, keys: KeyBank, dtype, what: str, backend: str) -> None:
+def require_fused_inputs(x: torch.Tensor, keys: KeyBank, dtype: torch.dtype, what: str, backend: str) -> None:
     """Clear errors before a fused kernel: float32 work, queries and dataset on one device."""
     if dtype != torch.float32:
         raise ValueError(f"dtype: the {backend} {what} kernel computes in float32, got {dtype}; use backend='torch'")
@@ -48,16 +50,16 @@ def require_fused_inputs(x: torch.Tensor, keys: KeyBank, dtype, what: str, backe
         )
 
 
-def _images(keys: KeyBank, device):
-    def make():
-        c, h, w = keys.image_shape
+def _images(keys: KeyBank, device: torch.device | str) -> torch.Tensor:
+    def make() -> torch.Tensor:
+        c, h, w = cast("tuple[int, int, int]", keys.image_shape)  # the local family's banks have one
         v = keys.values if keys.values.dtype == torch.uint8 else keys.values.to(torch.float32)
         return v.reshape(-1, c, h, w).to(device).contiguous()
 
     return keys.cached(f"fused-patch-images:{device}", make)
 
 
-def _finish(m2, l, l2, o) -> PartialState:
+def _finish(m2: torch.Tensor, l: torch.Tensor, l2: torch.Tensor, o: torch.Tensor) -> PartialState:
     """Combine the kernel's per-split partials (base 2) in a fixed order into one state in nats."""
     m = m2.max(0).values
     m_safe = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
@@ -65,7 +67,7 @@ def _finish(m2, l, l2, o) -> PartialState:
     return PartialState(m=m * math.log(2.0), l=(l * w).sum(0), l2=(l2 * w * w).sum(0), o=(o * w[:, :, None]).sum(0))
 
 
-def _launcher(backend: str, per_row: bool, whole: bool):
+def _launcher(backend: str, per_row: bool, whole: bool) -> Callable[..., tuple[torch.Tensor, ...]]:
     """The kernel launch (q, images, image_index, positions, coef2, *, k, scale, shift, splits) -> partials."""
     rule = "same_whole" if whole else ("same_centre" if per_row else "shared")
     if backend == "cuda":
@@ -85,11 +87,22 @@ def _launcher(backend: str, per_row: bool, whole: bool):
     return patch_retrieval.patch_partials
 
 
-def _state(q, images, keys, image_idx, positions, coef, k, per_row: bool, whole: bool, backend: str) -> PartialState:
+def _state(
+    q: torch.Tensor,
+    images: torch.Tensor,
+    keys: KeyBank,
+    image_idx: torch.Tensor,
+    positions: torch.Tensor,
+    coef: torch.Tensor,
+    k: int,
+    per_row: bool,
+    whole: bool,
+    backend: str,
+) -> PartialState:
     launch = _launcher(backend, per_row, whole)
     image_idx = image_idx.to(torch.int32).contiguous()
 
-    def run(rows) -> PartialState:
+    def run(rows: slice) -> PartialState:
         pos = positions[rows] if per_row else positions
         return _finish(
             *launch(
@@ -145,7 +158,7 @@ def patch_partial(
     ``backend``: ``triton``, ``cuda`` or ``cpu``, the fused kernel that computes the partials.
     """
     dev = queries.device
-    c, _h, w = keys.image_shape
+    c, _h, w = cast("tuple[int, int, int]", keys.image_shape)
     feat = c * k * k
     images = _images(keys, dev)
     Q = queries.shape[0]
@@ -154,7 +167,7 @@ def patch_partial(
     if query_labels is None:
         groups = [(torch.arange(Q, device=dev), all_idx)]
     else:
-        img_labels = keys.labels[start:stop].to(dev)
+        img_labels = cast(torch.Tensor, keys.labels)[start:stop].to(dev)  # validated by the caller
         groups = [
             ((query_labels == lab).nonzero().flatten(), all_idx[img_labels == lab])
             for lab in torch.unique(query_labels).tolist()

@@ -2,9 +2,22 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
+
+if TYPE_CHECKING:
+    from .distributed import Shard
+
+
+class RowPages(Protocol):
+    """The pages of memory-mapped rows (data.packed.MappedRows): rows start:stop read ahead or given back."""
+
+    def prefetch(self, start: int, stop: int, /) -> None: ...
+
+    def release(self, start: int, stop: int, /) -> None: ...
 
 
 def take_rows(values: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -37,15 +50,15 @@ class KeyBank:
     image_shape: tuple[int, int, int] | None = None
     center: torch.Tensor | None = field(default=None, repr=False)
     # Per-dataset constants the fused kernels derive once (key norms, per-coordinate maxima, device copies).
-    derived: dict = field(default_factory=dict, repr=False, compare=False)
+    derived: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
     # Set when these rows are one rank's shard of a larger set (ops.distributed.Shard): the retrieval entry
     # points then combine every rank's result, and indices are global.
-    shard: object | None = field(default=None, repr=False, compare=False)
+    shard: Shard | None = field(default=None, repr=False, compare=False)
     # Set when ``values`` is memory-mapped from a file (data.packed.MappedRows): retrievals then stream it in
     # blocks within their memory budget and give each block's pages back to the OS (ops/streaming.py).
-    pages: object | None = field(default=None, repr=False, compare=False)
+    pages: RowPages | None = field(default=None, repr=False, compare=False)
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         v = self.values
         if v.dim() != 2:
             raise ValueError(f"KeyBank.values: expected a 2-D (N, D) tensor, got shape {tuple(v.shape)}")
@@ -77,7 +90,7 @@ class KeyBank:
     def device(self) -> torch.device:
         return self.values.device
 
-    def rows(self, start: int, stop: int, dtype: torch.dtype, device=None) -> torch.Tensor:
+    def rows(self, start: int, stop: int, dtype: torch.dtype, device: torch.device | str | None = None) -> torch.Tensor:
         """Candidate rows start:stop as float rows in [-1, 1] (affine map applied)."""
         v = self.values[start:stop]
         v = v.to(device=device if device is not None else v.device, dtype=dtype)
@@ -92,7 +105,7 @@ class KeyBank:
             v = v.mul_(self.scale).add_(self.shift)  # in place: take_rows always returns a fresh copy
         return v.reshape(*index.shape, self.dim)
 
-    def cached(self, name: str, make):
+    def cached(self, name: str, make: Callable[[], Any]) -> Any:
         """A derived constant, computed by ``make()`` on first use and kept with the dataset."""
         if name not in self.derived:
             self.derived[name] = make()

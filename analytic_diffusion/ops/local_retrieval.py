@@ -27,7 +27,8 @@ i.e. the order of :meth:`Dataset.images_float`.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from typing import Literal, cast, overload
 
 import torch
 import torch.nn.functional as F
@@ -52,7 +53,15 @@ __all__ = [
 
 
 # ----------------------------------------------------------------------------------------------- helpers
-def _prepare(x: torch.Tensor, keys: KeyBank, sigma, temperature: float, query_labels, flips: bool, dtype):
+def _prepare(
+    x: torch.Tensor,
+    keys: KeyBank,
+    sigma: float | Sequence[float] | torch.Tensor,
+    temperature: float,
+    query_labels: torch.Tensor | None,
+    flips: bool,
+    dtype: torch.dtype | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.dtype]:
     """Validate the common arguments; return (x in dtype, coef (B,) in dtype, labels, dtype)."""
     if not isinstance(keys, KeyBank):
         raise TypeError(f"keys: expected a KeyBank, got {type(keys).__name__}")
@@ -87,7 +96,9 @@ def _prepare(x: torch.Tensor, keys: KeyBank, sigma, temperature: float, query_la
     return x.to(dtype), coef, query_labels, dtype
 
 
-def _combine_stats(keys: KeyBank, m, l, l2, what: str):
+def _combine_stats(
+    keys: KeyBank, m: torch.Tensor, l: torch.Tensor, l2: torch.Tensor, what: str
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Pass 1 of a two-pass op on a sharded bank: every rank's (max, normaliser) per output unit, combined in rank
     order, so that pass 2 forms the whole set's weights on each shard (then :func:`_sum_shards`)."""
     if keys.shard is None:
@@ -102,7 +113,7 @@ def _sum_shards(keys: KeyBank, t: torch.Tensor, what: str) -> torch.Tensor:
     return t if keys.shard is None else keys.shard.group.sum(t, what)
 
 
-def _item(dtype) -> int:
+def _item(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
 
 
@@ -111,7 +122,7 @@ def _num_candidates(keys: KeyBank, flips: bool) -> int:
 
 
 def _candidate_chunks(
-    keys: KeyBank, flips: bool, step: int, dtype, device, block: int | None = None
+    keys: KeyBank, flips: bool, step: int, dtype: torch.dtype, device: torch.device | str, block: int | None = None
 ) -> Iterator[tuple[int, torch.Tensor, torch.Tensor | None]]:
     """(first candidate index, images (n, C, H, W), labels (n,) or None) in candidate order.
 
@@ -120,7 +131,7 @@ def _candidate_chunks(
     """
     n_stored = keys.n
     total = _num_candidates(keys, flips)
-    c, h, w = keys.image_shape
+    c, h, w = cast("tuple[int, int, int]", keys.image_shape)  # _prepare checked it
     a = 0
     while a < total:
         b = min(a + max(1, step), total)
@@ -137,21 +148,21 @@ def _candidate_chunks(
         a = b
 
 
-def _label_mask(query_labels, labels) -> torch.Tensor | None:
+def _label_mask(query_labels: torch.Tensor | None, labels: torch.Tensor | None) -> torch.Tensor | None:
     """(B, n) True where candidate j is NOT allowed for sample b."""
     if query_labels is None:
         return None
-    return labels[None, :] != query_labels[:, None]
+    return cast(torch.Tensor, labels)[None, :] != query_labels[:, None]  # query labels: the bank has labels
 
 
 def _sqdiff_map(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Per-pixel squared differences summed over channels, (B, n, H, W), channel by channel (direct form)."""
-    out = None
+    out: torch.Tensor | None = None
     for ch in range(x.shape[1]):
         d = x[:, None, ch] - y[None, :, ch]
         d = d * d
         out = d if out is None else out.add_(d)
-    return out
+    return cast(torch.Tensor, out)  # C >= 1 channels
 
 
 def _box_valid(t: torch.Tensor, kh: int, kw: int) -> torch.Tensor:
@@ -197,7 +208,9 @@ def _spread_average(spread: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return _weighted_values(spread, torch.cat([y, ones], 1))
 
 
-def _softmax_step(m, l, l2, logits):
+def _softmax_step(
+    m: torch.Tensor, l: torch.Tensor, l2: torch.Tensor, logits: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """One exact online-softmax update over dim 1 of ``logits`` (B, n, *R); state m, l, l2 is (B, *R).
 
     Returns (m, l, l2, p, alpha): p = exp(logits − m_new) (masked -inf logits give 0) and alpha = exp(m_old − m_new)
@@ -222,10 +235,61 @@ def _chunk_rows(budget: int, per_candidate_bytes: int, total: int) -> int:
 
 
 # ----------------------------------------------------------------------------------------------- LS
+@overload
 def local_score(
     x: torch.Tensor,
     keys: KeyBank,
-    sigma,
+    sigma: float | Sequence[float] | torch.Tensor,
+    *,
+    patch: int,
+    temperature: float = ...,
+    query_labels: torch.Tensor | None = ...,
+    flips: bool = ...,
+    dtype: torch.dtype | None = ...,
+    memory_budget: int = ...,
+    return_partial: Literal[False] = ...,
+    backend: str = ...,
+) -> torch.Tensor: ...
+
+
+@overload
+def local_score(
+    x: torch.Tensor,
+    keys: KeyBank,
+    sigma: float | Sequence[float] | torch.Tensor,
+    *,
+    patch: int,
+    temperature: float = ...,
+    query_labels: torch.Tensor | None = ...,
+    flips: bool = ...,
+    dtype: torch.dtype | None = ...,
+    memory_budget: int = ...,
+    return_partial: Literal[True],
+    backend: str = ...,
+) -> PartialState: ...
+
+
+@overload
+def local_score(
+    x: torch.Tensor,
+    keys: KeyBank,
+    sigma: float | Sequence[float] | torch.Tensor,
+    *,
+    patch: int,
+    temperature: float = ...,
+    query_labels: torch.Tensor | None = ...,
+    flips: bool = ...,
+    dtype: torch.dtype | None = ...,
+    memory_budget: int = ...,
+    return_partial: bool = ...,
+    backend: str = ...,
+) -> torch.Tensor | PartialState: ...
+
+
+def local_score(
+    x: torch.Tensor,
+    keys: KeyBank,
+    sigma: float | Sequence[float] | torch.Tensor,
     *,
     patch: int,
     temperature: float = 1.0,
@@ -269,7 +333,7 @@ def local_score(
         if return_partial:
             return state
         _require_candidates(state.l, "query_labels")
-        B, C, H, W = x.shape[0], *keys.image_shape
+        B, C, H, W = x.shape[0], *cast("tuple[int, int, int]", keys.image_shape)
         return state.mean().reshape(B, H, W, C).permute(0, 3, 1, 2).contiguous()
     x, coef, query_labels, dtype = _prepare(x, keys, sigma, temperature, query_labels, flips, dtype)
     if isinstance(patch, bool) or not isinstance(patch, int) or patch < 1 or patch % 2 == 0:
@@ -308,8 +372,16 @@ def local_score(
 
 
 def _local_score_fused(
-    x, keys: KeyBank, coef, k: int, query_labels, flips: bool, dtype, return_partial: bool, backend: str
-):
+    x: torch.Tensor,
+    keys: KeyBank,
+    coef: torch.Tensor,
+    k: int,
+    query_labels: torch.Tensor | None,
+    flips: bool,
+    dtype: torch.dtype,
+    return_partial: bool,
+    backend: str,
+) -> torch.Tensor | PartialState:
     """LS on the fused same-position kernel: query patches by unfold (zero padding), each row's own pixel."""
     from . import fused_patch
 
@@ -354,7 +426,7 @@ def crop_masks(image_hw: tuple[int, int], patch: int) -> torch.Tensor:
 def pspc_square(
     x: torch.Tensor,
     keys: KeyBank,
-    sigma,
+    sigma: float | Sequence[float] | torch.Tensor,
     *,
     patch: int,
     temperature: float = 1.0,
@@ -393,7 +465,7 @@ def pspc_square(
     step = _chunk_rows(memory_budget, per_cand, _num_candidates(keys, flips))
     neg = -coef.view(B, 1, 1, 1)
 
-    def chunk_logits(y, labels):
+    def chunk_logits(y: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
         logits = _box_valid(_sqdiff_map(x, y), k, k).mul_(neg)  # (B, n, Hc, Wc)
         mask = _label_mask(query_labels, labels)
         if mask is not None:
@@ -415,7 +487,16 @@ def pspc_square(
     return acc[:, :C] / acc[:, C:]
 
 
-def _pspc_square_fused(x, keys: KeyBank, coef, k: int, query_labels, flips: bool, dtype, backend: str):
+def _pspc_square_fused(
+    x: torch.Tensor,
+    keys: KeyBank,
+    coef: torch.Tensor,
+    k: int,
+    query_labels: torch.Tensor | None,
+    flips: bool,
+    dtype: torch.dtype,
+    backend: str,
+) -> torch.Tensor:
     """PSPC-Square on the same-position kernel: rows = (sample, crop), each crop's own position, whole-crop values;
     the crop means are overlap-averaged by a fold."""
     from . import fused_patch
@@ -449,7 +530,7 @@ def _pspc_square_fused(x, keys: KeyBank, coef, k: int, query_labels, flips: bool
 
 
 # ----------------------------------------------------------------------------------------------- PSPC-Flex
-def _check_masks(masks, image_shape) -> torch.Tensor:
+def _check_masks(masks: torch.Tensor, image_shape: tuple[int, int, int]) -> torch.Tensor:
     _, H, W = image_shape
     if not torch.is_tensor(masks) or masks.dtype != torch.bool:
         raise ValueError(
@@ -478,7 +559,7 @@ def _check_masks(masks, image_shape) -> torch.Tensor:
 def mask_composite(
     x: torch.Tensor,
     keys: KeyBank,
-    sigma,
+    sigma: float | Sequence[float] | torch.Tensor,
     masks: torch.Tensor,
     *,
     temperature: float = 1.0,
@@ -496,7 +577,8 @@ def mask_composite(
     :func:`pspc_square`; the mask matrix is applied in blocks so that memory stays within ``memory_budget``.
     """
     x, coef, query_labels, dtype = _prepare(x, keys, sigma, temperature, query_labels, flips, dtype)
-    flat = _check_masks(masks.to(x.device) if torch.is_tensor(masks) else masks, keys.image_shape)
+    shape = cast("tuple[int, int, int]", keys.image_shape)  # _prepare checked it
+    flat = _check_masks(masks.to(x.device) if torch.is_tensor(masks) else masks, shape)
     uniq, mult = torch.unique(flat, dim=0, return_counts=True)
     _, C, H, W = x.shape
     HW, U, item = H * W, uniq.shape[0], _item(dtype)
@@ -525,7 +607,16 @@ def mask_composite(
 
 
 def _mask_composite_one(
-    x, keys: KeyBank, coef, query_labels, flips: bool, dtype, uniq, mult, ub: int, step: int
+    x: torch.Tensor,
+    keys: KeyBank,
+    coef: torch.Tensor,
+    query_labels: torch.Tensor | None,
+    flips: bool,
+    dtype: torch.dtype,
+    uniq: torch.Tensor,
+    mult: torch.Tensor,
+    ub: int,
+    step: int,
 ) -> torch.Tensor:
     """:func:`mask_composite` for one query (1, C, H, W), both passes."""
     B, C, H, W = x.shape
@@ -533,7 +624,7 @@ def _mask_composite_one(
     blocks = [(u, min(u + ub, U)) for u in range(0, U, ub)]
     multf = mult.to(dtype)
 
-    def block_logits(s_flat, u0, u1, n, mask_bn):
+    def block_logits(s_flat: torch.Tensor, u0: int, u1: int, n: int, mask_bn: torch.Tensor | None) -> torch.Tensor:
         mf = uniq[u0:u1].to(dtype)
         logits = (s_flat @ mf.t()).view(B, n, u1 - u0).mul_(-coef.view(B, 1, 1))
         if mask_bn is not None:
@@ -630,7 +721,7 @@ COORDINATE_FUSED_KERNELS = ("triton", "cuda", "cpu")  # pca_locality's fused ker
 def coordinate_retrieval(
     x: torch.Tensor,
     keys: KeyBank,
-    sigma,
+    sigma: float | Sequence[float] | torch.Tensor,
     mask: torch.Tensor,
     *,
     temperature: float = 1.0,
@@ -698,7 +789,7 @@ def coordinate_retrieval(
 
     # Per-column-block state, replaced rather than written in place, so that autograd can differentiate the
     # reference (a denoiser called on x that requires grad runs it).
-    def fresh():
+    def fresh() -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
         return [
             (
                 torch.full((B, c1 - c0), float("-inf"), dtype=dtype, device=dev),
@@ -709,16 +800,16 @@ def coordinate_retrieval(
             for c0, c1 in blocks
         ]
 
-    def joined(st):
+    def joined(st: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]) -> list[torch.Tensor]:
         return [torch.cat([part[i] for part in st], 1) for i in range(4)]
 
     st = fresh()
     acc = torch.zeros(B, D, dtype=dtype, device=dev)  # chunked mode: Σ over blocks of the block means
     nblocks = torch.zeros(B, dtype=dtype, device=dev)
     block = chunk_size if softmax == "chunked" else None
-    current = None
+    current: int | None = None
 
-    def close_block():
+    def close_block() -> None:
         nonlocal st, acc, nblocks
         _, l, _, o = joined(st)
         has = l[:, 0] > 0
@@ -748,17 +839,25 @@ def coordinate_retrieval(
         return (acc / nblocks[:, None]).reshape(x.shape)
     m, l, l2, o = joined(st)
     if keys.shard is not None:
-        st = keys.shard.group.combine(
+        combined = keys.shard.group.combine(
             PartialState(m.reshape(-1), l.reshape(-1), l2.reshape(-1), o.reshape(-1, 1)), "pca_locality retrieval"
         )
-        l, o = st.l.reshape(B, D), st.o.reshape(B, D)
+        l, o = combined.l.reshape(B, D), combined.o.reshape(B, D)
     _require_candidates(l, "query_labels")
     return (o / l).reshape(x.shape)
 
 
 def _coordinate_retrieval_fused(
-    backend: str, xf, keys: KeyBank, coef, mask, query_labels, flips: bool, chunk_size, dtype
-):
+    backend: str,
+    xf: torch.Tensor,
+    keys: KeyBank,
+    coef: torch.Tensor,
+    mask: torch.Tensor,
+    query_labels: torch.Tensor | None,
+    flips: bool,
+    chunk_size: int | None,
+    dtype: torch.dtype,
+) -> torch.Tensor:
     from . import fused_coordinate, fused_patch
 
     fused_patch.require_fused_inputs(xf, keys, dtype, "pca_locality", backend)

@@ -23,13 +23,16 @@ terms and does not depend on any shard's own reference point (each shard may cen
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Any, cast
 
 import torch
 
 
-def output_buffers(poison: bool, device, *shapes):
+def output_buffers(
+    poison: bool, device: torch.device | str | None, *shapes: tuple[int, ...]
+) -> tuple[torch.Tensor, ...]:
     """float32 arrays for a kernel's partial outputs: zeros, or NaN when ``poison`` (tests), so that a kernel
     that leaves any element unwritten fails loudly."""
     fill = float("nan") if poison else 0.0
@@ -45,7 +48,14 @@ class PartialState:
     o2: torch.Tensor | None = None  # (B, D) centred second moment Σ p (y − o/l)², only when asked for
 
     @staticmethod
-    def empty(batch: int, dim: int, *, dtype=torch.float32, device=None, second_moment: bool = False) -> PartialState:
+    def empty(
+        batch: int,
+        dim: int,
+        *,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+        second_moment: bool = False,
+    ) -> PartialState:
         return PartialState(
             m=torch.full((batch,), float("-inf"), dtype=dtype, device=device),
             l=torch.zeros(batch, dtype=dtype, device=device),
@@ -76,7 +86,8 @@ class PartialState:
             mu_b = other.o / torch.where(other.l > 0, other.l, torch.ones_like(other.l))[:, None]
             f = torch.where(l > 0, la * lb / torch.where(l > 0, l, torch.ones_like(l)), torch.zeros_like(l))
             delta = mu_b - mu_a
-            o2 = self.o2 * a[:, None] + other.o2 * b[:, None] + f[:, None] * delta * delta
+            # other.o2 is set too: the check above
+            o2 = self.o2 * a[:, None] + cast(torch.Tensor, other.o2) * b[:, None] + f[:, None] * delta * delta
         return PartialState(
             m=m,
             l=l,
@@ -117,7 +128,7 @@ class PartialState:
         """1 / Σ_j w_j², between 1 (one image takes all the weight) and N (uniform)."""
         return self.l * self.l / self.l2
 
-    def to(self, *args, **kwargs) -> PartialState:
+    def to(self, *args: Any, **kwargs: Any) -> PartialState:
         return PartialState(
             self.m.to(*args, **kwargs),
             self.l.to(*args, **kwargs),
@@ -126,7 +137,7 @@ class PartialState:
             None if self.o2 is None else self.o2.to(*args, **kwargs),
         )
 
-    def map_values(self, fn) -> PartialState:
+    def map_values(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> PartialState:
         """Apply a linear map to the value sums (e.g. un-flip an image), leaving the weights alone.
 
         The second moment, when present, goes through the same ``fn``: that is right for coordinate
@@ -145,7 +156,7 @@ def combine_partials(states: Iterable[PartialState]) -> PartialState:
     return out
 
 
-def merge_knn_lists(d: torch.Tensor, i: torch.Tensor, k: int):
+def merge_knn_lists(d: torch.Tensor, i: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The k smallest (distance, index) pairs of concatenated (B, m) k-NN lists, ascending, ties by index.
 
     Index −1 marks an empty slot (distance inf) and sorts after every real candidate. Exact (a selection), so

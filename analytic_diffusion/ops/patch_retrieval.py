@@ -33,6 +33,9 @@ temporaries, so that one denoiser call stays well under 4 GB of extra memory on 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Literal, cast, overload
+
 import torch
 
 from .keys import KeyBank
@@ -69,12 +72,14 @@ def patch_offsets(
 
 def channel_center(keys: KeyBank, k: int, dtype: torch.dtype) -> torch.Tensor:
     """(C·k²,) per-channel dataset mean, repeated over the patch: subtracted from queries and keys alike."""
-    c, h, w = keys.image_shape
+    c, h, w = cast("tuple[int, int, int]", keys.image_shape)
     per_channel = keys.get_center(torch.float64).reshape(c, h * w).mean(1)
     return per_channel.repeat_interleave(k * k).to(dtype)
 
 
-def check_positions(positions, image_shape, name: str = "positions") -> torch.Tensor:
+def check_positions(
+    positions: torch.Tensor, image_shape: tuple[int, int, int], name: str = "positions"
+) -> torch.Tensor:
     _c, h, w = image_shape
     if (
         not torch.is_tensor(positions)
@@ -120,8 +125,16 @@ def _chunk_plan(
 class _Window:
     """Float windows of the zero-padded training images covering one chunk of candidate positions."""
 
-    def __init__(self, keys: KeyBank, image_idx: torch.Tensor, pos: torch.Tensor, k: int, dtype, device):
-        c, h, w = keys.image_shape
+    def __init__(
+        self,
+        keys: KeyBank,
+        image_idx: torch.Tensor,
+        pos: torch.Tensor,
+        k: int,
+        dtype: torch.dtype,
+        device: torch.device | str,
+    ) -> None:
+        c, h, w = cast("tuple[int, int, int]", keys.image_shape)
         d = k // 2
         # Window in padded coordinates: rows [a0, a1), cols [b0, b1); the image occupies [d, d + H) × [d, d + W).
         a0, a1 = int(pos[:, 0].min()), int(pos[:, 0].max()) + k
@@ -153,14 +166,14 @@ def _partial_rows(
     pos: torch.Tensor,
     k: int,
     cvec: torch.Tensor,
-    dtype,
+    dtype: torch.dtype,
     budget: int,
     state: PartialState,
 ) -> PartialState:
     """Fold every candidate (images ``image_idx`` × centres ``pos``) into ``state`` for centred queries qc."""
     dev = qc.device
     item = torch.empty((), dtype=dtype).element_size()
-    c, h, w = keys.image_shape
+    c, h, w = cast("tuple[int, int, int]", keys.image_shape)
     d = k // 2
     feat = c * k * k
     n_img, n_pos = _chunk_plan(
@@ -192,7 +205,7 @@ def _partial_rows(
 def patch_softmax_partial(
     queries: torch.Tensor,
     keys: KeyBank,
-    sigma,
+    sigma: float | Sequence[float] | torch.Tensor,
     positions: torch.Tensor,
     k: int,
     *,
@@ -293,15 +306,19 @@ def patch_softmax_partial(
     state = PartialState.empty(Q, c, dtype=dtype, device=dev)
     all_idx = torch.arange(start, stop, device=keys.device)
     if query_labels is None:
-        groups = [(None, all_idx)]
+        groups: list[tuple[int | None, torch.Tensor]] = [(None, all_idx)]
     else:
-        img_labels = keys.labels[start:stop].to(keys.device)
+        img_labels = cast(torch.Tensor, keys.labels)[start:stop].to(keys.device)  # checked above
         groups = [(lab, all_idx[img_labels == lab]) for lab in torch.unique(query_labels).tolist()]
     # Query rows per block: the logits of ≥ _MIN_KEYS_PER_CHUNK keys and 3 copies of the block in half the budget.
     # (8 bytes per value: float32 rows may run in float64, see _precision_split)
     rows_per_block = max(1, (budget // 2) // (8 * (_MIN_KEYS_PER_CHUNK + 3 * feat)))
     for lab, image_idx in groups:
-        rows = torch.arange(Q, device=dev) if lab is None else (query_labels == lab).nonzero().flatten()
+        rows = (
+            torch.arange(Q, device=dev)
+            if lab is None
+            else (cast(torch.Tensor, query_labels) == lab).nonzero().flatten()
+        )
         if image_idx.numel() == 0:
             continue  # rows stay empty (m = -inf, l = 0): another shard may hold this class
         for r0 in range(0, rows.numel(), rows_per_block):
@@ -340,7 +357,11 @@ PATCH_BACKENDS = ("auto", "torch") + FUSED_PATCH_KERNELS
 
 
 def choose_patch_backend(
-    backend: str, queries: torch.Tensor, keys: KeyBank, dtype, fused: tuple[str, ...] = FUSED_PATCH_KERNELS
+    backend: str,
+    queries: torch.Tensor,
+    keys: KeyBank,
+    dtype: torch.dtype,
+    fused: tuple[str, ...] = FUSED_PATCH_KERNELS,
 ) -> tuple[str, str]:
     """(backend, reason) among ``auto``, ``torch`` and the ``fused`` kernels the caller has. ``auto`` takes a fused
     kernel for float32 work on uint8 / float32 data: on a CUDA device Triton where it can run, else the CUDA
@@ -369,16 +390,21 @@ def choose_patch_backend(
     if "triton" in fused and reason is None:
         return "triton", "CUDA, float32"
     if "cuda" in fused and cuda_backend.available():
-        return "cuda", f"CUDA, float32 (Triton unavailable: {reason})"
-    missing = reason if "cuda" not in fused else f"{reason}; {cuda_backend.unavailable_reason()}"
-    return "torch", missing
+        return "cuda", f"CUDA, float32 (Triton unavailable: {reason})" if "triton" in fused else "CUDA, float32"
+    missing = [reason] if "triton" in fused else []
+    if "cuda" in fused:
+        missing.append(cuda_backend.unavailable_reason())
+    why = "; ".join(r for r in missing if r)
+    return "torch", why or f"CUDA: no fused kernel among {', '.join(fused)} for this retrieval"
 
 
 # float32 rows whose expanded-form logit error bound exceeds this (nats) are computed in float64 instead.
 FLOAT32_LOGIT_TOLERANCE = 1e-5
 
 
-def _precision_split(q: torch.Tensor, coef64: torch.Tensor, cvec: torch.Tensor, dtype, rows: torch.Tensor):
+def _precision_split(
+    q: torch.Tensor, coef64: torch.Tensor, cvec: torch.Tensor, dtype: torch.dtype, rows: torch.Tensor
+) -> list[tuple[torch.Tensor, torch.dtype]]:
     """[(rows, working dtype)]: float32 rows whose expanded-form error bound is too loose go to float64.
 
     Bound on the float32 logit error of ‖q − y‖² = ‖q‖² − 2⟨q, y⟩ + ‖y‖² (centred): about
@@ -395,10 +421,70 @@ def _precision_split(q: torch.Tensor, coef64: torch.Tensor, cvec: torch.Tensor, 
     return [(rows[m], t) for m, t in ((~precise, dtype), (precise, torch.float64)) if bool(m.any())]
 
 
+@overload
 def patch_softmax_retrieval(
     queries: torch.Tensor,
     keys: KeyBank,
-    sigma,
+    sigma: float | Sequence[float] | torch.Tensor,
+    positions: torch.Tensor,
+    k: int,
+    *,
+    temperature: float = ...,
+    query_labels: torch.Tensor | None = ...,
+    flips: bool = ...,
+    dtype: torch.dtype | None = ...,
+    memory_budget: int = ...,
+    start: int = ...,
+    stop: int | None = ...,
+    return_partial: Literal[False] = ...,
+    backend: str = ...,
+) -> RetrievalResult: ...
+
+
+@overload
+def patch_softmax_retrieval(
+    queries: torch.Tensor,
+    keys: KeyBank,
+    sigma: float | Sequence[float] | torch.Tensor,
+    positions: torch.Tensor,
+    k: int,
+    *,
+    temperature: float = ...,
+    query_labels: torch.Tensor | None = ...,
+    flips: bool = ...,
+    dtype: torch.dtype | None = ...,
+    memory_budget: int = ...,
+    start: int = ...,
+    stop: int | None = ...,
+    return_partial: Literal[True],
+    backend: str = ...,
+) -> PartialState: ...
+
+
+@overload
+def patch_softmax_retrieval(
+    queries: torch.Tensor,
+    keys: KeyBank,
+    sigma: float | Sequence[float] | torch.Tensor,
+    positions: torch.Tensor,
+    k: int,
+    *,
+    temperature: float = ...,
+    query_labels: torch.Tensor | None = ...,
+    flips: bool = ...,
+    dtype: torch.dtype | None = ...,
+    memory_budget: int = ...,
+    start: int = ...,
+    stop: int | None = ...,
+    return_partial: bool = ...,
+    backend: str = ...,
+) -> RetrievalResult | PartialState: ...
+
+
+def patch_softmax_retrieval(
+    queries: torch.Tensor,
+    keys: KeyBank,
+    sigma: float | Sequence[float] | torch.Tensor,
     positions: torch.Tensor,
     k: int,
     *,
@@ -435,7 +521,7 @@ def patch_softmax_retrieval(
     return state if return_partial else RetrievalResult.from_partial(state)
 
 
-def interior_positions(height: int, width: int, k: int, device=None) -> torch.Tensor:
+def interior_positions(height: int, width: int, k: int, device: torch.device | str | None = None) -> torch.Tensor:
     """Centres of every fully interior k×k patch of an H×W image: (H−k+1)(W−k+1) rows (row-major)."""
     d = k // 2
     r = torch.arange(d, height - d, device=device)

@@ -48,12 +48,12 @@ def check_mode(precision: str) -> str:
     return precision
 
 
-def dot_kinds(precision: str):
+def dot_kinds(precision: str) -> tuple[str, ...]:
     """The expanded-form dot kinds a mode may use, fastest first (the direct form is the final fallback)."""
     return {"exact": ("ieee",), "tf32": ("tf32", "ieee"), "bf16": ("bf16x2", "ieee")}[check_mode(precision)]
 
 
-def tolerance(precision: str, max_logit_error=None) -> float:
+def tolerance(precision: str, max_logit_error: float | None = None) -> float:
     if max_logit_error is not None:
         if not max_logit_error > 0:
             raise ValueError(f"max_logit_error: expected > 0 nats, got {max_logit_error}")

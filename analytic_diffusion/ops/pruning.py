@@ -12,7 +12,9 @@ accounting are in docs/design.md §12.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any, Literal, cast, overload
 
 import torch
 
@@ -37,7 +39,7 @@ U32 = 2.0**-24
 ROUNDING_SLACK = {torch.float32: 2.0**-17, torch.float64: 2.0**-40}
 
 
-def check_tolerance(tolerance) -> float:
+def check_tolerance(tolerance: float) -> float:
     """``tolerance`` as a float in [0, 1]; a clear ValueError otherwise (NaN, negative, > 1, not a number)."""
     if isinstance(tolerance, bool):
         raise ValueError(f"tolerance: expected a number in [0, 1], got {tolerance!r}")
@@ -61,28 +63,32 @@ class PruningIndex:
 
     center: torch.Tensor  # (D,) float64, mirror-symmetric when the image shape is known
     basis: torch.Tensor  # (D, k_max) float64, orthonormal columns
-    aug: tuple  # per stage (N, K_s) float32
-    keycol: tuple  # per stage (N,) float32
+    aug: tuple[torch.Tensor, ...]  # per stage (N, K_s) float32
+    keycol: tuple[torch.Tensor, ...]  # per stage (N,) float32
     eta_max: float  # largest float64 error of a key's residual norm
-    stages: tuple
-    band_edges: tuple  # band i spans basis vectors band_edges[i]:band_edges[i+1]; the last one is the residual
+    stages: tuple[int, ...]
+    band_edges: tuple[
+        int, ...
+    ]  # band i spans basis vectors band_edges[i]:band_edges[i+1]; the last one is the residual
     radius: float  # every candidate (and its mirror image) lies in the ball B(center, radius)
 
-    def probe(self):
+    def probe(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Every PROBE_STRIDE-th candidate's stage-1 (aug, keycol), contiguous (made once)."""
         if not hasattr(self, "_probe"):
             self._probe = (self.aug[0][::PROBE_STRIDE].contiguous(), self.keycol[0][::PROBE_STRIDE].contiguous())
         return self._probe
 
 
-def _augment(v64: torch.Tensor, basis, stages, edges, dim):
+def _augment(
+    v64: torch.Tensor, basis: torch.Tensor, stages: tuple[int, ...], edges: tuple[int, ...], dim: int
+) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor, torch.Tensor]:
     """Per stage the float32 augmented rows (B, K_s) of centred float64 rows, with their float64 squared norms
     (of the float32 values), and the error bound η of each row's residual norm; also ‖v‖."""
     p = v64 @ basis
     total2 = (v64 * v64).sum(1)
-    bands = [(p[:, a:b] * p[:, a:b]).sum(1).sqrt() for a, b in zip(edges[:-2], edges[1:-1])]
-    bands.append((total2 - (p * p).sum(1)).clamp_min(0.0).sqrt())
-    bands = torch.stack(bands, 1)
+    band_norms = [(p[:, a:b] * p[:, a:b]).sum(1).sqrt() for a, b in zip(edges[:-2], edges[1:-1])]
+    band_norms.append((total2 - (p * p).sum(1)).clamp_min(0.0).sqrt())
+    bands = torch.stack(band_norms, 1)
     # float64 error of ‖v‖² − ‖P v‖² is below 4·D·2⁻⁵³·‖v‖² (+ the basis' orthonormality), hence of its root
     # below the root of that.
     eta = (8.0 * dim * 2.0**-53 * total2).sqrt()
@@ -142,7 +148,7 @@ def _build_index(keys: KeyBank) -> PruningIndex:
     return PruningIndex(center, basis, tuple(aug), tuple(keycol), eta_max * (1.0 + 1e-9), stages, edges, radius)
 
 
-def _query_side(x64: torch.Tensor, index: PruningIndex):
+def _query_side(x64: torch.Tensor, index: PruningIndex) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], torch.Tensor]:
     """Per stage the queries' float32 augmented rows and row terms (module docstring); and ‖x − c‖."""
     dim = x64.shape[1]
     aug, n2, eta, norm = _augment(x64 - index.center, index.basis, index.stages, index.band_edges, dim)
@@ -174,7 +180,7 @@ class CertifiedState:
         state = self.state.combine(other.state)
         m = state.m.to(torch.float64)
 
-        def rescale(own_m, value):
+        def rescale(own_m: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
             own_m = own_m.to(torch.float64)
             ok = torch.isfinite(own_m) & torch.isfinite(m)
             return torch.where(
@@ -192,7 +198,7 @@ class CertifiedState:
             max(self.radius, other.radius + shift) * (1.0 + 1e-12),
         )
 
-    def map_values(self, fn) -> CertifiedState:
+    def map_values(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> CertifiedState:
         return CertifiedState(
             self.state.map_values(fn),
             self.skipped,
@@ -225,10 +231,10 @@ class CertifiedState:
 def _allowed(keys: KeyBank, labels: torch.Tensor | None, rows: slice) -> torch.Tensor | None:
     if labels is None:
         return None
-    return keys.labels[None, :].cpu() == labels[rows, None].cpu()
+    return cast(torch.Tensor, keys.labels)[None, :].cpu() == labels[rows, None].cpu()  # validated: labels exist
 
 
-def _stage_lower_bound(xa, xrow, ya, ycol) -> torch.Tensor:
+def _stage_lower_bound(xa: torch.Tensor, xrow: torch.Tensor, ya: torch.Tensor, ycol: torch.Tensor) -> torch.Tensor:
     """Lower bounds (B, M) float32 on ‖x − y‖²: the augmented distance as one GEMM, with the rounding slack
     already folded into the deflated norms ``xrow`` (B,) and ``ycol`` (M,). Negative values mean 'no bound'."""
     lb = torch.addmm(ycol[None, :], xa, ya.t(), beta=1.0, alpha=-2.0 * (1.0 - 2.0**-20))
@@ -255,7 +261,7 @@ def _bucket_counts(g: torch.Tensor) -> torch.Tensor:
 _CHARGE = torch.exp(-BUCKET * torch.arange(NUM_BUCKETS, dtype=torch.float64)) * (1.0 + 1e-6)
 
 
-def _cut(counts: torch.Tensor, budget: torch.Tensor):
+def _cut(counts: torch.Tensor, budget: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(first skipped bucket i* ≥ 1, its mass bound) per row: the most buckets whose charged mass fits."""
     tail = torch.flip(torch.cumsum(torch.flip(counts.to(torch.float64) * _CHARGE, [1]), 1), [1])
     fits = (tail <= budget[:, None]) & (torch.arange(NUM_BUCKETS) >= 1)[None, :]
@@ -268,11 +274,32 @@ def _cut(counts: torch.Tensor, budget: torch.Tensor):
     return first, mass
 
 
-def _dtype_roundoff(dtype) -> float:
+def _dtype_roundoff(dtype: torch.dtype) -> float:
     return U32 if dtype != torch.float64 else 2.0**-53
 
 
-def _stage1_cut(block, keyside, nb, allow, x64, keys, key_index, c, tolerance, weight):
+def _stage1_cut(
+    block: tuple[torch.Tensor, torch.Tensor],
+    keyside: tuple[torch.Tensor, torch.Tensor],
+    nb: int,
+    allow: torch.Tensor | None,
+    x64: torch.Tensor,
+    keys: KeyBank,
+    key_index: torch.Tensor | None,
+    c: torch.Tensor,
+    tolerance: float,
+    weight: int,
+) -> tuple[
+    torch.Tensor,
+    torch.Tensor,
+    torch.Tensor,
+    torch.Tensor,
+    torch.Tensor,
+    torch.Tensor,
+    torch.Tensor,
+    torch.Tensor,
+    torch.Tensor,
+]:
     """Stage 1 for a block of queries over ``keyside`` (aug, keycol of some candidate rows, which are
     ``key_index`` of ``keys`` or all of them); each candidate stands for ``weight`` candidates (the probe)."""
     lb = _stage_lower_bound(*block, *keyside)[:nb]
@@ -302,10 +329,10 @@ def pruned_partial(
     coef: torch.Tensor,
     tolerance: float,
     *,
-    score,
+    score: Callable[[int, KeyBank], PartialState],
     query_labels: torch.Tensor | None = None,
     dtype: torch.dtype = torch.float32,
-    exact=None,
+    exact: Callable[[torch.Tensor], PartialState],
 ) -> CertifiedState:
     """The certified state of queries x (B, D) over the N rows of ``keys`` (no flips: the caller mirrors).
 
@@ -322,13 +349,14 @@ def pruned_partial(
     qside, xnorm = _query_side(x64, index)
     two_stage = len(index.stages) > 1
     u = _dtype_roundoff(dtype)
+    out_states: list[PartialState | None]
     out_states, skipped, z_scored, scored, allowed_n = [None] * B, [0.0] * B, [0.0] * B, [0] * B, [0] * B
     exact_rows = []
     for b0 in range(0, B, QUERY_BLOCK):
         b1 = min(B, b0 + QUERY_BLOCK)
         nb, pad = b1 - b0, QUERY_BLOCK - (b1 - b0)  # fixed-shape GEMMs: a row's bounds do not depend on the batch
 
-        def padded(t):
+        def padded(t: torch.Tensor) -> torch.Tensor:
             return torch.cat([t[b0:b1], t[b0 : b0 + 1].expand(pad, *t.shape[1:])]) if pad else t[b0:b1]
 
         block = (padded(qside[0][0]), padded(qside[0][1]))
@@ -415,7 +443,7 @@ def pruned_partial(
             skipped[b], z_scored[b], scored[b] = 0.0, float(st.l[i]), allowed_n[b]
     dev = x.device
     state = PartialState(*(torch.cat([getattr(s, f).to(dev) for s in out_states]) for f in ("m", "l", "l2", "o")))
-    f64 = dict(dtype=torch.float64, device=dev)
+    f64: dict[str, Any] = dict(dtype=torch.float64, device=dev)
     return CertifiedState(
         state,
         torch.tensor(skipped, **f64),
@@ -439,10 +467,64 @@ class CertifiedResult:
     scored_fraction: torch.Tensor  # (B,) float64 candidates scored / allowed candidates
 
 
+@overload
 def certified_retrieval(
     x: torch.Tensor,
     keys: KeyBank,
-    sigma,
+    sigma: float | Sequence[float] | torch.Tensor,
+    *,
+    tolerance: float,
+    temperature: float = ...,
+    query_labels: torch.Tensor | None = ...,
+    flips: bool = ...,
+    backend: str = ...,
+    dtype: torch.dtype | None = ...,
+    memory_budget: int | None = ...,
+    precision: str = ...,
+    return_partial: Literal[False] = ...,
+) -> CertifiedResult: ...
+
+
+@overload
+def certified_retrieval(
+    x: torch.Tensor,
+    keys: KeyBank,
+    sigma: float | Sequence[float] | torch.Tensor,
+    *,
+    tolerance: float,
+    temperature: float = ...,
+    query_labels: torch.Tensor | None = ...,
+    flips: bool = ...,
+    backend: str = ...,
+    dtype: torch.dtype | None = ...,
+    memory_budget: int | None = ...,
+    precision: str = ...,
+    return_partial: Literal[True],
+) -> CertifiedState: ...
+
+
+@overload
+def certified_retrieval(
+    x: torch.Tensor,
+    keys: KeyBank,
+    sigma: float | Sequence[float] | torch.Tensor,
+    *,
+    tolerance: float,
+    temperature: float = ...,
+    query_labels: torch.Tensor | None = ...,
+    flips: bool = ...,
+    backend: str = ...,
+    dtype: torch.dtype | None = ...,
+    memory_budget: int | None = ...,
+    precision: str = ...,
+    return_partial: bool = ...,
+) -> CertifiedResult | CertifiedState: ...
+
+
+def certified_retrieval(
+    x: torch.Tensor,
+    keys: KeyBank,
+    sigma: float | Sequence[float] | torch.Tensor,
     *,
     tolerance: float,
     temperature: float = 1.0,
@@ -453,7 +535,7 @@ def certified_retrieval(
     memory_budget: int | None = None,
     precision: str = "exact",
     return_partial: bool = False,
-):
+) -> CertifiedResult | CertifiedState:
     """:func:`analytic_diffusion.ops.softmax_retrieval` that skips candidates whose total posterior weight is
     provably below ``tolerance`` (per query), and says by how much the result can be off (module docstring).
 
@@ -468,7 +550,7 @@ def certified_retrieval(
     if not temperature > 0:
         raise ValueError(f"temperature: expected > 0, got {temperature}")
     s = R.sigma_rows(sigma, x.shape[0], x.device)
-    opts = dict(
+    opts: dict[str, Any] = dict(
         temperature=temperature,
         backend=backend,
         dtype=dtype,
@@ -481,10 +563,10 @@ def certified_retrieval(
         n = (
             keys.n
             if query_labels is None
-            else (keys.labels[None, :].to(query_labels.device) == query_labels[:, None]).sum(1)
+            else (cast(torch.Tensor, keys.labels)[None, :].to(query_labels.device) == query_labels[:, None]).sum(1)
         )
         n = torch.as_tensor(n, device=x.device).expand(x.shape[0]) * (2 if flips else 1)
-        f64 = dict(dtype=torch.float64, device=x.device)
+        f64: dict[str, Any] = dict(dtype=torch.float64, device=x.device)
         cert = CertifiedState(
             st,
             torch.zeros(x.shape[0], **f64),
@@ -498,10 +580,10 @@ def certified_retrieval(
         coef = 1.0 / (2.0 * s * s * temperature)
 
         def run(q: torch.Tensor) -> CertifiedState:
-            def score(b, sub):
+            def score(b: int, sub: KeyBank) -> PartialState:
                 return R.softmax_retrieval(q[b : b + 1], sub, s[b : b + 1], return_partial=True, **opts)
 
-            def exact(rows):
+            def exact(rows: torch.Tensor) -> PartialState:
                 return R.softmax_retrieval(
                     q[rows],
                     keys,
@@ -517,7 +599,8 @@ def certified_retrieval(
 
         cert = run(x)
         if flips:  # the mirrored half: retrieve with the mirrored query, mirror the values back (as the exact path)
-            mirrored = run(R.hflip_rows(x, keys.image_shape)).map_values(lambda o: R.hflip_rows(o, keys.image_shape))
+            shape = cast("tuple[int, int, int]", keys.image_shape)  # flips: _validate checked it is set
+            mirrored = run(R.hflip_rows(x, shape)).map_values(lambda o: R.hflip_rows(o, shape))
             cert = cert.combine(mirrored)
     if return_partial:
         return cert

@@ -11,7 +11,10 @@ CPU tensors under TRITON_INTERPRET=1), ``cuda`` (torch-free CUDA kernels, built 
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
+from types import ModuleType
+from typing import Any, Literal, cast, overload
 
 import torch
 
@@ -28,7 +31,7 @@ CPU_KERNEL_MAX_BATCH = 64
 CUDA_KERNEL_MAX_BATCH = 16
 
 
-def _cuda_backend():
+def _cuda_backend() -> ModuleType:
     from . import cuda_backend
 
     return cuda_backend
@@ -123,7 +126,9 @@ def choose_backend(
     return "cpu", f"CPU, batch {x.shape[0]} <= {CPU_KERNEL_MAX_BATCH}"
 
 
-def _validate(x: torch.Tensor, keys: KeyBank, query_labels, flips: bool, dtype) -> torch.dtype:
+def _validate(
+    x: torch.Tensor, keys: KeyBank, query_labels: torch.Tensor | None, flips: bool, dtype: torch.dtype | None
+) -> torch.dtype:
     if not isinstance(keys, KeyBank):
         raise TypeError(f"keys: expected a KeyBank, got {type(keys).__name__}")
     if not torch.is_tensor(x) or x.dim() != 2:
@@ -178,7 +183,12 @@ def check_query_scale(x: torch.Tensor, s: torch.Tensor) -> None:
         )
 
 
-def sigma_rows(sigma, batch: int, device, x: torch.Tensor | None = None) -> torch.Tensor:
+def sigma_rows(
+    sigma: float | Sequence[float] | torch.Tensor,
+    batch: int,
+    device: torch.device | str | None,
+    x: torch.Tensor | None = None,
+) -> torch.Tensor:
     """σ as a (B,) float64 tensor; scalars broadcast. Rejects σ ≤ 0, NaN, Inf and σ outside
     [SIGMA_MIN, SIGMA_MAX] with a clear error; with ``x``, also queries outside the supported domain
     (:func:`check_query_scale`)."""
@@ -213,16 +223,73 @@ def sigma_rows(sigma, batch: int, device, x: torch.Tensor | None = None) -> torc
     return s
 
 
-def hflip_rows(x: torch.Tensor, image_shape) -> torch.Tensor:
+def hflip_rows(x: torch.Tensor, image_shape: tuple[int, int, int]) -> torch.Tensor:
     """Mirror flattened (B, C·H·W) rows left-right."""
     c, h, w = image_shape
     return x.reshape(-1, c, h, w).flip(-1).reshape(x.shape[0], -1)
 
 
+@overload
 def softmax_retrieval(
     x: torch.Tensor,
     keys: KeyBank,
-    sigma,
+    sigma: float | Sequence[float] | torch.Tensor,
+    *,
+    temperature: float = ...,
+    query_labels: torch.Tensor | None = ...,
+    flips: bool = ...,
+    backend: str = ...,
+    dtype: torch.dtype | None = ...,
+    memory_budget: int = ...,
+    return_partial: Literal[False] = ...,
+    second_moment: bool = ...,
+    precision: str = ...,
+    max_logit_error: float | None = ...,
+) -> RetrievalResult: ...
+
+
+@overload
+def softmax_retrieval(
+    x: torch.Tensor,
+    keys: KeyBank,
+    sigma: float | Sequence[float] | torch.Tensor,
+    *,
+    temperature: float = ...,
+    query_labels: torch.Tensor | None = ...,
+    flips: bool = ...,
+    backend: str = ...,
+    dtype: torch.dtype | None = ...,
+    memory_budget: int = ...,
+    return_partial: Literal[True],
+    second_moment: bool = ...,
+    precision: str = ...,
+    max_logit_error: float | None = ...,
+) -> PartialState: ...
+
+
+@overload
+def softmax_retrieval(
+    x: torch.Tensor,
+    keys: KeyBank,
+    sigma: float | Sequence[float] | torch.Tensor,
+    *,
+    temperature: float = ...,
+    query_labels: torch.Tensor | None = ...,
+    flips: bool = ...,
+    backend: str = ...,
+    dtype: torch.dtype | None = ...,
+    memory_budget: int = ...,
+    return_partial: bool = ...,
+    second_moment: bool = ...,
+    precision: str = ...,
+    max_logit_error: float | None = ...,
+) -> RetrievalResult | PartialState: ...
+
+
+def softmax_retrieval(
+    x: torch.Tensor,
+    keys: KeyBank,
+    sigma: float | Sequence[float] | torch.Tensor,
     *,
     temperature: float = 1.0,
     query_labels: torch.Tensor | None = None,
@@ -300,7 +367,8 @@ def softmax_retrieval(
 
     state = run(x)
     if flips:  # ‖x − flip(y)‖ = ‖flip(x) − y‖: retrieve with the mirrored query, mirror the values back
-        mirrored = run(hflip_rows(x, keys.image_shape)).map_values(lambda o: hflip_rows(o, keys.image_shape))
+        shape = cast("tuple[int, int, int]", keys.image_shape)  # flips: _validate checked it is set
+        mirrored = run(hflip_rows(x, shape)).map_values(lambda o: hflip_rows(o, shape))
         state = state.combine(mirrored)
     state = state.to(x.device)
     if keys.shard is not None:  # every rank's shard state, combined in rank order
@@ -352,7 +420,7 @@ def knn_search(
         return merge_topk(keys.shard, d, global_index(i, keys.n, keys.shard), k)
     name, _ = choose_backend(backend, x, keys, dtype, k=min(k, keys.n))
 
-    def run_bank(q, keys, memory_budget):
+    def run_bank(q: torch.Tensor, keys: KeyBank, memory_budget: int) -> tuple[torch.Tensor, torch.Tensor]:
         if name == "cpu":
             return cpu_backend.knn(q, keys, min(k, keys.n), query_labels=query_labels, dtype=dtype)
         if name == "triton":
@@ -365,7 +433,7 @@ def knn_search(
             q, keys, min(k, keys.n), query_labels=query_labels, dtype=dtype, memory_budget=memory_budget
         )
 
-    def run(q):
+    def run(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if keys.pages is None:
             return run_bank(q, keys, memory_budget)
         ds, is_ = [], []
@@ -378,7 +446,7 @@ def knn_search(
     d, i = run(x)
     d, i = d.to(x.device), i.to(x.device)
     if flips:
-        d2, i2 = run(hflip_rows(x, keys.image_shape))
+        d2, i2 = run(hflip_rows(x, cast("tuple[int, int, int]", keys.image_shape)))
         d = torch.cat([d, d2.to(x.device)], 1)
         i = torch.cat([i, i2.to(x.device) + keys.n], 1)
         order = torch.argsort(i, dim=1, stable=True)
@@ -391,7 +459,7 @@ def knn_search(
 def posterior_draw(
     x: torch.Tensor,
     keys: KeyBank,
-    sigma,
+    sigma: float | Sequence[float] | torch.Tensor,
     *,
     generator: torch.Generator | None = None,
     temperature: float = 1.0,
@@ -427,9 +495,11 @@ def posterior_draw(
     shard = keys.shard
     base = 0 if shard is None else shard.start
 
-    def draw_local(q, offset: int, skip_before: int = 0, skip_after: int = 0):
+    def draw_local(
+        q: torch.Tensor, offset: int, skip_before: int = 0, skip_after: int = 0
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         # offset: the global index of this bank's first candidate (row_seeds draw candidate j's noise from j)
-        kw = dict(query_labels=query_labels, dtype=dtype, row_seeds=row_seeds)
+        kw: dict[str, Any] = dict(query_labels=query_labels, dtype=dtype, row_seeds=row_seeds)
         if keys.pages is None:
             return torch_backend.gumbel_argmax(
                 q,
@@ -444,7 +514,8 @@ def posterior_draw(
             )
         # Blocks of a memory-mapped set in order: the noise stream runs on across them, ties stay with the
         # earlier block, so the draw is the one of a single scan.
-        best_s = best_i = None
+        best_s: torch.Tensor | None = None
+        best_i: torch.Tensor | None = None
         for start, sub in streaming.blocks(keys, memory_budget):
             last = start + sub.n == keys.n
             sc, ix = torch_backend.gumbel_argmax(
@@ -463,10 +534,10 @@ def posterior_draw(
                 best_s, best_i = sc, ix
             else:
                 better = sc > best_s
-                best_s, best_i = torch.where(better, sc, best_s), torch.where(better, ix, best_i)
-        return best_s, best_i
+                best_s, best_i = torch.where(better, sc, best_s), torch.where(better, ix, cast(torch.Tensor, best_i))
+        return cast(torch.Tensor, best_s), cast(torch.Tensor, best_i)  # set by the first block (there is one)
 
-    def draw(q, mirrored: bool):
+    def draw(q: torch.Tensor, mirrored: bool) -> tuple[torch.Tensor, torch.Tensor]:
         offset = base + (keys.total if mirrored else 0)
         if shard is None:
             return draw_local(q, offset)
@@ -480,7 +551,7 @@ def posterior_draw(
 
     score, index = draw(x, False)
     if flips:  # the mirrored candidates get their own independent Gumbel noise (the next (N, B) draws)
-        s2, i2 = draw(hflip_rows(x, keys.image_shape), True)
+        s2, i2 = draw(hflip_rows(x, cast("tuple[int, int, int]", keys.image_shape)), True)
         better = s2 > score
         index = torch.where(better, i2 + keys.total, index)
         score = torch.where(better, s2, score)
@@ -496,7 +567,8 @@ def all_labels(keys: KeyBank) -> torch.Tensor | None:
     """Labels of every stored row, over every shard when sharded (gathered once, in rank order)."""
     if keys.labels is None or keys.shard is None:
         return keys.labels
-    return keys.cached("all_labels", lambda: keys.shard.group.all_gather_rows(keys.labels, "gathering labels"))
+    shard, labels = keys.shard, keys.labels  # narrowed to not None above (a lambda would not see that)
+    return keys.cached("all_labels", lambda: shard.group.all_gather_rows(labels, "gathering labels"))
 
 
 def _local_view(keys: KeyBank) -> KeyBank:
@@ -523,11 +595,12 @@ def gather_rows(keys: KeyBank, index: torch.Tensor, dtype: torch.dtype = torch.f
             keys.n,
             keys.dim,
             dtype,
-            lambda r: hflip_rows(r, keys.image_shape),
+            lambda r: hflip_rows(r, cast("tuple[int, int, int]", keys.image_shape)),
         )
     flipped = index >= keys.n
     rows = keys.gather(torch.where(flipped, index - keys.n, index), dtype).to(index.device)
     if bool(flipped.any()):
-        mirrored = hflip_rows(rows.reshape(-1, keys.dim), keys.image_shape).reshape(rows.shape)
+        shape = cast("tuple[int, int, int]", keys.image_shape)  # mirrored indices exist only with an image shape
+        mirrored = hflip_rows(rows.reshape(-1, keys.dim), shape).reshape(rows.shape)
         rows = torch.where(flipped[..., None], mirrored, rows)
     return rows

@@ -9,6 +9,8 @@ the rows and compute the same formula in torch. Either way a row's values depend
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 
 from . import cpu_backend
@@ -30,7 +32,7 @@ def _native(keys: KeyBank, *tensors: torch.Tensor) -> bool:
 
 
 def _width(keys: KeyBank, flips: bool) -> int:
-    return int(keys.image_shape[2]) if flips else 0
+    return int(cast("tuple[int, int, int]", keys.image_shape)[2]) if flips else 0
 
 
 def _rows(keys: KeyBank, index: torch.Tensor) -> torch.Tensor:

@@ -8,6 +8,8 @@ is the oracle every other backend is tested against.
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 
 from . import counter_rng
@@ -30,10 +32,10 @@ def _chunk_distances(q: torch.Tensor, q2: torch.Tensor, y: torch.Tensor) -> torc
     return d.clamp_min_(0.0)
 
 
-def _label_mask(keys: KeyBank, start: int, stop: int, query_labels: torch.Tensor | None):
+def _label_mask(keys: KeyBank, start: int, stop: int, query_labels: torch.Tensor | None) -> torch.Tensor | None:
     if query_labels is None:
         return None
-    return keys.labels[start:stop].to(query_labels.device)[None, :] != query_labels[:, None]
+    return cast(torch.Tensor, keys.labels)[start:stop].to(query_labels.device)[None, :] != query_labels[:, None]
 
 
 def softmax_partial(
@@ -41,7 +43,7 @@ def softmax_partial(
     keys: KeyBank,
     coef: torch.Tensor,
     *,
-    query_labels=None,
+    query_labels: torch.Tensor | None = None,
     dtype: torch.dtype,
     memory_budget: int,
     start: int = 0,
@@ -94,7 +96,7 @@ def gumbel_argmax(
     coef: torch.Tensor,
     generator: torch.Generator | None,
     *,
-    query_labels=None,
+    query_labels: torch.Tensor | None = None,
     dtype: torch.dtype,
     memory_budget: int,
     row_seeds: torch.Tensor | None = None,
@@ -159,7 +161,13 @@ def gumbel_argmax(
 
 
 def knn(
-    q: torch.Tensor, keys: KeyBank, k: int, *, query_labels=None, dtype: torch.dtype, memory_budget: int
+    q: torch.Tensor,
+    keys: KeyBank,
+    k: int,
+    *,
+    query_labels: torch.Tensor | None = None,
+    dtype: torch.dtype,
+    memory_budget: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """k nearest rows by exact distance: (dist2 (B, k), index (B, k)), ascending, ties by index.
 

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import math
 import os
+from types import ModuleType
+from typing import Any, cast
 
 import torch
 
@@ -48,7 +50,7 @@ def unavailable_reason(device: torch.device) -> str | None:
     return f"device {device.type}: Triton runs on CUDA (or on CPU under TRITON_INTERPRET=1)"
 
 
-def _kernels():
+def _kernels() -> ModuleType:
     reason = unavailable_reason(torch.device("cpu") if interpreting() else torch.device("cuda"))
     if reason is not None and reason != "no CUDA device":
         raise RuntimeError(f"backend 'triton': {reason}")
@@ -57,7 +59,7 @@ def _kernels():
     return global_retrieval
 
 
-def _check(q: torch.Tensor, keys: KeyBank, dtype: torch.dtype):
+def _check(q: torch.Tensor, keys: KeyBank, dtype: torch.dtype) -> None:
     reason = unavailable_reason(q.device)
     if reason is not None:
         raise ValueError(f"backend 'triton': {reason}")
@@ -79,10 +81,10 @@ def _splits(n: int) -> int:
     return max(1, min(TARGET_SPLITS, n // MIN_KEYS_PER_SPLIT))
 
 
-def _dataset_constants(keys: KeyBank, device) -> dict[str, object]:
+def _dataset_constants(keys: KeyBank, device: torch.device | str) -> dict[str, Any]:
     """Raw key matrix, labels (int32), centre, key norms ‖y_j − c‖² and per-coordinate max |u|, once per device."""
 
-    def make():
+    def make() -> dict[str, Any]:
         c = keys.get_center(torch.float64).to(device)
         norms = torch.empty(keys.n, dtype=torch.float64, device=device)
         step = max(1, (1 << 24) // max(1, keys.dim))
@@ -116,7 +118,7 @@ def plan(
     tol = prec.tolerance(precision, max_logit_error)
     qc = q.to(torch.float64) - consts["center"]
     left = torch.ones(B, dtype=torch.bool, device=q.device)
-    out = []
+    out: list[tuple[str, torch.Tensor]] = []
     for kind in prec.dot_kinds(precision):
         if kind == "bf16x2" and keys.values.dtype != torch.uint8:
             continue  # float keys are not exact in bf16: the bound's key term would not hold
@@ -130,7 +132,9 @@ def plan(
     return out
 
 
-def _split_n_state(q, consts, keys: KeyBank, coef, qlab) -> PartialState:
+def _split_n_state(
+    q: torch.Tensor, consts: dict[str, Any], keys: KeyBank, coef: torch.Tensor, qlab: torch.Tensor | None
+) -> PartialState:
     """Exact partial state by the split-N kernel, in row blocks; splits combined in a fixed order."""
     k = _kernels()
     parts = []
@@ -156,7 +160,9 @@ def _split_n_state(q, consts, keys: KeyBank, coef, qlab) -> PartialState:
     return _cat(parts)
 
 
-def _two_pass_state(q, consts, keys: KeyBank, coef, qlab, kind: str) -> PartialState:
+def _two_pass_state(
+    q: torch.Tensor, consts: dict[str, Any], keys: KeyBank, coef: torch.Tensor, qlab: torch.Tensor | None, kind: str
+) -> PartialState:
     """Partial state by the two-pass kernels (expanded form on centred queries), key chunks combined in order."""
     k = _kernels()
     c = consts["center"]
@@ -174,7 +180,7 @@ def _two_pass_state(q, consts, keys: KeyBank, coef, qlab, kind: str) -> PartialS
     x = consts["x"]
     B, N = q.shape[0], keys.n
     step = max(1, min(N, LOGIT_BUDGET // (4 * B)))
-    state = None
+    state: PartialState | None = None
     for s in range(0, N, step):
         e = min(s + step, N)
         xl = None if consts["labels"] is None else consts["labels"][s:e]
@@ -199,7 +205,7 @@ def _two_pass_state(q, consts, keys: KeyBank, coef, qlab, kind: str) -> PartialS
             o=keys.scale * raw + keys.shift * l.to(torch.float64)[:, None],
         )
         state = chunk if state is None else state.combine(chunk)
-    return state.to(torch.float32)
+    return cast(PartialState, state).to(torch.float32)  # N >= 1: one chunk at least
 
 
 def _cat(parts: list[PartialState]) -> PartialState:
@@ -211,7 +217,7 @@ def softmax_partial(
     keys: KeyBank,
     coef: torch.Tensor,
     *,
-    query_labels=None,
+    query_labels: torch.Tensor | None = None,
     dtype: torch.dtype,
     precision: str = "exact",
     max_logit_error: float | None = None,
@@ -234,7 +240,7 @@ def softmax_partial(
 
 
 def knn(
-    q: torch.Tensor, keys: KeyBank, k: int, *, query_labels=None, dtype: torch.dtype
+    q: torch.Tensor, keys: KeyBank, k: int, *, query_labels: torch.Tensor | None = None, dtype: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """k nearest rows by direct fp32 distances from the split-N kernel's fused top-k: (dist2, index), ascending,
     ties by index; a row with fewer than k allowed candidates gets +inf distances (as the torch backend)."""

@@ -15,6 +15,8 @@ steps, their bounds and their costs are in docs/methods.md §5.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from typing import cast
 
 import torch
 
@@ -30,8 +32,12 @@ def _gamma(k: int) -> float:
 
 
 def _factor(
-    lam: torch.Tensor, U2: torch.Tensor, colmax: torch.Tensor, sigma: float, budget_of
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    lam: torch.Tensor,
+    U2: torch.Tensor,
+    colmax: torch.Tensor,
+    sigma: float,
+    budget_of: Callable[[torch.Tensor], float],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, bool]:
     """(f, h, keep, tail, diag, complement): W = ±F Fᵀ (+ U Uᵀ for h = 1 − f, the complement form) + R off the
     diagonal, F = U[:, keep]·diag(√h[keep]), |R_nm| ≤ √(tail_n tail_m); f = λ/(λ+σ²); diag = W's diagonal.
 
@@ -41,7 +47,7 @@ def _factor(
     f = torch.where(lam + s2 > 0, lam / (lam + s2), torch.zeros_like(lam))
     diag = U2 @ f
     budget = budget_of(diag)
-    best = None
+    best: tuple[torch.Tensor, int, torch.Tensor] | None = None
     D = f.numel()
     for h in (f, 1.0 - f):
         order = torch.argsort(h, stable=True)
@@ -49,7 +55,7 @@ def _factor(
         # I − F Fᵀ leans on U Uᵀ = I, which costs one check of U's orthogonality: only worth a quarter of D
         if best is None or ndrop > best[1] + D // 4:
             best = (h, ndrop, order)
-    h, ndrop, order = best
+    h, ndrop, order = cast("tuple[torch.Tensor, int, torch.Tensor]", best)  # set by the first form
     keep = torch.ones_like(h, dtype=torch.bool)
     keep[order[:ndrop]] = False
     tail = U2 @ torch.where(keep, torch.zeros_like(h), h)
@@ -91,7 +97,7 @@ class WienerMasks:
     """The masks of one PCA (eigvals descending ≥ 0, U columns) for any σ: holds the float64 factors and the
     per-coordinate quantities that do not depend on σ, so that a new σ costs only the steps above."""
 
-    def __init__(self, eigvals: torch.Tensor, U: torch.Tensor):
+    def __init__(self, eigvals: torch.Tensor, U: torch.Tensor) -> None:
         self.lam = eigvals.detach().to("cpu", torch.float64).clamp_min(0.0)
         self.U = U.detach().to("cpu", torch.float64).contiguous()
         if self.U.dim() != 2 or self.U.shape[0] != self.U.shape[1] or self.lam.shape != (self.U.shape[1],):
@@ -102,7 +108,7 @@ class WienerMasks:
         self.U2 = self.U * self.U
         self.U32 = self.U.to(torch.float32)
         self.colmax = self.U2.max(0).values
-        self._defect = None
+        self._defect: float | None = None
 
     def orthogonality_defect(self) -> float:
         """An upper bound of max_{n≠m} |(U Uᵀ)_nm| (computed once: one float64 product, plus its rounding)."""
@@ -124,7 +130,7 @@ class WienerMasks:
         if threshold <= 0:
             return torch.ones(D, D, dtype=torch.bool)
 
-        def budget_of(diag):
+        def budget_of(diag: torch.Tensor) -> float:
             # dropped columns widen the band by ≤ 1e-3 of the smallest possible threshold θ·max|M|·|piv|
             # (max|M| ≥ 1 when some row is normalised, else ≥ the largest |W_nn|)
             piv = torch.where(diag.abs() < DIAG_EPS, torch.ones_like(diag), diag).abs()
@@ -212,7 +218,9 @@ def studio_locality_mask(
     return studio_mask(studio_factors(cov, n, dtype), sigma, threshold)
 
 
-def studio_factors(cov: torch.Tensor, n: int, dtype: torch.dtype = torch.float32):
+def studio_factors(
+    cov: torch.Tensor, n: int, dtype: torch.dtype = torch.float32
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The σ-independent part of :func:`studio_locality_mask`: the SVD (U, λ, Vh) of the unbiased covariance."""
     if n < 2:
         raise ValueError(f"mask_rule='studio': the unbiased covariance needs at least 2 candidates, got {n}")
@@ -220,7 +228,9 @@ def studio_factors(cov: torch.Tensor, n: int, dtype: torch.dtype = torch.float32
     return torch.linalg.svd(S)
 
 
-def studio_mask(factors, sigma: float, threshold: float) -> torch.Tensor:
+def studio_mask(
+    factors: tuple[torch.Tensor, torch.Tensor, torch.Tensor], sigma: float, threshold: float
+) -> torch.Tensor:
     """The per-σ part of :func:`studio_locality_mask` from :func:`studio_factors` (threshold > 0)."""
     Us, lam, Vh = factors
     abar = torch.tensor(1.0 / (1.0 + float(sigma) ** 2), dtype=lam.dtype)

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import inspect
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any, Callable, cast
 
 import torch
 
@@ -21,19 +22,21 @@ class SampleResult:
     config: JSON-serialisable description of the run; elapsed_s: wall time of the sampling loop."""
 
     samples: torch.Tensor
-    seeds: list
+    seeds: list[int]
     sigmas: torch.Tensor
-    config: dict = field(default_factory=dict)
+    config: dict[str, Any] = field(default_factory=dict)
     elapsed_s: float = 0.0
 
 
-def _positive_int(name: str, v) -> int:
+def _positive_int(name: str, v: int) -> int:
     if isinstance(v, bool) or not isinstance(v, int) or v < 1:
         raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
     return v
 
 
-def initial_noise(seeds, shape, init_std: float, device, dtype: torch.dtype):
+def initial_noise(
+    seeds: Sequence[int], shape: Sequence[int], init_std: float, device: torch.device | str, dtype: torch.dtype
+) -> tuple[list[torch.Generator], torch.Tensor]:
     """(generators, x): one CPU generator per seed and each sample's starting noise, drawn in float32 on the CPU
     (so it is the same on every device and dtype), scaled by ``init_std``."""
     gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
@@ -41,7 +44,7 @@ def initial_noise(seeds, shape, init_std: float, device, dtype: torch.dtype):
     return gens, x * init_std
 
 
-def check_seeds(seed, n) -> None:
+def check_seeds(seed: int, n: int) -> None:
     """Sample i is seeded with seed + i by a torch.Generator, which takes seeds in [0, 2^64)."""
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
@@ -52,21 +55,21 @@ def check_seeds(seed, n) -> None:
 
 
 def sample(
-    denoiser: Callable,
+    denoiser: Callable[..., torch.Tensor],
     n: int = 64,
     *,
     steps: int = 18,
-    sampler: str | Callable = "heun",
+    sampler: str | Callable[..., torch.Tensor] = "heun",
     schedule: str | Schedule = "karras",
-    schedule_kwargs: dict | None = None,
+    schedule_kwargs: dict[str, Any] | None = None,
     seed: int = 0,
-    shape=None,
+    shape: Sequence[int] | None = None,
     batch_size: int | None = None,
     eta: float = 0.0,
     clip_x0: bool = False,
-    class_labels=None,
-    callback=None,
-    device=None,
+    class_labels: torch.Tensor | Sequence[int] | None = None,
+    callback: Callable[..., object] | None = None,
+    device: torch.device | str | None = None,
     dtype: torch.dtype = torch.float32,
     progress: bool = True,
 ) -> SampleResult:
@@ -94,7 +97,7 @@ def sample(
     n = _positive_int("n", n)
     external = callable(sampler) and not isinstance(sampler, str)
     if external:
-        sampler_fn = sampler
+        sampler_fn = cast("Callable[..., torch.Tensor]", sampler)  # callable and not a str
         if clip_x0:
             raise ValueError("clip_x0 applies only to the engine's own samplers (named ones), not to sampler=fn")
     elif sampler not in SAMPLERS:
@@ -140,7 +143,7 @@ def sample(
     t0 = time.perf_counter()
     for start in range(0, n, batch_size):
         gens, x = initial_noise(seeds[start : start + batch_size], shape, init_std, device, dtype)
-        kw = {}
+        kw: dict[str, Any] = {}
         if class_labels is not None:
             kw["class_labels"] = class_labels[start : start + batch_size].to(device)
         if external:
@@ -183,9 +186,18 @@ def sample(
     return SampleResult(torch.cat(out), seeds, sched.sigmas.clone(), config, elapsed)
 
 
-def _run_external(fn, denoiser, x, sigmas, kw, callback, progress, gens):
+def _run_external(
+    fn: Callable[..., torch.Tensor],
+    denoiser: Callable[..., torch.Tensor],
+    x: torch.Tensor,
+    sigmas: torch.Tensor,
+    kw: dict[str, Any],
+    callback: Callable[..., object] | None,
+    progress: bool,
+    gens: list[torch.Generator],
+) -> torch.Tensor:
     """Call a k-diffusion-style sampler with k-diffusion's keyword names."""
-    extra = {}
+    extra: dict[str, Any] = {}
     try:
         if "noise_sampler" in inspect.signature(fn).parameters:
             extra["noise_sampler"] = per_sample_noise(x, gens)
@@ -196,6 +208,6 @@ def _run_external(fn, denoiser, x, sigmas, kw, callback, progress, gens):
         return fn(denoiser, x, s, extra_args=kw, callback=dict_callback(callback), disable=not progress, **extra)
 
 
-def _sampler_name(fn) -> str:
+def _sampler_name(fn: object) -> str:
     mod, name = getattr(fn, "__module__", None), getattr(fn, "__qualname__", None) or type(fn).__name__
     return f"{mod}.{name}" if mod else name

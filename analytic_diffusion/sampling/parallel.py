@@ -11,7 +11,9 @@ Only the main rank (global rank 0) writes files and prints progress.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
 
@@ -28,13 +30,13 @@ class Parallel:
     samples: distributed.ShardGroup | None = None  # the ranks that split the samples
     rank: int = 0
     world: int = 1
-    device: str = "cpu"
+    device: torch.device | str = "cpu"
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
 
-    def config(self) -> dict:
+    def config(self) -> dict[str, Any]:
         return {
             "mode": self.mode,
             "world": self.world,
@@ -43,7 +45,7 @@ class Parallel:
         }
 
 
-def setup(mode: str = "none", *, device: str = "cpu", dataset_ranks: int | None = None) -> Parallel:
+def setup(mode: str = "none", *, device: torch.device | str = "cpu", dataset_ranks: int | None = None) -> Parallel:
     """Join torchrun's process group for ``mode`` (validated first). Without a launcher (one process) every mode
     runs as a single process; under a launcher ``mode`` must say how to split the work."""
     if mode not in MODES:
@@ -71,7 +73,15 @@ def setup(mode: str = "none", *, device: str = "cpu", dataset_ranks: int | None 
     return Parallel(mode, data, samples, world_group.rank, world_group.world, device)
 
 
-def sample_parallel(denoiser, n: int, par: Parallel, *, seed: int = 0, class_labels=None, **kw) -> SampleResult:
+def sample_parallel(
+    denoiser: Callable[..., torch.Tensor],
+    n: int,
+    par: Parallel,
+    *,
+    seed: int = 0,
+    class_labels: torch.Tensor | Sequence[int] | None = None,
+    **kw: Any,
+) -> SampleResult:
     """:func:`sample` with the n samples split over ``par.samples`` (or all here when it is None)."""
     if par.samples is None:
         return sample(denoiser, n, seed=seed, class_labels=class_labels, **kw)

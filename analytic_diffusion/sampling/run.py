@@ -7,12 +7,15 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import torch
 
-from ..data import load_dataset
+from ..data import Dataset, load_dataset
 from ..data.packed import check_options as check_packed_options
 from ..data.packed import is_packed, load_packed_shard
 from ..denoisers import denoiser_options, make_denoiser
@@ -25,22 +28,26 @@ from .generate import check_seeds
 from .parallel import sample_parallel
 from .parallel import setup as setup_parallel
 
+if TYPE_CHECKING:
+    from ..data.transforms import Resolution
+    from ..ops.distributed import ShardGroup
+
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
 def prepare_dataset(
-    dataset,
+    dataset: str | Path | Dataset,
     *,
-    split=None,
-    subset=None,
-    subset_random=False,
-    resolution=None,
-    pad_to=None,
-    flips=False,
-    seed=0,
-    device="cpu",
-    shard_group=None,
-):
+    split: str | None = None,
+    subset: int | None = None,
+    subset_random: bool = False,
+    resolution: Resolution | None = None,
+    pad_to: Resolution | None = None,
+    flips: bool = False,
+    seed: int = 0,
+    device: torch.device | str = "cpu",
+    shard_group: ShardGroup | None = None,
+) -> Dataset:
     """A Dataset from a name or path (or an existing Dataset), with subset and flips applied; with
     ``shard_group`` this rank's shard of it (of a packed folder, only the shard is mapped and verified)."""
     if shard_group is not None and isinstance(dataset, (str, os.PathLike)) and is_packed(dataset) and subset is None:
@@ -48,7 +55,9 @@ def prepare_dataset(
         ds = load_packed_shard(dataset, shard_group).with_flips(flips)
         return ds if str(device) == "cpu" else ds.to(device)  # a GPU rank holds its shard on its device
     if isinstance(dataset, (str, os.PathLike)):
-        kw = {k: v for k, v in dict(split=split, resolution=resolution, pad_to=pad_to).items() if v is not None}
+        kw: dict[str, Any] = {
+            k: v for k, v in dict(split=split, resolution=resolution, pad_to=pad_to).items() if v is not None
+        }
         # Sharded: loaded on the host, and only this rank's shard goes to its device.
         dataset = load_dataset(dataset, device=device if shard_group is None else "cpu", **kw)
     if subset is not None:
@@ -58,12 +67,14 @@ def prepare_dataset(
     return dataset if shard_group is None else dataset.shard(shard_group).to(device)
 
 
-def class_labels_for(dataset, n: int, *, class_label=None, random_classes=False, seed=0):
+def class_labels_for(
+    dataset: Dataset, n: int, *, class_label: int | None = None, random_classes: bool = False, seed: int = 0
+) -> torch.Tensor | None:
     if class_label is None and not random_classes:
         return None
     if dataset.labels is None:
         raise ValueError("class-conditional sampling: the dataset has no labels")
-    classes = dataset.classes
+    classes = cast("list[int]", dataset.classes)  # the dataset has labels (checked above)
     if class_label is not None:
         if random_classes:
             raise ValueError("give either class_label or random_classes, not both")
@@ -74,7 +85,7 @@ def class_labels_for(dataset, n: int, *, class_label=None, random_classes=False,
     return torch.as_tensor(classes)[torch.randint(len(classes), (n,), generator=g)]
 
 
-def check_device(device) -> torch.device:
+def check_device(device: torch.device | str) -> torch.device:
     """The torch device for ``device``, or a clear ValueError (unknown name, CUDA absent, index out of range)."""
     try:
         dev = torch.device(device)
@@ -112,7 +123,7 @@ def check_out_folder(out: str, overwrite: bool) -> None:
 
 
 @contextmanager
-def _staged_folder(out: str):
+def _staged_folder(out: str) -> Iterator[str]:
     """Write into a temporary sibling of ``out`` and move it into place at the end: an interrupted run leaves
     no folder that looks finished, and a replaced folder never mixes files of two runs."""
     path = os.path.abspath(out)
@@ -134,7 +145,12 @@ def _staged_folder(out: str):
         shutil.rmtree(old, ignore_errors=True)
 
 
-def check_patch_coverage(denoiser_or_schedule, schedule="karras", steps=18, schedule_kwargs=None) -> None:
+def check_patch_coverage(
+    denoiser_or_schedule: object,
+    schedule: str | Schedule = "karras",
+    steps: int = 18,
+    schedule_kwargs: dict[str, Any] | None = None,
+) -> None:
     """Raise a clear ValueError up front if a patch-size table does not cover the sampler's σ grid.
 
     Takes a PatchSchedule or a denoiser with a ``patch`` PatchSchedule (local methods); anything else passes.
@@ -156,36 +172,36 @@ def check_patch_coverage(denoiser_or_schedule, schedule="karras", steps=18, sche
 
 def run_sample(
     *,
-    method="optimal",
-    dataset="mnist",
-    split=None,
-    subset=None,
-    subset_random=False,
-    resolution=None,
-    pad_to=None,
-    flips=False,
-    class_label=None,
-    random_classes=False,
-    n=64,
-    steps=18,
-    sampler="heun",
-    schedule="karras",
-    schedule_kwargs=None,
-    eta=0.0,
-    clip_x0=False,
-    seed=0,
-    batch_size=None,
-    method_options=None,
-    device="cpu",
-    dtype="float32",
+    method: str = "optimal",
+    dataset: str | Path | Dataset = "mnist",
+    split: str | None = None,
+    subset: int | None = None,
+    subset_random: bool = False,
+    resolution: Resolution | None = None,
+    pad_to: Resolution | None = None,
+    flips: bool = False,
+    class_label: int | None = None,
+    random_classes: bool = False,
+    n: int = 64,
+    steps: int = 18,
+    sampler: str = "heun",
+    schedule: str = "karras",
+    schedule_kwargs: dict[str, Any] | None = None,
+    eta: float = 0.0,
+    clip_x0: bool = False,
+    seed: int = 0,
+    batch_size: int | None = None,
+    method_options: dict[str, Any] | None = None,
+    device: torch.device | str = "cpu",
+    dtype: str = "float32",
     out: str | None = None,
-    save_x0=False,
-    progress=True,
+    save_x0: bool = False,
+    progress: bool = True,
     overwrite: bool = False,
-    parallel="none",
-    dataset_ranks=None,
-    memory_budget=None,
-) -> dict:
+    parallel: str = "none",
+    dataset_ranks: int | None = None,
+    memory_budget: int | None = None,
+) -> dict[str, Any]:
     """Run one sampling job and write its folder; returns the metrics dict (also in metrics.json).
 
     ``out`` must be a new or empty folder, or ``overwrite=True`` replaces it whole. The files are written to a
@@ -226,9 +242,9 @@ def run_sample(
     denoiser = make_denoiser(method, ds, dtype=_DTYPES[dtype], **options)
     check_patch_coverage(denoiser, schedule, steps, schedule_kwargs)
     labels = class_labels_for(ds, n, class_label=class_label, random_classes=random_classes, seed=seed)
-    x0_steps = []
+    x0_steps: list[tuple[int, torch.Tensor]] = []
 
-    def record(step, x, sigma, x0_hat):
+    def record(step: int, x: torch.Tensor, sigma: torch.Tensor, x0_hat: torch.Tensor) -> None:
         x0_steps.append((step, x0_hat.detach().to("cpu", torch.float32)))
 
     result = sample_parallel(

@@ -25,8 +25,8 @@ the batch it runs in (default: the global RNG).
 from __future__ import annotations
 
 import inspect
-from collections.abc import Sequence
-from typing import Callable
+from collections.abc import Iterable, Sequence
+from typing import Any, Callable
 
 import torch
 from tqdm.auto import tqdm
@@ -43,7 +43,9 @@ __all__ = [
 ]
 
 
-def _prepare(x: torch.Tensor, sigmas, generators) -> torch.Tensor:
+def _prepare(
+    x: torch.Tensor, sigmas: torch.Tensor | Sequence[float], generators: Sequence[torch.Generator] | None
+) -> torch.Tensor:
     """Validate and return the grid as an (n+1, B) tensor in x's dtype and device."""
     if not isinstance(x, torch.Tensor) or x.dim() < 1 or x.shape[0] < 1:
         raise ValueError("x must be a tensor with a non-empty batch dimension")
@@ -68,7 +70,13 @@ def _bcast(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return v.reshape(-1, *([1] * (x.dim() - 1)))
 
 
-def _options(denoiser_kwargs, extra_args, progress, disable, callback):
+def _options(
+    denoiser_kwargs: dict[str, Any] | None,
+    extra_args: dict[str, Any] | None,
+    progress: bool,
+    disable: bool | None,
+    callback: Callable[..., object] | None,
+) -> tuple[dict[str, Any], bool, Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], object]]:
     """(denoiser keyword arguments, progress, emit) from the engine's and k-diffusion's spellings of each;
     emit(i, x, sigma, x0) calls the callback in its own convention, decided once per run."""
     if denoiser_kwargs and extra_args:
@@ -79,7 +87,7 @@ def _options(denoiser_kwargs, extra_args, progress, disable, callback):
     return kw, (progress if disable is None else not disable), _emitter(callback)
 
 
-def _takes_one_argument(callback) -> bool:
+def _takes_one_argument(callback: Callable[..., object]) -> bool:
     """True for a callback in k-diffusion's style, fn(info_dict): exactly one positional parameter, no *args."""
     try:
         params = list(inspect.signature(callback).parameters.values())
@@ -91,28 +99,34 @@ def _takes_one_argument(callback) -> bool:
     return len(required) == 1
 
 
-def _emitter(callback):
+def _emitter(
+    callback: Callable[..., object] | None,
+) -> Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], object]:
     """fn(i, x, sigma, x0) that reports a step to ``callback`` (None: does nothing)."""
     if callback is None:
         return lambda i, x, sigma, x0: None
     if not _takes_one_argument(callback):
         return callback
 
-    def emit(i, x, sigma, x0):  # k-diffusion's dict, with a scalar σ when the batch shares one
+    def emit(
+        i: int, x: torch.Tensor, sigma: torch.Tensor, x0: torch.Tensor
+    ) -> None:  # k-diffusion's dict, with a scalar σ when the batch shares one
         s = sigma[0] if bool((sigma == sigma[0]).all()) else sigma
         callback({"x": x, "i": i, "sigma": s, "sigma_hat": s, "denoised": x0})
 
     return emit
 
 
-def dict_callback(callback):
+def dict_callback(callback: Callable[..., object] | None) -> Callable[..., object] | None:
     """A callback for k-diffusion-style samplers (called with one dict) from either convention; None stays None."""
     if callback is None or _takes_one_argument(callback):
         return callback
     return lambda d: callback(d["i"], d["x"], d["sigma"], d["denoised"])
 
 
-def per_sample_noise(x: torch.Tensor, generators: Sequence[torch.Generator] | None):
+def per_sample_noise(
+    x: torch.Tensor, generators: Sequence[torch.Generator] | None
+) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     """A k-diffusion ``noise_sampler(sigma, sigma_next)`` that draws each sample's noise from its own generator."""
     return lambda sigma, sigma_next: _noise(x, generators)
 
@@ -126,33 +140,37 @@ def _noise(x: torch.Tensor, generators: Sequence[torch.Generator] | None) -> tor
     )
 
 
-def _denoise(denoiser, x, sigma, kwargs):
+def _denoise(
+    denoiser: Callable[..., torch.Tensor], x: torch.Tensor, sigma: torch.Tensor, kwargs: dict[str, Any]
+) -> torch.Tensor:
     return denoiser(x, sigma, **kwargs).to(x.dtype)
 
 
-def _derivative(denoiser, x, sigma, kw, clip_x0: bool):
+def _derivative(
+    denoiser: Callable[..., torch.Tensor], x: torch.Tensor, sigma: torch.Tensor, kw: dict[str, Any], clip_x0: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(x̂0, dx/dσ) with dx/dσ = (x − x̂0)/σ; x̂0 clipped first when asked (as diffusers' clip_sample)."""
     x0 = _denoise(denoiser, x, sigma, kw)
     return x0, (x - (x0.clamp(-1, 1) if clip_x0 else x0)) / _bcast(sigma, x)
 
 
-def _steps(n: int, progress: bool):
+def _steps(n: int, progress: bool) -> Iterable[int]:
     return tqdm(range(n), disable=not progress, leave=False)
 
 
 @torch.no_grad()
 def sample_euler(
-    denoiser: Callable,
+    denoiser: Callable[..., torch.Tensor],
     x: torch.Tensor,
-    sigmas,
+    sigmas: torch.Tensor | Sequence[float],
     *,
-    callback=None,
+    callback: Callable[..., object] | None = None,
     clip_x0: bool = False,
-    generators=None,
+    generators: Sequence[torch.Generator] | None = None,
     progress: bool = False,
-    denoiser_kwargs=None,
-    extra_args=None,
-    disable=None,
+    denoiser_kwargs: dict[str, Any] | None = None,
+    extra_args: dict[str, Any] | None = None,
+    disable: bool | None = None,
 ) -> torch.Tensor:
     """Euler on the probability-flow ODE dx/dσ = (x - x̂0)/σ; n denoiser calls."""
     s = _prepare(x, sigmas, generators)
@@ -167,17 +185,17 @@ def sample_euler(
 
 @torch.no_grad()
 def sample_heun(
-    denoiser: Callable,
+    denoiser: Callable[..., torch.Tensor],
     x: torch.Tensor,
-    sigmas,
+    sigmas: torch.Tensor | Sequence[float],
     *,
-    callback=None,
+    callback: Callable[..., object] | None = None,
     clip_x0: bool = False,
-    generators=None,
+    generators: Sequence[torch.Generator] | None = None,
     progress: bool = False,
-    denoiser_kwargs=None,
-    extra_args=None,
-    disable=None,
+    denoiser_kwargs: dict[str, Any] | None = None,
+    extra_args: dict[str, Any] | None = None,
+    disable: bool | None = None,
 ) -> torch.Tensor:
     """EDM Algorithm 1 (Heun, no churn): trapezoidal correction on every step except those ending at σ = 0,
     where the ODE's derivative is undefined; 2n - 1 denoiser calls on a grid ending at 0."""
@@ -204,18 +222,18 @@ def sample_heun(
 
 @torch.no_grad()
 def sample_ddim(
-    denoiser: Callable,
+    denoiser: Callable[..., torch.Tensor],
     x: torch.Tensor,
-    sigmas,
+    sigmas: torch.Tensor | Sequence[float],
     *,
     eta: float = 0.0,
-    callback=None,
+    callback: Callable[..., object] | None = None,
     clip_x0: bool = False,
-    generators=None,
+    generators: Sequence[torch.Generator] | None = None,
     progress: bool = False,
-    denoiser_kwargs=None,
-    extra_args=None,
-    disable=None,
+    denoiser_kwargs: dict[str, Any] | None = None,
+    extra_args: dict[str, Any] | None = None,
+    disable: bool | None = None,
 ) -> torch.Tensor:
     """DDIM in σ-space; n denoiser calls.
 
@@ -241,15 +259,22 @@ def sample_ddim(
     return x
 
 
-def sample_ddpm(denoiser: Callable, x: torch.Tensor, sigmas, **kw) -> torch.Tensor:
+def sample_ddpm(
+    denoiser: Callable[..., torch.Tensor], x: torch.Tensor, sigmas: torch.Tensor | Sequence[float], **kw: Any
+) -> torch.Tensor:
     """DDPM ancestral sampling: :func:`sample_ddim` with η = 1."""
     return sample_ddim(denoiser, x, sigmas, eta=1.0, **kw)
 
 
-SAMPLERS = {"euler": sample_euler, "heun": sample_heun, "ddim": sample_ddim, "ddpm": sample_ddpm}
+SAMPLERS: dict[str, Callable[..., torch.Tensor]] = {
+    "euler": sample_euler,
+    "heun": sample_heun,
+    "ddim": sample_ddim,
+    "ddpm": sample_ddpm,
+}
 
 
-def get_sampler(name: str) -> Callable:
+def get_sampler(name: str) -> Callable[..., torch.Tensor]:
     """Look up a sampler function by name."""
     if name not in SAMPLERS:
         raise ValueError(f"unknown sampler {name!r}; valid names: {', '.join(SAMPLERS)}")

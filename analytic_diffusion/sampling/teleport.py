@@ -10,7 +10,8 @@ one exact jump, and integrates the rest of the same σ grid with any denoiser, a
 from __future__ import annotations
 
 import time
-from typing import Callable
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 
@@ -18,10 +19,13 @@ from ..grids import Schedule, get_schedule
 from .generate import SampleResult, initial_noise
 from .samplers import SAMPLERS, get_sampler
 
+if TYPE_CHECKING:
+    from ..denoisers import Wiener
+
 __all__ = ["sample_teleported", "teleport_grid"]
 
 
-def teleport_grid(sigmas: torch.Tensor, sigma_skip: float):
+def teleport_grid(sigmas: torch.Tensor, sigma_skip: float) -> tuple[torch.Tensor, int]:
     """(remaining grid, steps skipped): the grid points below ``sigma_skip``, with ``sigma_skip`` put in front.
 
     The steps skipped are those that start above ``sigma_skip``; sigma_skip at or above σ_0 skips nothing.
@@ -41,19 +45,19 @@ def teleport_grid(sigmas: torch.Tensor, sigma_skip: float):
 
 @torch.no_grad()
 def sample_teleported(
-    denoiser: Callable,
-    gaussian,
+    denoiser: Callable[..., torch.Tensor],
+    gaussian: Wiener,
     n: int = 16,
     *,
     sigma_skip: float,
     steps: int = 18,
     sampler: str = "heun",
     schedule: str | Schedule = "karras",
-    schedule_kwargs: dict | None = None,
+    schedule_kwargs: dict[str, Any] | None = None,
     seed: int = 0,
     batch_size: int | None = None,
-    class_labels=None,
-    device=None,
+    class_labels: torch.Tensor | Sequence[int] | None = None,
+    device: torch.device | str | None = None,
     dtype: torch.dtype = torch.float32,
     progress: bool = False,
 ) -> SampleResult:
@@ -77,7 +81,7 @@ def sample_teleported(
         )
     shape = tuple(gaussian.image_shape)
     if tuple(getattr(denoiser, "image_shape", shape)) != shape:
-        raise ValueError(f"denoiser works on {denoiser.image_shape}, the Gaussian on {shape}")
+        raise ValueError(f"denoiser works on {denoiser.image_shape}, the Gaussian on {shape}")  # type: ignore[attr-defined]
     grid, skipped = teleport_grid(sched.sigmas, sigma_skip)
     if not isinstance(n, int) or isinstance(n, bool) or n < 1:
         raise ValueError(f"n must be an integer >= 1, got {n!r}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Sequence
 
 import numpy as np
@@ -27,7 +28,7 @@ def tile(
     *,
     pad: int = 2,
     pad_value: int = 255,
-    borders: Sequence[tuple | None] | None = None,
+    borders: Sequence[tuple[int, int, int] | None] | None = None,
 ) -> Image.Image:
     """Tile (n, C, H, W) images into a grid with ``nrow`` images per row; optional coloured border per image."""
     arr = to_uint8(images)
@@ -48,12 +49,16 @@ def tile(
     return canvas
 
 
-def save_grid(path, images: torch.Tensor, nrow: int | None = None) -> None:
+def save_grid(path: str | os.PathLike[str], images: torch.Tensor, nrow: int | None = None) -> None:
     tile(images, nrow or math.ceil(math.sqrt(images.shape[0]))).save(path)
 
 
 def save_nearest_panel(
-    path, samples: torch.Tensor, neighbours: torch.Tensor, memorized: torch.Tensor, per_row: int = 8
+    path: str | os.PathLike[str],
+    samples: torch.Tensor,
+    neighbours: torch.Tensor,
+    memorized: torch.Tensor,
+    per_row: int = 8,
 ) -> None:
     """Pairs of rows: samples, then each one's nearest training image; red frame = copy, green = novel."""
     n = samples.shape[0]
@@ -74,7 +79,7 @@ def save_nearest_panel(
     canvas.save(path)
 
 
-def save_x0_strips(path, trajectory: torch.Tensor) -> None:
+def save_x0_strips(path: str | os.PathLike[str], trajectory: torch.Tensor) -> None:
     """trajectory (steps, n, C, H, W): one row per sample, x̂0 from the first step to the last."""
     steps, n = trajectory.shape[:2]
     tile(trajectory.transpose(0, 1).reshape(steps * n, *trajectory.shape[2:]), steps).save(path)

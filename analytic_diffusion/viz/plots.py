@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -22,10 +23,13 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
+if TYPE_CHECKING:
+    from matplotlib.axis import Axis
+
 __all__ = ["calibration_plot", "labelled_rows", "line_plot", "loss_plot"]
 
 
-def _check_size(size, dpi) -> tuple[int, int]:
+def _check_size(size: Sequence[int], dpi: float) -> tuple[int, int]:
     try:
         w, h = (int(v) for v in size)
     except (TypeError, ValueError):
@@ -37,19 +41,19 @@ def _check_size(size, dpi) -> tuple[int, int]:
     return w, h
 
 
-def _figure(size, dpi) -> Figure:
+def _figure(size: Sequence[int], dpi: float) -> Figure:
     w, h = _check_size(size, dpi)
     fig = Figure(figsize=(w / dpi, h / dpi), dpi=dpi, layout="constrained")
     FigureCanvasAgg(fig)  # attaches itself as fig.canvas
     return fig
 
 
-def _save(fig: Figure, path) -> None:
+def _save(fig: Figure, path: str | os.PathLike[str]) -> None:
     # No bbox_inches="tight": the PNG keeps exactly the requested pixel size.
     fig.savefig(os.fspath(path), dpi=fig.dpi, format="png", facecolor="white")
 
 
-def _log_ticks(axis, lims) -> None:
+def _log_ticks(axis: Axis, lims: Sequence[float]) -> None:
     """Readable ticks on a log axis whose view is ``lims``: matplotlib's decades when it spans two or more,
     else plain numbers at 1-2-5 (or every digit) per decade, so a short span still gets several labels and the
     minor labels of a narrow panel do not collide."""
@@ -65,7 +69,7 @@ def _log_ticks(axis, lims) -> None:
         axis.set_major_formatter(FuncFormatter(lambda t, _: f"{t:.3g}"))
 
 
-def _floats(name: str, values, n: int | None = None) -> np.ndarray:
+def _floats(name: str, values: Iterable[float | None], n: int | None = None) -> np.ndarray:
     """1-D float64 array; None and ±inf become NaN (a gap in the line)."""
     try:
         vals = list(values)
@@ -79,9 +83,9 @@ def _floats(name: str, values, n: int | None = None) -> np.ndarray:
 
 
 def line_plot(
-    path,
+    path: str | os.PathLike[str],
     x: Sequence[float],
-    series: dict[str, Sequence[float]],
+    series: Mapping[str, Sequence[float | None]],
     *,
     xlabel: str = "",
     ylabel: str = "",
@@ -159,7 +163,12 @@ def line_plot(
 
 
 def loss_plot(
-    path, losses: Sequence[float], *, title: str = "training loss", size: tuple[int, int] = (960, 540), dpi: float = 120
+    path: str | os.PathLike[str],
+    losses: Sequence[float],
+    *,
+    title: str = "training loss",
+    size: tuple[int, int] = (960, 540),
+    dpi: float = 120,
 ) -> float | None:
     """Write a training-loss PNG: every step's loss in grey, a trailing moving average (window ~n/50) in blue,
     log y. Non-finite or non-positive losses are gaps (a diverged run still gets a picture, with a note when no
@@ -200,12 +209,12 @@ def loss_plot(
 
 
 def calibration_plot(
-    path,
+    path: str | os.PathLike[str],
     sigmas: Sequence[float],
     candidate_sizes: Sequence[int],
     chosen: Sequence[int],
     picks: Sequence[Sequence[int]],
-    values,
+    values: Sequence[Sequence[float]],
     *,
     higher_is_better: bool = True,
     metric: str = "metric",
@@ -301,7 +310,12 @@ def calibration_plot(
 
 
 def labelled_rows(
-    path, rows: Sequence[tuple[str, np.ndarray]], *, gap: int = 4, fontsize: float = 11, dpi: float = 100
+    path: str | os.PathLike[str],
+    rows: Sequence[tuple[str, np.ndarray]],
+    *,
+    gap: int = 4,
+    fontsize: float = 11,
+    dpi: float = 100,
 ) -> tuple[int, int]:
     """Write a PNG of image rows, each with its (possibly multi-line) label on the left. ``rows``: (label,
     (H, W, 3) uint8 image) pairs, e.g. viz.images.tile strips. The images are placed pixel for pixel (no

@@ -8,6 +8,7 @@ dataset and its checksums) or when the C++ kernel disagrees with the float64 ref
 
 from __future__ import annotations
 
+import argparse
 import os
 import platform
 
@@ -53,12 +54,11 @@ def collect() -> tuple[list[tuple[str, str]], list[str]]:
         ("torch", f"{torch.__version__} ({torch.get_num_threads()} threads)"),
         ("cpu", _cpu_model()),
     ]
-    problems = []
+    problems: list[str] = []
     if cpu_backend.available():
         runnable = cpu_backend.runnable_isas()
-        rows.append(
-            ("C++ kernels", f"{cpu_backend._cpu.__file__}, OpenMP {'on' if cpu_backend._cpu.openmp else 'off'}")
-        )
+        path, openmp = cpu_backend.build_info()
+        rows.append(("C++ kernels", f"{path}, OpenMP {'on' if openmp else 'off'}"))
         rows.append(("instruction sets", f"{', '.join(runnable)}; in use: {cpu_backend.isa()} (AD_CPU_ISA caps it)"))
     else:
         rows.append(("C++ kernels", "missing"))
@@ -75,7 +75,7 @@ def collect() -> tuple[list[tuple[str, str]], list[str]]:
     return rows, problems
 
 
-def run(args) -> int:
+def run(args: argparse.Namespace) -> int:
     rows, problems = collect()
     width = max(len(what) for what, _ in rows)
     for what, value in rows:
@@ -91,7 +91,7 @@ def run(args) -> int:
     return 1 if args.check and problems else 0
 
 
-def register(sub) -> None:
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
         "info",
         help="this installation: versions, kernels, instruction sets, the embedded dataset",

@@ -107,7 +107,7 @@ def load_smalldiffusion() -> types.ModuleType | types.SimpleNamespace:
     if spec is None or not spec.submodule_search_locations:
         raise ImportError("smalldiffusion: the package cannot be located") from package_error
     folder = next(iter(spec.submodule_search_locations))
-    names: dict = {}
+    names: dict[str, object] = {}
     for part in _TORCHVISION_FREE:
         path = os.path.join(folder, f"{part}.py")
         mod_spec = importlib.util.spec_from_file_location(f"_analytic_diffusion_smalldiffusion_{part}", path)

@@ -56,6 +56,12 @@ def isa() -> str:
     return _require().isa()
 
 
+def build_info() -> tuple[str, bool]:
+    """(the extension's file, whether it was built with OpenMP): what ``analytic-diffusion info`` reports."""
+    ext = _require()
+    return str(ext.__file__), bool(ext.openmp)
+
+
 def runnable_isas() -> tuple[str, ...]:
     """The instruction sets this build runs on this CPU, narrowest first (every value of ``AD_CPU_ISA`` that
     selects kernels of its own here; CI runs the kernel tests under each)."""

@@ -200,6 +200,7 @@ def test_ls_on_the_same_position_kernel(fused, rng, k):
     from analytic_diffusion.ops.local_retrieval import local_score
 
     labels = torch.randint(0, 2, (14,), generator=rng)
+    labels[:2] = torch.tensor([0, 1])  # both query classes have candidates whatever the draw
     imgs = torch.randint(0, 256, (14, 2, 6, 5), generator=rng, dtype=torch.uint8)
     ds = Dataset(imgs, labels)
     x = ds.images_float()[:3] + 0.4 * torch.randn(3, 2, 6, 5, generator=rng)
@@ -232,6 +233,7 @@ def test_pspc_on_the_same_position_kernel(fused, rng, keys, k):
     from analytic_diffusion.ops.local_retrieval import pspc_square
 
     labels = torch.randint(0, 2, (13,), generator=rng)
+    labels[:2] = torch.tensor([0, 1])  # both query classes have candidates (13 draws missed one for a seed)
     kb = bank(rng, 13, 2, 5, 6, labels, keys)
     x = torch.rand(3, 2, 5, 6, generator=rng) * 2 - 1
     ql = torch.tensor([1, 0, 1])

@@ -39,17 +39,28 @@ expanded form by a float32 GEMM over K terms; together these move the squared di
 residual norm √(‖v‖² − ‖P v‖²) comes from float64 with error η ≤ √(8·D·2⁻⁵³)·‖v‖, which moves the augmented
 distance by at most 2(η_x + η_y)(‖x − c‖ + R): subtracted per row. The whole bound is scaled by (1 − 2⁻²⁰)
 (float64 orthonormality of the basis, the GEMM's α). Gaps g = coef·(lb − d_ref) in float32 are lowered by
-their own rounding. The kernel's float32 logits (direct distances, D terms) are off by at most
-coef·(D + 3)·u·d ≤ δ, d ≤ (‖x − c‖ + R)², so z_S ≥ l̃·e^{−δ}/(1 + (n + 8)u); the seeds' float64 distances are
-inflated by 1e-12 relative. ``error_bound`` adds the rounding slack of the scored mean itself,
-ROUNDING_SLACK[dtype]·(R + ‖m_S − c‖): a documented model of the working precision's own error (the exact
-float32 scan measured against float64 on MNIST and random data), not a worst case — the exact scan (tolerance
-0) carries the same slack.
+their own rounding. The kernel's logits are each within the logit error δ of the rounding model (:mod:`analytic_diffusion.ops.rounding`) at
+d ≤ (‖x − c‖ + R)², so z_S ≥ l̃·e^{−δ}/(1 + γ_chain); the seeds' float64 distances are inflated by 1e-12 relative
+plus the float64 rounding of the rows.
+
+``error_bound`` adds a bound on the rounding of the scored mean itself, derived at that σ from the backend's
+rounding model (docs/design.md §12): every kept logit is within γ·(|ℓ| + K·M) + β√|ℓ| + κ of the exact one
+(γ = γ_{D+16}, M the max logit's magnitude, β from the rounding of the inputs), weights go through at most
+``chain`` roundings in the sums, and weights more than ``kept_nats`` below the max may be dropped. Candidates
+whose exact logit is within G of the max (G chosen so that the rest weighs < e^{−70}) have their weights distorted
+by at most e^{±a}, a = that logit error at |ℓ| = M + G plus the exp's; the normalised weights then move by
+τ ≤ [2·(1 − w_max)·2 sinh(a) + the far and dropped mass]·e^{a}, where 1 − w_max is bounded from the kernel's own
+normaliser l̃ (a collapsed posterior: τ ≈ 0 even when a is not small), and the mean by τ·(R + ‖m̃ − c‖) plus the
+values' rounding and 2γ_chain·max‖y‖ for the sums. Where the arithmetic cannot resolve the weights (a near-tie at
+low σ in float32: a of thousands of nats) τ saturates and the bound is the trivial R + ‖m̃ − c‖: the call says it
+cannot certify that query beyond "the exact mean lies in the data's ball". The bound is a worst case: for broad
+posteriors in float32 it is orders of magnitude above the typical error (γ_D·|ℓ| with |ℓ| ≈ D/2 nats for a query
+at noise σ); float64 certificates stay within ~1e-9 of the data's scale.
 
 Shards, flips and class labels: a :class:`CertifiedState` is a :class:`PartialState` of the scored
 candidates plus ``skipped`` (≥ U_K) and ``z_scored`` (≤ Z_S), both relative to e^{m}, plus the bounding
-ball. Two states combine like partial states (rescale to the larger max, add), so certificates add across
-shards, across the mirrored candidate half, and the ball grows to hold both. A class filter simply removes the
+ball and the rounding model of the scans behind it. Two states combine like partial states (rescale to the larger
+max, add), so certificates add across shards, across the mirrored candidate half, and the ball grows to hold both. A class filter simply removes the
 other classes from both S and K.
 """
 
@@ -60,6 +71,7 @@ from dataclasses import dataclass
 
 import torch
 
+from . import cpu_backend, rounding, torch_backend
 from .keys import KeyBank
 from .keys import take_rows as _rows
 from .partial import PartialState
@@ -78,7 +90,6 @@ PROBE_STRIDE = 16  # the high-σ probe looks at every 16th candidate
 DENSE_STAGE2 = 0.05  # stage 2 as one GEMM over all N (not gathers) once a row keeps this share after stage 1
 PCA_SAMPLE = 4096  # rows used to find the basis
 U32 = 2.0**-24
-ROUNDING_SLACK = {torch.float32: 2.0**-17, torch.float64: 2.0**-40}
 
 
 def check_tolerance(tolerance) -> float:
@@ -111,6 +122,8 @@ class PruningIndex:
     stages: tuple
     band_edges: tuple  # band i spans basis vectors band_edges[i]:band_edges[i+1]; the last one is the residual
     radius: float  # every candidate (and its mirror image) lies in the ball B(center, radius)
+    abs_max: float = 1.0  # max |y_jd| over the candidates (the rounding model's input perturbation)
+    norm_max: float = 0.0  # max ‖y_j‖₂ (uncentred: the sums of the kernels add uncentred values)
 
     def probe(self):
         """Every PROBE_STRIDE-th candidate's stage-1 (aug, keycol), contiguous (made once)."""
@@ -173,17 +186,30 @@ def _build_index(keys: KeyBank) -> PruningIndex:
     widths = [k + len(edges) - 1 - list(edges).index(k) for k in stages]
     aug = [torch.empty(n, w, dtype=torch.float32) for w in widths]
     keycol = [torch.empty(n, dtype=torch.float32) for _ in stages]
-    eta_max, radius = 0.0, 0.0
+    eta_max, radius, abs_max, norm_max = 0.0, 0.0, 0.0, 0.0
     step = max(1, (1 << 22) // dim)
     for s in range(0, n, step):
         e = min(n, s + step)
-        a32, n2, eta, norm = _augment(keys.rows(s, e, torch.float64).cpu() - center, basis, stages, edges, dim)
+        rows = keys.rows(s, e, torch.float64).cpu()
+        a32, n2, eta, norm = _augment(rows - center, basis, stages, edges, dim)
         for i, _k in enumerate(stages):
             aug[i][s:e] = a32[i]
             keycol[i][s:e] = (n2[i] * _shrink(widths[i]) * (1.0 - 2 * U32)).to(torch.float32)
         eta_max, radius = max(eta_max, float(eta.max())), max(radius, float(norm.max()))
+        abs_max, norm_max = max(abs_max, float(rows.abs().max())), max(norm_max, float(rows.norm(dim=1).max()))
     radius = radius * (1.0 + 1e-9) + 1e-12
-    return PruningIndex(center, basis, tuple(aug), tuple(keycol), eta_max * (1.0 + 1e-9), stages, edges, radius)
+    return PruningIndex(
+        center,
+        basis,
+        tuple(aug),
+        tuple(keycol),
+        eta_max * (1.0 + 1e-9),
+        stages,
+        edges,
+        radius,
+        abs_max * (1.0 + 1e-9),
+        norm_max * (1.0 + 1e-9),
+    )
 
 
 def _query_side(x64: torch.Tensor, index: PruningIndex):
@@ -203,7 +229,8 @@ class CertifiedState:
     """A partial state of the scored candidates with its pruning certificate (module docstring).
 
     ``skipped`` ≥ Σ_K e^{ℓ_j − m} and ``z_scored`` ≤ Σ_S e^{ℓ_j − m} (float64, m = state.m); ``scored`` and
-    ``candidates`` count scored and allowed candidates per row; every candidate lies in B(center, radius).
+    ``candidates`` count scored and allowed candidates per row; every candidate lies in B(center, radius);
+    ``rounding`` says what the working precision can have done to the scored state (ops/rounding.py).
     """
 
     state: PartialState
@@ -213,6 +240,7 @@ class CertifiedState:
     candidates: torch.Tensor
     center: torch.Tensor
     radius: float
+    rounding: rounding.RoundingModel
 
     def combine(self, other: CertifiedState) -> CertifiedState:
         state = self.state.combine(other.state)
@@ -234,6 +262,7 @@ class CertifiedState:
             self.candidates + other.candidates,
             self.center,
             max(self.radius, other.radius + shift) * (1.0 + 1e-12),
+            self.rounding.combine(other.rounding),
         )
 
     def map_values(self, fn) -> CertifiedState:
@@ -245,6 +274,7 @@ class CertifiedState:
             self.candidates,
             self.center,
             self.radius,
+            self.rounding,
         )
 
     def skipped_weight(self) -> torch.Tensor:
@@ -256,11 +286,22 @@ class CertifiedState:
             torch.zeros_like(total),
         ).clamp(max=1.0)
 
+    def rounding_error(self, mean: torch.Tensor) -> torch.Tensor:
+        """Bound on ‖mean − the exact softmax mean over the scored candidates‖₂ per row (module docstring)."""
+        st = self.state
+        dev = mean.device
+        return self.rounding.mean_error(
+            st.m.to(dev), st.l.to(dev), self.scored.to(dev), mean, self.center.to(dev), self.radius
+        )
+
     def error_bound(self, mean: torch.Tensor) -> torch.Tensor:
-        """Bound on ‖mean − exact posterior mean‖₂ per row: ε·(R + ‖mean − c‖) plus the rounding slack."""
-        spread = self.radius + (mean.to(torch.float64) - self.center.to(mean.device)).norm(dim=1)
-        slack = ROUNDING_SLACK.get(self.state.o.dtype, ROUNDING_SLACK[torch.float32])
-        return (self.skipped_weight().to(mean.device) * (1.0 + 1e-6) + slack) * spread
+        """Bound on ‖mean − exact posterior mean‖₂ per row: the rounding bound E of the scored mean plus
+        ε·(R + ‖mean − c‖ + E) for the skipped weight ε; never above R + ‖mean − c‖ (the exact mean lies in the
+        data's ball: that value says the working precision cannot certify the row more closely)."""
+        e = self.rounding_error(mean)
+        dist = (mean.to(torch.float64) - self.center.to(mean.device)).norm(dim=1)
+        eps = self.skipped_weight().to(mean.device) * (1.0 + 1e-6)
+        return torch.minimum(e + eps * (self.radius + dist + e), self.radius + dist)
 
     def scored_fraction(self) -> torch.Tensor:
         return self.scored.to(torch.float64) / self.candidates.clamp_min(1).to(torch.float64)
@@ -312,11 +353,7 @@ def _cut(counts: torch.Tensor, budget: torch.Tensor):
     return first, mass
 
 
-def _dtype_roundoff(dtype) -> float:
-    return U32 if dtype != torch.float64 else 2.0**-53
-
-
-def _stage1_cut(block, keyside, nb, allow, x64, keys, key_index, c, tolerance, weight):
+def _stage1_cut(block, keyside, nb, allow, x64, keys, key_index, c, tolerance, weight, eta64):
     """Stage 1 for a block of queries over ``keyside`` (aug, keycol of some candidate rows, which are
     ``key_index`` of ``keys`` or all of them); each candidate stands for ``weight`` candidates (the probe)."""
     lb = _stage_lower_bound(*block, *keyside)[:nb]
@@ -327,7 +364,8 @@ def _stage1_cut(block, keyside, nb, allow, x64, keys, key_index, c, tolerance, w
     valid = torch.isfinite(torch.gather(lb, 1, seeds))
     rows = seeds if key_index is None else key_index[seeds]
     ys = keys.gather(rows.to(keys.device), torch.float64).cpu()
-    d_seed = ((x64[:, None, :] - ys) ** 2).sum(-1) * (1.0 + 1e-12)
+    # float64 distances from float64 rows (each value within eta64 of the exact one, in norm): inflated to bounds
+    d_seed = (((x64[:, None, :] - ys) ** 2).sum(-1).sqrt() * (1.0 + 1e-12) + eta64) ** 2
     d_seed = torch.where(valid, d_seed, torch.full_like(d_seed, float("inf")))
     d_ref = d_seed.min(1).values
     z_seed = torch.exp(-c[:, None] * (d_seed - d_ref[:, None])).sum(1)  # ≥ 1, relative to e^{−c·d_ref}
@@ -350,12 +388,16 @@ def pruned_partial(
     query_labels: torch.Tensor | None = None,
     dtype: torch.dtype = torch.float32,
     exact=None,
+    model=None,
 ) -> CertifiedState:
     """The certified state of queries x (B, D) over the N rows of ``keys`` (no flips: the caller mirrors).
 
     ``score(b, subset KeyBank) -> PartialState`` scores query row b over its survivors and
     ``exact(rows (n,) long) -> PartialState`` runs the full scan for the rows whose survivors are too many
     (both wrap :func:`analytic_diffusion.ops.softmax_retrieval`, so they use the fused kernels).
+    ``model(query rows (b, D), KeyBank) -> (chain, K, κ)`` describes the rounding of the scan that serves those
+    rows (:mod:`analytic_diffusion.ops.rounding`); None: any backend (the generic chain, K and κ of the torch
+    reference).
     """
     index = pruning_index(keys)
     B, N = x.shape[0], keys.n
@@ -365,8 +407,16 @@ def pruned_partial(
     labels = None if query_labels is None else query_labels.to(cpu)
     qside, xnorm = _query_side(x64, index)
     two_stage = len(index.stages) > 1
-    u = _dtype_roundoff(dtype)
+    if model is None:
+
+        def model(q, bank):
+            return rounding.generic_chain(bank.n), *rounding.backend_terms("torch", "exact", dtype)
+
+    eta = input_rounding(x, keys, dtype, index)
+    eta64 = math.sqrt(keys.dim) * 2.0**-53 * (4.0 * index.abs_max + 5.0 * abs(keys.shift))  # float64 seed rows
+    values = _values_bound(keys, index)
     out_states, skipped, z_scored, scored, allowed_n = [None] * B, [0.0] * B, [0.0] * B, [0] * B, [0] * B
+    terms = [None] * B  # (chain, K, κ) of the scan that served each row
     exact_rows = []
     for b0 in range(0, B, QUERY_BLOCK):
         b1 = min(B, b0 + QUERY_BLOCK)
@@ -397,6 +447,7 @@ def pruned_partial(
                 c,
                 tolerance,
                 PROBE_STRIDE,
+                eta64,
             )
             hopeless = pr[-1].sum(1) > STAGE1_EXACT * n_allowed / PROBE_STRIDE
             if bool(hopeless.all()):
@@ -406,7 +457,7 @@ def pruned_partial(
                 continue
         full = (index.aug[0], index.keycol[0])
         seeds, _valid, d_seed, d_ref, budget, g, _first, mass, survive = _stage1_cut(
-            block, full, nb, allow, x64[b0:b1], keys, None, c, tolerance, 1
+            block, full, nb, allow, x64[b0:b1], keys, None, c, tolerance, 1, eta64
         )
         n1 = survive.sum(1)
         cands = torch.split(torch.nonzero(survive)[:, 1], n1.tolist())  # one nonzero for the block, row-major
@@ -442,10 +493,17 @@ def pruned_partial(
                 continue
             sub = KeyBank(_rows(keys.values, cand), keys.scale, keys.shift, None, keys.image_shape, keys.center)
             st = score(b, sub)
+            terms[b] = model(x[b : b + 1], sub)
             m_t = float(st.m[0])
-            # z_S from the kernel's normaliser: each of its logits is within δ of the exact one.
-            delta = float(c[r]) * (float(xnorm[b]) + index.radius) ** 2 * (keys.dim + 3) * u + 128 * u
-            z_kernel = float(st.l[0]) * math.exp(-delta) * max(0.0, 1.0 - (cand.numel() + 8) * u)
+            # z_S from the kernel's normaliser: each of its logits (|ℓ| ≤ L) is within δ of the exact one.
+            rm = _model_rows(dtype, keys.dim, coef64[b : b + 1], eta[b : b + 1], [terms[b]], values)
+            L = torch.tensor([float(c[r]) * (float(xnorm[b]) + index.radius) ** 2], dtype=torch.float64)
+            delta = float(rm.logit_error(L, L)[0])
+            z_kernel = (
+                float(st.l[0])
+                * math.exp(-delta)
+                / (1.0 + rounding.gamma(terms[b][0] + 4, rounding.unit_roundoff(dtype)))
+            )
             z_seeds = float(torch.exp(-float(c[r]) * d_seed[r] - m_t).sum())
             out_states[b] = st
             skipped[b] = float(row_mass[0]) * math.exp(-float(c[r]) * float(d_ref[r]) - m_t)
@@ -454,7 +512,9 @@ def pruned_partial(
     if exact_rows:
         rows = torch.tensor(exact_rows, dtype=torch.long)
         st = exact(rows)
+        t = model(x[rows.to(x.device)], keys)
         for i, b in enumerate(exact_rows):
+            terms[b] = t
             out_states[b] = PartialState(st.m[i : i + 1], st.l[i : i + 1], st.l2[i : i + 1], st.o[i : i + 1])
             skipped[b], z_scored[b], scored[b] = 0.0, float(st.l[i]), allowed_n[b]
     dev = x.device
@@ -468,6 +528,39 @@ def pruned_partial(
         torch.tensor(allowed_n, dtype=torch.long, device=dev),
         index.center.to(dev),
         index.radius,
+        _model_rows(dtype, keys.dim, coef64, eta, terms, values).to(dev),
+    )
+
+
+def input_rounding(x: torch.Tensor, keys: KeyBank, dtype: torch.dtype, index: PruningIndex) -> torch.Tensor:
+    """(B,) float64 η ≥ ‖x̃ − x‖ + max_j ‖ỹ_j − y_j‖: the queries' and rows' rounding to the working dtype. A row
+    y = scale·v + shift formed in it (scale, shift and v rounded first, a product and a sum) is within
+    u·(3|y| + 4|shift|) of the exact one per value (≤ u·(4·max|y| + 5|shift|) with margin); a query is exact unless
+    its own dtype is wider than the working one."""
+    u = rounding.unit_roundoff(dtype)
+    rows = math.sqrt(keys.dim) * u * (4.0 * index.abs_max + 5.0 * abs(keys.shift))
+    x64 = x.detach().to("cpu", torch.float64)
+    wider = torch.finfo(x.dtype).eps < torch.finfo(dtype).eps
+    return (x64.norm(dim=1) * u * 1.01 if wider else torch.zeros(x.shape[0], dtype=torch.float64)) + rows
+
+
+def _values_bound(keys: KeyBank, index: PruningIndex) -> float:
+    """≥ max_j ‖y_j‖ + 2‖c‖, c the dataset mean: the largest absolute values the sums add (the torch reference adds
+    rows centred on c, then the centre times the weights' sum)."""
+    return index.norm_max + 2.0 * float(keys.get_center(torch.float64).norm()) * (1.0 + 1e-9)
+
+
+def _model_rows(dtype, dim, coef, eta, terms, values) -> rounding.RoundingModel:
+    f64 = dict(dtype=torch.float64)
+    return rounding.RoundingModel(
+        dtype,
+        dim,
+        coef.to(torch.float64).cpu(),
+        eta,
+        torch.tensor([float(t[0]) for t in terms], **f64),
+        torch.tensor([float(t[1]) for t in terms], **f64),
+        torch.tensor([float(t[2]) for t in terms], **f64),
+        values,
     )
 
 
@@ -520,6 +613,21 @@ def certified_retrieval(
         memory_budget=R.DEFAULT_MEMORY_BUDGET if memory_budget is None else memory_budget,
     )
     index = pruning_index(keys)
+    coef = 1.0 / (2.0 * s * s * temperature)
+
+    def model(q: torch.Tensor, bank: KeyBank):
+        """(chain, K, κ) of the scan that softmax_retrieval runs for queries q over bank (ops/rounding.py)."""
+        name = R.choose_backend(backend, q, bank, dtype)[0]
+        if bank.pages is not None or bank.shard is not None:  # streamed blocks, ranks: any order
+            chain = rounding.generic_chain(bank.total)
+        elif name == "cpu":
+            chain = cpu_backend.accumulation_chain(bank.n)
+        elif name == "torch":
+            chain = torch_backend.accumulation_chain(bank.n, q.shape[0], bank.dim, dtype, opts["memory_budget"])
+        else:
+            chain = rounding.generic_chain(bank.n)
+        return (chain, *rounding.backend_terms(name, precision, dtype))
+
     if tolerance == 0.0:
         st = R.softmax_retrieval(x, keys, s, query_labels=query_labels, flips=flips, return_partial=True, **opts)
         n = (
@@ -529,6 +637,15 @@ def certified_retrieval(
         )
         n = torch.as_tensor(n, device=x.device).expand(x.shape[0]) * (2 if flips else 1)
         f64 = dict(dtype=torch.float64, device=x.device)
+        chain, slack, floor = model(x, keys)
+        rm = _model_rows(
+            dtype,
+            keys.dim,
+            coef,
+            input_rounding(x, keys, dtype, index),
+            [(chain + (6 if flips else 0), slack, floor)] * x.shape[0],
+            _values_bound(keys, index),
+        )
         cert = CertifiedState(
             st,
             torch.zeros(x.shape[0], **f64),
@@ -537,9 +654,9 @@ def certified_retrieval(
             n.long(),
             index.center.to(x.device),
             index.radius,
+            rm.to(x.device),
         )
     else:
-        coef = 1.0 / (2.0 * s * s * temperature)
 
         def run(q: torch.Tensor) -> CertifiedState:
             def score(b, sub):
@@ -556,7 +673,15 @@ def certified_retrieval(
                 )
 
             return pruned_partial(
-                q, keys, coef, tolerance, score=score, exact=exact, query_labels=query_labels, dtype=dtype
+                q,
+                keys,
+                coef,
+                tolerance,
+                score=score,
+                exact=exact,
+                query_labels=query_labels,
+                dtype=dtype,
+                model=model,
             )
 
         cert = run(x)

@@ -112,10 +112,11 @@ def softmax_partial(
     The logits come from the centred expanded form; rows whose bound on its error exceeds the direct form's
     (:func:`analytic_diffusion.ops.rounding.needs_direct`: low σ, queries near the data) are computed again: every
     candidate whose expanded-form logit lies within ``kept_nats`` (``moment_nats`` with the second moment) + twice
-    that bound + 1 of the row's max is rescored in the direct form Σ (q − y)². For the mean, a row whose window
-    holds at most WINDOW_CANDIDATES candidates (kept from the first pass) is the state of those alone (the others
-    weigh under e^{−kept_nats} of the max and may be dropped); other rows take a second pass over the same chunks
-    in which the candidates outside the window keep their expanded-form logits.
+    that bound + 1 of the row's max is rescored in the direct form Σ (q − y)². For the mean (and the float32
+    second moment, whose window reaches float32's underflow) a row whose window holds at most WINDOW_CANDIDATES
+    candidates (kept from the first pass) is the state of those alone (the others weigh under e^{−window} of the
+    max and may be dropped); other rows take a second pass over the same chunks in which the candidates outside
+    the window keep their expanded-form logits.
 
     ``second_moment`` also accumulates o2 (see :class:`PartialState`), centred within each chunk on each row's
     heaviest candidate (:func:`_centred_second_moment`; one more GEMM than the mean, and o is bit-identical to the
@@ -132,7 +133,10 @@ def softmax_partial(
     state = PartialState.empty(B, keys.dim, dtype=dtype, device=dev, second_moment=second_moment)
     step = chunk_rows(keys, B, dtype, memory_budget)
     y2_max = torch.zeros((), dtype=dtype, device=dev)
-    best_v = torch.empty(B, 0, dtype=dtype, device=dev)  # each row's best expanded-form logits (mean only)
+    # each row's best expanded-form logits, for rows the direct form will rescore: the mean's candidates beyond
+    # the window may be dropped, and so may the variance's in float32 (its window reaches float32's underflow)
+    track = not second_moment or dtype == torch.float32
+    best_v = torch.empty(B, 0, dtype=dtype, device=dev)
     best_i = torch.empty(B, 0, dtype=torch.long, device=dev)
     for s in range(start, stop, step):
         e = min(s + step, stop)
@@ -144,7 +148,7 @@ def softmax_partial(
         if mask is not None:
             logits.masked_fill_(mask, float("-inf"))
         state = state.combine(_chunk_state(logits, y, c, second_moment))
-        if not second_moment:
+        if track:
             v, i = logits.topk(min(WINDOW_CANDIDATES, logits.shape[1]), dim=1)
             best_v, best_i = torch.cat([best_v, v], 1), torch.cat([best_i, i + s], 1)
             if best_v.shape[1] > WINDOW_CANDIDATES:
@@ -159,12 +163,13 @@ def softmax_partial(
     window = rounding.moment_nats(dtype) if second_moment else rounding.kept_nats(dtype)
     floor = (state.m.to(torch.float64) - window - 2.0 * err - 1.0).to(dtype)
     listed = torch.zeros(B, dtype=torch.bool, device=dev)
-    if not second_moment:  # rows whose whole window is among the kept candidates
+    if track:  # rows whose whole window is among the kept candidates
         listed[redo] = (best_v.shape[1] < WINDOW_CANDIDATES) | (best_v[redo, -1] < floor[redo])
     parts = []
     rows = redo[listed[redo]]
     if rows.numel():
-        parts.append((rows, _listed_state(qt[rows], keys, coef_t[rows], best_v[rows], best_i[rows], floor[rows])))
+        sub = _listed_state(qt[rows], keys, coef_t[rows], best_v[rows], best_i[rows], floor[rows], second_moment)
+        parts.append((rows, sub))
     rows = redo[~listed[redo]]
     if rows.numel():
         # a second pass over the same chunks (the certificate's count of roundings, ops.rounding.chain, assumes
@@ -195,16 +200,23 @@ def softmax_partial(
     return PartialState(*(put(getattr(state, f), f) for f in ("m", "l", "l2", "o", "o2")))
 
 
-def _listed_state(qt, keys: KeyBank, coef_t, best_v, best_i, floor) -> PartialState:
+def _listed_state(qt, keys: KeyBank, coef_t, best_v, best_i, floor, second_moment: bool) -> PartialState:
     """The state of rows ``qt`` over their listed candidates ``best_i`` whose expanded-form logit ``best_v`` is at
-    least ``floor``, with direct-form logits; every other candidate dropped."""
+    least ``floor``, with direct-form logits; every other candidate dropped. The second moment is centred on each
+    row's heaviest candidate, as :func:`_centred_second_moment` does for a chunk."""
     inside = best_v >= floor[:, None]
     y = keys.gather(best_i, qt.dtype)  # (R, K, D) raw values
     diff = qt[:, None, :] - y
     logits = torch.where(inside, -(coef_t[:, None] * (diff * diff).sum(-1)), float("-inf"))
     m = logits.max(1).values  # the row's own max is inside (finite)
     p = torch.exp(logits - m[:, None])
-    return PartialState(m, p.sum(1), (p * p).sum(1), torch.einsum("rk,rkd->rd", p, y))
+    l = p.sum(1)
+    o2 = None
+    if second_moment:
+        dy = y - torch.gather(y, 1, p.argmax(1)[:, None, None].expand(-1, 1, y.shape[2]))
+        s1 = torch.einsum("rk,rkd->rd", p, dy)
+        o2 = (torch.einsum("rk,rkd->rd", p, dy * dy) - s1 * s1 / l[:, None]).clamp_min_(0.0)
+    return PartialState(m, l, (p * p).sum(1), torch.einsum("rk,rkd->rd", p, y), o2)
 
 
 def _direct_window(

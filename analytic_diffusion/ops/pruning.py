@@ -51,11 +51,11 @@ whose exact logit is within G of the max (G chosen so that the rest weighs < e^{
 by at most e^{±a}, a = that logit error at |ℓ| = M + G plus the exp's; the normalised weights then move by
 τ ≤ [2·(1 − w_max)·2 sinh(a) + the far and dropped mass]·e^{a}, where 1 − w_max is bounded from the kernel's own
 normaliser l̃ (a collapsed posterior: τ ≈ 0 even when a is not small), and the mean by τ·(R + ‖m̃ − c‖) plus the
-values' rounding and 2γ_chain·max‖y‖ for the sums. Where the arithmetic cannot resolve the weights (a near-tie at
-low σ in float32: a of thousands of nats) τ saturates and the bound is the trivial R + ‖m̃ − c‖: the call says it
-cannot certify that query beyond "the exact mean lies in the data's ball". The bound is a worst case: for broad
+values' rounding and 2γ_chain·V for the sums (V: the largest values they add). Where the arithmetic cannot
+resolve the weights (a near-tie at low σ in float32: a of thousands of nats) τ saturates and the bound is the
+trivial R + ‖m̃ − c‖: the call says it cannot certify that query beyond "the exact mean lies in the data's ball". The bound is a worst case: for broad
 posteriors in float32 it is orders of magnitude above the typical error (γ_D·|ℓ| with |ℓ| ≈ D/2 nats for a query
-at noise σ); float64 certificates stay within ~1e-9 of the data's scale.
+at noise σ); docs/design.md §12.2 gives measured sizes (float64 on MNIST: 1e-12 to 4e-9 away from near-ties).
 
 Shards, flips and class labels: a :class:`CertifiedState` is a :class:`PartialState` of the scored
 candidates plus ``skipped`` (≥ U_K) and ``z_scored`` (≤ Z_S), both relative to e^{m}, plus the bounding
@@ -395,9 +395,9 @@ def pruned_partial(
     ``score(b, subset KeyBank) -> PartialState`` scores query row b over its survivors and
     ``exact(rows (n,) long) -> PartialState`` runs the full scan for the rows whose survivors are too many
     (both wrap :func:`analytic_diffusion.ops.softmax_retrieval`, so they use the fused kernels).
-    ``model(query rows (b, D), KeyBank) -> (chain, K, κ)`` describes the rounding of the scan that serves those
-    rows (:mod:`analytic_diffusion.ops.rounding`); None: any backend (the generic chain, K and κ of the torch
-    reference).
+    ``model(query rows (b, D), KeyBank) -> (chain, K, κ, values)`` describes the rounding of the scan that serves
+    those rows (:class:`analytic_diffusion.ops.rounding.RoundingModel`); None: any backend (the generic chain and
+    the torch reference's K, κ and values).
     """
     index = pruning_index(keys)
     B, N = x.shape[0], keys.n
@@ -410,13 +410,13 @@ def pruned_partial(
     if model is None:
 
         def model(q, bank):
-            return rounding.generic_chain(bank.n), *rounding.backend_terms("torch", "exact", dtype)
+            terms = rounding.backend_terms("torch", "exact", dtype)
+            return rounding.generic_chain(bank.n), *terms, _values_bound(keys, index, centred=True)
 
     eta = input_rounding(x, keys, dtype, index)
     eta64 = math.sqrt(keys.dim) * 2.0**-53 * (4.0 * index.abs_max + 5.0 * abs(keys.shift))  # float64 seed rows
-    values = _values_bound(keys, index)
     out_states, skipped, z_scored, scored, allowed_n = [None] * B, [0.0] * B, [0.0] * B, [0] * B, [0] * B
-    terms = [None] * B  # (chain, K, κ) of the scan that served each row
+    terms = [None] * B  # (chain, K, κ, values) of the scan that served each row
     exact_rows = []
     for b0 in range(0, B, QUERY_BLOCK):
         b1 = min(B, b0 + QUERY_BLOCK)
@@ -496,7 +496,7 @@ def pruned_partial(
             terms[b] = model(x[b : b + 1], sub)
             m_t = float(st.m[0])
             # z_S from the kernel's normaliser: each of its logits (|ℓ| ≤ L) is within δ of the exact one.
-            rm = _model_rows(dtype, keys.dim, coef64[b : b + 1], eta[b : b + 1], [terms[b]], values)
+            rm = _model_rows(dtype, keys.dim, coef64[b : b + 1], eta[b : b + 1], [terms[b]])
             L = torch.tensor([float(c[r]) * (float(xnorm[b]) + index.radius) ** 2], dtype=torch.float64)
             delta = float(rm.logit_error(L, L)[0])
             z_kernel = (
@@ -528,7 +528,7 @@ def pruned_partial(
         torch.tensor(allowed_n, dtype=torch.long, device=dev),
         index.center.to(dev),
         index.radius,
-        _model_rows(dtype, keys.dim, coef64, eta, terms, values).to(dev),
+        _model_rows(dtype, keys.dim, coef64, eta, terms).to(dev),
     )
 
 
@@ -544,13 +544,18 @@ def input_rounding(x: torch.Tensor, keys: KeyBank, dtype: torch.dtype, index: Pr
     return (x64.norm(dim=1) * u * 1.01 if wider else torch.zeros(x.shape[0], dtype=torch.float64)) + rows
 
 
-def _values_bound(keys: KeyBank, index: PruningIndex) -> float:
-    """≥ max_j ‖y_j‖ + 2‖c‖, c the dataset mean: the largest absolute values the sums add (the torch reference adds
-    rows centred on c, then the centre times the weights' sum)."""
-    return index.norm_max + 2.0 * float(keys.get_center(torch.float64).norm()) * (1.0 + 1e-9)
+def _values_bound(keys: KeyBank, index: PruningIndex, centred: bool) -> float:
+    """≥ the norm of the largest absolute values a scan's sums add: max_j ‖y_j‖ for the C++ kernel, which adds the
+    rows themselves; with ``centred`` also 2‖c‖ (c the dataset mean: the torch reference adds rows centred on c,
+    then the centre times the weights' sum) and 2√D·|shift| (GPU kernels that add the stored values times the
+    scale and then the shift times the weights' sum)."""
+    if not centred:
+        return index.norm_max
+    extra = 2.0 * float(keys.get_center(torch.float64).norm()) + 2.0 * math.sqrt(keys.dim) * abs(keys.shift)
+    return index.norm_max + extra * (1.0 + 1e-9)
 
 
-def _model_rows(dtype, dim, coef, eta, terms, values) -> rounding.RoundingModel:
+def _model_rows(dtype, dim, coef, eta, terms) -> rounding.RoundingModel:
     f64 = dict(dtype=torch.float64)
     return rounding.RoundingModel(
         dtype,
@@ -560,7 +565,7 @@ def _model_rows(dtype, dim, coef, eta, terms, values) -> rounding.RoundingModel:
         torch.tensor([float(t[0]) for t in terms], **f64),
         torch.tensor([float(t[1]) for t in terms], **f64),
         torch.tensor([float(t[2]) for t in terms], **f64),
-        values,
+        torch.tensor([float(t[3]) for t in terms], **f64),
     )
 
 
@@ -616,7 +621,7 @@ def certified_retrieval(
     coef = 1.0 / (2.0 * s * s * temperature)
 
     def model(q: torch.Tensor, bank: KeyBank):
-        """(chain, K, κ) of the scan that softmax_retrieval runs for queries q over bank (ops/rounding.py)."""
+        """(chain, K, κ, values) of the scan softmax_retrieval runs for queries q over bank (ops/rounding.py)."""
         name = R.choose_backend(backend, q, bank, dtype)[0]
         if bank.pages is not None or bank.shard is not None:  # streamed blocks, ranks: any order
             chain = rounding.generic_chain(bank.total)
@@ -626,7 +631,8 @@ def certified_retrieval(
             chain = torch_backend.accumulation_chain(bank.n, q.shape[0], bank.dim, dtype, opts["memory_budget"])
         else:
             chain = rounding.generic_chain(bank.n)
-        return (chain, *rounding.backend_terms(name, precision, dtype))
+        values = _values_bound(keys, index, centred=name != "cpu")
+        return (chain, *rounding.backend_terms(name, precision, dtype), values)
 
     if tolerance == 0.0:
         st = R.softmax_retrieval(x, keys, s, query_labels=query_labels, flips=flips, return_partial=True, **opts)
@@ -637,14 +643,13 @@ def certified_retrieval(
         )
         n = torch.as_tensor(n, device=x.device).expand(x.shape[0]) * (2 if flips else 1)
         f64 = dict(dtype=torch.float64, device=x.device)
-        chain, slack, floor = model(x, keys)
+        chain, slack, floor, values = model(x, keys)
         rm = _model_rows(
             dtype,
             keys.dim,
             coef,
             input_rounding(x, keys, dtype, index),
-            [(chain + (6 if flips else 0), slack, floor)] * x.shape[0],
-            _values_bound(keys, index),
+            [(chain + (6 if flips else 0), slack, floor, values)] * x.shape[0],
         )
         cert = CertifiedState(
             st,

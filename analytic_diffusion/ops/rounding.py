@@ -133,7 +133,8 @@ class RoundingModel:
 
     ``coef`` 1/(2σ²T); ``eta`` ≥ ‖x̃ − x‖ + max_j ‖ỹ_j − y_j‖ (the inputs' rounding to the working dtype);
     ``chain`` roundings per weight in the sums (:func:`generic_chain` or a backend's ``accumulation_chain``); ``slack`` K and ``floor`` κ of the logit bound;
-    ``values`` ≥ max_j ‖y_j‖ + 2‖centre‖ (the largest absolute terms the sums add, centred or not).
+    ``values`` ≥ the norm of the largest absolute values the sums add: max_j ‖y_j‖, + 2‖centre‖ where they add
+    centred rows and then the centre times l (the torch reference).
     """
 
     dtype: torch.dtype
@@ -143,11 +144,11 @@ class RoundingModel:
     chain: torch.Tensor
     slack: torch.Tensor
     floor: torch.Tensor
-    values: float
+    values: torch.Tensor
 
     def to(self, device) -> RoundingModel:
-        move = [t.to(device) for t in (self.coef, self.eta, self.chain, self.slack, self.floor)]
-        return RoundingModel(self.dtype, self.dim, *move, self.values)
+        move = [t.to(device) for t in (self.coef, self.eta, self.chain, self.slack, self.floor, self.values)]
+        return RoundingModel(self.dtype, self.dim, *move)
 
     def combine(self, other: RoundingModel) -> RoundingModel:
         """Two states of the same rows combined (shards, the mirrored half): one more rescale-and-add per weight."""
@@ -159,7 +160,7 @@ class RoundingModel:
             torch.maximum(self.chain, other.chain) + 6,
             torch.maximum(self.slack, other.slack),
             torch.maximum(self.floor, other.floor),
-            max(self.values, other.values),
+            torch.maximum(self.values, other.values),
         )
 
     def _terms(self):

@@ -2,11 +2,12 @@
 
 With weights w_j = softmax_j(−‖x − y_j‖² / 2σ²T), m(x) = Σ_j w_j y_j has the symmetric Jacobian
 
-    ∂m/∂x = Cov_w[y] / (σ²T) = (Σ_j w_j y_j y_jᵀ − m mᵀ) / (σ²T),
+    ∂m/∂x = Cov_w[y] / (σ²T) = Σ_j w_j (y_j − m)(y_j − m)ᵀ / (σ²T),
 
-so J·v = Jᵀ·v = (Σ_j w_j (y_j·v) y_j − m (m·v)) / (σ²T): one more scan of the candidates, with values y_j
-scaled by y_j·v, accumulated with the same online softmax (running max, rescaled sums) as the retrieval. Each
-sample's Jacobian depends on that sample only. Distances are direct differences in the working dtype, over
+so J·v = Jᵀ·v = Σ_j w_j ((y_j − m)·v)(y_j − m) / (σ²T): one more scan of the candidates with the same online
+softmax (running max, rescaled sums) as the retrieval, accumulated centred (docs/design.md §12.4: the uncentred
+Σ w (y·v) y − m (m·v) cancels to |y|²·u where the posterior has collapsed). Each sample's Jacobian depends on
+that sample only. Distances are direct differences in the working dtype, over
 candidate chunks of bounded size; flips and class labels select candidates as the retrieval does. Autograd
 reaches it through the custom op's backward (:mod:`.custom_ops`).
 """
@@ -18,7 +19,7 @@ import torch
 from ..ops import KeyBank
 from ..ops.retrieval import hflip_rows
 
-__all__ = ["centred_covariance_product", "covariance_product", "posterior_jvp"]
+__all__ = ["centred_covariance_product", "posterior_jvp"]
 
 # Elements of the (B, chunk, D) difference tensor per chunk: 32 MiB of float64.
 _CHUNK_ELEMENTS = 1 << 22
@@ -99,13 +100,6 @@ def _combine(a, b, v):
     r = torch.where(keep_a, r_a, r_b)
     off = torch.where(keep_a, off_a + wb * delta, off_b - wa * delta)
     return m, l, r, off, S
-
-
-def covariance_product(mean: torch.Tensor, second: torch.Tensor, v: torch.Tensor, coef: torch.Tensor) -> torch.Tensor:
-    """Cov·v / σ²T = (E[y (y·v)] − m (m·v)) · 2·coef from the weighted mean m and second moment E[y (y·v)], (B, D);
-    coef = 1/(2σ²T) per row. Uncentred: accurate only where the posterior's spread is not far below |y| (callers
-    with collapsed posteriors centre first, see :func:`centred_covariance_product`)."""
-    return (second - mean * (mean * v).sum(1, keepdim=True)) * (2.0 * coef)[:, None]
 
 
 def centred_covariance_product(

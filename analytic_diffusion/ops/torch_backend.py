@@ -56,28 +56,55 @@ def _label_mask(keys: KeyBank, start: int, stop: int, query_labels: torch.Tensor
     return keys.labels[start:stop].to(query_labels.device)[None, :] != query_labels[:, None]
 
 
-def _centred_second_moment(p: torch.Tensor, psum: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+# Weights at least this large (relative to the chunk's max, 1) enter the second moment as direct differences
+# (y_j − y_r)², which are exactly 0 where two images agree; the lighter ones, expanded around y_r, leave at most
+# n·u·HEAVY·4 per coordinate there: √ of it (optimal-draw's noise mode) stays below float32 / float64 resolution.
+HEAVY = {torch.float32: 2.0**-40, torch.float64: 2.0**-80}
+
+
+def _centred_second_moment(p: torch.Tensor, psum: torch.Tensor, y: torch.Tensor, max_pairs: int) -> torch.Tensor:
     """Σ_j p_j (y_j − μ)² (B, D), μ = Σ p y / Σ p, for one chunk's weights p (B, n) and rows y (n, D).
 
     Centred on each row's own reference r = its heaviest candidate (weight exactly 1): Σ p (y − μ)² =
-    Σ_{j≠r} p_j (y_j − y_r)² − (Σ_{j≠r} p_j (y_j − y_r))² / Σ p. The reference's own term is exactly 0, and every
-    other term is expanded around y_r with an error of a few u·p_j·(|y_j| + |y_r|)², relative to its own weight: a
-    narrow posterior (σ → 0, a gap of tens of nats to the second candidate) keeps its tiny variance to the working
-    precision, where centring on the dataset mean left an absolute error of u·‖y − c‖² per coordinate.
+    Σ_{j≠r} p_j (y_j − y_r)² − (Σ_{j≠r} p_j (y_j − y_r))² / Σ p. The reference's own term is exactly 0. The other
+    heavy candidates (p ≥ HEAVY) enter as direct differences when there are at most ``max_pairs`` of them in the
+    chunk (a narrow posterior: σ → 0, a gap of tens of nats to the second candidate); the rest, and all of them in
+    a broad posterior, are expanded around y_r, each with an error of a few u·p_j·(|y_j| + |y_r|)², relative to its
+    own weight. Centring on the dataset mean instead left u·‖y − c‖² per coordinate: all of a narrow variance.
     """
+    B = p.shape[0]
+    rows = torch.arange(B, device=p.device)
     ref = p.argmax(1)
     r = y[ref]
-    pr = p.clone()
-    pr[torch.arange(p.shape[0], device=p.device), ref] = 0.0
+    heavy = p >= HEAVY.get(p.dtype, 0.0)
+    heavy[rows, ref] = False
+    pairs = torch.nonzero(heavy)
+    direct = pairs.shape[0] <= max_pairs
+    pr = p.masked_fill(heavy, 0.0) if direct else p.clone()
+    pr[rows, ref] = 0.0
     s0 = pr.sum(1)[:, None]
     t1 = pr @ y
     s1 = t1 - s0 * r
     s2 = (pr @ (y * y)).sub_(2.0 * r * t1).add_(r * r * s0)
+    if direct and pairs.shape[0]:
+        b, j = pairs[:, 0], pairs[:, 1]
+        dy = y[j] - r[b]
+        w = p[b, j][:, None]
+        s1 = s1.index_add(0, b, w * dy)
+        s2 = s2.index_add(0, b, w * dy * dy)
     denom = torch.where(psum > 0, psum, torch.ones_like(psum))[:, None]
     return s2.sub_(s1 * s1 / denom).clamp_min_(0.0)
 
 
-def _chunk_state(logits: torch.Tensor, y: torch.Tensor, c: torch.Tensor, second_moment: bool) -> PartialState:
+def _pairs_cap(dim: int, dtype: torch.dtype, memory_budget: int) -> int:
+    """Heavy (row, candidate) pairs one chunk's second moment may form as direct differences (three (P, D)
+    temporaries within a quarter of the budget)."""
+    return max(1, memory_budget // max(1, 12 * dim * torch.empty((), dtype=dtype).element_size()))
+
+
+def _chunk_state(
+    logits: torch.Tensor, y: torch.Tensor, c: torch.Tensor, second_moment: bool, max_pairs: int = 0
+) -> PartialState:
     """The partial state of one chunk's logits (B, n) over its centred rows y (n, D); values y + c."""
     m_chunk = logits.max(1).values
     finite = torch.isfinite(m_chunk)
@@ -86,7 +113,7 @@ def _chunk_state(logits: torch.Tensor, y: torch.Tensor, c: torch.Tensor, second_
     psum = p.sum(1)
     oc = p @ y
     o = oc + psum[:, None] * c[None, :]
-    o2 = _centred_second_moment(p, psum, y) if second_moment else None
+    o2 = _centred_second_moment(p, psum, y, max_pairs) if second_moment else None
     return PartialState(m=m_chunk, l=psum, l2=(p * p).sum(1), o=o, o2=o2)
 
 
@@ -132,6 +159,7 @@ def softmax_partial(
     coef_t = coef.to(device=dev, dtype=dtype)
     state = PartialState.empty(B, keys.dim, dtype=dtype, device=dev, second_moment=second_moment)
     step = chunk_rows(keys, B, dtype, memory_budget)
+    pairs_cap = _pairs_cap(keys.dim, dtype, memory_budget)
     y2_max = torch.zeros((), dtype=dtype, device=dev)
     # each row's best expanded-form logits, for rows the direct form will rescore: the mean's candidates beyond
     # the window may be dropped, and so may the variance's in float32 (its window reaches float32's underflow)
@@ -147,7 +175,7 @@ def softmax_partial(
         mask = _label_mask(keys, s, e, query_labels)
         if mask is not None:
             logits.masked_fill_(mask, float("-inf"))
-        state = state.combine(_chunk_state(logits, y, c, second_moment))
+        state = state.combine(_chunk_state(logits, y, c, second_moment, pairs_cap))
         if track:
             v, i = logits.topk(min(WINDOW_CANDIDATES, logits.shape[1]), dim=1)
             best_v, best_i = torch.cat([best_v, v], 1), torch.cat([best_i, i + s], 1)
@@ -230,6 +258,7 @@ def _direct_window(
     R, D = qt.shape
     coef_t = coef.to(device=dev, dtype=dtype)
     per = max(1, memory_budget // max(1, 2 * D * torch.empty((), dtype=dtype).element_size()))  # pairs per block
+    pairs_cap = _pairs_cap(D, dtype, memory_budget)
     state = PartialState.empty(R, D, dtype=dtype, device=dev, second_moment=second_moment)
     start, stop, step = span
     for s in range(start, stop, step):
@@ -246,7 +275,7 @@ def _direct_window(
             b, j = pairs[a : a + per, 0], pairs[a : a + per, 1]
             diff = qt[b] - raw[j]
             direct[b, j] = -(coef_t[b] * (diff * diff).sum(1))
-        state = state.combine(_chunk_state(direct, y, centre, second_moment))
+        state = state.combine(_chunk_state(direct, y, centre, second_moment, pairs_cap))
     return state
 
 

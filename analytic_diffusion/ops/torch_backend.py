@@ -195,9 +195,11 @@ def softmax_partial(
         listed[redo] = (best_v.shape[1] < WINDOW_CANDIDATES) | (best_v[redo, -1] < floor[redo])
     parts = []
     rows = redo[listed[redo]]
-    if rows.numel():
-        sub = _listed_state(qt[rows], keys, coef_t[rows], best_v[rows], best_i[rows], floor[rows], second_moment)
-        parts.append((rows, sub))
+    item = torch.empty((), dtype=dtype).element_size()
+    per = max(1, memory_budget // max(1, 4 * WINDOW_CANDIDATES * keys.dim * item))  # rows per (R, K, D) block
+    for a in range(0, rows.numel(), per):
+        r = rows[a : a + per]
+        parts.append((r, _listed_state(qt[r], keys, coef_t[r], best_v[r], best_i[r], floor[r], second_moment)))
     rows = redo[~listed[redo]]
     if rows.numel():
         # a second pass over the same chunks (the certificate's count of roundings, ops.rounding.chain, assumes

@@ -14,6 +14,19 @@ def posterior_bruteforce(x, y, sigma, temperature=1.0, allowed=None):
     return w @ y, w.max(1).values, 1.0 / (w * w).sum(1)
 
 
+def moments_bruteforce(x, y, sigma, temperature=1.0):
+    """x (B, D), y (N, D), sigma (B,) -> (mean, per-coordinate variance) in float64, both centred on each row's
+    heaviest candidate r: mean = r + Σ w (y − r), var = Σ w (y − r − Σ w (y − r))². Centring on the data (or on
+    a mean rounded to |y|·2^-53) would leave u·|y|² of absolute error, all of a narrow posterior's variance."""
+    x, y = x.double(), y.double()
+    d = ((x[:, None, :] - y[None, :, :]) ** 2).sum(-1)
+    w = torch.softmax(-d / (2 * torch.as_tensor(sigma, dtype=torch.float64).reshape(-1, 1) ** 2 * temperature), 1)
+    r = y[w.argmax(1)]
+    dy = y[None, :, :] - r[:, None, :]
+    off = torch.einsum("bn,bnd->bd", w, dy)
+    return r + off, torch.einsum("bn,bnd->bd", w, (dy - off[:, None, :]) ** 2)
+
+
 def knn_bruteforce(x, y, k):
     d = ((x.double()[:, None, :] - y.double()[None]) ** 2).sum(-1)
     order = torch.argsort(d, dim=1, stable=True)[:, :k]

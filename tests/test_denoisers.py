@@ -151,6 +151,30 @@ def test_wiener_equals_explicit_filter_with_sample_moments_and_rank(rng):
     assert rel(r3, ref3) < 1e-8
 
 
+def test_wiener_with_fewer_images_than_dimensions_zeroes_the_null_space(rng):
+    """60 images in D = 192: the covariance has rank 59, and its null eigenvalues come back as ~1e-15 rounding
+    noise, which λ/(λ + σ²) turned into a 1e-9 (σ = 1e-3) to 1e-7 (σ = 1e-4) leak of the null space into the
+    output and the Jacobian. The exact filter: μ + V diag(s²/(s² + σ²)) Vᵀ(x − μ) over the data's own span."""
+    imgs = torch.randint(0, 256, (60, 3, 8, 8), generator=rng, dtype=torch.uint8)
+    ds = Dataset.from_array(imgs)
+    den = make_denoiser("wiener", ds, dtype=torch.float64)
+    assert den.effective_rank == 59
+    y = ds.images_float(None, torch.float64).reshape(60, -1)
+    mu = y.mean(0)
+    _, sv, vh = torch.linalg.svd((y - mu) / 60**0.5, full_matrices=False)
+    keep = sv > sv[0] * 1e-8
+    V, lam = vh[keep].t(), sv[keep] ** 2
+    assert V.shape[1] == 59
+    x = torch.randn(4, 3, 8, 8, generator=rng, dtype=torch.float64)
+    v = torch.randn(4, 3, 8, 8, generator=rng, dtype=torch.float64)
+    for sigma in (1e-3, 1e-4):
+        shrink = lam / (lam + sigma**2)
+        ref = mu + ((x.reshape(4, -1) - mu) @ V * shrink) @ V.t()
+        assert rel(den(x, sigma).reshape(4, -1), ref) < 1e-11
+        ref_j = (v.reshape(4, -1) @ V * shrink) @ V.t()
+        assert rel(den.jvp(x, sigma, v).reshape(4, -1), ref_j) < 1e-11
+
+
 def test_class_conditional_equals_filtered_dataset(rng):
     ds = make_dataset(rng)
     x = queries(rng, ds).double()

@@ -553,3 +553,39 @@ def test_mnist_outputs_finite():
             # convex combinations of images in [-1, 1], each normalised by its own weight total: a few ulps (it was
             # 1 + 1.1e-5 for pspc-flex when an einsum's sequential float32 sums made the numerator)
             assert out.abs().max() <= 1.0 + 4 * torch.finfo(torch.float32).eps, (den.name, sigma)
+
+
+class _OneRank:
+    """A process group of one rank (combine = the state itself): a shard that is the whole set, in one process."""
+
+    rank, world = 0, 1
+
+    def combine(self, state, what=""):
+        return state
+
+    def sum(self, t, what=""):
+        return t
+
+
+@pytest.mark.cpu_isa
+def test_pca_locality_shard_makes_the_whole_sets_choice(rng):
+    """A shard of a dataset chooses the backend the whole set would (auto: the fused C++ kernel for float32 on the
+    CPU) and refuses what it refuses (float64 on the float32 kernel), instead of running the torch path silently."""
+    from analytic_diffusion.ops import KeyBank
+    from analytic_diffusion.ops.distributed import Shard
+
+    u = torch.randint(0, 256, (300, 12), generator=rng, dtype=torch.uint8)
+    labels = torch.randint(0, 3, (300,), generator=rng)
+    whole = KeyBank(u, 2 / 255, -1.0, labels, (1, 3, 4))
+    shard = KeyBank(u, 2 / 255, -1.0, labels, (1, 3, 4), shard=Shard(_OneRank(), 0, 300))
+    mask = torch.rand(12, 12, generator=rng) < 0.4
+    x = torch.randn(5, 12, generator=rng)
+    q = torch.tensor([0, 1, 2, 0, 1])
+    for backend in ("auto", "cpu", "torch"):
+        for labels_ in (None, q):
+            a = coordinate_retrieval(x, whole, 0.3, mask, backend=backend, flips=True, query_labels=labels_)
+            b = coordinate_retrieval(x, shard, 0.3, mask, backend=backend, flips=True, query_labels=labels_)
+            assert torch.equal(a, b), backend
+    for keys in (whole, shard):
+        with pytest.raises(ValueError, match="dtype: the cpu pca_locality kernel computes in float32"):
+            coordinate_retrieval(x.double(), keys, 0.3, mask, backend="cpu", dtype=torch.float64)

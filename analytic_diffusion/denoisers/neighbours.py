@@ -8,7 +8,7 @@ import torch
 
 from ..ops import KeyBank, all_labels, gather_rows, knn_search, subset
 from .base import Posterior
-from .gradients import covariance_product
+from .gradients import centred_covariance_product
 from .optimal import RetrievalDenoiser
 from .sample_seeds import row_generators
 
@@ -183,9 +183,8 @@ class TopK(RetrievalDenoiser):
         rows = gather_rows(self.keys, idx.clamp_min(0), torch.float64)
         w = torch.softmax(logits, 1)  # (B, k) float64; the nearest has logit 0, so no row is all -inf
         vf = v.reshape(v.shape[0], -1).double()
-        mean = torch.einsum("bk,bkd->bd", w, rows)
-        second = torch.einsum("bk,bkd->bd", w * torch.einsum("bkd,bd->bk", rows, vf), rows)
-        return covariance_product(mean, second, vf, coef).reshape(x.shape).to(self.dtype)
+        # centred on the heaviest row: E[y (y·v)] − m (m·v) cancels to |y|²·2^-53 where the posterior collapsed
+        return centred_covariance_product(w, rows, vf, coef).reshape(x.shape).to(self.dtype)
 
     def config(self) -> dict[str, Any]:
         return {**super().config(), "k": self.k}

@@ -18,12 +18,22 @@ class Wiener(Denoiser):
     μ, λ, U come from the dataset's cached PCA (population covariance, flips included when on). ``rank``
     keeps the leading components only. Applied as project → shrink → reconstruct: 2·B·D·r multiply-adds,
     no D×D filter is formed.
+
+    Eigenvalues at or below ``RANK_RTOL``·D·λ_max (docs/design.md §13.5) are null directions of the covariance (fewer images than
+    dimensions, constant pixels) and count as exactly 0: the float64 eigensolver returns them as rounding noise of
+    that size (~1e-15 on MNIST), and λ / (λ + σ²) would turn noise of 1e-15 into a shrink factor of 1e-9 at
+    σ = 1e-3, 1e-7 at 1e-4, leaking the null space into the output and the Jacobian. ``effective_rank`` says how
+    many components remain.
     """
 
     name = "wiener"
     mean: torch.Tensor  # non-persistent buffers: the PCA, float64
     eigvals: torch.Tensor
     U: torch.Tensor
+    # The covariance's null eigenvalues come back from a backward-stable eigensolver as |λ| ≤ c·D·2^-52·λ_max;
+    # genuine ones of real data sit far above (embedded MNIST, λ_max ≈ 21: null ones ≤ 8e-16, the cut 3.7e-12,
+    # the smallest kept 8e-12).
+    RANK_RTOL = 2.0**-52
 
     def __init__(self, dataset: Dataset, *, rank: int | None = None, dtype: torch.dtype = torch.float32) -> None:
         super().__init__(dataset.image_shape)
@@ -33,7 +43,10 @@ class Wiener(Denoiser):
         if dtype not in (torch.float32, torch.float64):
             raise ValueError(f"dtype: expected torch.float32 or torch.float64, got {dtype}")
         mean, eigvals, U = dataset.pca()
+        eigvals = eigvals.to(torch.float64)
+        eigvals = torch.where(eigvals > self.RANK_RTOL * d * eigvals.max(), eigvals, torch.zeros_like(eigvals))
         r = d if rank is None else rank
+        self.effective_rank = int((eigvals[:r] > 0).sum())
         self.dataset_repr = repr(dataset)
         self.rank = rank
         self.dtype = dtype

@@ -107,6 +107,17 @@ def softmax_partial(
     return PartialState(torch.from_numpy(m), torch.from_numpy(l), torch.from_numpy(l2), torch.from_numpy(o))
 
 
+def accumulation_chain(n: int) -> int:
+    """Roundings a weight can go through in l and o (and rescaling factors it can meet) in :func:`softmax_partial`
+    over ``n`` candidates (docs/design.md §13.1): a segment of ⌈n / S⌉ rows summed in order (S = the kernel's
+    segment count), rescaled at most once per 16-row tile, then S segments combined in order (a product and a sum
+    each), plus the product p·y, the 4-term groups and the final division."""
+    n = max(1, int(n))
+    segs = int(_require().num_segments(n))
+    seg = -(-n // segs)
+    return seg + -(-seg // 16) + 2 * segs + 8
+
+
 def knn(
     q: torch.Tensor, keys: KeyBank, k: int, *, query_labels: torch.Tensor | None = None, dtype: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -7,6 +7,7 @@ split, query and coordinate). Same semantics as the reference
 
 from __future__ import annotations
 
+import math
 import weakref
 from collections.abc import Callable
 from typing import cast
@@ -137,8 +138,9 @@ def _exact_pieces(backend: str, n: int, B: int, D: int) -> int:
 
 def _lse_combine(
     m2: torch.Tensor, l: torch.Tensor, o: torch.Tensor, groups: torch.Tensor, n_groups: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Combine (S, B, D) base-2 partials that share a group id (log-sum-exp) into (G, B, D) unnormalised states."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Combine (S, B, D) base-2 partials that share a group id (log-sum-exp) into (G, B, D) unnormalised states
+    (l, o) relative to each group's max, which comes back too (base 2)."""
     shape = (n_groups,) + tuple(m2.shape[1:])
     index = groups.view(-1, *([1] * (m2.dim() - 1))).expand_as(m2)
     m = torch.full(shape, float("-inf"), dtype=m2.dtype, device=m2.device).scatter_reduce_(0, index, m2, "amax")
@@ -146,6 +148,7 @@ def _lse_combine(
     return (
         torch.zeros(shape, dtype=l.dtype, device=l.device).index_add_(0, groups, l * w),
         torch.zeros(shape, dtype=o.dtype, device=o.device).index_add_(0, groups, o * w),
+        m,
     )
 
 
@@ -159,10 +162,15 @@ def coordinate_mean(
     flips: bool,
     chunk_size: int | None,
     backend: str = "triton",
-) -> tuple[torch.Tensor, torch.Tensor]:
+    return_state: bool = False,
+) -> tuple[torch.Tensor, ...]:
     """(B, D) float32 posterior mean per coordinate (``chunk_size``: the chunk-averaged softmax instead), and (B,)
     bool "had a candidate" per query. ``x`` (B, D) float32, ``coef`` (B,) 1/(2σ²T); ``backend`` ``triton``,
-    ``cuda`` or ``cpu``."""
+    ``cuda`` or ``cpu``. ``return_state=True`` (exact softmax only) gives the unnormalised per-coordinate state
+    (m in nats, l, o), each (B, D) float64, instead of the mean, so that shards of a dataset combine it like the
+    reference's."""
+    if return_state and chunk_size is not None:
+        raise ValueError("return_state: only the exact softmax has a state that combines (chunk_size=None)")
     if backend not in ("triton", "cuda", "cpu"):
         raise ValueError(f"backend: expected 'triton', 'cuda' or 'cpu', got {backend!r}")
     dev = x.device
@@ -188,7 +196,9 @@ def coordinate_mean(
         groups += ids
     m2, l, o = (torch.cat([p[i] for p in parts]) for i in range(3))
     uniq, inverse = torch.unique(torch.tensor(groups, device=dev), return_inverse=True)
-    l, o = _lse_combine(m2, l, o, inverse, uniq.numel())
+    l, o, m2 = _lse_combine(m2, l, o, inverse, uniq.numel())
+    if return_state:  # in float64: m·ln 2 in float32 would move a shard's weights by 2^-24·|m| nats against another's
+        return m2[0].double() * math.log(2.0), l[0].double(), o[0].double()
     has = l[:, :, 0] > 0  # (G, B): the group held a candidate of the query's class
     means = torch.where(has[:, :, None], o / torch.where(has[:, :, None], l, torch.ones_like(l)), 0.0)
     count = has.sum(0)

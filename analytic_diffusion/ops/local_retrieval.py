@@ -768,15 +768,15 @@ def coordinate_retrieval(
     from .patch_retrieval import choose_patch_backend
 
     name = choose_patch_backend(backend, x, keys, dtype, fused=COORDINATE_FUSED_KERNELS)[0]
-    if keys.shard is not None:
-        if softmax == "chunked":
-            raise ValueError(
-                "softmax: the chunked softmax averages blocks in the whole set's candidate order, "
-                "which a dataset sharded over ranks does not keep; use softmax='exact' or "
-                "--parallel samples"
-            )
-        name = "torch"  # the reference keeps the per-coordinate state that shards combine
+    if keys.shard is not None and softmax == "chunked":
+        raise ValueError(
+            "softmax: the chunked softmax averages blocks in the whole set's candidate order, "
+            "which a dataset sharded over ranks does not keep; use softmax='exact' or "
+            "--parallel samples"
+        )
     if name != "torch":
+        # A shard makes the whole set's choice (and its refusals): the fused kernel's per-coordinate state,
+        # combined over the ranks in rank order as the reference's is.
         return _coordinate_retrieval_fused(name, xf, keys, coef, mask, query_labels, flips, chunk_size, dtype).reshape(
             x.shape
         )
@@ -861,6 +861,26 @@ def _coordinate_retrieval_fused(
     from . import fused_coordinate, fused_patch
 
     fused_patch.require_fused_inputs(xf, keys, dtype, "pca_locality", backend)
+    if keys.shard is not None:
+        m, l, o = fused_coordinate.coordinate_mean(
+            xf,
+            keys,
+            coef,
+            mask,
+            query_labels=query_labels,
+            flips=flips,
+            chunk_size=None,
+            backend=backend,
+            return_state=True,
+        )
+        B, D = o.shape
+        st = keys.shard.group.combine(
+            PartialState(m.reshape(-1), l.reshape(-1), torch.zeros_like(l).reshape(-1), o.reshape(-1, 1)),
+            "pca_locality retrieval",
+        )
+        l, o = st.l.reshape(B, D), st.o.reshape(B, D)
+        _require_candidates(l, "query_labels")
+        return (o / l).to(torch.float32)
     mean, had = fused_coordinate.coordinate_mean(
         xf, keys, coef, mask, query_labels=query_labels, flips=flips, chunk_size=chunk_size, backend=backend
     )

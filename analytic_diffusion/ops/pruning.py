@@ -6,7 +6,7 @@ stages) give upper bounds on the skipped images' total posterior weight ε; with
 :func:`analytic_diffusion.ops.softmax_retrieval`. Every bound is made conservative for the float32 arithmetic
 that computes it, and a :class:`CertifiedState` (a :class:`PartialState` plus the certificate) combines across
 shards, flips and class filters. The derivation, the bucketing of the skipped weight and the rounding
-accounting are in docs/design.md §12.
+accounting are in docs/design.md §12; the rounding model behind ``error_bound`` in §13.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from typing import Any, Literal, cast, overload
 
 import torch
 
+from . import cpu_backend, rounding, torch_backend
 from .keys import KeyBank
 from .keys import take_rows as _rows
 from .partial import PartialState
@@ -36,7 +37,9 @@ PROBE_STRIDE = 16  # the high-σ probe looks at every 16th candidate
 DENSE_STAGE2 = 0.05  # stage 2 as one GEMM over all N (not gathers) once a row keeps this share after stage 1
 PCA_SAMPLE = 4096  # rows used to find the basis
 U32 = 2.0**-24
-ROUNDING_SLACK = {torch.float32: 2.0**-17, torch.float64: 2.0**-40}
+
+# (chain, K, κ, values) of the scan that served a row: its rounding as ops/rounding.py states it.
+ScanTerms = tuple[float, float, float, float]
 
 
 def check_tolerance(tolerance: float) -> float:
@@ -71,6 +74,8 @@ class PruningIndex:
         int, ...
     ]  # band i spans basis vectors band_edges[i]:band_edges[i+1]; the last one is the residual
     radius: float  # every candidate (and its mirror image) lies in the ball B(center, radius)
+    abs_max: float = 1.0  # max |y_jd| over the candidates (the rounding model's input perturbation)
+    norm_max: float = 0.0  # max ‖y_j‖₂ (uncentred: the sums of the kernels add uncentred values)
 
     def probe(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Every PROBE_STRIDE-th candidate's stage-1 (aug, keycol), contiguous (made once)."""
@@ -135,17 +140,30 @@ def _build_index(keys: KeyBank) -> PruningIndex:
     widths = [k + len(edges) - 1 - list(edges).index(k) for k in stages]
     aug = [torch.empty(n, w, dtype=torch.float32) for w in widths]
     keycol = [torch.empty(n, dtype=torch.float32) for _ in stages]
-    eta_max, radius = 0.0, 0.0
+    eta_max, radius, abs_max, norm_max = 0.0, 0.0, 0.0, 0.0
     step = max(1, (1 << 22) // dim)
     for s in range(0, n, step):
         e = min(n, s + step)
-        a32, n2, eta, norm = _augment(keys.rows(s, e, torch.float64).cpu() - center, basis, stages, edges, dim)
+        rows = keys.rows(s, e, torch.float64).cpu()
+        a32, n2, eta, norm = _augment(rows - center, basis, stages, edges, dim)
         for i, _k in enumerate(stages):
             aug[i][s:e] = a32[i]
             keycol[i][s:e] = (n2[i] * _shrink(widths[i]) * (1.0 - 2 * U32)).to(torch.float32)
         eta_max, radius = max(eta_max, float(eta.max())), max(radius, float(norm.max()))
+        abs_max, norm_max = max(abs_max, float(rows.abs().max())), max(norm_max, float(rows.norm(dim=1).max()))
     radius = radius * (1.0 + 1e-9) + 1e-12
-    return PruningIndex(center, basis, tuple(aug), tuple(keycol), eta_max * (1.0 + 1e-9), stages, edges, radius)
+    return PruningIndex(
+        center,
+        basis,
+        tuple(aug),
+        tuple(keycol),
+        eta_max * (1.0 + 1e-9),
+        stages,
+        edges,
+        radius,
+        abs_max * (1.0 + 1e-9),
+        norm_max * (1.0 + 1e-9),
+    )
 
 
 def _query_side(x64: torch.Tensor, index: PruningIndex) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], torch.Tensor]:
@@ -165,7 +183,8 @@ class CertifiedState:
     """A partial state of the scored candidates with its pruning certificate (module docstring).
 
     ``skipped`` ≥ Σ_K e^{ℓ_j − m} and ``z_scored`` ≤ Σ_S e^{ℓ_j − m} (float64, m = state.m); ``scored`` and
-    ``candidates`` count scored and allowed candidates per row; every candidate lies in B(center, radius).
+    ``candidates`` count scored and allowed candidates per row; every candidate lies in B(center, radius);
+    ``rounding`` says what the working precision can have done to the scored state (ops/rounding.py).
     """
 
     state: PartialState
@@ -175,6 +194,7 @@ class CertifiedState:
     candidates: torch.Tensor
     center: torch.Tensor
     radius: float
+    rounding: rounding.RoundingModel
 
     def combine(self, other: CertifiedState) -> CertifiedState:
         state = self.state.combine(other.state)
@@ -196,6 +216,7 @@ class CertifiedState:
             self.candidates + other.candidates,
             self.center,
             max(self.radius, other.radius + shift) * (1.0 + 1e-12),
+            self.rounding.combine(other.rounding),
         )
 
     def map_values(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> CertifiedState:
@@ -207,6 +228,7 @@ class CertifiedState:
             self.candidates,
             self.center,
             self.radius,
+            self.rounding,
         )
 
     def skipped_weight(self) -> torch.Tensor:
@@ -218,11 +240,22 @@ class CertifiedState:
             torch.zeros_like(total),
         ).clamp(max=1.0)
 
+    def rounding_error(self, mean: torch.Tensor) -> torch.Tensor:
+        """Bound on ‖mean − the exact softmax mean over the scored candidates‖₂ per row (module docstring)."""
+        st = self.state
+        dev = mean.device
+        return self.rounding.mean_error(
+            st.m.to(dev), st.l.to(dev), self.scored.to(dev), mean, self.center.to(dev), self.radius
+        )
+
     def error_bound(self, mean: torch.Tensor) -> torch.Tensor:
-        """Bound on ‖mean − exact posterior mean‖₂ per row: ε·(R + ‖mean − c‖) plus the rounding slack."""
-        spread = self.radius + (mean.to(torch.float64) - self.center.to(mean.device)).norm(dim=1)
-        slack = ROUNDING_SLACK.get(self.state.o.dtype, ROUNDING_SLACK[torch.float32])
-        return (self.skipped_weight().to(mean.device) * (1.0 + 1e-6) + slack) * spread
+        """Bound on ‖mean − exact posterior mean‖₂ per row: the rounding bound E of the scored mean plus
+        ε·(R + ‖mean − c‖ + E) for the skipped weight ε; never above R + ‖mean − c‖ (the exact mean lies in the
+        data's ball: that value says the working precision cannot certify the row more closely)."""
+        e = self.rounding_error(mean)
+        dist = (mean.to(torch.float64) - self.center.to(mean.device)).norm(dim=1)
+        eps = self.skipped_weight().to(mean.device) * (1.0 + 1e-6)
+        return torch.minimum(e + eps * (self.radius + dist + e), self.radius + dist)
 
     def scored_fraction(self) -> torch.Tensor:
         return self.scored.to(torch.float64) / self.candidates.clamp_min(1).to(torch.float64)
@@ -274,10 +307,6 @@ def _cut(counts: torch.Tensor, budget: torch.Tensor) -> tuple[torch.Tensor, torc
     return first, mass
 
 
-def _dtype_roundoff(dtype: torch.dtype) -> float:
-    return U32 if dtype != torch.float64 else 2.0**-53
-
-
 def _stage1_cut(
     block: tuple[torch.Tensor, torch.Tensor],
     keyside: tuple[torch.Tensor, torch.Tensor],
@@ -289,6 +318,7 @@ def _stage1_cut(
     c: torch.Tensor,
     tolerance: float,
     weight: int,
+    eta64: float,
 ) -> tuple[
     torch.Tensor,
     torch.Tensor,
@@ -310,7 +340,8 @@ def _stage1_cut(
     valid = torch.isfinite(torch.gather(lb, 1, seeds))
     rows = seeds if key_index is None else key_index[seeds]
     ys = keys.gather(rows.to(keys.device), torch.float64).cpu()
-    d_seed = ((x64[:, None, :] - ys) ** 2).sum(-1) * (1.0 + 1e-12)
+    # float64 distances from float64 rows (each value within eta64 of the exact one, in norm): inflated to bounds
+    d_seed = (((x64[:, None, :] - ys) ** 2).sum(-1).sqrt() * (1.0 + 1e-12) + eta64) ** 2
     d_seed = torch.where(valid, d_seed, torch.full_like(d_seed, float("inf")))
     d_ref = d_seed.min(1).values
     z_seed = torch.exp(-c[:, None] * (d_seed - d_ref[:, None])).sum(1)  # ≥ 1, relative to e^{−c·d_ref}
@@ -333,12 +364,16 @@ def pruned_partial(
     query_labels: torch.Tensor | None = None,
     dtype: torch.dtype = torch.float32,
     exact: Callable[[torch.Tensor], PartialState],
+    model: Callable[[torch.Tensor, KeyBank], ScanTerms] | None = None,
 ) -> CertifiedState:
     """The certified state of queries x (B, D) over the N rows of ``keys`` (no flips: the caller mirrors).
 
     ``score(b, subset KeyBank) -> PartialState`` scores query row b over its survivors and
     ``exact(rows (n,) long) -> PartialState`` runs the full scan for the rows whose survivors are too many
     (both wrap :func:`analytic_diffusion.ops.softmax_retrieval`, so they use the fused kernels).
+    ``model(query rows (b, D), KeyBank) -> (chain, K, κ, values)`` describes the rounding of the scan that serves
+    those rows (:class:`analytic_diffusion.ops.rounding.RoundingModel`); None: any backend (the generic chain and
+    the torch reference's K, κ and values).
     """
     index = pruning_index(keys)
     B, N = x.shape[0], keys.n
@@ -348,9 +383,19 @@ def pruned_partial(
     labels = None if query_labels is None else query_labels.to(cpu)
     qside, xnorm = _query_side(x64, index)
     two_stage = len(index.stages) > 1
-    u = _dtype_roundoff(dtype)
+    if model is None:
+
+        def any_backend(q: torch.Tensor, bank: KeyBank) -> ScanTerms:
+            terms = rounding.backend_terms("torch", "exact", dtype)
+            return rounding.generic_chain(bank.n), *terms, _values_bound(keys, index, centred=True)
+
+        model = any_backend
+
+    eta = input_rounding(x, keys, dtype, index)
+    eta64 = math.sqrt(keys.dim) * 2.0**-53 * (4.0 * index.abs_max + 5.0 * abs(keys.shift))  # float64 seed rows
     out_states: list[PartialState | None]
     out_states, skipped, z_scored, scored, allowed_n = [None] * B, [0.0] * B, [0.0] * B, [0] * B, [0] * B
+    terms: list[ScanTerms | None] = [None] * B  # (chain, K, κ, values) of the scan that served each row
     exact_rows = []
     for b0 in range(0, B, QUERY_BLOCK):
         b1 = min(B, b0 + QUERY_BLOCK)
@@ -381,6 +426,7 @@ def pruned_partial(
                 c,
                 tolerance,
                 PROBE_STRIDE,
+                eta64,
             )
             hopeless = pr[-1].sum(1) > STAGE1_EXACT * n_allowed / PROBE_STRIDE
             if bool(hopeless.all()):
@@ -390,7 +436,7 @@ def pruned_partial(
                 continue
         full = (index.aug[0], index.keycol[0])
         seeds, _valid, d_seed, d_ref, budget, g, _first, mass, survive = _stage1_cut(
-            block, full, nb, allow, x64[b0:b1], keys, None, c, tolerance, 1
+            block, full, nb, allow, x64[b0:b1], keys, None, c, tolerance, 1, eta64
         )
         n1 = survive.sum(1)
         cands = torch.split(torch.nonzero(survive)[:, 1], n1.tolist())  # one nonzero for the block, row-major
@@ -426,10 +472,17 @@ def pruned_partial(
                 continue
             sub = KeyBank(_rows(keys.values, cand), keys.scale, keys.shift, None, keys.image_shape, keys.center)
             st = score(b, sub)
+            terms[b] = row_terms = model(x[b : b + 1], sub)
             m_t = float(st.m[0])
-            # z_S from the kernel's normaliser: each of its logits is within δ of the exact one.
-            delta = float(c[r]) * (float(xnorm[b]) + index.radius) ** 2 * (keys.dim + 3) * u + 128 * u
-            z_kernel = float(st.l[0]) * math.exp(-delta) * max(0.0, 1.0 - (cand.numel() + 8) * u)
+            # z_S from the kernel's normaliser: each of its logits (|ℓ| ≤ L) is within δ of the exact one.
+            rm = _model_rows(dtype, keys.dim, coef64[b : b + 1], eta[b : b + 1], [row_terms])
+            L = torch.tensor([float(c[r]) * (float(xnorm[b]) + index.radius) ** 2], dtype=torch.float64)
+            delta = float(rm.logit_error(L, L)[0])
+            z_kernel = (
+                float(st.l[0])
+                * math.exp(-delta)
+                / (1.0 + rounding.gamma(row_terms[0] + 4, rounding.unit_roundoff(dtype)))
+            )
             z_seeds = float(torch.exp(-float(c[r]) * d_seed[r] - m_t).sum())
             out_states[b] = st
             skipped[b] = float(row_mass[0]) * math.exp(-float(c[r]) * float(d_ref[r]) - m_t)
@@ -438,7 +491,9 @@ def pruned_partial(
     if exact_rows:
         rows = torch.tensor(exact_rows, dtype=torch.long)
         st = exact(rows)
+        t = model(x[rows.to(x.device)], keys)
         for i, b in enumerate(exact_rows):
+            terms[b] = t
             out_states[b] = PartialState(st.m[i : i + 1], st.l[i : i + 1], st.l2[i : i + 1], st.o[i : i + 1])
             skipped[b], z_scored[b], scored[b] = 0.0, float(st.l[i]), allowed_n[b]
     dev = x.device
@@ -452,6 +507,43 @@ def pruned_partial(
         torch.tensor(allowed_n, dtype=torch.long, device=dev),
         index.center.to(dev),
         index.radius,
+        _model_rows(dtype, keys.dim, coef64, eta, terms).to(dev),
+    )
+
+
+def input_rounding(x: torch.Tensor, keys: KeyBank, dtype: torch.dtype, index: PruningIndex) -> torch.Tensor:
+    """(B,) float64 η ≥ ‖x̃ − x‖ + max_j ‖ỹ_j − y_j‖: the queries' and rows' rounding to the working dtype. A row
+    y = scale·v + shift formed in it (scale, shift and v rounded first, a product and a sum) is within
+    u·(3|y| + 4|shift|) of the exact one per value (≤ u·(4·max|y| + 5|shift|) with margin); a query is exact unless
+    its own dtype is wider than the working one."""
+    u = rounding.unit_roundoff(dtype)
+    rows = math.sqrt(keys.dim) * u * (4.0 * index.abs_max + 5.0 * abs(keys.shift))
+    x64 = x.detach().to("cpu", torch.float64)
+    wider = torch.finfo(x.dtype).eps < torch.finfo(dtype).eps
+    return (x64.norm(dim=1) * u * 1.01 if wider else torch.zeros(x.shape[0], dtype=torch.float64)) + rows
+
+
+def _values_bound(keys: KeyBank, index: PruningIndex, centred: bool) -> float:
+    """≥ the norm of the largest absolute values a scan's sums add: max_j ‖y_j‖ for the C++ kernel, which adds the
+    rows themselves; with ``centred`` also 2‖c‖ (c the dataset mean: the torch reference adds rows centred on c,
+    then the centre times the weights' sum) and 2√D·|shift| (GPU kernels that add the stored values times the
+    scale and then the shift times the weights' sum)."""
+    if not centred:
+        return index.norm_max
+    extra = 2.0 * float(keys.get_center(torch.float64).norm()) + 2.0 * math.sqrt(keys.dim) * abs(keys.shift)
+    return index.norm_max + extra * (1.0 + 1e-9)
+
+
+def _model_rows(
+    dtype: torch.dtype, dim: int, coef: torch.Tensor, eta: torch.Tensor, terms: Sequence[ScanTerms | None]
+) -> rounding.RoundingModel:
+    rows = [cast(ScanTerms, t) for t in terms]  # every row was served by a scan
+    return rounding.RoundingModel(
+        dtype,
+        dim,
+        coef.to(torch.float64).cpu(),
+        eta,
+        *(torch.tensor([float(t[i]) for t in rows], dtype=torch.float64) for i in range(4)),
     )
 
 
@@ -558,6 +650,22 @@ def certified_retrieval(
         memory_budget=R.DEFAULT_MEMORY_BUDGET if memory_budget is None else memory_budget,
     )
     index = pruning_index(keys)
+    coef = 1.0 / (2.0 * s * s * temperature)
+
+    def model(q: torch.Tensor, bank: KeyBank) -> ScanTerms:
+        """(chain, K, κ, values) of the scan softmax_retrieval runs for queries q over bank (ops/rounding.py)."""
+        name = R.choose_backend(backend, q, bank, dtype)[0]
+        if bank.pages is not None or bank.shard is not None:  # streamed blocks, ranks: any order
+            chain = rounding.generic_chain(bank.total)
+        elif name == "cpu":
+            chain = cpu_backend.accumulation_chain(bank.n)
+        elif name == "torch":
+            chain = torch_backend.accumulation_chain(bank.n, q.shape[0], bank.dim, dtype, opts["memory_budget"])
+        else:
+            chain = rounding.generic_chain(bank.n)
+        values = _values_bound(keys, index, centred=name != "cpu")
+        return (chain, *rounding.backend_terms(name, precision, dtype), values)
+
     if tolerance == 0.0:
         st = R.softmax_retrieval(x, keys, s, query_labels=query_labels, flips=flips, return_partial=True, **opts)
         n = (
@@ -567,6 +675,14 @@ def certified_retrieval(
         )
         n = torch.as_tensor(n, device=x.device).expand(x.shape[0]) * (2 if flips else 1)
         f64: dict[str, Any] = dict(dtype=torch.float64, device=x.device)
+        chain, slack, floor, values = model(x, keys)
+        rm = _model_rows(
+            dtype,
+            keys.dim,
+            coef,
+            input_rounding(x, keys, dtype, index),
+            [(chain + (6 if flips else 0), slack, floor, values)] * x.shape[0],
+        )
         cert = CertifiedState(
             st,
             torch.zeros(x.shape[0], **f64),
@@ -575,9 +691,9 @@ def certified_retrieval(
             n.long(),
             index.center.to(x.device),
             index.radius,
+            rm.to(x.device),
         )
     else:
-        coef = 1.0 / (2.0 * s * s * temperature)
 
         def run(q: torch.Tensor) -> CertifiedState:
             def score(b: int, sub: KeyBank) -> PartialState:
@@ -594,7 +710,15 @@ def certified_retrieval(
                 )
 
             return pruned_partial(
-                q, keys, coef, tolerance, score=score, exact=exact, query_labels=query_labels, dtype=dtype
+                q,
+                keys,
+                coef,
+                tolerance,
+                score=score,
+                exact=exact,
+                query_labels=query_labels,
+                dtype=dtype,
+                model=model,
             )
 
         cert = run(x)

@@ -52,16 +52,13 @@ def csv_ints(text: str) -> list[int]:
 
 
 def parse_bytes(text: str) -> int:
-    """'64M' -> 67108864; suffixes K, M, G, T (powers of 1024), or a plain number of bytes."""
-    units = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
-    t = text.strip().upper().removesuffix("B").removesuffix("I")
+    """--memory-budget: '64M' -> 67108864, by the rule of AD_MEMORY_BUDGET (:func:`analytic_diffusion.env.parse_size`)."""
+    from ..env import parse_size
+
     try:
-        value = float(t[:-1]) * units[t[-1]] if t and t[-1] in units else float(t)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a size such as 64M or 2G, got {text!r}") from None
-    if not value >= 1:
-        raise argparse.ArgumentTypeError(f"expected a positive size, got {text!r}")
-    return int(value)
+        return parse_size(text, "--memory-budget")
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e).removeprefix("--memory-budget: ")) from None
 
 
 def parse_list(text: str, kind, flag: str) -> list:
@@ -103,8 +100,9 @@ def set_threads(threads) -> None:
     """--threads: torch's CPU thread count (None leaves torch's own choice)."""
     if threads is None:
         return
-    if threads < 1:
-        raise ValueError(f"--threads must be >= 1, got {threads}")
+    from ..env import parse_positive_int
+
+    parse_positive_int(threads, "--threads")  # the rule of AD_NUM_THREADS and AD_THREADS
     import torch
 
     torch.set_num_threads(threads)

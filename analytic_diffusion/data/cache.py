@@ -11,10 +11,12 @@ from typing import Callable
 
 import torch
 
+from .. import env
+
 
 def cache_dir() -> Path:
     """``$AD_CACHE_DIR``, default ``~/.cache/analytic_diffusion`` (read at each call so tests can redirect it)."""
-    return Path(os.environ.get("AD_CACHE_DIR") or Path.home() / ".cache" / "analytic_diffusion")
+    return Path(env.read("AD_CACHE_DIR") or Path.home() / ".cache" / "analytic_diffusion")
 
 
 def fingerprint(tensor: torch.Tensor) -> str:

@@ -10,18 +10,19 @@ CPU tensors under TRITON_INTERPRET=1), ``cuda`` (torch-free CUDA kernels, built 
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
 
+from .. import env
 from . import cpu_backend, streaming, torch_backend
 from . import precision as precision_policy
 from .keys import KeyBank
 from .partial import PartialState, combine_partials, merge_knn_lists
 
 BACKENDS = ("auto", "torch", "cpu", "triton", "cuda")
-DEFAULT_MEMORY_BUDGET = int(os.environ.get("AD_MEMORY_BUDGET", 256 * 2**20))
+# AD_MEMORY_BUDGET, parsed by the rule of --memory-budget (64M, 2G, ...); read once, at import.
+DEFAULT_MEMORY_BUDGET = env.read("AD_MEMORY_BUDGET")
 # Below this batch the C++ kernel (direct distances, one pass over the data) beats the chunked GEMM on CPU.
 CPU_KERNEL_MAX_BATCH = 64
 # The CUDA kernel keeps a block of queries per CTA (single pass, CUDA cores): it serves small batches.

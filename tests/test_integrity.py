@@ -152,3 +152,83 @@ def test_ranks_given_different_runs_refuse_to_combine(rng, tmp_path):
     assert f"another process (pid {os.getpid()}) is writing" in results[0]["claimed"], results[0]
     assert results[1]["claimed"].endswith("(reported by rank 0)"), results[1]
     assert not [p for p in tmp_path.iterdir() if p.name.startswith("out-")]
+
+
+# ------------------------------------------------------------------------------------------------ EDM labels
+def test_edm_all_zero_label_rows_are_unconditional(rng):
+    """EDM passes torch.zeros(B, label_dim) for an unconditional model: those rows were taken as class 0."""
+    from analytic_diffusion.integrations import to_edm
+
+    ds = _dataset(rng, 40)
+    den = make_denoiser("optimal", ds, backend="torch", dtype=torch.float64)
+    net = to_edm(den)
+    x = torch.randn(4, 1, 8, 8, generator=rng, dtype=torch.float64)
+    sigma = torch.tensor([0.3, 0.3, 2.0, 2.0], dtype=torch.float64)
+    assert torch.equal(net(x, sigma, torch.zeros(4, 4)), den(x, sigma))
+    mixed = torch.zeros(4, 4)
+    mixed[1, 3] = mixed[2, 0] = 1  # rows 0 and 3 unconditional, 1 and 2 conditional
+    out = net(x, sigma, mixed)
+    assert torch.equal(out[[0, 3]], den(x[[0, 3]], sigma[[0, 3]]))
+    assert torch.equal(out[[1, 2]], den(x[[1, 2]], sigma[[1, 2]], torch.tensor([3, 0])))
+    assert not torch.allclose(out[0], den(x[:1], sigma[:1], torch.tensor([0]))[0])
+
+
+@pytest.mark.parametrize("rows", [[[0.5, 0.5, 0, 0]], [[1, 1, 0, 0]], [[2, 0, 0, 0]], [[1, 0, 0]]])
+def test_edm_label_rows_that_are_neither_one_hot_nor_zero_are_refused(rng, rows):
+    from analytic_diffusion.integrations import to_edm
+
+    net = to_edm(make_denoiser("optimal", _dataset(rng, 40)))
+    with pytest.raises(ValueError, match="class_labels: "):
+        net(torch.zeros(1, 1, 8, 8), 1.0, torch.tensor(rows, dtype=torch.float32))
+
+
+# ------------------------------------------------------------------------------------------------ top-k screen
+def _near_tied_set(rng):
+    """60 images, all 255 but pixel j of image j at 254, and queries for which every image's own pixel nearly
+    cancels: all 60 distances lie within float32 resolution (~1e-3) of each other, 100 times closer than that."""
+    n = 60
+    imgs = torch.full((n, 1, 32, 32), 255, dtype=torch.uint8)
+    imgs.view(n, -1)[torch.arange(n), torch.arange(n)] = 254
+    x = torch.ones(4, 1024)
+    x[:, :n] = 1 - 1 / 255 + 1e-4 * torch.randn(4, n, generator=rng)
+    x[:, n:] = 4.0  # far away on the pixels all images share: a large distance
+    return Dataset(imgs), x.reshape(4, 1, 32, 32)
+
+
+@pytest.mark.cpu_isa
+@pytest.mark.parametrize("backend", ["cpu", "torch"])
+def test_topk_keeps_the_same_neighbours_in_float32_and_float64(rng, backend):
+    """More than 8 candidates within float32 resolution of the 20th distance: the k + 8 screen kept a float32
+    draw of them; the screen is now widened until a bound proves it holds the k nearest."""
+    from analytic_diffusion.denoisers.neighbours import _nearest_exact
+
+    ds, x = _near_tied_set(rng)
+    q = x.reshape(4, -1)
+    y = ds.images.reshape(60, -1).double() * ds.scale + ds.shift
+    exact = ((q.double()[:, None] - y[None]) ** 2).sum(-1)
+    truth = torch.argsort(exact, dim=1, stable=True)[:, :20].sort(1).values
+    outs = {}
+    for dtype in (torch.float32, torch.float64):
+        den = make_denoiser("topk", ds, k=20, dtype=dtype, backend=backend)
+        idx, _ = _nearest_exact(den, q, 20, None)
+        assert torch.equal(idx.sort(1).values, truth), dtype
+        outs[dtype] = den(x, 1e4)
+    assert torch.allclose(outs[torch.float32], outs[torch.float64], rtol=0, atol=1e-6)  # both in x's float32
+
+
+def test_knn_reference_screen_widens_for_near_ties():
+    """The torch reference screens by the expanded form, whose float32 error here is ~1: a fixed k + 8 screen lost
+    some of the 20 nearest by direct distance in every draw; the widened one keeps them all."""
+    from analytic_diffusion.ops import knn_search
+
+    n = 200
+    imgs = torch.full((n, 1, 32, 32), 255, dtype=torch.uint8)
+    imgs.view(n, -1)[torch.arange(n), torch.arange(n)] = 254
+    g = torch.Generator().manual_seed(0)
+    x = torch.ones(8, 1024)
+    x[:, :n] = 1 - 1 / 255 + 1e-2 * torch.rand(8, n, generator=g)  # distances 1e-2 apart, resolved directly
+    x[:, n:] = 4.0
+    keys = Dataset(imgs).keys()
+    every = knn_search(x, keys, n, backend="torch", dtype=torch.float32)  # all candidates: nothing to miss
+    d, i = knn_search(x, keys, 20, backend="torch", dtype=torch.float32)
+    assert torch.equal(d, every[0][:, :20]) and torch.equal(i, every[1][:, :20])

@@ -255,9 +255,10 @@ class KNNEstimator(RetrievalDenoiser):
     The k nearest candidates enter exactly; the tail (every other allowed candidate) is estimated from
     ``ref_size`` candidates drawn uniformly without replacement, each standing for (N_tail / ref_size)
     candidates. Weights are self-normalised over both parts. With k ≥ N (no tail) this is the exact posterior
-    mean. Each query's tail draws come from a stream of its own, seeded by a hash of (``seed``, the query's
-    values, σ, label) (:mod:`.sample_seeds`), never from the sampler's: batch size, call order and the number
-    of samples change nothing.
+    mean. Each query's tail draws come from a stream of its own, seeded by a hash of (``seed``, the sample's
+    identity in the sampler, σ, label) (:mod:`.sample_seeds`), never from the sampler's streams nor from x's
+    values: batch size, call order and the number of samples change nothing, shards and instruction sets only
+    by rounding.
     """
 
     name = "knn"
@@ -301,7 +302,7 @@ class KNNEstimator(RetrievalDenoiser):
         if draws > 0:
             # Uniform sampling without replacement per row: the top-L of iid uniforms over the allowed tail,
             # each row from its own stream (a pure function of the row).
-            gens = row_generators(self.name, self.seed, x, s, labels)
+            gens = row_generators(self.name, self.seed, s, labels)
             u = torch.stack([torch.rand(tail.shape[1], generator=g, dtype=torch.float64) for g in gens]).to(q.device)
             u = torch.where(tail, u, torch.full_like(u, -1.0))
             tidx = torch.topk(u, draws, dim=1).indices

@@ -24,12 +24,16 @@ the batch it runs in (default: the global RNG).
 
 from __future__ import annotations
 
+import functools
 import inspect
 from collections.abc import Sequence
+from contextlib import nullcontext
 from typing import Callable
 
 import torch
 from tqdm.auto import tqdm
+
+from ..denoisers.sample_seeds import sample_identity
 
 __all__ = [
     "SAMPLERS",
@@ -136,10 +140,24 @@ def _derivative(denoiser, x, sigma, kw, clip_x0: bool):
     return x0, (x - (x0.clamp(-1, 1) if clip_x0 else x0)) / _bcast(sigma, x)
 
 
+def _keyed_by_sample(sampler: Callable) -> Callable:
+    """The sampler with each row's random draws inside the denoiser keyed by its sample (the seed of its generator;
+    docs/design.md §12.4): stochastic denoisers then see the same draws for sample i whatever the batch."""
+
+    @functools.wraps(sampler)
+    def run(denoiser, x, sigmas, *args, generators=None, **kwargs):
+        ids = None if generators is None else [g.initial_seed() for g in generators]
+        with nullcontext() if ids is None else sample_identity(ids):
+            return sampler(denoiser, x, sigmas, *args, generators=generators, **kwargs)
+
+    return run
+
+
 def _steps(n: int, progress: bool):
     return tqdm(range(n), disable=not progress, leave=False)
 
 
+@_keyed_by_sample
 @torch.no_grad()
 def sample_euler(
     denoiser: Callable,
@@ -165,6 +183,7 @@ def sample_euler(
     return x
 
 
+@_keyed_by_sample
 @torch.no_grad()
 def sample_heun(
     denoiser: Callable,
@@ -202,6 +221,7 @@ def sample_heun(
     return x
 
 
+@_keyed_by_sample
 @torch.no_grad()
 def sample_ddim(
     denoiser: Callable,

@@ -34,8 +34,21 @@ def add_grid_args(p, *, default: str) -> None:
 
 
 def schedule_kwargs(args) -> dict:
+    """The grid flags given, as get_schedule's options; a flag the chosen --schedule does not take is refused by
+    its own name (it would otherwise be a keyword error inside the grid)."""
+    from ..grids import SCHEDULES, schedule_options
+
     kw = {"sigma_min": args.sigma_min, "sigma_max": args.sigma_max, "rho": args.rho, "spacing": args.spacing}
-    return {k: v for k, v in kw.items() if v is not None}
+    kw = {k: v for k, v in kw.items() if v is not None}
+    if args.schedule in SCHEDULES:
+        for name in kw:
+            if name not in schedule_options(args.schedule):
+                takers = sorted(s for s in SCHEDULES if name in schedule_options(s))
+                raise ValueError(
+                    f"--{name.replace('_', '-')}: applies to --schedule {' / '.join(takers)}, not to "
+                    f"--schedule {args.schedule}"
+                )
+    return kw
 
 
 def load_schedule(value: str):

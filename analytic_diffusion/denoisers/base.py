@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..ops import sigma_rows
+from ..ops import check_has_values, sigma_rows
 
 
 def class_label_rows(labels, device) -> torch.Tensor:
@@ -126,6 +126,8 @@ class Denoiser(torch.nn.Module):
 
     # -- public API ------------------------------------------------------------------------------------
     def _check(self, x: torch.Tensor, sigma, class_labels):
+        for value, name in ((x, "x"), (sigma, "sigma"), (class_labels, "class_labels")):
+            check_has_values(value, name)
         if not torch.is_tensor(x) or not x.is_floating_point():
             raise TypeError(f"x: expected a floating tensor, got {getattr(x, 'dtype', type(x))}")
         if x.dim() != 4 or tuple(x.shape[1:]) != self.image_shape:

@@ -124,9 +124,19 @@ def choose_backend(
     return "cpu", f"CPU, batch {x.shape[0]} <= {CPU_KERNEL_MAX_BATCH}"
 
 
+def check_has_values(t, name: str) -> None:
+    """Refuse a tensor without values (on the ``meta`` device: shape and dtype only), naming the argument."""
+    if torch.is_tensor(t) and t.device.type == "meta":
+        raise ValueError(
+            f"{name}: a tensor on the 'meta' device has a shape but no values to compute with; pass it on cpu or cuda"
+        )
+
+
 def _validate(x: torch.Tensor, keys: KeyBank, query_labels, flips: bool, dtype) -> torch.dtype:
     if not isinstance(keys, KeyBank):
         raise TypeError(f"keys: expected a KeyBank, got {type(keys).__name__}")
+    check_has_values(x, "x")
+    check_has_values(query_labels, "query_labels")
     if not torch.is_tensor(x) or x.dim() != 2:
         raise ValueError(f"x: expected a (B, D) tensor, got {getattr(x, 'shape', type(x))}")
     if x.shape[1] != keys.dim:
@@ -187,6 +197,7 @@ def sigma_rows(sigma, batch: int, device, x: torch.Tensor | None = None) -> torc
         torch.is_tensor(sigma) and (sigma.dtype == torch.bool or sigma.is_complex())
     ):
         raise TypeError(f"sigma: expected a number, a sequence of numbers or a real tensor, got {sigma!r:.60}")
+    check_has_values(sigma, "sigma")
     try:
         s = torch.as_tensor(sigma, dtype=torch.float64).to(device).reshape(-1)
     except (TypeError, ValueError, RuntimeError) as e:

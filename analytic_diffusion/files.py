@@ -75,6 +75,7 @@ class FolderClaim:
         self.stage: str | None = None
         self._lock_fd: int | None = None
         self._committed = False
+        self._existing = self.parent  # the nearest folder above ``out`` that existed before the claim
 
     @property
     def lock_path(self) -> str:
@@ -132,6 +133,9 @@ class FolderClaim:
 
     def __enter__(self) -> FolderClaim:
         self.check_target()  # a clear refusal before touching anything
+        self._existing = self.parent
+        while not os.path.isdir(self._existing):
+            self._existing = os.path.dirname(self._existing)
         try:
             os.makedirs(self.parent, exist_ok=True)
             self._lock()
@@ -181,6 +185,14 @@ class FolderClaim:
                 os.unlink(self.lock_path)
             os.close(self._lock_fd)  # closing drops the lock
             self._lock_fd = None
+        if not self._committed:  # the folders made for ``out`` go too, when nothing else was put in them
+            folder = self.parent
+            while folder != self._existing and _inside(folder, self._existing):
+                try:
+                    os.rmdir(folder)
+                except OSError:
+                    break
+                folder = os.path.dirname(folder)
 
     def __exit__(self, exc_type, exc, tb) -> None:
         try:

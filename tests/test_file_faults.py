@@ -271,3 +271,13 @@ def test_cache_on_a_full_disk_warns_and_goes_on(rng, full_disk, monkeypatch):
         _, vals, _ = ds.pca()
     assert torch.allclose(vals, Dataset(ds.images).pca(cache=False)[1])
     assert [p.name for p in folder.iterdir()] == (["ballast"] if mounted else [])
+
+
+def test_a_failed_run_leaves_no_folders_it_made(tmp_path, monkeypatch, capsys):
+    """--out deep under folders that do not exist yet: a run that fails removes what it created for it."""
+    monkeypatch.setattr(
+        run_module.np, "savez_compressed", lambda *a, **k: (_ for _ in ()).throw(OSError(errno.ENOSPC, "No space"))
+    )
+    assert main(["sample", "--subset", "40", *FAST, "--out", str(tmp_path / "runs" / "a" / "b")]) == 1
+    assert "No space" in _one_line(capsys.readouterr().err)
+    assert list(tmp_path.iterdir()) == []

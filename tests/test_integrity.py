@@ -2,6 +2,7 @@
 agree on the whole run before they combine anything, EDM's unconditional label rows stay unconditional, and the
 top-k set does not depend on the working precision."""
 
+import datetime
 import json
 import os
 import socket
@@ -232,3 +233,50 @@ def test_knn_reference_screen_widens_for_near_ties():
     every = knn_search(x, keys, n, backend="torch", dtype=torch.float32)  # all candidates: nothing to miss
     d, i = knn_search(x, keys, 20, backend="torch", dtype=torch.float32)
     assert torch.equal(d, every[0][:, :20]) and torch.equal(i, every[1][:, :20])
+
+
+def _rank_killed(rank: int, world: int, port: int, out_dir: str) -> None:
+    """Rank 1 dies by SIGKILL mid-run (no exception, no goodbye); rank 0 must stop, naming the step."""
+    import signal
+    import time
+
+    os.environ["AD_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=world,
+        timeout=datetime.timedelta(seconds=5),
+    )
+    from analytic_diffusion.ops.distributed import ShardError, ShardGroup
+
+    ds = _dataset(torch.Generator().manual_seed(3), 23).shard(ShardGroup())
+    den = make_denoiser("optimal", ds, backend="torch", dtype=torch.float64)
+    x = torch.zeros(2, 1, 8, 8, dtype=torch.float64)
+    den(x, 1.0)  # one retrieval together
+    if rank == 1:
+        os.kill(os.getpid(), signal.SIGKILL)
+    t0 = time.perf_counter()
+    try:
+        den(x, 1.0)
+        result = "finished"
+    except ShardError as e:
+        result = str(e)
+    with open(os.path.join(out_dir, "rank0.json"), "w") as f:
+        json.dump({"error": result, "waited_s": time.perf_counter() - t0}, f)
+    os._exit(0)  # the group is broken: leave without gloo's teardown
+
+
+def test_a_killed_rank_stops_the_others_naming_the_step(tmp_path):
+    port = _free_port()
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=_rank_killed, args=(r, 2, port, str(tmp_path))) for r in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=60)
+    assert procs[1].exitcode == -9 and procs[0].exitcode == 0
+    res = json.loads((tmp_path / "rank0.json").read_text())
+    assert "retrieval did not complete" in res["error"] and "another rank failed, died or timed out" in res["error"]
+    assert res["waited_s"] < 5 + 3, res  # within the group's timeout, not a hang

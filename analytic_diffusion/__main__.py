@@ -1,8 +1,6 @@
 """``python -m analytic_diffusion ...`` runs the command line (what ``torchrun -m analytic_diffusion`` starts)."""
 
-import sys
-
-from .cli import main
+from .cli import entry_point
 
 if __name__ == "__main__":
-    sys.exit(main())
+    entry_point()

@@ -9,6 +9,7 @@ ending at 0. Discrete VP grids reproduce diffusers' ``DDIMScheduler.set_timestep
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -248,11 +249,24 @@ SCHEDULES: dict[str, Callable[..., Schedule]] = {
 }
 
 
+def schedule_options(name: str) -> list[str]:
+    """The keyword options of the grid ``name`` (beside ``steps``)."""
+    return [p for p in inspect.signature(SCHEDULES[name]).parameters if p != "steps"]
+
+
 def get_schedule(name: str, steps: int, **kw: Any) -> Schedule:
     """Build a grid by name ("karras"/"edm", "vp-linear", "vp-cosine", "kamb-cosine") with its keyword options."""
     if name not in SCHEDULES:
         raise ValueError(f"unknown schedule {name!r}; valid names: {', '.join(SCHEDULES)}")
+    takes = schedule_options(name)
+    unknown = sorted(set(kw) - set(takes))
+    if unknown:
+        others = sorted(other for other in SCHEDULES if set(unknown) <= set(schedule_options(other)))
+        raise ValueError(
+            f"{', '.join(unknown)}: not an option of schedule {name!r} (it takes {', '.join(takes) or 'none'})"
+            + (f"; {', '.join(others)} take{'s' if len(others) == 1 else ''} it" if others else "")
+        )
     try:
         return SCHEDULES[name](steps, **kw)
-    except TypeError as e:  # an option the chosen grid does not take
+    except TypeError as e:  # an option of the wrong type (a string σ, ...)
         raise ValueError(f"schedule {name!r}: {e}") from None

@@ -95,7 +95,7 @@ def test_smoothed_averages_optimal_over_its_own_draws(rng):
     sm = make_denoiser("smoothed", ds, smoothing=0.3, num_perturbations=4, seed=5, dtype=torch.float64)
     from analytic_diffusion.denoisers.sample_seeds import row_generators
 
-    gens = row_generators("smoothed", 5, x, torch.full((x.shape[0],), 0.2, dtype=torch.float64))
+    gens = row_generators("smoothed", 5, torch.full((x.shape[0],), 0.2, dtype=torch.float64))
     xi = torch.stack([torch.randn((4,) + tuple(x.shape[1:]), generator=g, dtype=torch.float64) for g in gens], 1)
     opt = make_denoiser("optimal", ds, dtype=torch.float64)
     ref = torch.stack([opt(x + 0.3 * xi[m], 0.2) for m in range(4)]).mean(0)

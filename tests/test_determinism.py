@@ -1,7 +1,8 @@
 """Every denoiser is a pure function of each sample: batch size, call order and n change nothing (issue 14 §1).
 
-The stochastic methods (smoothed, knn, optimal-draw) draw from a stream per query, seeded by a hash of what
-belongs to the query; these tests fail on a denoiser that holds one generator advancing with every call.
+The stochastic methods (smoothed, knn, optimal-draw) draw from a stream per row, seeded by a hash of what names
+the row (the sample's identity, σ, label; docs/design.md §14.4); these tests fail on a denoiser that holds one
+generator advancing with every call. tests/test_continuity.py has the matrix over threads, ISAs and ranks.
 """
 
 import pytest

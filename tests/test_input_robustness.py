@@ -322,3 +322,49 @@ def test_ctrl_c_prints_one_line_and_exits_130(monkeypatch, capsys, tmp_path):
     assert _main_catching_interrupt(["sample", *FAST, "--out", str(tmp_path / "o")]) == 130
     err = capsys.readouterr().err
     assert err.strip() == "interrupted"
+
+
+# ------------------------------------------------------------------------------------------- issue 24: inputs
+@pytest.mark.parametrize("where", ["x", "sigma", "class_labels"])
+def test_meta_tensors_are_refused_by_name(rng, where):
+    """`den(x.to("meta"), 1.0)` was a RuntimeError from Tensor.item()."""
+    den = ad.make_denoiser("optimal", small(rng))
+    args = {"x": torch.zeros(2, 1, 6, 6), "sigma": torch.ones(2), "class_labels": torch.zeros(2, dtype=torch.long)}
+    args[where] = args[where].to("meta")
+    with pytest.raises(ValueError, match=f"^{where}: a tensor on the 'meta' device has a shape but no values"):
+        den(args["x"], args["sigma"], args["class_labels"])
+
+
+def _fake_torchscript(path) -> None:
+    """A zip with TorchScript's member names whose pickle is not one: torch.jit refuses it, nothing runs."""
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr("archive/data.pkl", b"not a pickle")
+        z.writestr("archive/constants.pkl", b"x")
+        z.writestr("archive/version", b"3")
+
+
+def test_a_zip_posing_as_torchscript_is_a_clear_error(tmp_path, capsys):
+    from analytic_diffusion.networks import load_network
+
+    fake = tmp_path / "net.pt"
+    _fake_torchscript(fake)
+    with pytest.raises(ValueError, match="looks like a TorchScript file but torch.jit cannot load it"):
+        load_network(fake, image_shape=(1, 28, 28))
+    compare = ["compare", "--network", str(fake), "--methods", "wiener", "--subset", "40", "--seeds", "1"]
+    rc = main([*compare, "--steps", "2", "--no-progress", "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "looks like a TorchScript file" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    "schedule,flag,value",
+    [("vp-linear", "--sigma-max", "10"), ("vp-cosine", "--rho", "3"), ("karras", "--spacing", "leading")],
+)
+def test_grid_flags_of_another_schedule_are_refused_by_name(tmp_path, monkeypatch, capsys, schedule, flag, value):
+    """`--sigma-max` with `--schedule vp-linear` surfaced as a TypeError of vp_linear()'s keywords."""
+    no_data_loading(monkeypatch)
+    rc = main(["sample", *FAST, "--schedule", schedule, flag, value, "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert (
+        rc == 2 and err.startswith(f"error: {flag}: applies to --schedule ") and f"not to --schedule {schedule}" in err
+    )

@@ -14,7 +14,7 @@ KERNELS = Path(__file__).resolve().parents[1] / "kernels"  # installed as analyt
 # Lowest first. A module may import from its own layer's package and from any lower layer, never from a layer
 # at its own rank or above (two packages of one rank are siblings that stay independent).
 LAYERS = [
-    ("kernels", "_cpu", "_cuda"),  # Triton kernels and the compiled C++ / CUDA extensions
+    ("kernels", "_cpu", "_cuda", "env", "files"),  # Triton kernels, compiled C++ / CUDA; environment; output folders
     ("ops",),  # the retrieval primitive and its backends
     ("grids", "viz"),  # σ grids; pictures (no knowledge of denoisers)
     ("data",),  # datasets, loaders

@@ -69,7 +69,7 @@ def test_damaged_files_name_the_file(rng, tmp_path):
     images.write_bytes(bytes(raw[:-100]))  # truncated
     with pytest.raises(ValueError, match=r"images\.npy: cannot map.*truncated"):
         load_packed(path)
-    pack(ds, path)
+    pack(ds, path, overwrite=True)
     header = json.loads((path / "header.json").read_text())
     header["block_checksums"][0] = "0" * 32  # a header that does not match the data
     (path / "header.json").write_text(json.dumps(header))
@@ -78,7 +78,7 @@ def test_damaged_files_name_the_file(rng, tmp_path):
     (path / "header.json").write_text('{"format": "analytic-diffusion-packed"')
     with pytest.raises(ValueError, match=r"header\.json: not a readable"):
         load_packed(path)
-    pack(ds, path)
+    pack(ds, path, overwrite=True)
     (path / "labels.npy").unlink()
     with pytest.raises(FileNotFoundError, match=r"labels\.npy"):
         load_packed(path)

@@ -372,7 +372,7 @@ def test_wrapper_noise_mode(rng):
     den = PosteriorSampleDenoiser(ds, mode="noise", scale=0.7, seed=2, dtype=torch.float64)
     out = den(x, sig)
     mean, var = posterior_moments(x, den, sig)
-    gens = row_generators("optimal-draw", 2, x, sig.double())
+    gens = row_generators("optimal-draw", 2, sig.double())
     xi = torch.stack([torch.randn(20, generator=g, dtype=torch.float64) for g in gens]).reshape(x.shape)
     assert torch.allclose(out, mean + 0.7 * var.sqrt() * xi, atol=1e-12)
     assert torch.equal(den.posterior_variance(x, sig), var)

@@ -38,8 +38,21 @@ def add_grid_args(p: argparse._ActionsContainer, *, default: str) -> None:
 
 
 def schedule_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """The grid flags given, as get_schedule's options; a flag the chosen --schedule does not take is refused by
+    its own name (it would otherwise be a keyword error inside the grid)."""
+    from ..grids import SCHEDULES, schedule_options
+
     kw = {"sigma_min": args.sigma_min, "sigma_max": args.sigma_max, "rho": args.rho, "spacing": args.spacing}
-    return {k: v for k, v in kw.items() if v is not None}
+    kw = {k: v for k, v in kw.items() if v is not None}
+    if args.schedule in SCHEDULES:
+        for name in kw:
+            if name not in schedule_options(args.schedule):
+                takers = sorted(s for s in SCHEDULES if name in schedule_options(s))
+                raise ValueError(
+                    f"--{name.replace('_', '-')}: applies to --schedule {' / '.join(takers)}, not to "
+                    f"--schedule {args.schedule}"
+                )
+    return kw
 
 
 def load_schedule(value: str) -> PatchSchedule:
@@ -56,16 +69,13 @@ def csv_ints(text: str) -> list[int]:
 
 
 def parse_bytes(text: str) -> int:
-    """'64M' -> 67108864; suffixes K, M, G, T (powers of 1024), or a plain number of bytes."""
-    units = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
-    t = text.strip().upper().removesuffix("B").removesuffix("I")
+    """--memory-budget: '64M' -> 67108864, by the rule of AD_MEMORY_BUDGET (:func:`analytic_diffusion.env.parse_size`)."""
+    from ..env import parse_size
+
     try:
-        value = float(t[:-1]) * units[t[-1]] if t and t[-1] in units else float(t)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a size such as 64M or 2G, got {text!r}") from None
-    if not value >= 1:
-        raise argparse.ArgumentTypeError(f"expected a positive size, got {text!r}")
-    return int(value)
+        return parse_size(text, "--memory-budget")
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e).removeprefix("--memory-budget: ")) from None
 
 
 def parse_list(text: str, kind: Callable[[str], Any], flag: str) -> list[Any]:
@@ -107,8 +117,9 @@ def set_threads(threads: int | None) -> None:
     """--threads: torch's CPU thread count (None leaves torch's own choice)."""
     if threads is None:
         return
-    if threads < 1:
-        raise ValueError(f"--threads must be >= 1, got {threads}")
+    from ..env import parse_positive_int
+
+    parse_positive_int(threads, "--threads")  # the rule of AD_NUM_THREADS and AD_THREADS
     import torch
 
     torch.set_num_threads(threads)

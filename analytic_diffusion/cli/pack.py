@@ -19,7 +19,15 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("src", metavar="SRC", help=DATASET_HELP)
-    p.add_argument("out", metavar="OUT", help="output folder")
+    p.add_argument(
+        "out",
+        metavar="OUT",
+        help="output folder: new or empty (written under a hidden staging name and renamed when complete); "
+        "never the source itself",
+    )
+    p.add_argument(
+        "--overwrite", action="store_true", help="replace an existing packed folder OUT (only a packed set's files)"
+    )
     p.add_argument("--split", default=None, help="train or test (default: the source's own default)")
     p.add_argument("--resolution", type=int, default=None, help="resize to R x R before packing")
     p.add_argument("--pad-to", type=int, default=None, help="zero-pad to P x P before packing")
@@ -27,14 +35,21 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    import os
+
     from ..data import load_dataset
-    from ..data.packed import pack
+    from ..data.packed import claim, source_paths, write_packed
 
     kw = {
         k: v for k, v in dict(split=args.split, resolution=args.resolution, pad_to=args.pad_to).items() if v is not None
     }
-    ds = load_dataset(args.src, **kw)
-    header = pack(ds, args.out)
+    # OUT is claimed before anything is read: a taken, foreign or unwritable folder is refused at once.
+    with claim(args.out, overwrite=args.overwrite, protect=[args.src] if os.path.exists(args.src) else []) as c:
+        ds = load_dataset(args.src, **kw)
+        for path in source_paths(ds):  # e.g. a packed source named through a link
+            c.protect.append(os.path.realpath(path))
+        c.check_target()
+        header = write_packed(ds, c)
     n, c, h, w = header["shape"]
     print(
         f"packed {n} images {c}x{h}x{w} ({n * c * h * w / 2**20:.1f} MiB) from {ds.source} to {args.out}/ "

@@ -4,10 +4,12 @@ A packed dataset is a folder:
 
     images.npy    (N, C, H, W) uint8, a plain NumPy file (np.load(..., mmap_mode="r") maps it)
     labels.npy    (N,) int64, when the source had labels
-    header.json   format, version, shape, source, split, transform, class names, the images' BLAKE2b checksum
-                  and one checksum per block of ``block_rows`` rows (a rank verifies only the blocks it maps)
+    header.json   format, version, shape, source, split, transform, class names, the images' BLAKE2b checksum,
+                  one checksum per block of ``block_rows`` rows (a rank verifies only the blocks it maps) and
+                  the labels' checksum (format 2; every load verifies all labels)
 
-:func:`pack` writes one from any :class:`Dataset` in a streaming pass; :func:`load_packed` maps it (all rows, or
+:func:`pack` writes one from any :class:`Dataset` in a streaming pass, into a claimed staging folder that
+becomes the packed folder only when complete (:class:`analytic_diffusion.files.FolderClaim`); :func:`load_packed` maps it (all rows, or
 one rank's rows), verifies the checksums of what it maps and returns a :class:`Dataset` whose images stay in
 the file: retrievals and statistics read them chunk by chunk and hand the pages back to the OS after each chunk
 (:class:`MappedRows`), so the resident memory stays O(chunk) whatever N.
@@ -19,13 +21,15 @@ import hashlib
 import json
 import mmap
 import os
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 import numpy as np
 import torch
 
+from ..files import FolderClaim
 from .dataset import Dataset
 from .transforms import Resolution
 
@@ -33,7 +37,8 @@ if TYPE_CHECKING:
     from ..ops.distributed import ShardGroup
 
 FORMAT = "analytic-diffusion-packed"
-VERSION = 1
+VERSION = 2  # 2: the labels have a checksum too
+READABLE_VERSIONS = (1, 2)
 HEADER, IMAGES, LABELS = "header.json", "images.npy", "labels.npy"
 BLOCK_BYTES = 64 * 2**20  # checksum granularity
 PAGE = mmap.PAGESIZE
@@ -48,10 +53,41 @@ def _hash(buf: bytes | memoryview) -> str:
     return hashlib.blake2b(buf, digest_size=16).hexdigest()
 
 
+def source_paths(dataset: Dataset) -> list[str]:
+    """The files ``dataset`` is read from (its loader's path, a packed set's mapped file): a pack of it must
+    never replace them."""
+    paths = [dataset.source] if os.path.exists(dataset.source) else []
+    mapped = getattr(dataset, "_mapped", None)
+    if mapped is not None and getattr(mapped.arr, "filename", None):
+        paths.append(os.fspath(mapped.arr.filename))
+    return paths
+
+
+def claim(
+    out: str | os.PathLike[str], *, overwrite: bool = False, protect: Iterable[str | os.PathLike[str]] = ()
+) -> FolderClaim:
+    """The exclusive claim on the folder ``out`` that :func:`write_packed` fills (docs/design.md §14.2): refused
+    when ``out`` is a file, a non-empty folder (without ``overwrite``), a folder holding anything but a packed
+    set, one of the ``protect`` paths (the source being packed) or a folder another process is writing."""
+    return FolderClaim(out, overwrite=overwrite, protect=protect, allowed={HEADER, IMAGES, LABELS})
+
+
 def pack(
-    dataset: Dataset, out: str | os.PathLike[str], *, progress: Callable[[int, int], object] | None = None
+    dataset: Dataset,
+    out: str | os.PathLike[str],
+    *,
+    overwrite: bool = False,
+    progress: Callable[[int, int], object] | None = None,
 ) -> dict[str, Any]:
-    """Write ``dataset`` (uint8 images) to the folder ``out``; returns the header. Streams ``BLOCK_BYTES`` at a time."""
+    """Write ``dataset`` (uint8 images) to the folder ``out``; returns the header. Streams ``BLOCK_BYTES`` at a time
+    into a staging folder that becomes ``out`` only once complete (``overwrite``: replace an existing packed set;
+    never the dataset's own files)."""
+    _check_packable(dataset)
+    with claim(out, overwrite=overwrite, protect=source_paths(dataset)) as c:
+        return write_packed(dataset, c, progress=progress)
+
+
+def _check_packable(dataset: Dataset) -> None:
     if dataset.dtype != torch.uint8:
         raise ValueError(
             f"pack: packed datasets store uint8 images; {dataset.source!r} holds "
@@ -59,25 +95,50 @@ def pack(
         )
     if dataset.sharding is not None:
         raise ValueError("pack: this dataset is one rank's shard; pack the whole set")
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+
+
+def _write_synced(path: Path, write: Callable[[BinaryIO], object]) -> None:
+    """``write(f)`` into a new file, flushed to the disk before it counts as written: a full disk is an OSError
+    here (ENOSPC), never a SIGBUS later from a mapping whose pages have no room."""
+    with open(path, "wb") as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def labels_checksum(labels: np.ndarray) -> str:
+    return _hash(np.ascontiguousarray(labels, dtype="<i8").data)
+
+
+def write_packed(
+    dataset: Dataset, claimed: FolderClaim, *, progress: Callable[[int, int], object] | None = None
+) -> dict[str, Any]:
+    """Fill the claimed folder with ``dataset`` and commit it (see :func:`pack`); returns the header."""
+    _check_packable(dataset)
+    if claimed.stage is None:
+        raise RuntimeError("write_packed: the folder claim is not entered (use it in a `with`)")
+    stage = Path(claimed.stage)
     images = dataset.images
     n = images.shape[0]
     row_bytes = int(np.prod(images.shape[1:]))
     block_rows = max(1, BLOCK_BYTES // row_bytes)
-    arr = np.lib.format.open_memmap(out / IMAGES, mode="w+", dtype=np.uint8, shape=tuple(images.shape))
     whole, blocks = hashlib.blake2b(digest_size=16), []
-    for s in range(0, n, block_rows):
-        chunk = images[s : s + block_rows].cpu().contiguous().numpy()
-        arr[s : s + chunk.shape[0]] = chunk
-        whole.update(chunk.data)
-        blocks.append(_hash(chunk.data))
-        if progress:
-            progress(min(n, s + block_rows), n)
-    arr.flush()
-    del arr
-    if dataset.labels is not None:
-        np.save(out / LABELS, dataset.labels.cpu().numpy().astype(np.int64))
+
+    def write_images(f: BinaryIO) -> None:
+        header = {"descr": "|u1", "fortran_order": False, "shape": tuple(int(v) for v in images.shape)}
+        np.lib.format.write_array_header_1_0(f, header)
+        for s in range(0, n, block_rows):
+            chunk = images[s : s + block_rows].cpu().contiguous().numpy()
+            f.write(chunk.data)
+            whole.update(chunk.data)
+            blocks.append(_hash(chunk.data))
+            if progress:
+                progress(min(n, s + block_rows), n)
+
+    _write_synced(stage / IMAGES, write_images)
+    labels = None if dataset.labels is None else dataset.labels.cpu().numpy().astype("<i8")
+    if labels is not None:
+        _write_synced(stage / LABELS, lambda f: np.save(f, labels, allow_pickle=False))
     header = {
         "format": FORMAT,
         "version": VERSION,
@@ -87,15 +148,15 @@ def pack(
         "split": dataset.split,
         "transform": dataset.transform,
         "subset": dataset.subset_desc,
-        "labels": dataset.labels is not None,
+        "labels": labels is not None,
+        "labels_checksum": None if labels is None else labels_checksum(labels),
         "class_names": None if dataset.class_names is None else list(dataset.class_names),
         "checksum": whole.hexdigest(),
         "block_rows": block_rows,
         "block_checksums": blocks,
     }
-    tmp = out / (HEADER + ".tmp")
-    tmp.write_text(json.dumps(header, indent=1))
-    os.replace(tmp, out / HEADER)  # the header last: a folder with a header is complete
+    _write_synced(stage / HEADER, lambda f: f.write(json.dumps(header, indent=1).encode()))
+    claimed.commit()
     return header
 
 
@@ -109,9 +170,13 @@ def read_header(path: str | os.PathLike[str]) -> dict[str, Any]:
         raise ValueError(f"{p}: not a readable packed-dataset header ({e})") from None
     if not isinstance(h, dict) or h.get("format") != FORMAT:
         raise ValueError(f"{p}: not a packed-dataset header (format {h.get('format') if isinstance(h, dict) else h!r})")
-    if h.get("version") != VERSION:
-        raise ValueError(f"{p}: packed format version {h.get('version')!r}, this reader knows {VERSION}")
-    for key in ("shape", "checksum", "block_rows", "block_checksums"):
+    if h.get("version") not in READABLE_VERSIONS:
+        raise ValueError(
+            f"{p}: packed format version {h.get('version')!r}, this reader knows {', '.join(map(str, READABLE_VERSIONS))}"
+        )
+    for key in ("shape", "checksum", "block_rows", "block_checksums") + (
+        ("labels_checksum",) if h["version"] >= 2 else ()
+    ):
         if key not in h:
             raise ValueError(f"{p}: the header has no {key!r} entry")
     return h
@@ -179,6 +244,24 @@ def _verify(path: Path, arr: np.memmap, header: dict[str, Any], start: int, stop
         pages.release(s - pages.start, e - pages.start)
 
 
+def _verify_labels(path: Path, labels: np.ndarray, header: dict[str, Any]) -> None:
+    """All N labels against the header's checksum (8 bytes a row: cheap next to the images, and a rank's class
+    filter needs every label to be right, not only its shard's)."""
+    expected = header.get("labels_checksum")
+    if expected is None:  # format 1 kept no labels checksum
+        warnings.warn(
+            f"{path}: packed by an older version without a labels checksum, so the labels are not verified; "
+            "pack the source again to protect them",
+            stacklevel=3,
+        )
+        return
+    if labels.dtype != np.dtype("<i8") or labels_checksum(labels) != expected:
+        raise ValueError(
+            f"{path}: the labels do not match the header's checksum: the file is corrupted or was changed "
+            "after packing; pack it again"
+        )
+
+
 def load_packed(
     path: str | os.PathLike[str],
     *,
@@ -213,6 +296,7 @@ def load_packed(
             raise ValueError(f"{lf}: cannot read the labels ({e})") from None
         if lab.shape != (n,):
             raise ValueError(f"{lf}: {lab.shape} labels for {n} images")
+        _verify_labels(lf, lab, header)
         labels = torch.from_numpy(np.array(lab[start:stop], dtype=np.int64))
     images = torch.from_numpy(arr[start:stop])  # a view of the mapping: nothing is read yet
     ds = Dataset(

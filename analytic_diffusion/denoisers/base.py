@@ -19,7 +19,7 @@ from typing import Any, cast
 import numpy as np
 import torch
 
-from ..ops import sigma_rows
+from ..ops import check_has_values, sigma_rows
 
 
 def class_label_rows(labels: torch.Tensor | Sequence[int] | int, device: torch.device | str) -> torch.Tensor:
@@ -132,6 +132,8 @@ class Denoiser(torch.nn.Module):
     def _check(
         self, x: torch.Tensor, sigma: float | torch.Tensor, class_labels: torch.Tensor | Sequence[int] | int | None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        for value, name in ((x, "x"), (sigma, "sigma"), (class_labels, "class_labels")):
+            check_has_values(value, name)
         if not torch.is_tensor(x) or not x.is_floating_point():
             raise TypeError(f"x: expected a floating tensor, got {getattr(x, 'dtype', type(x))}")
         if x.dim() != 4 or tuple(x.shape[1:]) != self.image_shape:

@@ -174,14 +174,29 @@ class PSPC(LocalDenoiser):
 
 
 # ----------------------------------------------------------------------------------------------- PSPC-Flex
+# Heatmap entries below this fraction of the largest are float64 rounding, not sensitivity: W's entries carry
+# errors of about D·eps ≈ 1e-13 of its largest (the eigenvectors' arbitrary mixing in the null space included),
+# while a pixel that varies in a single one of 10⁵ images by one grey level still reaches ~1e-7 at σ = 80.
+HEATMAP_NOISE_FLOOR = 1e-9
+
+
 def wiener_heatmap(dataset: Dataset, sigma: float) -> torch.Tensor:
     """A data-driven PSPC-Flex heatmap without a network: |W_σ| with W_σ = U diag(λ/(λ+σ²)) Uᵀ the σ-space Wiener
     filter of the dataset (its PCA, flips included when on), summed over output and input channels.
-    Returns (H, W, H, W) float64, heatmap[i, j] = sensitivity of output pixel (i, j) to every input pixel."""
+    Returns (H, W, H, W) float64, heatmap[i, j] = sensitivity of output pixel (i, j) to every input pixel.
+
+    The heatmap must not depend on how the eigensolver chose a basis (thread count, library): eigenvalues below
+    the numerical rank's cut (D·eps·λ_max) count as 0, so the null space adds nothing whatever its basis, and
+    entries under ``HEATMAP_NOISE_FLOOR`` of the largest are set to 0 (a pixel with no variance then has an
+    all-zero row rather than rounding noise that would pick its mask at random; docs/design.md §14.4)."""
     C, H, W = dataset.image_shape
     _, eigvals, U = dataset.pca()
-    A = wiener_filter_matrix(eigvals, U, sigma).abs().reshape(C, H * W, C, H * W)
-    return A.sum(dim=(0, 2)).reshape(H, W, H, W)
+    lam = eigvals.to(torch.float64)
+    lam = torch.where(lam > lam.numel() * torch.finfo(torch.float64).eps * lam.max(), lam, torch.zeros_like(lam))
+    A = wiener_filter_matrix(lam, U, sigma).abs().reshape(C, H * W, C, H * W)
+    heat = A.sum(dim=(0, 2))
+    heat = torch.where(heat > HEATMAP_NOISE_FLOOR * heat.max(), heat, torch.zeros_like(heat))
+    return heat.reshape(H, W, H, W)
 
 
 MaskSpec = Union[str, torch.Tensor, Callable[[float], torch.Tensor], dict[float, torch.Tensor]]

@@ -15,7 +15,8 @@ from .sample_seeds import row_generators
 if TYPE_CHECKING:
     from ..data import Dataset
 
-# The float32 screen may mis-rank near-ties at the k-th place: take this many more, then rank in float64.
+# The working-dtype screen may mis-rank near-ties at the k-th place: it starts this many wider, and is widened
+# (doubled) until an error bound proves that it holds the k nearest by float64 distance (_screen).
 RESCORE_MARGIN = 8
 # Relative weight below which a candidate's row is left out of the weighted mean (see _softmax_summary).
 NEGLIGIBLE_WEIGHT = 2.0**-64
@@ -51,15 +52,35 @@ NEGLIGIBLE_LOGIT_GAP = 46.0
 
 
 def _row_norm_max(keys: KeyBank) -> float:
-    """max_j ‖y_j‖₂ over the stored rows (mirrored rows have the same norms), in float64, kept with the dataset."""
+    """max_j ‖y_j‖₂ over the stored rows (mirrored rows have the same norms), in float64, kept with the dataset;
+    over every shard when the bank is one rank's shard (a collective, the same value on every rank)."""
 
     def make() -> float:
         step = max(1, (1 << 22) // max(1, keys.dim))
-        return max(
+        local = max(
             float(keys.rows(s, min(s + step, keys.n), torch.float64).norm(dim=1).max()) for s in range(0, keys.n, step)
         )
+        if keys.shard is None:
+            return local
+        return max(float(v) for v in keys.shard.group.all_gather(torch.tensor([local]), "row norms"))
 
     return keys.cached("row_norm_max", make)
+
+
+def _screen_error(den: RetrievalDenoiser, q: torch.Tensor, dtype: torch.dtype) -> tuple[float, torch.Tensor]:
+    """(γ, A (B,)): a screen distance d̃ computed in ``dtype`` and the true ‖q − y‖² = d satisfy
+    √(d̃ / (1 + γ)) − A ≤ √d ≤ √(d̃ / (1 − γ)) + A.
+
+    The screen computes ‖q̃ − ỹ‖² with q̃, ỹ the query and row rounded to the working dtype (unit roundoff u) as a
+    sum, in any order, of D rounded non-negative terms: its value is within a factor 1 ± γ, γ = (D + 2)u / (1 − (D + 2)u),
+    of ‖q̃ − ỹ‖², and ‖q̃ − ỹ‖ is within A = 4u(‖q‖ + 2 max‖y‖ + 2√D |shift|) of ‖q − y‖ (generous for the affine
+    map's rounding)."""
+    keys = den.keys
+    u = torch.finfo(dtype).eps / 2
+    dim = keys.dim
+    gamma = (dim + 2) * u / (1 - (dim + 2) * u)
+    a = 4 * u * (q.detach().double().norm(dim=1) + 2 * _row_norm_max(keys) + 2 * dim**0.5 * abs(keys.shift))
+    return gamma, a
 
 
 def _negligible(
@@ -68,21 +89,14 @@ def _negligible(
     """(B, S) bool: screened candidates whose weight is provably under 2^-64 of the row's nearest, from the screen's
     working-dtype direct distances alone (their float64 distances need not be computed).
 
-    The screen computes ‖q̃ − ỹ‖² with q̃, ỹ the query and row rounded to the working dtype (unit roundoff u) as a
-    sum, in any order, of D rounded non-negative terms: its value is within a factor 1 ± γ, γ = (D + 2)u / (1 − (D + 2)u), of
-    ‖q̃ − ỹ‖², and ‖q̃ − ỹ‖ is within A = 4u(‖q‖ + 2 max‖y‖ + 2√D |shift|) of ‖q − y‖ (generous for the affine map's
-    rounding). So ‖q − y_j‖² ≥ L_j = (√(d_j / (1 + γ)) − A)²₊ and the nearest's true distance is at most
+    By :func:`_screen_error`, ‖q − y_j‖² ≥ L_j = (√(d_j / (1 + γ)) − A)²₊ and the nearest's true distance is at most
     U = (√(d_0 / (1 − γ)) + A)²; a candidate with coef · (L_j − U) > NEGLIGIBLE_LOGIT_GAP weighs under 2^-64.
-    Empty for a sharded bank (no global row norms here).
+    Empty for a sharded bank.
     """
-    keys = den.keys
     skip = torch.zeros_like(valid)
-    if keys.shard is not None or d2.shape[1] < 2:
+    if den.keys.shard is not None or d2.shape[1] < 2:
         return skip
-    u = torch.finfo(d2.dtype).eps / 2
-    dim = keys.dim
-    gamma = (dim + 2) * u / (1 - (dim + 2) * u)
-    a = 4 * u * (q.detach().double().norm(dim=1) + 2 * _row_norm_max(keys) + 2 * dim**0.5 * abs(keys.shift))
+    gamma, a = _screen_error(den, q, d2.dtype)
     d = torch.where(valid, d2.detach().double(), torch.zeros_like(d2, dtype=torch.float64)).clamp_min(0)
     lower = ((d / (1 + gamma)).sqrt() - a[:, None]).clamp_min(0) ** 2
     upper = ((d[:, :1] / (1 - gamma)).sqrt() + a[:, None]) ** 2
@@ -91,22 +105,58 @@ def _negligible(
     return skip
 
 
+def _screen(
+    den: RetrievalDenoiser, q: torch.Tensor, k: int, labels: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(d2, index) of a working-dtype k-NN screen that provably holds each row's k nearest by exact distance.
+
+    A row's screen of s candidates is complete when it holds every allowed candidate, or when no unscreened
+    candidate can beat its k-th: every unscreened one has a screen distance ≥ d̃_(s), so a true distance
+    ≥ L = (√(d̃_(s)/(1 + γ)) − A)²₊, and k screened ones have true distances ≤ U = (√(d̃_(k)/(1 − γ)) + A)²
+    (:func:`_screen_error`); L > U proves it. Rows not yet proven are screened again twice as wide. A count alone
+    (k + 8) is no proof: more than 8 candidates within float32 resolution of the k-th distance made float32 and
+    float64 keep different sets. Each row's screen depends on that row only, so the batch changes nothing; rows of
+    different widths are padded with (inf, −1).
+    """
+    n = den.num_candidates
+    width = min(n, k + RESCORE_MARGIN)
+    d2, idx = knn_search(q, den.keys, width, query_labels=labels, **den._retrieval_kwargs())
+    rows = torch.arange(q.shape[0], device=q.device)
+    while width < n:
+        d = d2[rows].double()
+        gamma, a = _screen_error(den, q[rows], d2.dtype)
+        exhausted = ~torch.isfinite(d[:, width - 1]) | (idx[rows, width - 1] < 0)
+        lower = ((d[:, width - 1].clamp_min(0) / (1 + gamma)).sqrt() - a).clamp_min(0) ** 2
+        upper = ((d[:, k - 1].clamp_min(0) / (1 - gamma)).sqrt() + a) ** 2
+        rows = rows[~(exhausted | (lower > upper))]
+        if rows.numel() == 0:
+            break
+        width = min(n, 2 * width)
+        more_d, more_i = knn_search(
+            q[rows], den.keys, width, query_labels=None if labels is None else labels[rows], **den._retrieval_kwargs()
+        )
+        pad = width - d2.shape[1]
+        d2 = torch.cat([d2, torch.full((d2.shape[0], pad), float("inf"), dtype=d2.dtype, device=d2.device)], 1)
+        idx = torch.cat([idx, torch.full((idx.shape[0], pad), -1, dtype=idx.dtype, device=idx.device)], 1)
+        d2[rows], idx[rows] = more_d, more_i
+    return d2, idx
+
+
 def _nearest_exact(
     den: RetrievalDenoiser, q: torch.Tensor, k: int, labels: torch.Tensor | None, coef: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The k nearest allowed candidates per row, ranked in float64 (ties: lower index).
 
     Returns (index (B, k), rel d2 (B, k) float64 relative to the row's nearest). A row with fewer than k allowed
-    candidates has index −1 (and rel +inf) in its last slots. The working-dtype screen keeps k + RESCORE_MARGIN
-    candidates, so the k-th boundary is decided in float64 whatever ``dtype``; the float64 distances come from
+    candidates has index −1 (and rel +inf) in its last slots. The working-dtype screen provably holds the k
+    nearest (:func:`_screen`), so the k-th boundary is decided in float64 whatever ``dtype``; the float64 distances come from
     :func:`..ops.subset.relative_d2` (C++ on the CPU, straight from the stored rows).
 
     With ``coef`` (1/2σ²T per row), candidates that the screen's distances already prove to weigh under 2^-64 of
     the nearest (:func:`_negligible`) are not rescored: they keep their index, rank after the rescored ones in the
     screen's order, and get rel = +inf (weight 0, a change of the mean below K·2^-64 of the data's range).
     """
-    screen = min(den.num_candidates, k + RESCORE_MARGIN)
-    d2, idx = knn_search(q, den.keys, screen, query_labels=labels, **den._retrieval_kwargs())
+    d2, idx = _screen(den, q, k, labels)
     valid = torch.isfinite(d2) & (idx >= 0)
     idx = torch.where(valid, idx, torch.full_like(idx, -1))
     ref = idx[:, 0].clamp_min(0)  # every row has an allowed candidate (the class check ran before)
@@ -223,9 +273,10 @@ class KNNEstimator(RetrievalDenoiser):
     The k nearest candidates enter exactly; the tail (every other allowed candidate) is estimated from
     ``ref_size`` candidates drawn uniformly without replacement, each standing for (N_tail / ref_size)
     candidates. Weights are self-normalised over both parts. With k ≥ N (no tail) this is the exact posterior
-    mean. Each query's tail draws come from a stream of its own, seeded by a hash of (``seed``, the query's
-    values, σ, label) (:mod:`.sample_seeds`), never from the sampler's: batch size, call order and the number
-    of samples change nothing.
+    mean. Each query's tail draws come from a stream of its own, seeded by a hash of (``seed``, the sample's
+    identity in the sampler, σ, label) (:mod:`.sample_seeds`), never from the sampler's streams nor from x's
+    values: batch size, call order and the number of samples change nothing, shards and instruction sets only
+    by rounding.
     """
 
     name = "knn"
@@ -269,7 +320,7 @@ class KNNEstimator(RetrievalDenoiser):
         if draws > 0:
             # Uniform sampling without replacement per row: the top-L of iid uniforms over the allowed tail,
             # each row from its own stream (a pure function of the row).
-            gens = row_generators(self.name, self.seed, x, s, labels)
+            gens = row_generators(self.name, self.seed, s, labels)
             u = torch.stack([torch.rand(tail.shape[1], generator=g, dtype=torch.float64) for g in gens]).to(q.device)
             u = torch.where(tail, u, torch.full_like(u, -1.0))
             tidx = torch.topk(u, draws, dim=1).indices

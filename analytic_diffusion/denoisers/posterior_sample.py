@@ -21,10 +21,12 @@ adds, from the same exact chunked scan (torch reference backend, memory-bounded,
   - mode ``"noise"``: x̂0 = E[x0|x] + λ·sqrt(Var[x0|x])·ξ, ξ ~ N(0, I). The injected noise has the posterior's
     *diagonal* covariance only (per-pixel variances, no correlations between pixels), unlike a draw.
 
-  Its randomness is per query: a stream seeded by a hash of (``seed``, the query's values, σ, label)
-  (:mod:`.sample_seeds`; the draw uses counter-based Gumbel noise from that seed), so the denoiser is a pure
-  function of each sample whatever the batch size or call order, and the sampler's per-sample generators
-  (initial noise, stochastic steps) stay aligned with those of any other denoiser run from the same seeds.
+  Its randomness is per sample: a stream seeded by a hash of (``seed``, the sample's identity in the sampler,
+  σ, label), never of x's values (:mod:`.sample_seeds`; the draw uses counter-based Gumbel noise from that
+  seed), so the denoiser is a pure function of each sample whatever the batch size or call order, shards and
+  instruction sets change it only where rounding flips a near-tie of the draw, and the sampler's per-sample
+  generators (initial noise, stochastic steps) stay aligned with those of any other denoiser run from the same
+  seeds.
 The study helper :func:`analytic_diffusion.analysis.variance.variance_sweep` samples the same seeds at several λ.
 """
 
@@ -295,7 +297,7 @@ class PosteriorSampleDenoiser(Optimal):
             memory_budget=self.memory_budget,
         )
         if self.mode == "draw":
-            seeds = torch.tensor(row_seeds(self.name, self.seed, x, s, labels), dtype=torch.int64)
+            seeds = torch.tensor(row_seeds(self.name, self.seed, s, labels), dtype=torch.int64)
             _, draw = _ops_posterior_draw(q, self.keys, s, row_seeds=seeds, **common)
             draw = draw.reshape(x.shape)
             if lam == 1.0:
@@ -303,7 +305,7 @@ class PosteriorSampleDenoiser(Optimal):
             mean = self._posterior(x, s, labels).mean.to(draw.dtype)
             return ((1.0 - lam) * mean + lam * draw).to(x.dtype)
         r = softmax_retrieval(q, self.keys, s, backend="torch", second_moment=True, **common)
-        gens = row_generators(self.name, self.seed, x, s, labels)
+        gens = row_generators(self.name, self.seed, s, labels)
         # float64 draws whatever the working dtype: float32 and float64 runs see the same noise
         xi = torch.stack([torch.randn(r.mean.shape[1], generator=g, dtype=torch.float64) for g in gens]).to(
             r.mean.device, r.mean.dtype

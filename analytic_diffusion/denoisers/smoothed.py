@@ -18,11 +18,12 @@ class Smoothed(Optimal):
     """x̂0(x) = (1/M) Σ_m D_opt(x + s·ξ_m), ξ_m ~ N(0, I).
 
     The M perturbations of all B queries go through one scan of the training set. Each query's perturbations
-    come from a stream of its own, seeded by a hash of (``seed``, the query's values, σ, label)
-    (:mod:`.sample_seeds`): the denoiser is a pure function of each sample, whatever the batch size, the
-    call order or the number of samples, and the sampler's random streams stay aligned with any other method
-    run from the same seeds. With s = 0 this is ``optimal``. Samples concentrate near barycentres of M-tuples
-    of training images.
+    come from a stream of its own, seeded by a hash of (``seed``, the sample's identity in the sampler, σ, label),
+    never of x's values (:mod:`.sample_seeds`): for a given sample and σ the denoiser is one fixed smooth function
+    of x, so batch size, call order, shards, threads and instruction sets change it by rounding only, and the
+    sampler's random streams stay aligned with any other method run from the same seeds. Outside a sampler (no
+    identity) the rows at one σ share one set of perturbations. With s = 0 this is ``optimal``. Samples
+    concentrate near barycentres of M-tuples of training images.
 
     ``smoothing`` is an absolute per-pixel scale in [-1, 1] units. In high dimension a perturbation only
     changes which training image a query snaps to once s·√D is comparable to the distance between images, so
@@ -50,13 +51,12 @@ class Smoothed(Optimal):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """The M·B perturbed queries (row m·B + b is perturbation m of sample b) with their σ and labels.
 
-        ξ is a constant of the call: drawn from the detached values, so that x + s·ξ carries x's gradient and
-        J = (1/M) Σ_m J_opt(x + s·ξ_m) is the Jacobian at fixed perturbations (the one guidance and Jacobian
-        analyses want; the seed hash makes ξ change with x, so finite differences see a different function).
+        ξ does not depend on x (only on the sample's identity, σ and label), so x + s·ξ carries x's gradient and
+        J = (1/M) Σ_m J_opt(x + s·ξ_m) is the Jacobian of the denoiser itself: finite differences agree with it.
         """
         M = self.num_perturbations
         # Drawn in float64 whatever the working dtype, so float32 and float64 runs see the same perturbations.
-        gens = row_generators(self.name, self.seed, x.detach(), s, labels)
+        gens = row_generators(self.name, self.seed, s, labels)
         xi = torch.stack(
             [torch.randn((M,) + tuple(x.shape[1:]), generator=g, dtype=torch.float64) for g in gens], 1
         ).to(x.device, x.dtype)

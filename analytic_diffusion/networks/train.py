@@ -411,7 +411,11 @@ def load_network(
         )
     net: Any = None
     if script:
-        net = torch.jit.load(path, map_location=device)
+        try:
+            net = torch.jit.load(path, map_location=device)
+        except RuntimeError as e:  # a zip that only looks like TorchScript (torch.jit refuses it; nothing ran)
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ValueError(f"{path}: looks like a TorchScript file but torch.jit cannot load it ({reason})") from None
     elif allow_pickle:
         net = _load_pickle(path, device)
         if isinstance(net, dict) and isinstance(net.get("ema"), torch.nn.Module):  # an EDM network pickle

@@ -13,11 +13,11 @@ Triton coordinate kernel's contract, driven by :mod:`analytic_diffusion.ops.fuse
 
 from __future__ import annotations
 
-import os
 from typing import TYPE_CHECKING, Any
 
 import torch
 
+from .. import env
 from .keys import KeyBank
 from .partial import PartialState, output_buffers
 
@@ -69,8 +69,8 @@ def runnable_isas() -> tuple[str, ...]:
 
 
 def num_threads() -> int:
-    env = os.environ.get("AD_NUM_THREADS")
-    return int(env) if env else torch.get_num_threads()
+    """Threads of the kernels: ``AD_NUM_THREADS`` (an integer >= 1), else torch's thread count."""
+    return env.read("AD_NUM_THREADS") or torch.get_num_threads()
 
 
 def _np(t: torch.Tensor | None) -> np.ndarray | None:

@@ -14,7 +14,6 @@ still waiting, naming the step, instead of hanging.
 from __future__ import annotations
 
 import datetime
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -22,9 +21,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from .. import env
 from .partial import PartialState, combine_partials, merge_knn_lists
-
-DEFAULT_TIMEOUT_S = float(os.environ.get("AD_DIST_TIMEOUT", 120))
 
 
 class ShardError(RuntimeError):
@@ -33,16 +31,21 @@ class ShardError(RuntimeError):
 
 def launched() -> bool:
     """True under torchrun (or any launcher that sets WORLD_SIZE > 1)."""
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+    return env.read("WORLD_SIZE") > 1
 
 
 def rank_prefix() -> str:
     """' (rank r/W)' under a launcher, '' in a single process: for messages every rank prints."""
-    return f" (rank {os.environ.get('RANK', '?')}/{os.environ['WORLD_SIZE']})" if launched() else ""
+    try:
+        return f" (rank {env.read('RANK')}/{env.read('WORLD_SIZE')})" if launched() else ""
+    except ValueError:  # a malformed launcher variable is reported by its own message, not here
+        return ""
 
 
-def init_from_env(device: torch.device | str = "cpu", timeout_s: float = DEFAULT_TIMEOUT_S) -> tuple[ShardGroup, str]:
+def init_from_env(device: torch.device | str = "cpu", timeout_s: float | None = None) -> tuple[ShardGroup, str]:
     """Join the process group torchrun describes (env://): NCCL for a CUDA ``device``, else gloo.
+
+    ``timeout_s`` (None: ``AD_DIST_TIMEOUT``, 120 s by default) bounds every collective.
 
     Returns (the world group, this rank's device: ``cuda`` becomes ``cuda:LOCAL_RANK``). Rendezvous addresses
     come from the launcher; nothing here opens a port of its own.
@@ -52,10 +55,13 @@ def init_from_env(device: torch.device | str = "cpu", timeout_s: float = DEFAULT
         if not torch.cuda.is_available():
             raise ValueError(f"device: {device!r} asked for, but CUDA is not available on this machine")
         if dev.index is None:
-            dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
+            dev = torch.device("cuda", env.read("LOCAL_RANK") % torch.cuda.device_count())
         torch.cuda.set_device(dev)
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", timeout=datetime.timedelta(seconds=timeout_s))
+        timeout = (
+            env.read("AD_DIST_TIMEOUT") if timeout_s is None else env.parse_positive_seconds(timeout_s, "timeout_s")
+        )
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", timeout=datetime.timedelta(seconds=timeout))
     return ShardGroup(), str(dev)
 
 

@@ -663,11 +663,15 @@ def _mask_composite_one(
     return (acc[:, :C] / acc[:, C:]).reshape(B, C, H, W)
 
 
+TIE_TOLERANCE = 1e-9  # relative: heatmap shares this close to the mask's cut-off count as tied with it
+
+
 def masks_from_heatmap(heatmap: torch.Tensor, tau: float) -> torch.Tensor:
     """PSPC-Flex masks from (H, W, H, W) non-negative heatmaps (heatmap[i, j] = sensitivity of output pixel (i, j)
     to every input pixel): for each output pixel keep the smallest set of input pixels holding a fraction ``tau``
     of its mass, as the PSPC code does (normalise, sort ascending, keep where the cumulative sum ≥ 1 − τ; τ = 1 keeps
-    every pixel). Returns (H·W, H, W) bool, ready for :func:`mask_composite`.
+    every pixel), plus every pixel tied with the smallest kept one to within ``TIE_TOLERANCE`` (the PSPC code
+    keeps whichever the sort put last). Returns (H·W, H, W) bool, ready for :func:`mask_composite`.
     """
     if not torch.is_tensor(heatmap) or heatmap.dim() != 4 or tuple(heatmap.shape[:2]) != tuple(heatmap.shape[2:]):
         raise ValueError(f"heatmap: expected an (H, W, H, W) tensor, got {tuple(getattr(heatmap, 'shape', ()))}")
@@ -681,12 +685,14 @@ def masks_from_heatmap(heatmap: torch.Tensor, tau: float) -> torch.Tensor:
     total = h.sum(1, keepdim=True)
     if bool((total <= 0).any()):
         raise ValueError(f"heatmap: {int((total <= 0).sum())} output pixel(s) have zero heatmap mass")
-    vals, idx = torch.sort(h / total, dim=1, stable=True)
+    share = h / total
+    vals = torch.sort(share, dim=1).values
     keep_sorted = torch.cumsum(vals, dim=1) >= 1.0 - tau
     keep_sorted[:, -1] = True  # the largest entry always holds mass (guards rounding when τ is tiny)
-    keep = torch.zeros_like(keep_sorted)
-    keep.scatter_(1, idx, keep_sorted)
-    return keep.reshape(H * W, H, W)
+    # Entries equal to the smallest kept one up to rounding are kept with it: which of two tied pixels the sort puts
+    # first is decided by rounding noise (thread count, eigensolver), and must not decide the mask.
+    smallest_kept = torch.where(keep_sorted, vals, torch.full_like(vals, float("inf"))).min(1, keepdim=True).values
+    return (share >= smallest_kept * (1 - TIE_TOLERANCE)).reshape(H * W, H, W)
 
 
 # ----------------------------------------------------------------------------------------------- pca_locality

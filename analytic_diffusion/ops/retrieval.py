@@ -10,7 +10,6 @@ CPU tensors under TRITON_INTERPRET=1), ``cuda`` (torch-free CUDA kernels, built 
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from types import ModuleType
@@ -18,13 +17,15 @@ from typing import Any, Literal, cast, overload
 
 import torch
 
+from .. import env
 from . import cpu_backend, streaming, torch_backend
 from . import precision as precision_policy
 from .keys import KeyBank
 from .partial import PartialState, combine_partials, merge_knn_lists
 
 BACKENDS = ("auto", "torch", "cpu", "triton", "cuda")
-DEFAULT_MEMORY_BUDGET = int(os.environ.get("AD_MEMORY_BUDGET", 256 * 2**20))
+# AD_MEMORY_BUDGET, parsed by the rule of --memory-budget (64M, 2G, ...); read once, at import.
+DEFAULT_MEMORY_BUDGET = env.read("AD_MEMORY_BUDGET")
 # Below this batch the C++ kernel (direct distances, one pass over the data) beats the chunked GEMM on CPU.
 CPU_KERNEL_MAX_BATCH = 64
 # The CUDA kernel keeps a block of queries per CTA (single pass, CUDA cores): it serves small batches.
@@ -126,11 +127,21 @@ def choose_backend(
     return "cpu", f"CPU, batch {x.shape[0]} <= {CPU_KERNEL_MAX_BATCH}"
 
 
+def check_has_values(t: object, name: str) -> None:
+    """Refuse a tensor without values (on the ``meta`` device: shape and dtype only), naming the argument."""
+    if torch.is_tensor(t) and t.device.type == "meta":
+        raise ValueError(
+            f"{name}: a tensor on the 'meta' device has a shape but no values to compute with; pass it on cpu or cuda"
+        )
+
+
 def _validate(
     x: torch.Tensor, keys: KeyBank, query_labels: torch.Tensor | None, flips: bool, dtype: torch.dtype | None
 ) -> torch.dtype:
     if not isinstance(keys, KeyBank):
         raise TypeError(f"keys: expected a KeyBank, got {type(keys).__name__}")
+    check_has_values(x, "x")
+    check_has_values(query_labels, "query_labels")
     if not torch.is_tensor(x) or x.dim() != 2:
         raise ValueError(f"x: expected a (B, D) tensor, got {getattr(x, 'shape', type(x))}")
     if x.shape[1] != keys.dim:
@@ -196,6 +207,7 @@ def sigma_rows(
         torch.is_tensor(sigma) and (sigma.dtype == torch.bool or sigma.is_complex())
     ):
         raise TypeError(f"sigma: expected a number, a sequence of numbers or a real tensor, got {sigma!r:.60}")
+    check_has_values(sigma, "sigma")
     try:
         s = torch.as_tensor(sigma, dtype=torch.float64).to(device).reshape(-1)
     except (TypeError, ValueError, RuntimeError) as e:

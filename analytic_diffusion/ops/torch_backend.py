@@ -386,34 +386,32 @@ def knn(
     """k nearest rows by exact distance: (dist2 (B, k), index (B, k)), ascending, ties by index.
 
     Candidates are screened with expanded-form distances chunk by chunk, then the survivors are rescored with
-    the direct form Σ (q − y)², which has no cancellation.
+    the direct form Σ (q − y)², which has no cancellation. The screen keeps k + 8 survivors to begin with and is
+    widened, for the rows that need it, until the expanded form's error bound proves it holds the k nearest
+    (:func:`_screen_complete`); a count alone is no proof when many candidates tie within rounding.
     """
-    dev = q.device
     B = q.shape[0]
-    k_screen = min(keys.n, k + 8)  # a small margin so that rescoring can reorder near-ties at the boundary
-    c = keys.get_center(dtype).to(dev)
-    qc = q.to(dtype) - c
-    q2 = (qc * qc).sum(1)
-    best_d = torch.empty(B, 0, dtype=dtype, device=dev)
-    best_i = torch.empty(B, 0, dtype=torch.long, device=dev)
-    step = chunk_rows(keys, B, dtype, memory_budget)
-    for s in range(0, keys.n, step):
-        e = min(s + step, keys.n)
-        d = _chunk_distances(qc, q2, keys.rows(s, e, dtype, dev) - c)
-        mask = _label_mask(keys, s, e, query_labels)
-        if mask is not None:
-            d.masked_fill_(mask, float("inf"))
-        idx = torch.arange(s, e, device=dev).expand(B, -1)
-        cd = torch.cat([best_d, d], 1)
-        ci = torch.cat([best_i, idx], 1)
-        kk = min(k_screen, cd.shape[1])
-        top = torch.topk(cd, kk, dim=1, largest=False)
-        best_d, best_i = top.values, torch.gather(ci, 1, top.indices)
+    width = min(keys.n, k + 8)
+    best_d, best_i, y2max = _knn_screen(q, keys, width, query_labels, dtype, memory_budget)
+    rows = torch.arange(B, device=q.device)
+    while width < keys.n:
+        c = keys.get_center(dtype).to(q.device)
+        q2 = ((q[rows].to(torch.float64) - c.double()) ** 2).sum(1)
+        rows = rows[~_screen_complete(best_d[rows], k, width, q2, y2max, keys.dim, dtype)]
+        if rows.numel() == 0:
+            break
+        width = min(keys.n, 2 * width)
+        labels = None if query_labels is None else query_labels[rows]
+        more_d, more_i, _ = _knn_screen(q[rows], keys, width, labels, dtype, memory_budget)
+        pad = width - best_d.shape[1]
+        best_d = torch.cat([best_d, best_d.new_full((B, pad), float("inf"))], 1)
+        best_i = torch.cat([best_i, best_i.new_full((B, pad), 0)], 1)
+        best_d[rows], best_i[rows] = more_d, more_i
     # Exact rescoring of the survivors, in row blocks to bound memory.
     exact = torch.empty_like(best_d)
     rows_per = max(1, memory_budget // max(1, best_d.shape[1] * keys.dim * best_d.element_size() * 2))
     for b in range(0, B, rows_per):
-        y = keys.gather(best_i[b : b + rows_per], dtype).to(dev)
+        y = keys.gather(best_i[b : b + rows_per], dtype).to(q.device)
         exact[b : b + rows_per] = ((q[b : b + rows_per, None, :].to(dtype) - y) ** 2).sum(-1)
     exact = torch.where(torch.isinf(best_d), best_d, exact)
     # Sort by (distance, index) for deterministic tie-breaking.
@@ -421,3 +419,57 @@ def knn(
     exact, best_i = torch.gather(exact, 1, order), torch.gather(best_i, 1, order)
     order = torch.argsort(exact, dim=1, stable=True)[:, :k]
     return torch.gather(exact, 1, order), torch.gather(best_i, 1, order)
+
+
+def _knn_screen(
+    q: torch.Tensor,
+    keys: KeyBank,
+    width: int,
+    query_labels: torch.Tensor | None,
+    dtype: torch.dtype,
+    memory_budget: int,
+) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """(expanded-form distances (B, width), indices, max ‖y − c‖² over the rows) of each row's ``width`` nearest
+    by the expanded form, ascending; (inf, ·) where fewer candidates are allowed."""
+    dev = q.device
+    B = q.shape[0]
+    c = keys.get_center(dtype).to(dev)
+    qc = q.to(dtype) - c
+    q2 = (qc * qc).sum(1)
+    best_d = torch.empty(B, 0, dtype=dtype, device=dev)
+    best_i = torch.empty(B, 0, dtype=torch.long, device=dev)
+    y2max = 0.0
+    step = chunk_rows(keys, B, dtype, memory_budget)
+    for s in range(0, keys.n, step):
+        e = min(s + step, keys.n)
+        yc = keys.rows(s, e, dtype, dev) - c
+        y2max = max(y2max, float((yc.double() ** 2).sum(1).max()))
+        d = _chunk_distances(qc, q2, yc)
+        mask = _label_mask(keys, s, e, query_labels)
+        if mask is not None:
+            d.masked_fill_(mask, float("inf"))
+        idx = torch.arange(s, e, device=dev).expand(B, -1)
+        cd = torch.cat([best_d, d], 1)
+        ci = torch.cat([best_i, idx], 1)
+        kk = min(width, cd.shape[1])
+        top = torch.topk(cd, kk, dim=1, largest=False)
+        best_d, best_i = top.values, torch.gather(ci, 1, top.indices)
+    return best_d, best_i, y2max
+
+
+def _screen_complete(
+    d: torch.Tensor, k: int, width: int, q2: torch.Tensor, y2max: float, dim: int, dtype: torch.dtype
+) -> torch.Tensor:
+    """(B,) bool: the expanded-form screen of ``width`` candidates provably holds each row's k nearest.
+
+    The expanded form d̃ = ‖q − c‖² + ‖y − c‖² − 2⟨q − c, y − c⟩, summed over D terms in ``dtype`` (unit roundoff
+    u), is within E = 2γ(‖q − c‖² + max‖y − c‖²) of the exact value, γ = (D + 2)u / (1 − (D + 2)u), with 4u more
+    for the rounding of the centred operands. Every unscreened candidate has d̃ ≥ d̃_(width), so an exact distance
+    ≥ d̃_(width) − E, and k screened ones are within d̃_(k) + E: the screen is complete when the first exceeds the
+    second, or when fewer than ``width`` candidates are allowed (all of them are screened)."""
+    u = torch.finfo(dtype).eps / 2
+    gamma = (dim + 2) * u / (1 - (dim + 2) * u)
+    err = (2 * gamma + 4 * u) * (q2 + y2max)
+    d = d.double()
+    exhausted = ~torch.isfinite(d[:, width - 1])
+    return exhausted | (d[:, width - 1] - err > d[:, k - 1] + err)

@@ -19,6 +19,7 @@ from typing import Any, cast
 
 import torch
 
+from .. import env
 from . import precision as prec
 from .keys import KeyBank
 from .partial import PartialState
@@ -28,7 +29,7 @@ SPLIT_N_ROWS_PER_LAUNCH = 64  # bounds the (splits, rows, D) partial buffer
 TARGET_SPLITS = 264  # ~2 programs per H100 SM; a function of N only, so results never depend on the device
 MIN_KEYS_PER_SPLIT = 64
 MAX_FUSED_TOPK = 64
-LOGIT_BUDGET = int(os.environ.get("AD_MEMORY_BUDGET", 256 * 2**20))  # bytes of (B, N-chunk) logits in pass A
+LOGIT_BUDGET = env.read("AD_MEMORY_BUDGET")  # bytes of (B, N-chunk) logits in pass A
 LN2 = math.log(2.0)
 LOG2E = 1.0 / LN2
 

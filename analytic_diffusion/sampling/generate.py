@@ -10,6 +10,7 @@ from typing import Any, Callable, cast
 
 import torch
 
+from ..denoisers.sample_seeds import sample_identity
 from ..grids import Schedule, get_schedule
 from .samplers import SAMPLERS, dict_callback, get_sampler, per_sample_noise
 
@@ -204,7 +205,7 @@ def _run_external(
     except (TypeError, ValueError):
         pass
     s = sigmas.to(device=x.device, dtype=x.dtype)
-    with torch.no_grad():
+    with torch.no_grad(), sample_identity([g.initial_seed() for g in gens]):  # draws keyed by sample (§14.4)
         return fn(denoiser, x, s, extra_args=kw, callback=dict_callback(callback), disable=not progress, **extra)
 
 

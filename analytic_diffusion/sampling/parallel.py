@@ -36,6 +36,28 @@ class Parallel:
     def is_main(self) -> bool:
         return self.rank == 0
 
+    def agree(self, run: str, failure: BaseException | None = None) -> None:
+        """Before any work, on every rank: raise where the main rank failed to start (``failure``, e.g. its out
+        folder is taken) so that no rank waits for it, and raise ShardError where the ranks were given different
+        runs (``run``: a fingerprint of everything that changes the answer). One process: raises ``failure``."""
+        if self.world == 1:
+            if failure is not None:
+                raise failure
+            return
+        group = distributed.ShardGroup()  # the whole world, whatever the mode
+        seen = group.all_gather_object((run, None if failure is None else str(failure)), "checking the run")
+        if failure is not None:
+            raise failure
+        if seen[0][1] is not None:
+            raise ValueError(f"{seen[0][1]} (reported by rank 0)")
+        runs = [r for r, _ in seen]
+        if len(set(runs)) != 1:
+            differ = [r for r in range(len(runs)) if runs[r] != runs[0]]
+            raise distributed.ShardError(
+                f"the ranks were given different runs: ranks {differ} differ from rank 0 in "
+                f"{_first_difference(runs[0], runs[differ[0]])}; every rank must run the same command"
+            )
+
     def config(self) -> dict[str, Any]:
         return {
             "mode": self.mode,
@@ -43,6 +65,15 @@ class Parallel:
             "dataset_ranks": None if self.data is None else self.data.world,
             "sample_ranks": None if self.samples is None else self.samples.world,
         }
+
+
+def _first_difference(a: str, b: str) -> str:
+    """The settings in which two run fingerprints (JSON objects) differ, as ``name (a vs b)``."""
+    import json
+
+    ja, jb = json.loads(a), json.loads(b)
+    keys = [k for k in sorted(set(ja) | set(jb)) if ja.get(k) != jb.get(k)]
+    return ", ".join(f"{k} ({ja.get(k)!r} vs {jb.get(k)!r})" for k in keys[:4]) or "their fingerprints"
 
 
 def setup(mode: str = "none", *, device: torch.device | str = "cpu", dataset_ranks: int | None = None) -> Parallel:

@@ -4,11 +4,8 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
@@ -16,10 +13,12 @@ import numpy as np
 import torch
 
 from ..data import Dataset, load_dataset
+from ..data.cache import fingerprint as tensor_fingerprint
 from ..data.packed import check_options as check_packed_options
 from ..data.packed import is_packed, load_packed_shard
 from ..denoisers import denoiser_options, make_denoiser
 from ..denoisers.patch_schedule import PatchSchedule
+from ..files import FolderClaim, check_out_folder
 from ..grids import Schedule, get_schedule
 from ..metrics import memorization
 from ..ops import gather_rows
@@ -104,45 +103,23 @@ def check_device(device: torch.device | str) -> torch.device:
     return dev
 
 
-def check_out_folder(out: str, overwrite: bool) -> None:
-    """Refuse, before any work, an --out that is a file, lies under a file, or is a non-empty folder (unless
-    ``overwrite``)."""
-    path = os.path.abspath(out)
-    if os.path.exists(path) and not os.path.isdir(path):
-        raise ValueError(f"out: {out!r} is an existing file, not a folder")
-    parent = path
-    while not os.path.exists(parent):
-        parent = os.path.dirname(parent)
-    if not os.path.isdir(parent):
-        raise ValueError(f"out: {out!r} lies under {parent!r}, which is a file")
-    if os.path.isdir(path) and os.listdir(path) and not overwrite:
-        raise ValueError(
-            f"out: the folder {out!r} is not empty; choose a new folder or pass --overwrite "
-            "(overwrite=True) to replace it"
-        )
+def _input_paths(dataset: object) -> list[str | os.PathLike[str]]:
+    """The files a run reads, which its --out must never replace: the dataset, when given as a path."""
+    return [dataset] if isinstance(dataset, (str, os.PathLike)) and os.path.exists(dataset) else []
 
 
-@contextmanager
-def _staged_folder(out: str) -> Iterator[str]:
-    """Write into a temporary sibling of ``out`` and move it into place at the end: an interrupted run leaves
-    no folder that looks finished, and a replaced folder never mixes files of two runs."""
-    path = os.path.abspath(out)
-    parent = os.path.dirname(path)
-    os.makedirs(parent, exist_ok=True)
-    stage = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.partial-", dir=parent)
-    try:
-        yield stage
-    except BaseException:
-        shutil.rmtree(stage, ignore_errors=True)
-        raise
-    old = None
-    if os.path.isdir(path):
-        old = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.old-", dir=parent)
-        os.rmdir(old)
-        os.rename(path, old)
-    os.rename(stage, path)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+def run_fingerprint(settings: dict[str, Any]) -> str:
+    """Canonical JSON of a run's settings (tensors by content hash): the ranks of a torchrun job compare it, so that
+    ranks given different seeds, temperatures or options refuse to combine their partial answers."""
+
+    def canonical(v: object) -> object:
+        if torch.is_tensor(v):
+            return f"tensor:{tensor_fingerprint(v)}"
+        if isinstance(v, os.PathLike):
+            return os.fspath(v)
+        return repr(v)
+
+    return json.dumps(settings, sort_keys=True, default=canonical)
 
 
 def check_patch_coverage(
@@ -222,79 +199,117 @@ def run_sample(
     patch = (method_options or {}).get("patch")
     if isinstance(patch, PatchSchedule):  # fail before loading any data
         check_patch_coverage(patch, schedule, steps, schedule_kwargs)
-    par = setup_parallel(parallel, device=device, dataset_ranks=dataset_ranks)
-    device, progress = par.device, progress and par.is_main
-    ds = prepare_dataset(
-        dataset,
+    settings = dict(
+        method=method,
+        dataset=dataset if isinstance(dataset, (str, os.PathLike)) else repr(dataset),
         split=split,
         subset=subset,
         subset_random=subset_random,
         resolution=resolution,
         pad_to=pad_to,
         flips=flips,
-        seed=seed,
-        device=device,
-        shard_group=par.data,
-    )
-    options = dict(method_options or {})
-    if memory_budget is not None and "memory_budget" in denoiser_options(method):
-        options["memory_budget"] = int(memory_budget)
-    denoiser = make_denoiser(method, ds, dtype=_DTYPES[dtype], **options)
-    check_patch_coverage(denoiser, schedule, steps, schedule_kwargs)
-    labels = class_labels_for(ds, n, class_label=class_label, random_classes=random_classes, seed=seed)
-    x0_steps: list[tuple[int, torch.Tensor]] = []
-
-    def record(step: int, x: torch.Tensor, sigma: torch.Tensor, x0_hat: torch.Tensor) -> None:
-        x0_steps.append((step, x0_hat.detach().to("cpu", torch.float32)))
-
-    result = sample_parallel(
-        denoiser,
-        n,
-        par,
+        class_label=class_label,
+        random_classes=random_classes,
+        n=n,
         steps=steps,
         sampler=sampler,
         schedule=schedule,
-        schedule_kwargs=schedule_kwargs or {},
-        seed=seed,
-        batch_size=batch_size,
+        schedule_kwargs=schedule_kwargs,
         eta=eta,
         clip_x0=clip_x0,
-        class_labels=labels,
-        callback=record if save_x0 else None,
-        device=device,
-        dtype=_DTYPES[dtype],
-        progress=progress,
+        seed=seed,
+        batch_size=batch_size,
+        method_options=method_options,
+        device=device.type,
+        dtype=dtype,
+        parallel=parallel,
+        dataset_ranks=dataset_ranks,
+        memory_budget=memory_budget,
     )
-    samples = result.samples
-    mem = memorization(samples.to(ds.device), ds, memory_budget=memory_budget)
-    neighbours = gather_rows(ds.keys(), mem.nn_index.to(ds.device)).reshape(samples.shape).cpu()
-    if not par.is_main:
-        return {**mem.summary(), "sampling_seconds": result.elapsed_s, "total_seconds": time.perf_counter() - t0}
+    par = setup_parallel(parallel, device=device, dataset_ranks=dataset_ranks)
+    device, progress = par.device, progress and par.is_main
+    with ExitStack() as stack:
+        claim: FolderClaim | None = None
+        failure: Exception | None = None
+        if par.is_main:  # only the main rank writes: it claims --out before any rank loads anything
+            try:
+                claim = stack.enter_context(FolderClaim(out, overwrite=overwrite, protect=_input_paths(dataset)))
+            except (ValueError, OSError) as e:
+                failure = e
+        par.agree(run_fingerprint(settings), failure)
+        ds = prepare_dataset(
+            dataset,
+            split=split,
+            subset=subset,
+            subset_random=subset_random,
+            resolution=resolution,
+            pad_to=pad_to,
+            flips=flips,
+            seed=seed,
+            device=device,
+            shard_group=par.data,
+        )
+        options = dict(method_options or {})
+        if memory_budget is not None and "memory_budget" in denoiser_options(method):
+            options["memory_budget"] = int(memory_budget)
+        denoiser = make_denoiser(method, ds, dtype=_DTYPES[dtype], **options)
+        check_patch_coverage(denoiser, schedule, steps, schedule_kwargs)
+        labels = class_labels_for(ds, n, class_label=class_label, random_classes=random_classes, seed=seed)
+        x0_steps: list[tuple[int, torch.Tensor]] = []
 
-    config = {
-        "method": method,
-        "denoiser": denoiser.config(),
-        "dataset": repr(ds),
-        "n": n,
-        "steps": steps,
-        "sampler": sampler,
-        "schedule": schedule,
-        "schedule_kwargs": schedule_kwargs or {},
-        "eta": eta,
-        "clip_x0": clip_x0,
-        "seed": seed,
-        "class_labels": None if labels is None else labels.tolist(),
-        "device": str(device),
-        "dtype": dtype,
-        "sampling": result.config,
-        "parallel": par.config(),
-    }
-    metrics = {**mem.summary(), "sampling_seconds": result.elapsed_s, "total_seconds": time.perf_counter() - t0}
-    certificate = getattr(denoiser, "pruning_summary", lambda: None)()
-    if certificate is not None:  # certified pruning (tolerance > 0): what was scored and how far off it may be
-        metrics["scored_fraction"] = certificate["scored_fraction"]
-        metrics["certificate"] = certificate
-    with _staged_folder(out) as stage:
+        def record(step: int, x: torch.Tensor, sigma: torch.Tensor, x0_hat: torch.Tensor) -> None:
+            x0_steps.append((step, x0_hat.detach().to("cpu", torch.float32)))
+
+        result = sample_parallel(
+            denoiser,
+            n,
+            par,
+            steps=steps,
+            sampler=sampler,
+            schedule=schedule,
+            schedule_kwargs=schedule_kwargs or {},
+            seed=seed,
+            batch_size=batch_size,
+            eta=eta,
+            clip_x0=clip_x0,
+            class_labels=labels,
+            callback=record if save_x0 else None,
+            device=device,
+            dtype=_DTYPES[dtype],
+            progress=progress,
+        )
+        samples = result.samples
+        mem = memorization(samples.to(ds.device), ds, memory_budget=memory_budget)
+        neighbours = gather_rows(ds.keys(), mem.nn_index.to(ds.device)).reshape(samples.shape).cpu()
+        if not par.is_main:
+            return {**mem.summary(), "sampling_seconds": result.elapsed_s, "total_seconds": time.perf_counter() - t0}
+
+        config = {
+            "method": method,
+            "denoiser": denoiser.config(),
+            "dataset": repr(ds),
+            "n": n,
+            "steps": steps,
+            "sampler": sampler,
+            "schedule": schedule,
+            "schedule_kwargs": schedule_kwargs or {},
+            "eta": eta,
+            "clip_x0": clip_x0,
+            "seed": seed,
+            "class_labels": None if labels is None else labels.tolist(),
+            "device": str(device),
+            "dtype": dtype,
+            "sampling": result.config,
+            "parallel": par.config(),
+        }
+        metrics = {**mem.summary(), "sampling_seconds": result.elapsed_s, "total_seconds": time.perf_counter() - t0}
+        certificate = getattr(denoiser, "pruning_summary", lambda: None)()
+        if certificate is not None:  # certified pruning (tolerance > 0): what was scored and how far off it may be
+            metrics["scored_fraction"] = certificate["scored_fraction"]
+            metrics["certificate"] = certificate
+        if claim is None or claim.stage is None:  # the main rank holds its claim from the start
+            raise RuntimeError("run_sample: the main rank has no claim on --out")
+        stage = claim.stage
         save_grid(os.path.join(stage, "grid.png"), samples)
         save_nearest_panel(os.path.join(stage, "nearest.png"), samples, neighbours, mem.memorized)
         if save_x0:
@@ -315,9 +330,10 @@ def run_sample(
             json.dump(config, f, indent=2)
         with open(os.path.join(stage, "metrics.json"), "w") as f:
             json.dump(metrics, f, indent=2)
-    if progress:
-        print(
-            f"{method}: {n} samples in {result.elapsed_s:.1f} s; memorisation ratio "
-            f"{100 * mem.share:.0f}% (nearest/second-nearest < 1/3); wrote {out}/"
-        )
-    return metrics
+        claim.commit()
+        if progress:
+            print(
+                f"{method}: {n} samples in {result.elapsed_s:.1f} s; memorisation ratio "
+                f"{100 * mem.share:.0f}% (nearest/second-nearest < 1/3); wrote {out}/"
+            )
+        return metrics

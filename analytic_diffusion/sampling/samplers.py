@@ -24,12 +24,16 @@ the batch it runs in (default: the global RNG).
 
 from __future__ import annotations
 
+import functools
 import inspect
 from collections.abc import Iterable, Sequence
-from typing import Any, Callable
+from contextlib import nullcontext
+from typing import Any, Callable, TypeVar, cast
 
 import torch
 from tqdm.auto import tqdm
+
+from ..denoisers.sample_seeds import sample_identity
 
 __all__ = [
     "SAMPLERS",
@@ -154,10 +158,34 @@ def _derivative(
     return x0, (x - (x0.clamp(-1, 1) if clip_x0 else x0)) / _bcast(sigma, x)
 
 
+_Sampler = TypeVar("_Sampler", bound=Callable[..., torch.Tensor])
+
+
+def _keyed_by_sample(sampler: _Sampler) -> _Sampler:
+    """The sampler with each row's random draws inside the denoiser keyed by its sample (the seed of its generator;
+    docs/design.md §14.4): stochastic denoisers then see the same draws for sample i whatever the batch."""
+
+    @functools.wraps(sampler)
+    def run(
+        denoiser: Callable[..., torch.Tensor],
+        x: torch.Tensor,
+        sigmas: torch.Tensor | Sequence[float],
+        *args: Any,
+        generators: Sequence[torch.Generator] | None = None,
+        **kwargs: Any,
+    ) -> torch.Tensor:
+        ids = None if generators is None else [g.initial_seed() for g in generators]
+        with nullcontext() if ids is None else sample_identity(ids):
+            return sampler(denoiser, x, sigmas, *args, generators=generators, **kwargs)
+
+    return cast(_Sampler, run)
+
+
 def _steps(n: int, progress: bool) -> Iterable[int]:
     return tqdm(range(n), disable=not progress, leave=False)
 
 
+@_keyed_by_sample
 @torch.no_grad()
 def sample_euler(
     denoiser: Callable[..., torch.Tensor],
@@ -183,6 +211,7 @@ def sample_euler(
     return x
 
 
+@_keyed_by_sample
 @torch.no_grad()
 def sample_heun(
     denoiser: Callable[..., torch.Tensor],
@@ -220,6 +249,7 @@ def sample_heun(
     return x
 
 
+@_keyed_by_sample
 @torch.no_grad()
 def sample_ddim(
     denoiser: Callable[..., torch.Tensor],

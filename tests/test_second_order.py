@@ -11,7 +11,7 @@ from reference import float32_tolerance, moments_bruteforce, row_rel, uint8_bank
 from analytic_diffusion.data import load_array
 from analytic_diffusion.denoisers import make_denoiser
 from analytic_diffusion.denoisers.posterior_sample import posterior_moments
-from analytic_diffusion.denoisers.sample_seeds import row_generators
+from analytic_diffusion.denoisers.sample_seeds import row_generators, sample_identity
 
 SHAPE = (1, 6, 8)
 # topk and the smoothed/optimal denoisers reach the C++ kernels (k-NN screen, subset sums, auto retrieval)
@@ -93,9 +93,10 @@ def test_noise_mode_samples(data):
     x = _two_candidate_queries(bank, sigma, GAPS).reshape(-1, *SHAPE)
     s = torch.full((x.shape[0],), sigma, dtype=torch.float64)
     y = bank.rows(0, bank.n, torch.float64)
-    xi = torch.stack(
-        [torch.randn(bank.dim, generator=g, dtype=torch.float64) for g in row_generators("optimal-draw", 0, x, s, None)]
-    )
+    ids = list(range(x.shape[0]))  # each row its own sample, as a sampler keys them: distinct draws per row
+    with sample_identity(ids):
+        gens = row_generators("optimal-draw", 0, s, None)
+    xi = torch.stack([torch.randn(bank.dim, generator=g, dtype=torch.float64) for g in gens])
 
     def sample64(q):
         m, v = moments_bruteforce(q.reshape(q.shape[0], -1), y, s)
@@ -104,6 +105,7 @@ def test_noise_mode_samples(data):
     ref = sample64(x.double())
     for dtype, eps, base in ((torch.float32, 2.0**-20, 2e-6), (torch.float64, 2.0**-48, 1e-12)):
         den = make_denoiser("optimal-draw", ds, mode="noise", scale=1.0, dtype=dtype)
-        got = den(x.to(dtype), sigma).reshape(x.shape[0], -1)
+        with sample_identity(ids):
+            got = den(x.to(dtype), sigma).reshape(x.shape[0], -1)
         tol = float32_tolerance(sample64, x.double(), ref, base=base, eps=eps)
         assert bool((row_rel(got, ref) <= tol).all()), (dtype, row_rel(got, ref).tolist(), tol.tolist())
